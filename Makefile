@@ -1,0 +1,55 @@
+# ecny-gateway — every target does its own set-up on a fresh Debian/Ubuntu machine.
+#   make run     start the gateway on http://127.0.0.1:8700 with a development SoftHSM token
+#   make test    the full test suite against a real SoftHSM2 token (and a throw-away PostgreSQL)
+#   make lint    ruff, mypy --strict, import-linter
+#   make bench   benchmarks; results go to BENCHMARKS.md
+
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+SYSTEM_PACKAGES := softhsm2 p11-kit postgresql python3-venv tmux
+STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | sha256sum | cut -c1-12)
+
+.PHONY: run test lint bench system venv clean teller
+
+system:
+	@missing=""; \
+	command -v softhsm2-util >/dev/null || missing="$$missing softhsm2"; \
+	command -v p11-kit >/dev/null || missing="$$missing p11-kit"; \
+	ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || missing="$$missing postgresql"; \
+	command -v tmux >/dev/null || missing="$$missing tmux"; \
+	$(PYTHON) -c 'import ensurepip, venv' 2>/dev/null || missing="$$missing python3-venv"; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing system packages:$$missing"; \
+	  $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq $$missing >/dev/null; \
+	fi
+
+$(STAMP): pyproject.toml
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[dev]'
+	@rm -f $(VENV)/.installed-*; touch $@
+
+venv: system $(STAMP)
+
+run: venv
+	@softhsm/init-token.sh var/hsm ecny-dev >/dev/null
+	@SOFTHSM2_CONF=$(CURDIR)/var/hsm/softhsm2.conf $(BIN)/ecny-gateway dev-init --var var
+	SOFTHSM2_CONF=$(CURDIR)/var/hsm/softhsm2.conf exec $(BIN)/ecny-gateway serve --config var/gateway.toml
+
+test: venv
+	$(BIN)/pytest -q -p no:cacheprovider
+
+lint: venv
+	$(BIN)/ruff check gateway tests
+	$(BIN)/ruff format --check gateway tests
+	$(BIN)/mypy
+	$(BIN)/lint-imports
+
+bench: venv
+	$(BIN)/python bench/run.py
+
+clean:
+	rm -rf $(VENV) var

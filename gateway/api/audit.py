@@ -1,0 +1,76 @@
+"""Audit log: read pages of entries, verify the chain and its checkpoints."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from aiohttp import web
+
+from gateway.api.codecs import json_response
+from gateway.api.endpoints import Call, Endpoint
+from gateway.api.models import AuditPage, AuditVerifyResponse
+from gateway.audit.verify import verify_chain
+from gateway.auth.roles import Permission
+from gateway.errors import ValidationFailed
+
+MAX_LIMIT = 1000
+
+
+def _int_query(call: Call, name: str, default: int, low: int, high: int) -> int:
+    text = call.request.query.get(name)
+    if text is None or text == "":
+        return default
+    if not text.isdigit():
+        raise ValidationFailed(f"query parameter {name} must be a non-negative integer")
+    value = int(text)
+    if not low <= value <= high:
+        raise ValidationFailed(f"query parameter {name} must be between {low} and {high}")
+    return value
+
+
+def _document(row: Any) -> dict[str, Any]:
+    return {
+        "seq": int(row["seq"]),
+        "ts": row["ts"],
+        "actor": row["actor"],
+        "role": row["role"],
+        "action": row["action"],
+        "decision": row["decision"],
+        "reasons": json.loads(row["reasons"]),
+        "payload_hash": row["payload_hash"],
+        "key_id": row["key_id"],
+        "result": json.loads(row["result"]),
+        "request_id": row["request_id"],
+        "entry_hash": bytes(row["entry_hash"]).hex(),
+    }
+
+
+async def read_page(call: Call) -> web.Response:
+    after = _int_query(call, "after_seq", 0, 0, 2**62)
+    limit = _int_query(call, "limit", 100, 1, MAX_LIMIT)
+    rows = await call.services.database.read(
+        lambda tx: tx.fetchall("SELECT * FROM audit_log WHERE seq > ? ORDER BY seq LIMIT ?", (after, limit))
+    )
+    entries = [_document(row) for row in rows]
+    next_after = entries[-1]["seq"] if len(entries) == limit else None
+    return json_response({"entries": entries, "next_after_seq": next_after})
+
+
+async def verify(call: Call) -> web.Response:
+    report = await call.services.database.read(verify_chain)
+    return json_response(report.document())
+
+
+ENDPOINTS = [
+    Endpoint(
+        "GET", "/v1/audit", read_page, "Read audit entries after a sequence number", Permission.AUDIT_READ, "audit",
+        response_model=AuditPage, audited_action="audit.read",
+        query=(("after_seq", "integer", "Return entries with seq greater than this (default 0)"),
+               ("limit", "integer", "At most this many entries, 1–1000 (default 100)")),
+    ),
+    Endpoint(
+        "GET", "/v1/audit/verify", verify, "Verify the audit hash chain and its HSM-signed checkpoints",
+        Permission.AUDIT_READ, "audit", response_model=AuditVerifyResponse, audited_action="audit.verify",
+    ),
+]

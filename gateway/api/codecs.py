@@ -1,0 +1,72 @@
+"""Request bodies in (JSON, or CBOR where an endpoint allows it) and responses out.
+
+Bodies are parsed strictly: JSON floats never become integers (``"amount": 1.0`` is a 400), and
+every body is validated by a pydantic model in strict mode before a handler sees it.
+"""
+
+from __future__ import annotations
+
+from typing import Any, TypeVar
+
+import cbor2
+import orjson
+from aiohttp import web
+from pydantic import BaseModel, ValidationError
+
+from gateway.errors import InvalidJson, UnsupportedMediaType, ValidationFailed
+
+M = TypeVar("M", bound=BaseModel)
+
+JSON = "application/json"
+CBOR = "application/cbor"
+PROBLEM = "application/problem+json"
+
+
+def json_response(data: Any, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
+    return web.Response(body=orjson.dumps(data), status=status, content_type=JSON, headers=headers)
+
+
+def problem_response(problem: dict[str, Any], headers: dict[str, str] | None = None) -> web.Response:
+    return web.Response(
+        body=orjson.dumps(problem), status=int(problem["status"]), content_type=PROBLEM, headers=headers
+    )
+
+
+def decode_body(raw: bytes, content_type: str, allow_cbor: bool = False) -> Any:
+    """Parse a request body by its content type.
+
+    Raises:
+        InvalidJson: the bytes do not parse.
+        UnsupportedMediaType: neither JSON nor (where allowed) CBOR.
+    """
+    if content_type in ("", JSON) or content_type.endswith("+json"):
+        try:
+            return orjson.loads(raw) if raw else None
+        except orjson.JSONDecodeError as exc:
+            raise InvalidJson(f"malformed JSON: {exc}") from exc
+    if allow_cbor and content_type == CBOR:
+        try:
+            return cbor2.loads(raw)
+        except (cbor2.CBORDecodeError, ValueError, TypeError, OverflowError, RecursionError) as exc:
+            raise InvalidJson(f"malformed CBOR: {exc}") from exc
+    accepted = f"{JSON} or {CBOR}" if allow_cbor else JSON
+    raise UnsupportedMediaType(f"send {accepted}, not {content_type or 'no Content-Type'}")
+
+
+def parse_model(model: type[M], data: Any) -> M:
+    """Validate decoded data against a request model.
+
+    Raises:
+        ValidationFailed: with ``errors``: a list of {field, message}.
+    """
+    if data is None:
+        raise ValidationFailed("a request body is required", errors=[])
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        errors = [
+            {"field": ".".join(str(p) for p in error["loc"]) or "(body)", "message": error["msg"]}
+            for error in exc.errors(include_url=False, include_input=False)
+        ]
+        summary = "; ".join(f"{e['field']}: {e['message']}" for e in errors[:5])
+        raise ValidationFailed(summary, errors=errors) from None

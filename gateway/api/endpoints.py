@@ -1,0 +1,215 @@
+"""Endpoints are declared once, in a table: route, permission, bodies, idempotency.
+
+The router, the permission check and the OpenAPI document are all built from these
+declarations, so the document cannot drift from the server and no handler can forget its check.
+Every handler receives a :class:`Call`: the request, the authenticated principal, the parsed body.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import structlog
+from aiohttp import web
+from pydantic import BaseModel
+
+from gateway.api import idempotency
+from gateway.api.codecs import decode_body, parse_model
+from gateway.api.middleware import REQUEST_ID
+from gateway.audit.chain import AuditEntry
+from gateway.auth.credentials import Principal
+from gateway.auth.roles import Permission, allows
+from gateway.errors import Forbidden, GatewayError, IdempotencyKeyRequired, RateLimited, Unauthenticated
+from gateway.services import SERVICES, Services
+
+Handler = Callable[["Call"], Awaitable[web.StreamResponse]]
+
+
+@dataclass
+class Call:
+    """One authenticated request, as a handler sees it."""
+
+    request: web.Request
+    services: Services
+    principal: Principal | None
+    body: Any  # the validated request model, or None
+    raw_body: bytes
+    request_id: str
+    idempotency_key: str | None
+    recorded_in_transaction: bool = False
+
+    @property
+    def actor(self) -> Principal:
+        assert self.principal is not None, "public endpoints have no actor"
+        return self.principal
+
+    def payload_hash(self) -> str:
+        return hashlib.sha256(self.raw_body).hexdigest()
+
+    def audit_entry(self, action: str, **fields: Any) -> AuditEntry:
+        principal = self.principal
+        return AuditEntry(
+            actor=principal.scope if principal else "anonymous",
+            role=principal.role.value if principal else "",
+            action=action,
+            request_id=self.request_id,
+            **fields,
+        )
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    method: str
+    path: str
+    handler: Handler
+    summary: str
+    permission: Permission | None  # None: public (no credentials)
+    tag: str
+    request_model: type[BaseModel] | None = None
+    response_model: type[BaseModel] | None = None
+    response_status: int = 200
+    idempotency: Literal["none", "optional", "required"] = "none"
+    cbor: bool = False
+    audited_action: str | None = None  # refusals of this endpoint are audited under this name
+    query: tuple[tuple[str, str, str], ...] = ()  # (name, JSON type, description)
+    responses: dict[int, str] = field(default_factory=dict)  # extra documented statuses
+
+    @property
+    def name(self) -> str:
+        return f"{self.method} {self.path}"
+
+
+class RateLimiter:
+    """A token bucket per principal; ``rate`` 0 means unlimited."""
+
+    def __init__(self, rate: float) -> None:
+        self.rate = rate
+        self.burst = max(1.0, rate * 2)
+        self._buckets: dict[str, tuple[float, float]] = {}
+
+    def check(self, scope: str) -> None:
+        if self.rate <= 0:
+            return
+        now = time.monotonic()
+        tokens, last = self._buckets.get(scope, (self.burst, now))
+        tokens = min(self.burst, tokens + (now - last) * self.rate)
+        if tokens < 1:
+            self._buckets[scope] = (tokens, now)
+            raise RateLimited(f"more than {self.rate:g} requests per second", retry_after=1)
+        self._buckets[scope] = (tokens - 1, now)
+
+
+RATE_LIMITER = web.AppKey("rate_limiter", RateLimiter)
+IDEMPOTENCY = web.AppKey("idempotency", idempotency.InFlight)
+
+
+def bearer_token(request: web.Request) -> str | None:
+    header = request.headers.get("Authorization", "")
+    scheme, _, token = header.partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        return None
+    return token.strip()
+
+
+async def authenticate(request: web.Request, services: Services) -> Principal:
+    """The caller: a bearer API key or session token, or an mTLS client certificate mapped to a client."""
+    token = bearer_token(request)
+    if token is not None:
+        return await services.authenticator.authenticate(token)
+    principal = await mtls_principal(request, services)
+    if principal is not None:
+        return principal
+    raise Unauthenticated("send Authorization: Bearer <api key or session token>")
+
+
+async def mtls_principal(request: web.Request, services: Services) -> Principal | None:
+    transport = request.transport
+    if transport is None or not services.settings.server.mtls_identities:
+        return None
+    certificate = transport.get_extra_info("peercert")
+    if not certificate:
+        return None
+    common_name = next(
+        (value for rdn in certificate.get("subject", ()) for (key, value) in rdn if key == "commonName"), None
+    )
+    client = services.settings.server.mtls_identities.get(common_name or "")
+    if client is None:
+        raise Unauthenticated(f"client certificate {common_name!r} is not mapped to an API client")
+    return await services.authenticator.client_by_name(client)
+
+
+def guarded(endpoint: Endpoint) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
+    """Wrap a handler with authentication, authorization, rate limiting, body parsing,
+    idempotency and the auditing of refusals."""
+
+    async def handle(request: web.Request) -> web.StreamResponse:
+        services = request.app[SERVICES]
+        request_id = request[REQUEST_ID]
+        call = Call(request, services, None, None, b"", request_id, None)
+        started = time.perf_counter()
+        status = 500
+        try:
+            if endpoint.permission is not None:
+                call.principal = await authenticate(request, services)
+                if not allows(call.principal.role, endpoint.permission):
+                    raise Forbidden(
+                        f"role {call.principal.role.value!r} may not {endpoint.permission.value}"
+                    )
+                request.app[RATE_LIMITER].check(call.principal.scope)
+            if endpoint.request_model is not None or endpoint.method in ("POST", "PUT", "PATCH"):
+                call.raw_body = await request.read()
+            if endpoint.request_model is not None:
+                data = decode_body(call.raw_body, request.content_type if call.raw_body else "", endpoint.cbor)
+                call.body = parse_model(endpoint.request_model, data)
+            call.idempotency_key = request.headers.get("Idempotency-Key")
+            if endpoint.idempotency == "required" and not call.idempotency_key:
+                raise IdempotencyKeyRequired("this operation needs an Idempotency-Key header")
+            if call.idempotency_key and endpoint.idempotency != "none" and call.principal is not None:
+                response = await idempotency.run(request.app[IDEMPOTENCY], call, endpoint.handler)
+            else:
+                response = await endpoint.handler(call)
+            status = response.status
+            return response
+        except GatewayError as error:
+            status = error.http_status
+            services.metrics.refusals.labels(error.code).inc()
+            if 400 <= error.http_status < 500 and endpoint.audited_action is not None:
+                await _audit_refusal(call, endpoint.audited_action, error)
+            raise
+        finally:
+            services.metrics.requests.labels(endpoint.name, str(status)).inc()
+            services.metrics.latency.labels(endpoint.name).observe(time.perf_counter() - started)
+
+    handle.__name__ = endpoint.handler.__name__
+    return handle
+
+
+async def _audit_refusal(call: Call, action: str, error: GatewayError) -> None:
+    reasons = [error.code]
+    if "reasons" in error.extra:
+        reasons += [str(r) for r in error.extra["reasons"]]
+    entry = call.audit_entry(
+        action,
+        decision="refused",
+        reasons=reasons,
+        payload_hash=call.payload_hash() if call.raw_body else "",
+        result={"status": error.http_status, "detail": error.detail[:500]},
+    )
+    try:
+        await call.services.audit.record(entry)
+    except GatewayError as exc:  # the refusal stands even if its audit entry cannot be written
+        structlog.get_logger("gateway.audit").error("refusal not audited", error=exc.detail, action=action)
+
+
+async def gather_safely(*aws: Awaitable[Any]) -> list[Any]:
+    """Like asyncio.gather, but waits for every awaitable before raising the first error."""
+    results = await asyncio.gather(*aws, return_exceptions=True)
+    for result in results:
+        if isinstance(result, BaseException):
+            raise result
+    return results

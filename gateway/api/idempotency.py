@@ -1,0 +1,123 @@
+"""Idempotency-Key handling (SPEC.md §5).
+
+The same key and body return the first response again without doing the work twice; the same key
+with another body is 409. Keys are scoped to the calling principal. Responses with a status below
+500 are kept; a 5xx is not, so a retry after an outage does the work.
+
+Two requests with one key racing in the same process: the second waits for the first and replays
+it. Across processes the store's primary key decides: operations that change the ledger record
+their response inside their own transaction (:func:`record_in`), so a duplicate rolls back whole.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any
+
+from aiohttp import web
+
+from gateway import clock
+from gateway.errors import AlreadyExists, IdempotencyConflict
+from gateway.ledger.store import Tx
+
+if TYPE_CHECKING:
+    from gateway.api.endpoints import Call
+
+MAX_KEY_LENGTH = 255
+
+
+class InFlight:
+    """Requests under way per (principal, key) in this process."""
+
+    def __init__(self) -> None:
+        self.running: dict[tuple[str, str], asyncio.Future[None]] = {}
+
+
+def request_hash(call: Call) -> bytes:
+    digest = hashlib.sha256()
+    digest.update(call.request.method.encode())
+    digest.update(b" " + call.request.path.encode() + b"\n")
+    digest.update(call.raw_body)
+    return digest.digest()
+
+
+def _lookup(tx: Tx, scope: str, key: str) -> Any:
+    return tx.fetchone(
+        "SELECT request_hash, status, content_type, body FROM idempotency WHERE principal = ? AND idem_key = ?",
+        (scope, key),
+    )
+
+
+def _replay(row: Any, expected_hash: bytes, key: str) -> web.Response:
+    if bytes(row["request_hash"]) != expected_hash:
+        raise IdempotencyConflict(f"Idempotency-Key {key!r} was used with a different request")
+    response = web.Response(body=bytes(row["body"]), status=int(row["status"]))
+    response.headers["Content-Type"] = row["content_type"]
+    response.headers["Idempotent-Replayed"] = "true"
+    return response
+
+
+def record_in(tx: Tx, call: Call, status: int, content_type: str, body: bytes) -> None:
+    """Record the response inside the operation's own transaction (for ledger-changing handlers).
+
+    Raises:
+        IdempotencyConflict: another request with this key committed first (the transaction rolls back).
+    """
+    assert call.principal is not None and call.idempotency_key is not None
+    try:
+        tx.execute(
+            "INSERT INTO idempotency (principal, idem_key, request_hash, status, content_type, body, created_at) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?)",
+            (call.principal.scope, call.idempotency_key, request_hash(call), status, content_type, body,
+             clock.now_iso()),
+        )
+    except AlreadyExists as exc:
+        raise IdempotencyConflict(f"Idempotency-Key {call.idempotency_key!r} is already being used") from exc
+    call.recorded_in_transaction = True
+
+
+async def run(inflight: InFlight, call: Call, handler: Callable[[Call], Awaitable[web.StreamResponse]]) -> web.StreamResponse:
+    assert call.principal is not None and call.idempotency_key is not None
+    key = call.idempotency_key
+    if len(key) > MAX_KEY_LENGTH or not key.isprintable():
+        from gateway.errors import ValidationFailed
+
+        raise ValidationFailed(f"Idempotency-Key must be 1–{MAX_KEY_LENGTH} printable characters")
+    scope = call.principal.scope
+    expected = request_hash(call)
+    database = call.services.database
+    slot = (scope, key)
+    while (running := inflight.running.get(slot)) is not None:
+        await asyncio.shield(running)
+    row = await database.read(lambda tx: _lookup(tx, scope, key))
+    if row is not None:
+        return _replay(row, expected, key)
+    done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+    inflight.running[slot] = done
+    try:
+        response = await handler(call)
+        if response.status < 500 and not call.recorded_in_transaction:
+            assert isinstance(response, web.Response)
+            body = bytes(response.body) if response.body is not None else b""  # type: ignore[arg-type]
+            content_type = response.headers.get("Content-Type", response.content_type)
+
+            def record(tx: Tx) -> Any:
+                existing = _lookup(tx, scope, key)
+                if existing is not None:
+                    return existing
+                tx.execute(
+                    "INSERT INTO idempotency (principal, idem_key, request_hash, status, content_type, body, "
+                    "created_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                    (scope, key, expected, response.status, content_type, body, clock.now_iso()),
+                )
+                return None
+
+            earlier = await database.write(record)
+            if earlier is not None:  # another instance won the race: answer as it did
+                return _replay(earlier, expected, key)
+        return response
+    finally:
+        inflight.running.pop(slot, None)
+        done.set_result(None)

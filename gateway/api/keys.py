@@ -1,0 +1,136 @@
+"""Keys: generate inside the HSM, list, show, and sign digests with ``raw`` keys."""
+
+from __future__ import annotations
+
+import hashlib
+
+from aiohttp import web
+
+from gateway.api.codecs import json_response
+from gateway.api.endpoints import Call, Endpoint
+from gateway.api.models import (
+    BatchSignRequest,
+    BatchSignResponse,
+    KeyCreateRequest,
+    KeyDocument,
+    KeyList,
+    SignRequest,
+    SignResponse,
+)
+from gateway.auth.roles import Permission
+from gateway.errors import PayloadTooLarge, ValidationFailed
+from gateway.hsm.profile import Algorithm
+from gateway.keyring import KeyRecord, Usage, der_from_raw, list_keys
+from gateway.keymgmt import generate_key
+
+MAX_BATCH = 1000
+ECDSA = (Algorithm.ECDSA_P256, Algorithm.ECDSA_SECP256K1)
+
+
+def _key_id(call: Call) -> str:
+    key_id = call.request.match_info["key_id"]
+    if len(key_id) != 32 or any(c not in "0123456789abcdef" for c in key_id):
+        from gateway.errors import KeyNotFound
+
+        raise KeyNotFound(f"no key {key_id[:40]!r}: key ids are 32 lower-case hex digits")
+    return key_id
+
+
+async def create_key(call: Call) -> web.Response:
+    body: KeyCreateRequest = call.body
+    entry = call.audit_entry("keys.create", decision="allowed", payload_hash=call.payload_hash())
+    record = await generate_key(
+        call.services.database, call.services.signer, call.services.profile,
+        body.label, body.algorithm, frozenset(body.usage), entry,
+    )
+    return json_response(record.document(), status=201)
+
+
+async def list_all(call: Call) -> web.Response:
+    records = await call.services.database.read(list_keys)
+    return json_response({"keys": [record.document() for record in records]})
+
+
+async def show(call: Call) -> web.Response:
+    record = await call.services.keys.get(call.services.database, _key_id(call))
+    return json_response(record.document())
+
+
+def _signing_input(record: KeyRecord, hex_data: str) -> bytes:
+    data = bytes.fromhex(hex_data)
+    if record.algorithm in ECDSA and len(data) != 32:
+        raise ValidationFailed(f"an ECDSA digest is 32 bytes; got {len(data)}")
+    if record.algorithm is Algorithm.ED25519 and len(data) > 65536:
+        raise PayloadTooLarge("Ed25519 messages are limited to 64 KiB")
+    return data
+
+
+def _signature_document(record: KeyRecord, signature: bytes) -> dict[str, str]:
+    document = {"signature": signature.hex()}
+    if record.algorithm in ECDSA:
+        document["der"] = der_from_raw(signature).hex()
+    return document
+
+
+async def sign(call: Call) -> web.Response:
+    services = call.services
+    record = await services.keys.get(services.database, _key_id(call))
+    record.require(Usage.RAW)
+    body: SignRequest = call.body
+    data = _signing_input(record, body.digest)
+    signature = await services.signer.sign(record.key_id, record.algorithm.value, data)
+    services.metrics.signatures.labels(record.algorithm.value, "raw").inc()
+    await services.audit.record(
+        call.audit_entry(
+            "keys.sign", decision="allowed", key_id=record.key_id,
+            payload_hash=hashlib.sha256(data).hexdigest(),
+            result={"signature_sha256": hashlib.sha256(signature).hexdigest()},
+        )
+    )
+    return json_response(_signature_document(record, signature))
+
+
+async def sign_batch(call: Call) -> web.Response:
+    services = call.services
+    body: BatchSignRequest = call.body
+    if len(body.digests) > MAX_BATCH:
+        raise PayloadTooLarge(f"at most {MAX_BATCH} digests per batch; got {len(body.digests)}")
+    record = await services.keys.get(services.database, body.key_id)
+    record.require(Usage.RAW)
+    items = [_signing_input(record, digest) for digest in body.digests]
+    signatures = await services.signer.sign_many(record.key_id, record.algorithm.value, items)
+    services.metrics.signatures.labels(record.algorithm.value, "raw").inc(len(signatures))
+    await services.audit.record(
+        call.audit_entry(
+            "keys.sign_batch", decision="allowed", key_id=record.key_id,
+            payload_hash=hashlib.sha256(b"".join(items)).hexdigest(),
+            result={"count": len(signatures),
+                    "signatures_sha256": hashlib.sha256(b"".join(signatures)).hexdigest()},
+        )
+    )
+    return json_response({"signatures": [signature.hex() for signature in signatures]})
+
+
+KEY_ID_PARAM = "/v1/keys/{key_id}"
+
+ENDPOINTS = [
+    Endpoint(
+        "POST", "/v1/keys", create_key, "Generate a key pair inside the HSM", Permission.KEYS_CREATE, "keys",
+        request_model=KeyCreateRequest, response_model=KeyDocument, response_status=201,
+        idempotency="optional", audited_action="keys.create",
+    ),
+    Endpoint("GET", "/v1/keys", list_all, "List keys", Permission.KEYS_READ, "keys", response_model=KeyList,
+             audited_action="keys.list"),
+    Endpoint("GET", KEY_ID_PARAM, show, "Show one key", Permission.KEYS_READ, "keys", response_model=KeyDocument,
+             audited_action="keys.show"),
+    Endpoint(
+        "POST", KEY_ID_PARAM + "/sign", sign, "Sign one digest with a raw key", Permission.KEYS_SIGN, "keys",
+        request_model=SignRequest, response_model=SignResponse, idempotency="optional", audited_action="keys.sign",
+        responses={503: "HSM unavailable"},
+    ),
+    Endpoint(
+        "POST", "/v1/sign/batch", sign_batch, "Sign up to 1,000 digests with one raw key", Permission.KEYS_SIGN,
+        "keys", request_model=BatchSignRequest, response_model=BatchSignResponse, idempotency="optional",
+        audited_action="keys.sign_batch", responses={413: "More than 1,000 digests", 503: "HSM unavailable"},
+    ),
+]

@@ -1,0 +1,108 @@
+"""Request and response bodies of the foundation endpoints. Strict: no coercion, no extra fields."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from pydantic import BaseModel, ConfigDict, Field, Strict, StringConstraints
+
+from gateway.hsm.profile import Algorithm
+from gateway.keyring import Usage
+
+Hex = Annotated[str, StringConstraints(pattern=r"^(?:[0-9a-fA-F]{2})+$", max_length=131072)]
+Label = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,63}$")]
+
+
+class _Body(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
+class SessionRequest(_Body):
+    username: Annotated[str, StringConstraints(min_length=1, max_length=64)]
+    password: Annotated[str, StringConstraints(min_length=1, max_length=1024)]
+
+
+class SessionResponse(_Body):
+    token: str
+    role: str
+    expires_at: str
+
+
+class KeyCreateRequest(_Body):
+    label: Label
+    # Enums arrive as strings in JSON: let just these fields accept them; every other field is strict.
+    algorithm: Annotated[Algorithm, Strict(False)]
+    usage: Annotated[list[Annotated[Usage, Strict(False)]], Field(min_length=1, max_length=5)]
+
+
+class KeyDocument(_Body):
+    key_id: str
+    label: str
+    algorithm: str
+    usage: list[str]
+    public_key_pem: str
+    address: str | None = Field(default=None, description="EIP-55 address (secp256k1 keys only)")
+    created_at: str
+
+
+class KeyList(_Body):
+    keys: list[KeyDocument]
+
+
+class SignRequest(_Body):
+    digest: Hex = Field(description="Hex: a 32-byte digest for ECDSA keys; the message bytes for Ed25519")
+
+
+class SignResponse(_Body):
+    signature: str = Field(description="Hex: raw r‖s for ECDSA, the 64-byte signature for Ed25519")
+    der: str | None = Field(default=None, description="Hex DER signature (ECDSA only)")
+
+
+class BatchSignRequest(_Body):
+    key_id: Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{32}$")]
+    digests: Annotated[list[Hex], Field(min_length=1)]
+
+
+class BatchSignResponse(_Body):
+    signatures: list[str]
+
+
+class AuditEntryDocument(_Body):
+    seq: int
+    ts: str
+    actor: str
+    role: str
+    action: str
+    decision: str
+    reasons: list[str]
+    payload_hash: str
+    key_id: str
+    result: dict[str, object]
+    request_id: str
+    entry_hash: str
+
+
+class AuditPage(_Body):
+    entries: list[AuditEntryDocument]
+    next_after_seq: int | None
+
+
+class AuditVerifyResponse(_Body):
+    ok: bool
+    entries: int
+    checkpoints: int
+    last_checkpoint_seq: int
+    head_seq: int
+    first_bad_seq: int | None
+    problem: str
+    warnings: list[str]
+
+
+class Health(_Body):
+    status: str
+
+
+class Readiness(_Body):
+    status: str
+    hsm: dict[str, object]
+    store: dict[str, object]

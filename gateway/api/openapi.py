@@ -1,0 +1,147 @@
+"""The OpenAPI 3.1 document, generated from the endpoint table and the pydantic body models.
+
+It is built from the very declarations the router uses, so every endpoint, body and response the
+server has is in it and nothing else is.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from aiohttp import web
+from pydantic import BaseModel
+
+from gateway import __version__
+from gateway.api.endpoints import Endpoint
+from gateway.errors import PROBLEM_BASE
+
+ENDPOINTS_KEY = web.AppKey("endpoints", list)
+
+_ERRORS = {
+    400: "Malformed request (problem types bad-request, invalid-body, validation-failed, idempotency-key-required)",
+    401: "No or unknown credentials",
+    403: "The role (or the key's usages) does not allow this",
+    404: "Unknown resource",
+    409: "Conflict (e.g. Idempotency-Key reused with another body)",
+    413: "Body or list too large",
+    415: "Unsupported Content-Type",
+    422: "Refused by policy",
+    429: "Rate limited",
+    503: "HSM or store unavailable; retry after Retry-After seconds",
+}
+
+PROBLEM_SCHEMA = {
+    "type": "object",
+    "description": f"RFC 9457 problem details; `type` is {PROBLEM_BASE}<code>",
+    "required": ["type", "title", "status", "detail"],
+    "properties": {
+        "type": {"type": "string"},
+        "title": {"type": "string"},
+        "status": {"type": "integer"},
+        "detail": {"type": "string"},
+        "instance": {"type": "string"},
+        "request_id": {"type": "string"},
+        "errors": {"type": "array", "items": {"type": "object"}},
+    },
+    "additionalProperties": True,
+}
+
+
+def _schema_ref(model: type[BaseModel], schemas: dict[str, Any]) -> dict[str, str]:
+    schema = model.model_json_schema(ref_template="#/components/schemas/{model}", mode="serialization")
+    for name, definition in schema.pop("$defs", {}).items():
+        schemas[name] = definition
+    schemas[model.__name__] = schema
+    return {"$ref": f"#/components/schemas/{model.__name__}"}
+
+
+def _operation(endpoint: Endpoint, schemas: dict[str, Any]) -> dict[str, Any]:
+    operation: dict[str, Any] = {
+        "operationId": f"{endpoint.tag}.{endpoint.handler.__name__}",
+        "summary": endpoint.summary,
+        "tags": [endpoint.tag],
+    }
+    if endpoint.permission is None:
+        operation["security"] = []
+    else:
+        operation["description"] = f"Needs permission `{endpoint.permission.value}`."
+    parameters: list[dict[str, Any]] = [
+        {"name": name, "in": "path", "required": True, "schema": {"type": "string"}}
+        for name in re.findall(r"{(\w+)}", endpoint.path)
+    ]
+    parameters += [
+        {"name": name, "in": "query", "required": False, "schema": {"type": kind, "minimum": 0},
+         "description": description}
+        for name, kind, description in endpoint.query
+    ]
+    if endpoint.idempotency != "none":
+        parameters.append({
+            "name": "Idempotency-Key", "in": "header", "required": endpoint.idempotency == "required",
+            "schema": {"type": "string", "minLength": 1, "maxLength": 255},
+            "description": "Same key and body → the first response again; same key, other body → 409",
+        })
+    if parameters:
+        operation["parameters"] = parameters
+    if endpoint.request_model is not None:
+        reference = _schema_ref(endpoint.request_model, schemas)
+        content = {"application/json": {"schema": reference}}
+        if endpoint.cbor:
+            content["application/cbor"] = {"schema": reference}
+        operation["requestBody"] = {"required": True, "content": content}
+    responses: dict[str, Any] = {}
+    success: dict[str, Any] = {"description": "Success"}
+    if endpoint.response_model is not None:
+        success["content"] = {"application/json": {"schema": _schema_ref(endpoint.response_model, schemas)}}
+    elif endpoint.path == "/metrics":
+        success["content"] = {"text/plain": {"schema": {"type": "string"}}}
+    else:
+        success["content"] = {"application/json": {"schema": {"type": "object"}}}
+    responses[str(endpoint.response_status)] = success
+    statuses = {400, 404, 429, 503} if endpoint.permission is not None else {400, 404, 503}
+    if endpoint.permission is not None:
+        statuses |= {401, 403}
+    if endpoint.request_model is not None:
+        statuses |= {413, 415}
+    if endpoint.idempotency != "none":
+        statuses.add(409)
+    statuses |= set(endpoint.responses)
+    for status in sorted(statuses):
+        responses[str(status)] = {
+            "description": endpoint.responses.get(status, _ERRORS.get(status, "Error")),
+            "content": {"application/problem+json": {"schema": {"$ref": "#/components/schemas/Problem"}}},
+        }
+    operation["responses"] = responses
+    return operation
+
+
+def build(endpoints: list[Endpoint]) -> dict[str, Any]:
+    schemas: dict[str, Any] = {"Problem": PROBLEM_SCHEMA}
+    paths: dict[str, dict[str, Any]] = {}
+    for endpoint in endpoints:
+        paths.setdefault(endpoint.path, {})[endpoint.method.lower()] = _operation(endpoint, schemas)
+    return {
+        "openapi": "3.1.0",
+        "info": {
+            "title": "ecny-gateway",
+            "version": __version__,
+            "description": "Signs e-CNY wallet and stablecoin transactions with keys held in a PKCS#11 HSM.",
+        },
+        "servers": [{"url": "/"}],
+        "paths": paths,
+        "components": {
+            "schemas": schemas,
+            "securitySchemes": {
+                "bearer": {
+                    "type": "http",
+                    "scheme": "bearer",
+                    "description": "An API client key (ecny_…) or a teller session token (ecnys_…)",
+                }
+            },
+        },
+        "security": [{"bearer": []}],
+    }
+
+
+def document(app: web.Application) -> dict[str, Any]:
+    return build(app[ENDPOINTS_KEY])

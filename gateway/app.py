@@ -1,0 +1,108 @@
+"""The aiohttp application: ``make_app(settings)``.
+
+Everything the application holds is created in one cleanup context (store, signer pool, audit
+log) and reached through typed ``AppKey``s: there is no module-level state.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+from aiohttp import web
+
+from gateway.api import audit as audit_api
+from gateway.api import keys as keys_api
+from gateway.api import service as service_api
+from gateway.api import sessions as sessions_api
+from gateway.api.endpoints import IDEMPOTENCY, RATE_LIMITER, Endpoint, RateLimiter, guarded
+from gateway.api.idempotency import InFlight
+from gateway.api.middleware import problem_middleware
+from gateway.api.openapi import ENDPOINTS_KEY
+from gateway.audit.chain import AuditLog
+from gateway.auth.credentials import Authenticator
+from gateway.config import Settings
+from gateway.hsm.pool import PoolSettings, SignerPool
+from gateway.hsm.profile import HsmProfile
+from gateway.ledger.store import open_database
+from gateway.metrics import Metrics
+from gateway.services import SERVICES, Services
+
+
+def all_endpoints() -> list[Endpoint]:
+    return [*service_api.ENDPOINTS, *sessions_api.ENDPOINTS, *keys_api.ENDPOINTS, *audit_api.ENDPOINTS]
+
+
+def pool_settings(settings: Settings, profile: HsmProfile) -> PoolSettings:
+    hsm = settings.hsm
+    return PoolSettings(
+        module_path=hsm.module or profile.module.path,
+        token_label=hsm.token_label or profile.token.resolved_label(),
+        pin=hsm.read_pin(),
+        workers=hsm.workers or profile.sessions.workers,
+        max_batch=hsm.max_batch,
+    )
+
+
+def services_context(settings: Settings) -> Callable[[web.Application], AsyncIterator[None]]:
+    async def context(app: web.Application) -> AsyncIterator[None]:
+        profile = settings.hsm.load_profile()
+        database = await open_database(settings.store.dsn)
+        pool: SignerPool | None = None
+        audit: AuditLog | None = None
+        try:
+            await database.migrate()
+            pool = await SignerPool.start(profile, pool_settings(settings, profile))
+            audit = AuditLog(
+                database, pool, settings.audit.checkpoint_every, settings.audit.flush_max, settings.audit.key_id
+            )
+            await audit.start()
+            app[SERVICES] = Services(
+                settings=settings,
+                profile=profile,
+                database=database,
+                signer=pool,
+                authenticator=Authenticator(
+                    database, settings.auth.session_ttl_seconds, settings.auth.credential_cache_seconds
+                ),
+                audit=audit,
+                metrics=Metrics(),
+            )
+            yield
+        finally:
+            if audit is not None:
+                await audit.close()
+            if pool is not None:
+                await pool.close()
+            await database.close()
+
+    return context
+
+
+def make_app(settings: Settings) -> web.Application:
+    """Build the application; the HSM pool and store open when it starts."""
+    app = web.Application(client_max_size=settings.server.max_body_bytes, middlewares=[problem_middleware])
+    endpoints = all_endpoints()
+    app[ENDPOINTS_KEY] = endpoints
+    app[RATE_LIMITER] = RateLimiter(settings.server.rate_limit_per_second)
+    app[IDEMPOTENCY] = InFlight()
+    for endpoint in endpoints:
+        app.router.add_route(endpoint.method, endpoint.path, guarded(endpoint))
+    app.cleanup_ctx.append(services_context(settings))
+    return app
+
+
+def ssl_context(settings: Settings) -> Any:
+    """TLS (and, with ``tls_client_ca``, mTLS) from the server settings, or None for plain HTTP."""
+    server = settings.server
+    if server.tls_cert is None:
+        return None
+    import ssl
+
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.load_cert_chain(server.tls_cert, server.tls_key)
+    if server.tls_client_ca is not None:
+        context.load_verify_locations(server.tls_client_ca)
+        context.verify_mode = ssl.CERT_REQUIRED
+    return context

@@ -1,0 +1,223 @@
+"""The tamper-evident audit log: hash-chained entries and HSM-signed checkpoints.
+
+Each entry's hash covers its own fields and the previous entry's hash, so changing, deleting or
+reordering one row breaks the chain at that row. Every ``checkpoint_every`` entries (and at
+shutdown) the chain head is signed by an ``audit`` key in the HSM; a checkpoint fixes the history
+up to it even against someone who can rewrite the whole table and recompute the hashes.
+
+Entries are written either inside the transaction of the operation they describe
+(:func:`append`), or — for signing requests, which change nothing else — through
+:class:`AuditLog`, which groups the entries of concurrent requests into one commit and answers each
+request only once its entry is committed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import cbor2
+import structlog
+
+from gateway import clock
+from gateway.errors import AmbiguousKey, GatewayError
+from gateway.hsm.signer import Signer
+from gateway.keyring import KeyRecord, Usage, get_key, keys_with_usage, signing_input
+from gateway.ledger.store import Database, Tx
+
+GENESIS = bytes(32)
+CHECKPOINT_CONTEXT = "ecny-audit-checkpoint-v1"
+
+
+@dataclass
+class AuditEntry:
+    """What one audited event says. ``actor``/``role`` are the principal; never a secret."""
+
+    actor: str
+    role: str
+    action: str
+    decision: str  # allowed | refused | failed
+    reasons: Sequence[str] = ()
+    payload_hash: str = ""
+    key_id: str = ""
+    result: dict[str, Any] = field(default_factory=dict)
+    request_id: str = ""
+
+
+def _json(value: Any) -> str:
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+
+
+def entry_hash(prev_hash: bytes, row: dict[str, Any]) -> bytes:
+    """The hash of one stored row: SHA-256 over the previous hash and the canonical CBOR of its fields."""
+    fields = [
+        row["seq"],
+        row["ts"],
+        row["actor"],
+        row["role"],
+        row["action"],
+        row["decision"],
+        row["reasons"],
+        row["payload_hash"],
+        row["key_id"],
+        row["result"],
+        row["request_id"],
+    ]
+    return hashlib.sha256(bytes(prev_hash) + cbor2.dumps(fields, canonical=True)).digest()
+
+
+def head(tx: Tx) -> tuple[int, bytes]:
+    row = tx.fetchone("SELECT seq, entry_hash FROM audit_log ORDER BY seq DESC LIMIT 1")
+    return (0, GENESIS) if row is None else (int(row["seq"]), bytes(row["entry_hash"]))
+
+
+def append(tx: Tx, entries: Iterable[AuditEntry]) -> list[int]:
+    """Append entries inside ``tx`` (which must be a write transaction). Returns their sequence numbers."""
+    tx.lock("audit-chain")
+    seq, prev = head(tx)
+    numbers = []
+    for entry in entries:
+        seq += 1
+        row = {
+            "seq": seq,
+            "ts": clock.now_iso(),
+            "actor": entry.actor,
+            "role": entry.role,
+            "action": entry.action,
+            "decision": entry.decision,
+            "reasons": _json(list(entry.reasons)),
+            "payload_hash": entry.payload_hash,
+            "key_id": entry.key_id,
+            "result": _json(entry.result),
+            "request_id": entry.request_id,
+        }
+        digest = entry_hash(prev, row)
+        tx.execute(
+            "INSERT INTO audit_log (seq, ts, actor, role, action, decision, reasons, payload_hash, key_id, "
+            "result, request_id, prev_hash, entry_hash) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (*row.values(), prev, digest),
+        )
+        prev = digest
+        numbers.append(seq)
+    return numbers
+
+
+def checkpoint_message(seq: int, head_hash: bytes) -> bytes:
+    """The bytes an audit key signs for a checkpoint."""
+    return cbor2.dumps([CHECKPOINT_CONTEXT, seq, bytes(head_hash)], canonical=True)
+
+
+class AuditLog:
+    """Grouped audit writes and periodic checkpoints for one gateway process."""
+
+    def __init__(
+        self, database: Database, signer: Signer, checkpoint_every: int, flush_max: int, key_id: str | None
+    ) -> None:
+        self._database = database
+        self._signer = signer
+        self._checkpoint_every = checkpoint_every
+        self._flush_max = flush_max
+        self._key_id = key_id
+        self._pending: list[tuple[AuditEntry, asyncio.Future[int]]] = []
+        self._flushing: asyncio.Task[None] | None = None
+        self._checkpointing: asyncio.Task[None] | None = None
+        self._checkpointed = 0
+        self._log = structlog.get_logger("gateway.audit")
+
+    async def start(self) -> None:
+        """Learn where the last checkpoint is."""
+        row = await self._database.read(lambda tx: tx.fetchone("SELECT MAX(seq) AS seq FROM audit_checkpoints"))
+        self._checkpointed = int(row["seq"]) if row is not None and row["seq"] is not None else 0
+
+    async def record(self, entry: AuditEntry) -> int:
+        """Append one entry, grouped with others into one commit. Returns its sequence number
+        once committed.
+
+        Raises:
+            StoreUnavailable: the entry could not be written (the caller must not report success).
+        """
+        future: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        self._pending.append((entry, future))
+        if self._flushing is None or self._flushing.done():
+            self._flushing = asyncio.create_task(self._flush_loop())
+        return await future
+
+    async def _flush_loop(self) -> None:
+        while self._pending:
+            batch, self._pending = self._pending[: self._flush_max], self._pending[self._flush_max :]
+            try:
+                numbers = await self._database.write(lambda tx, b=batch: append(tx, (e for e, _ in b)))
+            except Exception as exc:
+                for _, future in batch:
+                    if not future.done():
+                        future.set_exception(exc)
+                continue
+            for (_, future), seq in zip(batch, numbers, strict=True):
+                if not future.done():
+                    future.set_result(seq)
+            self.after_append(numbers[-1])
+
+    def after_append(self, last_seq: int) -> None:
+        """Start a checkpoint once ``checkpoint_every`` entries have followed the last one."""
+        if last_seq - self._checkpointed >= self._checkpoint_every and (
+            self._checkpointing is None or self._checkpointing.done()
+        ):
+            self._checkpointing = asyncio.create_task(self._checkpoint_quietly())
+
+    async def _checkpoint_quietly(self) -> None:
+        try:
+            await self.checkpoint()
+        except GatewayError as exc:
+            self._log.warning("audit checkpoint failed", error=exc.detail)
+
+    async def _audit_key(self) -> KeyRecord | None:
+        def find(tx: Tx) -> KeyRecord | None:
+            if self._key_id:
+                return get_key(tx, self._key_id)
+            candidates = keys_with_usage(tx, Usage.AUDIT)
+            if len(candidates) > 1:
+                raise AmbiguousKey(
+                    f"{len(candidates)} keys have usage 'audit'; set audit.key_id to choose one"
+                )
+            return candidates[0] if candidates else None
+
+        return await self._database.read(find)
+
+    async def checkpoint(self) -> int | None:
+        """Sign the current chain head with the audit key. Returns the checkpointed seq, or None
+        when there is nothing new to sign or no audit key exists yet."""
+        key = await self._audit_key()
+        if key is None:
+            return None
+        seq, head_hash = await self._database.read(head)
+        if seq <= self._checkpointed:
+            return None
+        signature = await self._signer.sign(
+            key.key_id, key.algorithm.value, signing_input(key.algorithm, checkpoint_message(seq, head_hash))
+        )
+
+        def store(tx: Tx) -> None:
+            tx.execute(
+                "INSERT INTO audit_checkpoints (seq, head_hash, key_id, algorithm, signature, ts) "
+                "VALUES (?, ?, ?, ?, ?, ?)",
+                (seq, head_hash, key.key_id, key.algorithm.value, signature, clock.now_iso()),
+            )
+
+        await self._database.write(store)
+        self._checkpointed = max(self._checkpointed, seq)
+        return seq
+
+    async def close(self) -> None:
+        """Write what is pending and sign a final checkpoint."""
+        while self._flushing is not None and not self._flushing.done():
+            await self._flushing
+        if self._checkpointing is not None and not self._checkpointing.done():
+            await self._checkpointing
+        try:
+            await self.checkpoint()
+        except GatewayError as exc:
+            self._log.warning("final audit checkpoint failed", error=exc.detail)

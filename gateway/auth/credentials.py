@@ -1,0 +1,223 @@
+"""API clients, users and teller sessions: how credentials are made, stored and checked.
+
+- An API key is ``ecny_<prefix>_<secret>``. Only the prefix (for lookup) and a SHA-256 of the
+  whole key are stored; the comparison is constant-time. Keys carry 256 bits of randomness, so a
+  fast hash is right for them; passwords are not, and get argon2id.
+- A teller session token is random; only its SHA-256 is stored, with an expiry.
+- Verified credentials are cached in memory for a few seconds (``auth.credential_cache_seconds``)
+  so that a signing request does not pay a database round trip; revocation takes effect within
+  that time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import hmac
+import secrets
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from argon2 import PasswordHasher
+from argon2.exceptions import InvalidHashError, VerificationError
+
+from gateway import clock
+from gateway.auth.roles import Role
+from gateway.errors import AlreadyExists, NotFound, Unauthenticated, ValidationFailed
+from gateway.ledger.store import Database, Tx
+
+API_KEY_PREFIX = "ecny_"
+SESSION_TOKEN_PREFIX = "ecnys_"
+
+
+@dataclass(frozen=True)
+class Principal:
+    """Who is calling: an API client or a logged-in user, with one role."""
+
+    name: str
+    role: Role
+    kind: str  # "client" | "user"
+
+    @property
+    def scope(self) -> str:
+        """Namespace for idempotency keys and rate limits: ``client:NAME`` or ``user:NAME``."""
+        return f"{self.kind}:{self.name}"
+
+
+def _sha256(text: str) -> bytes:
+    return hashlib.sha256(text.encode()).digest()
+
+
+def new_api_key() -> tuple[str, str]:
+    """A fresh API key and its lookup prefix."""
+    prefix = secrets.token_hex(6)
+    return f"{API_KEY_PREFIX}{prefix}_{secrets.token_urlsafe(32)}", prefix
+
+
+def _parse_api_key(presented: str) -> str | None:
+    if not presented.startswith(API_KEY_PREFIX):
+        return None
+    prefix, sep, secret = presented.removeprefix(API_KEY_PREFIX).partition("_")
+    if not sep or len(prefix) != 12 or not secret:
+        return None
+    return prefix
+
+
+# --- clients ----------------------------------------------------------------------------------
+
+
+def add_client(tx: Tx, name: str, role: Role) -> str:
+    """Create an API client. Returns its key — shown once, never stored.
+
+    Raises:
+        AlreadyExists: a client with that name exists.
+    """
+    if not name or len(name) > 64:
+        raise ValidationFailed("client name must be 1–64 characters")
+    if tx.fetchone("SELECT 1 FROM clients WHERE name = ?", (name,)):
+        raise AlreadyExists(f"client {name!r} exists")
+    key, prefix = new_api_key()
+    tx.execute(
+        "INSERT INTO clients (name, role, key_prefix, key_hash, created_at) VALUES (?, ?, ?, ?, ?)",
+        (name, role.value, prefix, _sha256(key), clock.now_iso()),
+    )
+    return key
+
+
+def list_clients(tx: Tx) -> list[dict[str, Any]]:
+    rows = tx.fetchall("SELECT name, role, key_prefix, created_at, revoked_at FROM clients ORDER BY name")
+    return [dict(row) for row in rows]
+
+
+def revoke_client(tx: Tx, name: str) -> None:
+    """Revoke a client's key. Raises NotFound for an unknown or already revoked client."""
+    changed = tx.execute(
+        "UPDATE clients SET revoked_at = ? WHERE name = ? AND revoked_at IS NULL", (clock.now_iso(), name)
+    )
+    if not changed:
+        raise NotFound(f"no active client {name!r}")
+
+
+# --- users and sessions -----------------------------------------------------------------------
+
+
+def add_user(tx: Tx, hasher: PasswordHasher, username: str, role: Role, password: str) -> None:
+    """Create a user with an argon2id password hash. Raises AlreadyExists."""
+    if not username or len(username) > 64:
+        raise ValidationFailed("username must be 1–64 characters")
+    if len(password) < 12:
+        raise ValidationFailed("password must have at least 12 characters")
+    if tx.fetchone("SELECT 1 FROM users WHERE username = ?", (username,)):
+        raise AlreadyExists(f"user {username!r} exists")
+    tx.execute(
+        "INSERT INTO users (username, role, password_hash, created_at) VALUES (?, ?, ?, ?)",
+        (username, role.value, hasher.hash(password), clock.now_iso()),
+    )
+
+
+class Authenticator:
+    """Turns a bearer credential into a :class:`Principal` (app-scoped, holds the cache)."""
+
+    def __init__(self, database: Database, session_ttl: int, cache_seconds: float) -> None:
+        self._database = database
+        self._session_ttl = session_ttl
+        self._cache_seconds = cache_seconds
+        self._cache: dict[bytes, tuple[Principal, float]] = {}
+        # argon2id with its library defaults (RFC 9106 low-memory profile).
+        self.hasher = PasswordHasher()
+        self._dummy_hash = self.hasher.hash(secrets.token_urlsafe(16))
+
+    async def authenticate(self, token: str) -> Principal:
+        """Check an API key or session token.
+
+        Raises:
+            Unauthenticated: unknown, revoked or expired credential.
+        """
+        digest = _sha256(token)
+        cached = self._cache.get(digest)
+        now = time.monotonic()
+        if cached is not None and cached[1] > now:
+            return cached[0]
+        if token.startswith(SESSION_TOKEN_PREFIX):
+            principal = await self._database.read(lambda tx: self._session_principal(tx, digest))
+        else:
+            prefix = _parse_api_key(token)
+            if prefix is None:
+                raise Unauthenticated("malformed credential")
+            principal = await self._database.read(lambda tx: self._client_principal(tx, prefix, digest))
+        if len(self._cache) > 10_000:
+            self._cache.clear()
+        self._cache[digest] = (principal, now + self._cache_seconds)
+        return principal
+
+    async def client_by_name(self, name: str) -> Principal:
+        """The principal of an active API client (for mTLS identities). Raises Unauthenticated."""
+
+        def find(tx: Tx) -> Principal:
+            row = tx.fetchone("SELECT name, role, revoked_at FROM clients WHERE name = ?", (name,))
+            if row is None or row["revoked_at"]:
+                raise Unauthenticated(f"API client {name!r} is unknown or revoked")
+            return Principal(row["name"], Role(row["role"]), "client")
+
+        return await self._database.read(find)
+
+    @staticmethod
+    def _client_principal(tx: Tx, prefix: str, digest: bytes) -> Principal:
+        row = tx.fetchone("SELECT name, role, key_hash, revoked_at FROM clients WHERE key_prefix = ?", (prefix,))
+        if row is None or not hmac.compare_digest(bytes(row["key_hash"]), digest) or row["revoked_at"]:
+            raise Unauthenticated("unknown or revoked API key")
+        return Principal(row["name"], Role(row["role"]), "client")
+
+    @staticmethod
+    def _session_principal(tx: Tx, digest: bytes) -> Principal:
+        row = tx.fetchone(
+            "SELECT s.username, s.role, s.expires_at, u.disabled_at FROM user_sessions s "
+            "JOIN users u ON u.username = s.username WHERE s.token_hash = ?",
+            (digest,),
+        )
+        if row is None or row["disabled_at"] or row["expires_at"] <= clock.now_iso():
+            raise Unauthenticated("unknown or expired session")
+        return Principal(row["username"], Role(row["role"]), "user")
+
+    async def login(self, username: str, password: str) -> tuple[str, Principal, str]:
+        """Check a password and open a session. Returns (token, principal, expires_at).
+
+        The argon2 check runs off the event loop; an unknown user costs the same as a wrong password.
+
+        Raises:
+            Unauthenticated: unknown user, disabled user or wrong password (one message for all).
+        """
+        row = await self._database.read(
+            lambda tx: tx.fetchone(
+                "SELECT username, role, password_hash, disabled_at FROM users WHERE username = ?", (username,)
+            )
+        )
+        stored = row["password_hash"] if row is not None else self._dummy_hash
+        ok = await asyncio.to_thread(self._verify, stored, password)
+        if row is None or not ok or row["disabled_at"]:
+            raise Unauthenticated("wrong username or password")
+        principal = Principal(row["username"], Role(row["role"]), "user")
+        token = SESSION_TOKEN_PREFIX + secrets.token_urlsafe(32)
+        expires_at = clock.after(self._session_ttl)
+
+        def record(tx: Tx) -> None:
+            tx.execute("DELETE FROM user_sessions WHERE expires_at <= ?", (clock.now_iso(),))
+            tx.execute(
+                "INSERT INTO user_sessions (token_hash, username, role, created_at, expires_at) "
+                "VALUES (?, ?, ?, ?, ?)",
+                (_sha256(token), principal.name, principal.role.value, clock.now_iso(), expires_at),
+            )
+
+        await self._database.write(record)
+        return token, principal, expires_at
+
+    def _verify(self, stored: str, password: str) -> bool:
+        try:
+            return self.hasher.verify(stored, password)
+        except (VerificationError, InvalidHashError):
+            return False
+
+    def forget(self) -> None:
+        """Drop every cached credential (after a revocation through this process)."""
+        self._cache.clear()

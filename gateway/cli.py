@@ -1,0 +1,350 @@
+"""``ecny-gateway`` — the command line (SPEC.md §3).
+
+Every command takes ``--config FILE`` (or ``ECNY_CONFIG``); settings can be overridden by
+``ECNY_<SECTION>__<KEY>`` variables. Secrets never come from arguments: the HSM PIN from
+``ECNY_HSM__PIN`` or ``hsm.pin_file``, new passwords from a prompt or standard input. Errors are
+one line on stderr and a non-zero exit, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import getpass
+import json
+import os
+import secrets
+import sys
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+from gateway import __version__
+from gateway.audit.chain import AuditEntry, append
+from gateway.auth.credentials import add_client, add_user, list_clients, revoke_client
+from gateway.auth.roles import Role
+from gateway.config import Settings, load_settings
+from gateway.errors import ConfigError, GatewayError, ValidationFailed
+from gateway.hsm.profile import Algorithm
+from gateway.keyring import Usage, get_key, list_keys
+from gateway.ledger.store import Database, Tx, open_database
+
+EXIT_ERROR = 2
+EXIT_AUDIT_BROKEN = 1
+
+
+def _actor() -> AuditEntry:
+    user = os.environ.get("SUDO_USER") or os.environ.get("USER") or "unknown"
+    return AuditEntry(actor=f"cli:{user}", role="admin", action="", decision="allowed")
+
+
+def _settings(args: argparse.Namespace) -> Settings:
+    path = args.config or os.environ.get("ECNY_CONFIG")
+    settings = load_settings(Path(path) if path else None)
+    if getattr(args, "db", None):
+        settings.store.dsn = args.db
+    return settings
+
+
+async def _with_database(settings: Settings, work: Callable[[Database], Awaitable[Any]]) -> Any:
+    database = await open_database(settings.store.dsn)
+    try:
+        await database.migrate()
+        return await work(database)
+    finally:
+        await database.close()
+
+
+async def _with_pool(settings: Settings, work: Callable[[Any, Any], Awaitable[Any]]) -> Any:
+    from gateway.app import pool_settings
+    from gateway.hsm.pool import SignerPool
+
+    profile = settings.hsm.load_profile()
+    options = pool_settings(settings, profile)
+    options.workers = 1
+    pool = await SignerPool.start(profile, options)
+    try:
+        return await work(pool, profile)
+    finally:
+        await pool.close()
+
+
+def _print_json(value: Any) -> None:
+    print(json.dumps(value, indent=2, sort_keys=True))
+
+
+# --- commands -------------------------------------------------------------------------------
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from aiohttp import web
+
+    from gateway import logs
+    from gateway.app import make_app, ssl_context
+
+    settings = _settings(args)
+    logs.configure(settings.logging.level)
+    try:
+        import uvloop
+
+        uvloop.install()
+    except ImportError:
+        pass
+    scheme = "https" if settings.server.tls_cert else "http"
+    print(f"ecny-gateway {__version__} on {scheme}://{settings.server.host}:{settings.server.port}", flush=True)
+    web.run_app(
+        make_app(settings),
+        host=settings.server.host,
+        port=settings.server.port,
+        ssl_context=ssl_context(settings),
+        access_log=None if not settings.server.access_log else web.logging.getLogger("aiohttp.access"),
+        print=None,
+        shutdown_timeout=10,
+    )
+    return 0
+
+
+def cmd_migrate(args: argparse.Namespace) -> int:
+    settings = _settings(args)
+
+    async def run() -> list[str]:
+        database = await open_database(settings.store.dsn)
+        try:
+            return await database.migrate()
+        finally:
+            await database.close()
+
+    applied = asyncio.run(run())
+    print(f"applied: {', '.join(applied)}" if applied else "schema is up to date")
+    return 0
+
+
+def cmd_keys_generate(args: argparse.Namespace) -> int:
+    from gateway.keymgmt import generate_key
+
+    settings = _settings(args)
+    try:
+        algorithm = Algorithm(args.algorithm)
+        usages = frozenset(Usage(u.strip()) for u in args.usage.split(",") if u.strip())
+    except ValueError as exc:
+        raise ValidationFailed(str(exc)) from exc
+
+    async def work(database: Database) -> dict[str, Any]:
+        async def with_pool(pool: Any, profile: Any) -> dict[str, Any]:
+            entry = _actor()
+            entry.action = "keys.create"
+            record = await generate_key(database, pool, profile, args.label, algorithm, usages, entry)
+            return record.document()
+
+        result: dict[str, Any] = await _with_pool(settings, with_pool)
+        return result
+
+    _print_json(asyncio.run(_with_database(settings, work)))
+    return 0
+
+
+def cmd_keys_list(args: argparse.Namespace) -> int:
+    settings = _settings(args)
+    records = asyncio.run(_with_database(settings, lambda db: db.read(list_keys)))
+    for record in records:
+        print(f"{record.key_id}  {record.algorithm.value:16} {','.join(sorted(record.usages)):20} {record.label}")
+    return 0
+
+
+def cmd_keys_show(args: argparse.Namespace) -> int:
+    settings = _settings(args)
+    record = asyncio.run(_with_database(settings, lambda db: db.read(lambda tx: get_key(tx, args.key_id))))
+    document = record.document()
+    print(document["public_key_pem"], end="")
+    if "address" in document:
+        print(f"address: {document['address']}")
+    print(f"key_id: {record.key_id}\nlabel: {record.label}\nalgorithm: {record.algorithm.value}\n"
+          f"usage: {','.join(sorted(record.usages))}")
+    return 0
+
+
+def _role(text: str) -> Role:
+    try:
+        return Role(text)
+    except ValueError:
+        raise ValidationFailed(f"unknown role {text!r}; use one of {[r.value for r in Role]}") from None
+
+
+def cmd_clients_add(args: argparse.Namespace) -> int:
+    settings = _settings(args)
+    role = _role(args.role)
+
+    def work(tx: Tx) -> str:
+        key = add_client(tx, args.name, role)
+        entry = _actor()
+        entry.action, entry.result = "clients.add", {"name": args.name, "role": role.value}
+        append(tx, [entry])
+        return key
+
+    key = asyncio.run(_with_database(settings, lambda db: db.write(work)))
+    print("API key (shown once; only its hash is stored):", file=sys.stderr)
+    print(key)
+    return 0
+
+
+def cmd_clients_list(args: argparse.Namespace) -> int:
+    settings = _settings(args)
+    rows = asyncio.run(_with_database(settings, lambda db: db.read(list_clients)))
+    for row in rows:
+        state = f"revoked {row['revoked_at']}" if row["revoked_at"] else "active"
+        print(f"{row['name']:24} {row['role']:10} ecny_{row['key_prefix']}_…  {state}")
+    return 0
+
+
+def cmd_clients_revoke(args: argparse.Namespace) -> int:
+    settings = _settings(args)
+
+    def work(tx: Tx) -> None:
+        revoke_client(tx, args.name)
+        entry = _actor()
+        entry.action, entry.result = "clients.revoke", {"name": args.name}
+        append(tx, [entry])
+
+    asyncio.run(_with_database(settings, lambda db: db.write(work)))
+    print(f"revoked {args.name}")
+    return 0
+
+
+def _read_new_password(from_stdin: bool) -> str:
+    if from_stdin:
+        return sys.stdin.readline().rstrip("\n")
+    first = getpass.getpass("new password: ")
+    if first != getpass.getpass("again: "):
+        raise ValidationFailed("the passwords differ")
+    return first
+
+
+def cmd_users_add(args: argparse.Namespace) -> int:
+    from argon2 import PasswordHasher
+
+    settings = _settings(args)
+    role = _role(args.role)
+    if role is Role.BACKEND:
+        raise ValidationFailed("backend is a role for API clients; use 'clients add'")
+    password = _read_new_password(args.password_stdin)
+    hasher = PasswordHasher()
+
+    def work(tx: Tx) -> None:
+        add_user(tx, hasher, args.username, role, password)
+        entry = _actor()
+        entry.action, entry.result = "users.add", {"username": args.username, "role": role.value}
+        append(tx, [entry])
+
+    asyncio.run(_with_database(settings, lambda db: db.write(work)))
+    print(f"added {args.username} ({role.value})")
+    return 0
+
+
+def cmd_audit_verify(args: argparse.Namespace) -> int:
+    from gateway.audit.verify import verify_chain
+    from gateway.keyring import pinned_public_key
+
+    settings = _settings(args)
+    pinned = dict(pinned_public_key(spec) for spec in args.public_key or [])
+
+    async def run() -> Any:
+        database = await open_database(settings.store.dsn)
+        try:
+            return await database.read(lambda tx: verify_chain(tx, pinned))
+        finally:
+            await database.close()
+
+    report = asyncio.run(run())
+    for warning in report.warnings:
+        print(f"warning: {warning}", file=sys.stderr)
+    if report.ok:
+        print(f"audit chain intact: {report.entries} entries, {report.checkpoints} signed checkpoints "
+              f"(last at {report.last_checkpoint_seq})")
+        return 0
+    print(f"audit chain BROKEN at entry {report.first_bad_seq}: {report.problem}")
+    return EXIT_AUDIT_BROKEN
+
+
+def cmd_dev_init(args: argparse.Namespace) -> int:
+    from gateway.devinit import dev_init
+
+    return dev_init(Path(args.var))
+
+
+# --- parser ---------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ecny-gateway", description=__doc__.split("\n")[0] if __doc__ else None)
+    parser.add_argument("--version", action="version", version=f"ecny-gateway {__version__}")
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--config", help="TOML settings file (default: $ECNY_CONFIG)")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    commands.add_parser("serve", parents=[common], help="run the gateway").set_defaults(run=cmd_serve)
+    migrate = commands.add_parser("migrate", parents=[common], help="create or upgrade the schema")
+    migrate.add_argument("--db", help="store DSN (sqlite:///path or postgresql://…)")
+    migrate.set_defaults(run=cmd_migrate)
+
+    keys = commands.add_parser("keys", help="HSM keys").add_subparsers(dest="keys_command", required=True)
+    generate = keys.add_parser("generate", parents=[common], help="generate a key pair inside the HSM")
+    generate.add_argument("--label", required=True)
+    generate.add_argument("--algorithm", required=True, choices=[a.value for a in Algorithm])
+    generate.add_argument("--usage", required=True, help="comma-separated: " + ",".join(u.value for u in Usage))
+    generate.set_defaults(run=cmd_keys_generate)
+    keys.add_parser("list", parents=[common], help="list keys").set_defaults(run=cmd_keys_list)
+    show = keys.add_parser("show", parents=[common], help="public key PEM (and EVM address)")
+    show.add_argument("key_id")
+    show.set_defaults(run=cmd_keys_show)
+
+    clients = commands.add_parser("clients", help="API clients").add_subparsers(dest="clients_command", required=True)
+    add = clients.add_parser("add", parents=[common], help="create a client; prints its API key once")
+    add.add_argument("--name", required=True)
+    add.add_argument("--role", required=True, choices=[r.value for r in Role])
+    add.set_defaults(run=cmd_clients_add)
+    clients.add_parser("list", parents=[common], help="list clients").set_defaults(run=cmd_clients_list)
+    revoke = clients.add_parser("revoke", parents=[common], help="revoke a client's key")
+    revoke.add_argument("name")
+    revoke.set_defaults(run=cmd_clients_revoke)
+
+    users = commands.add_parser("users", help="users of the teller UI").add_subparsers(dest="users_command",
+                                                                                      required=True)
+    user_add = users.add_parser("add", parents=[common], help="add a user (password from a prompt)")
+    user_add.add_argument("--username", required=True)
+    user_add.add_argument("--role", required=True, choices=[r.value for r in Role if r is not Role.BACKEND])
+    user_add.add_argument("--password-stdin", action="store_true", help="read the password from standard input")
+    user_add.set_defaults(run=cmd_users_add)
+
+    audit = commands.add_parser("audit", help="audit log").add_subparsers(dest="audit_command", required=True)
+    verify = audit.add_parser("verify", parents=[common], help="verify the chain and its signed checkpoints")
+    verify.add_argument("--db", help="store DSN (default: the configured store)")
+    verify.add_argument(
+        "--public-key", action="append", metavar="KEY_ID=PEM_FILE",
+        help="trust this public key for the audit key instead of the key table (repeatable)",
+    )
+    verify.set_defaults(run=cmd_audit_verify)
+
+    dev = commands.add_parser("dev-init", help="development set-up used by `make run`")
+    dev.add_argument("--var", default="var", help="folder for the token, database and credentials")
+    dev.set_defaults(run=cmd_dev_init)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        code: int = args.run(args)
+        return code
+    except GatewayError as error:
+        print(f"ecny-gateway: {error.detail}", file=sys.stderr)
+        return EXIT_ERROR
+    except KeyboardInterrupt:
+        return 130
+
+
+def random_password() -> str:
+    return secrets.token_urlsafe(18)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

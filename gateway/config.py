@@ -1,0 +1,168 @@
+"""Settings: a TOML file, then ``ECNY_<SECTION>__<KEY>`` environment variables over it.
+
+Every field has a docstring: that text is the reference for operators. PINs are secrets: they come
+from ``ECNY_HSM__PIN`` or ``hsm.pin_file``, never from the command line, and never show in reprs.
+Errors name the file (or variable) and the key.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
+
+from gateway.errors import ConfigError
+from gateway.hsm.profile import HsmProfile, load_profile, profiles_dir
+
+ENV_PREFIX = "ECNY_"
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, validate_default=True)
+
+
+class ServerSettings(_Section):
+    host: str = "127.0.0.1"
+    """Address to listen on."""
+    port: Annotated[int, Field(ge=0, le=65535)] = 8700
+    """TCP port (0 picks a free one)."""
+    max_body_bytes: Annotated[int, Field(ge=1024)] = 1_048_576
+    """Largest request body accepted; larger bodies get 413."""
+    tls_cert: Path | None = None
+    """PEM certificate chain; with ``tls_key`` the gateway serves HTTPS."""
+    tls_key: Path | None = None
+    """PEM private key of ``tls_cert`` (a TLS key on disk, not a signing key)."""
+    tls_client_ca: Path | None = None
+    """PEM CA bundle; when set, clients must present a certificate it issued (mTLS)."""
+    mtls_identities: dict[str, str] = {}
+    """Client certificate subject CN → API client name; such a client needs no bearer key."""
+    rate_limit_per_second: Annotated[float, Field(ge=0)] = 0
+    """Requests per second per principal (token bucket, burst = 2 s worth); 0 = unlimited."""
+    access_log: bool = False
+    """Log one line per request (costs throughput; errors are always logged)."""
+
+
+class HsmSettings(_Section):
+    profile: str = "softhsm"
+    """Profile name in ``hsm_profiles/`` (``softhsm`` → ``softhsm.toml``) or a path to a profile file."""
+    module: str | None = None
+    """Overrides the profile's PKCS#11 module path."""
+    token_label: str | None = None
+    """Overrides the profile's token label."""
+    pin: SecretStr | None = None
+    """User PIN. Set it through ``ECNY_HSM__PIN``, never in a file under version control."""
+    pin_file: Path | None = None
+    """File holding the user PIN (mode 0600); used when ``pin`` is not set."""
+    workers: Annotated[int, Field(ge=1, le=64)] | None = None
+    """Signer worker processes; defaults to the profile's ``sessions.workers``."""
+    max_batch: Annotated[int, Field(ge=1, le=4096)] = 256
+    """Most signatures one worker message carries."""
+
+    def load_profile(self) -> HsmProfile:
+        candidate = Path(self.profile)
+        if candidate.suffix != ".toml":
+            candidate = profiles_dir() / f"{self.profile}.toml"
+        if not candidate.is_file():
+            raise ConfigError(f"hsm.profile: no profile file {candidate}")
+        return load_profile(candidate)
+
+    def read_pin(self) -> str:
+        if self.pin is not None:
+            return self.pin.get_secret_value()
+        if self.pin_file is not None:
+            try:
+                return self.pin_file.read_text(encoding="utf-8").strip()
+            except OSError as exc:
+                raise ConfigError(f"hsm.pin_file: cannot read {self.pin_file}: {exc.strerror}") from exc
+        raise ConfigError("hsm: no PIN; set ECNY_HSM__PIN or hsm.pin_file")
+
+
+class StoreSettings(_Section):
+    dsn: str = "sqlite:///var/gateway.db"
+    """``sqlite:///relative/path``, ``sqlite:////absolute/path`` or ``postgresql://user@host/db``."""
+
+
+class AuditSettings(_Section):
+    checkpoint_every: Annotated[int, Field(ge=1)] = 1000
+    """Sign the chain head with the audit key every this many entries (and at shutdown)."""
+    key_id: str | None = None
+    """Key that signs checkpoints; by default the one key whose usages include ``audit``."""
+    flush_max: Annotated[int, Field(ge=1)] = 1024
+    """Most entries written in one grouped commit."""
+
+
+class AuthSettings(_Section):
+    session_ttl_seconds: Annotated[int, Field(ge=60)] = 8 * 3600
+    """Lifetime of a teller session token."""
+    credential_cache_seconds: Annotated[float, Field(ge=0)] = 2.0
+    """How long a verified API key or session stays cached in memory (revocation takes effect within it)."""
+
+
+class LoggingSettings(_Section):
+    level: Literal["debug", "info", "warning", "error"] = "info"
+    """Lowest level written (JSON lines on stderr)."""
+
+
+class Settings(_Section):
+    """The whole configuration."""
+
+    server: ServerSettings = ServerSettings()
+    hsm: HsmSettings = HsmSettings()
+    store: StoreSettings = StoreSettings()
+    audit: AuditSettings = AuditSettings()
+    auth: AuthSettings = AuthSettings()
+    logging: LoggingSettings = LoggingSettings()
+
+
+def _env_overrides(environ: Mapping[str, str]) -> dict[str, dict[str, Any]]:
+    overrides: dict[str, dict[str, Any]] = {}
+    for name, value in environ.items():
+        if not name.startswith(ENV_PREFIX) or "__" not in name:
+            continue
+        section, _, key = name.removeprefix(ENV_PREFIX).lower().partition("__")
+        if section not in Settings.model_fields:
+            continue
+        if value.startswith(("{", "[")):
+            import json
+
+            try:
+                overrides.setdefault(section, {})[key] = json.loads(value)
+                continue
+            except ValueError:
+                pass
+        overrides.setdefault(section, {})[key] = value
+    return overrides
+
+
+def load_settings(path: Path | None = None, environ: Mapping[str, str] | None = None) -> Settings:
+    """Read settings from ``path`` (if any) and the environment.
+
+    Raises:
+        ConfigError: unreadable file, unknown key or bad value — naming the file or variable and key.
+    """
+    environ = os.environ if environ is None else environ
+    data: dict[str, Any] = {}
+    source = "defaults"
+    if path is not None:
+        source = str(path)
+        try:
+            data = tomllib.loads(path.read_text(encoding="utf-8"))
+        except OSError as exc:
+            raise ConfigError(f"{path}: {exc.strerror}") from exc
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"{path}: {exc}") from exc
+    for section, values in _env_overrides(environ).items():
+        data.setdefault(section, {}).update(values)
+    try:
+        return Settings.model_validate(data)
+    except ValidationError as exc:
+        problems = []
+        for error in exc.errors():
+            key = ".".join(str(part) for part in error["loc"])
+            variable = ENV_PREFIX + "__".join(str(p).upper() for p in error["loc"][:2])
+            problems.append(f"{key}: {error['msg']} (from {source} or {variable})")
+        raise ConfigError("; ".join(problems)) from exc

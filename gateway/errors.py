@@ -1,0 +1,236 @@
+"""The gateway's one error root.
+
+Every failure a handler can meet is a :class:`GatewayError`. Lower layers (PKCS#11, SQLite,
+PostgreSQL, parsing) translate their own exceptions into one of these at their boundary
+(``raise ... from exc``); the error middleware alone renders them as RFC 9457 problem documents.
+A ``code`` is stable: clients match on the problem ``type``, which is built from it.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+PROBLEM_BASE = "https://ecny-gateway.dev/problems/"
+
+
+class GatewayError(Exception):
+    """Root of every error the gateway reports.
+
+    Attributes:
+        code: stable machine-readable name; the problem ``type`` is ``PROBLEM_BASE + code``.
+        http_status: HTTP status the API answers with.
+        title: short human summary, the same for every instance of the class.
+    """
+
+    code: ClassVar[str] = "internal-error"
+    http_status: ClassVar[int] = 500
+    title: ClassVar[str] = "Internal error"
+
+    def __init__(self, detail: str = "", **extra: Any) -> None:
+        super().__init__(detail or self.title)
+        self.detail = detail or self.title
+        self.extra = extra
+
+    @property
+    def type_uri(self) -> str:
+        return PROBLEM_BASE + self.code
+
+    def to_problem(self, instance: str | None = None) -> dict[str, Any]:
+        """The RFC 9457 problem document for this error."""
+        body: dict[str, Any] = {
+            "type": self.type_uri,
+            "title": self.title,
+            "status": self.http_status,
+            "detail": self.detail,
+        }
+        if instance:
+            body["instance"] = instance
+        body.update(self.extra)
+        return body
+
+
+# --- 400: the request itself is wrong -------------------------------------------------------------
+
+
+class BadRequest(GatewayError):
+    """The request is malformed: not JSON, wrong types, missing fields."""
+
+    code = "bad-request"
+    http_status = 400
+    title = "Bad request"
+
+
+class InvalidJson(BadRequest):
+    """The body is not parseable as the declared content type."""
+
+    code = "invalid-body"
+    title = "Body is not valid JSON or CBOR"
+
+
+class ValidationFailed(BadRequest):
+    """The body parsed but a field has the wrong type, range or format."""
+
+    code = "validation-failed"
+    title = "Request validation failed"
+
+
+class IdempotencyKeyRequired(BadRequest):
+    """An operation that moves money or consumes a nonce was sent without an Idempotency-Key."""
+
+    code = "idempotency-key-required"
+    title = "Idempotency-Key header required"
+
+
+class UnsupportedMediaType(GatewayError):
+    """The Content-Type is not one the endpoint accepts."""
+
+    code = "unsupported-media-type"
+    http_status = 415
+    title = "Unsupported media type"
+
+
+# --- 401/403: who you are and what you may do ----------------------------------------------------
+
+
+class Unauthenticated(GatewayError):
+    """No credentials, or credentials that do not identify anyone (unknown, revoked, expired)."""
+
+    code = "unauthenticated"
+    http_status = 401
+    title = "Authentication required"
+
+
+class Forbidden(GatewayError):
+    """The caller is known but its role does not allow this operation."""
+
+    code = "forbidden"
+    http_status = 403
+    title = "Not allowed for this role"
+
+
+class KeyUsageNotAllowed(Forbidden):
+    """The key exists but its usages do not include the requested operation."""
+
+    code = "key-usage-not-allowed"
+    title = "Key usage does not allow this operation"
+
+
+# --- 404/409/413/429 ------------------------------------------------------------------------------
+
+
+class NotFound(GatewayError):
+    """The addressed resource does not exist (or is not visible to the caller)."""
+
+    code = "not-found"
+    http_status = 404
+    title = "Not found"
+
+
+class KeyNotFound(NotFound):
+    """No key with that id — in the store, or no matching private key object in the token."""
+
+    code = "key-not-found"
+    title = "Key not found"
+
+
+class Conflict(GatewayError):
+    """The request conflicts with the current state."""
+
+    code = "conflict"
+    http_status = 409
+    title = "Conflict"
+
+
+class IdempotencyConflict(Conflict):
+    """The Idempotency-Key was used before with a different request body, or is still in flight."""
+
+    code = "idempotency-key-reused"
+    title = "Idempotency-Key reused with a different request"
+
+
+class AlreadyExists(Conflict):
+    """A resource with this unique name exists already."""
+
+    code = "already-exists"
+    title = "Already exists"
+
+
+class AmbiguousKey(Conflict):
+    """More than one private key object in the token matches a key id: refuse rather than guess."""
+
+    code = "ambiguous-key"
+    title = "More than one key object matches"
+
+
+class PayloadTooLarge(GatewayError):
+    """The body or a list in it is larger than allowed."""
+
+    code = "payload-too-large"
+    http_status = 413
+    title = "Payload too large"
+
+
+class RateLimited(GatewayError):
+    """The client sent more requests than its rate allows."""
+
+    code = "rate-limited"
+    http_status = 429
+    title = "Too many requests"
+
+
+# --- 5xx: our dependencies -----------------------------------------------------------------------
+
+
+class ServiceUnavailable(GatewayError):
+    """A dependency is down; the client should retry after ``retry_after`` seconds."""
+
+    code = "service-unavailable"
+    http_status = 503
+    title = "Service unavailable"
+
+    def __init__(self, detail: str = "", retry_after: int = 1, **extra: Any) -> None:
+        super().__init__(detail, **extra)
+        self.retry_after = retry_after
+
+
+class HsmUnavailable(ServiceUnavailable):
+    """The HSM cannot be reached or lost its sessions; recovery is under way."""
+
+    code = "hsm-unavailable"
+    title = "HSM unavailable"
+
+
+class StoreUnavailable(ServiceUnavailable):
+    """The database cannot be reached or is locked for too long."""
+
+    code = "store-unavailable"
+    title = "Store unavailable"
+
+
+class HsmError(GatewayError):
+    """The HSM refused an operation for a reason that retrying will not fix (bad mechanism, bad PIN)."""
+
+    code = "hsm-error"
+    http_status = 500
+    title = "HSM refused the operation"
+
+
+class HsmLoginFailed(HsmError):
+    """The token rejected the PIN. Never retried: a retry could lock the token."""
+
+    code = "hsm-login-failed"
+    title = "HSM login failed"
+
+
+class ConfigError(GatewayError):
+    """The configuration or an HSM profile is incomplete or contradictory; names file and key."""
+
+    code = "config-error"
+    title = "Configuration error"
+
+
+class AuditChainBroken(GatewayError):
+    """The audit chain or one of its checkpoints does not verify."""
+
+    code = "audit-chain-broken"
+    title = "Audit chain broken"

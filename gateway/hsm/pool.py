@@ -1,0 +1,344 @@
+"""A pool of spawned signer worker processes behind the :class:`~gateway.hsm.signer.Signer` protocol.
+
+The event loop never calls PKCS#11. Requests queue here; whenever a worker has room, everything
+queued (up to ``max_batch`` items) goes to it in one message, so under load one pipe round trip
+carries many signatures. Each worker may have ``depth`` messages in flight so it never waits for
+the event loop between batches.
+
+Failure handling:
+- a result of kind ``unavailable`` marks the worker down; requests go to the workers still up, and
+  fail at once with :class:`HsmUnavailable` (503, ``Retry-After``) when none is;
+- a health task pings down workers (the worker rebuilds its session or reinitialises the module
+  at a bounded rate) and marks them up when a ping succeeds;
+- a worker process that dies is respawned (at most once per ``respawn_interval``);
+- a wrong PIN at start is fatal and never retried.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import multiprocessing
+import time
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from multiprocessing.connection import Connection
+from typing import Any
+
+from gateway.errors import AmbiguousKey, GatewayError, HsmError, HsmLoginFailed, HsmUnavailable, KeyNotFound
+from gateway.hsm.profile import HsmProfile
+from gateway.hsm.signer import HsmHealth
+from gateway.hsm.worker import AlgorithmSpec, WorkerConfig, worker_main
+
+
+@dataclass
+class PoolSettings:
+    """How the pool is run (from ``[hsm]`` in the config)."""
+
+    module_path: str
+    token_label: str
+    pin: str = field(repr=False)
+    workers: int = 2
+    max_batch: int = 256
+    depth: int = 2
+    health_interval: float = 0.5
+    start_timeout: float = 30.0
+    respawn_interval: float = 1.0
+
+
+def worker_config(profile: HsmProfile, settings: PoolSettings) -> WorkerConfig:
+    """Translate a profile and pool settings into what a worker needs."""
+    return WorkerConfig(
+        module_path=settings.module_path,
+        token_label=settings.token_label,
+        pin=settings.pin,
+        algorithms={
+            str(name): AlgorithmSpec(
+                key_type=section.key_type_value,
+                curve_oid=section.curve_oid,
+                mechanism=section.sign_mechanism_value,
+                der_signatures=section.signature_encoding == "der",
+            )
+            for name, section in profile.algorithms.items()
+        },
+        private_template=dict(profile.key_templates.private),
+        public_template=dict(profile.key_templates.public),
+    )
+
+
+@dataclass
+class _Job:
+    payload: tuple[Any, ...]
+    future: asyncio.Future[Any]
+
+
+@dataclass
+class _WorkerHandle:
+    index: int
+    process: Any
+    conn: Connection
+    up: bool = True
+    alive: bool = True
+    inflight: deque[list[_Job]] = field(default_factory=deque)
+    last_detail: str = ""
+
+
+_FAILURES: dict[str, type[GatewayError]] = {
+    "unavailable": HsmUnavailable,
+    "not_found": KeyNotFound,
+    "ambiguous": AmbiguousKey,
+    "login": HsmLoginFailed,
+    "error": HsmError,
+}
+
+
+class SignerPool:
+    """Signer worker processes fed from the event loop. Create with :meth:`start`, end with :meth:`close`."""
+
+    def __init__(self, settings: PoolSettings, config: WorkerConfig) -> None:
+        self.settings = settings
+        self._config = config
+        self._context = multiprocessing.get_context("spawn")
+        self._workers: list[_WorkerHandle] = []
+        self._queue: deque[_Job] = deque()
+        self._health_task: asyncio.Task[None] | None = None
+        self._closing = False
+        self._last_respawn = 0.0
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self.signatures = 0
+
+    # --- life -------------------------------------------------------------------------------
+
+    @classmethod
+    async def start(cls, profile: HsmProfile, settings: PoolSettings) -> SignerPool:
+        """Spawn the workers and wait until each has logged in (or found the HSM down).
+
+        Raises:
+            HsmLoginFailed: the token rejected the PIN (never retried).
+            HsmUnavailable: a worker could not start at all.
+        """
+        pool = cls(settings, worker_config(profile, settings))
+        pool._loop = asyncio.get_running_loop()
+        try:
+            handles = await asyncio.gather(*(pool._spawn(i) for i in range(settings.workers)))
+        except BaseException:
+            await pool.close()
+            raise
+        pool._workers = list(handles)
+        pool._health_task = asyncio.create_task(pool._health_loop())
+        return pool
+
+    async def _spawn(self, index: int) -> _WorkerHandle:
+        parent, child = self._context.Pipe(duplex=True)
+        process = self._context.Process(
+            target=worker_main, args=(child, self._config), name=f"ecny-signer-{index}", daemon=True
+        )
+        process.start()
+        child.close()
+        loop = asyncio.get_running_loop()
+        ready = loop.create_future()
+        loop.add_reader(parent.fileno(), _read_once, parent, ready)
+        try:
+            status, kind, detail = await asyncio.wait_for(ready, self.settings.start_timeout)
+        except (TimeoutError, EOFError, OSError) as exc:
+            loop.remove_reader(parent.fileno())
+            process.kill()
+            raise HsmUnavailable(f"signer worker {index} did not start: {exc!r}") from None
+        loop.remove_reader(parent.fileno())
+        if status == "fatal":
+            process.join(timeout=5)
+            raise _FAILURES.get(kind, HsmError)(detail)
+        handle = _WorkerHandle(index=index, process=process, conn=parent, up=kind is None, last_detail=detail)
+        loop.add_reader(parent.fileno(), self._on_readable, handle)
+        return handle
+
+    async def close(self) -> None:
+        """Stop the health task and the workers; fail anything still queued."""
+        self._closing = True
+        if self._health_task is not None:
+            self._health_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._health_task
+        for job in self._queue:
+            if not job.future.done():
+                job.future.set_exception(HsmUnavailable("the signer pool is shutting down"))
+        self._queue.clear()
+        for handle in self._workers:
+            self._retire(handle, "the signer pool is shutting down")
+        for handle in self._workers:
+            await asyncio.to_thread(handle.process.join, 5)
+            if handle.process.is_alive():
+                handle.process.kill()
+
+    # --- Signer protocol --------------------------------------------------------------------
+
+    async def sign(self, key_id: str, algorithm: str, data: bytes) -> bytes:
+        signatures: list[bytes] = await self._submit(("sign", key_id, algorithm, [data]))
+        return signatures[0]
+
+    async def sign_many(self, key_id: str, algorithm: str, items: Sequence[bytes]) -> list[bytes]:
+        # Split a large batch so every worker up takes a share.
+        up = max(1, sum(1 for w in self._workers if w.up and w.alive))
+        size = max(1, -(-len(items) // up))
+        chunks = [list(items[i : i + size]) for i in range(0, len(items), size)]
+        parts = await asyncio.gather(*(self._submit(("sign", key_id, algorithm, chunk)) for chunk in chunks))
+        return [signature for part in parts for signature in part]
+
+    async def generate(self, key_id: str, label: str, algorithm: str) -> bytes:
+        result: bytes = await self._submit(("generate", key_id, label, algorithm))
+        return result
+
+    async def public_key(self, key_id: str, algorithm: str) -> bytes:
+        result: bytes = await self._submit(("public_key", key_id, algorithm))
+        return result
+
+    async def key_attributes(self, key_id: str) -> dict[str, bool]:
+        result: dict[str, bool] = await self._submit(("attributes", key_id))
+        return result
+
+    def health(self) -> HsmHealth:
+        up = sum(1 for w in self._workers if w.up and w.alive)
+        details = "; ".join(w.last_detail for w in self._workers if not (w.up and w.alive) and w.last_detail)
+        return HsmHealth(ready=up > 0, workers=len(self._workers), workers_up=up, detail=details)
+
+    # --- dispatch ---------------------------------------------------------------------------
+
+    def _submit(self, payload: tuple[Any, ...]) -> asyncio.Future[Any]:
+        if self._closing:
+            raise HsmUnavailable("the signer pool is shutting down")
+        if not any(w.up and w.alive for w in self._workers):
+            raise HsmUnavailable(self.health().detail or "HSM unavailable; recovery is under way")
+        assert self._loop is not None
+        future: asyncio.Future[Any] = self._loop.create_future()
+        self._queue.append(_Job(payload, future))
+        self._pump()
+        return future
+
+    def _pump(self) -> None:
+        while self._queue:
+            candidates = [w for w in self._workers if w.up and w.alive and len(w.inflight) < self.settings.depth]
+            if not candidates:
+                return
+            handle = min(candidates, key=lambda w: len(w.inflight))
+            batch: list[_Job] = []
+            items = 0
+            while self._queue and items < self.settings.max_batch:
+                job = self._queue.popleft()
+                if job.future.cancelled():
+                    continue
+                batch.append(job)
+                items += len(job.payload[3]) if job.payload[0] == "sign" else 1
+            if not batch:
+                return
+            self._send(handle, batch)
+
+    def _send(self, handle: _WorkerHandle, batch: list[_Job]) -> None:
+        try:
+            handle.conn.send([job.payload for job in batch])
+        except (BrokenPipeError, OSError) as exc:
+            for job in batch:
+                if not job.future.done():
+                    job.future.set_exception(HsmUnavailable(f"signer worker lost: {exc}"))
+            self._retire(handle, f"signer worker {handle.index} lost")
+            return
+        handle.inflight.append(batch)
+
+    def _on_readable(self, handle: _WorkerHandle) -> None:
+        try:
+            results = handle.conn.recv()
+        except (EOFError, OSError):
+            self._retire(handle, f"signer worker {handle.index} exited")
+            return
+        batch = handle.inflight.popleft()
+        went_down = False
+        for job, result in zip(batch, results, strict=True):
+            if job.future.done():
+                continue
+            if result[0]:
+                if job.payload[0] == "sign":
+                    self.signatures += len(result[1])
+                job.future.set_result(result[1])
+            else:
+                kind, detail = result[1], result[2]
+                if kind == "unavailable":
+                    went_down = True
+                    handle.last_detail = detail
+                job.future.set_exception(_FAILURES.get(kind, HsmError)(detail))
+        if went_down:
+            handle.up = False
+            self._requeue_or_fail_queue()
+        else:
+            handle.up = True
+        self._pump()
+
+    def _requeue_or_fail_queue(self) -> None:
+        if any(w.up and w.alive for w in self._workers):
+            return
+        while self._queue:
+            job = self._queue.popleft()
+            if not job.future.done():
+                job.future.set_exception(HsmUnavailable("HSM unavailable; recovery is under way"))
+
+    def _retire(self, handle: _WorkerHandle, reason: str) -> None:
+        if not handle.alive:
+            return
+        handle.alive = False
+        handle.up = False
+        handle.last_detail = reason
+        if self._loop is not None:
+            with contextlib.suppress(Exception):
+                self._loop.remove_reader(handle.conn.fileno())
+        while handle.inflight:
+            for job in handle.inflight.popleft():
+                if not job.future.done():
+                    job.future.set_exception(HsmUnavailable(reason))
+        with contextlib.suppress(Exception):
+            handle.conn.close()
+        self._requeue_or_fail_queue()
+
+    # --- health -----------------------------------------------------------------------------
+
+    async def _health_loop(self) -> None:
+        while not self._closing:
+            await asyncio.sleep(self.settings.health_interval)
+            for handle in list(self._workers):
+                if not handle.alive:
+                    await self._respawn(handle)
+                elif not handle.up and not handle.inflight:
+                    self._probe(handle)
+
+    def _probe(self, handle: _WorkerHandle) -> None:
+        assert self._loop is not None
+        future: asyncio.Future[Any] = self._loop.create_future()
+        future.add_done_callback(_consume)
+        self._send(handle, [_Job(("ping",), future)])
+
+    async def _respawn(self, dead: _WorkerHandle) -> None:
+        now = time.monotonic()
+        if now - self._last_respawn < self.settings.respawn_interval:
+            return
+        self._last_respawn = now
+        with contextlib.suppress(Exception):
+            dead.process.kill()
+        try:
+            handle = await self._spawn(dead.index)
+        except GatewayError as exc:
+            dead.last_detail = exc.detail
+            return
+        self._workers[self._workers.index(dead)] = handle
+        self._pump()
+
+
+def _read_once(conn: Connection, future: asyncio.Future[Any]) -> None:
+    if future.done():
+        return
+    try:
+        future.set_result(conn.recv())
+    except (EOFError, OSError) as exc:
+        future.set_exception(exc)
+
+
+def _consume(future: asyncio.Future[Any]) -> None:
+    if not future.cancelled():
+        future.exception()

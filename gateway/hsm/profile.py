@@ -1,0 +1,243 @@
+"""HSM family profiles (``hsm_profiles/*.toml``).
+
+A profile says how to drive one family of HSM through PKCS#11: where the module is, how to find
+the token, which algorithms it signs and with which mechanism, how signatures come back, how
+many sessions it tolerates and which attributes generated keys get. Mechanism choices live
+here, never in code. A profile that is incomplete or contradicts itself is refused with a
+message naming the file and the key.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from enum import StrEnum
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from gateway.errors import ConfigError
+
+
+class Algorithm(StrEnum):
+    """Signature algorithms the gateway knows. A profile says which of them its HSM supports."""
+
+    ECDSA_P256 = "ecdsa-p256"
+    ECDSA_SECP256K1 = "ecdsa-secp256k1"
+    ED25519 = "ed25519"
+    SM2 = "sm2"
+
+
+#: Curve object identifiers each algorithm must use; a profile that names another is contradictory.
+CURVE_OIDS: dict[Algorithm, str] = {
+    Algorithm.ECDSA_P256: "1.2.840.10045.3.1.7",
+    Algorithm.ECDSA_SECP256K1: "1.3.132.0.10",
+    Algorithm.ED25519: "1.3.101.112",
+    Algorithm.SM2: "1.2.156.10197.1.301",
+}
+
+#: Standard PKCS#11 constants a profile may name instead of giving a number.
+KEY_TYPES: dict[str, int] = {"EC": 0x3, "EC_EDWARDS": 0x40}
+MECHANISMS: dict[str, int] = {
+    "ECDSA": 0x1041,
+    "ECDSA_SHA256": 0x1044,
+    "EDDSA": 0x1057,
+    "EC_KEY_PAIR_GEN": 0x1040,
+    "EC_EDWARDS_KEY_PAIR_GEN": 0x1055,
+}
+#: First value of the PKCS#11 vendor-defined range (CKK_VENDOR_DEFINED / CKM_VENDOR_DEFINED).
+VENDOR_DEFINED = 0x80000000
+
+
+def _constant(value: str | int, table: dict[str, int], what: str) -> int:
+    if isinstance(value, int):
+        return value
+    text = value.strip()
+    if text.lower().startswith("0x"):
+        return int(text, 16)
+    if text in table:
+        return table[text]
+    raise ValueError(f"unknown {what} {value!r}; use one of {sorted(table)} or a hex number")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
+
+
+class ModuleSection(_Strict):
+    path: str
+    """Absolute path of the vendor's PKCS#11 module; the gateway config may override it."""
+    p11_kit_proxy: bool = False
+    """Load the module through p11-kit-proxy (needed where the module does not lock for threads)."""
+    notes: str = ""
+    """Where the module comes from and anything an operator must install or configure."""
+
+
+class TokenSection(_Strict):
+    label: str | None = None
+    """Token label to open (CKA_LABEL of the token)."""
+    uri: str | None = None
+    """PKCS#11 URI (RFC 7512) naming the token, e.g. ``pkcs11:token=ecny``; used when no label."""
+
+    @model_validator(mode="after")
+    def _one_way(self) -> TokenSection:
+        if not self.label and not self.uri:
+            raise ValueError("give token.label or token.uri")
+        if self.uri is not None and not self.uri.startswith("pkcs11:"):
+            raise ValueError("token.uri must be a PKCS#11 URI starting with 'pkcs11:'")
+        return self
+
+    def resolved_label(self) -> str:
+        """The token label, taken from ``label`` or the ``token=`` attribute of the URI."""
+        if self.label:
+            return self.label
+        assert self.uri is not None
+        from urllib.parse import unquote
+
+        for part in self.uri.removeprefix("pkcs11:").split(";"):
+            name, _, value = part.partition("=")
+            if name == "token":
+                return unquote(value)
+        raise ValueError(f"PKCS#11 URI {self.uri!r} names no token")
+
+
+class SessionsSection(_Strict):
+    max_sessions: Annotated[int, Field(ge=1)]
+    """Sessions the HSM (or its licence) tolerates for this application."""
+    workers: Annotated[int, Field(ge=1)]
+    """Signer worker processes to start; each keeps one logged-in session."""
+    thread_safe: bool = False
+    """True if the module may be called from several threads at once (never assumed for SoftHSM2)."""
+
+    @model_validator(mode="after")
+    def _fits(self) -> SessionsSection:
+        if self.workers > self.max_sessions:
+            raise ValueError(f"workers ({self.workers}) exceeds max_sessions ({self.max_sessions})")
+        return self
+
+
+class AlgorithmSection(_Strict):
+    key_type: str | int
+    """CKK_* key type: EC, EC_EDWARDS or a vendor-defined hex number."""
+    curve_oid: str
+    """Named curve OID placed in CKA_EC_PARAMS."""
+    sign_mechanism: str | int
+    """CKM_* signing mechanism: ECDSA, EDDSA or a vendor-defined hex number."""
+    input: Literal["digest", "message"]
+    """``digest``: the gateway hashes and the HSM signs the digest; ``message``: the HSM hashes."""
+    hash: Literal["sha256", "keccak256", "sm3", "none"] = "none"
+    """Hash the gateway applies before a ``digest`` mechanism; ``none`` for ``message`` mechanisms."""
+    signature_encoding: Literal["raw", "der"]
+    """How the module returns signatures: raw r‖s or DER SEQUENCE{r, s}."""
+    cose_alg: int | None = None
+    """COSE algorithm identifier for this key type (ES256=-7, EdDSA=-8, a private-use value for SM2)."""
+
+    @property
+    def key_type_value(self) -> int:
+        return _constant(self.key_type, KEY_TYPES, "key type")
+
+    @property
+    def sign_mechanism_value(self) -> int:
+        return _constant(self.sign_mechanism, MECHANISMS, "mechanism")
+
+    @field_validator("key_type")
+    @classmethod
+    def _known_key_type(cls, value: str | int) -> str | int:
+        _constant(value, KEY_TYPES, "key type")
+        return value
+
+    @field_validator("sign_mechanism")
+    @classmethod
+    def _known_mechanism(cls, value: str | int) -> str | int:
+        _constant(value, MECHANISMS, "mechanism")
+        return value
+
+    @model_validator(mode="after")
+    def _consistent(self) -> AlgorithmSection:
+        if self.input == "digest" and self.hash == "none":
+            raise ValueError("input = 'digest' needs a hash the gateway applies")
+        if self.input == "message" and self.hash != "none":
+            raise ValueError("input = 'message' means the HSM hashes: set hash = 'none'")
+        return self
+
+
+class KeyTemplates(_Strict):
+    private: dict[str, bool]
+    """Attributes set on generated private keys (names of CKA_* without the prefix, lower case)."""
+    public: dict[str, bool]
+    """Attributes set on generated public keys."""
+
+    @field_validator("private")
+    @classmethod
+    def _protected(cls, value: dict[str, bool]) -> dict[str, bool]:
+        required = {"sensitive": True, "extractable": False, "token": True, "sign": True}
+        for name, wanted in required.items():
+            if value.get(name) is not wanted:
+                raise ValueError(f"private key template must set {name} = {str(wanted).lower()}")
+        return value
+
+
+class HsmProfile(_Strict):
+    """One HSM family."""
+
+    name: str
+    """Human name of the family, e.g. 'Thales Luna Network HSM 7'."""
+    vendor: str
+    """Manufacturer."""
+    tested: bool = False
+    """True only for profiles exercised by this project's test suite."""
+    documentation: str = ""
+    """The vendor documentation the profile was written from."""
+    module: ModuleSection
+    token: TokenSection
+    sessions: SessionsSection
+    algorithms: dict[Algorithm, AlgorithmSection]
+    """Supported algorithms and how each is driven."""
+    key_templates: KeyTemplates
+
+    @model_validator(mode="after")
+    def _curves_match(self) -> HsmProfile:
+        if not self.algorithms:
+            raise ValueError("algorithms: a profile must support at least one algorithm")
+        for algorithm, section in self.algorithms.items():
+            if section.curve_oid != CURVE_OIDS[algorithm]:
+                raise ValueError(
+                    f"algorithms.{algorithm}.curve_oid {section.curve_oid} is not the curve of {algorithm} "
+                    f"({CURVE_OIDS[algorithm]})"
+                )
+            if algorithm is Algorithm.ED25519 and section.signature_encoding != "raw":
+                raise ValueError(f"algorithms.{algorithm}.signature_encoding: EdDSA signatures are raw")
+            if algorithm is Algorithm.SM2 and section.key_type_value < VENDOR_DEFINED and section.key_type != "EC":
+                raise ValueError(f"algorithms.{algorithm}.key_type must be EC or vendor-defined")
+        return self
+
+
+def _format_location(error: dict[str, object]) -> str:
+    return ".".join(str(part) for part in error["loc"])  # type: ignore[attr-defined]
+
+
+def load_profile(path: Path) -> HsmProfile:
+    """Read and validate one profile.
+
+    Args:
+        path: the TOML file.
+    Returns:
+        The validated profile.
+    Raises:
+        ConfigError: unreadable TOML, a missing key or a contradiction — the message names the file
+            and the key.
+    """
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        raise ConfigError(f"{path}: {exc}") from exc
+    try:
+        return HsmProfile.model_validate(data)
+    except ValidationError as exc:
+        problems = "; ".join(f"{_format_location(e)}: {e['msg']}" for e in exc.errors())  # type: ignore[arg-type]
+        raise ConfigError(f"{path}: {problems}") from exc
+
+
+def profiles_dir() -> Path:
+    """The repository's ``hsm_profiles/`` folder."""
+    return Path(__file__).resolve().parents[2] / "hsm_profiles"

@@ -1,0 +1,363 @@
+"""The signer worker: a spawned process that owns one PKCS#11 session.
+
+python-pkcs11 initialises the module without locking flags, so a directly loaded SoftHSM2 does no
+locking: two threads in one process calling it at once crash the process. Each worker therefore
+calls PKCS#11 from its main thread only, and the gateway scales by starting several workers
+(spawned, never forked after the library is loaded). A worker keeps its logged-in session and a
+cache of key handles for its whole life; a per-request session and login would cost ~20×.
+
+This module runs inside the worker and imports nothing of the gateway's HTTP or store layers.
+
+Wire format (``multiprocessing.Connection`` pickles): the parent sends a list of jobs, the worker
+answers with a list of results in the same order. A job is a tuple whose first item names it:
+
+- ``("sign", key_id, algorithm, [data, ...])`` → list of signatures (raw r‖s or Ed25519 bytes)
+- ``("generate", key_id, label, algorithm)`` → public key bytes (EC point / Ed25519 key)
+- ``("public_key", key_id, algorithm)`` → public key bytes
+- ``("attributes", key_id)`` → dict of the private key's protection attributes
+- ``("ping",)`` → ``True`` once the session works (recovering it if needed)
+
+A result is ``(True, value)`` or ``(False, kind, message)`` with ``kind`` one of
+``unavailable`` (retry later), ``not_found``, ``ambiguous``, ``login`` (wrong PIN: never retried),
+``error`` (the HSM refused: bad mechanism, bad data).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from multiprocessing.connection import Connection
+from typing import Any
+
+#: Exceptions after which the session or module must be rebuilt. Names, because pkcs11 is
+#: imported only inside the worker process.
+RECOVERABLE = frozenset(
+    {
+        "SessionHandleInvalid",
+        "SessionClosed",
+        "DeviceError",
+        "DeviceRemoved",
+        "DeviceMemory",
+        "TokenNotPresent",
+        "TokenNotRecognised",
+        "ObjectHandleInvalid",
+        "KeyHandleInvalid",
+        "GeneralError",
+        "UserNotLoggedIn",
+        "NoSuchToken",
+        "SlotIDInvalid",
+        "FunctionFailed",
+        "CryptokiNotInitialized",
+        "PKCS11Error",
+    }
+)
+#: Never retried: a retry with a wrong PIN could lock the token.
+LOGIN_ERRORS = frozenset({"PinIncorrect", "PinInvalid", "PinLenRange", "PinLocked", "PinExpired"})
+
+
+@dataclass(frozen=True)
+class AlgorithmSpec:
+    """What the worker needs to know of one algorithm (from the profile)."""
+
+    key_type: int
+    curve_oid: str
+    mechanism: int
+    der_signatures: bool
+
+
+@dataclass(frozen=True)
+class WorkerConfig:
+    """Everything a worker needs; sent through the spawn pipe, never on a command line."""
+
+    module_path: str
+    token_label: str
+    pin: str = field(repr=False)
+    algorithms: dict[str, AlgorithmSpec]
+    private_template: dict[str, bool]
+    public_template: dict[str, bool]
+    min_recovery_interval: float = 0.25
+    max_recovery_interval: float = 2.0
+
+
+class _Failure(Exception):
+    def __init__(self, kind: str, message: str) -> None:
+        super().__init__(message)
+        self.kind = kind
+
+
+class Worker:
+    """One PKCS#11 session and its key-handle cache, driven from a single thread."""
+
+    def __init__(self, config: WorkerConfig) -> None:
+        import pkcs11
+
+        self._pkcs11 = pkcs11
+        self.config = config
+        self.lib: Any = None
+        self.session: Any = None
+        self.keys: dict[str, Any] = {}
+        self.next_recovery = 0.0
+        self.recovery_interval = config.min_recovery_interval
+
+    # --- session life -----------------------------------------------------------------------
+
+    def open(self) -> None:
+        """Load the module, find the token by label and log in.
+
+        Raises:
+            _Failure: ``login`` for a rejected PIN, ``unavailable`` when the token cannot be reached.
+        """
+        pkcs11 = self._pkcs11
+        try:
+            if self.lib is None:
+                self.lib = pkcs11.lib(self.config.module_path)
+            else:
+                self.lib.reinitialize()
+            token = self.lib.get_token(token_label=self.config.token_label)
+            self.session = token.open(user_pin=self.config.pin, rw=True)
+        except pkcs11.exceptions.PKCS11Error as exc:
+            self.session = None
+            raise self._classify(exc) from None
+        except RuntimeError as exc:  # module cannot be loaded
+            raise _Failure("unavailable", f"cannot load PKCS#11 module: {exc}") from None
+        self.keys.clear()
+        self.recovery_interval = self.config.min_recovery_interval
+
+    def recover(self) -> None:
+        """Drop the session and module state and open again, at a bounded rate."""
+        now = time.monotonic()
+        if now < self.next_recovery:
+            raise _Failure("unavailable", "HSM unavailable; recovery is under way")
+        self.next_recovery = now + self.recovery_interval
+        self.recovery_interval = min(self.recovery_interval * 2, self.config.max_recovery_interval)
+        self.keys.clear()
+        if self.session is not None:
+            try:
+                self.session.close()
+            except Exception:  # noqa: S110 - the session is being thrown away whatever happens
+                pass
+            self.session = None
+        self.open()
+
+    def _classify(self, exc: BaseException) -> _Failure:
+        name = type(exc).__name__
+        if name in LOGIN_ERRORS:
+            return _Failure("login", f"token rejected the PIN ({name})")
+        if name == "UserAlreadyLoggedIn":
+            return _Failure("unavailable", name)
+        if name in RECOVERABLE:
+            return _Failure("unavailable", f"HSM unavailable ({name})")
+        return _Failure("error", f"HSM refused the operation ({name}: {exc})")
+
+    def _with_recovery(self, operation: Any, retry: bool) -> Any:
+        """Run ``operation``; after a recoverable error rebuild the session and (if ``retry``) run once more."""
+        pkcs11 = self._pkcs11
+        if self.session is None:
+            self.recover()
+        try:
+            return operation()
+        except pkcs11.exceptions.PKCS11Error as exc:
+            failure = self._classify(exc)
+            if failure.kind != "unavailable":
+                raise failure from None
+            self.next_recovery = 0.0  # the first attempt after a failure is immediate
+            try:
+                self.recover()
+            except _Failure:
+                raise failure from None
+            if not retry:
+                raise failure from None
+            try:
+                return operation()
+            except pkcs11.exceptions.PKCS11Error as again:
+                self.session = None
+                raise self._classify(again) from None
+
+    # --- key handles ------------------------------------------------------------------------
+
+    def _private_key(self, key_id: str) -> Any:
+        cached = self.keys.get(key_id)
+        if cached is not None:
+            return cached
+        pkcs11 = self._pkcs11
+        found = list(
+            self.session.get_objects(
+                {
+                    pkcs11.Attribute.CLASS: pkcs11.ObjectClass.PRIVATE_KEY,
+                    pkcs11.Attribute.ID: bytes.fromhex(key_id),
+                }
+            )
+        )
+        if not found:
+            raise _Failure("not_found", f"no private key with id {key_id} in the token")
+        if len(found) > 1:
+            raise _Failure("ambiguous", f"{len(found)} private keys have id {key_id}; refusing to guess")
+        self.keys[key_id] = found[0]
+        return found[0]
+
+    def _public_point(self, key_id: str) -> bytes:
+        pkcs11 = self._pkcs11
+        found = list(
+            self.session.get_objects(
+                {
+                    pkcs11.Attribute.CLASS: pkcs11.ObjectClass.PUBLIC_KEY,
+                    pkcs11.Attribute.ID: bytes.fromhex(key_id),
+                }
+            )
+        )
+        if len(found) != 1:
+            raise _Failure("not_found" if not found else "ambiguous", f"public key {key_id}: {len(found)} objects")
+        return _unwrap_octet_string(bytes(found[0][pkcs11.Attribute.EC_POINT]))
+
+    # --- operations -------------------------------------------------------------------------
+
+    def sign(self, key_id: str, algorithm: str, items: list[bytes]) -> list[bytes]:
+        spec = self._spec(algorithm)
+        mechanism = self._mechanism(spec.mechanism)
+
+        def run() -> list[bytes]:
+            key = self._private_key(key_id)
+            signatures = [key.sign(item, mechanism=mechanism) for item in items]
+            if spec.der_signatures:
+                from pkcs11.util.ec import decode_ecdsa_signature
+
+                return [decode_ecdsa_signature(sig) for sig in signatures]
+            return [bytes(sig) for sig in signatures]
+
+        result: list[bytes] = self._with_recovery(run, retry=True)
+        return result
+
+    def generate(self, key_id: str, label: str, algorithm: str) -> bytes:
+        pkcs11 = self._pkcs11
+        from pkcs11.util.ec import encode_named_curve_parameters
+
+        spec = self._spec(algorithm)
+
+        def run() -> bytes:
+            existing = list(self.session.get_objects({pkcs11.Attribute.ID: bytes.fromhex(key_id)}))
+            if existing:
+                raise _Failure("ambiguous", f"objects with id {key_id} exist already")
+            params = self.session.create_domain_parameters(
+                pkcs11.KeyType(spec.key_type) if spec.key_type < 0x80000000 else spec.key_type,
+                {pkcs11.Attribute.EC_PARAMS: encode_named_curve_parameters(spec.curve_oid)},
+                local=True,
+            )
+            public, _private = params.generate_keypair(
+                store=True,
+                label=label,
+                id=bytes.fromhex(key_id),
+                public_template=_template(pkcs11, self.config.public_template),
+                private_template=_template(pkcs11, self.config.private_template),
+            )
+            return _unwrap_octet_string(bytes(public[pkcs11.Attribute.EC_POINT]))
+
+        result: bytes = self._with_recovery(run, retry=False)
+        return result
+
+    def public_key(self, key_id: str) -> bytes:
+        result: bytes = self._with_recovery(lambda: self._public_point(key_id), retry=True)
+        return result
+
+    def attributes(self, key_id: str) -> dict[str, bool]:
+        pkcs11 = self._pkcs11
+        names = ("SENSITIVE", "EXTRACTABLE", "ALWAYS_SENSITIVE", "NEVER_EXTRACTABLE", "TOKEN", "PRIVATE")
+
+        def run() -> dict[str, bool]:
+            key = self._private_key(key_id)
+            return {name.lower(): bool(key[getattr(pkcs11.Attribute, name)]) for name in names}
+
+        result: dict[str, bool] = self._with_recovery(run, retry=True)
+        return result
+
+    def ping(self) -> bool:
+        """Prove the session works: touches the token, so a vanished token or device shows up."""
+        pkcs11 = self._pkcs11
+
+        def run() -> bool:
+            self.session.generate_random(64)
+            # A find over the private keys reaches the token's object store, not just the RNG.
+            next(iter(self.session.get_objects({pkcs11.Attribute.CLASS: pkcs11.ObjectClass.SECRET_KEY})), None)
+            return True
+
+        result: bool = self._with_recovery(run, retry=True)
+        return result
+
+    def _spec(self, algorithm: str) -> AlgorithmSpec:
+        try:
+            return self.config.algorithms[algorithm]
+        except KeyError:
+            raise _Failure("error", f"the HSM profile does not support {algorithm}") from None
+
+    def _mechanism(self, value: int) -> Any:
+        try:
+            return self._pkcs11.Mechanism(value)
+        except ValueError:  # vendor-defined mechanism: python-pkcs11 passes the number through
+            return value
+
+    # --- dispatch ---------------------------------------------------------------------------
+
+    def handle(self, job: tuple[Any, ...]) -> tuple[Any, ...]:
+        try:
+            match job:
+                case ("sign", key_id, algorithm, items):
+                    return (True, self.sign(key_id, algorithm, items))
+                case ("generate", key_id, label, algorithm):
+                    return (True, self.generate(key_id, label, algorithm))
+                case ("public_key", key_id, _algorithm):
+                    return (True, self.public_key(key_id))
+                case ("attributes", key_id):
+                    return (True, self.attributes(key_id))
+                case ("ping",):
+                    return (True, self.ping())
+                case _:
+                    return (False, "error", f"unknown job {job[0]!r}")
+        except _Failure as failure:
+            return (False, failure.kind, str(failure))
+        except Exception as exc:  # a worker must answer every job, whatever breaks
+            return (False, "error", f"{type(exc).__name__}: {exc}")
+
+
+def _template(pkcs11: Any, attributes: dict[str, bool]) -> dict[Any, bool]:
+    return {getattr(pkcs11.Attribute, name.upper()): value for name, value in attributes.items()}
+
+
+def _unwrap_octet_string(point: bytes) -> bytes:
+    """CKA_EC_POINT is usually DER OCTET STRING-wrapped (SoftHSM does); return the bare point."""
+    if len(point) >= 2 and point[0] == 0x04:
+        length = point[1]
+        # A bare uncompressed point starts with 0x04 too; only a length byte that covers the
+        # rest exactly *and* is the size of a real point (Ed25519 32, compressed 33, P-256 65)
+        # marks the DER wrapping.
+        if length == len(point) - 2 and length in (32, 33, 65):
+            return point[2:]
+        if length == 0x81 and len(point) > 3 and point[2] == len(point) - 3:
+            return point[3:]
+    return point
+
+
+def worker_main(conn: Connection, config: WorkerConfig) -> None:
+    """Entry point of a spawned worker: log in, say ready, then answer batches until EOF."""
+    try:
+        worker = Worker(config)
+    except Exception as exc:
+        conn.send(("fatal", "unavailable", f"cannot start the PKCS#11 worker: {exc}"))
+        return
+    try:
+        worker.open()
+        conn.send(("ready", None, ""))
+    except _Failure as failure:
+        if failure.kind == "login":
+            conn.send(("fatal", failure.kind, str(failure)))
+            return
+        # The HSM is down at start: serve anyway and recover when it returns.
+        conn.send(("ready", failure.kind, str(failure)))
+    while True:
+        try:
+            jobs = conn.recv()
+        except (EOFError, OSError):
+            return
+        results = [worker.handle(job) for job in jobs]
+        try:
+            conn.send(results)
+        except (BrokenPipeError, OSError):
+            return

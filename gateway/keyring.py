@@ -1,0 +1,249 @@
+"""Key records: what the gateway knows of each HSM key (id, label, algorithm, usages, public key).
+
+The private key lives only in the token, found by CKA_ID = the key id's bytes. The record here
+decides what a key may be used for; a request whose operation is not among the key's usages is
+refused (403) before the HSM is asked.
+"""
+
+from __future__ import annotations
+
+import secrets
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import Any
+
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519, utils
+from eth_utils import keccak, to_checksum_address
+
+from gateway import clock
+from gateway.errors import AlreadyExists, KeyNotFound, KeyUsageNotAllowed, ValidationFailed
+from gateway.hsm.profile import Algorithm
+from gateway.ledger.store import Tx
+
+
+class Usage(StrEnum):
+    ECNY = "ecny"
+    VOUCHER = "voucher"
+    EVM = "evm"
+    AUDIT = "audit"
+    RAW = "raw"
+
+
+#: Algorithms the gateway can generate and use (SM2 only on a GM HSM profile that lists it).
+GENERATABLE = (Algorithm.ECDSA_P256, Algorithm.ECDSA_SECP256K1, Algorithm.ED25519, Algorithm.SM2)
+
+#: Usages that make sense per algorithm: EVM needs secp256k1; COSE signing needs P-256, Ed25519 or SM2.
+_USAGES: dict[Algorithm, frozenset[Usage]] = {
+    Algorithm.ECDSA_P256: frozenset({Usage.ECNY, Usage.VOUCHER, Usage.AUDIT, Usage.RAW}),
+    Algorithm.ED25519: frozenset({Usage.ECNY, Usage.VOUCHER, Usage.AUDIT, Usage.RAW}),
+    Algorithm.SM2: frozenset({Usage.ECNY, Usage.VOUCHER, Usage.AUDIT, Usage.RAW}),
+    Algorithm.ECDSA_SECP256K1: frozenset({Usage.EVM, Usage.RAW}),
+}
+
+
+@dataclass(frozen=True)
+class KeyRecord:
+    key_id: str
+    label: str
+    algorithm: Algorithm
+    usages: frozenset[Usage]
+    public_key: bytes
+    created_at: str
+    created_by: str
+
+    def require(self, usage: Usage) -> None:
+        """Raises KeyUsageNotAllowed unless the key has ``usage``."""
+        if usage not in self.usages:
+            raise KeyUsageNotAllowed(
+                f"key {self.key_id} has usages {sorted(self.usages)}; this operation needs {usage.value!r}"
+            )
+
+    def document(self) -> dict[str, Any]:
+        """The key document of the HTTP API."""
+        doc: dict[str, Any] = {
+            "key_id": self.key_id,
+            "label": self.label,
+            "algorithm": self.algorithm.value,
+            "usage": sorted(u.value for u in self.usages),
+            "public_key_pem": public_key_pem(self.algorithm, self.public_key),
+            "created_at": self.created_at,
+        }
+        if self.algorithm is Algorithm.ECDSA_SECP256K1:
+            doc["address"] = evm_address(self.public_key)
+        return doc
+
+
+def new_key_id() -> str:
+    return secrets.token_hex(16)
+
+
+def check_usages(algorithm: Algorithm, usages: frozenset[Usage]) -> None:
+    if not usages:
+        raise ValidationFailed("a key needs at least one usage")
+    unfit = usages - _USAGES[algorithm]
+    if unfit:
+        raise ValidationFailed(
+            f"usages {sorted(u.value for u in unfit)} do not fit a {algorithm.value} key "
+            f"(allowed: {sorted(u.value for u in _USAGES[algorithm])})"
+        )
+
+
+def _record(row: Any) -> KeyRecord:
+    return KeyRecord(
+        key_id=row["key_id"],
+        label=row["label"],
+        algorithm=Algorithm(row["algorithm"]),
+        usages=frozenset(Usage(u) for u in row["usages"].split(",") if u),
+        public_key=bytes(row["public_key"]),
+        created_at=row["created_at"],
+        created_by=row["created_by"],
+    )
+
+
+def insert_key(tx: Tx, record: KeyRecord) -> None:
+    if tx.fetchone("SELECT 1 FROM keys WHERE label = ?", (record.label,)):
+        raise AlreadyExists(f"a key labelled {record.label!r} exists")
+    tx.execute(
+        "INSERT INTO keys (key_id, label, algorithm, usages, public_key, created_at, created_by) "
+        "VALUES (?, ?, ?, ?, ?, ?, ?)",
+        (
+            record.key_id,
+            record.label,
+            record.algorithm.value,
+            ",".join(sorted(u.value for u in record.usages)),
+            record.public_key,
+            record.created_at,
+            record.created_by,
+        ),
+    )
+
+
+def label_taken(tx: Tx, label: str) -> bool:
+    return tx.fetchone("SELECT 1 FROM keys WHERE label = ?", (label,)) is not None
+
+
+def get_key(tx: Tx, key_id: str) -> KeyRecord:
+    row = tx.fetchone("SELECT * FROM keys WHERE key_id = ?", (key_id,))
+    if row is None:
+        raise KeyNotFound(f"no key {key_id}")
+    return _record(row)
+
+
+def list_keys(tx: Tx) -> list[KeyRecord]:
+    return [_record(row) for row in tx.fetchall("SELECT * FROM keys ORDER BY created_at, key_id")]
+
+
+def keys_with_usage(tx: Tx, usage: Usage) -> list[KeyRecord]:
+    return [key for key in list_keys(tx) if usage in key.usages]
+
+
+def make_record(
+    key_id: str, label: str, algorithm: Algorithm, usages: frozenset[Usage], public_key: bytes, actor: str
+) -> KeyRecord:
+    return KeyRecord(key_id, label, algorithm, usages, public_key, clock.now_iso(), actor)
+
+
+# --- public keys and signatures (verification uses `cryptography`, never the HSM) --------------
+
+
+def _cryptography_key(algorithm: Algorithm, public_key: bytes) -> Any:
+    if algorithm is Algorithm.ED25519:
+        return ed25519.Ed25519PublicKey.from_public_bytes(public_key)
+    if algorithm is Algorithm.ECDSA_P256:
+        return ec.EllipticCurvePublicKey.from_encoded_point(ec.SECP256R1(), public_key)
+    if algorithm is Algorithm.ECDSA_SECP256K1:
+        return ec.EllipticCurvePublicKey.from_encoded_point(ec.SECP256K1(), public_key)
+    return None
+
+
+def public_key_pem(algorithm: Algorithm, public_key: bytes) -> str:
+    """SubjectPublicKeyInfo PEM; for SM2 (no support in `cryptography`) a hex point in a PEM-like block."""
+    key = _cryptography_key(algorithm, public_key)
+    if key is None:
+        body = public_key.hex()
+        return f"-----BEGIN SM2 PUBLIC KEY POINT-----\n{body}\n-----END SM2 PUBLIC KEY POINT-----\n"
+    pem: bytes = key.public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+    return pem.decode()
+
+
+def evm_address(public_key: bytes) -> str:
+    """EIP-55 address of an uncompressed secp256k1 point."""
+    return str(to_checksum_address(keccak(public_key[1:])[-20:]))
+
+
+def der_from_raw(signature: bytes) -> bytes:
+    half = len(signature) // 2
+    return bytes(utils.encode_dss_signature(int.from_bytes(signature[:half], "big"), int.from_bytes(signature[half:], "big")))
+
+
+def verify(algorithm: Algorithm, public_key: bytes, data: bytes, signature: bytes) -> bool:
+    """Verify what the HSM produced: ``data`` is the digest for ECDSA, the message for Ed25519.
+
+    Returns False (never raises) for a bad signature; SM2 cannot be verified here and returns False.
+    """
+    key = _cryptography_key(algorithm, public_key)
+    try:
+        if algorithm is Algorithm.ED25519:
+            key.verify(signature, data)
+        elif key is not None:
+            key.verify(der_from_raw(signature), data, ec.ECDSA(utils.Prehashed(_prehash_algorithm(len(data)))))
+        else:
+            return False
+    except (InvalidSignature, ValueError):
+        return False
+    return True
+
+
+def _prehash_algorithm(size: int) -> hashes.HashAlgorithm:
+    return {32: hashes.SHA256(), 48: hashes.SHA384(), 64: hashes.SHA512()}.get(size, hashes.SHA256())
+
+
+def signing_input(algorithm: Algorithm, message: bytes) -> bytes:
+    """What to hand the HSM to sign ``message`` the COSE/audit way: SHA-256 digest for ECDSA P-256,
+    the message itself for Ed25519 and SM2-with-SM3 (the HSM hashes)."""
+    if algorithm is Algorithm.ECDSA_P256:
+        import hashlib
+
+        return hashlib.sha256(message).digest()
+    if algorithm is Algorithm.ECDSA_SECP256K1:
+        return bytes(keccak(message))
+    return message
+
+
+class KeyDirectory:
+    """Key records cached in memory. Records never change once written (no endpoint edits or deletes
+    them), so a record read once stays true; only misses reach the store."""
+
+    def __init__(self) -> None:
+        self._records: dict[str, KeyRecord] = {}
+
+    async def get(self, database: Any, key_id: str) -> KeyRecord:
+        """The record of ``key_id``. Raises KeyNotFound."""
+        record = self._records.get(key_id)
+        if record is None:
+            record = await database.read(lambda tx: get_key(tx, key_id))
+            self._records[key_id] = record
+        return record
+
+
+def pinned_public_key(spec: str) -> tuple[str, bytes]:
+    """Parse ``KEY_ID=PEM_FILE`` into (key id, public key bytes as stored in the key table).
+
+    Raises:
+        ValidationFailed: malformed spec, unreadable file or unsupported key.
+    """
+    key_id, sep, path = spec.partition("=")
+    if not sep:
+        raise ValidationFailed(f"--public-key {spec!r}: write KEY_ID=PEM_FILE")
+    try:
+        with open(path, "rb") as handle:
+            key = serialization.load_pem_public_key(handle.read())
+    except (OSError, ValueError) as exc:
+        raise ValidationFailed(f"--public-key {path}: {exc}") from exc
+    if isinstance(key, ed25519.Ed25519PublicKey):
+        return key_id, key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+    if isinstance(key, ec.EllipticCurvePublicKey):
+        return key_id, key.public_bytes(serialization.Encoding.X962, serialization.PublicFormat.UncompressedPoint)
+    raise ValidationFailed(f"--public-key {path}: not an EC or Ed25519 public key")

@@ -1,0 +1,50 @@
+"""Numbered SQL migrations, one folder per dialect (``migrations/sqlite``, ``migrations/postgresql``)."""
+
+from __future__ import annotations
+
+from importlib import resources
+from typing import Any
+
+from gateway.clock import now_iso
+
+
+def migration_files(dialect: str) -> list[tuple[str, str]]:
+    """The numbered migrations of one dialect, in order: (name, SQL)."""
+    folder = resources.files("gateway.ledger") / "migrations" / dialect
+    files = sorted(item for item in folder.iterdir() if item.name.endswith(".sql"))
+    return [(item.name.removesuffix(".sql"), item.read_text(encoding="utf-8")) for item in files]
+
+
+def apply_migrations(tx: Any, dialect: str) -> list[str]:
+    """Apply, inside ``tx``, the migrations not recorded in ``schema_migrations``."""
+    tx.lock("schema-migrations")
+    tx.execute("CREATE TABLE IF NOT EXISTS schema_migrations (name TEXT PRIMARY KEY, applied_at TEXT NOT NULL)")
+    done = {row["name"] for row in tx.fetchall("SELECT name FROM schema_migrations")}
+    applied = []
+    for name, sql in migration_files(dialect):
+        if name in done:
+            continue
+        for statement in _statements(sql):
+            tx.execute(statement)
+        tx.execute(
+            "INSERT INTO schema_migrations (name, applied_at) VALUES (?, ?)", (name, now_iso())
+        )
+        applied.append(name)
+    return applied
+
+
+def _statements(sql: str) -> list[str]:
+    """Split a migration into statements (``;`` at a line end; no procedural bodies are used)."""
+    parts, current = [], []
+    for line in sql.splitlines():
+        if line.strip().startswith("--"):
+            continue
+        current.append(line)
+        if line.rstrip().endswith(";"):
+            parts.append("\n".join(current).strip().rstrip(";"))
+            current = []
+    if "".join(current).strip():
+        parts.append("\n".join(current).strip())
+    return [p for p in parts if p]
+
+

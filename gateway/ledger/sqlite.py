@@ -1,0 +1,164 @@
+"""SQLite store: the embedded default (``sqlite:///var/gateway.db``).
+
+One writer connection on its own thread, so write transactions are serial inside the process and
+``BEGIN IMMEDIATE`` (with a busy timeout) serialises them with other processes on the same file.
+Reads go to a second connection on a second thread; WAL mode lets them run beside the writer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, TypeVar
+
+from gateway.errors import AlreadyExists, ConfigError, GatewayError, StoreUnavailable
+from gateway.ledger.migrate import apply_migrations
+from gateway.ledger.store import Params, Row
+
+T = TypeVar("T")
+
+BUSY_TIMEOUT_MS = 10_000
+
+
+class SqliteTx:
+    """A transaction on one SQLite connection (see :class:`gateway.ledger.store.Tx`)."""
+
+    dialect = "sqlite"
+
+    def __init__(self, connection: sqlite3.Connection) -> None:
+        self._connection = connection
+
+    def execute(self, sql: str, params: Params = ()) -> int:
+        try:
+            return self._connection.execute(sql, params).rowcount
+        except sqlite3.IntegrityError as exc:
+            raise AlreadyExists(_integrity_detail(exc)) from exc
+        except sqlite3.OperationalError as exc:
+            raise StoreUnavailable(f"SQLite: {exc}") from exc
+
+    def fetchone(self, sql: str, params: Params = ()) -> Row | None:
+        try:
+            row: sqlite3.Row | None = self._connection.execute(sql, params).fetchone()
+        except sqlite3.OperationalError as exc:
+            raise StoreUnavailable(f"SQLite: {exc}") from exc
+        return row  # type: ignore[return-value]
+
+    def fetchall(self, sql: str, params: Params = ()) -> list[Row]:
+        try:
+            rows: list[Any] = self._connection.execute(sql, params).fetchall()
+        except sqlite3.OperationalError as exc:
+            raise StoreUnavailable(f"SQLite: {exc}") from exc
+        return rows
+
+    def lock(self, name: str) -> None:
+        """Nothing to do: a ``BEGIN IMMEDIATE`` transaction holds the database's write lock."""
+
+
+def _integrity_detail(exc: sqlite3.IntegrityError) -> str:
+    text = str(exc)
+    if text.startswith("UNIQUE constraint failed: "):
+        return "already exists: " + text.removeprefix("UNIQUE constraint failed: ")
+    return text
+
+
+def _connect(path: str) -> sqlite3.Connection:
+    connection = sqlite3.connect(
+        path, isolation_level=None, check_same_thread=False, timeout=BUSY_TIMEOUT_MS / 1000
+    )
+    connection.row_factory = sqlite3.Row
+    connection.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+    connection.execute("PRAGMA journal_mode = WAL")
+    connection.execute("PRAGMA synchronous = NORMAL")
+    connection.execute("PRAGMA foreign_keys = ON")
+    return connection
+
+
+class SqliteDatabase:
+    """:class:`gateway.ledger.store.Database` over one SQLite file."""
+
+    def __init__(self, dsn: str, path: str) -> None:
+        self.dsn = dsn
+        self.path = path
+        self._writer_thread = ThreadPoolExecutor(1, thread_name_prefix="sqlite-writer")
+        self._reader_thread = ThreadPoolExecutor(1, thread_name_prefix="sqlite-reader")
+        self._writer: sqlite3.Connection | None = None
+        self._reader: sqlite3.Connection | None = None
+
+    @classmethod
+    async def open(cls, dsn: str) -> SqliteDatabase:
+        # As SQLAlchemy reads them: sqlite:///var/gateway.db is relative, sqlite:////srv/g.db absolute.
+        if not dsn.startswith("sqlite:///"):
+            raise ConfigError(f"store DSN {dsn!r}: write sqlite:///relative/path or sqlite:////absolute/path")
+        path = dsn.removeprefix("sqlite:///")
+        if path != ":memory:":
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+        database = cls(dsn, path)
+        loop = asyncio.get_running_loop()
+        try:
+            database._writer = await loop.run_in_executor(database._writer_thread, _connect, path)
+            database._reader = await loop.run_in_executor(database._reader_thread, _connect, path)
+        except sqlite3.Error as exc:
+            raise StoreUnavailable(f"cannot open SQLite database {path}: {exc}") from exc
+        return database
+
+    def _run_write(self, fn: Callable[[SqliteTx], T]) -> T:
+        assert self._writer is not None
+        connection = self._writer
+        try:
+            connection.execute("BEGIN IMMEDIATE")
+        except sqlite3.OperationalError as exc:
+            raise StoreUnavailable(f"SQLite: {exc}") from exc
+        try:
+            result = fn(SqliteTx(connection))
+            connection.execute("COMMIT")
+            return result
+        except BaseException:
+            if connection.in_transaction:
+                connection.execute("ROLLBACK")
+            raise
+
+    def _run_read(self, fn: Callable[[SqliteTx], T]) -> T:
+        assert self._reader is not None
+        connection = self._reader
+        connection.execute("BEGIN")
+        try:
+            return fn(SqliteTx(connection))
+        finally:
+            if connection.in_transaction:
+                connection.execute("ROLLBACK")
+
+    async def write(self, fn: Callable[[Any], T]) -> T:
+        return await self._call(self._writer_thread, self._run_write, fn)
+
+    async def read(self, fn: Callable[[Any], T]) -> T:
+        return await self._call(self._reader_thread, self._run_read, fn)
+
+    async def _call(self, executor: ThreadPoolExecutor, runner: Callable[[Any], T], fn: Callable[[Any], T]) -> T:
+        loop = asyncio.get_running_loop()
+        try:
+            return await loop.run_in_executor(executor, runner, fn)
+        except GatewayError:
+            raise
+        except sqlite3.Error as exc:
+            raise StoreUnavailable(f"SQLite: {exc}") from exc
+
+    async def migrate(self) -> list[str]:
+        return await self.write(lambda tx: apply_migrations(tx, "sqlite"))
+
+    async def ping(self) -> bool:
+        try:
+            await self.read(lambda tx: tx.fetchone("SELECT 1"))
+        except GatewayError:
+            return False
+        return True
+
+    async def close(self) -> None:
+        loop = asyncio.get_running_loop()
+        for executor, connection in ((self._writer_thread, self._writer), (self._reader_thread, self._reader)):
+            if connection is not None:
+                await loop.run_in_executor(executor, connection.close)
+            executor.shutdown(wait=True)
+        self._writer = self._reader = None

@@ -1,0 +1,104 @@
+"""The store protocol: transactions over SQLite or PostgreSQL.
+
+Everything the gateway records — keys, clients, users, sessions, idempotency records, the audit
+chain (and, later, the ledger) — is written by plain functions that take a :class:`Tx`. A
+function runs inside one transaction: the check and the record it allows commit together or not
+at all. SQL is written once with ``?`` placeholders in the subset both engines share; each
+implementation adapts placeholders and supplies its own locking.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, Protocol, TypeVar
+
+T = TypeVar("T")
+
+Row = Mapping[str, Any]
+Params = Sequence[Any]
+
+
+class Tx(Protocol):
+    """One open transaction."""
+
+    dialect: str
+    """``sqlite`` or ``postgresql``: for the rare statement that differs."""
+
+    def execute(self, sql: str, params: Params = ()) -> int:
+        """Run a statement. Returns the number of rows it changed.
+
+        Raises:
+            AlreadyExists: a unique constraint was violated.
+            StoreUnavailable: the database is unreachable or locked for too long.
+        """
+        ...
+
+    def fetchone(self, sql: str, params: Params = ()) -> Row | None:
+        """Run a query and return its first row, or None."""
+        ...
+
+    def fetchall(self, sql: str, params: Params = ()) -> list[Row]:
+        """Run a query and return every row."""
+        ...
+
+    def lock(self, name: str) -> None:
+        """Serialise this transaction with every other one that locks ``name``, until commit.
+
+        SQLite write transactions are serial already (``BEGIN IMMEDIATE``); PostgreSQL takes
+        ``pg_advisory_xact_lock``.
+        """
+        ...
+
+
+class Database(Protocol):
+    """A connection pool that runs functions in transactions off the event loop."""
+
+    dsn: str
+
+    async def write(self, fn: Callable[[Tx], T]) -> T:
+        """Run ``fn`` in a read-write transaction and commit; roll back if it raises.
+
+        Raises:
+            StoreUnavailable: the database cannot be reached or stays locked.
+            GatewayError: whatever ``fn`` raises, after rollback.
+        """
+        ...
+
+    async def read(self, fn: Callable[[Tx], T]) -> T:
+        """Run ``fn`` in a read-only transaction (a consistent snapshot)."""
+        ...
+
+    async def migrate(self) -> list[str]:
+        """Apply the migrations not yet applied. Returns the names applied now."""
+        ...
+
+    async def ping(self) -> bool:
+        """True if a trivial query succeeds."""
+        ...
+
+    async def close(self) -> None:
+        """Close every connection."""
+        ...
+
+
+async def open_database(dsn: str) -> Database:
+    """Open the store a DSN names: ``sqlite:///path`` or ``postgresql://…``.
+
+    Raises:
+        ConfigError: an unknown scheme.
+        StoreUnavailable: the database cannot be opened.
+    """
+    from gateway.errors import ConfigError
+
+    if dsn.startswith("sqlite://"):
+        from gateway.ledger.sqlite import SqliteDatabase
+
+        return await SqliteDatabase.open(dsn)
+    if dsn.startswith(("postgresql://", "postgres://")):
+        try:
+            from gateway.ledger.postgres import PostgresDatabase  # type: ignore[import-not-found,unused-ignore]
+        except ImportError as exc:
+            raise ConfigError(f"PostgreSQL store not available: {exc}") from exc
+        database: Database = await PostgresDatabase.open(dsn)
+        return database
+    raise ConfigError(f"store.dsn {dsn!r}: use sqlite:///path or postgresql://...")

@@ -1,0 +1,33 @@
+"""What a running gateway holds: one instance per application, reached through ``app[SERVICES]``."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+from aiohttp import web
+
+from gateway.audit.chain import AuditLog
+from gateway.auth.credentials import Authenticator
+from gateway.config import Settings
+from gateway.hsm.profile import HsmProfile
+from gateway.hsm.signer import Signer
+from gateway.keyring import KeyDirectory
+from gateway.ledger.store import Database
+from gateway.metrics import Metrics
+
+
+@dataclass
+class Services:
+    settings: Settings
+    profile: HsmProfile
+    database: Database
+    signer: Signer
+    authenticator: Authenticator
+    audit: AuditLog
+    metrics: Metrics
+    keys: KeyDirectory = field(default_factory=KeyDirectory)
+    started_at: float = field(default_factory=time.monotonic)
+
+
+SERVICES = web.AppKey("services", Services)

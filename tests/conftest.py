@@ -1,0 +1,146 @@
+"""Shared fixtures: a real SoftHSM2 token made by the tests, and a running gateway on top of it.
+
+The token comes from ``softhsm/init-token.sh`` — the same script ``make run`` uses. Signer
+workers are spawned processes; they inherit ``SOFTHSM2_CONF`` from this process's environment.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import pytest_asyncio
+from aiohttp.test_utils import TestClient, TestServer
+from argon2 import PasswordHasher
+from pydantic import SecretStr
+
+from gateway.app import make_app
+from gateway.audit.chain import AuditEntry, append
+from gateway.auth.credentials import add_client, add_user
+from gateway.auth.roles import Role
+from gateway.config import Settings, load_settings
+from gateway.ledger.store import open_database
+
+ROOT = Path(__file__).resolve().parents[1]
+TOKEN_LABEL = "ecny-test"
+
+
+@dataclass(frozen=True)
+class Token:
+    directory: Path
+    conf: Path
+    label: str
+    pin: str
+
+
+@pytest.fixture(scope="session")
+def softhsm_token(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Token]:
+    directory = tmp_path_factory.mktemp("softhsm")
+    conf = subprocess.run(
+        [str(ROOT / "softhsm" / "init-token.sh"), str(directory), TOKEN_LABEL],
+        check=True, capture_output=True, text=True,
+    ).stdout.strip()
+    previous = os.environ.get("SOFTHSM2_CONF")
+    os.environ["SOFTHSM2_CONF"] = conf
+    yield Token(directory, Path(conf), TOKEN_LABEL, (directory / "user-pin").read_text().strip())
+    if previous is None:
+        os.environ.pop("SOFTHSM2_CONF", None)
+    else:
+        os.environ["SOFTHSM2_CONF"] = previous
+
+
+def make_settings(token: Token, dsn: str, **sections: dict[str, Any]) -> Settings:
+    settings = load_settings(None, environ={})
+    settings.hsm.token_label = token.label
+    settings.hsm.pin = SecretStr(token.pin)
+    settings.hsm.workers = 2
+    settings.store.dsn = dsn
+    settings.audit.checkpoint_every = 10
+    settings.auth.credential_cache_seconds = 0.0
+    for section, values in sections.items():
+        for key, value in values.items():
+            setattr(getattr(settings, section), key, value)
+    return settings
+
+
+@dataclass
+class Gateway:
+    client: TestClient[Any, Any]
+    settings: Settings
+    headers: dict[Role, dict[str, str]]
+    passwords: dict[str, str]
+
+    def auth(self, role: Role) -> dict[str, str]:
+        return dict(self.headers[role])
+
+
+PASSWORDS = {"teller1": "teller-password-1", "supervisor1": "supervisor-password-1",
+             "auditor1": "auditor-password-1", "admin1": "admin-password-1"}
+
+
+async def provision(dsn: str) -> dict[str, str]:
+    """API clients for backend and admin; users for the other roles. Returns API keys by role."""
+    database = await open_database(dsn)
+    hasher = PasswordHasher()
+    try:
+        await database.migrate()
+
+        def work(tx: Any) -> dict[str, str]:
+            keys = {"backend": add_client(tx, "test-backend", Role.BACKEND),
+                    "admin": add_client(tx, "test-admin", Role.ADMIN)}
+            for username, role in (("teller1", Role.TELLER), ("supervisor1", Role.SUPERVISOR),
+                                   ("auditor1", Role.AUDITOR), ("admin1", Role.ADMIN)):
+                add_user(tx, hasher, username, role, PASSWORDS[username])
+            append(tx, [AuditEntry("test", "admin", "test.provision", "allowed")])
+            return keys
+
+        return await database.write(work)
+    finally:
+        await database.close()
+
+
+async def start_gateway(settings: Settings) -> Gateway:
+    keys = await provision(settings.store.dsn)
+    client: TestClient[Any, Any] = TestClient(TestServer(make_app(settings)))
+    await client.start_server()
+    headers = {Role.BACKEND: {"Authorization": f"Bearer {keys['backend']}"},
+               Role.ADMIN: {"Authorization": f"Bearer {keys['admin']}"}}
+    for username, role in (("teller1", Role.TELLER), ("supervisor1", Role.SUPERVISOR), ("auditor1", Role.AUDITOR)):
+        response = await client.post("/v1/sessions", json={"username": username, "password": PASSWORDS[username]})
+        assert response.status == 201, await response.text()
+        headers[role] = {"Authorization": f"Bearer {(await response.json())['token']}"}
+    return Gateway(client, settings, headers, PASSWORDS)
+
+
+@pytest_asyncio.fixture(scope="session")
+async def gateway(softhsm_token: Token, tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Gateway]:
+    """One gateway for the session (spawning signer workers costs ~0.5 s)."""
+    database = tmp_path_factory.mktemp("store") / "gateway.db"
+    started = await start_gateway(make_settings(softhsm_token, f"sqlite:///{database}"))
+    yield started
+    await started.client.close()
+
+
+@pytest_asyncio.fixture(scope="session")
+async def raw_keys(gateway: Gateway) -> dict[str, dict[str, Any]]:
+    """Keys made through the API: one per algorithm with usage raw, plus keys for other usages."""
+    specs = {
+        "p256": ("raw-p256", "ecdsa-p256", ["raw"]),
+        "k1": ("raw-k1", "ecdsa-secp256k1", ["raw"]),
+        "ed": ("raw-ed25519", "ed25519", ["raw"]),
+        "ecny": ("ecny-p256", "ecdsa-p256", ["ecny"]),
+        "audit": ("audit-p256", "ecdsa-p256", ["audit"]),
+    }
+    made = {}
+    for name, (label, algorithm, usage) in specs.items():
+        response = await gateway.client.post(
+            "/v1/keys", json={"label": label, "algorithm": algorithm, "usage": usage}, headers=gateway.auth(Role.ADMIN)
+        )
+        assert response.status == 201, await response.text()
+        made[name] = await response.json()
+    return made

@@ -48,7 +48,7 @@ def write_config(var: Path) -> Path:
         config.write_text(
             "# Development settings written by `ecny-gateway dev-init` (make run).\n"
             "[server]\nhost = \"127.0.0.1\"\nport = 8700\n\n"
-            f"[hsm]\nprofile = \"softhsm\"\ntoken_label = \"ecny-dev\"\npin_file = \"{var / 'hsm' / 'user-pin'}\"\n\n"
+            f"[hsm]\nprofile = \"softhsm\"\ntoken_label = \"ecny-dev\"\npin_file = \"{var / 'hsm' / 'ecny-dev.user-pin'}\"\n\n"
             f"[store]\ndsn = \"sqlite:///{var / 'gateway.db'}\"\n",
             encoding="utf-8",
         )

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Create a SoftHSM2 token in DIR: DIR/softhsm2.conf, DIR/tokens/, and a random user PIN in
-# DIR/user-pin (mode 0600). Idempotent: an existing token with LABEL is kept as it is.
+# Create a SoftHSM2 token in DIR: DIR/softhsm2.conf, DIR/tokens/, and random PINs in
+# DIR/LABEL.user-pin and DIR/LABEL.so-pin (mode 0600). Several tokens may share one DIR.
+# Idempotent: an existing token with LABEL is kept as it is.
 # The same steps serve `make run` (DIR=var/hsm) and the test suite (a temporary DIR).
 #   usage: softhsm/init-token.sh DIR [LABEL]
 # Prints the path of the config file; export SOFTHSM2_CONF=that before loading the module.
@@ -17,8 +18,8 @@ export SOFTHSM2_CONF="$conf"
 if ! softhsm2-util --show-slots 2>/dev/null | grep -q "Label:[[:space:]]*$label[[:space:]]*$"; then
   # Fresh random PINs, kept in files (mode 0600) and typed to softhsm2-util on a pseudo-terminal,
   # so that they never appear on a command line.
-  head -c 18 /dev/urandom | base64 | tr -d '/+=\n' | head -c 20 > "$dir/user-pin"
-  head -c 18 /dev/urandom | base64 | tr -d '/+=\n' | head -c 20 > "$dir/so-pin"
-  python3 "$here/init_token.py" "$label" "$dir/so-pin" "$dir/user-pin"
+  head -c 18 /dev/urandom | base64 | tr -d '/+=\n' | head -c 20 > "$dir/$label.user-pin"
+  head -c 18 /dev/urandom | base64 | tr -d '/+=\n' | head -c 20 > "$dir/$label.so-pin"
+  python3 "$here/init_token.py" "$label" "$dir/$label.so-pin" "$dir/$label.user-pin"
 fi
 echo "$conf"

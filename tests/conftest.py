@@ -47,7 +47,7 @@ def softhsm_token(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Token]:
     ).stdout.strip()
     previous = os.environ.get("SOFTHSM2_CONF")
     os.environ["SOFTHSM2_CONF"] = conf
-    yield Token(directory, Path(conf), TOKEN_LABEL, (directory / "user-pin").read_text().strip())
+    yield Token(directory, Path(conf), TOKEN_LABEL, (directory / f"{TOKEN_LABEL}.user-pin").read_text().strip())
     if previous is None:
         os.environ.pop("SOFTHSM2_CONF", None)
     else:

@@ -126,6 +126,7 @@ class AuditLog:
         self._flushing: asyncio.Task[None] | None = None
         self._checkpointing: asyncio.Task[None] | None = None
         self._checkpointed = 0
+        self._checkpoint_lock = asyncio.Lock()
         self._log = structlog.get_logger("gateway.audit")
 
     async def start(self) -> None:
@@ -189,7 +190,14 @@ class AuditLog:
 
     async def checkpoint(self) -> int | None:
         """Sign the current chain head with the audit key. Returns the checkpointed seq, or None
-        when there is nothing new to sign or no audit key exists yet."""
+        when there is nothing new to sign or no audit key exists yet.
+
+        Another instance on the same database may checkpoint the same head: the first row stays.
+        """
+        async with self._checkpoint_lock:
+            return await self._checkpoint()
+
+    async def _checkpoint(self) -> int | None:
         key = await self._audit_key()
         if key is None:
             return None
@@ -203,7 +211,7 @@ class AuditLog:
         def store(tx: Tx) -> None:
             tx.execute(
                 "INSERT INTO audit_checkpoints (seq, head_hash, key_id, algorithm, signature, ts) "
-                "VALUES (?, ?, ?, ?, ?, ?)",
+                "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (seq) DO NOTHING",
                 (seq, head_hash, key.key_id, key.algorithm.value, signature, clock.now_iso()),
             )
 

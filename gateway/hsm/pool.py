@@ -197,6 +197,10 @@ class SignerPool:
         result: dict[str, bool] = await self._submit(("attributes", key_id))
         return result
 
+    def worker_pids(self) -> list[int]:
+        """Process ids of the live workers (for operators' tools and fault tests)."""
+        return [w.process.pid for w in self._workers if w.alive]
+
     def health(self) -> HsmHealth:
         up = sum(1 for w in self._workers if w.up and w.alive)
         details = "; ".join(w.last_detail for w in self._workers if not (w.up and w.alive) and w.last_detail)

@@ -150,28 +150,34 @@ class Worker:
         return _Failure("error", f"HSM refused the operation ({name}: {exc})")
 
     def _with_recovery(self, operation: Any, retry: bool) -> Any:
-        """Run ``operation``; after a recoverable error rebuild the session and (if ``retry``) run once more."""
-        pkcs11 = self._pkcs11
+        """Run ``operation``; after a recoverable error rebuild the session and (if ``retry``) run once more.
+
+        A key the gateway knows but the token does not show counts as recoverable too: that is
+        how a token that went away (or came back from a backup) looks from inside a session.
+        """
         if self.session is None:
             self.recover()
         try:
             return operation()
-        except pkcs11.exceptions.PKCS11Error as exc:
-            failure = self._classify(exc)
-            if failure.kind != "unavailable":
+        except (self._pkcs11.exceptions.PKCS11Error, _Failure) as exc:
+            failure = exc if isinstance(exc, _Failure) else self._classify(exc)
+            if failure.kind not in ("unavailable", "missing"):
                 raise failure from None
-            self.next_recovery = 0.0  # the first attempt after a failure is immediate
-            try:
-                self.recover()
-            except _Failure:
-                raise failure from None
-            if not retry:
-                raise failure from None
-            try:
-                return operation()
-            except pkcs11.exceptions.PKCS11Error as again:
-                self.session = None
-                raise self._classify(again) from None
+        self.next_recovery = 0.0  # the first attempt after a failure is immediate
+        try:
+            self.recover()
+        except _Failure as again:
+            raise _Failure("unavailable", str(again) if failure.kind == "missing" else str(failure)) from None
+        if not retry:
+            raise _Failure("unavailable", str(failure))
+        try:
+            return operation()
+        except (self._pkcs11.exceptions.PKCS11Error, _Failure) as exc:
+            final = exc if isinstance(exc, _Failure) else self._classify(exc)
+            if final.kind in ("unavailable", "missing"):
+                self.session = None if final.kind == "unavailable" else self.session
+                raise _Failure("unavailable", str(final)) from None
+            raise final from None
 
     # --- key handles ------------------------------------------------------------------------
 
@@ -189,7 +195,7 @@ class Worker:
             )
         )
         if not found:
-            raise _Failure("not_found", f"no private key with id {key_id} in the token")
+            raise _Failure("missing", f"the token shows no private key with id {key_id}")
         if len(found) > 1:
             raise _Failure("ambiguous", f"{len(found)} private keys have id {key_id}; refusing to guess")
         self.keys[key_id] = found[0]

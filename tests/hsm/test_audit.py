@@ -1,0 +1,149 @@
+"""The audit chain and its HSM-signed checkpoints, checked offline by `ecny-gateway audit verify`
+on a copy of the live database — intact, then with one row changed, deleted or reordered, with the
+chain rewritten consistently, and with a forged checkpoint."""
+
+from __future__ import annotations
+
+import hashlib
+import sqlite3
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from gateway.audit.chain import GENESIS, entry_hash
+from gateway.auth.roles import Role
+from gateway.services import SERVICES
+from tests.conftest import Gateway
+
+pytestmark = pytest.mark.softhsm
+
+
+async def _activity(gateway: Gateway, raw_keys: dict[str, Any], count: int = 12) -> None:
+    for i in range(count):
+        response = await gateway.client.post(
+            f"/v1/keys/{raw_keys['p256']['key_id']}/sign", json={"digest": hashlib.sha256(bytes([i])).hexdigest()},
+            headers=gateway.auth(Role.BACKEND),
+        )
+        assert response.status == 200
+
+
+async def _snapshot(gateway: Gateway, raw_keys: dict[str, Any], target: Path) -> Path:
+    await _activity(gateway, raw_keys)
+    seq = await gateway.client.server.app[SERVICES].audit.checkpoint()
+    assert seq is None or seq > 0
+    await _activity(gateway, raw_keys, 3)  # a tail after the last checkpoint
+    source = sqlite3.connect(gateway.settings.store.dsn.removeprefix("sqlite:///"))
+    copy = sqlite3.connect(target)
+    source.backup(copy)
+    source.close()
+    copy.close()
+    return target
+
+
+def _verify(db: Path, *extra: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "gateway.cli", "audit", "verify", "--db", f"sqlite:///{db}", *extra],
+        capture_output=True, text=True, timeout=60,
+    )
+
+
+def _rows(db: Path) -> sqlite3.Connection:
+    connection = sqlite3.connect(db)
+    connection.row_factory = sqlite3.Row
+    return connection
+
+
+@pytest.fixture
+async def snapshot(gateway: Gateway, raw_keys: dict[str, Any], tmp_path: Path) -> Path:
+    return await _snapshot(gateway, raw_keys, tmp_path / "copy.db")
+
+
+async def test_api_verify_reports_intact_chain(gateway: Gateway, raw_keys: dict[str, Any]) -> None:
+    await _activity(gateway, raw_keys)
+    await gateway.client.server.app[SERVICES].audit.checkpoint()
+    response = await gateway.client.get("/v1/audit/verify", headers=gateway.auth(Role.AUDITOR))
+    report = await response.json()
+    assert response.status == 200
+    assert report["ok"] is True and report["entries"] >= 12 and report["checkpoints"] >= 1
+
+
+def test_intact_copy_verifies(snapshot: Path) -> None:
+    result = _verify(snapshot)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "audit chain intact" in result.stdout
+
+
+def _middle_seq(db: Path) -> int:
+    with _rows(db) as connection:
+        last = connection.execute("SELECT MAX(seq) FROM audit_log").fetchone()[0]
+    return int(last) // 2
+
+
+def test_changed_row_is_named(snapshot: Path) -> None:
+    seq = _middle_seq(snapshot)
+    with _rows(snapshot) as connection:
+        connection.execute("UPDATE audit_log SET result = '{\"count\":2}' WHERE seq = ?", (seq,))
+    result = _verify(snapshot)
+    assert result.returncode == 1
+    assert f"BROKEN at entry {seq}" in result.stdout and "altered" in result.stdout
+
+
+def test_deleted_row_is_named(snapshot: Path) -> None:
+    seq = _middle_seq(snapshot)
+    with _rows(snapshot) as connection:
+        connection.execute("DELETE FROM audit_log WHERE seq = ?", (seq,))
+    result = _verify(snapshot)
+    assert result.returncode == 1
+    assert f"BROKEN at entry {seq}" in result.stdout and "missing" in result.stdout
+
+
+def test_reordered_rows_are_named(snapshot: Path) -> None:
+    seq = _middle_seq(snapshot)
+    with _rows(snapshot) as connection:
+        connection.execute("UPDATE audit_log SET seq = -1 WHERE seq = ?", (seq,))
+        connection.execute("UPDATE audit_log SET seq = ? WHERE seq = ?", (seq, seq + 1))
+        connection.execute("UPDATE audit_log SET seq = ? WHERE seq = -1", (seq + 1,))
+    result = _verify(snapshot)
+    assert result.returncode == 1
+    assert f"BROKEN at entry {seq}" in result.stdout
+
+
+def test_consistently_rewritten_chain_is_caught_by_the_signed_checkpoint(snapshot: Path) -> None:
+    # Someone with write access changes an early entry and recomputes every hash after it:
+    # the chain is self-consistent again, but the HSM-signed checkpoint no longer matches.
+    with _rows(snapshot) as connection:
+        connection.execute("UPDATE audit_log SET actor = 'client:someone-else' WHERE seq = 2")
+        prev = GENESIS
+        for row in connection.execute("SELECT * FROM audit_log ORDER BY seq").fetchall():
+            digest = entry_hash(prev, dict(row))
+            connection.execute("UPDATE audit_log SET prev_hash = ?, entry_hash = ? WHERE seq = ?",
+                               (prev, digest, row["seq"]))
+            prev = digest
+        first_checkpoint = connection.execute("SELECT MIN(seq) FROM audit_checkpoints").fetchone()[0]
+    result = _verify(snapshot)
+    assert result.returncode == 1
+    assert f"checkpoint at {first_checkpoint} does not match" in result.stdout
+
+
+def test_forged_checkpoint_signature_is_caught(snapshot: Path) -> None:
+    with _rows(snapshot) as connection:
+        seq, signature = connection.execute("SELECT seq, signature FROM audit_checkpoints LIMIT 1").fetchone()
+        forged = bytes([signature[0] ^ 1]) + bytes(signature[1:])
+        connection.execute("UPDATE audit_checkpoints SET signature = ? WHERE seq = ?", (forged, seq))
+    result = _verify(snapshot)
+    assert result.returncode == 1
+    assert f"checkpoint at {seq} has an invalid signature" in result.stdout
+
+
+def test_pinned_public_key_must_match(snapshot: Path, raw_keys: dict[str, Any], tmp_path: Path) -> None:
+    audit_key = raw_keys["audit"]
+    right = tmp_path / "audit.pem"
+    right.write_text(audit_key["public_key_pem"])
+    wrong = tmp_path / "other.pem"
+    wrong.write_text(raw_keys["ecny"]["public_key_pem"])
+    assert _verify(snapshot, "--public-key", f"{audit_key['key_id']}={right}").returncode == 0
+    result = _verify(snapshot, "--public-key", f"{audit_key['key_id']}={wrong}")
+    assert result.returncode == 1 and "invalid signature" in result.stdout

@@ -15,6 +15,8 @@ from gateway.api import audit as audit_api
 from gateway.api import keys as keys_api
 from gateway.api import service as service_api
 from gateway.api import sessions as sessions_api
+from gateway.api import transfers as transfers_api
+from gateway.api import wallets as wallets_api
 from gateway.api.endpoints import IDEMPOTENCY, RATE_LIMITER, Endpoint, RateLimiter, guarded
 from gateway.api.idempotency import InFlight
 from gateway.api.middleware import problem_middleware
@@ -27,10 +29,18 @@ from gateway.hsm.profile import HsmProfile
 from gateway.ledger.store import open_database
 from gateway.metrics import Metrics
 from gateway.services import SERVICES, Services
+from gateway.wallets.service import Wallets
 
 
 def all_endpoints() -> list[Endpoint]:
-    return [*service_api.ENDPOINTS, *sessions_api.ENDPOINTS, *keys_api.ENDPOINTS, *audit_api.ENDPOINTS]
+    return [
+        *service_api.ENDPOINTS,
+        *sessions_api.ENDPOINTS,
+        *keys_api.ENDPOINTS,
+        *wallets_api.ENDPOINTS,
+        *transfers_api.ENDPOINTS,
+        *audit_api.ENDPOINTS,
+    ]
 
 
 def pool_settings(settings: Settings, profile: HsmProfile) -> PoolSettings:
@@ -67,6 +77,7 @@ def services_context(settings: Settings) -> Callable[[web.Application], AsyncIte
                 ),
                 audit=audit,
                 metrics=Metrics(),
+                wallets=Wallets(database, pool, profile, settings),
             )
             yield
         finally:

@@ -265,6 +265,20 @@ def cmd_audit_verify(args: argparse.Namespace) -> int:
     return EXIT_AUDIT_BROKEN
 
 
+def cmd_ledger_check(args: argparse.Namespace) -> int:
+    from gateway.ledger.journal import check_invariants
+
+    settings = _settings(args)
+    problems = asyncio.run(_with_database(settings, lambda db: db.read(check_invariants)))
+    for problem in problems:
+        print(problem)
+    if problems:
+        print(f"ledger BROKEN: {len(problems)} problem(s)")
+        return EXIT_AUDIT_BROKEN
+    print("ledger sound: every entry balances, balances equal postings, no wallet is negative")
+    return 0
+
+
 def cmd_dev_init(args: argparse.Namespace) -> int:
     from gateway.devinit import dev_init
 
@@ -323,6 +337,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="trust this public key for the audit key instead of the key table (repeatable)",
     )
     verify.set_defaults(run=cmd_audit_verify)
+
+    ledger = commands.add_parser("ledger", help="the double-entry ledger").add_subparsers(
+        dest="ledger_command", required=True
+    )
+    check = ledger.add_parser("check", parents=[common], help="check the ledger's invariants")
+    check.add_argument("--db", help="store DSN (default: the configured store)")
+    check.set_defaults(run=cmd_ledger_check)
 
     dev = commands.add_parser("dev-init", help="development set-up used by `make run`")
     dev.add_argument("--var", default="var", help="folder for the token, database and credentials")

@@ -11,12 +11,15 @@ import os
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
 
 from gateway.errors import ConfigError
 from gateway.hsm.profile import HsmProfile, load_profile, profiles_dir
+
+if TYPE_CHECKING:
+    from gateway.policy.limits import TierLimits as TierLimitsType
 
 ENV_PREFIX = "ECNY_"
 
@@ -102,6 +105,58 @@ class AuthSettings(_Section):
     """How long a verified API key or session stays cached in memory (revocation takes effect within it)."""
 
 
+class TierSettings(_Section):
+    balance_cap_fen: Annotated[int, Field(ge=0)] | None
+    """Largest balance the wallet may hold; none = no cap."""
+    single_fen: Annotated[int, Field(ge=0)] | None
+    """Largest single payment."""
+    daily_fen: Annotated[int, Field(ge=0)] | None
+    """Payments per business day (China Standard Time)."""
+    annual_fen: Annotated[int, Field(ge=0)] | None
+    """Payments per calendar year (China Standard Time)."""
+
+
+def _default_tiers() -> dict[str, TierSettings]:
+    from gateway.policy.limits import DEFAULT_TIERS
+
+    return {
+        str(tier): TierSettings(
+            balance_cap_fen=limits.balance_cap, single_fen=limits.single, daily_fen=limits.daily,
+            annual_fen=limits.annual,
+        )
+        for tier, limits in DEFAULT_TIERS.items()
+    }
+
+
+class WalletSettings(_Section):
+    tiers: dict[str, TierSettings] = Field(default_factory=_default_tiers)
+    """Limits per tier "1".."4" (SPEC.md §7 defaults); ``null``/absent values mean no limit."""
+    id_prefix: Annotated[str, Field(pattern=r"^[0-9]{1,6}$")] = "8"
+    """Leading digits of new wallet ids (the institution's range)."""
+    max_amount_fen: Annotated[int, Field(ge=1)] = 10**15
+    """Largest amount any request may name; larger ones are 400, whatever the tier."""
+
+    def limits(self, tier: int) -> "TierLimitsType":
+        from gateway.policy.limits import TierLimits
+
+        section = self.tiers.get(str(tier))
+        if section is None:
+            raise ConfigError(f"wallets.tiers.{tier} is not configured")
+        return TierLimits(section.balance_cap_fen, section.single_fen, section.daily_fen, section.annual_fen)
+
+
+class ApprovalSettings(_Section):
+    transfer_threshold_fen: Annotated[int, Field(ge=1)] = 5_000_000
+    """Transfers above this amount (¥50,000 by default) wait for a supervisor's approval."""
+    ttl_seconds: Annotated[int, Field(ge=60)] = 24 * 3600
+    """Pending approvals expire after this long."""
+
+
+class EcnySettings(_Section):
+    key_id: str | None = None
+    """Key that signs transfer envelopes; by default the one key whose usages include ``ecny``."""
+
+
 class LoggingSettings(_Section):
     level: Literal["debug", "info", "warning", "error"] = "info"
     """Lowest level written (JSON lines on stderr)."""
@@ -116,6 +171,9 @@ class Settings(_Section):
     audit: AuditSettings = AuditSettings()
     auth: AuthSettings = AuthSettings()
     logging: LoggingSettings = LoggingSettings()
+    wallets: WalletSettings = WalletSettings()
+    approvals: ApprovalSettings = ApprovalSettings()
+    ecny: EcnySettings = EcnySettings()
 
 
 def _env_overrides(environ: Mapping[str, str]) -> dict[str, dict[str, Any]]:

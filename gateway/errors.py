@@ -234,3 +234,87 @@ class AuditChainBroken(GatewayError):
 
     code = "audit-chain-broken"
     title = "Audit chain broken"
+
+
+# --- wallets, ledger and approvals ---------------------------------------------------------------
+
+
+class InvalidWalletId(BadRequest):
+    """A wallet id that is not 16 digits with a valid Luhn check digit."""
+
+    code = "invalid-wallet-id"
+    title = "Invalid wallet id"
+
+
+class SameWallet(BadRequest):
+    """A transfer whose payer and payee are the same wallet."""
+
+    code = "same-wallet"
+    title = "Payer and payee are the same wallet"
+
+
+class InvalidAmount(BadRequest):
+    """An amount that is not a positive integer number of fen within the configured maximum."""
+
+    code = "invalid-amount"
+    title = "Invalid amount"
+
+
+class WalletNotFound(NotFound):
+    code = "wallet-not-found"
+    title = "Wallet not found"
+
+
+class PolicyRefused(GatewayError):
+    """Refused by policy; ``reasons`` lists every rule that failed (machine-readable)."""
+
+    code = "policy-refused"
+    http_status = 422
+    title = "Refused by policy"
+
+    def __init__(self, detail: str = "", reasons: tuple[str, ...] | list[str] = (), **extra: Any) -> None:
+        super().__init__(detail, reasons=list(reasons), **extra)
+        self.reasons = list(reasons)
+
+
+class WalletNotActive(PolicyRefused):
+    """The payer or payee wallet is frozen or closed."""
+
+    code = "wallet-not-active"
+    title = "Wallet is frozen or closed"
+
+
+class InsufficientFunds(PolicyRefused):
+    code = "insufficient-funds"
+    title = "Insufficient funds"
+
+
+class LimitExceeded(PolicyRefused):
+    """A tier limit (single, daily, annual payment or balance cap) would be exceeded."""
+
+    code = "limit-exceeded"
+    title = "Tier limit exceeded"
+
+
+class SelfApproval(Forbidden):
+    """Maker-checker: the requester of an operation cannot approve or reject it."""
+
+    code = "self-approval"
+    title = "The requester cannot decide their own request"
+
+
+class ApprovalPayloadMismatch(Conflict):
+    """The approval names a payload hash other than the one pending (or the stored payload changed)."""
+
+    code = "approval-payload-mismatch"
+    title = "Approval does not match the pending payload"
+
+
+class ApprovalNotPending(Conflict):
+    code = "approval-not-pending"
+    title = "Approval is not pending"
+
+
+class ApprovalExpired(Conflict):
+    code = "approval-expired"
+    title = "Approval expired"

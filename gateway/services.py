@@ -15,6 +15,7 @@ from gateway.hsm.signer import Signer
 from gateway.keyring import KeyDirectory
 from gateway.ledger.store import Database
 from gateway.metrics import Metrics
+from gateway.wallets.service import Wallets
 
 
 @dataclass
@@ -26,6 +27,7 @@ class Services:
     authenticator: Authenticator
     audit: AuditLog
     metrics: Metrics
+    wallets: Wallets
     keys: KeyDirectory = field(default_factory=KeyDirectory)
     started_at: float = field(default_factory=time.monotonic)
 

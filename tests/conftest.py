@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import uuid
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +26,7 @@ from gateway.auth.credentials import add_client, add_user
 from gateway.auth.roles import Role
 from gateway.config import Settings, load_settings
 from gateway.ledger.store import open_database
+from tests.pg import PostgresServer, PostgresUnavailable
 
 ROOT = Path(__file__).resolve().parents[1]
 TOKEN_LABEL = "ecny-test"
@@ -80,6 +82,7 @@ class Gateway:
 
 
 PASSWORDS = {"teller1": "teller-password-1", "supervisor1": "supervisor-password-1",
+             "supervisor2": "supervisor-password-2",
              "auditor1": "auditor-password-1", "admin1": "admin-password-1"}
 
 
@@ -94,7 +97,7 @@ async def provision(dsn: str) -> dict[str, str]:
             keys = {"backend": add_client(tx, "test-backend", Role.BACKEND),
                     "admin": add_client(tx, "test-admin", Role.ADMIN)}
             for username, role in (("teller1", Role.TELLER), ("supervisor1", Role.SUPERVISOR),
-                                   ("auditor1", Role.AUDITOR), ("admin1", Role.ADMIN)):
+                                   ("supervisor2", Role.SUPERVISOR), ("auditor1", Role.AUDITOR), ("admin1", Role.ADMIN)):
                 add_user(tx, hasher, username, role, PASSWORDS[username])
             append(tx, [AuditEntry("test", "admin", "test.provision", "allowed")])
             return keys
@@ -144,3 +147,59 @@ async def raw_keys(gateway: Gateway) -> dict[str, dict[str, Any]]:
         assert response.status == 201, await response.text()
         made[name] = await response.json()
     return made
+
+
+@pytest.fixture(scope="session")
+def postgres_server() -> Iterator[PostgresServer]:
+    """A throw-away PostgreSQL cluster for the session (see ``tests/pg.py``). Fails, never skips,
+    when PostgreSQL is not installed: ``make test`` installs it."""
+    server: PostgresServer | None = None
+    problem = ""
+    try:
+        server = PostgresServer().start()
+    except PostgresUnavailable as exc:
+        problem = str(exc)
+    if server is None:
+        pytest.fail(f"PostgreSQL tests need a local PostgreSQL server: {problem}", pytrace=False)
+    yield server
+    server.stop()
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
+def store_dsn(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """A fresh, empty (not migrated) store for each test, once on SQLite and once on PostgreSQL."""
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'store.db'}"
+        return
+    server: PostgresServer = request.getfixturevalue("postgres_server")
+    name = f"t_{uuid.uuid4().hex[:16]}"
+    yield server.create_database(name)
+    server.drop_database(name)
+
+
+async def login(gateway: Gateway, username: str) -> dict[str, str]:
+    response = await gateway.client.post("/v1/sessions", json={"username": username,
+                                                               "password": gateway.passwords[username]})
+    assert response.status == 201, await response.text()
+    return {"Authorization": f"Bearer {(await response.json())['token']}"}
+
+
+@pytest_asyncio.fixture(scope="module", params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
+async def ledger_gateway(
+    request: pytest.FixtureRequest, softhsm_token: Token, tmp_path_factory: pytest.TempPathFactory
+) -> AsyncIterator[Gateway]:
+    """A gateway per store (SQLite and PostgreSQL) with an `ecny` and an `audit` key, for ledger tests."""
+    if request.param == "sqlite":
+        dsn = f"sqlite:///{tmp_path_factory.mktemp('ledger') / 'gateway.db'}"
+    else:
+        server: PostgresServer = request.getfixturevalue("postgres_server")
+        dsn = server.create_database()
+    started = await start_gateway(make_settings(softhsm_token, dsn))
+    for label, usage in ((f"ecny-{request.param}", "ecny"), (f"audit-{request.param}", "audit")):
+        response = await started.client.post(
+            "/v1/keys", json={"label": label, "algorithm": "ecdsa-p256", "usage": [usage]},
+            headers=started.auth(Role.ADMIN),
+        )
+        assert response.status == 201, await response.text()
+    yield started
+    await started.client.close()

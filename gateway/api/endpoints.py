@@ -75,6 +75,7 @@ class Endpoint:
     response_status: int = 200
     idempotency: Literal["none", "optional", "required"] = "none"
     cbor: bool = False
+    resume: Callable[[Call, str], Awaitable[web.StreamResponse]] | None = None  # replay of a reference record
     audited_action: str | None = None  # refusals of this endpoint are audited under this name
     query: tuple[tuple[str, str, str], ...] = ()  # (name, JSON type, description)
     responses: dict[int, str] = field(default_factory=dict)  # extra documented statuses
@@ -170,7 +171,7 @@ def guarded(endpoint: Endpoint) -> Callable[[web.Request], Awaitable[web.StreamR
             if endpoint.idempotency == "required" and not call.idempotency_key:
                 raise IdempotencyKeyRequired("this operation needs an Idempotency-Key header")
             if call.idempotency_key and endpoint.idempotency != "none" and call.principal is not None:
-                response = await idempotency.run(request.app[IDEMPOTENCY], call, endpoint.handler)
+                response = await idempotency.run(request.app[IDEMPOTENCY], call, endpoint.handler, endpoint.resume)
             else:
                 response = await endpoint.handler(call)
             status = response.status

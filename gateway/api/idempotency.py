@@ -59,13 +59,23 @@ def _replay(row: Any, expected_hash: bytes, key: str) -> web.Response:
     return response
 
 
+REFERENCE = "application/x-ecny-reference"
+
+
 def record_in(tx: Tx, call: Call, status: int, content_type: str, body: bytes) -> None:
     """Record the response inside the operation's own transaction (for ledger-changing handlers).
+    Does nothing for a request without an Idempotency-Key.
+
+    A response that is not final yet (a transfer whose envelope is signed after commit) is
+    recorded as a reference (``status`` 0, ``content_type`` :data:`REFERENCE`, ``body`` the
+    resource id) and completed by :func:`complete`; a replay meeting a reference rebuilds the
+    response through the endpoint's ``resume``.
 
     Raises:
         IdempotencyConflict: another request with this key committed first (the transaction rolls back).
     """
-    assert call.principal is not None and call.idempotency_key is not None
+    if call.principal is None or call.idempotency_key is None:
+        return
     try:
         tx.execute(
             "INSERT INTO idempotency (principal, idem_key, request_hash, status, content_type, body, created_at) "
@@ -78,7 +88,22 @@ def record_in(tx: Tx, call: Call, status: int, content_type: str, body: bytes) -
     call.recorded_in_transaction = True
 
 
-async def run(inflight: InFlight, call: Call, handler: Callable[[Call], Awaitable[web.StreamResponse]]) -> web.StreamResponse:
+async def complete(call: Call, status: int, content_type: str, body: bytes) -> None:
+    """Replace a reference record with the final response."""
+    if call.principal is None or call.idempotency_key is None:
+        return
+    scope, key = call.principal.scope, call.idempotency_key
+    await call.services.database.write(lambda tx: tx.execute(
+        "UPDATE idempotency SET status = ?, content_type = ?, body = ? WHERE principal = ? AND idem_key = ? "
+        "AND status = 0", (status, content_type, body, scope, key)))
+
+
+async def run(
+    inflight: InFlight,
+    call: Call,
+    handler: Callable[[Call], Awaitable[web.StreamResponse]],
+    resume: Callable[[Call, str], Awaitable[web.StreamResponse]] | None = None,
+) -> web.StreamResponse:
     assert call.principal is not None and call.idempotency_key is not None
     key = call.idempotency_key
     if len(key) > MAX_KEY_LENGTH or not key.isprintable():
@@ -91,12 +116,14 @@ async def run(inflight: InFlight, call: Call, handler: Callable[[Call], Awaitabl
     slot = (scope, key)
     while (running := inflight.running.get(slot)) is not None:
         await asyncio.shield(running)
-    row = await database.read(lambda tx: _lookup(tx, scope, key))
-    if row is not None:
-        return _replay(row, expected, key)
+    # Claim the slot before the first await: a request arriving while this one looks up the store
+    # must wait for it, not run the handler too.
     done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
     inflight.running[slot] = done
     try:
+        row = await database.read(lambda tx: _lookup(tx, scope, key))
+        if row is not None:
+            return _replay(row, expected, key)
         response = await handler(call)
         if response.status < 500 and not call.recorded_in_transaction:
             assert isinstance(response, web.Response)

@@ -1,0 +1,134 @@
+"""The double-entry journal: balanced postings, materialised balances, and the invariant check.
+
+Every movement of money is one journal entry whose postings sum to zero. Wallet and reserve
+accounts never go negative (checked before writing, and by a CHECK constraint as a backstop);
+the bank's issuance account is the counterpart of cash-in and cash-out and runs negative by the
+amount of e-CNY in circulation.
+"""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Sequence
+from datetime import UTC, datetime, timedelta, timezone
+from typing import Any
+
+from gateway import clock
+from gateway.errors import GatewayError
+from gateway.ledger.store import Tx
+
+ISSUANCE = "bank:issuance"
+SUSPENSE = "bank:suspense"
+CHINA_STANDARD_TIME = timezone(timedelta(hours=8), "CST")
+
+
+class LedgerInvariantBroken(GatewayError):
+    """A posting would break double entry (unbalanced entry, negative wallet): a bug, never user input."""
+
+    code = "ledger-invariant"
+    title = "Ledger invariant broken"
+
+
+def wallet_account(wallet_id: str) -> str:
+    return f"w:{wallet_id}"
+
+
+def reserve_account(wallet_id: str) -> str:
+    return f"r:{wallet_id}"
+
+
+def business_day(moment: datetime | None = None) -> str:
+    """The business day (YYYY-MM-DD) in China Standard Time."""
+    return (moment or clock.now()).astimezone(CHINA_STANDARD_TIME).strftime("%Y-%m-%d")
+
+
+def open_accounts(tx: Tx, wallet_id: str) -> None:
+    tx.execute("INSERT INTO accounts (account_id, wallet_id, kind, balance) VALUES (?, ?, 'wallet', 0)",
+               (wallet_account(wallet_id), wallet_id))
+    tx.execute("INSERT INTO accounts (account_id, wallet_id, kind, balance) VALUES (?, ?, 'reserve', 0)",
+               (reserve_account(wallet_id), wallet_id))
+
+
+def balance(tx: Tx, account_id: str) -> int:
+    row = tx.fetchone("SELECT balance FROM accounts WHERE account_id = ?", (account_id,))
+    return 0 if row is None else int(row["balance"])
+
+
+def post(
+    tx: Tx, kind: str, reference: str, legs: Sequence[tuple[str, int]], actor: str, memo: str = ""
+) -> str:
+    """Write one balanced journal entry and move the balances. Returns the entry id.
+
+    Raises:
+        LedgerInvariantBroken: the legs do not sum to zero, a leg is zero, or a wallet or reserve
+            account would go negative (callers check funds first; this is the backstop).
+    """
+    if sum(amount for _, amount in legs) != 0 or any(amount == 0 for _, amount in legs) or len(legs) < 2:
+        raise LedgerInvariantBroken(f"unbalanced entry for {reference}: {list(legs)}")
+    entry_id = secrets.token_hex(12)
+    tx.execute(
+        "INSERT INTO journal (entry_id, kind, reference, memo, actor, business_day, created_at) "
+        "VALUES (?, ?, ?, ?, ?, ?, ?)",
+        (entry_id, kind, reference, memo, actor, business_day(), clock.now_iso()),
+    )
+    for account_id, amount in legs:
+        changed = tx.execute(
+            "UPDATE accounts SET balance = balance + ? WHERE account_id = ? "
+            "AND (kind NOT IN ('wallet', 'reserve') OR balance + ? >= 0)",
+            (amount, account_id, amount),
+        )
+        if changed != 1:
+            raise LedgerInvariantBroken(f"account {account_id} is unknown or would go negative")
+        tx.execute("INSERT INTO postings (entry_id, account_id, amount) VALUES (?, ?, ?)", (entry_id, account_id, amount))
+    return entry_id
+
+
+def add_spend(tx: Tx, wallet_id: str, amount: int, day: str) -> None:
+    if tx.fetchone("SELECT 1 FROM wallet_spend WHERE wallet_id = ? AND business_day = ?", (wallet_id, day)):
+        tx.execute("UPDATE wallet_spend SET amount = amount + ? WHERE wallet_id = ? AND business_day = ?",
+                   (amount, wallet_id, day))
+    else:
+        tx.execute("INSERT INTO wallet_spend (wallet_id, business_day, amount) VALUES (?, ?, ?)", (wallet_id, day, amount))
+
+
+def spent(tx: Tx, wallet_id: str, day: str) -> tuple[int, int]:
+    """(spent on ``day``, spent in ``day``'s calendar year), in fen."""
+    today = tx.fetchone("SELECT amount FROM wallet_spend WHERE wallet_id = ? AND business_day = ?", (wallet_id, day))
+    year = tx.fetchone(
+        "SELECT COALESCE(SUM(amount), 0) AS total FROM wallet_spend WHERE wallet_id = ? AND business_day >= ? "
+        "AND business_day <= ?",
+        (wallet_id, day[:4] + "-01-01", day[:4] + "-12-31"),
+    )
+    return (int(today["amount"]) if today else 0, int(year["total"]) if year else 0)
+
+
+def check_invariants(tx: Tx) -> list[str]:
+    """Every entry balances; every balance equals the sum of its postings; no wallet or reserve is negative.
+
+    Returns:
+        Human-readable problems; empty when the ledger is sound.
+    """
+    problems = []
+    for row in tx.fetchall("SELECT entry_id, SUM(amount) AS total FROM postings GROUP BY entry_id HAVING SUM(amount) <> 0"):
+        problems.append(f"entry {row['entry_id']} does not balance (sum {row['total']})")
+    rows = tx.fetchall(
+        "SELECT a.account_id, a.balance, COALESCE(SUM(p.amount), 0) AS posted FROM accounts a "
+        "LEFT JOIN postings p ON p.account_id = a.account_id GROUP BY a.account_id, a.balance"
+    )
+    for row in rows:
+        if int(row["balance"]) != int(row["posted"]):
+            problems.append(f"account {row['account_id']} balance {row['balance']} != postings {row['posted']}")
+    for row in tx.fetchall("SELECT account_id, balance FROM accounts WHERE kind IN ('wallet', 'reserve') AND balance < 0"):
+        problems.append(f"account {row['account_id']} is negative ({row['balance']})")
+    total = tx.fetchone("SELECT COALESCE(SUM(balance), 0) AS total FROM accounts")
+    if total is not None and int(total["total"]) != 0:
+        problems.append(f"balances do not sum to zero ({total['total']})")
+    return problems
+
+
+def epoch_millis(moment: datetime | None = None) -> int:
+    return int((moment or datetime.now(UTC)).timestamp() * 1000)
+
+
+def row_dict(row: Any) -> dict[str, Any]:
+    return {key: row[key] for key in row.keys()}  # noqa: SIM118 - sqlite3.Row has keys() but no iteration of keys

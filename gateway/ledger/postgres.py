@@ -1,0 +1,323 @@
+"""PostgreSQL store (``postgresql://user@host:port/dbname``), for more than one gateway process.
+
+A pool of psycopg 3 connections and a thread pool of the same size: each transaction function runs
+in one worker thread on one connection, as with SQLite, so the shared transaction functions stay
+synchronous. Write transactions are ``READ COMMITTED`` (each statement sees what committed before
+it, so a function that takes :meth:`PostgresTx.lock` first then reads the latest state); reads are
+``REPEATABLE READ READ ONLY`` so that a multi-query read such as the audit verifier sees one
+snapshot. :meth:`PostgresTx.lock` takes ``pg_advisory_xact_lock``, which serialises transactions
+across every process on the same database and is released at commit or rollback.
+
+Unlike SQLite, PostgreSQL aborts the whole transaction when a statement fails: a function that
+catches :class:`~gateway.errors.AlreadyExists` must not run further statements in the same
+transaction; it can only raise (and so roll back) or return.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import hashlib
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, TypeVar
+
+import psycopg
+from psycopg import errors as pg_errors
+from psycopg.conninfo import conninfo_to_dict
+from psycopg.pq import TransactionStatus
+from psycopg.rows import RowMaker
+from psycopg_pool import ConnectionPool
+
+from gateway.errors import AlreadyExists, ConfigError, GatewayError, StoreUnavailable
+from gateway.ledger.migrate import apply_migrations
+from gateway.ledger.store import Params, Row
+
+T = TypeVar("T")
+
+POOL_SIZE = 8
+CONNECT_TIMEOUT_S = 5
+ACQUIRE_TIMEOUT_S = 10.0
+"""How long a transaction waits for a free connection (or for the server to come back)."""
+LOCK_TIMEOUT_MS = 10_000
+"""How long a statement waits for a lock (``lock_timeout``), like SQLite's busy timeout."""
+PING_TIMEOUT_S = 2.0
+
+_BEGIN_WRITE = "BEGIN ISOLATION LEVEL READ COMMITTED READ WRITE"
+_BEGIN_READ = "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY"
+
+_UNAVAILABLE = (psycopg.OperationalError, psycopg.InterfaceError)
+"""Connection lost or refused, pool timeout, lock timeout, serialisation failure, server shutdown."""
+
+PgConnection = psycopg.Connection[dict[str, Any]]
+
+
+@functools.lru_cache(maxsize=1024)
+def _adapt(sql: str) -> str:
+    """The shared SQL with psycopg's placeholders: ``?`` becomes ``%s``, a literal ``%`` becomes ``%%``."""
+    return sql.replace("%", "%%").replace("?", "%s")
+
+
+def lock_key(name: str) -> int:
+    """The advisory-lock key of a lock name: the first 8 bytes of its SHA-256, as a signed 64-bit int."""
+    return int.from_bytes(hashlib.sha256(name.encode("utf-8")).digest()[:8], "big", signed=True)
+
+
+def _dict_row(cursor: psycopg.Cursor[Any]) -> RowMaker[dict[str, Any]]:
+    """Rows as dicts keyed by column name; BYTEA always as ``bytes`` (never ``memoryview``)."""
+    description = cursor.description
+    if description is None:
+        return lambda values: {}
+    names = [column.name for column in description]
+
+    def make(values: Sequence[Any]) -> dict[str, Any]:
+        return {
+            name: bytes(value) if isinstance(value, memoryview) else value
+            for name, value in zip(names, values, strict=True)
+        }
+
+    return make
+
+
+def _integrity_detail(exc: psycopg.IntegrityError) -> str:
+    diag = exc.diag
+    where = f" on {diag.table_name}" if diag.table_name else ""
+    if isinstance(exc, pg_errors.UniqueViolation):
+        return f"already exists: unique constraint {diag.constraint_name or '?'}{where}"
+    # The SQLite store reports every integrity error as AlreadyExists too; name the constraint, never the values.
+    return f"constraint {diag.constraint_name or '?'}{where} violated ({diag.sqlstate})"
+
+
+def _unavailable(exc: Exception) -> StoreUnavailable:
+    text = " ".join(str(exc).split())
+    return StoreUnavailable(f"PostgreSQL: {text}" if text else f"PostgreSQL: {type(exc).__name__}")
+
+
+class PostgresTx:
+    """A transaction on one PostgreSQL connection (see :class:`gateway.ledger.store.Tx`)."""
+
+    dialect = "postgresql"
+
+    def __init__(self, connection: PgConnection) -> None:
+        self._connection = connection
+
+    def _run(self, sql: str, params: Params) -> psycopg.Cursor[dict[str, Any]]:
+        try:
+            # Always pass a sequence (even empty): psycopg only unescapes ``%%`` when given parameters.
+            return self._connection.execute(_adapt(sql), tuple(params))
+        except psycopg.IntegrityError as exc:
+            raise AlreadyExists(_integrity_detail(exc)) from exc
+        except _UNAVAILABLE as exc:
+            raise _unavailable(exc) from exc
+
+    def execute(self, sql: str, params: Params = ()) -> int:
+        return self._run(sql, params).rowcount
+
+    def fetchone(self, sql: str, params: Params = ()) -> Row | None:
+        cursor = self._run(sql, params)
+        try:
+            return cursor.fetchone()
+        except _UNAVAILABLE as exc:
+            raise _unavailable(exc) from exc
+
+    def fetchall(self, sql: str, params: Params = ()) -> list[Row]:
+        cursor = self._run(sql, params)
+        try:
+            rows: list[Any] = cursor.fetchall()
+        except _UNAVAILABLE as exc:
+            raise _unavailable(exc) from exc
+        return rows
+
+    def lock(self, name: str) -> None:
+        """Take the transaction-scoped advisory lock :func:`lock_key` derives from ``name``.
+
+        Waits at most ``lock_timeout`` (:data:`LOCK_TIMEOUT_MS`), then raises StoreUnavailable.
+        """
+        self._run("SELECT pg_advisory_xact_lock(?::bigint)", (lock_key(name),))
+
+
+def _conninfo(dsn: str) -> dict[str, Any]:
+    try:
+        return conninfo_to_dict(dsn)
+    except psycopg.ProgrammingError as exc:
+        # The parser quotes the whole DSN, password included: leave it out.
+        raise ConfigError("store DSN is not a valid PostgreSQL connection string") from exc
+
+
+def describe(dsn: str) -> str:
+    """``user@host:port/dbname`` for messages and logs: never the password."""
+    params = _conninfo(dsn)
+    user = f"{params['user']}@" if params.get("user") else ""
+    host = params.get("host") or params.get("hostaddr") or "localhost"
+    port = f":{params['port']}" if params.get("port") else ""
+    return f"{user}{host}{port}/{params.get('dbname', '')}"
+
+
+def _configure(connection: PgConnection) -> None:
+    connection.execute(f"SET lock_timeout = {LOCK_TIMEOUT_MS}")
+
+
+class PostgresDatabase:
+    """:class:`gateway.ledger.store.Database` over a pool of PostgreSQL connections."""
+
+    def __init__(self, dsn: str, size: int = POOL_SIZE, acquire_timeout: float = ACQUIRE_TIMEOUT_S) -> None:
+        self.dsn = dsn
+        self.size = size
+        self.acquire_timeout = acquire_timeout
+        params = _conninfo(dsn)
+        kwargs: dict[str, Any] = {"autocommit": True, "row_factory": _dict_row}
+        if "connect_timeout" not in params:
+            kwargs["connect_timeout"] = CONNECT_TIMEOUT_S
+        self._connect_kwargs = kwargs
+        self._pool: ConnectionPool[PgConnection] = ConnectionPool(
+            dsn,
+            connection_class=psycopg.Connection[dict[str, Any]],
+            kwargs=kwargs,
+            min_size=1,
+            max_size=size,
+            open=False,
+            configure=_configure,
+            timeout=acquire_timeout,
+            name="gateway-store",
+        )
+        self._threads = ThreadPoolExecutor(size, thread_name_prefix="postgres")
+        self._closed = False
+
+    def __repr__(self) -> str:
+        return f"PostgresDatabase({describe(self.dsn)!r})"
+
+    @classmethod
+    async def open(
+        cls, dsn: str, size: int = POOL_SIZE, acquire_timeout: float = ACQUIRE_TIMEOUT_S
+    ) -> PostgresDatabase:
+        """Connect once to check the server is there, then open the pool.
+
+        Args:
+            dsn: ``postgresql://user[:password]@host[:port]/dbname[?param=value]`` (libpq syntax).
+            size: connections in the pool, and threads running transactions.
+            acquire_timeout: how long a transaction waits for a connection before StoreUnavailable.
+
+        Raises:
+            ConfigError: the DSN does not parse.
+            StoreUnavailable: the server cannot be reached or refuses the connection.
+        """
+        database = cls(dsn, size, acquire_timeout)
+        loop = asyncio.get_running_loop()
+        try:
+            await loop.run_in_executor(database._threads, database._open_pool)
+        except BaseException:
+            database._threads.shutdown(wait=False)
+            raise
+        return database
+
+    def _open_pool(self) -> None:
+        where = describe(self.dsn)
+        password = str(_conninfo(self.dsn).get("password") or "")
+        try:
+            probe = psycopg.connect(self.dsn, **self._connect_kwargs)
+        except psycopg.Error as exc:
+            reason = " ".join(str(exc).split())
+            if password:
+                reason = reason.replace(password, "***")
+            raise StoreUnavailable(f"cannot connect to PostgreSQL at {where}: {reason}") from exc
+        probe.close()
+        try:
+            self._pool.open(wait=True, timeout=self.acquire_timeout)
+        except psycopg.Error as exc:
+            self._pool.close()
+            raise StoreUnavailable(f"cannot open a connection pool to PostgreSQL at {where}") from exc
+
+    def _begin(self, writable: bool, timeout: float) -> PgConnection:
+        """A pooled connection with a transaction begun on it.
+
+        A connection the server dropped while it sat in the pool (a restart, a failover, an idle
+        timeout) fails at ``BEGIN``, before anything ran: it is discarded and the next one tried,
+        so that one transaction does not fail for each dead connection left in the pool.
+        """
+        deadline = time.monotonic() + timeout
+        failure: Exception | None = None
+        for _attempt in range(self.size + 1):
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                break
+            try:
+                connection = self._pool.getconn(timeout=remaining)
+            except psycopg.Error as exc:
+                failure = exc
+                break
+            try:
+                connection.execute(_BEGIN_WRITE if writable else _BEGIN_READ)
+            except _UNAVAILABLE as exc:
+                broken = connection.broken or connection.closed
+                self._pool.putconn(connection)  # discards it if broken
+                if not broken:
+                    raise _unavailable(exc) from exc
+                failure = exc
+                continue
+            except BaseException:
+                self._pool.putconn(connection)
+                raise
+            return connection
+        reason = " ".join(str(failure).split()) if failure is not None else "timed out"
+        raise StoreUnavailable(f"no working PostgreSQL connection within {timeout:g} s: {reason}") from failure
+
+    def _run(self, writable: bool, fn: Callable[[PostgresTx], T], timeout: float) -> T:
+        connection = self._begin(writable, timeout)
+        try:
+            try:
+                result = fn(PostgresTx(connection))
+                connection.execute("COMMIT" if writable else "ROLLBACK")
+                return result
+            except psycopg.IntegrityError as exc:  # a deferred constraint, checked at COMMIT
+                raise AlreadyExists(_integrity_detail(exc)) from exc
+            except _UNAVAILABLE as exc:
+                raise _unavailable(exc) from exc
+            finally:
+                self._rollback_if_open(connection)
+        finally:
+            # A broken connection is discarded here, and the pool makes a new one.
+            self._pool.putconn(connection)
+
+    @staticmethod
+    def _rollback_if_open(connection: PgConnection) -> None:
+        if connection.info.transaction_status in (TransactionStatus.INTRANS, TransactionStatus.INERROR):
+            try:
+                connection.execute("ROLLBACK")
+            except psycopg.Error:
+                pass  # the connection is gone; putconn discards it
+
+    async def write(self, fn: Callable[[Any], T]) -> T:
+        return await self._call(True, fn, self.acquire_timeout)
+
+    async def read(self, fn: Callable[[Any], T]) -> T:
+        return await self._call(False, fn, self.acquire_timeout)
+
+    async def _call(self, writable: bool, fn: Callable[[Any], T], timeout: float) -> T:
+        if self._closed:
+            raise StoreUnavailable("the PostgreSQL store is closed")
+        loop = asyncio.get_running_loop()
+        try:
+            return await loop.run_in_executor(self._threads, self._run, writable, fn, timeout)
+        except GatewayError:
+            raise
+        except _UNAVAILABLE as exc:
+            raise _unavailable(exc) from exc
+
+    async def migrate(self) -> list[str]:
+        return await self.write(lambda tx: apply_migrations(tx, "postgresql"))
+
+    async def ping(self) -> bool:
+        try:
+            await self._call(False, lambda tx: tx.fetchone("SELECT 1"), min(PING_TIMEOUT_S, self.acquire_timeout))
+        except GatewayError:
+            return False
+        return True
+
+    async def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(self._threads, self._pool.close)
+        self._threads.shutdown(wait=True)

@@ -1,0 +1,457 @@
+"""Wallet operations: open, status, tier, cash in/out, transfers and their approvals.
+
+Each operation that moves money does its policy check and its postings in one write transaction,
+with the wallets it touches locked (SQLite: the ``BEGIN IMMEDIATE`` write lock; PostgreSQL:
+advisory locks taken in wallet-id order), so concurrent requests never overdraw a wallet or pass
+a limit twice. The audit entry and the idempotency record are written in the same transaction.
+
+A transfer's COSE_Sign1 envelope is signed *after* the posting commits (the HSM round trip does
+not hold the ledger lock); the payload is fixed at posting time, and a transfer whose envelope is
+missing (a crash in between) is signed on the next read or replay of it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import secrets
+from dataclasses import dataclass
+from typing import Any
+
+import cbor2
+
+from gateway import clock
+from gateway.audit.chain import AuditEntry, append
+from gateway.config import Settings
+from gateway.errors import (
+    AmbiguousKey,
+    ApprovalExpired,
+    ApprovalNotPending,
+    ApprovalPayloadMismatch,
+    Conflict,
+    Forbidden,
+    InsufficientFunds,
+    InvalidAmount,
+    InvalidWalletId,
+    KeyNotFound,
+    LimitExceeded,
+    NotFound,
+    PolicyRefused,
+    SameWallet,
+    SelfApproval,
+    ValidationFailed,
+    WalletNotActive,
+    WalletNotFound,
+)
+from gateway.hsm.profile import HsmProfile
+from gateway.hsm.signer import Signer
+from gateway.keyring import KeyRecord, Usage, get_key, keys_with_usage
+from gateway.ledger import journal
+from gateway.ledger.store import Database, Tx
+from gateway.policy.limits import Decision, check_payment, check_receipt, check_status
+from gateway.schemes.cose import sign1
+from gateway.wallets.ids import is_valid_wallet_id, new_wallet_id
+
+
+def require_wallet_id(text: str) -> str:
+    if not is_valid_wallet_id(text):
+        raise InvalidWalletId(f"{text[:32]!r} is not a wallet id (16 digits, the last a Luhn check digit)")
+    return text
+
+
+def mask_id_number(id_number: str | None) -> str | None:
+    if not id_number:
+        return None
+    return id_number[:4] + "*" * max(0, len(id_number) - 8) + id_number[-4:] if len(id_number) > 8 else "****"
+
+
+def wallet_document(row: Any) -> dict[str, Any]:
+    return {
+        "wallet_id": row["wallet_id"],
+        "holder_name": row["holder_name"],
+        "id_number": mask_id_number(row["id_number"]),
+        "phone": row["phone"],
+        "tier": int(row["tier"]),
+        "kind": row["kind"],
+        "status": row["status"],
+        "status_reason": row["status_reason"],
+        "balance_fen": int(row["balance_fen"]),
+        "offline_reserve_fen": int(row["offline_reserve_fen"]),
+        "created_at": row["created_at"],
+        "updated_at": row["updated_at"],
+    }
+
+
+WALLET_SELECT = (
+    "SELECT w.*, a.balance AS balance_fen, r.balance AS offline_reserve_fen FROM wallets w "
+    "JOIN accounts a ON a.account_id = 'w:' || w.wallet_id JOIN accounts r ON r.account_id = 'r:' || w.wallet_id "
+)
+
+
+def load_wallet(tx: Tx, wallet_id: str) -> Any:
+    row = tx.fetchone(WALLET_SELECT + "WHERE w.wallet_id = ?", (wallet_id,))
+    if row is None:
+        raise WalletNotFound(f"no wallet {wallet_id}")
+    return row
+
+
+def refuse(decisions: list[Decision], detail: str) -> None:
+    """Raise the most specific refusal for the failed decisions, carrying every reason."""
+    reasons = [reason for decision in decisions for reason in decision.reasons]
+    if not reasons:
+        return
+    if any(r.endswith(("-frozen", "-closed")) for r in reasons):
+        raise WalletNotActive(detail, reasons)
+    if reasons == ["insufficient-funds"]:
+        raise InsufficientFunds(detail, reasons)
+    if any(r.endswith("-exceeded") for r in reasons):
+        raise LimitExceeded(detail, reasons)
+    raise PolicyRefused(detail, reasons)
+
+
+@dataclass
+class TransferIntent:
+    from_wallet: str
+    to_wallet: str
+    amount: int
+    memo: str
+
+
+class Wallets:
+    """The wallet service of one gateway process."""
+
+    def __init__(self, database: Database, signer: Signer, profile: HsmProfile, settings: Settings) -> None:
+        self.database = database
+        self.signer = signer
+        self.profile = profile
+        self.settings = settings
+        self._ecny_key: KeyRecord | None = None
+
+    def check_amount(self, amount: int) -> int:
+        if isinstance(amount, bool) or not isinstance(amount, int) or amount <= 0:
+            raise InvalidAmount("amount_fen must be a positive integer number of fen")
+        if amount > self.settings.wallets.max_amount_fen:
+            raise InvalidAmount(f"amount_fen exceeds the maximum of {self.settings.wallets.max_amount_fen}")
+        return amount
+
+    # --- wallets ---------------------------------------------------------------------------
+
+    def open_in(self, tx: Tx, fields: dict[str, Any], entry: AuditEntry) -> dict[str, Any]:
+        for _ in range(5):
+            wallet_id = new_wallet_id(self.settings.wallets.id_prefix)
+            if tx.fetchone("SELECT 1 FROM wallets WHERE wallet_id = ?", (wallet_id,)) is None:
+                break
+        now = clock.now_iso()
+        tx.execute(
+            "INSERT INTO wallets (wallet_id, holder_name, id_number, phone, tier, kind, status, status_reason, "
+            "created_at, created_by, updated_at) VALUES (?, ?, ?, ?, ?, ?, 'active', '', ?, ?, ?)",
+            (wallet_id, fields["holder_name"], fields.get("id_number"), fields["phone"], fields["tier"],
+             fields["kind"], now, entry.actor, now),
+        )
+        journal.open_accounts(tx, wallet_id)
+        entry.result = {"wallet_id": wallet_id, "tier": fields["tier"], "kind": fields["kind"]}
+        append(tx, [entry])
+        return wallet_document(load_wallet(tx, wallet_id))
+
+    def set_status_in(self, tx: Tx, wallet_id: str, status: str, reason: str, may_unfreeze: bool,
+                      entry: AuditEntry) -> dict[str, Any]:
+        tx.lock(f"wallet:{wallet_id}")
+        wallet = load_wallet(tx, wallet_id)
+        current = wallet["status"]
+        if current == "closed":
+            raise Conflict(f"wallet {wallet_id} is closed; a closed wallet stays closed")
+        if status in ("active", "closed") and not may_unfreeze:
+            raise Forbidden("only a supervisor may unfreeze or close a wallet")
+        if status == "closed" and (int(wallet["balance_fen"]) or int(wallet["offline_reserve_fen"])):
+            raise PolicyRefused("a wallet with a balance or offline reserve cannot be closed",
+                                ["balance-not-zero"])
+        tx.execute("UPDATE wallets SET status = ?, status_reason = ?, updated_at = ? WHERE wallet_id = ?",
+                   (status, reason, clock.now_iso(), wallet_id))
+        entry.result = {"wallet_id": wallet_id, "from": current, "to": status, "reason": reason}
+        append(tx, [entry])
+        return wallet_document(load_wallet(tx, wallet_id))
+
+    def set_tier_in(self, tx: Tx, wallet_id: str, tier: int, entry: AuditEntry) -> dict[str, Any]:
+        tx.lock(f"wallet:{wallet_id}")
+        wallet = load_wallet(tx, wallet_id)
+        if wallet["status"] == "closed":
+            raise WalletNotActive("a closed wallet cannot change tier", ["wallet-closed"])
+        limits = self.settings.wallets.limits(tier)
+        if limits.balance_cap is not None and int(wallet["balance_fen"]) > limits.balance_cap:
+            raise LimitExceeded(f"the balance exceeds tier {tier}'s cap of {limits.balance_cap} fen",
+                                ["balance-cap-exceeded"])
+        tx.execute("UPDATE wallets SET tier = ?, updated_at = ? WHERE wallet_id = ?", (tier, clock.now_iso(), wallet_id))
+        entry.result = {"wallet_id": wallet_id, "from": int(wallet["tier"]), "to": tier}
+        append(tx, [entry])
+        return wallet_document(load_wallet(tx, wallet_id))
+
+    def cash_in(self, tx: Tx, wallet_id: str, amount: int, actor: str, entry: AuditEntry) -> dict[str, Any]:
+        tx.lock(f"wallet:{wallet_id}")
+        wallet = load_wallet(tx, wallet_id)
+        limits = self.settings.wallets.limits(int(wallet["tier"]))
+        refuse([check_status(wallet["status"], "payee"), check_receipt(limits, amount, int(wallet["balance_fen"]))],
+               f"cash-in of {amount} fen to {wallet_id} refused")
+        entry_id = journal.post(tx, "cash_in", wallet_id, [(journal.wallet_account(wallet_id), amount),
+                                                         (journal.ISSUANCE, -amount)], actor)
+        return self._cash_result(tx, wallet_id, entry_id, amount, entry)
+
+    def cash_out(self, tx: Tx, wallet_id: str, amount: int, actor: str, entry: AuditEntry) -> dict[str, Any]:
+        tx.lock(f"wallet:{wallet_id}")
+        wallet = load_wallet(tx, wallet_id)
+        decisions = [check_status(wallet["status"], "payer")]
+        if amount > int(wallet["balance_fen"]):
+            decisions.append(Decision(False, ("insufficient-funds",)))
+        refuse(decisions, f"cash-out of {amount} fen from {wallet_id} refused")
+        entry_id = journal.post(tx, "cash_out", wallet_id, [(journal.wallet_account(wallet_id), -amount),
+                                                          (journal.ISSUANCE, amount)], actor)
+        return self._cash_result(tx, wallet_id, entry_id, amount, entry)
+
+    def _cash_result(self, tx: Tx, wallet_id: str, entry_id: str, amount: int, entry: AuditEntry) -> dict[str, Any]:
+        balance = journal.balance(tx, journal.wallet_account(wallet_id))
+        entry.result = {"wallet_id": wallet_id, "amount_fen": amount, "entry_id": entry_id, "balance_fen": balance}
+        append(tx, [entry])
+        return {"entry_id": entry_id, "wallet_id": wallet_id, "amount_fen": amount, "balance_fen": balance}
+
+    # --- transfers -------------------------------------------------------------------------
+
+    def _check_transfer(self, tx: Tx, intent: TransferIntent) -> None:
+        for wallet_id in sorted({intent.from_wallet, intent.to_wallet}):
+            tx.lock(f"wallet:{wallet_id}")
+        payer = load_wallet(tx, intent.from_wallet)
+        payee = load_wallet(tx, intent.to_wallet)
+        day = journal.business_day()
+        today, year = journal.spent(tx, intent.from_wallet, day)
+        payer_limits = self.settings.wallets.limits(int(payer["tier"]))
+        payee_limits = self.settings.wallets.limits(int(payee["tier"]))
+        refuse(
+            [
+                check_status(payer["status"], "payer"),
+                check_status(payee["status"], "payee"),
+                check_payment(payer_limits, intent.amount, int(payer["balance_fen"]), today, year),
+                check_receipt(payee_limits, intent.amount, int(payee["balance_fen"])),
+            ],
+            f"transfer of {intent.amount} fen from {intent.from_wallet} to {intent.to_wallet} refused",
+        )
+
+    def _post_transfer(self, tx: Tx, transfer_id: str, intent: TransferIntent, actor: str) -> dict[str, Any]:
+        """Post a checked transfer and fix its envelope payload. Returns the transfer row values."""
+        entry_id = journal.post(
+            tx, "transfer", transfer_id,
+            [(journal.wallet_account(intent.from_wallet), -intent.amount),
+             (journal.wallet_account(intent.to_wallet), intent.amount)],
+            actor, intent.memo,
+        )
+        journal.add_spend(tx, intent.from_wallet, intent.amount, journal.business_day())
+        tx.execute("UPDATE wallets SET out_seq = out_seq + 1 WHERE wallet_id = ?", (intent.from_wallet,))
+        seq = int(tx.fetchone("SELECT out_seq FROM wallets WHERE wallet_id = ?", (intent.from_wallet,))["out_seq"])  # type: ignore[index]
+        ts = journal.epoch_millis()
+        payload = cbor2.dumps(
+            {"v": 1, "id": transfer_id, "from": intent.from_wallet, "to": intent.to_wallet, "amount": intent.amount,
+             "ccy": "CNY", "ts": ts, "seq": seq},
+            canonical=True,
+        )
+        return {"entry_id": entry_id, "seq": seq, "ts": ts, "payload": payload}
+
+    def transfer_in(self, tx: Tx, intent: TransferIntent, entry: AuditEntry) -> tuple[str, str]:
+        """Check and post a transfer — or, above the approval threshold, park it for a supervisor.
+
+        Returns:
+            (transfer_id, status) with status ``posted`` or ``pending_approval``.
+        Raises:
+            PolicyRefused (and subclasses), WalletNotFound.
+        """
+        if intent.from_wallet == intent.to_wallet:
+            raise SameWallet("payer and payee are the same wallet")
+        self._check_transfer(tx, intent)
+        transfer_id = "t_" + secrets.token_hex(12)
+        now = clock.now_iso()
+        entry.result = {"transfer_id": transfer_id, "from": intent.from_wallet, "to": intent.to_wallet,
+                        "amount_fen": intent.amount}
+        if intent.amount > self.settings.approvals.transfer_threshold_fen:
+            approval_id = self._request_approval(tx, "transfer", {
+                "transfer_id": transfer_id, "from_wallet": intent.from_wallet, "to_wallet": intent.to_wallet,
+                "amount_fen": intent.amount, "memo": intent.memo, "ccy": "CNY"}, entry.actor)
+            tx.execute(
+                "INSERT INTO transfers (transfer_id, from_wallet, to_wallet, amount, memo, status, approval_id, "
+                "requested_by, created_at) VALUES (?, ?, ?, ?, ?, 'pending_approval', ?, ?, ?)",
+                (transfer_id, intent.from_wallet, intent.to_wallet, intent.amount, intent.memo, approval_id,
+                 entry.actor, now),
+            )
+            entry.decision = "pending_approval"
+            entry.result["approval_id"] = approval_id
+            append(tx, [entry])
+            return transfer_id, "pending_approval"
+        posted = self._post_transfer(tx, transfer_id, intent, entry.actor)
+        tx.execute(
+            "INSERT INTO transfers (transfer_id, from_wallet, to_wallet, amount, memo, status, entry_id, seq, ts, "
+            "payload, requested_by, created_at) VALUES (?, ?, ?, ?, ?, 'posted', ?, ?, ?, ?, ?, ?)",
+            (transfer_id, intent.from_wallet, intent.to_wallet, intent.amount, intent.memo, posted["entry_id"],
+             posted["seq"], posted["ts"], posted["payload"], entry.actor, now),
+        )
+        entry.result["entry_id"] = posted["entry_id"]
+        append(tx, [entry])
+        return transfer_id, "posted"
+
+    async def ecny_key(self) -> KeyRecord:
+        if self._ecny_key is None:
+            def find(tx: Tx) -> KeyRecord:
+                if self.settings.ecny.key_id:
+                    return get_key(tx, self.settings.ecny.key_id)
+                candidates = keys_with_usage(tx, Usage.ECNY)
+                if not candidates:
+                    raise KeyNotFound("no key with usage 'ecny' to sign transfer envelopes; generate one")
+                if len(candidates) > 1:
+                    raise AmbiguousKey(f"{len(candidates)} keys have usage 'ecny'; set ecny.key_id")
+                return candidates[0]
+
+            self._ecny_key = await self.database.read(find)
+        return self._ecny_key
+
+    async def seal(self, transfer_id: str) -> dict[str, Any]:
+        """Sign the envelope of a posted transfer if it has none yet; return the transfer document."""
+        row = await self.database.read(lambda tx: self._transfer_row(tx, transfer_id))
+        if row["status"] == "posted" and row["envelope"] is None:
+            key = await self.ecny_key()
+            envelope = await sign1(self.signer, self.profile, key, bytes(row["payload"]))
+            await self.database.write(lambda tx: tx.execute(
+                "UPDATE transfers SET envelope = ?, kid = ? WHERE transfer_id = ? AND envelope IS NULL",
+                (envelope, key.key_id, transfer_id)))
+            row = await self.database.read(lambda tx: self._transfer_row(tx, transfer_id))
+        return transfer_document(row)
+
+    @staticmethod
+    def _transfer_row(tx: Tx, transfer_id: str) -> Any:
+        row = tx.fetchone("SELECT * FROM transfers WHERE transfer_id = ?", (transfer_id,))
+        if row is None:
+            raise NotFound(f"no transfer {transfer_id[:40]}")
+        return row
+
+    # --- approvals -------------------------------------------------------------------------
+
+    def _request_approval(self, tx: Tx, kind: str, payload: dict[str, Any], actor: str) -> str:
+        approval_id = "a_" + secrets.token_hex(12)
+        text = canonical_json({"kind": kind, **payload})
+        tx.execute(
+            "INSERT INTO approvals (approval_id, kind, payload, payload_hash, requested_by, status, created_at, "
+            "expires_at) VALUES (?, ?, ?, ?, ?, 'pending', ?, ?)",
+            (approval_id, kind, text, sha256_hex(text), actor, clock.now_iso(),
+             clock.after(self.settings.approvals.ttl_seconds)),
+        )
+        return approval_id
+
+    def decide_in(self, tx: Tx, approval_id: str, approve: bool, payload_hash: str, note: str,
+                  entry: AuditEntry) -> tuple[Any, PolicyRefused | None]:
+        """Approve (and execute) or reject a pending approval, bound to ``payload_hash``.
+
+        Returns:
+            (approval row after the decision, the policy refusal if execution failed).
+        """
+        tx.lock(f"approval:{approval_id}")
+        approval = tx.fetchone("SELECT * FROM approvals WHERE approval_id = ?", (approval_id,))
+        if approval is None:
+            raise NotFound(f"no approval {approval_id[:40]}")
+        if approval["status"] != "pending":
+            raise ApprovalNotPending(f"approval {approval_id} is {approval['status']}")
+        if approval["requested_by"] == entry.actor:
+            raise SelfApproval("the requester cannot approve or reject their own request")
+        if sha256_hex(approval["payload"]) != approval["payload_hash"] or payload_hash != approval["payload_hash"]:
+            raise ApprovalPayloadMismatch("the payload hash does not match the pending payload")
+        now = clock.now_iso()
+        entry.result = {"approval_id": approval_id, "kind": approval["kind"], "payload_hash": payload_hash}
+        if approval["expires_at"] <= now:
+            self._close_approval(tx, approval_id, "expired", entry.actor, note, None)
+            entry.decision, entry.reasons = "refused", ["approval-expired"]
+            append(tx, [entry])
+            return tx.fetchone("SELECT * FROM approvals WHERE approval_id = ?", (approval_id,)), ApprovalExpired(
+                f"approval {approval_id} expired at {approval['expires_at']}")
+        payload = json.loads(approval["payload"])
+        failure: PolicyRefused | None = None
+        if not approve:
+            self._close_approval(tx, approval_id, "rejected", entry.actor, note, None)
+            if approval["kind"] == "transfer":
+                tx.execute("UPDATE transfers SET status = 'rejected' WHERE transfer_id = ?", (payload["transfer_id"],))
+            entry.decision = "rejected"
+        elif approval["kind"] == "transfer":
+            intent = TransferIntent(payload["from_wallet"], payload["to_wallet"], payload["amount_fen"], payload["memo"])
+            savepoint_ok = True
+            try:
+                self._check_transfer(tx, intent)
+            except PolicyRefused as refusal:
+                failure, savepoint_ok = refusal, False
+            if savepoint_ok:
+                posted = self._post_transfer(tx, payload["transfer_id"], intent, approval["requested_by"])
+                tx.execute(
+                    "UPDATE transfers SET status = 'posted', entry_id = ?, seq = ?, ts = ?, payload = ? "
+                    "WHERE transfer_id = ?",
+                    (posted["entry_id"], posted["seq"], posted["ts"], posted["payload"], payload["transfer_id"]),
+                )
+                self._close_approval(tx, approval_id, "executed", entry.actor, note,
+                                     {"transfer_id": payload["transfer_id"], "status": "posted"})
+                entry.decision = "approved"
+                entry.result["entry_id"] = posted["entry_id"]
+            else:
+                assert failure is not None
+                tx.execute("UPDATE transfers SET status = 'failed' WHERE transfer_id = ?", (payload["transfer_id"],))
+                self._close_approval(tx, approval_id, "failed", entry.actor, note,
+                                     {"transfer_id": payload["transfer_id"], "reasons": failure.reasons})
+                entry.decision, entry.reasons = "failed", failure.reasons
+        else:
+            raise ValidationFailed(f"approvals of kind {approval['kind']!r} cannot be executed here")
+        append(tx, [entry])
+        return tx.fetchone("SELECT * FROM approvals WHERE approval_id = ?", (approval_id,)), failure
+
+    @staticmethod
+    def _close_approval(tx: Tx, approval_id: str, status: str, actor: str, note: str,
+                        result: dict[str, Any] | None) -> None:
+        tx.execute(
+            "UPDATE approvals SET status = ?, decided_by = ?, decided_at = ?, note = ?, result = ? "
+            "WHERE approval_id = ?",
+            (status, actor, clock.now_iso(), note, canonical_json(result) if result is not None else None, approval_id),
+        )
+
+
+def canonical_json(value: Any) -> str:
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+
+
+def sha256_hex(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def transfer_document(row: Any) -> dict[str, Any]:
+    import base64
+
+    document: dict[str, Any] = {
+        "transfer_id": row["transfer_id"],
+        "from_wallet": row["from_wallet"],
+        "to_wallet": row["to_wallet"],
+        "amount_fen": int(row["amount"]),
+        "memo": row["memo"],
+        "status": row["status"],
+        "created_at": row["created_at"],
+    }
+    if row["approval_id"]:
+        document["approval_id"] = row["approval_id"]
+    if row["envelope"] is not None:
+        document["envelope"] = base64.b64encode(bytes(row["envelope"])).decode()
+        document["kid"] = row["kid"]
+    if row["seq"] is not None:
+        document["seq"] = int(row["seq"])
+    return document
+
+
+def approval_document(row: Any) -> dict[str, Any]:
+    return {
+        "approval_id": row["approval_id"],
+        "kind": row["kind"],
+        "payload": json.loads(row["payload"]),
+        "payload_hash": row["payload_hash"],
+        "requested_by": row["requested_by"],
+        "status": "expired" if row["status"] == "pending" and row["expires_at"] <= clock.now_iso() else row["status"],
+        "decided_by": row["decided_by"],
+        "decided_at": row["decided_at"],
+        "note": row["note"],
+        "result": json.loads(row["result"]) if row["result"] else None,
+        "created_at": row["created_at"],
+        "expires_at": row["expires_at"],
+    }

@@ -1,0 +1,315 @@
+"""The store contract, run against both implementations (``store_dsn``: SQLite and PostgreSQL).
+
+What the rest of the gateway relies on: migrations apply once; a write commits or rolls back as a
+whole; a unique violation is AlreadyExists; BYTEA/BLOB comes back as ``bytes``; ``tx.lock``
+serialises read-modify-write transactions (on PostgreSQL this is the advisory lock, so the audit
+chain has no gaps or forks under concurrent appends); an unreachable server is StoreUnavailable.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+
+from gateway.audit.chain import AuditEntry, append
+from gateway.audit.verify import verify_chain
+from gateway.errors import AlreadyExists, StoreUnavailable
+from gateway.ledger.migrate import migration_files
+from gateway.ledger.postgres import PostgresDatabase, lock_key
+from gateway.ledger.store import Database, Tx, open_database
+from tests.pg import PostgresServer, free_port
+
+
+@pytest.fixture
+async def database(store_dsn: str) -> AsyncIterator[Database]:
+    """An open store, not migrated."""
+    opened = await open_database(store_dsn)
+    yield opened
+    await opened.close()
+
+
+@pytest.fixture
+async def migrated(database: Database) -> Database:
+    await database.migrate()
+    return database
+
+
+class Boom(Exception):
+    pass
+
+
+def add_user(tx: Tx, username: str) -> None:
+    tx.execute(
+        "INSERT INTO users (username, role, password_hash, created_at) VALUES (?, ?, ?, ?)",
+        (username, "teller", "x", "2024-01-01T00:00:00Z"),
+    )
+
+
+def add_key(tx: Tx, key_id: str, label: str, public_key: bytes) -> None:
+    tx.execute(
+        "INSERT INTO keys (key_id, label, algorithm, usages, public_key, created_at, created_by) "
+        "VALUES (?, ?, ?, ?, ?, ?, ?)",
+        (key_id, label, "ecdsa-p256", "raw", public_key, "2024-01-01T00:00:00Z", "test"),
+    )
+
+
+def count_users(tx: Tx) -> int:
+    row = tx.fetchone("SELECT COUNT(*) AS n FROM users")
+    assert row is not None
+    return int(row["n"])
+
+
+def dialect_of(dsn: str) -> str:
+    return "sqlite" if dsn.startswith("sqlite") else "postgresql"
+
+
+async def test_migrate_is_idempotent(database: Database, store_dsn: str) -> None:
+    every = [name for name, _ in migration_files(dialect_of(store_dsn))]
+    assert every[0] == "0001_foundation"
+    assert await database.migrate() == every
+    assert await database.migrate() == []
+    assert await database.read(count_users) == 0
+    # A second process (a new pool) finds everything applied too.
+    again = await open_database(store_dsn)
+    try:
+        assert await again.migrate() == []
+    finally:
+        await again.close()
+
+
+async def test_dialect_and_placeholders(migrated: Database, store_dsn: str) -> None:
+    dialect = dialect_of(store_dsn)
+
+    def probe(tx: Tx) -> tuple[str, Any]:
+        return tx.dialect, tx.fetchone("SELECT ? || '%' AS v, ? AS n", ("a", 7))
+
+    found_dialect, row = await migrated.read(probe)
+    assert found_dialect == dialect
+    assert row is not None and dict(row) == {"v": "a%", "n": 7}
+    assert await migrated.ping() is True
+
+
+async def test_write_commits_and_read_sees_it(migrated: Database) -> None:
+    assert (
+        await migrated.write(
+            lambda tx: tx.execute(
+                "INSERT INTO users (username, role, password_hash, created_at) VALUES (?, ?, ?, ?)",
+                ("alice", "teller", "x", "t"),
+            )
+        )
+        == 1
+    )
+    row = await migrated.read(lambda tx: tx.fetchone("SELECT username, role FROM users WHERE username = ?", ("alice",)))
+    assert row is not None and dict(row) == {"username": "alice", "role": "teller"}
+    rows = await migrated.read(lambda tx: tx.fetchall("SELECT username FROM users ORDER BY username"))
+    assert [r["username"] for r in rows] == ["alice"]
+    assert (
+        await migrated.read(lambda tx: tx.fetchone("SELECT username FROM users WHERE username = ?", ("bob",))) is None
+    )
+
+
+async def test_raising_write_rolls_back(migrated: Database) -> None:
+    def half_done(tx: Tx) -> None:
+        add_user(tx, "carol")
+        add_user(tx, "dave")
+        raise Boom("changed my mind")
+
+    with pytest.raises(Boom):
+        await migrated.write(half_done)
+    assert await migrated.read(count_users) == 0
+    # The connection is usable again afterwards.
+    await migrated.write(lambda tx: add_user(tx, "carol"))
+    assert await migrated.read(count_users) == 1
+
+
+async def test_unique_violation_is_already_exists(migrated: Database, store_dsn: str) -> None:
+    await migrated.write(lambda tx: add_user(tx, "erin"))
+    with pytest.raises(AlreadyExists) as caught:
+        await migrated.write(lambda tx: add_user(tx, "erin"))
+    assert "already exists" in caught.value.detail
+
+    await migrated.write(lambda tx: add_key(tx, "k1", "label-1", b"\x04"))
+
+    def second_key_same_label(tx: Tx) -> None:
+        add_user(tx, "frank")  # rolled back with the failing insert
+        add_key(tx, "k2", "label-1", b"\x04")
+
+    with pytest.raises(AlreadyExists) as caught:
+        await migrated.write(second_key_same_label)
+    assert "label" in caught.value.detail  # SQLite: keys.label; PostgreSQL: keys_label_key
+    if store_dsn.startswith("postgresql"):
+        assert "keys_label_key" in caught.value.detail
+    assert await migrated.read(count_users) == 1
+
+
+async def test_bytes_round_trip(migrated: Database) -> None:
+    every_byte = bytes(range(256))
+    await migrated.write(lambda tx: add_key(tx, "k-bytes", "bytes", every_byte))
+    await migrated.write(lambda tx: add_key(tx, "k-empty", "empty", b""))
+    one = await migrated.read(lambda tx: tx.fetchone("SELECT public_key FROM keys WHERE key_id = ?", ("k-bytes",)))
+    assert one is not None
+    assert type(one["public_key"]) is bytes and one["public_key"] == every_byte
+    rows = await migrated.read(lambda tx: tx.fetchall("SELECT key_id, public_key FROM keys ORDER BY key_id"))
+    assert [(r["key_id"], r["public_key"]) for r in rows] == [("k-bytes", every_byte), ("k-empty", b"")]
+    assert all(type(r["public_key"]) is bytes for r in rows)
+    # bytes as a query parameter too
+    found = await migrated.read(lambda tx: tx.fetchone("SELECT key_id FROM keys WHERE public_key = ?", (every_byte,)))
+    assert found is not None and found["key_id"] == "k-bytes"
+
+
+def entry(n: int) -> AuditEntry:
+    return AuditEntry(
+        "tester",
+        "admin",
+        "test.event",
+        "allowed",
+        reasons=[f"r{n}"],
+        result={"n": n},
+        payload_hash="ab" * 32,
+        request_id=f"req-{n}",
+    )
+
+
+async def test_audit_chain_verifies(migrated: Database) -> None:
+    assert await migrated.write(lambda tx: append(tx, [entry(1), entry(2)])) == [1, 2]
+    for n in range(3, 6):
+        assert await migrated.write(lambda tx, n=n: append(tx, [entry(n)])) == [n]
+    report = await migrated.read(verify_chain)
+    assert report.ok, report.problem
+    assert (report.entries, report.head_seq, report.first_bad_seq) == (5, 5, None)
+
+    # Tampering is seen (so a passing verification above means something).
+    await migrated.write(lambda tx: tx.execute("UPDATE audit_log SET actor = ? WHERE seq = ?", ("mallory", 3)))
+    report = await migrated.read(verify_chain)
+    assert not report.ok and report.first_bad_seq == 3
+
+
+async def test_concurrent_audit_appends_have_no_gaps(migrated: Database) -> None:
+    results = await asyncio.gather(*(migrated.write(lambda tx, n=n: append(tx, [entry(n)])) for n in range(20)))
+    assert sorted(seq for numbers in results for seq in numbers) == list(range(1, 21))
+    report = await migrated.read(verify_chain)
+    assert report.ok, report.problem
+    assert report.entries == 20 and report.head_seq == 20
+
+
+def make_counter(tx: Tx) -> None:
+    tx.execute("CREATE TABLE counters (name TEXT PRIMARY KEY, value INTEGER NOT NULL)")
+    tx.execute("INSERT INTO counters (name, value) VALUES (?, ?)", ("c", 0))
+
+
+def increment(tx: Tx, locked: bool = True) -> None:
+    if locked:
+        tx.lock("counter")
+    row = tx.fetchone("SELECT value FROM counters WHERE name = ?", ("c",))
+    assert row is not None
+    time.sleep(0.05)  # we are in a worker thread: give other transactions every chance to interleave
+    tx.execute("UPDATE counters SET value = ? WHERE name = ?", (int(row["value"]) + 1, "c"))
+
+
+async def read_counter(database: Database) -> int:
+    row = await database.read(lambda tx: tx.fetchone("SELECT value FROM counters WHERE name = ?", ("c",)))
+    assert row is not None
+    return int(row["value"])
+
+
+async def test_lock_serialises_read_modify_write(migrated: Database) -> None:
+    await migrated.write(make_counter)
+    await asyncio.gather(*(migrated.write(increment) for _ in range(10)))
+    assert await read_counter(migrated) == 10
+
+
+async def test_read_sees_one_snapshot(migrated: Database) -> None:
+    """A read transaction does not see what commits while it runs (the audit verifier depends on it)."""
+    reading, committed = threading.Event(), threading.Event()
+
+    def two_counts(tx: Tx) -> tuple[int, int]:
+        first = count_users(tx)
+        reading.set()
+        assert committed.wait(10)
+        return first, count_users(tx)
+
+    reader = asyncio.ensure_future(migrated.read(two_counts))
+    assert await asyncio.get_running_loop().run_in_executor(None, reading.wait, 10)
+    await migrated.write(lambda tx: add_user(tx, "grace"))
+    committed.set()
+    assert await reader == (0, 0)
+    assert await migrated.read(count_users) == 1
+
+
+@pytest.mark.postgres
+async def test_without_the_lock_updates_are_lost(postgres_server: PostgresServer) -> None:
+    """The control for the lock test: on PostgreSQL, READ COMMITTED alone does lose updates."""
+    database = await PostgresDatabase.open(postgres_server.create_database())
+    try:
+        await database.write(make_counter)
+        await asyncio.gather(*(database.write(lambda tx: increment(tx, locked=False)) for _ in range(8)))
+        assert await read_counter(database) < 8
+    finally:
+        await database.close()
+
+
+@pytest.mark.postgres
+async def test_pool_recovers_when_connections_are_killed(postgres_server: PostgresServer) -> None:
+    dsn = postgres_server.create_database()
+    database = await PostgresDatabase.open(dsn, size=2)
+    try:
+        await database.migrate()
+        await asyncio.gather(*(database.read(lambda tx: time.sleep(0.05)) for _ in range(4)))  # open both
+        killer = await PostgresDatabase.open(postgres_server.dsn(), size=1)
+        try:
+            dbname = dsn.rsplit("/", 1)[1]
+            await killer.write(
+                lambda tx: tx.fetchall(
+                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = ?", (dbname,)
+                )
+            )
+        finally:
+            await killer.close()
+        started = time.monotonic()
+        await database.write(lambda tx: add_user(tx, "heidi"))
+        assert await database.read(count_users) == 1
+        assert time.monotonic() - started < 0.8  # dead connections are replaced at once, with no back-off
+    finally:
+        await database.close()
+
+
+async def test_unreachable_server_is_store_unavailable() -> None:
+    port = free_port()  # nothing listens there
+    with pytest.raises(StoreUnavailable) as caught:
+        await open_database(f"postgresql://test:s3cret-pw@127.0.0.1:{port}/nowhere?connect_timeout=2")
+    message = caught.value.detail
+    assert f"127.0.0.1:{port}/nowhere" in message
+    assert "s3cret-pw" not in message and "s3cret-pw" not in repr(caught.value)
+
+
+@pytest.mark.postgres
+async def test_stopped_server_is_store_unavailable() -> None:
+    server = PostgresServer().start()
+    try:
+        database = await PostgresDatabase.open(server.create_database(), size=2, acquire_timeout=0.5)
+        try:
+            await database.migrate()
+            server.stop()
+            started = time.monotonic()
+            with pytest.raises(StoreUnavailable):
+                await database.write(lambda tx: add_user(tx, "ivan"))
+            with pytest.raises(StoreUnavailable):
+                await database.read(count_users)
+            assert await database.ping() is False
+            assert time.monotonic() - started < 10
+        finally:
+            await database.close()
+    finally:
+        server.stop()
+
+
+def test_lock_key_is_stable_and_signed_64_bit() -> None:
+    assert lock_key("audit-chain") == lock_key("audit-chain") != lock_key("schema-migrations")
+    keys = [lock_key(f"name-{n}") for n in range(200)]
+    assert all(-(2**63) <= key < 2**63 for key in keys)
+    assert any(key < 0 for key in keys)

@@ -12,6 +12,7 @@ import argparse
 import asyncio
 import getpass
 import json
+import logging
 import os
 import secrets
 import sys
@@ -97,7 +98,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         host=settings.server.host,
         port=settings.server.port,
         ssl_context=ssl_context(settings),
-        access_log=None if not settings.server.access_log else web.logging.getLogger("aiohttp.access"),
+        access_log=logging.getLogger("aiohttp.access") if settings.server.access_log else None,
         print=None,
         shutdown_timeout=10,
     )

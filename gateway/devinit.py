@@ -84,7 +84,7 @@ async def _setup(var: Path) -> dict[str, Any]:
         have_clients = await database.read(
             lambda tx: tx.fetchone("SELECT COUNT(*) AS n FROM clients WHERE name IN ('dev-admin', 'dev-backend')")
         )
-        if not credentials_path.exists() or int(have_clients["n"]) < 2:
+        if not credentials_path.exists() or have_clients is None or int(have_clients["n"]) < 2:
             hasher = PasswordHasher()
             passwords = {username: secrets.token_urlsafe(15) for username, _ in DEV_USERS}
 

@@ -15,7 +15,8 @@ from typing import Any
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, utils
-from eth_utils import keccak, to_checksum_address
+from eth_hash.auto import keccak
+from eth_utils.address import to_checksum_address
 
 from gateway import clock
 from gateway.errors import AlreadyExists, KeyNotFound, KeyUsageNotAllowed, ValidationFailed

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import orjson
 from aiohttp import web
 
@@ -62,7 +64,7 @@ async def list_approvals(call: Call) -> web.Response:
     if status not in ("pending", "executed", "rejected", "expired", "failed", "all"):
         raise ValidationFailed("status must be pending, executed, rejected, expired, failed or all")
 
-    def find(tx: Tx) -> list[object]:
+    def find(tx: Tx) -> list[Any]:
         if status == "all":
             return tx.fetchall("SELECT * FROM approvals ORDER BY created_at DESC LIMIT 200")
         return tx.fetchall("SELECT * FROM approvals WHERE status = ? ORDER BY created_at DESC LIMIT 200", (status,))

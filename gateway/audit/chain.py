@@ -16,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -106,6 +106,10 @@ def append(tx: Tx, entries: Iterable[AuditEntry]) -> list[int]:
     return numbers
 
 
+def _appender(entries: list[AuditEntry]) -> Callable[[Tx], list[int]]:
+    return lambda tx: append(tx, entries)
+
+
 def checkpoint_message(seq: int, head_hash: bytes) -> bytes:
     """The bytes an audit key signs for a checkpoint."""
     return cbor2.dumps([CHECKPOINT_CONTEXT, seq, bytes(head_hash)], canonical=True)
@@ -151,7 +155,7 @@ class AuditLog:
         while self._pending:
             batch, self._pending = self._pending[: self._flush_max], self._pending[self._flush_max :]
             try:
-                numbers = await self._database.write(lambda tx, b=batch: append(tx, (e for e, _ in b)))
+                numbers = await self._database.write(_appender([entry for entry, _ in batch]))
             except Exception as exc:
                 for _, future in batch:
                     if not future.done():

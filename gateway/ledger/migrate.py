@@ -11,7 +11,7 @@ from gateway.clock import now_iso
 def migration_files(dialect: str) -> list[tuple[str, str]]:
     """The numbered migrations of one dialect, in order: (name, SQL)."""
     folder = resources.files("gateway.ledger") / "migrations" / dialect
-    files = sorted(item for item in folder.iterdir() if item.name.endswith(".sql"))
+    files = sorted((item for item in folder.iterdir() if item.name.endswith(".sql")), key=lambda item: item.name)
     return [(item.name.removesuffix(".sql"), item.read_text(encoding="utf-8")) for item in files]
 
 

@@ -30,6 +30,7 @@ from gateway.errors import (
     ApprovalPayloadMismatch,
     Conflict,
     Forbidden,
+    GatewayError,
     InsufficientFunds,
     InvalidAmount,
     InvalidWalletId,
@@ -340,7 +341,7 @@ class Wallets:
         return approval_id
 
     def decide_in(self, tx: Tx, approval_id: str, approve: bool, payload_hash: str, note: str,
-                  entry: AuditEntry) -> tuple[Any, PolicyRefused | None]:
+                  entry: AuditEntry) -> tuple[Any, GatewayError | None]:
         """Approve (and execute) or reject a pending approval, bound to ``payload_hash``.
 
         Returns:

@@ -361,6 +361,9 @@ class Wallets:
         entry.result = {"approval_id": approval_id, "kind": approval["kind"], "payload_hash": payload_hash}
         if approval["expires_at"] <= now:
             self._close_approval(tx, approval_id, "expired", entry.actor, note, None)
+            if approval["kind"] == "transfer":
+                transfer_id = json.loads(approval["payload"])["transfer_id"]
+                tx.execute("UPDATE transfers SET status = 'expired' WHERE transfer_id = ?", (transfer_id,))
             entry.decision, entry.reasons = "refused", ["approval-expired"]
             append(tx, [entry])
             return tx.fetchone("SELECT * FROM approvals WHERE approval_id = ?", (approval_id,)), ApprovalExpired(
@@ -374,12 +377,11 @@ class Wallets:
             entry.decision = "rejected"
         elif approval["kind"] == "transfer":
             intent = TransferIntent(payload["from_wallet"], payload["to_wallet"], payload["amount_fen"], payload["memo"])
-            savepoint_ok = True
             try:
-                self._check_transfer(tx, intent)
+                self._check_transfer(tx, intent)  # reads and locks only: nothing to undo if it refuses
             except PolicyRefused as refusal:
-                failure, savepoint_ok = refusal, False
-            if savepoint_ok:
+                failure = refusal
+            if failure is None:
                 posted = self._post_transfer(tx, payload["transfer_id"], intent, approval["requested_by"])
                 tx.execute(
                     "UPDATE transfers SET status = 'posted', entry_id = ?, seq = ?, ts = ?, payload = ? "
@@ -391,7 +393,6 @@ class Wallets:
                 entry.decision = "approved"
                 entry.result["entry_id"] = posted["entry_id"]
             else:
-                assert failure is not None
                 tx.execute("UPDATE transfers SET status = 'failed' WHERE transfer_id = ?", (payload["transfer_id"],))
                 self._close_approval(tx, approval_id, "failed", entry.actor, note,
                                      {"transfer_id": payload["transfer_id"], "reasons": failure.reasons})
@@ -399,7 +400,8 @@ class Wallets:
         else:
             raise ValidationFailed(f"approvals of kind {approval['kind']!r} cannot be executed here")
         append(tx, [entry])
-        return tx.fetchone("SELECT * FROM approvals WHERE approval_id = ?", (approval_id,)), failure
+        after: GatewayError | None = failure
+        return tx.fetchone("SELECT * FROM approvals WHERE approval_id = ?", (approval_id,)), after
 
     @staticmethod
     def _close_approval(tx: Tx, approval_id: str, status: str, actor: str, note: str,

@@ -314,3 +314,41 @@ async def test_search_and_cash_out(ledger_gateway: Gateway) -> None:
     response = await gw.client.post(f"/v1/wallets/{wallet_id}/status", json={"status": "closed", "reason": "moved"},
                                     headers=gw.auth(Role.SUPERVISOR))
     assert response.status == 200 and (await response.json())["status"] == "closed"
+
+
+async def test_expired_approval_cannot_be_approved(ledger_gateway: Gateway) -> None:
+    gw = ledger_gateway
+    payer, payee = await open_wallet(gw, tier=1), await open_wallet(gw, tier=1)
+    await cash_in(gw, payer, 10_000_000)
+    pending = await (await transfer(gw, payer, payee, 6_000_000)).json()
+    database = gw.client.server.app[SERVICES].database
+    await database.write(lambda tx: tx.execute("UPDATE approvals SET expires_at = ? WHERE approval_id = ?",
+                                                ("2000-01-01T00:00:00.000000Z", pending["approval_id"])))
+    approval = await (await gw.client.get(f"/v1/approvals/{pending['approval_id']}",
+                                          headers=gw.auth(Role.SUPERVISOR))).json()
+    assert approval["status"] == "expired"
+    response = await gw.client.post(f"/v1/approvals/{pending['approval_id']}/approve",
+                                    json={"payload_hash": approval["payload_hash"]}, headers=gw.auth(Role.SUPERVISOR))
+    assert response.status == 409 and (await response.json())["type"].endswith("/approval-expired")
+    shown = await (await gw.client.get(f"/v1/transfers/{pending['transfer_id']}", headers=gw.auth(Role.TELLER))).json()
+    assert shown["status"] == "expired"
+    assert (await wallet(gw, payer))["balance_fen"] == 10_000_000
+
+
+async def test_approval_fails_when_policy_no_longer_allows(ledger_gateway: Gateway) -> None:
+    gw = ledger_gateway
+    payer, payee = await open_wallet(gw, tier=1), await open_wallet(gw, tier=1)
+    await cash_in(gw, payer, 6_000_000)
+    pending = await (await transfer(gw, payer, payee, 6_000_000)).json()
+    response = await gw.client.post(f"/v1/wallets/{payer}/cash-out", json={"amount_fen": 1},
+                                    headers={**gw.auth(Role.TELLER), **idem()})
+    assert response.status == 200
+    approval = await (await gw.client.get(f"/v1/approvals/{pending['approval_id']}",
+                                          headers=gw.auth(Role.SUPERVISOR))).json()
+    response = await gw.client.post(f"/v1/approvals/{pending['approval_id']}/approve",
+                                    json={"payload_hash": approval["payload_hash"]}, headers=gw.auth(Role.SUPERVISOR))
+    assert response.status == 422 and "insufficient-funds" in (await response.json())["reasons"]
+    approval = await (await gw.client.get(f"/v1/approvals/{pending['approval_id']}",
+                                          headers=gw.auth(Role.SUPERVISOR))).json()
+    assert approval["status"] == "failed"
+    assert (await wallet(gw, payee))["balance_fen"] == 0

@@ -20,7 +20,7 @@ from gateway.api.wallet_models import (
 from gateway.auth.roles import Permission
 from gateway.errors import ValidationFailed
 from gateway.ledger.store import Tx
-from gateway.wallets.service import TransferIntent, approval_document, require_wallet_id, transfer_document
+from gateway.wallets.service import TransferIntent, approval_document, finish_approval, require_wallet_id
 
 
 async def _final_response(call: Call, transfer_id: str, status: int) -> web.Response:
@@ -84,10 +84,7 @@ async def show_approval(call: Call) -> web.Response:
         from gateway.errors import NotFound
 
         raise NotFound(f"no approval {approval_id[:40]}")
-    document = approval_document(row)
-    if document["kind"] == "transfer" and document["status"] == "executed":
-        document["result"] = await call.services.wallets.seal(document["payload"]["transfer_id"])
-    return json_response(document)
+    return json_response(await finish_approval(call.services.wallets, approval_document(row)))
 
 
 def _decide(approve: bool) -> object:
@@ -101,10 +98,7 @@ def _decide(approve: bool) -> object:
             lambda tx: wallets.decide_in(tx, approval_id, approve, body.payload_hash, body.note, entry))
         if failure is not None:
             raise failure
-        document = approval_document(row)
-        if document["kind"] == "transfer" and document["status"] == "executed":
-            document["result"] = await wallets.seal(document["payload"]["transfer_id"])
-        return json_response(document)
+        return json_response(await finish_approval(wallets, approval_document(row)))
 
     handler.__name__ = "approve" if approve else "reject"
     return handler

@@ -16,7 +16,7 @@ import hashlib
 import json
 import secrets
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import cbor2
 
@@ -118,6 +118,32 @@ class TransferIntent:
     memo: str
 
 
+class ApprovalHandler(Protocol):
+    """Executes approvals of one kind other than transfers (e.g. ``evm_transaction``).
+
+    Register an instance in :attr:`Wallets.approval_handlers` under its kind; the approval
+    endpoints then decide such approvals with the same maker-checker rules as transfers.
+    """
+
+    def execute_in(self, tx: Tx, approval: Any, payload: dict[str, Any], entry: AuditEntry) -> dict[str, Any]:
+        """Carry the approved operation out inside the decision's transaction.
+
+        Returns:
+            The result recorded on the approval (JSON-serialisable).
+        Raises:
+            PolicyRefused: the operation is no longer allowed; the approval becomes ``failed``.
+        """
+        ...
+
+    def reject_in(self, tx: Tx, approval: Any, payload: dict[str, Any]) -> None:
+        """Record the rejection wherever the operation keeps its own state."""
+        ...
+
+    async def finish(self, document: dict[str, Any]) -> dict[str, Any] | None:
+        """After commit: complete the result (e.g. sign) and return it for the approval document."""
+        ...
+
+
 class Wallets:
     """The wallet service of one gateway process."""
 
@@ -127,6 +153,7 @@ class Wallets:
         self.profile = profile
         self.settings = settings
         self._ecny_key: KeyRecord | None = None
+        self.approval_handlers: dict[str, ApprovalHandler] = {}
 
     def check_amount(self, amount: int) -> int:
         if isinstance(amount, bool) or not isinstance(amount, int) or amount <= 0:
@@ -269,7 +296,7 @@ class Wallets:
         entry.result = {"transfer_id": transfer_id, "from": intent.from_wallet, "to": intent.to_wallet,
                         "amount_fen": intent.amount}
         if intent.amount > self.settings.approvals.transfer_threshold_fen:
-            approval_id = self._request_approval(tx, "transfer", {
+            approval_id = self.request_approval(tx, "transfer", {
                 "transfer_id": transfer_id, "from_wallet": intent.from_wallet, "to_wallet": intent.to_wallet,
                 "amount_fen": intent.amount, "memo": intent.memo, "ccy": "CNY"}, entry.actor)
             tx.execute(
@@ -329,7 +356,8 @@ class Wallets:
 
     # --- approvals -------------------------------------------------------------------------
 
-    def _request_approval(self, tx: Tx, kind: str, payload: dict[str, Any], actor: str) -> str:
+    def request_approval(self, tx: Tx, kind: str, payload: dict[str, Any], actor: str) -> str:
+        """Park an operation for a supervisor: the payload (canonical JSON) and its hash are fixed now."""
         approval_id = "a_" + secrets.token_hex(12)
         text = canonical_json({"kind": kind, **payload})
         tx.execute(
@@ -374,6 +402,8 @@ class Wallets:
             self._close_approval(tx, approval_id, "rejected", entry.actor, note, None)
             if approval["kind"] == "transfer":
                 tx.execute("UPDATE transfers SET status = 'rejected' WHERE transfer_id = ?", (payload["transfer_id"],))
+            elif approval["kind"] in self.approval_handlers:
+                self.approval_handlers[approval["kind"]].reject_in(tx, approval, payload)
             entry.decision = "rejected"
         elif approval["kind"] == "transfer":
             intent = TransferIntent(payload["from_wallet"], payload["to_wallet"], payload["amount_fen"], payload["memo"])
@@ -398,7 +428,18 @@ class Wallets:
                                      {"transfer_id": payload["transfer_id"], "reasons": failure.reasons})
                 entry.decision, entry.reasons = "failed", failure.reasons
         else:
-            raise ValidationFailed(f"approvals of kind {approval['kind']!r} cannot be executed here")
+            handler = self.approval_handlers.get(approval["kind"])
+            if handler is None:
+                raise ValidationFailed(f"approvals of kind {approval['kind']!r} cannot be executed here")
+            try:
+                result = handler.execute_in(tx, approval, payload, entry)
+            except PolicyRefused as refusal:
+                failure = refusal
+                self._close_approval(tx, approval_id, "failed", entry.actor, note, {"reasons": refusal.reasons})
+                entry.decision, entry.reasons = "failed", refusal.reasons
+            else:
+                self._close_approval(tx, approval_id, "executed", entry.actor, note, result)
+                entry.decision = "approved"
         append(tx, [entry])
         after: GatewayError | None = failure
         return tx.fetchone("SELECT * FROM approvals WHERE approval_id = ?", (approval_id,)), after
@@ -440,6 +481,19 @@ def transfer_document(row: Any) -> dict[str, Any]:
         document["kid"] = row["kid"]
     if row["seq"] is not None:
         document["seq"] = int(row["seq"])
+    return document
+
+
+async def finish_approval(wallets: Wallets, document: dict[str, Any]) -> dict[str, Any]:
+    """Complete an executed approval's result after commit (sign the transfer envelope, or the kind's own)."""
+    if document["status"] != "executed":
+        return document
+    if document["kind"] == "transfer":
+        document["result"] = await wallets.seal(document["payload"]["transfer_id"])
+    elif document["kind"] in wallets.approval_handlers:
+        result = await wallets.approval_handlers[document["kind"]].finish(document)
+        if result is not None:
+            document["result"] = result
     return document
 
 

@@ -21,7 +21,8 @@ def _int_query(call: Call, name: str, default: int, low: int, high: int) -> int:
     text = call.request.query.get(name)
     if text is None or text == "":
         return default
-    if not text.isdigit():
+    # ASCII digits only: str.isdigit() also passes "²" (int() then raises) and int() refuses over 4300 digits.
+    if not (text.isascii() and text.isdigit()) or len(text) > 20:
         raise ValidationFailed(f"query parameter {name} must be a non-negative integer")
     value = int(text)
     if not low <= value <= high:

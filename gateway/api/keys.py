@@ -20,8 +20,8 @@ from gateway.api.models import (
 from gateway.auth.roles import Permission
 from gateway.errors import PayloadTooLarge, ValidationFailed
 from gateway.hsm.profile import Algorithm
-from gateway.keyring import KeyRecord, Usage, der_from_raw, list_keys
 from gateway.keymgmt import generate_key
+from gateway.keyring import KeyRecord, Usage, der_from_raw, list_keys
 
 MAX_BATCH = 1000
 ECDSA = (Algorithm.ECDSA_P256, Algorithm.ECDSA_SECP256K1)

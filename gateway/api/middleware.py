@@ -67,6 +67,8 @@ async def problem_middleware(request: web.Request, handler: HandlerType) -> web.
         if exc.status < 400:
             raise
         response = _render(_from_http_exception(exc), request)
+        if isinstance(exc, web.HTTPMethodNotAllowed):  # RFC 9110 §15.5.6: a 405 names the allowed methods
+            response.headers["Allow"] = ", ".join(sorted(exc.allowed_methods))
     except Exception:
         log.exception("unhandled error", request_id=request_id, path=request.path)
         response = _render(GatewayError("an unexpected error occurred; it has been logged"), request)

@@ -127,7 +127,8 @@ def _cash(direction: str) -> Any:
 async def transactions(call: Call) -> web.Response:
     wallet_id = _wallet_id(call)
     cursor_text = call.request.query.get("cursor", "")
-    if cursor_text and not cursor_text.isdigit():
+    # ASCII digits, and few enough for a 64-bit column (str.isdigit() passes "²", which int() refuses).
+    if cursor_text and not (cursor_text.isascii() and cursor_text.isdigit() and len(cursor_text) <= 18):
         raise ValidationFailed("cursor must be the next_cursor of a previous page")
     cursor = int(cursor_text) if cursor_text else 2**62
 

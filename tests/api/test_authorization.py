@@ -1,0 +1,345 @@
+"""Who may call what (SPEC.md §5 roles table): every endpoint by every role, plus no credentials.
+
+Each endpoint has a case: a request that succeeds when the caller is allowed, and the roles SPEC.md §5
+lets call it (checked against the grants table, `gateway.auth.roles.allows`). Allowed → the
+endpoint's success status; not allowed → 403 `forbidden` (audited when the endpoint audits
+refusals); anonymous → 401 with `WWW-Authenticate`; public endpoints work for everyone. An endpoint
+without a case fails the suite.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import secrets
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import pytest
+from aiohttp import ClientResponse
+from argon2 import PasswordHasher
+
+from gateway import clock
+from gateway.app import all_endpoints
+from gateway.auth.credentials import add_user, revoke_client
+from gateway.auth.roles import Role, allows
+from tests.api.support import assert_problem, new_client, services
+from tests.conftest import PASSWORDS, Gateway
+
+pytestmark = pytest.mark.softhsm
+
+ANONYMOUS = "anonymous"
+
+
+@dataclass
+class Case:
+    """One request: path with real ids filled in, an optional JSON body, query and extra headers."""
+
+    path: str
+    json: Any = None
+    params: dict[str, str] = field(default_factory=dict)
+    headers: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class Context:
+    gateway: Gateway
+    keys: dict[str, Any]  # the `raw_keys` documents
+
+
+def _digest() -> str:
+    return os.urandom(32).hex()
+
+
+def _idempotency() -> dict[str, str]:
+    return {"Idempotency-Key": f"authz-{secrets.token_hex(8)}"}
+
+
+async def _ok(response: ClientResponse, status: int = 200) -> Any:
+    assert response.status == status, await response.text()
+    return await response.json()
+
+
+async def _wallet(ctx: Context, funded: int = 0) -> str:
+    """A fresh active tier-1 wallet (no limits), opened by a teller, with ``funded`` fen cashed in."""
+    gw = ctx.gateway
+    document = await _ok(await gw.client.post(
+        "/v1/wallets", json={"holder_name": "Authz Test", "phone": "13800138000", "tier": 1, "kind": "personal"},
+        headers=gw.auth(Role.TELLER)), 201)
+    wallet_id = str(document["wallet_id"])
+    if funded:
+        await _ok(await gw.client.post(f"/v1/wallets/{wallet_id}/cash-in", json={"amount_fen": funded},
+                                       headers=gw.auth(Role.TELLER) | _idempotency()))
+    return wallet_id
+
+
+async def _transfer(ctx: Context, amount: int = 100) -> dict[str, Any]:
+    """A transfer made by the backend client: posted, or pending approval above the threshold."""
+    gw = ctx.gateway
+    payer, payee = await _wallet(ctx, funded=amount), await _wallet(ctx)
+    response = await gw.client.post("/v1/transfers", json={"from_wallet": payer, "to_wallet": payee,
+                                                           "amount_fen": amount},
+                                    headers=gw.auth(Role.BACKEND) | _idempotency())
+    return dict(await _ok(response, 201 if amount <= gw.settings.approvals.transfer_threshold_fen else 202))
+
+
+async def _pending_approval(ctx: Context) -> dict[str, Any]:
+    """A pending approval requested by the backend client (so any supervisor may decide it)."""
+    gw = ctx.gateway
+    transfer = await _transfer(ctx, gw.settings.approvals.transfer_threshold_fen + 1)
+    return dict(await _ok(await gw.client.get(f"/v1/approvals/{transfer['approval_id']}",
+                                              headers=gw.auth(Role.SUPERVISOR))))
+
+
+async def _decision(ctx: Context, verb: str) -> Case:
+    approval = await _pending_approval(ctx)
+    return Case(f"/v1/approvals/{approval['approval_id']}/{verb}",
+                {"payload_hash": approval["payload_hash"], "note": "authorization test"})
+
+
+def _sync(make: Callable[[Context], Case]) -> Callable[[Context], Awaitable[Case]]:
+    """A builder from a plain function (called anew for every request: fresh labels and digests)."""
+
+    async def build(ctx: Context) -> Case:
+        return make(ctx)
+
+    return build
+
+
+def _fixed(case: Case) -> Callable[[Context], Awaitable[Case]]:
+    return _sync(lambda ctx: case)
+
+
+async def _id(document: Awaitable[dict[str, Any]], name: str) -> str:
+    return str((await document)[name])
+
+
+async def _built(ctx: Context, template: str, make: Callable[[Context], Awaitable[str]], json: Any = None,
+                 headers: dict[str, str] | None = None) -> Case:
+    return Case(template.format(await make(ctx)), json, headers=headers or {})
+
+
+async def _new_transfer(ctx: Context) -> Case:
+    payer, payee = await _wallet(ctx, funded=1_000), await _wallet(ctx)
+    return Case("/v1/transfers", {"from_wallet": payer, "to_wallet": payee, "amount_fen": 250, "memo": "authz"},
+                headers=_idempotency())
+
+
+PUBLIC = None  # no credentials needed
+EVERY_ROLE = frozenset(Role)
+KEY_READERS = frozenset({Role.BACKEND, Role.TELLER, Role.SUPERVISOR, Role.AUDITOR, Role.ADMIN})
+AUDIT_READERS = frozenset({Role.AUDITOR, Role.ADMIN})
+WALLET_READERS = frozenset({Role.BACKEND, Role.TELLER, Role.SUPERVISOR, Role.AUDITOR})
+BRANCH = frozenset({Role.TELLER, Role.SUPERVISOR})  # open wallets, cash in/out, tier change, freeze
+TRANSFER_MAKERS = frozenset({Role.BACKEND, Role.TELLER, Role.SUPERVISOR})
+TRANSFER_READERS = frozenset({Role.BACKEND, Role.TELLER, Role.SUPERVISOR, Role.AUDITOR})
+# The backend reads approvals: the result of its own pending transfer or EVM transaction is there.
+APPROVAL_READERS = frozenset({Role.BACKEND, Role.TELLER, Role.SUPERVISOR, Role.AUDITOR})
+SUPERVISOR = frozenset({Role.SUPERVISOR})
+
+Builder = Callable[[Context], Awaitable[Case]]
+
+# One case per endpoint, keyed by "METHOD /path/template": who may call it according to SPEC.md §5
+# (written out here, independently of the GRANTS table it checks) and a builder of a request that
+# succeeds when allowed, with fresh resources (wallets, transfers, approvals) where it changes them.
+CASES: dict[str, tuple[frozenset[Role] | None, Builder]] = {
+    "GET /healthz": (PUBLIC, _fixed(Case("/healthz"))),
+    "GET /readyz": (PUBLIC, _fixed(Case("/readyz"))),
+    "GET /metrics": (EVERY_ROLE, _fixed(Case("/metrics"))),
+    "GET /openapi.json": (EVERY_ROLE, _fixed(Case("/openapi.json"))),
+    "POST /v1/sessions": (PUBLIC, _fixed(Case("/v1/sessions", {"username": "auditor1",
+                                                               "password": PASSWORDS["auditor1"]}))),
+    "POST /v1/keys": (frozenset({Role.ADMIN}), _sync(lambda ctx: Case(
+        "/v1/keys", {"label": f"authz-{secrets.token_hex(6)}", "algorithm": "ecdsa-p256", "usage": ["raw"]}))),
+    "GET /v1/keys": (KEY_READERS, _fixed(Case("/v1/keys"))),
+    "GET /v1/keys/{key_id}": (KEY_READERS, _sync(lambda ctx: Case(f"/v1/keys/{ctx.keys['p256']['key_id']}"))),
+    "POST /v1/keys/{key_id}/sign": (frozenset({Role.BACKEND}), _sync(lambda ctx: Case(
+        f"/v1/keys/{ctx.keys['p256']['key_id']}/sign", {"digest": _digest()}))),
+    "POST /v1/sign/batch": (frozenset({Role.BACKEND}), _sync(lambda ctx: Case(
+        "/v1/sign/batch", {"key_id": ctx.keys["k1"]["key_id"], "digests": [_digest(), _digest()]}))),
+    "POST /v1/wallets": (BRANCH, _fixed(Case(
+        "/v1/wallets", {"holder_name": "Han Meimei", "phone": "+8613900139000", "tier": 2, "kind": "corporate"}))),
+    "GET /v1/wallets": (WALLET_READERS, _fixed(Case("/v1/wallets", params={"q": "Authz"}))),
+    "GET /v1/wallets/{wallet_id}": (WALLET_READERS, lambda ctx: _built(ctx, "/v1/wallets/{}", _wallet)),
+    "POST /v1/wallets/{wallet_id}/status": (BRANCH, lambda ctx: _built(
+        ctx, "/v1/wallets/{}/status", _wallet, {"status": "frozen", "reason": "authorization test"})),
+    "POST /v1/wallets/{wallet_id}/tier": (BRANCH, lambda ctx: _built(ctx, "/v1/wallets/{}/tier", _wallet,
+                                                                      {"tier": 2})),
+    "POST /v1/wallets/{wallet_id}/cash-in": (BRANCH, lambda ctx: _built(
+        ctx, "/v1/wallets/{}/cash-in", _wallet, {"amount_fen": 500}, _idempotency())),
+    "POST /v1/wallets/{wallet_id}/cash-out": (BRANCH, lambda ctx: _built(
+        ctx, "/v1/wallets/{}/cash-out", lambda c: _wallet(c, funded=1_000), {"amount_fen": 500}, _idempotency())),
+    "GET /v1/wallets/{wallet_id}/transactions": (WALLET_READERS, lambda ctx: _built(
+        ctx, "/v1/wallets/{}/transactions", lambda c: _wallet(c, funded=1_000))),
+    "POST /v1/transfers": (TRANSFER_MAKERS, _new_transfer),
+    "GET /v1/transfers/{transfer_id}": (TRANSFER_READERS, lambda ctx: _built(
+        ctx, "/v1/transfers/{}", lambda c: _id(_transfer(c), "transfer_id"))),
+    "GET /v1/approvals": (APPROVAL_READERS, _fixed(Case("/v1/approvals", params={"status": "all"}))),
+    "GET /v1/approvals/{approval_id}": (APPROVAL_READERS, lambda ctx: _built(
+        ctx, "/v1/approvals/{}", lambda c: _id(_pending_approval(c), "approval_id"))),
+    "POST /v1/approvals/{approval_id}/approve": (SUPERVISOR, lambda ctx: _decision(ctx, "approve")),
+    "POST /v1/approvals/{approval_id}/reject": (SUPERVISOR, lambda ctx: _decision(ctx, "reject")),
+    "GET /v1/audit": (AUDIT_READERS, _fixed(Case("/v1/audit", params={"limit": "5"}))),
+    "GET /v1/audit/verify": (AUDIT_READERS, _fixed(Case("/v1/audit/verify"))),
+}
+
+ENDPOINTS = {endpoint.name: endpoint for endpoint in all_endpoints()}
+CALLERS: list[Role | str] = [*Role, ANONYMOUS]
+
+
+def test_every_endpoint_has_a_case() -> None:
+    missing = set(ENDPOINTS) - set(CASES)
+    stale = set(CASES) - set(ENDPOINTS)
+    assert not missing, f"endpoints without an authorization case: {sorted(missing)}"
+    assert not stale, f"cases for endpoints that no longer exist: {sorted(stale)}"
+
+
+def test_every_role_is_walked() -> None:
+    assert set(CALLERS) == {*Role, ANONYMOUS}
+
+
+async def _refusals(gateway: Gateway, request_id: str) -> list[dict[str, Any]]:
+    rows = await services(gateway).database.read(
+        lambda tx: tx.fetchall("SELECT actor, action, decision, reasons FROM audit_log WHERE request_id = ?",
+                               (request_id,))
+    )
+    return [dict(row) for row in rows]
+
+
+@pytest.mark.parametrize("caller", CALLERS, ids=str)
+@pytest.mark.parametrize("name", sorted(ENDPOINTS))
+async def test_endpoint_for_caller(
+    gateway: Gateway, raw_keys: dict[str, Any], name: str, caller: Role | str
+) -> None:
+    endpoint = ENDPOINTS[name]
+    assert name in CASES, f"no authorization case for {name}: add one to CASES"
+    spec_roles, build = CASES[name]
+    case = await build(Context(gateway, raw_keys))
+    # The grants table must say what the spec says: the server decides with `allows`.
+    assert (endpoint.permission is None) == (spec_roles is None), f"{name}: public in one, not the other"
+    if isinstance(caller, Role) and endpoint.permission is not None and spec_roles is not None:
+        assert allows(caller, endpoint.permission) == (caller in spec_roles), (
+            f"{name}: GRANTS gives {caller} {endpoint.permission} = {allows(caller, endpoint.permission)}; "
+            f"SPEC.md §5 says {caller in spec_roles}"
+        )
+    request_id = f"authz-{secrets.token_hex(8)}"
+    headers = {"X-Request-Id": request_id}
+    if isinstance(caller, Role):
+        headers |= gateway.auth(caller)
+    headers |= case.headers
+    response = await gateway.client.request(
+        endpoint.method, case.path, json=case.json, params=case.params, headers=headers
+    )
+    text = await response.text()
+    assert response.headers["X-Request-Id"] == request_id
+
+    if endpoint.permission is None or (isinstance(caller, Role) and allows(caller, endpoint.permission)):
+        assert response.status == endpoint.response_status, f"{name} as {caller}: {response.status} {text}"
+        assert response.content_type != "application/problem+json"
+        return
+    if caller == ANONYMOUS:
+        await assert_problem(response, 401, "unauthenticated")
+        assert response.headers["WWW-Authenticate"].lower().startswith("bearer")
+        return
+    problem = await assert_problem(response, 403)
+    assert problem["type"].endswith("/forbidden"), text
+    if endpoint.audited_action is not None:
+        refusals = await _refusals(gateway, request_id)
+        assert len(refusals) == 1, refusals
+        assert refusals[0]["action"] == endpoint.audited_action
+        assert refusals[0]["decision"] == "refused"
+        assert json.loads(refusals[0]["reasons"])[0] == "forbidden"
+
+
+async def test_signing_as_allowed_role_really_signs(gateway: Gateway, raw_keys: dict[str, Any]) -> None:
+    """Guard against a table that passes because every request silently did nothing."""
+    case = await CASES["POST /v1/keys/{key_id}/sign"][1](Context(gateway, raw_keys))
+    response = await gateway.client.post(case.path, json=case.json, headers=gateway.auth(Role.BACKEND))
+    assert response.status == 200, await response.text()
+    assert len(bytes.fromhex((await response.json())["signature"])) == 64
+
+
+async def test_revoked_api_client_is_unauthenticated(gateway: Gateway) -> None:
+    name, headers = await new_client(gateway, Role.BACKEND, "authz-revoked")
+    response = await gateway.client.get("/v1/keys", headers=headers)
+    assert response.status == 200, await response.text()
+
+    await services(gateway).database.write(lambda tx: revoke_client(tx, name))
+    response = await gateway.client.get("/v1/keys", headers=headers)
+    await assert_problem(response, 401, "unauthenticated")
+    assert "WWW-Authenticate" in response.headers
+
+
+@pytest.mark.parametrize(
+    "authorization",
+    [
+        "Bearer garbage",
+        "Bearer ecny_000000000000_" + "A" * 43,  # well-formed, unknown prefix
+        "Bearer ecnys_" + "B" * 43,  # looks like a session token, is none
+        "Bearer ",
+        "Basic dGVsbGVyMTp0ZWxsZXItcGFzc3dvcmQtMQ==",
+        "garbage",
+    ],
+)
+async def test_bad_credentials_are_unauthenticated(gateway: Gateway, authorization: str) -> None:
+    response = await gateway.client.get("/v1/keys", headers={"Authorization": authorization})
+    await assert_problem(response, 401, "unauthenticated")
+    assert "WWW-Authenticate" in response.headers
+
+
+async def test_api_key_of_one_client_with_secret_of_another_is_refused(gateway: Gateway) -> None:
+    """Only the prefix is a lookup key: a right prefix with a wrong secret must not pass."""
+    token = gateway.auth(Role.BACKEND)["Authorization"].removeprefix("Bearer ")
+    prefix, _, secret = token.rpartition("_")
+    forged = f"{prefix}_{'x' * len(secret)}"
+    response = await gateway.client.get("/v1/keys", headers={"Authorization": f"Bearer {forged}"})
+    await assert_problem(response, 401, "unauthenticated")
+
+
+async def _login(gateway: Gateway, username: str, password: str) -> str:
+    response = await gateway.client.post("/v1/sessions", json={"username": username, "password": password})
+    assert response.status == 201, await response.text()
+    return str((await response.json())["token"])
+
+
+async def test_expired_session_is_unauthenticated(gateway: Gateway) -> None:
+    token = await _login(gateway, "teller1", PASSWORDS["teller1"])
+    headers = {"Authorization": f"Bearer {token}"}
+    response = await gateway.client.get("/v1/keys", headers=headers)
+    assert response.status == 200, await response.text()
+
+    past = clock.after(-60)
+    changed = await services(gateway).database.write(
+        lambda tx: tx.execute(
+            "UPDATE user_sessions SET expires_at = ? WHERE token_hash = ?",
+            (past, hashlib.sha256(token.encode()).digest()),
+        )
+    )
+    assert changed == 1
+    response = await gateway.client.get("/v1/keys", headers=headers)
+    await assert_problem(response, 401, "unauthenticated")
+    assert "WWW-Authenticate" in response.headers
+
+
+async def test_session_of_disabled_user_is_unauthenticated(gateway: Gateway) -> None:
+    username, password = f"teller-{secrets.token_hex(4)}", "a-long-enough-password"
+    hasher = PasswordHasher()
+    await services(gateway).database.write(lambda tx: add_user(tx, hasher, username, Role.TELLER, password))
+    headers = {"Authorization": f"Bearer {await _login(gateway, username, password)}"}
+    assert (await gateway.client.get("/v1/keys", headers=headers)).status == 200
+
+    await services(gateway).database.write(
+        lambda tx: tx.execute("UPDATE users SET disabled_at = ? WHERE username = ?", (clock.now_iso(), username))
+    )
+    await assert_problem(await gateway.client.get("/v1/keys", headers=headers), 401, "unauthenticated")
+    response = await gateway.client.post("/v1/sessions", json={"username": username, "password": password})
+    await assert_problem(response, 401, "unauthenticated")
+
+
+async def test_wrong_password_is_unauthenticated(gateway: Gateway) -> None:
+    response = await gateway.client.post("/v1/sessions", json={"username": "teller1", "password": "not-the-password"})
+    await assert_problem(response, 401, "unauthenticated")
+    response = await gateway.client.post("/v1/sessions", json={"username": "nobody", "password": "whatever-it-is"})
+    await assert_problem(response, 401, "unauthenticated")

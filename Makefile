@@ -44,7 +44,6 @@ test: venv
 
 lint: venv
 	$(BIN)/ruff check gateway tests
-	$(BIN)/ruff format --check gateway tests
 	$(BIN)/mypy
 	$(BIN)/lint-imports
 

@@ -25,7 +25,7 @@ from gateway.audit.chain import AuditEntry, append
 from gateway.auth.credentials import add_client, add_user, list_clients, revoke_client
 from gateway.auth.roles import Role
 from gateway.config import Settings, load_settings
-from gateway.errors import ConfigError, GatewayError, ValidationFailed
+from gateway.errors import GatewayError, ValidationFailed
 from gateway.hsm.profile import Algorithm
 from gateway.keyring import Usage, get_key, list_keys
 from gateway.ledger.store import Database, Tx, open_database

@@ -47,9 +47,10 @@ def write_config(var: Path) -> Path:
     if not config.exists():
         config.write_text(
             "# Development settings written by `ecny-gateway dev-init` (make run).\n"
-            "[server]\nhost = \"127.0.0.1\"\nport = 8700\n\n"
-            f"[hsm]\nprofile = \"softhsm\"\ntoken_label = \"ecny-dev\"\npin_file = \"{var / 'hsm' / 'ecny-dev.user-pin'}\"\n\n"
-            f"[store]\ndsn = \"sqlite:///{var / 'gateway.db'}\"\n",
+            '[server]\nhost = "127.0.0.1"\nport = 8700\n\n'
+            '[hsm]\nprofile = "softhsm"\ntoken_label = "ecny-dev"\n'
+            f'pin_file = "{var / "hsm" / "ecny-dev.user-pin"}"\n\n'
+            f'[store]\ndsn = "sqlite:///{var / "gateway.db"}"\n',
             encoding="utf-8",
         )
     return config
@@ -96,9 +97,18 @@ async def _setup(var: Path) -> dict[str, Any]:
                 backend = add_client(tx, "dev-backend", Role.BACKEND)
                 for username, role in DEV_USERS:
                     add_user(tx, hasher, username, role, passwords[username])
-                append(tx, [AuditEntry(actor="cli:dev-init", role="admin", action="dev.credentials", decision="allowed",
-                                       result={"clients": ["dev-admin", "dev-backend"],
-                                               "users": [u for u, _ in DEV_USERS]})])
+                append(
+                    tx,
+                    [
+                        AuditEntry(
+                            actor="cli:dev-init",
+                            role="admin",
+                            action="dev.credentials",
+                            decision="allowed",
+                            result={"clients": ["dev-admin", "dev-backend"], "users": [u for u, _ in DEV_USERS]},
+                        )
+                    ],
+                )
                 return {"admin_api_key": admin, "backend_api_key": backend, "users": passwords}
 
             document = await database.write(make)

@@ -176,7 +176,9 @@ def evm_address(public_key: bytes) -> str:
 
 def der_from_raw(signature: bytes) -> bytes:
     half = len(signature) // 2
-    return bytes(utils.encode_dss_signature(int.from_bytes(signature[:half], "big"), int.from_bytes(signature[half:], "big")))
+    return bytes(
+        utils.encode_dss_signature(int.from_bytes(signature[:half], "big"), int.from_bytes(signature[half:], "big"))
+    )
 
 
 def verify(algorithm: Algorithm, public_key: bytes, data: bytes, signature: bytes) -> bool:

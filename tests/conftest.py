@@ -97,7 +97,8 @@ async def provision(dsn: str) -> dict[str, str]:
             keys = {"backend": add_client(tx, "test-backend", Role.BACKEND),
                     "admin": add_client(tx, "test-admin", Role.ADMIN)}
             for username, role in (("teller1", Role.TELLER), ("supervisor1", Role.SUPERVISOR),
-                                   ("supervisor2", Role.SUPERVISOR), ("auditor1", Role.AUDITOR), ("admin1", Role.ADMIN)):
+                                   ("supervisor2", Role.SUPERVISOR), ("auditor1", Role.AUDITOR),
+                                   ("admin1", Role.ADMIN)):
                 add_user(tx, hasher, username, role, PASSWORDS[username])
             append(tx, [AuditEntry("test", "admin", "test.provision", "allowed")])
             return keys

@@ -134,7 +134,7 @@ class Worker:
         if self.session is not None:
             try:
                 self.session.close()
-            except Exception:  # noqa: S110 - the session is being thrown away whatever happens
+            except Exception:
                 pass
             self.session = None
         self.open()

@@ -43,10 +43,14 @@ def business_day(moment: datetime | None = None) -> str:
 
 
 def open_accounts(tx: Tx, wallet_id: str) -> None:
-    tx.execute("INSERT INTO accounts (account_id, wallet_id, kind, balance) VALUES (?, ?, 'wallet', 0)",
-               (wallet_account(wallet_id), wallet_id))
-    tx.execute("INSERT INTO accounts (account_id, wallet_id, kind, balance) VALUES (?, ?, 'reserve', 0)",
-               (reserve_account(wallet_id), wallet_id))
+    tx.execute(
+        "INSERT INTO accounts (account_id, wallet_id, kind, balance) VALUES (?, ?, 'wallet', 0)",
+        (wallet_account(wallet_id), wallet_id),
+    )
+    tx.execute(
+        "INSERT INTO accounts (account_id, wallet_id, kind, balance) VALUES (?, ?, 'reserve', 0)",
+        (reserve_account(wallet_id), wallet_id),
+    )
 
 
 def balance(tx: Tx, account_id: str) -> int:
@@ -54,9 +58,7 @@ def balance(tx: Tx, account_id: str) -> int:
     return 0 if row is None else int(row["balance"])
 
 
-def post(
-    tx: Tx, kind: str, reference: str, legs: Sequence[tuple[str, int]], actor: str, memo: str = ""
-) -> str:
+def post(tx: Tx, kind: str, reference: str, legs: Sequence[tuple[str, int]], actor: str, memo: str = "") -> str:
     """Write one balanced journal entry and move the balances. Returns the entry id.
 
     Raises:
@@ -79,16 +81,22 @@ def post(
         )
         if changed != 1:
             raise LedgerInvariantBroken(f"account {account_id} is unknown or would go negative")
-        tx.execute("INSERT INTO postings (entry_id, account_id, amount) VALUES (?, ?, ?)", (entry_id, account_id, amount))
+        tx.execute(
+            "INSERT INTO postings (entry_id, account_id, amount) VALUES (?, ?, ?)", (entry_id, account_id, amount)
+        )
     return entry_id
 
 
 def add_spend(tx: Tx, wallet_id: str, amount: int, day: str) -> None:
     if tx.fetchone("SELECT 1 FROM wallet_spend WHERE wallet_id = ? AND business_day = ?", (wallet_id, day)):
-        tx.execute("UPDATE wallet_spend SET amount = amount + ? WHERE wallet_id = ? AND business_day = ?",
-                   (amount, wallet_id, day))
+        tx.execute(
+            "UPDATE wallet_spend SET amount = amount + ? WHERE wallet_id = ? AND business_day = ?",
+            (amount, wallet_id, day),
+        )
     else:
-        tx.execute("INSERT INTO wallet_spend (wallet_id, business_day, amount) VALUES (?, ?, ?)", (wallet_id, day, amount))
+        tx.execute(
+            "INSERT INTO wallet_spend (wallet_id, business_day, amount) VALUES (?, ?, ?)", (wallet_id, day, amount)
+        )
 
 
 def spent(tx: Tx, wallet_id: str, day: str) -> tuple[int, int]:
@@ -109,7 +117,9 @@ def check_invariants(tx: Tx) -> list[str]:
         Human-readable problems; empty when the ledger is sound.
     """
     problems = []
-    for row in tx.fetchall("SELECT entry_id, SUM(amount) AS total FROM postings GROUP BY entry_id HAVING SUM(amount) <> 0"):
+    for row in tx.fetchall(
+        "SELECT entry_id, SUM(amount) AS total FROM postings GROUP BY entry_id HAVING SUM(amount) <> 0"
+    ):
         problems.append(f"entry {row['entry_id']} does not balance (sum {row['total']})")
     rows = tx.fetchall(
         "SELECT a.account_id, a.balance, COALESCE(SUM(p.amount), 0) AS posted FROM accounts a "
@@ -118,7 +128,9 @@ def check_invariants(tx: Tx) -> list[str]:
     for row in rows:
         if int(row["balance"]) != int(row["posted"]):
             problems.append(f"account {row['account_id']} balance {row['balance']} != postings {row['posted']}")
-    for row in tx.fetchall("SELECT account_id, balance FROM accounts WHERE kind IN ('wallet', 'reserve') AND balance < 0"):
+    for row in tx.fetchall(
+        "SELECT account_id, balance FROM accounts WHERE kind IN ('wallet', 'reserve') AND balance < 0"
+    ):
         problems.append(f"account {row['account_id']} is negative ({row['balance']})")
     total = tx.fetchone("SELECT COALESCE(SUM(balance), 0) AS total FROM accounts")
     if total is not None and int(total["total"]) != 0:
@@ -131,4 +143,4 @@ def epoch_millis(moment: datetime | None = None) -> int:
 
 
 def row_dict(row: Any) -> dict[str, Any]:
-    return {key: row[key] for key in row.keys()}  # noqa: SIM118 - sqlite3.Row has keys() but no iteration of keys
+    return {key: row[key] for key in row.keys()}

@@ -208,7 +208,9 @@ class Wallets:
         if limits.balance_cap is not None and int(wallet["balance_fen"]) > limits.balance_cap:
             raise LimitExceeded(f"the balance exceeds tier {tier}'s cap of {limits.balance_cap} fen",
                                 ["balance-cap-exceeded"])
-        tx.execute("UPDATE wallets SET tier = ?, updated_at = ? WHERE wallet_id = ?", (tier, clock.now_iso(), wallet_id))
+        tx.execute(
+            "UPDATE wallets SET tier = ?, updated_at = ? WHERE wallet_id = ?", (tier, clock.now_iso(), wallet_id)
+        )
         entry.result = {"wallet_id": wallet_id, "from": int(wallet["tier"]), "to": tier}
         append(tx, [entry])
         return wallet_document(load_wallet(tx, wallet_id))
@@ -406,7 +408,9 @@ class Wallets:
                 self.approval_handlers[approval["kind"]].reject_in(tx, approval, payload)
             entry.decision = "rejected"
         elif approval["kind"] == "transfer":
-            intent = TransferIntent(payload["from_wallet"], payload["to_wallet"], payload["amount_fen"], payload["memo"])
+            intent = TransferIntent(
+                payload["from_wallet"], payload["to_wallet"], payload["amount_fen"], payload["memo"]
+            )
             try:
                 self._check_transfer(tx, intent)  # reads and locks only: nothing to undo if it refuses
             except PolicyRefused as refusal:

@@ -36,8 +36,9 @@ async def open_wallet(gw: Gateway, tier: int = 4, **extra: Any) -> str:
 
 
 async def cash_in(gw: Gateway, wallet_id: str, amount: int) -> None:
-    response = await gw.client.post(f"/v1/wallets/{wallet_id}/cash-in", json={"amount_fen": amount},
-                                    headers={**gw.auth(Role.TELLER), **idem()})
+    response = await gw.client.post(
+        f"/v1/wallets/{wallet_id}/cash-in", json={"amount_fen": amount}, headers={**gw.auth(Role.TELLER), **idem()}
+    )
     assert response.status == 200, await response.text()
 
 
@@ -48,8 +49,9 @@ async def wallet(gw: Gateway, wallet_id: str) -> dict[str, Any]:
     return document
 
 
-async def transfer(gw: Gateway, source: str, target: str, amount: Any, headers: dict[str, str] | None = None,
-                   **extra: Any) -> Any:
+async def transfer(
+    gw: Gateway, source: str, target: str, amount: Any, headers: dict[str, str] | None = None, **extra: Any
+) -> Any:
     body = {"from_wallet": source, "to_wallet": target, "amount_fen": amount, **extra}
     return await gw.client.post("/v1/transfers", json=body, headers={**(headers or gw.auth(Role.BACKEND)), **idem()})
 
@@ -107,8 +109,9 @@ async def test_cbor_transfer_request(ledger_gateway: Gateway) -> None:
     payer, payee = await open_wallet(gw), await open_wallet(gw)
     await cash_in(gw, payer, 1_000)
     body = cbor2.dumps({"from_wallet": payer, "to_wallet": payee, "amount_fen": 400})
-    response = await gw.client.post("/v1/transfers", data=body, headers={
-        **gw.auth(Role.BACKEND), **idem(), "Content-Type": "application/cbor"})
+    response = await gw.client.post(
+        "/v1/transfers", data=body, headers={**gw.auth(Role.BACKEND), **idem(), "Content-Type": "application/cbor"}
+    )
     assert response.status == 201, await response.text()
     assert (await wallet(gw, payee))["balance_fen"] == 400
 
@@ -131,18 +134,28 @@ async def test_transfer_replay_returns_the_same_response_and_posts_once(ledger_g
 async def test_money_moving_requests_need_an_idempotency_key(ledger_gateway: Gateway) -> None:
     gw = ledger_gateway
     payer, payee = await open_wallet(gw), await open_wallet(gw)
-    response = await gw.client.post("/v1/transfers", json={"from_wallet": payer, "to_wallet": payee,
-                                                           "amount_fen": 1}, headers=gw.auth(Role.BACKEND))
+    response = await gw.client.post(
+        "/v1/transfers", json={"from_wallet": payer, "to_wallet": payee, "amount_fen": 1}, headers=gw.auth(Role.BACKEND)
+    )
     assert response.status == 400
     assert (await response.json())["type"].endswith("/idempotency-key-required")
-    response = await gw.client.post(f"/v1/wallets/{payer}/cash-in", json={"amount_fen": 1}, headers=gw.auth(Role.TELLER))
+    response = await gw.client.post(
+        f"/v1/wallets/{payer}/cash-in", json={"amount_fen": 1}, headers=gw.auth(Role.TELLER)
+    )
     assert response.status == 400
 
 
 @pytest.mark.parametrize(
     ("amount", "problem"),
-    [(1.5, "validation-failed"), (100.0, "validation-failed"), (-5, "validation-failed"), (0, "validation-failed"),
-     (10**16, "invalid-amount"), ("100", "validation-failed"), (True, "validation-failed")],
+    [
+        (1.5, "validation-failed"),
+        (100.0, "validation-failed"),
+        (-5, "validation-failed"),
+        (0, "validation-failed"),
+        (10**16, "invalid-amount"),
+        ("100", "validation-failed"),
+        (True, "validation-failed"),
+    ],
 )
 async def test_bad_amounts_are_refused_and_nothing_posts(ledger_gateway: Gateway, amount: Any, problem: str) -> None:
     gw = ledger_gateway
@@ -171,19 +184,24 @@ async def test_refusals_have_specific_problem_types(ledger_gateway: Gateway) -> 
         assert response.status == status, (problem, await response.text())
         assert (await response.json())["type"].endswith("/" + problem)
     # Frozen payee, then closed payer: neither sends nor receives.
-    response = await gw.client.post(f"/v1/wallets/{payee}/status", json={"status": "frozen", "reason": "fraud check"},
-                                    headers=gw.auth(Role.TELLER))
+    response = await gw.client.post(
+        f"/v1/wallets/{payee}/status", json={"status": "frozen", "reason": "fraud check"}, headers=gw.auth(Role.TELLER)
+    )
     assert response.status == 200
     response = await transfer(gw, payer, payee, 100)
     assert response.status == 422
     problem_document = await response.json()
-    assert problem_document["type"].endswith("/wallet-not-active") and "payee-wallet-frozen" in problem_document["reasons"]
+    assert (
+        problem_document["type"].endswith("/wallet-not-active") and "payee-wallet-frozen" in problem_document["reasons"]
+    )
     # A teller may freeze but not unfreeze.
-    response = await gw.client.post(f"/v1/wallets/{payee}/status", json={"status": "active", "reason": "cleared"},
-                                    headers=gw.auth(Role.TELLER))
+    response = await gw.client.post(
+        f"/v1/wallets/{payee}/status", json={"status": "active", "reason": "cleared"}, headers=gw.auth(Role.TELLER)
+    )
     assert response.status == 403
-    response = await gw.client.post(f"/v1/wallets/{payee}/status", json={"status": "active", "reason": "cleared"},
-                                    headers=gw.auth(Role.SUPERVISOR))
+    response = await gw.client.post(
+        f"/v1/wallets/{payee}/status", json={"status": "active", "reason": "cleared"}, headers=gw.auth(Role.SUPERVISOR)
+    )
     assert response.status == 200
     assert (await wallet(gw, payer))["balance_fen"] == 100_000
     assert await ledger_problems(gw) == []
@@ -193,8 +211,9 @@ async def test_tier_limits(ledger_gateway: Gateway) -> None:
     gw = ledger_gateway
     payer, payee = await open_wallet(gw, tier=4), await open_wallet(gw, tier=4)
     await cash_in(gw, payer, 1_000_000)  # tier 4 balance cap: ¥10,000
-    response = await gw.client.post(f"/v1/wallets/{payer}/cash-in", json={"amount_fen": 1},
-                                    headers={**gw.auth(Role.TELLER), **idem()})
+    response = await gw.client.post(
+        f"/v1/wallets/{payer}/cash-in", json={"amount_fen": 1}, headers={**gw.auth(Role.TELLER), **idem()}
+    )
     assert response.status == 422 and "balance-cap-exceeded" in (await response.json())["reasons"]
     response = await transfer(gw, payer, payee, 200_001)  # single ¥2,000
     assert response.status == 422 and "single-limit-exceeded" in (await response.json())["reasons"]
@@ -249,11 +268,14 @@ async def test_rejected_approval_posts_nothing(ledger_gateway: Gateway) -> None:
     payer, payee = await open_wallet(gw, tier=1), await open_wallet(gw, tier=1)
     await cash_in(gw, payer, 10_000_000)
     pending = await (await transfer(gw, payer, payee, 5_000_001)).json()
-    approval = await (await gw.client.get(f"/v1/approvals/{pending['approval_id']}",
-                                          headers=gw.auth(Role.SUPERVISOR))).json()
-    response = await gw.client.post(f"/v1/approvals/{pending['approval_id']}/reject",
-                                    json={"payload_hash": approval["payload_hash"], "note": "no"},
-                                    headers=gw.auth(Role.SUPERVISOR))
+    approval = await (
+        await gw.client.get(f"/v1/approvals/{pending['approval_id']}", headers=gw.auth(Role.SUPERVISOR))
+    ).json()
+    response = await gw.client.post(
+        f"/v1/approvals/{pending['approval_id']}/reject",
+        json={"payload_hash": approval["payload_hash"], "note": "no"},
+        headers=gw.auth(Role.SUPERVISOR),
+    )
     assert response.status == 200 and (await response.json())["status"] == "rejected"
     assert (await wallet(gw, payer))["balance_fen"] == 10_000_000
 
@@ -290,8 +312,11 @@ async def test_transactions_history_pages(ledger_gateway: Gateway) -> None:
         assert (await transfer(gw, payer, payee, 10)).status == 201
     first = await (await gw.client.get(f"/v1/wallets/{payer}/transactions", headers=gw.auth(Role.TELLER))).json()
     assert len(first["transactions"]) == 50 and first["next_cursor"]
-    second = await (await gw.client.get(f"/v1/wallets/{payer}/transactions?cursor={first['next_cursor']}",
-                                        headers=gw.auth(Role.TELLER))).json()
+    second = await (
+        await gw.client.get(
+            f"/v1/wallets/{payer}/transactions?cursor={first['next_cursor']}", headers=gw.auth(Role.TELLER)
+        )
+    ).json()
     assert len(second["transactions"]) == 6 and second["next_cursor"] is None
     kinds = [t["kind"] for t in first["transactions"] + second["transactions"]]
     assert kinds.count("transfer") == 55 and kinds.count("cash_in") == 1
@@ -305,14 +330,19 @@ async def test_search_and_cash_out(ledger_gateway: Gateway) -> None:
     assert [w["wallet_id"] for w in found["wallets"]] == [wallet_id]
     assert found["wallets"][0]["id_number"] == "1101**********1234"
     await cash_in(gw, wallet_id, 500)
-    response = await gw.client.post(f"/v1/wallets/{wallet_id}/cash-out", json={"amount_fen": 501},
-                                    headers={**gw.auth(Role.TELLER), **idem()})
+    response = await gw.client.post(
+        f"/v1/wallets/{wallet_id}/cash-out", json={"amount_fen": 501}, headers={**gw.auth(Role.TELLER), **idem()}
+    )
     assert response.status == 422
-    response = await gw.client.post(f"/v1/wallets/{wallet_id}/cash-out", json={"amount_fen": 500},
-                                    headers={**gw.auth(Role.TELLER), **idem()})
+    response = await gw.client.post(
+        f"/v1/wallets/{wallet_id}/cash-out", json={"amount_fen": 500}, headers={**gw.auth(Role.TELLER), **idem()}
+    )
     assert response.status == 200 and (await response.json())["balance_fen"] == 0
-    response = await gw.client.post(f"/v1/wallets/{wallet_id}/status", json={"status": "closed", "reason": "moved"},
-                                    headers=gw.auth(Role.SUPERVISOR))
+    response = await gw.client.post(
+        f"/v1/wallets/{wallet_id}/status",
+        json={"status": "closed", "reason": "moved"},
+        headers=gw.auth(Role.SUPERVISOR),
+    )
     assert response.status == 200 and (await response.json())["status"] == "closed"
 
 
@@ -322,13 +352,21 @@ async def test_expired_approval_cannot_be_approved(ledger_gateway: Gateway) -> N
     await cash_in(gw, payer, 10_000_000)
     pending = await (await transfer(gw, payer, payee, 6_000_000)).json()
     database = gw.client.server.app[SERVICES].database
-    await database.write(lambda tx: tx.execute("UPDATE approvals SET expires_at = ? WHERE approval_id = ?",
-                                                ("2000-01-01T00:00:00.000000Z", pending["approval_id"])))
-    approval = await (await gw.client.get(f"/v1/approvals/{pending['approval_id']}",
-                                          headers=gw.auth(Role.SUPERVISOR))).json()
+    await database.write(
+        lambda tx: tx.execute(
+            "UPDATE approvals SET expires_at = ? WHERE approval_id = ?",
+            ("2000-01-01T00:00:00.000000Z", pending["approval_id"]),
+        )
+    )
+    approval = await (
+        await gw.client.get(f"/v1/approvals/{pending['approval_id']}", headers=gw.auth(Role.SUPERVISOR))
+    ).json()
     assert approval["status"] == "expired"
-    response = await gw.client.post(f"/v1/approvals/{pending['approval_id']}/approve",
-                                    json={"payload_hash": approval["payload_hash"]}, headers=gw.auth(Role.SUPERVISOR))
+    response = await gw.client.post(
+        f"/v1/approvals/{pending['approval_id']}/approve",
+        json={"payload_hash": approval["payload_hash"]},
+        headers=gw.auth(Role.SUPERVISOR),
+    )
     assert response.status == 409 and (await response.json())["type"].endswith("/approval-expired")
     shown = await (await gw.client.get(f"/v1/transfers/{pending['transfer_id']}", headers=gw.auth(Role.TELLER))).json()
     assert shown["status"] == "expired"
@@ -340,15 +378,21 @@ async def test_approval_fails_when_policy_no_longer_allows(ledger_gateway: Gatew
     payer, payee = await open_wallet(gw, tier=1), await open_wallet(gw, tier=1)
     await cash_in(gw, payer, 6_000_000)
     pending = await (await transfer(gw, payer, payee, 6_000_000)).json()
-    response = await gw.client.post(f"/v1/wallets/{payer}/cash-out", json={"amount_fen": 1},
-                                    headers={**gw.auth(Role.TELLER), **idem()})
+    response = await gw.client.post(
+        f"/v1/wallets/{payer}/cash-out", json={"amount_fen": 1}, headers={**gw.auth(Role.TELLER), **idem()}
+    )
     assert response.status == 200
-    approval = await (await gw.client.get(f"/v1/approvals/{pending['approval_id']}",
-                                          headers=gw.auth(Role.SUPERVISOR))).json()
-    response = await gw.client.post(f"/v1/approvals/{pending['approval_id']}/approve",
-                                    json={"payload_hash": approval["payload_hash"]}, headers=gw.auth(Role.SUPERVISOR))
+    approval = await (
+        await gw.client.get(f"/v1/approvals/{pending['approval_id']}", headers=gw.auth(Role.SUPERVISOR))
+    ).json()
+    response = await gw.client.post(
+        f"/v1/approvals/{pending['approval_id']}/approve",
+        json={"payload_hash": approval["payload_hash"]},
+        headers=gw.auth(Role.SUPERVISOR),
+    )
     assert response.status == 422 and "insufficient-funds" in (await response.json())["reasons"]
-    approval = await (await gw.client.get(f"/v1/approvals/{pending['approval_id']}",
-                                          headers=gw.auth(Role.SUPERVISOR))).json()
+    approval = await (
+        await gw.client.get(f"/v1/approvals/{pending['approval_id']}", headers=gw.auth(Role.SUPERVISOR))
+    ).json()
     assert approval["status"] == "failed"
     assert (await wallet(gw, payee))["balance_fen"] == 0

@@ -1,0 +1,1 @@
+"""ecny-teller: the Textual terminal UI for tellers and supervisors (a client of the HTTP API only)."""

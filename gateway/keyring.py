@@ -80,6 +80,11 @@ def new_key_id() -> str:
     return secrets.token_hex(16)
 
 
+def allowed_usages(algorithm: str) -> set[str]:
+    """The usages a key of ``algorithm`` may have."""
+    return {usage.value for usage in _USAGES[Algorithm(algorithm)]}
+
+
 def check_usages(algorithm: Algorithm, usages: frozenset[Usage]) -> None:
     if not usages:
         raise ValidationFailed("a key needs at least one usage")

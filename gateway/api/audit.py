@@ -48,7 +48,7 @@ def _document(row: Any) -> dict[str, Any]:
 
 
 async def read_page(call: Call) -> web.Response:
-    after = _int_query(call, "after_seq", 0, 0, 2**62)
+    after = _int_query(call, "after_seq", 0, 0, 10**18)
     limit = _int_query(call, "limit", 100, 1, MAX_LIMIT)
     rows = await call.services.database.read(
         lambda tx: tx.fetchall("SELECT * FROM audit_log WHERE seq > ? ORDER BY seq LIMIT ?", (after, limit))
@@ -67,8 +67,9 @@ ENDPOINTS = [
     Endpoint(
         "GET", "/v1/audit", read_page, "Read audit entries after a sequence number", Permission.AUDIT_READ, "audit",
         response_model=AuditPage, audited_action="audit.read",
-        query=(("after_seq", "integer", "Return entries with seq greater than this (default 0)"),
-               ("limit", "integer", "At most this many entries, 1–1000 (default 100)")),
+        query=(("after_seq", {"type": "integer", "minimum": 0, "maximum": 10**18},
+                "Return entries with seq greater than this (default 0)"),
+               ("limit", {"type": "integer", "minimum": 1, "maximum": 1000}, "At most this many entries, 1–1000 (default 100)")),
     ),
     Endpoint(
         "GET", "/v1/audit/verify", verify, "Verify the audit hash chain and its HSM-signed checkpoints",

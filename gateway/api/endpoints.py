@@ -77,7 +77,7 @@ class Endpoint:
     cbor: bool = False
     resume: Callable[[Call, str], Awaitable[web.StreamResponse]] | None = None  # replay of a reference record
     audited_action: str | None = None  # refusals of this endpoint are audited under this name
-    query: tuple[tuple[str, str, str], ...] = ()  # (name, JSON type, description)
+    query: tuple[tuple[str, dict[str, Any], str], ...] = ()  # (name, JSON schema, description)
     responses: dict[int, str] = field(default_factory=dict)  # extra documented statuses
 
     @property
@@ -168,6 +168,8 @@ def guarded(endpoint: Endpoint) -> Callable[[web.Request], Awaitable[web.StreamR
                 data = decode_body(call.raw_body, request.content_type if call.raw_body else "", endpoint.cbor)
                 call.body = parse_model(endpoint.request_model, data)
             call.idempotency_key = request.headers.get("Idempotency-Key")
+            if call.idempotency_key is not None and endpoint.idempotency != "none":
+                idempotency.check_key(call.idempotency_key)
             if endpoint.idempotency == "required" and not call.idempotency_key:
                 raise IdempotencyKeyRequired("this operation needs an Idempotency-Key header")
             if call.idempotency_key and endpoint.idempotency != "none" and call.principal is not None:

@@ -35,6 +35,15 @@ class InFlight:
         self.running: dict[tuple[str, str], asyncio.Future[None]] = {}
 
 
+def check_key(key: str) -> str:
+    """Raises ValidationFailed unless ``key`` is 1–255 visible ASCII characters (as documented)."""
+    if not 0 < len(key) <= MAX_KEY_LENGTH or not all("!" <= char <= "~" for char in key):
+        from gateway.errors import ValidationFailed
+
+        raise ValidationFailed(f"Idempotency-Key must be 1–{MAX_KEY_LENGTH} visible ASCII characters")
+    return key
+
+
 def request_hash(call: Call) -> bytes:
     digest = hashlib.sha256()
     digest.update(call.request.method.encode())
@@ -106,10 +115,6 @@ async def run(
 ) -> web.StreamResponse:
     assert call.principal is not None and call.idempotency_key is not None
     key = call.idempotency_key
-    if len(key) > MAX_KEY_LENGTH or not key.isprintable():
-        from gateway.errors import ValidationFailed
-
-        raise ValidationFailed(f"Idempotency-Key must be 1–{MAX_KEY_LENGTH} printable characters")
     scope = call.principal.scope
     expected = request_hash(call)
     database = call.services.database

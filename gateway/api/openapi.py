@@ -71,14 +71,13 @@ def _operation(endpoint: Endpoint, schemas: dict[str, Any]) -> dict[str, Any]:
         for name in re.findall(r"{(\w+)}", endpoint.path)
     ]
     parameters += [
-        {"name": name, "in": "query", "required": False, "schema": {"type": kind, "minimum": 0},
-         "description": description}
-        for name, kind, description in endpoint.query
+        {"name": name, "in": "query", "required": False, "schema": schema, "description": description}
+        for name, schema, description in endpoint.query
     ]
     if endpoint.idempotency != "none":
         parameters.append({
             "name": "Idempotency-Key", "in": "header", "required": endpoint.idempotency == "required",
-            "schema": {"type": "string", "minLength": 1, "maxLength": 255},
+            "schema": {"type": "string", "pattern": "^[!-~]{1,255}$"},
             "description": "Same key and body → the first response again; same key, other body → 409",
         })
     if parameters:
@@ -144,4 +143,21 @@ def build(endpoints: list[Endpoint]) -> dict[str, Any]:
 
 
 def document(app: web.Application) -> dict[str, Any]:
-    return build(app[ENDPOINTS_KEY])
+    """The document for this server: key algorithms narrowed to what its HSM profile supports."""
+    from gateway.keyring import allowed_usages
+    from gateway.services import SERVICES
+
+    doc = build(app[ENDPOINTS_KEY])
+    services = app.get(SERVICES)
+    key_request = doc["components"]["schemas"].get("KeyCreateRequest")
+    if services is not None and key_request is not None:
+        supported = sorted(algorithm.value for algorithm in services.profile.algorithms)
+        key_request["properties"]["algorithm"] = {"type": "string", "enum": supported}
+        key_request["allOf"] = [
+            {
+                "if": {"properties": {"algorithm": {"const": algorithm}}},
+                "then": {"properties": {"usage": {"items": {"enum": sorted(allowed_usages(algorithm))}}}},
+            }
+            for algorithm in supported
+        ]
+    return doc

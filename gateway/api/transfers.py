@@ -116,7 +116,8 @@ ENDPOINTS = [
              Permission.TRANSFERS_READ, "transfers", response_model=TransferDocument, audited_action="transfers.show"),
     Endpoint("GET", "/v1/approvals", list_approvals, "List approvals (default: pending)", Permission.APPROVALS_READ,
              "approvals", response_model=ApprovalList, audited_action="approvals.list",
-             query=(("status", "string", "pending (default), executed, rejected, expired, failed or all"),)),
+             query=(("status", {"type": "string", "enum": ["pending", "executed", "rejected", "expired", "failed", "all"]},
+                     "Which approvals (default: pending)"),)),
     Endpoint("GET", APPROVAL, show_approval, "Show an approval and its result", Permission.APPROVALS_READ,
              "approvals", response_model=ApprovalDocument, audited_action="approvals.show"),
     Endpoint("POST", APPROVAL + "/approve", _decide(True),  # type: ignore[arg-type]

@@ -161,7 +161,7 @@ ENDPOINTS = [
              idempotency="optional", audited_action="wallets.open"),
     Endpoint("GET", "/v1/wallets", search, "Search wallets by id, holder name or phone", Permission.WALLETS_READ,
              "wallets", response_model=WalletList, audited_action="wallets.search",
-             query=(("q", "string", "Wallet id prefix, part of the holder's name, or phone prefix"),)),
+             query=(("q", {"type": "string", "maxLength": 64}, "Wallet id prefix, part of the holder's name, or phone prefix"),)),
     Endpoint("GET", WALLET, show, "Show a wallet with its balances", Permission.WALLETS_READ, "wallets",
              response_model=WalletDocument, audited_action="wallets.show"),
     Endpoint("POST", WALLET + "/status", set_status,
@@ -179,5 +179,5 @@ ENDPOINTS = [
              audited_action="wallets.cash_out", responses={422: "Refused by policy"}),
     Endpoint("GET", WALLET + "/transactions", transactions, "A wallet's postings, newest first, 50 a page",
              Permission.WALLETS_READ, "wallets", response_model=TransactionPage, audited_action="wallets.transactions",
-             query=(("cursor", "string", "next_cursor of the previous page"),)),
+             query=(("cursor", {"type": "string", "pattern": "^[0-9]{0,18}$"}, "next_cursor of the previous page"),)),
 ]

@@ -19,11 +19,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import multiprocessing
+import os
 import time
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from multiprocessing.connection import Connection
+import pickle
+import socket
+import struct
 from typing import Any
 
 from gateway.errors import AmbiguousKey, GatewayError, HsmError, HsmLoginFailed, HsmUnavailable, KeyNotFound
@@ -77,11 +80,13 @@ class _Job:
 class _WorkerHandle:
     index: int
     process: Any
-    conn: Connection
+    reader: asyncio.StreamReader
+    writer: asyncio.StreamWriter
     up: bool = True
     alive: bool = True
     inflight: deque[list[_Job]] = field(default_factory=deque)
     last_detail: str = ""
+    reading: asyncio.Task[None] | None = None
 
 
 _FAILURES: dict[str, type[GatewayError]] = {
@@ -136,21 +141,26 @@ class SignerPool:
         )
         process.start()
         child.close()
-        loop = asyncio.get_running_loop()
-        ready = loop.create_future()
-        loop.add_reader(parent.fileno(), _read_once, parent, ready)
+        # The worker speaks multiprocessing's framing over a socketpair with blocking calls; the
+        # event loop reads and writes the same framing through asyncio streams, which never block
+        # and cope with partial reads (a Connection.recv() on a non-blocking fd does not).
+        sock = socket.socket(fileno=os.dup(parent.fileno()))
+        parent.close()
+        reader, writer = await asyncio.open_unix_connection(sock=sock, limit=2**24)
         try:
-            status, kind, detail = await asyncio.wait_for(ready, self.settings.start_timeout)
-        except (TimeoutError, EOFError, OSError) as exc:
-            loop.remove_reader(parent.fileno())
+            status, kind, detail = await asyncio.wait_for(_read_message(reader), self.settings.start_timeout)
+        except (TimeoutError, asyncio.IncompleteReadError, OSError) as exc:
+            writer.close()
             process.kill()
             raise HsmUnavailable(f"signer worker {index} did not start: {exc!r}") from None
-        loop.remove_reader(parent.fileno())
         if status == "fatal":
+            writer.close()
             process.join(timeout=5)
             raise _FAILURES.get(kind, HsmError)(detail)
-        handle = _WorkerHandle(index=index, process=process, conn=parent, up=kind is None, last_detail=detail)
-        loop.add_reader(parent.fileno(), self._on_readable, handle)
+        handle = _WorkerHandle(
+            index=index, process=process, reader=reader, writer=writer, up=kind is None, last_detail=detail
+        )
+        handle.reading = asyncio.create_task(self._read_results(handle))
         return handle
 
     async def close(self) -> None:
@@ -239,8 +249,8 @@ class SignerPool:
 
     def _send(self, handle: _WorkerHandle, batch: list[_Job]) -> None:
         try:
-            handle.conn.send([job.payload for job in batch])
-        except (BrokenPipeError, OSError) as exc:
+            handle.writer.write(_frame([job.payload for job in batch]))
+        except (ConnectionError, OSError, RuntimeError) as exc:
             for job in batch:
                 if not job.future.done():
                     job.future.set_exception(HsmUnavailable(f"signer worker lost: {exc}"))
@@ -248,11 +258,17 @@ class SignerPool:
             return
         handle.inflight.append(batch)
 
-    def _on_readable(self, handle: _WorkerHandle) -> None:
-        try:
-            results = handle.conn.recv()
-        except (EOFError, OSError):
-            self._retire(handle, f"signer worker {handle.index} exited")
+    async def _read_results(self, handle: _WorkerHandle) -> None:
+        while True:
+            try:
+                results = await _read_message(handle.reader)
+            except (asyncio.IncompleteReadError, ConnectionError, OSError, pickle.UnpicklingError):
+                self._retire(handle, f"signer worker {handle.index} exited")
+                return
+            self._on_results(handle, results)
+
+    def _on_results(self, handle: _WorkerHandle, results: list[Any]) -> None:
+        if not handle.inflight:
             return
         batch = handle.inflight.popleft()
         went_down = False
@@ -290,15 +306,14 @@ class SignerPool:
         handle.alive = False
         handle.up = False
         handle.last_detail = reason
-        if self._loop is not None:
-            with contextlib.suppress(Exception):
-                self._loop.remove_reader(handle.conn.fileno())
+        if handle.reading is not None and handle.reading is not asyncio.current_task():
+            handle.reading.cancel()
         while handle.inflight:
             for job in handle.inflight.popleft():
                 if not job.future.done():
                     job.future.set_exception(HsmUnavailable(reason))
         with contextlib.suppress(Exception):
-            handle.conn.close()
+            handle.writer.close()
         self._requeue_or_fail_queue()
 
     # --- health -----------------------------------------------------------------------------
@@ -334,13 +349,20 @@ class SignerPool:
         self._pump()
 
 
-def _read_once(conn: Connection, future: asyncio.Future[Any]) -> None:
-    if future.done():
-        return
-    try:
-        future.set_result(conn.recv())
-    except (EOFError, OSError) as exc:
-        future.set_exception(exc)
+def _frame(message: Any) -> bytes:
+    """multiprocessing.Connection's wire format: a signed 4-byte big-endian length (or -1 and an
+    8-byte length beyond 2 GiB), then the pickle."""
+    payload = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
+    if len(payload) > 0x7FFFFFFF:
+        return struct.pack("!iQ", -1, len(payload)) + payload
+    return struct.pack("!i", len(payload)) + payload
+
+
+async def _read_message(reader: asyncio.StreamReader) -> Any:
+    (size,) = struct.unpack("!i", await reader.readexactly(4))
+    if size == -1:
+        (size,) = struct.unpack("!Q", await reader.readexactly(8))
+    return pickle.loads(await reader.readexactly(size))
 
 
 def _consume(future: asyncio.Future[Any]) -> None:

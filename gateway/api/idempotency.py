@@ -97,14 +97,15 @@ def record_in(tx: Tx, call: Call, status: int, content_type: str, body: bytes) -
     call.recorded_in_transaction = True
 
 
-async def complete(call: Call, status: int, content_type: str, body: bytes) -> None:
-    """Replace a reference record with the final response."""
+def complete_in(tx: Tx, call: Call, status: int, content_type: str, body: bytes) -> None:
+    """Replace a reference record with the final response, inside the caller's transaction."""
     if call.principal is None or call.idempotency_key is None:
         return
-    scope, key = call.principal.scope, call.idempotency_key
-    await call.services.database.write(lambda tx: tx.execute(
+    tx.execute(
         "UPDATE idempotency SET status = ?, content_type = ?, body = ? WHERE principal = ? AND idem_key = ? "
-        "AND status = 0", (status, content_type, body, scope, key)))
+        "AND status = 0",
+        (status, content_type, body, call.principal.scope, call.idempotency_key),
+    )
 
 
 async def run(

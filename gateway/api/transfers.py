@@ -23,11 +23,18 @@ from gateway.ledger.store import Tx
 from gateway.wallets.service import TransferIntent, approval_document, finish_approval, require_wallet_id
 
 
-async def _final_response(call: Call, transfer_id: str, status: int) -> web.Response:
-    document = await call.services.wallets.seal(transfer_id)
-    body = orjson.dumps(document)
-    await idempotency.complete(call, status, JSON, body)
-    return web.Response(body=body, status=status, content_type=JSON)
+async def _final_response(call: Call, transfer_id: str, row: Any = None) -> web.Response:
+    """Sign the envelope if needed and complete the idempotency record in the same transaction."""
+
+    def finish(tx: Tx, document: dict[str, Any]) -> None:
+        idempotency.complete_in(tx, call, _status(document), JSON, orjson.dumps(document))
+
+    document = await call.services.wallets.seal(transfer_id, finish, row)
+    return web.Response(body=orjson.dumps(document), status=_status(document), content_type=JSON)
+
+
+def _status(document: dict[str, Any]) -> int:
+    return 201 if document["status"] == "posted" else 202
 
 
 async def create_transfer(call: Call) -> web.Response:
@@ -37,21 +44,19 @@ async def create_transfer(call: Call) -> web.Response:
                             wallets.check_amount(body.amount_fen), body.memo)
     entry = call.audit_entry("transfers.create", decision="allowed", payload_hash=call.payload_hash())
 
-    def work(tx: Tx) -> tuple[str, str]:
-        transfer_id, status = wallets.transfer_in(tx, intent, entry)
-        idempotency.record_in(tx, call, 0, idempotency.REFERENCE, transfer_id.encode())
-        return transfer_id, status
+    def work(tx: Tx) -> dict[str, Any]:
+        row = wallets.transfer_in(tx, intent, entry)
+        idempotency.record_in(tx, call, 0, idempotency.REFERENCE, row["transfer_id"].encode())
+        return row
 
-    transfer_id, status = await call.services.database.write(work)
-    return await _final_response(call, transfer_id, 201 if status == "posted" else 202)
+    row = await call.services.database.write(work)
+    return await _final_response(call, row["transfer_id"], row)
 
 
 async def resume_transfer(call: Call, transfer_id: str) -> web.Response:
     """Replay of a transfer whose response was not final when the first request ended (e.g. a crash
     between posting and signing): sign the envelope now and answer as the first request would have."""
-    document = await call.services.wallets.seal(transfer_id)
-    status = 201 if document["status"] == "posted" else 202
-    return await _final_response(call, transfer_id, status)
+    return await _final_response(call, transfer_id)
 
 
 async def show_transfer(call: Call) -> web.Response:

@@ -3,6 +3,12 @@
 One writer connection on its own thread, so write transactions are serial inside the process and
 ``BEGIN IMMEDIATE`` (with a busy timeout) serialises them with other processes on the same file.
 Reads go to a second connection on a second thread; WAL mode lets them run beside the writer.
+
+Group commit: write functions that arrive while a transaction is running are queued and run
+together in the next one, each inside its own SAVEPOINT. A function that raises is rolled back to
+its savepoint and gets its own exception; the others commit. The result is what running them one
+after another would give, with one thread hop and one commit for the whole group instead of one
+per request.
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ from gateway.ledger.store import Params, Row
 T = TypeVar("T")
 
 BUSY_TIMEOUT_MS = 10_000
+MAX_GROUP = 256  # write functions per grouped transaction
 
 
 class SqliteTx:
@@ -86,6 +93,8 @@ class SqliteDatabase:
         self._reader_thread = ThreadPoolExecutor(1, thread_name_prefix="sqlite-reader")
         self._writer: sqlite3.Connection | None = None
         self._reader: sqlite3.Connection | None = None
+        self._queued: list[tuple[Callable[[Any], Any], asyncio.Future[Any]]] = []
+        self._draining: asyncio.Task[None] | None = None
 
     @classmethod
     async def open(cls, dsn: str) -> SqliteDatabase:
@@ -104,21 +113,38 @@ class SqliteDatabase:
             raise StoreUnavailable(f"cannot open SQLite database {path}: {exc}") from exc
         return database
 
-    def _run_write(self, fn: Callable[[SqliteTx], T]) -> T:
+    def _run_group(self, fns: list[Callable[[SqliteTx], Any]]) -> list[tuple[bool, Any]]:
+        """Run ``fns`` in one transaction, each in a savepoint. Returns (ok, result or exception) per fn.
+
+        Raises:
+            StoreUnavailable: BEGIN or COMMIT failed; nothing of the group is written.
+        """
         assert self._writer is not None
         connection = self._writer
         try:
             connection.execute("BEGIN IMMEDIATE")
         except sqlite3.OperationalError as exc:
             raise StoreUnavailable(f"SQLite: {exc}") from exc
+        outcomes: list[tuple[bool, Any]] = []
         try:
-            result = fn(SqliteTx(connection))
+            for fn in fns:
+                connection.execute("SAVEPOINT request")
+                try:
+                    result = fn(SqliteTx(connection))
+                except Exception as exc:
+                    connection.execute("ROLLBACK TO request")
+                    connection.execute("RELEASE request")
+                    failure = StoreUnavailable(f"SQLite: {exc}") if isinstance(exc, sqlite3.Error) else exc
+                    outcomes.append((False, failure))
+                else:
+                    connection.execute("RELEASE request")
+                    outcomes.append((True, result))
             connection.execute("COMMIT")
-            return result
         except BaseException:
             if connection.in_transaction:
                 connection.execute("ROLLBACK")
             raise
+        return outcomes
 
     def _run_read(self, fn: Callable[[SqliteTx], T]) -> T:
         assert self._reader is not None
@@ -131,7 +157,31 @@ class SqliteDatabase:
                 connection.execute("ROLLBACK")
 
     async def write(self, fn: Callable[[Any], T]) -> T:
-        return await self._call(self._writer_thread, self._run_write, fn)
+        future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
+        self._queued.append((fn, future))
+        if self._draining is None or self._draining.done():
+            self._draining = asyncio.create_task(self._drain())
+        return await future
+
+    async def _drain(self) -> None:
+        loop = asyncio.get_running_loop()
+        while self._queued:
+            group, self._queued = self._queued[:MAX_GROUP], self._queued[MAX_GROUP:]
+            try:
+                outcomes = await loop.run_in_executor(self._writer_thread, self._run_group, [fn for fn, _ in group])
+            except Exception as exc:
+                error = exc if isinstance(exc, GatewayError) else StoreUnavailable(f"SQLite: {exc}")
+                for _, future in group:
+                    if not future.done():
+                        future.set_exception(error)
+                continue
+            for (_, future), (ok, value) in zip(group, outcomes, strict=True):
+                if future.done():
+                    continue
+                if ok:
+                    future.set_result(value)
+                else:
+                    future.set_exception(value)
 
     async def read(self, fn: Callable[[Any], T]) -> T:
         return await self._call(self._reader_thread, self._run_read, fn)
@@ -156,6 +206,8 @@ class SqliteDatabase:
         return True
 
     async def close(self) -> None:
+        while self._draining is not None and not self._draining.done():
+            await self._draining
         loop = asyncio.get_running_loop()
         for executor, connection in ((self._writer_thread, self._writer), (self._reader_thread, self._reader)):
             if connection is not None:

@@ -12,9 +12,11 @@ missing (a crash in between) is signed on the next read or replay of it.
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 import secrets
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -282,11 +284,11 @@ class Wallets:
         )
         return {"entry_id": entry_id, "seq": seq, "ts": ts, "payload": payload}
 
-    def transfer_in(self, tx: Tx, intent: TransferIntent, entry: AuditEntry) -> tuple[str, str]:
+    def transfer_in(self, tx: Tx, intent: TransferIntent, entry: AuditEntry) -> dict[str, Any]:
         """Check and post a transfer — or, above the approval threshold, park it for a supervisor.
 
         Returns:
-            (transfer_id, status) with status ``posted`` or ``pending_approval``.
+            The transfer's row, with status ``posted`` (envelope still to sign) or ``pending_approval``.
         Raises:
             PolicyRefused (and subclasses), WalletNotFound.
         """
@@ -310,7 +312,7 @@ class Wallets:
             entry.decision = "pending_approval"
             entry.result["approval_id"] = approval_id
             append(tx, [entry])
-            return transfer_id, "pending_approval"
+            return dict(self._transfer_row(tx, transfer_id))
         posted = self._post_transfer(tx, transfer_id, intent, entry.actor)
         tx.execute(
             "INSERT INTO transfers (transfer_id, from_wallet, to_wallet, amount, memo, status, entry_id, seq, ts, "
@@ -320,7 +322,7 @@ class Wallets:
         )
         entry.result["entry_id"] = posted["entry_id"]
         append(tx, [entry])
-        return transfer_id, "posted"
+        return dict(self._transfer_row(tx, transfer_id))
 
     async def ecny_key(self) -> KeyRecord:
         if self._ecny_key is None:
@@ -337,17 +339,40 @@ class Wallets:
             self._ecny_key = await self.database.read(find)
         return self._ecny_key
 
-    async def seal(self, transfer_id: str) -> dict[str, Any]:
-        """Sign the envelope of a posted transfer if it has none yet; return the transfer document."""
-        row = await self.database.read(lambda tx: self._transfer_row(tx, transfer_id))
+    async def seal(
+        self, transfer_id: str, finish: Callable[[Tx, dict[str, Any]], None] | None = None, row: Any = None
+    ) -> dict[str, Any]:
+        """Sign the envelope of a posted transfer if it has none yet; return the transfer document.
+
+        Args:
+            transfer_id: the transfer.
+            finish: run in the transaction that stores the envelope, with the final document
+                (the idempotency record is completed there, so the two commit together).
+            row: the transfer's row if the caller has it (saves a read).
+        """
+        if row is None:
+            row = await self.database.read(lambda tx: self._transfer_row(tx, transfer_id))
+        document = transfer_document(row)
         if row["status"] == "posted" and row["envelope"] is None:
             key = await self.ecny_key()
             envelope = await sign1(self.signer, self.profile, key, bytes(row["payload"]))
-            await self.database.write(lambda tx: tx.execute(
-                "UPDATE transfers SET envelope = ?, kid = ? WHERE transfer_id = ? AND envelope IS NULL",
-                (envelope, key.key_id, transfer_id)))
-            row = await self.database.read(lambda tx: self._transfer_row(tx, transfer_id))
-        return transfer_document(row)
+            signed = {**document, "envelope": base64.b64encode(envelope).decode(), "kid": key.key_id}
+
+            def store(tx: Tx) -> dict[str, Any]:
+                changed = tx.execute(
+                    "UPDATE transfers SET envelope = ?, kid = ? WHERE transfer_id = ? AND envelope IS NULL",
+                    (envelope, key.key_id, transfer_id),
+                )
+                final = signed if changed else transfer_document(self._transfer_row(tx, transfer_id))
+                if finish is not None:
+                    finish(tx, final)
+                return final
+
+            result: dict[str, Any] = await self.database.write(store)
+            return result
+        if finish is not None:
+            await self.database.write(lambda tx: finish(tx, document))
+        return document
 
     @staticmethod
     def _transfer_row(tx: Tx, transfer_id: str) -> Any:
@@ -467,8 +492,6 @@ def sha256_hex(text: str) -> str:
 
 
 def transfer_document(row: Any) -> dict[str, Any]:
-    import base64
-
     document: dict[str, Any] = {
         "transfer_id": row["transfer_id"],
         "from_wallet": row["from_wallet"],

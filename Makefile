@@ -3,6 +3,8 @@
 #   make test    the full test suite against a real SoftHSM2 token (and a throw-away PostgreSQL)
 #   make lint    ruff, mypy --strict, import-linter
 #   make bench   benchmarks; results go to BENCHMARKS.md
+#   make proof   the long reliability runs CI cannot afford (soak)
+#   make teller  the teller UI against the gateway `make run` started
 
 SHELL := /bin/bash
 PYTHON ?= python3
@@ -12,7 +14,7 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 SYSTEM_PACKAGES := softhsm2 p11-kit postgresql python3-venv tmux
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | sha256sum | cut -c1-12)
 
-.PHONY: run test lint bench system venv clean teller
+.PHONY: run test lint bench proof system venv clean teller
 
 system:
 	@missing=""; \
@@ -47,8 +49,15 @@ lint: venv
 	$(BIN)/mypy
 	$(BIN)/lint-imports
 
+teller: venv
+	$(BIN)/ecny-teller --gateway http://127.0.0.1:8700
+
 bench: venv
 	$(BIN)/python bench/run.py
+
+# What CI does not run: the 10-minute soak (results in docs/reliability.md and docs/soak-last.json).
+proof: venv
+	$(BIN)/python proof/soak.py --minutes 10 --report docs/soak-last.json
 
 clean:
 	rm -rf $(VENV) var

@@ -12,6 +12,7 @@ from typing import Any
 from aiohttp import web
 
 from gateway.api import audit as audit_api
+from gateway.api import evm as evm_api
 from gateway.api import keys as keys_api
 from gateway.api import service as service_api
 from gateway.api import sessions as sessions_api
@@ -24,6 +25,8 @@ from gateway.api.openapi import ENDPOINTS_KEY
 from gateway.audit.chain import AuditLog
 from gateway.auth.credentials import Authenticator
 from gateway.config import Settings
+from gateway.evm.service import APPROVAL_KIND as EVM_APPROVAL_KIND
+from gateway.evm.service import EvmService
 from gateway.hsm.pool import PoolSettings, SignerPool
 from gateway.hsm.profile import HsmProfile
 from gateway.ledger.store import open_database
@@ -39,6 +42,7 @@ def all_endpoints() -> list[Endpoint]:
         *keys_api.ENDPOINTS,
         *wallets_api.ENDPOINTS,
         *transfers_api.ENDPOINTS,
+        *evm_api.ENDPOINTS,
         *audit_api.ENDPOINTS,
     ]
 
@@ -79,6 +83,10 @@ def services_context(settings: Settings) -> Callable[[web.Application], AsyncIte
                 metrics=Metrics(),
                 wallets=Wallets(database, pool, profile, settings),
             )
+            services = app[SERVICES]
+            evm = EvmService(database, pool, settings, services.keys, services.wallets, services.metrics)
+            services.wallets.approval_handlers[EVM_APPROVAL_KIND] = evm
+            app[evm_api.EVM_SERVICE] = evm
             yield
         finally:
             if audit is not None:

@@ -318,3 +318,194 @@ class ApprovalNotPending(Conflict):
 class ApprovalExpired(Conflict):
     code = "approval-expired"
     title = "Approval expired"
+
+
+# --- EVM (stablecoin) signing --------------------------------------------------------------------
+
+
+class InvalidAddress(BadRequest):
+    """Not a 20-byte hex address, or a mixed-case address whose EIP-55 checksum is wrong."""
+
+    code = "invalid-address"
+    title = "Invalid EVM address"
+
+
+class InvalidEvmAmount(BadRequest):
+    """A wei or token amount that is not a decimal string of a non-negative integer below 2**256
+    (negative, fractional, exponent, hex or a JSON number)."""
+
+    code = "invalid-evm-amount"
+    title = "Invalid EVM amount"
+
+
+class InvalidGasFields(BadRequest):
+    """Gas fields missing or inconsistent with the transaction type (``gas_price`` on an EIP-1559
+    transaction, a priority fee above the fee cap, a gas limit below 21,000…)."""
+
+    code = "invalid-gas-fields"
+    title = "Missing or inconsistent gas fields"
+
+
+class InvalidEvmTransaction(BadRequest):
+    """The transaction body is contradictory: both or neither of raw ``to``/``value``/``data`` and
+    ``erc20``, a method without its recipient, undecodable calldata…"""
+
+    code = "invalid-evm-transaction"
+    title = "Invalid EVM transaction"
+
+
+class InvalidTypedData(BadRequest):
+    """An EIP-712 document that does not follow the standard (unknown type, missing or extra field,
+    value out of range for its type)."""
+
+    code = "invalid-typed-data"
+    title = "Invalid EIP-712 typed data"
+
+
+class UnknownChain(PolicyRefused):
+    """The chain id is not in the configured chain registry (``[[evm.chains]]``)."""
+
+    code = "unknown-chain"
+    title = "Chain not in the registry"
+
+
+class UnknownToken(PolicyRefused):
+    """The ERC-20 token is not registered for this chain."""
+
+    code = "unknown-token"
+    title = "Token not in the registry"
+
+
+class UnknownContract(PolicyRefused):
+    """Calldata addressed to a contract that is not in the registry, or to a registered token with a
+    method the gateway cannot decode: the gateway never signs what it cannot read."""
+
+    code = "unknown-contract"
+    title = "Calldata to an unknown contract or method"
+
+
+class EvmCapExceeded(PolicyRefused):
+    """A per-transaction or daily cap of the token (or of the chain's native coin) would be exceeded."""
+
+    code = "evm-cap-exceeded"
+    title = "EVM amount cap exceeded"
+
+
+class RecipientNotAllowed(PolicyRefused):
+    """The recipient (or spender) is on the chain's deny list, or not on its allow list."""
+
+    code = "recipient-not-allowed"
+    title = "Recipient not allowed"
+
+
+class TypedDataDomainNotAllowed(PolicyRefused):
+    """The EIP-712 domain (chain id, verifying contract, name, version) is not on the allow list."""
+
+    code = "typed-data-domain-not-allowed"
+    title = "EIP-712 domain not allowed"
+
+
+class NonceConflict(Conflict):
+    """An explicit nonce that is not the next one for the address (already used, or leaving a gap)."""
+
+    code = "nonce-conflict"
+    title = "Nonce already used or out of sequence"
+
+
+class SignatureRecoveryFailed(HsmError):
+    """The HSM's signature does not recover to the key's public key: nothing is returned."""
+
+    code = "signature-recovery-failed"
+    title = "Signature does not match the key"
+
+
+# --- hard wallets: the serial link, offline formats and reconciliation ---------------------------
+
+
+class DeviceProtocolError(GatewayError):
+    """The serial link to a hard wallet failed. Raised by ``gateway.device`` (the teller's side of the
+    link and the simulator), never by an HTTP handler."""
+
+    code = "device-protocol-error"
+    http_status = 502
+    title = "Hard wallet link error"
+
+
+class FrameError(DeviceProtocolError):
+    """A frame that does not decode: bad COBS, CRC mismatch, not CBOR, too large, or not a protocol message."""
+
+    code = "device-frame-invalid"
+    title = "Invalid frame on the serial link"
+
+
+class DeviceTimeout(DeviceProtocolError):
+    """The device did not answer a request within its timeout."""
+
+    code = "device-timeout"
+    http_status = 504
+    title = "Hard wallet did not answer"
+
+
+class DeviceRefused(DeviceProtocolError):
+    """The device answered ``ok: false``; ``device_code`` is its reason (e.g. ``insufficient-balance``)."""
+
+    code = "device-refused"
+    title = "Hard wallet refused the operation"
+
+
+class DevicePortError(DeviceProtocolError):
+    """The serial port cannot be opened, read or written."""
+
+    code = "device-port-error"
+    title = "Serial port error"
+
+
+class OfflineFormatError(ValidationFailed):
+    """A certificate, voucher, payment, log export or statement that does not parse as its format."""
+
+    code = "invalid-offline-record"
+    title = "Malformed offline record"
+
+
+class DeviceNotFound(NotFound):
+    code = "device-not-found"
+    title = "Device not found"
+
+
+class DeviceNotActive(PolicyRefused):
+    """The device is frozen, revoked or unloaded, or its certificate has expired."""
+
+    code = "device-not-active"
+    title = "Device is not active"
+
+
+class InvalidDeviceSignature(PolicyRefused):
+    """A device-signed message (log export, unload statement) whose signature does not verify with the
+    device's registered key, or that names another device."""
+
+    code = "device-signature-invalid"
+    title = "Device signature invalid"
+
+
+class DeviceSyncRequired(Conflict):
+    """The unload statement names payments or receipts the gateway has not reconciled yet: sync first."""
+
+    code = "device-sync-required"
+    title = "Sync the device before unloading"
+
+
+class DiscrepancyNotFound(NotFound):
+    code = "discrepancy-not-found"
+    title = "Discrepancy not found"
+
+
+class DiscrepancyNotOpen(Conflict):
+    code = "discrepancy-not-open"
+    title = "Discrepancy is already resolved"
+
+
+class ResolutionRefused(PolicyRefused):
+    """The chosen resolution cannot be carried out (e.g. ``post`` with no held payment or no reserve)."""
+
+    code = "resolution-refused"
+    title = "Resolution refused"

@@ -204,3 +204,62 @@ async def ledger_gateway(
         assert response.status == 201, await response.text()
     yield started
     await started.client.close()
+
+
+# --- EVM (stablecoin) signing ----------------------------------------------------------------------
+
+EVM_TEST_CHAIN_ID = 131277322940537  # eth-tester's chain id (py-evm backend)
+EVM_TEST_TOKEN = "0x5a5A5a5a5A5a5a5a5a5A5a5A5A5a5a5A5A5A5A5A"  # registry entry only: nothing is deployed there
+EVM_CAPPED_TOKEN = "0x6b6B6B6b6b6b6B6b6B6b6B6b6B6b6b6B6b6b6b6B"
+EVM_DENIED = "0xDeaDbeefdEAdbeefdEadbEEFdeadbeEFdEaDbeeF"
+
+
+def evm_test_chain() -> dict[str, Any]:
+    """The eth-tester chain as a registry entry: a 6-decimal test token (per-transaction cap 1,000
+    tokens, approval above 100), a token with a small daily cap, a deny-listed recipient, and the
+    token's EIP-712 domain allowed."""
+    return {
+        "chain_id": EVM_TEST_CHAIN_ID, "name": "eth-tester",
+        "native": {"symbol": "ETH", "per_tx_cap": str(1_000 * 10**18), "daily_cap": None},
+        "approval_threshold": str(100 * 10**18),
+        "tokens": [
+            {"address": EVM_TEST_TOKEN, "symbol": "TUSD", "decimals": 6, "per_tx_cap": str(1_000 * 10**6),
+             "approval_threshold": str(100 * 10**6)},
+            {"address": EVM_CAPPED_TOKEN, "symbol": "CAPD", "decimals": 0, "per_tx_cap": 600, "daily_cap": 1_000},
+        ],
+        "recipient_denylist": [EVM_DENIED],
+        "typed_data_domains": [{"verifying_contract": EVM_TEST_TOKEN, "name": "Test USD", "version": "1"}],
+    }
+
+
+async def new_evm_key(gateway: Gateway, label: str) -> dict[str, Any]:
+    """A fresh secp256k1 key with usage `evm` (a fresh address: its nonces start at 0)."""
+    response = await gateway.client.post(
+        "/v1/keys", json={"label": label, "algorithm": "ecdsa-secp256k1", "usage": ["evm"]},
+        headers=gateway.auth(Role.ADMIN))
+    assert response.status == 201, await response.text()
+    document: dict[str, Any] = await response.json()
+    return document
+
+
+@pytest_asyncio.fixture(scope="module", params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
+async def evm_gateway(
+    request: pytest.FixtureRequest, softhsm_token: Token, tmp_path_factory: pytest.TempPathFactory
+) -> AsyncIterator[Gateway]:
+    """A gateway per store (SQLite and PostgreSQL) whose chain registry is the shipped one plus the
+    eth-tester chain (:func:`evm_test_chain`), with an `audit` key. Tests make their own `evm` keys."""
+    from gateway.config import EvmSettings
+
+    if request.param == "sqlite":
+        dsn = f"sqlite:///{tmp_path_factory.mktemp('evm') / 'gateway.db'}"
+    else:
+        server: PostgresServer = request.getfixturevalue("postgres_server")
+        dsn = server.create_database()
+    chains = [*EvmSettings().chains, evm_test_chain()]
+    started = await start_gateway(make_settings(softhsm_token, dsn, evm={"chains": chains}))
+    response = await started.client.post(
+        "/v1/keys", json={"label": f"audit-evm-{request.param}", "algorithm": "ecdsa-p256", "usage": ["audit"]},
+        headers=started.auth(Role.ADMIN))
+    assert response.status == 201, await response.text()
+    yield started
+    await started.client.close()

@@ -1,1 +1,1 @@
-"""ecny-teller: the Textual terminal UI for tellers and supervisors (a client of the HTTP API only)."""
+"""ecny-teller: the Textual terminal UI for tellers, supervisors and auditors (a client of the HTTP API only)."""

@@ -129,6 +129,12 @@ async def run(
     try:
         row = await database.read(lambda tx: _lookup(tx, scope, key))
         if row is not None:
+            if row["content_type"] == REFERENCE and resume is not None:
+                # The first request committed its work but not its final response (e.g. it died
+                # between posting and signing): finish it now, as the first one would have.
+                if bytes(row["request_hash"]) != expected:
+                    raise IdempotencyConflict(f"Idempotency-Key {key!r} was used with a different request")
+                return await resume(call, bytes(row["body"]).decode())
             return _replay(row, expected, key)
         response = await handler(call)
         if response.status < 500 and not call.recorded_in_transaction:

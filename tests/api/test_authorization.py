@@ -127,6 +127,42 @@ async def _new_transfer(ctx: Context) -> Case:
                 headers=_idempotency())
 
 
+SEPOLIA, SEPOLIA_USDC = 11155111, "0x1c7D4B196Cb0C7B01d743Fbc6116a902379C7238"
+
+
+async def _evm_key(ctx: Context) -> dict[str, Any]:
+    gw = ctx.gateway
+    return await _ok(await gw.client.post("/v1/keys", json={
+        "label": f"authz-evm-{secrets.token_hex(4)}", "algorithm": "ecdsa-secp256k1", "usage": ["evm"]},
+        headers=gw.auth(Role.ADMIN)), 201)
+
+
+async def _evm_transaction(ctx: Context) -> Case:
+    key = await _evm_key(ctx)
+    return Case("/v1/evm/transactions", {
+        "key_id": key["key_id"], "chain_id": SEPOLIA, "type": "eip1559", "gas_limit": 21000,
+        "max_fee_per_gas": "2000000000", "max_priority_fee_per_gas": "1000000000",
+        "to": "0x1111111111111111111111111111111111111111", "value": "1"}, headers=_idempotency())
+
+
+async def _evm_typed_data(ctx: Context) -> Case:
+    key = await _evm_key(ctx)
+    permit = {
+        "types": {
+            "EIP712Domain": [{"name": "name", "type": "string"}, {"name": "version", "type": "string"},
+                             {"name": "chainId", "type": "uint256"}, {"name": "verifyingContract", "type": "address"}],
+            "Permit": [{"name": "owner", "type": "address"}, {"name": "spender", "type": "address"},
+                       {"name": "value", "type": "uint256"}, {"name": "nonce", "type": "uint256"},
+                       {"name": "deadline", "type": "uint256"}],
+        },
+        "primaryType": "Permit",
+        "domain": {"name": "USDC", "version": "2", "chainId": SEPOLIA, "verifyingContract": SEPOLIA_USDC},
+        "message": {"owner": key["address"], "spender": "0x1111111111111111111111111111111111111111",
+                    "value": "1", "nonce": 0, "deadline": 1_900_000_000},
+    }
+    return Case("/v1/evm/typed-data", {"key_id": key["key_id"], "chain_id": SEPOLIA, "typed_data": permit})
+
+
 PUBLIC = None  # no credentials needed
 EVERY_ROLE = frozenset(Role)
 KEY_READERS = frozenset({Role.BACKEND, Role.TELLER, Role.SUPERVISOR, Role.AUDITOR, Role.ADMIN})
@@ -183,6 +219,11 @@ CASES: dict[str, tuple[frozenset[Role] | None, Builder]] = {
     "POST /v1/approvals/{approval_id}/reject": (SUPERVISOR, lambda ctx: _decision(ctx, "reject")),
     "GET /v1/audit": (AUDIT_READERS, _fixed(Case("/v1/audit", params={"limit": "5"}))),
     "GET /v1/audit/verify": (AUDIT_READERS, _fixed(Case("/v1/audit/verify"))),
+    "GET /v1/evm/chains": (frozenset({Role.BACKEND, Role.AUDITOR, Role.ADMIN}), _fixed(Case("/v1/evm/chains"))),
+    "POST /v1/evm/transactions": (frozenset({Role.BACKEND}), _evm_transaction),
+    "POST /v1/evm/typed-data": (frozenset({Role.BACKEND}), _evm_typed_data),
+    "POST /v1/evm/nonces/{chain_id}/{address}": (frozenset({Role.ADMIN}), _sync(lambda ctx: Case(
+        f"/v1/evm/nonces/{SEPOLIA}/0x{secrets.token_hex(20)}", {"next_nonce": 0}))),
 }
 
 ENDPOINTS = {endpoint.name: endpoint for endpoint in all_endpoints()}

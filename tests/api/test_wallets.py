@@ -396,3 +396,40 @@ async def test_approval_fails_when_policy_no_longer_allows(ledger_gateway: Gatew
     ).json()
     assert approval["status"] == "failed"
     assert (await wallet(gw, payee))["balance_fen"] == 0
+
+
+async def test_a_failure_between_posting_and_signing_is_finished_by_the_retry(
+    ledger_gateway: Gateway, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The posting commits before the HSM signs the envelope. If signing fails then (here the HSM is
+    unavailable; a crash looks the same), the retry with the same Idempotency-Key signs that same
+    transfer and answers as the first request would have: posted once, one envelope."""
+    from gateway.errors import HsmUnavailable
+    from gateway.wallets.service import Wallets
+
+    gw = ledger_gateway
+    payer, payee = await open_wallet(gw), await open_wallet(gw)
+    await cash_in(gw, payer, 1_000)
+    real_seal = Wallets.seal
+    calls = {"n": 0}
+
+    async def failing_once(self: Wallets, transfer_id: str, *args: Any) -> dict[str, Any]:
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise HsmUnavailable("simulated failure after commit")
+        return await real_seal(self, transfer_id, *args)
+
+    monkeypatch.setattr(Wallets, "seal", failing_once)
+    headers = {**gw.auth(Role.BACKEND), "Idempotency-Key": uuid.uuid4().hex}
+    body = {"from_wallet": payer, "to_wallet": payee, "amount_fen": 250}
+    first = await gw.client.post("/v1/transfers", json=body, headers=headers)
+    assert first.status == 503
+    assert (await wallet(gw, payer))["balance_fen"] == 750  # posted, not yet signed
+    retry = await gw.client.post("/v1/transfers", json=body, headers=headers)
+    assert retry.status == 201, await retry.text()
+    document = await retry.json()
+    key = await (await gw.client.get(f"/v1/keys/{document['kid']}", headers=gw.auth(Role.BACKEND))).json()
+    assert verify_with_pycose(document["envelope"], key["public_key_pem"])["amount"] == 250
+    again = await gw.client.post("/v1/transfers", json=body, headers=headers)
+    assert again.status == 201 and await again.json() == document
+    assert (await wallet(gw, payer))["balance_fen"] == 750 and (await wallet(gw, payee))["balance_fen"] == 250

@@ -1,0 +1,242 @@
+"""Stablecoins: the chain registry, EVM transactions, EIP-712 typed data and the admin's next nonce.
+
+A transaction is checked and recorded with its nonce in one store transaction and signed after
+commit (see :mod:`gateway.evm.service`); the Idempotency-Key record points at the transaction until
+the signature is stored, so a retry after a crash signs the same transaction, never a new nonce.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Any
+
+import orjson
+from aiohttp import web
+
+from gateway.api import idempotency
+from gateway.api.codecs import JSON, json_response
+from gateway.api.endpoints import Call, Endpoint
+from gateway.api.evm_models import (
+    ChainList,
+    EvmTransactionDocument,
+    EvmTransactionRequest,
+    NonceDocument,
+    NonceRequest,
+    TypedDataRequest,
+    TypedDataSignature,
+)
+from gateway.auth.roles import Permission
+from gateway.config import EvmChainSettings
+from gateway.errors import InvalidEvmTransaction, NonceConflict, ValidationFailed
+from gateway.evm.service import ALGORITHM, Draft, EvmService, Recorded, transaction_document
+from gateway.keyring import KeyRecord, Usage, evm_address
+from gateway.ledger.store import Tx
+from gateway.policy import evm as policy
+from gateway.schemes.evm import (
+    Erc20Call,
+    UnsignedTransaction,
+    check_fees,
+    checksum,
+    erc20_calldata,
+    parse_address,
+    parse_amount,
+    parse_data,
+    parse_typed_data,
+    recover_signature,
+)
+
+EVM_SERVICE = web.AppKey("evm_service", EvmService)
+
+
+def _service(call: Call) -> EvmService:
+    return call.request.app[EVM_SERVICE]
+
+
+def _optional_amount(text: str | None, field: str) -> int | None:
+    return None if text is None else parse_amount(text, field)
+
+
+async def _evm_key(call: Call, key_id: str) -> KeyRecord:
+    record = await call.services.keys.get(call.services.database, key_id)
+    record.require(Usage.EVM)
+    return record
+
+
+def draft_of(body: EvmTransactionRequest, key: KeyRecord, chain: EvmChainSettings) -> Draft:
+    """Parse and decode a request into a draft transaction (no store access).
+
+    Raises:
+        InvalidAddress, InvalidEvmAmount, InvalidGasFields, InvalidEvmTransaction (400);
+        UnknownToken, UnknownContract (422).
+    """
+    fees = check_fees(body.type, body.gas_limit, _optional_amount(body.max_fee_per_gas, "max_fee_per_gas"),
+                      _optional_amount(body.max_priority_fee_per_gas, "max_priority_fee_per_gas"),
+                      _optional_amount(body.gas_price, "gas_price"))
+    raw_fields = (body.to, body.value, body.data)
+    if body.erc20 is not None:
+        if any(field is not None for field in raw_fields):
+            raise InvalidEvmTransaction("give either erc20 or to/value/data, not both")
+        intent_body = body.erc20
+        token = parse_address(intent_body.token, "erc20.token")
+        amount = parse_amount(intent_body.amount, "erc20.amount")
+        if intent_body.method == "burn":
+            if intent_body.to is not None:
+                raise InvalidEvmTransaction("erc20.to: burn takes no recipient")
+            recipient = None
+        elif intent_body.to is None:
+            raise InvalidEvmTransaction(f"erc20.to is required for {intent_body.method}")
+        else:
+            recipient = parse_address(intent_body.to, "erc20.to")
+        erc20_call = Erc20Call(intent_body.method, recipient, amount)
+        intent = policy.erc20_intent(chain, token, erc20_call)
+        to, value, data = token, 0, erc20_calldata(erc20_call)
+    else:
+        if body.to is None:
+            raise InvalidEvmTransaction("to is required (or an erc20 intent); contract creation is not signed")
+        to = parse_address(body.to, "to")
+        value = parse_amount(body.value or "0", "value")
+        data = parse_data(body.data)
+        intent = policy.decode_intent(chain, to, value, data)
+    unsigned = UnsignedTransaction(body.type, chain.chain_id, 0, fees, to, value, data)
+    return Draft(key, chain, unsigned, intent, body.nonce)
+
+
+async def _signed_response(call: Call, transaction_id: str, recorded: Recorded | None = None,
+                           key: KeyRecord | None = None) -> web.Response:
+    """Sign (unless signed already) and answer; the idempotency record is completed in the transaction
+    that stores the signature."""
+    service = _service(call)
+
+    def finish(tx: Tx, document: dict[str, Any]) -> None:
+        if document["status"] == "signed":
+            idempotency.complete_in(tx, call, 200, JSON, orjson.dumps(document))
+
+    if recorded is not None and key is not None:
+        document = await service.sign_recorded(transaction_id, recorded.unsigned, key, finish)
+    else:
+        document = await service.seal(transaction_id, finish)
+    if document["status"] != "signed":
+        raise NonceConflict(f"transaction {transaction_id} is {document['status']} and will not be signed",
+                            transaction_id=transaction_id)
+    return web.Response(body=orjson.dumps(document), status=200, content_type=JSON)
+
+
+async def create_transaction(call: Call) -> web.Response:
+    body: EvmTransactionRequest = call.body
+    key = await _evm_key(call, body.key_id)
+    chain = policy.require_chain(call.services.settings.evm, body.chain_id)
+    draft = draft_of(body, key, chain)
+    service = _service(call)
+    entry = call.audit_entry("evm.transactions.create", decision="allowed", payload_hash=call.payload_hash())
+
+    def work(tx: Tx) -> tuple[Recorded, bytes | None]:
+        recorded = service.record_in(tx, draft, entry)
+        if recorded.status == "pending_approval":
+            pending = orjson.dumps(transaction_document(service.row_in(tx, recorded.transaction_id)))
+            idempotency.record_in(tx, call, 202, JSON, pending)
+            return recorded, pending
+        idempotency.record_in(tx, call, 0, idempotency.REFERENCE, recorded.transaction_id.encode())
+        return recorded, None
+
+    recorded, pending = await call.services.database.write(work)
+    if pending is not None:
+        return web.Response(body=pending, status=202, content_type=JSON)
+    return await _signed_response(call, recorded.transaction_id, recorded, key)
+
+
+async def resume_transaction(call: Call, transaction_id: str) -> web.Response:
+    """Replay of a request whose transaction was recorded but whose response was not final (a crash
+    between commit and signing): sign the same transaction now — same nonce — and answer as the first
+    request would have."""
+    return await _signed_response(call, transaction_id)
+
+
+async def sign_typed_data(call: Call) -> web.Response:
+    body: TypedDataRequest = call.body
+    key = await _evm_key(call, body.key_id)
+    chain = policy.require_chain(call.services.settings.evm, body.chain_id)
+    typed = parse_typed_data(body.typed_data)
+    signer_address = evm_address(key.public_key)
+    decision, intent = policy.check_typed_data(chain, typed, signer_address)
+    policy.refuse([decision], f"EIP-712 {typed.primary_type} on chain {chain.chain_id} refused")
+    digest = typed.digest
+    raw = await call.services.signer.sign(key.key_id, ALGORITHM, digest)
+    signature = recover_signature(digest, raw, key.public_key)
+    call.services.metrics.signatures.labels(ALGORITHM, "evm").inc()
+    rsv = signature.rsv()
+    document: dict[str, Any] = {
+        "signature": "0x" + rsv.hex(), "r": hex(signature.r), "s": hex(signature.s), "v": rsv[64],
+        "digest": "0x" + digest.hex(), "domain_separator": "0x" + typed.domain_separator.hex(),
+        "message_hash": "0x" + typed.message_hash.hex(), "signer": signer_address,
+        "intent": intent.document() if intent is not None else None,
+    }
+    await call.services.audit.record(call.audit_entry(
+        "evm.typed_data.sign", decision="allowed", key_id=key.key_id, payload_hash=call.payload_hash(),
+        result={"chain_id": chain.chain_id, "primary_type": typed.primary_type, "digest": digest.hex(),
+                "verifying_contract": typed.domain.get("verifyingContract"),
+                "signature_sha256": hashlib.sha256(rsv).hexdigest()}))
+    return json_response(document)
+
+
+async def set_next_nonce(call: Call) -> web.Response:
+    try:
+        chain_id = int(call.request.match_info["chain_id"])
+    except ValueError:
+        raise ValidationFailed("chain_id must be a decimal integer") from None
+    chain = policy.require_chain(call.services.settings.evm, chain_id)
+    address = checksum(parse_address(call.request.match_info["address"], "address"))
+    body: NonceRequest = call.body
+    entry = call.audit_entry("evm.nonces.set", decision="allowed", payload_hash=call.payload_hash())
+    service = _service(call)
+    result = await call.services.database.write(
+        lambda tx: service.set_next_nonce_in(tx, chain.chain_id, address, body.next_nonce, entry))
+    return json_response(result)
+
+
+def _units(value: int | None) -> str | None:
+    return None if value is None else str(value)
+
+
+def chain_document(chain: EvmChainSettings) -> dict[str, Any]:
+    native = chain.native
+    return {
+        "chain_id": chain.chain_id, "name": chain.name,
+        "native": {"symbol": native.symbol, "decimals": native.decimals, "per_tx_cap": _units(native.per_tx_cap),
+                   "daily_cap": _units(native.daily_cap)},
+        "approval_threshold": _units(chain.approval_threshold),
+        "tokens": [{"address": token.address, "symbol": token.symbol, "decimals": token.decimals,
+                    "per_tx_cap": _units(token.per_tx_cap), "daily_cap": _units(token.daily_cap),
+                    "approval_threshold": _units(token.approval_threshold), "example": token.example}
+                   for token in chain.tokens],
+        "recipient_allowlist": list(chain.recipient_allowlist),
+        "recipient_denylist": list(chain.recipient_denylist),
+        "typed_data_domains": [{"verifying_contract": domain.verifying_contract, "name": domain.name,
+                                "version": domain.version} for domain in chain.typed_data_domains],
+        "example": chain.example,
+    }
+
+
+async def list_chains(call: Call) -> web.Response:
+    return json_response([chain_document(chain) for chain in call.services.settings.evm.chains])
+
+
+ENDPOINTS = [
+    Endpoint("GET", "/v1/evm/chains", list_chains, "The chain registry: chains, tokens, caps and lists",
+             Permission.EVM_READ, "evm", response_model=ChainList, audited_action="evm.chains.list"),
+    Endpoint("POST", "/v1/evm/transactions", create_transaction,
+             "Sign an EIP-1559 or legacy EVM transaction (raw or an ERC-20 intent) with a gap-free nonce",
+             Permission.EVM_SIGN, "evm", request_model=EvmTransactionRequest, response_model=EvmTransactionDocument,
+             idempotency="required", resume=resume_transaction, audited_action="evm.transactions.create",
+             responses={202: "Pending a supervisor's approval (status pending_approval, approval_id)",
+                        409: "Nonce already used or out of sequence; Idempotency-Key reused",
+                        422: "Refused by policy (unknown chain, token or contract; cap; recipient)"}),
+    Endpoint("POST", "/v1/evm/typed-data", sign_typed_data, "Sign EIP-712 typed data for an allowed domain",
+             Permission.EVM_SIGN, "evm", request_model=TypedDataRequest, response_model=TypedDataSignature,
+             idempotency="optional", audited_action="evm.typed_data.sign",
+             responses={422: "Domain not allowed, or a permit the policy refuses"}),
+    Endpoint("POST", "/v1/evm/nonces/{chain_id}/{address}", set_next_nonce,
+             "Set the next nonce of an address (admin; audited)", Permission.EVM_NONCES, "evm",
+             request_model=NonceRequest, response_model=NonceDocument, idempotency="optional",
+             audited_action="evm.nonces.set",
+             responses={409: "A transaction at or above the nonce awaits approval", 422: "Unknown chain"}),
+]

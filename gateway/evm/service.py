@@ -1,0 +1,412 @@
+"""EVM transactions: check and record with a gap-free nonce in one store transaction, sign after commit.
+
+One request (``POST /v1/evm/transactions``):
+
+1. The body is parsed into an :class:`~gateway.schemes.evm.UnsignedTransaction` minus its nonce, and
+   its decoded :class:`~gateway.policy.evm.Intent` (pure, no store).
+2. One write transaction, holding the lock of the (chain, address): expire stale approvals and free
+   their nonces; read the day's spend; evaluate the policy — a refusal rolls everything back, so a
+   refused request consumes no nonce —; allocate the nonce (the lowest freed one, else the next);
+   record the unsigned transaction, its signing hash, the spend, the audit entry and the
+   idempotency record (a reference to the transaction) — all or nothing.
+3. After commit, the HSM signs the signing hash; the signature is normalised to low-S, its recovery
+   id found by public-key recovery, and the raw transaction stored. The HSM round trip never holds
+   the lock. A crash between 2 and 3 leaves an ``unsigned`` row that the next replay of the same
+   Idempotency-Key (or the approval's result) signs: the nonce is fixed, so the retry gets the same
+   transaction, never a second nonce.
+
+Above the approval threshold, step 2 records the transaction as ``pending_approval`` (its nonce
+allocated, so the supervisor approves the exact signing hash) and a supervisor's approval signs it.
+A rejected, expired or failed approval returns its never-signed nonce to the free list, and the
+next request for the address takes it: no nonce is skipped, none is signed twice.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from gateway import clock
+from gateway.audit.chain import AuditEntry, append
+from gateway.config import EvmChainSettings, Settings
+from gateway.errors import (
+    ApprovalPayloadMismatch,
+    InvalidEvmTransaction,
+    NonceConflict,
+    NotFound,
+    PolicyRefused,
+)
+from gateway.hsm.signer import Signer
+from gateway.keyring import KeyDirectory, KeyRecord, evm_address
+from gateway.ledger.store import Database, Tx
+from gateway.metrics import Metrics
+from gateway.policy import evm as policy
+from gateway.policy.evm import Intent
+from gateway.schemes.evm import MAX_NONCE, UnsignedTransaction, finish_transaction
+from gateway.wallets.service import Wallets, canonical_json
+
+APPROVAL_KIND = "evm_transaction"
+Finish = Callable[[Tx, dict[str, Any]], None]
+"""Work done in the transaction that stores a signature, given the transaction's document."""
+ALGORITHM = "ecdsa-secp256k1"
+LIVE = ("unsigned", "signed", "pending_approval")
+
+
+@dataclass(frozen=True)
+class Draft:
+    """A checked transaction waiting for its nonce: everything else is fixed."""
+
+    key: KeyRecord
+    chain: EvmChainSettings
+    unsigned: UnsignedTransaction  # its nonce is a placeholder until allocated
+    intent: Intent
+    nonce: int | None  # the caller's explicit nonce, if any
+    address: str = ""  # EIP-55 address of the key (derived when not given)
+
+    def __post_init__(self) -> None:
+        if not self.address:
+            object.__setattr__(self, "address", evm_address(self.key.public_key))
+
+
+@dataclass(frozen=True)
+class Recorded:
+    transaction_id: str
+    status: str  # unsigned | pending_approval
+    nonce: int
+    approval_id: str | None
+    signing_hash: str
+    unsigned: UnsignedTransaction
+
+
+def business_day() -> str:
+    """The UTC day amounts count against (EVM chains know no business days)."""
+    return clock.now_iso()[:10]
+
+
+def _lock_name(chain_id: int, address: str) -> str:
+    return f"evm:{chain_id}:{address}"
+
+
+def transaction_document(row: Any) -> dict[str, Any]:
+    """The response document of a stored transaction."""
+    unsigned = json.loads(row["unsigned_tx"])
+    document: dict[str, Any] = {
+        "status": row["status"],
+        "transaction_id": row["transaction_id"],
+        "chain_id": int(row["chain_id"]),
+        "type": row["tx_type"],
+        "from": row["from_address"],
+        "nonce": int(row["nonce"]),
+        "signing_hash": "0x" + row["signing_hash"],
+        "transaction": unsigned,
+        "intent": json.loads(row["intent"]),
+    }
+    if row["approval_id"]:
+        document["approval_id"] = row["approval_id"]
+    if row["raw_transaction"] is not None:
+        document["raw_transaction"] = "0x" + bytes(row["raw_transaction"]).hex()
+        document["tx_hash"] = row["tx_hash"]
+    return document
+
+
+class EvmService:
+    """EVM signing for one gateway process; also the approval handler of kind ``evm_transaction``."""
+
+    def __init__(self, database: Database, signer: Signer, settings: Settings, keys: KeyDirectory,
+                 wallets: Wallets, metrics: Metrics) -> None:
+        self.database = database
+        self.signer = signer
+        self.settings = settings
+        self.keys = keys
+        self.wallets = wallets
+        self.metrics = metrics
+
+    # --- nonces ----------------------------------------------------------------------------
+
+    @staticmethod
+    def _next_nonce(tx: Tx, chain_id: int, address: str) -> int | None:
+        row = tx.fetchone("SELECT next_nonce FROM evm_nonces WHERE chain_id = ? AND address = ?", (chain_id, address))
+        return None if row is None else int(row["next_nonce"])
+
+    @staticmethod
+    def _store_next(tx: Tx, chain_id: int, address: str, next_nonce: int, exists: bool) -> None:
+        if exists:
+            tx.execute("UPDATE evm_nonces SET next_nonce = ?, updated_at = ? WHERE chain_id = ? AND address = ?",
+                       (next_nonce, clock.now_iso(), chain_id, address))
+        else:
+            tx.execute("INSERT INTO evm_nonces (chain_id, address, next_nonce, updated_at) VALUES (?, ?, ?, ?)",
+                       (chain_id, address, next_nonce, clock.now_iso()))
+
+    def allocate_in(self, tx: Tx, chain_id: int, address: str, requested: int | None) -> int:
+        """The nonce for a new transaction of ``address`` (the caller holds the address's lock).
+
+        Without ``requested``: the lowest freed nonce, else the next one. With it: it must be a freed
+        nonce or exactly the next one.
+
+        Raises:
+            NonceConflict: ``requested`` is already used, or would leave a gap.
+        """
+        stored = self._next_nonce(tx, chain_id, address)
+        next_nonce = stored or 0
+        free = [int(row["nonce"]) for row in tx.fetchall(
+            "SELECT nonce FROM evm_free_nonces WHERE chain_id = ? AND address = ? ORDER BY nonce LIMIT 1000",
+            (chain_id, address))]
+        if requested is None:
+            nonce = free[0] if free else next_nonce
+        elif requested in free or requested == next_nonce:
+            nonce = requested
+        elif requested < next_nonce:
+            raise NonceConflict(f"nonce {requested} of {address} on chain {chain_id} is already used; "
+                                f"the next is {next_nonce}", next_nonce=next_nonce)
+        else:
+            raise NonceConflict(f"nonce {requested} of {address} on chain {chain_id} would leave a gap; "
+                                f"the next is {next_nonce}", next_nonce=next_nonce)
+        if nonce in free:
+            tx.execute("DELETE FROM evm_free_nonces WHERE chain_id = ? AND address = ? AND nonce = ?",
+                       (chain_id, address, nonce))
+        else:
+            if nonce >= MAX_NONCE:
+                raise NonceConflict(f"the nonces of {address} on chain {chain_id} are exhausted")
+            self._store_next(tx, chain_id, address, nonce + 1, stored is not None)
+        return nonce
+
+    @staticmethod
+    def _free_nonce(tx: Tx, chain_id: int, address: str, nonce: int) -> None:
+        tx.execute("INSERT INTO evm_free_nonces (chain_id, address, nonce) VALUES (?, ?, ?)",
+                   (chain_id, address, nonce))
+
+    def _sweep_in(self, tx: Tx, chain_id: int, address: str, now: str) -> None:
+        """Close transactions whose approval ended without executing them, and free their nonces."""
+        rows = tx.fetchall(
+            "SELECT t.transaction_id, t.nonce, a.approval_id, a.status AS approval_status, a.expires_at "
+            "FROM evm_transactions t JOIN approvals a ON a.approval_id = t.approval_id "
+            "WHERE t.chain_id = ? AND t.from_address = ? AND t.status = 'pending_approval'", (chain_id, address))
+        for row in rows:
+            state = row["approval_status"]
+            if state == "executed" or (state == "pending" and row["expires_at"] > now):
+                continue
+            if state == "pending":
+                tx.execute("UPDATE approvals SET status = 'expired', decided_at = ? WHERE approval_id = ? "
+                           "AND status = 'pending'", (now, row["approval_id"]))
+            status = {"rejected": "rejected", "failed": "failed"}.get(state, "expired")
+            tx.execute("UPDATE evm_transactions SET status = ? WHERE transaction_id = ?",
+                       (status, row["transaction_id"]))
+            self._free_nonce(tx, chain_id, address, int(row["nonce"]))
+
+    def set_next_nonce_in(self, tx: Tx, chain_id: int, address: str, next_nonce: int,
+                          entry: AuditEntry) -> dict[str, Any]:
+        """Set the next nonce of an address (admin: e.g. after transactions were dropped from the mempool,
+        or to adopt an address already used elsewhere). Transactions recorded with a nonce at or above it
+        that were never mined are marked ``superseded`` (and never signed, if they were not yet); the free
+        list is cleared.
+
+        Raises:
+            NonceConflict: a transaction at or above ``next_nonce`` is waiting for a supervisor.
+        """
+        tx.lock(_lock_name(chain_id, address))
+        self._sweep_in(tx, chain_id, address, clock.now_iso())
+        waiting = tx.fetchall(
+            "SELECT transaction_id FROM evm_transactions WHERE chain_id = ? AND from_address = ? AND nonce >= ? "
+            "AND status = 'pending_approval'", (chain_id, address, next_nonce))
+        if waiting:
+            raise NonceConflict(f"{len(waiting)} transaction(s) at or above nonce {next_nonce} await approval; "
+                                "reject them first", transactions=[row["transaction_id"] for row in waiting])
+        superseded = [row["transaction_id"] for row in tx.fetchall(
+            "SELECT transaction_id FROM evm_transactions WHERE chain_id = ? AND from_address = ? AND nonce >= ? "
+            "AND status IN ('unsigned', 'signed') ORDER BY nonce", (chain_id, address, next_nonce))]
+        tx.execute("UPDATE evm_transactions SET status = 'superseded' WHERE chain_id = ? AND from_address = ? "
+                   "AND nonce >= ? AND status IN ('unsigned', 'signed')", (chain_id, address, next_nonce))
+        tx.execute("DELETE FROM evm_free_nonces WHERE chain_id = ? AND address = ?", (chain_id, address))
+        previous = self._next_nonce(tx, chain_id, address)
+        self._store_next(tx, chain_id, address, next_nonce, previous is not None)
+        result = {"chain_id": chain_id, "address": address, "next_nonce": next_nonce,
+                  "previous_next_nonce": previous or 0, "superseded": superseded}
+        entry.result = dict(result)
+        append(tx, [entry])
+        return result
+
+    # --- recording -------------------------------------------------------------------------
+
+    @staticmethod
+    def _spent(tx: Tx, chain_id: int, address: str, asset: str, day: str) -> int:
+        row = tx.fetchone("SELECT amount FROM evm_spend WHERE chain_id = ? AND address = ? AND asset = ? "
+                          "AND business_day = ?", (chain_id, address, asset, day))
+        return 0 if row is None else int(row["amount"])
+
+    def _add_spend(self, tx: Tx, chain_id: int, address: str, intent: Intent, day: str) -> None:
+        row = tx.fetchone("SELECT amount FROM evm_spend WHERE chain_id = ? AND address = ? AND asset = ? "
+                          "AND business_day = ?", (chain_id, address, intent.asset, day))
+        if row is None:
+            tx.execute("INSERT INTO evm_spend (chain_id, address, asset, business_day, amount) VALUES (?, ?, ?, ?, ?)",
+                       (chain_id, address, intent.asset, day, str(intent.amount)))
+        else:
+            tx.execute("UPDATE evm_spend SET amount = ? WHERE chain_id = ? AND address = ? AND asset = ? "
+                       "AND business_day = ?",
+                       (str(int(row["amount"]) + intent.amount), chain_id, address, intent.asset, day))
+
+    def _check(self, tx: Tx, chain: EvmChainSettings, address: str, intent: Intent, day: str) -> None:
+        spent = self._spent(tx, chain.chain_id, address, intent.asset, day)
+        policy.refuse([policy.evaluate(chain, intent, spent)],
+                      f"{intent.method} of {intent.amount} {intent.symbol} base units on chain {chain.chain_id} "
+                      "refused")
+
+    def record_in(self, tx: Tx, draft: Draft, entry: AuditEntry) -> Recorded:
+        """Check the policy, allocate the nonce and record the unsigned transaction — or park it for a
+        supervisor above the threshold. Nothing is written if any check fails.
+
+        Raises:
+            PolicyRefused (and subclasses), NonceConflict.
+        """
+        chain_id, address = draft.chain.chain_id, draft.address
+        tx.lock(_lock_name(chain_id, address))
+        now = clock.now_iso()
+        self._sweep_in(tx, chain_id, address, now)
+        day = now[:10]
+        self._check(tx, draft.chain, address, draft.intent, day)
+        nonce = self.allocate_in(tx, chain_id, address, draft.nonce)
+        unsigned = UnsignedTransaction(draft.unsigned.tx_type, chain_id, nonce, draft.unsigned.fees,
+                                       draft.unsigned.to, draft.unsigned.value, draft.unsigned.data)
+        signing_hash = unsigned.signing_hash().hex()
+        transaction_id = "etx_" + secrets.token_hex(12)
+        pending = policy.needs_approval(draft.chain, draft.intent)
+        intent_document = draft.intent.document()
+        unsigned_document = unsigned.to_json()
+        approval_id = None
+        if pending:
+            approval_id = self.wallets.request_approval(tx, APPROVAL_KIND, {
+                "transaction_id": transaction_id, "key_id": draft.key.key_id, "from": address,
+                "chain_id": chain_id, "chain": draft.chain.name, "signing_hash": "0x" + signing_hash,
+                "transaction": unsigned_document, "intent": intent_document}, entry.actor)
+        else:
+            self._add_spend(tx, chain_id, address, draft.intent, day)
+        status = "pending_approval" if pending else "unsigned"
+        tx.execute(
+            "INSERT INTO evm_transactions (transaction_id, chain_id, key_id, from_address, nonce, tx_type, "
+            "unsigned_tx, signing_hash, intent, asset, amount, business_day, status, approval_id, requested_by, "
+            "created_at) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (transaction_id, chain_id, draft.key.key_id, address, nonce, unsigned.tx_type,
+             canonical_json(unsigned_document), signing_hash, canonical_json(intent_document),
+             draft.intent.asset, str(draft.intent.amount), day, status, approval_id, entry.actor, now),
+        )
+        entry.key_id = draft.key.key_id
+        entry.decision = "pending_approval" if pending else "allowed"
+        entry.result = {"transaction_id": transaction_id, "chain_id": chain_id, "from": address, "nonce": nonce,
+                        "signing_hash": signing_hash, "intent": intent_document}
+        if approval_id is not None:
+            entry.result["approval_id"] = approval_id
+        append(tx, [entry])
+        return Recorded(transaction_id, status, nonce, approval_id, signing_hash, unsigned)
+
+    # --- signing after commit ----------------------------------------------------------------
+
+    @staticmethod
+    def row_in(tx: Tx, transaction_id: str) -> Any:
+        """The stored row of a transaction. Raises NotFound."""
+        row = tx.fetchone("SELECT * FROM evm_transactions WHERE transaction_id = ?", (transaction_id,))
+        if row is None:
+            raise NotFound(f"no EVM transaction {transaction_id[:40]}")
+        return row
+
+    async def seal(self, transaction_id: str, finish: Finish | None = None) -> dict[str, Any]:
+        """Sign a recorded transaction if it is not signed yet; return its document.
+
+        The signature is checked twice before it leaves: the stored signing hash must be the hash of the
+        stored fields, and the signature must recover to the key's public key. ``finish`` runs in the
+        transaction that stores the signature (e.g. to complete the idempotency record); it is not run
+        when the transaction was signed already.
+        """
+        row = await self.database.read(lambda tx: self.row_in(tx, transaction_id))
+        if row["status"] != "unsigned":
+            return transaction_document(row)
+        unsigned = UnsignedTransaction.from_json(json.loads(row["unsigned_tx"]))
+        if unsigned.signing_hash().hex() != row["signing_hash"]:
+            raise InvalidEvmTransaction(f"transaction {transaction_id}: stored fields do not match the signing hash")
+        key = await self.keys.get(self.database, row["key_id"])
+        return await self.sign_recorded(transaction_id, unsigned, key, finish)
+
+    async def sign_recorded(self, transaction_id: str, unsigned: UnsignedTransaction, key: KeyRecord,
+                            finish: Finish | None = None) -> dict[str, Any]:
+        """Sign a transaction just recorded as ``unsigned`` (the caller still holds what it recorded, so the
+        store is not read first) and store the signature unless another seal stored one first."""
+        digest = unsigned.signing_hash()
+        signature = await self.signer.sign(key.key_id, ALGORITHM, digest)
+        signed = finish_transaction(unsigned, signature, key.public_key)
+        self.metrics.signatures.labels(ALGORITHM, "evm").inc()
+
+        def store(tx: Tx) -> dict[str, Any]:
+            tx.execute("UPDATE evm_transactions SET status = 'signed', raw_transaction = ?, tx_hash = ?, signed_at = ? "
+                       "WHERE transaction_id = ? AND status = 'unsigned'",
+                       (signed.raw, "0x" + signed.tx_hash.hex(), clock.now_iso(), transaction_id))
+            # A concurrent seal may have stored its signature first: answer with the stored one.
+            document = transaction_document(self.row_in(tx, transaction_id))
+            if finish is not None:
+                finish(tx, document)
+            return document
+
+        return await self.database.write(store)
+
+    # --- approvals (ApprovalHandler) -----------------------------------------------------------
+
+    def execute_in(self, tx: Tx, approval: Any, payload: dict[str, Any], entry: AuditEntry) -> dict[str, Any]:
+        """Approve: the stored transaction must still hash to the approved signing hash and pass the policy
+        as configured now (caps count today's spend); it then waits only for its signature.
+
+        Raises:
+            PolicyRefused: the policy refuses it now; the transaction fails and its nonce is freed.
+            ApprovalPayloadMismatch: the stored transaction is not the one approved.
+        """
+        row = self.row_in(tx, payload["transaction_id"])
+        chain_id, address = int(row["chain_id"]), row["from_address"]
+        tx.lock(_lock_name(chain_id, address))
+        row = self.row_in(tx, payload["transaction_id"])
+        unsigned = UnsignedTransaction.from_json(json.loads(row["unsigned_tx"]))
+        signing_hash = unsigned.signing_hash().hex()
+        if row["status"] != "pending_approval":
+            raise ApprovalPayloadMismatch(f"transaction {row['transaction_id']} is {row['status']}")
+        if "0x" + signing_hash != payload["signing_hash"] or signing_hash != row["signing_hash"]:
+            raise ApprovalPayloadMismatch("the stored transaction does not hash to the approved signing hash")
+        intent_document = json.loads(row["intent"])
+        try:
+            chain = policy.require_chain(self.settings.evm, chain_id)
+            intent = _intent_from_document(chain, intent_document)
+            day = business_day()
+            self._check(tx, chain, address, intent, day)
+        except PolicyRefused:
+            tx.execute("UPDATE evm_transactions SET status = 'failed' WHERE transaction_id = ?",
+                       (row["transaction_id"],))
+            self._free_nonce(tx, chain_id, address, int(row["nonce"]))
+            raise
+        self._add_spend(tx, chain_id, address, intent, day)
+        tx.execute("UPDATE evm_transactions SET status = 'unsigned', business_day = ? WHERE transaction_id = ?",
+                   (day, row["transaction_id"]))
+        entry.key_id = row["key_id"]
+        return {"transaction_id": row["transaction_id"], "status": "approved", "nonce": int(row["nonce"]),
+                "signing_hash": "0x" + signing_hash}
+
+    def reject_in(self, tx: Tx, approval: Any, payload: dict[str, Any]) -> None:
+        """Reject: the transaction is never signed and its nonce returns to the free list."""
+        row = self.row_in(tx, payload["transaction_id"])
+        chain_id, address = int(row["chain_id"]), row["from_address"]
+        tx.lock(_lock_name(chain_id, address))
+        if tx.execute("UPDATE evm_transactions SET status = 'rejected' WHERE transaction_id = ? "
+                      "AND status = 'pending_approval'", (row["transaction_id"],)):
+            self._free_nonce(tx, chain_id, address, int(row["nonce"]))
+
+    async def finish(self, document: dict[str, Any]) -> dict[str, Any] | None:
+        """After an approval executed: sign (once) and return the signed transaction document."""
+        return await self.seal(document["payload"]["transaction_id"])
+
+
+def _intent_from_document(chain: EvmChainSettings, document: dict[str, Any]) -> Intent:
+    """Rebuild an intent recorded earlier, against the registry as configured now."""
+    asset = document["asset"]
+    if asset != policy.NATIVE and chain.token(asset) is None:
+        from gateway.errors import UnknownToken
+
+        raise UnknownToken(f"token {asset} is no longer registered on chain {chain.chain_id}", ["unknown-token"])
+    return Intent(chain.chain_id, asset, document["symbol"], int(document["decimals"]), document["method"],
+                  document["recipient"], int(document["amount"]))

@@ -106,6 +106,9 @@ def _operation(endpoint: Endpoint, schemas: dict[str, Any]) -> dict[str, Any]:
         statuses.add(409)
     statuses |= set(endpoint.responses)
     for status in sorted(statuses):
+        if 200 <= status < 300:  # another success (e.g. 202 pending approval): the same document
+            responses[str(status)] = {**success, "description": endpoint.responses.get(status, "Success")}
+            continue
         responses[str(status)] = {
             "description": endpoint.responses.get(status, _ERRORS.get(status, "Error")),
             "content": {"application/problem+json": {"schema": {"$ref": "#/components/schemas/Problem"}}},

@@ -69,7 +69,8 @@ ENDPOINTS = [
         response_model=AuditPage, audited_action="audit.read",
         query=(("after_seq", {"type": "integer", "minimum": 0, "maximum": 10**18},
                 "Return entries with seq greater than this (default 0)"),
-               ("limit", {"type": "integer", "minimum": 1, "maximum": 1000}, "At most this many entries, 1–1000 (default 100)")),
+               ("limit", {"type": "integer", "minimum": 1, "maximum": 1000},
+                "At most this many entries, 1–1000 (default 100)")),
     ),
     Endpoint(
         "GET", "/v1/audit/verify", verify, "Verify the audit hash chain and its HSM-signed checkpoints",

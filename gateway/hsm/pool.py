@@ -20,13 +20,13 @@ import asyncio
 import contextlib
 import multiprocessing
 import os
+import pickle
+import socket
+import struct
 import time
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-import pickle
-import socket
-import struct
 from typing import Any
 
 from gateway.errors import AmbiguousKey, GatewayError, HsmError, HsmLoginFailed, HsmUnavailable, KeyNotFound

@@ -14,6 +14,7 @@ import shutil
 import subprocess
 import sys
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -44,7 +45,9 @@ def _login(url: str, username: str, password: str) -> str:
 
 
 @pytest.fixture(scope="module")
-def fuzz_gateway(softhsm_token: Token, tmp_path_factory: pytest.TempPathFactory) -> tuple[GatewayProcess, dict[str, str]]:
+def fuzz_gateway(
+    softhsm_token: Token, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[tuple[GatewayProcess, dict[str, str]]]:
     subprocess.run([str(ROOT / "softhsm" / "init-token.sh"), str(softhsm_token.directory), LABEL], check=True,
                    capture_output=True)
     tmp = tmp_path_factory.mktemp("fuzz")

@@ -55,8 +55,8 @@ def test_secrets_stay_out_of_logs_audit_and_argv(softhsm_token: Token, tmp_path:
                 async with session.post(gateway.url + "/v1/keys", headers=admin,
                                         json={"label": "x", "algorithm": "ecdsa-p256", "usage": ["raw"]}) as r:
                     assert r.status == 201
-                async with session.get(gateway.url + "/v1/audit",
-                                       headers={"Authorization": "Bearer " + credentials["backend_api_key"] + "x"}) as r:
+                wrong = {"Authorization": "Bearer " + credentials["backend_api_key"] + "x"}
+                async with session.get(gateway.url + "/v1/audit", headers=wrong) as r:
                     assert r.status == 401
                 async with session.get(gateway.url + "/metrics", headers=admin) as r:
                     assert r.status == 200

@@ -1,5 +1,6 @@
 """Two gateway processes on one PostgreSQL database: concurrent transfers on the same wallets
-through both never overdraw or pass a limit, and the shared audit chain verifies."""
+through both never overdraw or pass a limit, EVM signings for one address through both get every
+nonce exactly once, and the shared audit chain verifies."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from typing import Any
 
 import aiohttp
 import pytest
+from eth_account import Account
 
 from tests.conftest import ROOT, Token
 from tests.pg import PostgresServer
@@ -69,6 +71,18 @@ def test_two_instances_share_one_ledger(softhsm_token: Token, postgres_server: P
                     assert (await r.json())["balance_fen"] == 0
                 async with session.get(f"{first.url}/v1/wallets/{payee}", headers=teller) as r:
                     assert (await r.json())["balance_fen"] == 20 * 1_000 + 5 * 100_000
+                # 60 EVM signings for one address through both instances: nonces exactly 0..59.
+                async with session.get(first.url + "/v1/keys", headers=backend) as r:
+                    key = next(k for k in (await r.json())["keys"] if k["label"] == "evm-hot-wallet")
+                signed = await asyncio.gather(*(
+                    _post(session, f"{(first, second)[i % 2].url}/v1/evm/transactions", backend, {
+                        "key_id": key["key_id"], "chain_id": 11155111, "type": "eip1559", "gas_limit": 21000,
+                        "max_fee_per_gas": "2000000000", "max_priority_fee_per_gas": "1000000000",
+                        "to": "0x1111111111111111111111111111111111111111", "value": str(i + 1)})
+                    for i in range(60)))
+                assert {s for s, _ in signed} == {200}, [b for s, b in signed if s != 200][:3]
+                assert sorted(body["nonce"] for _, body in signed) == list(range(60))
+                assert {Account.recover_transaction(body["raw_transaction"]) for _, body in signed} == {key["address"]}
 
         asyncio.run(scenario())
     finally:

@@ -8,7 +8,8 @@
 2. bench/raw_sign.py — POST /v1/keys/{id}/sign at 16 and 64 connections (aiohttp client, and wrk),
    POST /v1/sign/batch with 100 digests, and the raw SoftHSM2 rate in 1 and 2 processes.
 
-Text between the ``notes`` markers of an existing BENCHMARKS.md (analysis written by people) is kept.
+Text between the ``notes`` markers of an existing BENCHMARKS.md (analysis written by people) is kept,
+and so are sections other scripts wrote (``bench/evm.py``, ``bench/reconcile.py``).
 The full results also go to bench/last-run.json.
 """
 
@@ -349,6 +350,24 @@ def read_notes(path: Path) -> str:
     return ""
 
 
+#: Top-level sections this script writes; any other "## " section of the file (written by
+#: bench/evm.py, bench/reconcile.py or by hand) is kept, after ours.
+OWN_SECTIONS = ("## Machine and versions", "## Commands", "## Transfers:", "## Raw signing:", "## Errors, 5xx")
+
+
+def read_foreign_sections(path: Path) -> str:
+    if not path.exists():
+        return ""
+    kept: list[str] = []
+    keep = False
+    for line in path.read_text(encoding="utf-8").splitlines():
+        if line.startswith("## "):
+            keep = not line.startswith(OWN_SECTIONS)
+        if keep:
+            kept.append(line)
+    return "\n".join(kept)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--duration", type=float, default=10.0, help="seconds per transfers row")
@@ -405,6 +424,9 @@ def main(argv: list[str] | None = None) -> int:
     (ROOT / "bench" / "last-run.json").write_text(json.dumps(data, indent=2, default=str))
     notes = read_notes(args.output)
     text = report(data, notes)
+    foreign = read_foreign_sections(args.output)
+    if foreign:
+        text = text.rstrip("\n") + "\n\n" + foreign + "\n"
     args.output.write_text(text, encoding="utf-8")
     print(f"wrote {args.output} ({data['runtime_s']:.0f} s)")
     return 0

@@ -12,6 +12,7 @@ from typing import Any
 from aiohttp import web
 
 from gateway.api import audit as audit_api
+from gateway.api import devices as devices_api
 from gateway.api import evm as evm_api
 from gateway.api import keys as keys_api
 from gateway.api import service as service_api
@@ -42,6 +43,7 @@ def all_endpoints() -> list[Endpoint]:
         *keys_api.ENDPOINTS,
         *wallets_api.ENDPOINTS,
         *transfers_api.ENDPOINTS,
+        *devices_api.ENDPOINTS,
         *evm_api.ENDPOINTS,
         *audit_api.ENDPOINTS,
     ]

@@ -346,6 +346,10 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--db", help="store DSN (default: the configured store)")
     check.set_defaults(run=cmd_ledger_check)
 
+    from gateway.device.simulator import add_command as add_device_sim  # `device-sim` (issue 4)
+
+    add_device_sim(commands)
+
     dev = commands.add_parser("dev-init", help="development set-up used by `make run`")
     dev.add_argument("--var", default="var", help="folder for the token, database and credentials")
     dev.set_defaults(run=cmd_dev_init)

@@ -17,6 +17,7 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, SecretStr, V
 
 from gateway.errors import ConfigError
 from gateway.hsm.profile import HsmProfile, load_profile, profiles_dir
+from gateway.offline.settings import OfflineSettings
 
 if TYPE_CHECKING:
     from gateway.policy.limits import TierLimits as TierLimitsType
@@ -310,6 +311,7 @@ class Settings(_Section):
     wallets: WalletSettings = WalletSettings()
     approvals: ApprovalSettings = ApprovalSettings()
     ecny: EcnySettings = EcnySettings()
+    offline: OfflineSettings = OfflineSettings()
     evm: EvmSettings = EvmSettings()
 
 

@@ -75,6 +75,7 @@ class Endpoint:
     response_status: int = 200
     idempotency: Literal["none", "optional", "required"] = "none"
     cbor: bool = False
+    raw_body: str | None = None  # a body that is not a model, e.g. "application/cbor" for a device log
     resume: Callable[[Call, str], Awaitable[web.StreamResponse]] | None = None  # replay of a reference record
     audited_action: str | None = None  # refusals of this endpoint are audited under this name
     query: tuple[tuple[str, dict[str, Any], str], ...] = ()  # (name, JSON schema, description)

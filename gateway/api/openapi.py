@@ -88,6 +88,11 @@ def _operation(endpoint: Endpoint, schemas: dict[str, Any]) -> dict[str, Any]:
         if endpoint.cbor:
             content["application/cbor"] = {"schema": reference}
         operation["requestBody"] = {"required": True, "content": content}
+    elif endpoint.raw_body is not None:
+        operation["requestBody"] = {
+            "required": True,
+            "content": {endpoint.raw_body: {"schema": {"type": "string", "format": "binary"}}},
+        }
     responses: dict[str, Any] = {}
     success: dict[str, Any] = {"description": "Success"}
     if endpoint.response_model is not None:
@@ -100,7 +105,7 @@ def _operation(endpoint: Endpoint, schemas: dict[str, Any]) -> dict[str, Any]:
     statuses = {400, 404, 429, 503} if endpoint.permission is not None else {400, 404, 503}
     if endpoint.permission is not None:
         statuses |= {401, 403}
-    if endpoint.request_model is not None:
+    if endpoint.request_model is not None or endpoint.raw_body is not None:
         statuses |= {413, 415}
     if endpoint.idempotency != "none":
         statuses.add(409)

@@ -12,6 +12,7 @@ Sig_structure itself.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -89,13 +90,14 @@ def parse(envelope: bytes) -> Sign1:
     if not isinstance(item, list | tuple) or len(item) != 4:
         raise CoseError("COSE_Sign1 must be an array of 4 items")
     protected, unprotected, payload, signature = item
-    if not all(isinstance(x, bytes) for x in (protected, payload, signature)) or not isinstance(unprotected, dict):
+    # cbor2 6 decodes maps inside tags as immutable mappings: accept any Mapping.
+    if not all(isinstance(x, bytes) for x in (protected, payload, signature)) or not isinstance(unprotected, Mapping):
         raise CoseError("COSE_Sign1 items have the wrong types")
     try:
         header = cbor2.loads(protected) if protected else {}
     except Exception as exc:
         raise CoseError(f"protected header is not CBOR: {exc}") from None
-    if not isinstance(header, dict) or not isinstance(header.get(HEADER_ALG), int):
+    if not isinstance(header, Mapping) or not isinstance(header.get(HEADER_ALG), int):
         raise CoseError("protected header has no alg")
     kid = header.get(HEADER_KID, unprotected.get(HEADER_KID, b""))
     if not isinstance(kid, bytes):

@@ -9,6 +9,7 @@ without a case fails the suite.
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 import os
@@ -25,8 +26,12 @@ from gateway import clock
 from gateway.app import all_endpoints
 from gateway.auth.credentials import add_user, revoke_client
 from gateway.auth.roles import Role, allows
+from gateway.device.simulator import SimulatedDevice
 from tests.api.support import assert_problem, new_client, services
 from tests.conftest import PASSWORDS, Gateway
+from tests.device.flows import discrepancies, ensure_voucher_key, pay, register
+from tests.device.flows import load as device_load
+from tests.device.flows import sync as device_sync
 
 pytestmark = pytest.mark.softhsm
 
@@ -41,6 +46,7 @@ class Case:
     json: Any = None
     params: dict[str, str] = field(default_factory=dict)
     headers: dict[str, str] = field(default_factory=dict)
+    data: bytes | None = None  # a raw body (the CBOR device log) instead of JSON
 
 
 @dataclass
@@ -163,6 +169,53 @@ async def _evm_typed_data(ctx: Context) -> Case:
     return Case("/v1/evm/typed-data", {"key_id": key["key_id"], "chain_id": SEPOLIA, "typed_data": permit})
 
 
+async def _device(ctx: Context, loaded: int = 0) -> SimulatedDevice:
+    """A simulated hard wallet registered (by a teller) on a fresh wallet; loaded if asked."""
+    gw = ctx.gateway
+    await ensure_voucher_key(gw)
+    device = SimulatedDevice.create()
+    await register(gw, device, await _wallet(ctx, funded=10_000))
+    if loaded:
+        await device_load(gw, device, loaded)
+    return device
+
+
+async def _discrepancy(ctx: Context) -> str:
+    """An open `broken-chain` discrepancy (within the loaded value, so `post` can resolve it)."""
+    gw = ctx.gateway
+    payer, payee = await _device(ctx, loaded=5_000), await _device(ctx)
+    pay(payer, payee, 1_000, misbehave="break-chain")
+    await device_sync(gw, payer)
+    await device_sync(gw, payee)
+    found = await discrepancies(gw, payer.state.device_id)
+    return str(next(d["discrepancy_id"] for d in found if d["kind"] == "broken-chain"))
+
+
+async def _device_case(ctx: Context, suffix: str, loaded: int = 0, **extra: Any) -> Case:
+    device = await _device(ctx, loaded)
+    return Case(f"/v1/devices/{device.state.device_id}{suffix}", **extra)
+
+
+async def _sync_case(ctx: Context) -> Case:
+    device = await _device(ctx, loaded=1_000)
+    device.export_log(0)
+    return Case(f"/v1/devices/{device.state.device_id}/sync", data=device.export(),
+                headers={"Content-Type": "application/cbor"})
+
+
+async def _unload_case(ctx: Context) -> Case:
+    device = await _device(ctx, loaded=1_000)
+    statement = base64.b64encode(device.unload()["statement"]).decode()
+    return Case(f"/v1/devices/{device.state.device_id}/unload", {"statement": statement})
+
+
+async def _register_case(ctx: Context) -> Case:
+    await ensure_voucher_key(ctx.gateway)
+    info = SimulatedDevice.create().info()
+    return Case("/v1/devices", {"wallet_id": await _wallet(ctx), "device_id": info["device_id"],
+                                "public_key_pem": info["public_key_pem"], "model": info["model"]})
+
+
 PUBLIC = None  # no credentials needed
 EVERY_ROLE = frozenset(Role)
 KEY_READERS = frozenset({Role.BACKEND, Role.TELLER, Role.SUPERVISOR, Role.AUDITOR, Role.ADMIN})
@@ -174,6 +227,8 @@ TRANSFER_READERS = frozenset({Role.BACKEND, Role.TELLER, Role.SUPERVISOR, Role.A
 # The backend reads approvals: the result of its own pending transfer or EVM transaction is there.
 APPROVAL_READERS = frozenset({Role.BACKEND, Role.TELLER, Role.SUPERVISOR, Role.AUDITOR})
 SUPERVISOR = frozenset({Role.SUPERVISOR})
+# Hard wallets and reconciliation: tellers and supervisors operate; the auditor reads everything.
+DEVICE_READERS = frozenset({Role.TELLER, Role.SUPERVISOR, Role.AUDITOR})
 
 Builder = Callable[[Context], Awaitable[Case]]
 
@@ -219,6 +274,21 @@ CASES: dict[str, tuple[frozenset[Role] | None, Builder]] = {
     "POST /v1/approvals/{approval_id}/reject": (SUPERVISOR, lambda ctx: _decision(ctx, "reject")),
     "GET /v1/audit": (AUDIT_READERS, _fixed(Case("/v1/audit", params={"limit": "5"}))),
     "GET /v1/audit/verify": (AUDIT_READERS, _fixed(Case("/v1/audit/verify"))),
+    "POST /v1/devices": (BRANCH, _register_case),
+    "GET /v1/devices/{device_id}": (DEVICE_READERS, lambda ctx: _device_case(ctx, "")),
+    "POST /v1/devices/{device_id}/loads": (BRANCH, lambda ctx: _device_case(
+        ctx, "/loads", json={"amount_fen": 100}, headers=_idempotency())),
+    "POST /v1/devices/{device_id}/sync": (BRANCH, _sync_case),
+    "POST /v1/devices/{device_id}/unload": (BRANCH, _unload_case),
+    "POST /v1/devices/{device_id}/revoke": (SUPERVISOR, lambda ctx: _device_case(
+        ctx, "/revoke", json={"reason": "lost"})),
+    "GET /v1/reconciliation/discrepancies": (DEVICE_READERS, _fixed(Case(
+        "/v1/reconciliation/discrepancies", params={"status": "all"}))),
+    "GET /v1/reconciliation/discrepancies/{discrepancy_id}": (DEVICE_READERS, lambda ctx: _built(
+        ctx, "/v1/reconciliation/discrepancies/{}", _discrepancy)),
+    "POST /v1/reconciliation/discrepancies/{discrepancy_id}/resolve": (SUPERVISOR, lambda ctx: _built(
+        ctx, "/v1/reconciliation/discrepancies/{}/resolve", _discrepancy,
+        {"resolution": "post", "note": "checked with the customer"})),
     "GET /v1/evm/chains": (frozenset({Role.BACKEND, Role.AUDITOR, Role.ADMIN}), _fixed(Case("/v1/evm/chains"))),
     "POST /v1/evm/transactions": (frozenset({Role.BACKEND}), _evm_transaction),
     "POST /v1/evm/typed-data": (frozenset({Role.BACKEND}), _evm_typed_data),
@@ -271,7 +341,7 @@ async def test_endpoint_for_caller(
         headers |= gateway.auth(caller)
     headers |= case.headers
     response = await gateway.client.request(
-        endpoint.method, case.path, json=case.json, params=case.params, headers=headers
+        endpoint.method, case.path, json=case.json, data=case.data, params=case.params, headers=headers
     )
     text = await response.text()
     assert response.headers["X-Request-Id"] == request_id

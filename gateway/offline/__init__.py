@@ -1,0 +1,2 @@
+"""Offline payments: hard-wallet registration, loads and unloads, and the reconciliation of device
+logs with the ledger (SPEC.md §8)."""

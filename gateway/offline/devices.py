@@ -1,0 +1,494 @@
+"""Hard wallets on the gateway's side: registration, loads, sync, unload, revocation, and the
+supervisor's decisions on discrepancies.
+
+Every operation that moves money does its checks and its postings in one write transaction under
+the locks of the device and the wallets it touches (device locks first, then wallet locks, each in
+name order), with its audit entry in the same transaction. HSM signatures (certificates, vouchers,
+acknowledgements) are made outside the ledger lock: a certificate before its registration is
+written, a voucher after its load commits (its payload is fixed at posting, and a load whose
+voucher is missing — a crash in between — is signed on its next read or replay), an acknowledgement
+after the sync commits (a replayed sync gets it again).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from gateway import clock
+from gateway.audit.chain import AuditEntry, append
+from gateway.errors import (
+    AlreadyExists,
+    AmbiguousKey,
+    DeviceNotActive,
+    DeviceNotFound,
+    DeviceSyncRequired,
+    DiscrepancyNotFound,
+    DiscrepancyNotOpen,
+    InsufficientFunds,
+    InvalidDeviceSignature,
+    KeyNotFound,
+    LimitExceeded,
+    NotFound,
+    ResolutionRefused,
+    ValidationFailed,
+    WalletNotActive,
+)
+from gateway.hsm.profile import HsmProfile
+from gateway.hsm.signer import Signer
+from gateway.keyring import KeyDirectory, KeyRecord, Usage, get_key, keys_with_usage, public_key_pem
+from gateway.ledger import journal
+from gateway.ledger.store import Database, Tx
+from gateway.offline.bulk import Transfer, post_offline, select_in
+from gateway.offline.engine import (
+    KINDS,
+    apply_checks,
+    offline_entry_id,
+    plan_checks,
+    read_upload,
+    reconcile_in,
+    record_refused_export,
+)
+from gateway.offline.settings import OfflineSettings, offline_settings
+from gateway.offline.verify import InlineVerifier, Verifier
+from gateway.schemes import offline
+from gateway.schemes.cose import sign1
+from gateway.wallets.service import load_wallet
+
+RESOLUTIONS: dict[str, str] = {
+    "post": "post the held payments from the payer's offline reserve (only value within what was loaded)",
+    "honour": "pay the payees: from the payer's reserve where the value was loaded, else from bank:suspense",
+    "reject": "never post the held payments; value within what was loaded goes back to the payer",
+    "acknowledge": "noted; nothing to post (findings that hold no payment)",
+}
+
+DAY_MS = 86_400_000
+
+
+def b64(data: bytes | None) -> str | None:
+    return base64.b64encode(data).decode() if data is not None else None
+
+
+def device_row(tx: Tx, device_id: str) -> Any:
+    row = tx.fetchone("SELECT * FROM devices WHERE device_id = ?", (device_id,))
+    if row is None:
+        raise DeviceNotFound(f"no device {device_id[:64]!r}")
+    return row
+
+
+def device_document(row: Any, issuer_pem: str | None = None) -> dict[str, Any]:
+    issued, spent, returned = int(row["issued_fen"]), int(row["spent_fen"]), int(row["returned_fen"])
+    return {
+        "device_id": row["device_id"], "wallet_id": row["wallet_id"], "model": row["model"],
+        "status": row["status"], "status_reason": row["status_reason"], "tier": int(row["tier"]),
+        "caps": {"per_payment_fen": int(row["cap_per_payment"]), "balance_fen": int(row["cap_balance"]),
+                 "payments_per_sync": int(row["cap_payments_per_sync"])},
+        "public_key_pem": offline.pem_from_point(bytes(row["public_key"])),
+        "certificate": b64(bytes(row["certificate"])), "kid": row["kid"], "issuer_public_key_pem": issuer_pem,
+        "certificate_iat_ms": int(row["cert_iat"]), "certificate_exp_ms": int(row["cert_exp"]),
+        "load_seq": int(row["load_seq"]), "issued_fen": issued, "spent_fen": spent, "returned_fen": returned,
+        "expired_fen": int(row["expired_fen"]), "outstanding_fen": issued - spent - returned,
+        "chain_counter": int(row["chain_counter"]), "rx_synced": int(row["rx_synced"]),
+        "last_sync_at": row["last_sync_at"], "created_at": row["created_at"], "updated_at": row["updated_at"],
+    }
+
+
+def load_document(row: Any) -> dict[str, Any]:
+    return {"device_id": row["device_id"], "load_seq": int(row["load_seq"]), "amount_fen": int(row["amount"]),
+            "expires_at_ms": int(row["exp"]), "entry_id": row["entry_id"], "voucher": b64(bytes(row["voucher"])),
+            "kid": row["kid"]}
+
+
+def discrepancy_document(row: Any, held: list[str] | None = None) -> dict[str, Any]:
+    return {
+        "discrepancy_id": row["discrepancy_id"], "kind": row["kind"], "description": KINDS.get(row["kind"], ""),
+        "status": row["status"], "device_id": row["device_id"],
+        "payment_hash": bytes(row["payment_hash"]).hex() if row["payment_hash"] is not None else None,
+        "amount_fen": int(row["amount"]), "evidence": json.loads(row["evidence"]), "sync_id": row["sync_id"],
+        "created_at": row["created_at"], "resolution": row["resolution"], "note": row["note"],
+        "resolved_by": row["resolved_by"], "resolved_at": row["resolved_at"], "held_payments": held or [],
+    }
+
+
+@dataclass
+class LoadResult:
+    device_id: str
+    load_seq: int
+    amount: int
+    entry_id: str
+
+
+class Devices:
+    """The hard-wallet service of one request (cheap to build: it holds references only)."""
+
+    def __init__(self, database: Database, signer: Signer, profile: HsmProfile, settings: Any,
+                 keys: KeyDirectory | None = None, verifier: Verifier | None = None) -> None:
+        self.database = database
+        self.signer = signer
+        self.profile = profile
+        self.offline: OfflineSettings = offline_settings(settings)
+        self.keys = keys or KeyDirectory()
+        self.verifier = verifier or InlineVerifier()
+
+    @classmethod
+    def of(cls, services: Any) -> Devices:
+        return cls(services.database, services.signer, services.profile, services.settings, services.keys)
+
+    # --- the voucher key -----------------------------------------------------------------------
+
+    async def voucher_key(self) -> KeyRecord:
+        key_id = self.offline.key_id
+
+        def find(tx: Tx) -> KeyRecord:
+            if key_id:
+                return get_key(tx, key_id)
+            candidates = keys_with_usage(tx, Usage.VOUCHER)
+            if not candidates:
+                raise KeyNotFound("no key with usage 'voucher' to sign certificates and vouchers; generate one")
+            if len(candidates) > 1:
+                raise AmbiguousKey(f"{len(candidates)} keys have usage 'voucher'; set offline.key_id")
+            return candidates[0]
+
+        key = await self.database.read(find)
+        key.require(Usage.VOUCHER)
+        return key
+
+    async def issuer_pem(self, kid: str) -> str | None:
+        try:
+            key = await self.keys.get(self.database, kid)
+        except KeyNotFound:
+            return None
+        return public_key_pem(key.algorithm, key.public_key)
+
+    async def sign(self, payload: bytes) -> tuple[bytes, str]:
+        key = await self.voucher_key()
+        return await sign1(self.signer, self.profile, key, payload), key.key_id
+
+    # --- registration ------------------------------------------------------------------------------
+
+    async def certificate_for(self, device_id: str, wallet_id: str, public_key_pem_text: str) -> tuple[
+            offline.Certificate, bytes, str]:
+        """Check the request against the wallet and sign the device's certificate (nothing written yet)."""
+        if not offline.DEVICE_ID.match(device_id):
+            raise ValidationFailed("device_id: 3–64 letters, digits, '.', '_' or '-', starting with a letter or digit")
+        point = offline.point_from_pem(public_key_pem_text)
+        wallet = await self.database.read(lambda tx: load_wallet(tx, wallet_id))
+        if wallet["status"] != "active":
+            raise WalletNotActive(f"wallet {wallet_id} is {wallet['status']}", [f"wallet-{wallet['status']}"])
+        tier = int(wallet["tier"])
+        caps = self.offline.tier_caps(tier)
+        now = journal.epoch_millis()
+        certificate = offline.Certificate(device_id, wallet_id, point, tier,
+                                          offline.Caps(caps.per_payment_fen, caps.balance_fen, caps.payments_per_sync),
+                                          now, now + self.offline.certificate_days * DAY_MS)
+        envelope, kid = await self.sign(certificate.payload())
+        return certificate, envelope, kid
+
+    def register_in(self, tx: Tx, certificate: offline.Certificate, envelope: bytes, kid: str, model: str,
+                    entry: AuditEntry) -> Any:
+        tx.lock(f"device:{certificate.device_id}")
+        tx.lock(f"wallet:{certificate.wallet_id}")
+        wallet = load_wallet(tx, certificate.wallet_id)
+        if wallet["status"] != "active":
+            raise WalletNotActive(f"wallet {certificate.wallet_id} is {wallet['status']}",
+                                  [f"wallet-{wallet['status']}"])
+        if int(wallet["tier"]) != certificate.tier:
+            raise ValidationFailed("the wallet's tier changed while the certificate was signed; retry")
+        if tx.fetchone("SELECT 1 FROM devices WHERE device_id = ?", (certificate.device_id,)):
+            raise AlreadyExists(f"device {certificate.device_id} is registered already")
+        if tx.fetchone("SELECT 1 FROM devices WHERE public_key = ?", (certificate.pub,)):
+            raise AlreadyExists("another device is registered with this public key")
+        now = clock.now_iso()
+        caps = certificate.caps
+        tx.execute(
+            "INSERT INTO devices (device_id, wallet_id, model, public_key, tier, cap_per_payment, cap_balance, "
+            "cap_payments_per_sync, cert_iat, cert_exp, certificate, kid, status, chain_hash, created_at, created_by, "
+            "updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 'active', ?, ?, ?, ?)",
+            (certificate.device_id, certificate.wallet_id, model, certificate.pub, certificate.tier, caps.per_payment,
+             caps.balance, caps.payments_per_sync, certificate.iat, certificate.exp, envelope, kid, offline.GENESIS,
+             now, entry.actor, now),
+        )
+        entry.key_id = kid
+        entry.result = {"device_id": certificate.device_id, "wallet_id": certificate.wallet_id,
+                        "tier": certificate.tier, "certificate_exp_ms": certificate.exp}
+        append(tx, [entry])
+        return device_row(tx, certificate.device_id)
+
+    # --- loads ------------------------------------------------------------------------------
+
+    def load_in(self, tx: Tx, device_id: str, amount: int, entry: AuditEntry) -> LoadResult:
+        """Move ``amount`` from the wallet to its offline reserve and fix the voucher's payload."""
+        tx.lock(f"device:{device_id}")
+        device = device_row(tx, device_id)
+        tx.lock(f"wallet:{device['wallet_id']}")
+        now = journal.epoch_millis()
+        if device["status"] != "active":
+            raise DeviceNotActive(f"device {device_id} is {device['status']}", [f"device-{device['status']}"])
+        if now > int(device["cert_exp"]):
+            raise DeviceNotActive(f"device {device_id}'s certificate has expired", ["certificate-expired"])
+        wallet = load_wallet(tx, device["wallet_id"])
+        if wallet["status"] != "active":
+            raise WalletNotActive(f"wallet {wallet['wallet_id']} is {wallet['status']}", [f"wallet-{wallet['status']}"])
+        if amount > int(wallet["balance_fen"]):
+            raise InsufficientFunds(f"wallet {wallet['wallet_id']} holds {wallet['balance_fen']} fen",
+                                    ["insufficient-funds"])
+        on_device = int(device["issued_fen"]) - int(device["spent_fen"]) - int(device["returned_fen"])
+        if on_device + amount > int(device["cap_balance"]):
+            raise LimitExceeded(f"the device may hold at most {device['cap_balance']} fen offline "
+                                f"({on_device} loaded and unspent)", ["offline-balance-cap-exceeded"])
+        load_seq = int(device["load_seq"]) + 1
+        entry_id = journal.post(tx, "device_load", f"{device_id}#{load_seq}",
+                                [(journal.wallet_account(wallet["wallet_id"]), -amount),
+                                 (journal.reserve_account(wallet["wallet_id"]), amount)], entry.actor)
+        voucher = offline.Voucher(device_id, load_seq, amount, now, now + self.offline.voucher_minutes * 60_000)
+        tx.execute(
+            "INSERT INTO device_loads (device_id, load_seq, amount, iat, exp, entry_id, payload, created_at, "
+            "created_by) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (device_id, load_seq, amount, voucher.iat, voucher.exp, entry_id, voucher.payload(), clock.now_iso(),
+             entry.actor),
+        )
+        tx.execute("UPDATE devices SET load_seq = ?, issued_fen = issued_fen + ?, updated_at = ? WHERE device_id = ?",
+                   (load_seq, amount, clock.now_iso(), device_id))
+        entry.result = {"device_id": device_id, "wallet_id": wallet["wallet_id"], "load_seq": load_seq,
+                        "amount_fen": amount, "entry_id": entry_id}
+        append(tx, [entry])
+        return LoadResult(device_id, load_seq, amount, entry_id)
+
+    async def seal_voucher(self, device_id: str, load_seq: int,
+                           finish: Callable[[Tx, dict[str, Any]], None] | None = None) -> dict[str, Any]:
+        """The load document, signing its voucher first if it has none yet.
+
+        Args:
+            finish: run with the final document in the transaction that stores the voucher (the
+                idempotency record is completed there, so the two commit together).
+        """
+        row = await self.database.read(lambda tx: self._load_row(tx, device_id, load_seq))
+        envelope: bytes | None = None
+        kid = ""
+        if row["voucher"] is None:
+            envelope, kid = await self.sign(bytes(row["payload"]))
+
+        def store(tx: Tx) -> dict[str, Any]:
+            if envelope is not None:
+                tx.execute("UPDATE device_loads SET voucher = ?, kid = ? WHERE device_id = ? AND load_seq = ? "
+                           "AND voucher IS NULL", (envelope, kid, device_id, load_seq))
+            final = load_document(self._load_row(tx, device_id, load_seq))
+            if finish is not None:
+                finish(tx, final)
+            return final
+
+        if envelope is None and finish is None:
+            return load_document(row)
+        result: dict[str, Any] = await self.database.write(store)
+        return result
+
+    @staticmethod
+    def _load_row(tx: Tx, device_id: str, load_seq: int) -> Any:
+        row = tx.fetchone("SELECT * FROM device_loads WHERE device_id = ? AND load_seq = ?", (device_id, load_seq))
+        if row is None:
+            raise NotFound(f"no load {load_seq} of device {device_id}")
+        return row
+
+    # --- sync ----------------------------------------------------------------------------------
+
+    async def sync(self, device_id: str, blob: bytes, entry: AuditEntry) -> dict[str, Any]:
+        """Reconcile one device's log export; returns the report with the HSM-signed acknowledgement.
+
+        Raises:
+            DeviceNotFound, OfflineFormatError (not a signed export), InvalidDeviceSignature (the
+            export's signature does not verify: it is kept as a discrepancy and nothing else happens).
+        """
+        database = self.database
+        await database.read(lambda tx: device_row(tx, device_id))
+        upload = await asyncio.to_thread(read_upload, device_id, blob)
+        payers = {r.payment.payer for r in upload.receipts if r.payment is not None} | {device_id}
+        hashes = sorted({r.hash for r in (*upload.payments, *upload.receipts) if r.payment is not None})
+
+        def lookup(tx: Tx) -> tuple[dict[str, bytes], set[bytes]]:
+            points = {row["device_id"]: bytes(row["public_key"]) for row in select_in(
+                tx, "SELECT device_id, public_key FROM devices WHERE device_id IN ({in})", sorted(payers))}
+            known = {bytes(row["payment_hash"]) for row in select_in(
+                tx, "SELECT payment_hash FROM offline_payments WHERE payment_hash IN ({in})", hashes)}
+            return points, known
+
+        points, known = await database.read(lookup)
+        jobs, targets = plan_checks([upload], points, known, self.offline.signature_checks)
+        results = await asyncio.to_thread(self.verifier.verify_many, jobs)
+        apply_checks([upload], targets, results)
+        if not upload.export_ok:
+            await database.write(lambda tx: record_refused_export(tx, device_id, blob, "signature does not verify"))
+            raise InvalidDeviceSignature(f"the log export's signature does not verify with device {device_id}'s key",
+                                         ["invalid-signature"])
+        settings = self.offline
+        reports = await database.write(lambda tx: reconcile_in(tx, [upload], settings, entry.actor, [entry]))
+        report = reports[0]
+        ack = offline.Ack(device_id, upload.export.counter, upload.export.rx, upload.export_hash,
+                          journal.epoch_millis())
+        envelope, kid = await self.sign(ack.payload())
+        return {**report, "ack": b64(envelope), "kid": kid}
+
+    # --- unload and revoke ---------------------------------------------------------------------
+
+    def unload_in(self, tx: Tx, device_id: str, statement_blob: bytes, entry: AuditEntry) -> dict[str, Any]:
+        """Check the device's final statement and return its unspent value to the wallet."""
+        tx.lock(f"device:{device_id}")
+        device = device_row(tx, device_id)
+        tx.lock(f"wallet:{device['wallet_id']}")
+        if device["status"] not in ("active", "frozen"):
+            raise DeviceNotActive(f"device {device_id} is {device['status']}", [f"device-{device['status']}"])
+        message = offline.open_envelope(statement_blob)
+        if not offline.verify_es256(message, bytes(device["public_key"])):
+            raise InvalidDeviceSignature("the statement's signature does not verify with the device's key",
+                                         ["invalid-signature"])
+        statement = offline.parse_statement(message.payload)
+        if statement.device_id != device_id:
+            raise InvalidDeviceSignature(f"the statement is device {statement.device_id}'s", ["statement-for-another"])
+        chain_hash = bytes(device["chain_hash"])
+        if statement.counter != int(device["chain_counter"]) or statement.rx != int(device["rx_synced"]) or (
+                chain_hash and statement.last != chain_hash):
+            raise DeviceSyncRequired(
+                f"the device's last payment is {statement.counter} and receipt {statement.rx}; the gateway has "
+                f"reconciled {device['chain_counter']} and {device['rx_synced']}: sync the device first")
+        issued, spent = int(device["issued_fen"]), int(device["spent_fen"])
+        remaining = issued - spent
+        entry_id = None
+        if remaining > 0:
+            entry_id = journal.post(tx, "device_unload", device_id,
+                                    [(journal.reserve_account(device["wallet_id"]), -remaining),
+                                     (journal.wallet_account(device["wallet_id"]), remaining)], entry.actor)
+        mismatch = None
+        if (statement.spent, statement.remaining) != (spent, remaining):
+            mismatch = _flag(tx, "statement-mismatch", f"{device_id}:{statement.counter}", device_id,
+                             {"statement": {"loaded": statement.loaded, "spent": statement.spent,
+                                            "remaining": statement.remaining},
+                              "gateway": {"issued": issued, "spent": spent, "remaining": remaining}},
+                             abs(statement.remaining - remaining))
+        tx.execute("UPDATE devices SET status = 'unloaded', status_reason = 'unloaded', final_counter = ?, "
+                   "statement = ?, returned_fen = ?, updated_at = ? WHERE device_id = ?",
+                   (statement.counter, statement_blob, remaining, clock.now_iso(), device_id))
+        entry.result = {"device_id": device_id, "returned_fen": remaining, "entry_id": entry_id,
+                        "statement_mismatch": mismatch}
+        append(tx, [entry])
+        return {"device_id": device_id, "status": "unloaded", "returned_fen": remaining, "entry_id": entry_id,
+                "statement_mismatch": mismatch}
+
+    def revoke_in(self, tx: Tx, device_id: str, reason: str, entry: AuditEntry) -> Any:
+        tx.lock(f"device:{device_id}")
+        device = device_row(tx, device_id)
+        if device["status"] in ("revoked", "unloaded"):
+            raise DeviceNotActive(f"device {device_id} is {device['status']} already", [f"device-{device['status']}"])
+        tx.execute("UPDATE devices SET status = 'revoked', status_reason = ?, stopped_at_ms = ?, updated_at = ? "
+                   "WHERE device_id = ?", (reason, journal.epoch_millis(), clock.now_iso(), device_id))
+        entry.result = {"device_id": device_id, "from": device["status"], "reason": reason}
+        append(tx, [entry])
+        return device_row(tx, device_id)
+
+    # --- discrepancies -----------------------------------------------------------------------------
+
+    def resolve_in(self, tx: Tx, discrepancy_id: str, resolution: str, note: str, entry: AuditEntry) -> dict[str, Any]:
+        """A supervisor's decision (see :data:`RESOLUTIONS`), carried out and audited in one transaction."""
+        tx.lock(f"discrepancy:{discrepancy_id}")
+        row = tx.fetchone("SELECT * FROM discrepancies WHERE discrepancy_id = ?", (discrepancy_id,))
+        if row is None:
+            raise DiscrepancyNotFound(f"no discrepancy {discrepancy_id[:40]}")
+        if row["status"] != "open":
+            raise DiscrepancyNotOpen(f"discrepancy {discrepancy_id} was resolved ({row['resolution']})")
+        held = [dict(r) for r in tx.fetchall(
+            "SELECT * FROM offline_payments WHERE discrepancy_id = ? AND status = 'held' "
+            "ORDER BY payer_device, counter",
+            (discrepancy_id,))]
+        if resolution == "acknowledge" and held:
+            raise ResolutionRefused(f"{len(held)} payment(s) are held: post, honour or reject them",
+                                    ["payments-held"])
+        if resolution != "acknowledge" and not held:
+            raise ResolutionRefused("no payment is held by this discrepancy: acknowledge it", ["no-held-payment"])
+        ids = sorted({p["payer_device"] for p in held} | {p["payee_device"] for p in held})
+        for device_id in ids:
+            tx.lock(f"device:{device_id}")
+        devices = {r["device_id"]: r for r in select_in(tx, "SELECT * FROM devices WHERE device_id IN ({in})", ids)}
+        wallets = sorted({d["wallet_id"] for d in devices.values()})
+        for wallet_id in wallets:
+            tx.lock(f"wallet:{wallet_id}")
+        status = {r["wallet_id"]: r["status"] for r in select_in(
+            tx, "SELECT wallet_id, status FROM wallets WHERE wallet_id IN ({in})", wallets)}
+        transfers: dict[str, list[Transfer]] = {"offline": [], "offline_honour": [], "offline_release": []}
+        reserves: dict[str, int] = {}
+        released: dict[str, int] = {}
+        outcome = {"post": "posted", "honour": "honoured", "reject": "rejected"}.get(resolution)
+        for payment in held:
+            digest = bytes(payment["payment_hash"])
+            payer, payee = devices.get(payment["payer_device"]), devices.get(payment["payee_device"])
+            amount, in_budget = int(payment["amount"]), bool(payment["in_budget"])
+            assert payer is not None  # payments are only kept for registered payers
+            reference = digest.hex()
+            if resolution == "reject":
+                if in_budget:
+                    released[payer["device_id"]] = released.get(payer["device_id"], 0) + amount
+                    if payer["status"] == "unloaded":  # its other value went back at unload: this goes back now
+                        transfers["offline_release"].append(Transfer(
+                            "rel_" + reference[:24], reference, journal.reserve_account(payer["wallet_id"]),
+                            journal.wallet_account(payer["wallet_id"]), amount, "held offline payment rejected"))
+                continue
+            if payee is None:
+                raise ResolutionRefused(f"payee {payment['payee_device']} is not a registered device: reject instead",
+                                        ["unknown-payee"])
+            if status.get(payee["wallet_id"]) != "active":
+                raise ResolutionRefused(f"the payee's wallet {payee['wallet_id']} is not active",
+                                        ["payee-wallet-not-active"])
+            memo = f"offline {payment['payer_device']}#{payment['counter']} to {payment['payee_device']} ({resolution})"
+            if in_budget:
+                available = reserves.setdefault(payer["wallet_id"], journal.balance(
+                    tx, journal.reserve_account(payer["wallet_id"])))
+                if available < amount:
+                    raise ResolutionRefused("the payer's offline reserve is short", ["reserve-short"])
+                reserves[payer["wallet_id"]] = available - amount
+                transfers["offline"].append(Transfer(
+                    offline_entry_id(digest), reference, journal.reserve_account(payer["wallet_id"]),
+                    journal.wallet_account(payee["wallet_id"]), amount, memo))
+            elif resolution == "post":
+                raise ResolutionRefused("the payment is beyond the value loaded onto the payer device: honour it "
+                                        "(the bank pays from suspense) or reject it", ["not-within-loaded-value"])
+            else:
+                transfers["offline_honour"].append(Transfer(
+                    offline_entry_id(digest), reference, journal.SUSPENSE, journal.wallet_account(payee["wallet_id"]),
+                    amount, memo))
+        for kind, batch in transfers.items():
+            post_offline(tx, kind, batch, entry.actor)
+        now = clock.now_iso()
+        if outcome is not None:
+            tx.execute("UPDATE offline_payments SET status = ?, posted_at = ? WHERE discrepancy_id = ? "
+                       "AND status = 'held'", (outcome, now if outcome != "rejected" else None, discrepancy_id))
+        for device_id, amount in released.items():
+            tx.execute("UPDATE devices SET spent_fen = spent_fen - ?, updated_at = ? WHERE device_id = ?",
+                       (amount, now, device_id))
+        tx.execute("UPDATE discrepancies SET status = 'resolved', resolution = ?, note = ?, resolved_by = ?, "
+                   "resolved_at = ? WHERE discrepancy_id = ?", (resolution, note, entry.actor, now, discrepancy_id))
+        entry.result = {"discrepancy_id": discrepancy_id, "kind": row["kind"], "resolution": resolution,
+                        "payments": [bytes(p["payment_hash"]).hex() for p in held],
+                        "amount_fen": sum(int(p["amount"]) for p in held)}
+        append(tx, [entry])
+        return discrepancy_in(tx, discrepancy_id)
+
+
+def discrepancy_in(tx: Tx, discrepancy_id: str) -> dict[str, Any]:
+    row = tx.fetchone("SELECT * FROM discrepancies WHERE discrepancy_id = ?", (discrepancy_id,))
+    if row is None:
+        raise DiscrepancyNotFound(f"no discrepancy {discrepancy_id[:40]}")
+    held = [bytes(r["payment_hash"]).hex() for r in tx.fetchall(
+        "SELECT payment_hash FROM offline_payments WHERE discrepancy_id = ? ORDER BY payer_device, counter",
+        (discrepancy_id,))]
+    return discrepancy_document(row, held)
+
+
+def _flag(tx: Tx, kind: str, key: str, device_id: str, evidence: dict[str, Any], amount: int) -> str:
+    """Raise a discrepancy outside a reconciliation (once per key); returns its id."""
+    from gateway.offline.engine import Reconciliation
+
+    reconciliation = Reconciliation(tx, OfflineSettings(), "")
+    discrepancy_id = reconciliation.flag(kind, key, device_id, evidence, amount)
+    reconciliation.write()
+    return discrepancy_id

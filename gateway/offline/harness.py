@@ -1,0 +1,211 @@
+"""An offline ledger without an HSM, for benchmarks and fuzz tests.
+
+A SQLite store driven through the same transaction functions the API uses
+(:meth:`Devices.register_in`, :meth:`Devices.load_in`, :func:`reconcile_in`), with a `cryptography`
+P-256 key standing in for the HSM's ``voucher`` key (certificates, vouchers and acknowledgements
+are then signed in software). Never used by the gateway itself.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
+
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from gateway import clock
+from gateway.audit.chain import AuditEntry
+from gateway.device.simulator import SimulatedDevice
+from gateway.ledger import journal
+from gateway.ledger.migrate import apply_migrations
+from gateway.ledger.sqlite import SqliteTx
+from gateway.ledger.store import Tx
+from gateway.offline.bulk import select_in
+from gateway.offline.devices import DAY_MS, Devices
+from gateway.offline.engine import (
+    Parsed,
+    Record,
+    Upload,
+    apply_checks,
+    plan_checks,
+    read_upload,
+    reconcile_in,
+)
+from gateway.offline.settings import OfflineSettings
+from gateway.offline.verify import InlineVerifier, Job, PoolVerifier, Verifier
+from gateway.schemes import offline
+from gateway.wallets.ids import new_wallet_id
+
+T = TypeVar("T")
+
+ACTOR = "harness"
+
+
+class SoftIssuer:
+    """A software stand-in for the HSM's ``voucher`` key."""
+
+    def __init__(self) -> None:
+        self.key = ec.generate_private_key(ec.SECP256R1())
+        self.kid = "soft-issuer"
+        self.pem = self.key.public_key().public_bytes(serialization.Encoding.PEM,
+                                                      serialization.PublicFormat.SubjectPublicKeyInfo).decode()
+
+    def sign(self, payload: bytes) -> bytes:
+        return offline.device_sign1(self.key, self.kid.encode(), payload)
+
+
+class OfflineHarness:
+    """One SQLite file with wallets, devices and the reconciliation engine."""
+
+    def __init__(self, path: str, settings: OfflineSettings | None = None, verifier: Verifier | None = None) -> None:
+        self.connection = sqlite3.connect(path, isolation_level=None)
+        self.connection.row_factory = sqlite3.Row
+        for pragma in ("journal_mode = WAL", "synchronous = NORMAL", "foreign_keys = ON"):  # as the gateway's store
+            self.connection.execute(f"PRAGMA {pragma}")
+        self.settings = settings or OfflineSettings()
+        self.verifier = verifier or InlineVerifier()
+        self.issuer = SoftIssuer()
+        self.devices = Devices(None, None, None, None)  # type: ignore[arg-type]  # only *_in methods are used
+        self.devices.offline = self.settings
+        self.write(lambda tx: apply_migrations(tx, "sqlite"))
+
+    def write(self, fn: Callable[[Tx], T]) -> T:
+        connection = self.connection
+        connection.execute("BEGIN IMMEDIATE")
+        try:
+            result = fn(SqliteTx(connection))
+            connection.execute("COMMIT")
+            return result
+        except BaseException:
+            if connection.in_transaction:
+                connection.execute("ROLLBACK")
+            raise
+
+    def read(self, fn: Callable[[Tx], T]) -> T:
+        return fn(SqliteTx(self.connection))
+
+    def close(self) -> None:
+        self.connection.close()
+
+    # --- set-up ---------------------------------------------------------------------------------
+
+    def wallet(self, tier: int = 1, cash: int = 0) -> str:
+        wallet_id = new_wallet_id()
+
+        def work(tx: Tx) -> None:
+            now = clock.now_iso()
+            tx.execute("INSERT INTO wallets (wallet_id, holder_name, id_number, phone, tier, kind, status, "
+                       "status_reason, created_at, created_by, updated_at) VALUES (?, 'Harness', NULL, '13800138000', "
+                       "?, 'personal', 'active', '', ?, ?, ?)", (wallet_id, tier, now, ACTOR, now))
+            journal.open_accounts(tx, wallet_id)
+            if cash:
+                journal.post(tx, "cash_in", wallet_id, [(journal.wallet_account(wallet_id), cash),
+                                                        (journal.ISSUANCE, -cash)], ACTOR)
+
+        self.write(work)
+        return wallet_id
+
+    def device(self, wallet_id: str, tier: int = 1, device_id: str | None = None) -> SimulatedDevice:
+        """A simulated device, registered on ``wallet_id`` and certified."""
+        device = SimulatedDevice.create(device_id)
+        caps = self.settings.tier_caps(tier)
+        now = journal.epoch_millis()
+        certificate = offline.Certificate(device.state.device_id, wallet_id, device.point, tier,
+                                          offline.Caps(caps.per_payment_fen, caps.balance_fen, caps.payments_per_sync),
+                                          now, now + self.settings.certificate_days * DAY_MS)
+        envelope = self.issuer.sign(certificate.payload())
+        entry = AuditEntry(ACTOR, "teller", "devices.register", "allowed")
+        self.write(lambda tx: self.devices.register_in(tx, certificate, envelope, self.issuer.kid, "sim", entry))
+        device.certify(envelope, self.issuer.pem)
+        return device
+
+    def load(self, device: SimulatedDevice, amount: int) -> None:
+        entry = AuditEntry(ACTOR, "teller", "devices.load", "allowed")
+        result = self.write(lambda tx: self.devices.load_in(tx, device.state.device_id, amount, entry))
+        payload = self.read(lambda tx: tx.fetchone("SELECT payload FROM device_loads WHERE device_id = ? AND "
+                                                   "load_seq = ?", (result.device_id, result.load_seq)))
+        assert payload is not None
+        device.load(self.issuer.sign(bytes(payload["payload"])))
+
+    # --- reconciliation ------------------------------------------------------------------------------
+
+    def plan(self, exports: Sequence[tuple[str, bytes]]) -> tuple[list[Upload], list[list[Record | Upload]],
+                                                                   list[Job]]:
+        """Read exports and list the signatures to check, as :meth:`Devices.sync` does (no transaction)."""
+        cache: dict[bytes, Parsed] = {}
+        uploads = [read_upload(device_id, blob, cache) for device_id, blob in exports]
+        ids = {u.device_id for u in uploads} | {r.payment.payer for u in uploads for r in u.receipts
+                                                if r.payment is not None}
+        hashes = sorted({r.hash for u in uploads for r in (*u.payments, *u.receipts) if r.payment is not None})
+
+        def lookup(tx: Tx) -> tuple[dict[str, bytes], set[bytes]]:
+            points = {row["device_id"]: bytes(row["public_key"]) for row in select_in(
+                tx, "SELECT device_id, public_key FROM devices WHERE device_id IN ({in})", sorted(ids))}
+            known = {bytes(row["payment_hash"]) for row in select_in(
+                tx, "SELECT payment_hash FROM offline_payments WHERE payment_hash IN ({in})", hashes)}
+            return points, known
+
+        points, known = self.read(lookup)
+        jobs, targets = plan_checks(uploads, points, known, self.settings.signature_checks)
+        return uploads, targets, jobs
+
+    def prepare(self, exports: Sequence[tuple[str, bytes]]) -> list[Upload]:
+        """Read and check exports (outside the write transaction)."""
+        uploads, targets, jobs = self.plan(exports)
+        apply_checks(uploads, targets, self.verifier.verify_many(jobs))
+        return uploads
+
+    def reconcile_batches(self, exports: Sequence[tuple[str, bytes]], batch: int) -> tuple[list[dict[str, Any]],
+                                                                                          dict[str, float]]:
+        """Reconcile ``exports`` ``batch`` at a time; with a :class:`PoolVerifier`, the next batch's signatures
+        are checked in the workers while this batch is reconciled. Returns the reports and where the time went."""
+        timings = {"read_s": 0.0, "verify_wait_s": 0.0, "reconcile_s": 0.0}
+        reports: list[dict[str, Any]] = []
+        pending: tuple[list[Upload], list[list[Record | Upload]], Callable[[], list[bool]]] | None = None
+
+        def finish(step: tuple[list[Upload], list[list[Record | Upload]], Callable[[], list[bool]]]) -> None:
+            uploads, targets, wait = step
+            started = time.perf_counter()
+            apply_checks(uploads, targets, wait())
+            checked = time.perf_counter()
+            reports.extend(self.reconcile([u for u in uploads if u.export_ok]))
+            timings["verify_wait_s"] += checked - started
+            timings["reconcile_s"] += time.perf_counter() - checked
+
+        for start in range(0, len(exports), batch):
+            started = time.perf_counter()
+            uploads, targets, jobs = self.plan(exports[start:start + batch])
+            wait = self.verifier.submit_many(jobs) if isinstance(self.verifier, PoolVerifier) else _ready(
+                self.verifier.verify_many(jobs))
+            timings["read_s"] += time.perf_counter() - started
+            if pending is not None:
+                finish(pending)
+            pending = (uploads, targets, wait)
+        if pending is not None:
+            finish(pending)
+        return reports, timings
+
+    def reconcile(self, uploads: Sequence[Upload]) -> list[dict[str, Any]]:
+        return self.write(lambda tx: reconcile_in(tx, uploads, self.settings, ACTOR))
+
+    def sync(self, devices: Sequence[SimulatedDevice], ack: bool = True) -> list[dict[str, Any]]:
+        """Export, reconcile in one batch, and acknowledge."""
+        exports = []
+        for device in devices:
+            device.export_log(0)
+            exports.append((device.state.device_id, device.export()))
+        uploads = self.prepare(exports)
+        reports = self.reconcile([u for u in uploads if u.export_ok])
+        if ack:
+            for device, upload in zip(devices, uploads, strict=True):
+                acknowledgement = offline.Ack(device.state.device_id, upload.export.counter, upload.export.rx,
+                                              upload.export_hash, journal.epoch_millis())
+                device.ack_log(self.issuer.sign(acknowledgement.payload()))
+        return reports
+
+
+def _ready(results: list[bool]) -> Callable[[], list[bool]]:
+    return lambda: results

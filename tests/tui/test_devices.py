@@ -1,0 +1,86 @@
+"""Hard wallets and reconciliation through the UI: a simulated device (gateway.device.simulator)
+served on a real pseudo-terminal, reached by typing its path, registered, loaded, synced, unloaded."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+from textual.widgets import ProgressBar
+
+from gateway.auth.roles import Role
+from gateway.device.simulator import SimulatedDevice, start_in_thread
+from tests.conftest import Gateway
+from tests.tui.conftest import api, has_notification, login, new_wallet, screen_text, teller_app, type_text, wait_for
+from tui.format import grouped
+from tui.screens.devices import DevicesScreen
+from tui.screens.reconciliation import ReconciliationScreen
+
+pytestmark = [pytest.mark.softhsm, pytest.mark.serial]
+
+
+@pytest.fixture
+def simulator() -> Iterator[tuple[str, SimulatedDevice]]:
+    device = SimulatedDevice.create(device_id="sim-tui-1")
+    path, stop, thread = start_in_thread(device)
+    yield path, device
+    stop.set()
+    thread.join(timeout=5)
+
+
+async def test_register_load_sync_and_unload_a_hard_wallet(tui_gateway: Gateway,
+                                                           simulator: tuple[str, SimulatedDevice]) -> None:
+    path, _ = simulator
+    wallet_id = await new_wallet(tui_gateway, "Device Owner", tier=2, cash=50_000)
+    app = teller_app(tui_gateway)
+    async with app.run_test(size=(80, 24)) as pilot:
+        await login(pilot, "teller1")
+        await pilot.press("h")
+        await wait_for(pilot, lambda: isinstance(app.screen, DevicesScreen))
+        app.screen.query_one("#port-path").focus()
+        await type_text(pilot, path)
+        await pilot.press("enter")
+        await wait_for(pilot, lambda: "sim-tui-1" in screen_text(app) and "not registered" in screen_text(app),
+                       what="device info")
+        app.screen.query_one("#ports-table").focus()
+
+        await pilot.press("g")
+        await wait_for(pilot, lambda: app.screen.query("#field-wallet_id"))
+        await type_text(pilot, grouped(wallet_id))
+        await pilot.press("enter", "enter")
+        await wait_for(pilot, lambda: "Register this hard wallet?" in screen_text(app))
+        await pilot.press("y")
+        await wait_for(pilot, lambda: has_notification(app, "Registered sim-tui-1"), what="registration")
+        await wait_for(pilot, lambda: "Cert     yes" in screen_text(app) and "active" in screen_text(app))
+
+        await pilot.press("l")
+        await wait_for(pilot, lambda: app.screen.query("#field-amount"))
+        await type_text(pilot, "100")
+        await pilot.press("enter")
+        await wait_for(pilot, lambda: "Load ¥100.00?" in screen_text(app))
+        await pilot.press("y")
+        await wait_for(pilot, lambda: "Offline  ¥100.00" in screen_text(app), what="device balance")
+        wallet = await api(tui_gateway, "GET", f"/v1/wallets/{wallet_id}")
+        assert wallet["balance_fen"] == 40_000 and wallet["offline_reserve_fen"] == 10_000
+
+        await pilot.press("s")
+        await wait_for(pilot, lambda: has_notification(app, "Synced"), what="sync")
+        assert app.screen.query_one("#sync-progress", ProgressBar).percentage == 1.0
+
+        await pilot.press("x")
+        await wait_for(pilot, lambda: "Unload this hard wallet?" in screen_text(app))
+        await pilot.press("y")
+        await wait_for(pilot, lambda: has_notification(app, "Unloaded"), what="unload")
+    wallet = await api(tui_gateway, "GET", f"/v1/wallets/{wallet_id}")
+    assert wallet["balance_fen"] == 50_000 and wallet["offline_reserve_fen"] == 0
+
+
+async def test_reconciliation_lists_open_discrepancies(tui_gateway: Gateway) -> None:
+    app = teller_app(tui_gateway)
+    open_items = (await api(tui_gateway, "GET", "/v1/reconciliation/discrepancies", role=Role.SUPERVISOR,
+                            params={"status": "open"}))["discrepancies"]
+    async with app.run_test(size=(80, 24)) as pilot:
+        await login(pilot, "supervisor1")
+        await pilot.press("r")
+        await wait_for(pilot, lambda: isinstance(app.screen, ReconciliationScreen))
+        await wait_for(pilot, lambda: f"{len(open_items)} open discrepanc" in screen_text(app), what="the list")

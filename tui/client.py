@@ -1,0 +1,633 @@
+"""The teller UI's only way into the system: an async HTTP client of the gateway's API.
+
+Every call returns a typed, immutable result or raises one error type, :class:`ApiError`, which
+carries the RFC 9457 problem document the gateway sent (or one this client made up when there was
+no answer at all). Two subclasses matter to the UI: :class:`SessionExpired` (a 401 on a call made
+with a session token: the UI goes back to the login screen) and :class:`GatewayUnreachable`
+(no connection, or no answer in time).
+
+Money-moving calls take an ``idempotency_key``: the caller makes one per confirmed action and sends
+the same one again when it retries that action, so a retry never moves money twice.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hashlib
+import json
+import re
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiohttp
+
+PROBLEM_BASE = "https://ecny-gateway.dev/problems/"
+DEFAULT_GATEWAY = "http://127.0.0.1:8700"
+CBOR = "application/cbor"
+
+
+def new_idempotency_key() -> str:
+    """A fresh key for one confirmed money-moving action (kept for its retries)."""
+    return uuid.uuid4().hex
+
+
+class ApiError(Exception):
+    """A call failed. ``problem`` is the gateway's problem document (type, title, status, detail, …)."""
+
+    def __init__(self, status: int, problem: Mapping[str, Any]) -> None:
+        self.status = status
+        self.problem: dict[str, Any] = dict(problem)
+        super().__init__(self.detail)
+
+    @property
+    def code(self) -> str:
+        """The stable problem code: the last part of the problem ``type``."""
+        kind = str(self.problem.get("type", ""))
+        return kind.rsplit("/", 1)[-1] if kind else "error"
+
+    @property
+    def title(self) -> str:
+        return str(self.problem.get("title") or "Request failed")
+
+    @property
+    def detail(self) -> str:
+        return str(self.problem.get("detail") or self.problem.get("title") or "request failed")
+
+    @property
+    def reasons(self) -> list[str]:
+        reasons = self.problem.get("reasons")
+        return [str(r) for r in reasons] if isinstance(reasons, list) else []
+
+    @property
+    def endpoint_missing(self) -> bool:
+        """The gateway has no such endpoint (an older gateway, or a feature not deployed)."""
+        return (self.status == 404 and self.detail == "no such endpoint") or self.status == 405
+
+    @property
+    def transient(self) -> bool:
+        """Worth retrying the same request (with the same idempotency key) later."""
+        return self.status in (0, 429, 502, 503, 504)
+
+    @property
+    def kind(self) -> str:
+        """The failure kind the UI notifies once about: one wording per kind."""
+        if isinstance(self, GatewayUnreachable):
+            return "unreachable"
+        if isinstance(self, SessionExpired):
+            return "session-expired"
+        if self.endpoint_missing:
+            return "not-available"
+        return {401: "unauthenticated", 403: "forbidden", 404: "not-found", 409: "conflict", 412: "refused",
+                422: "refused", 429: "rate-limited", 503: "unavailable"}.get(
+            self.status, "bad-request" if 400 <= self.status < 500 else "server-error")
+
+    def describe(self) -> str:
+        """One line for a notification: the detail and, when given, the policy reasons."""
+        text = self.detail
+        if self.reasons:
+            text += " (" + ", ".join(self.reasons) + ")"
+        return text
+
+
+class SessionExpired(ApiError):
+    """The session token is no longer accepted (expired or revoked): log in again."""
+
+
+class GatewayUnreachable(ApiError):
+    """No connection to the gateway, or no answer within the timeout."""
+
+    def __init__(self, detail: str) -> None:
+        super().__init__(0, {"type": PROBLEM_BASE + "unreachable", "title": "Gateway unreachable", "status": 0,
+                             "detail": detail})
+
+
+# --- typed results -----------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Session:
+    username: str
+    token: str
+    role: str
+    expires_at: str
+
+
+@dataclass(frozen=True)
+class Readiness:
+    ready: bool
+    hsm_ready: bool
+    hsm_workers: int
+    hsm_workers_up: int
+    hsm_detail: str
+    store_ready: bool
+
+
+@dataclass(frozen=True)
+class MetricsSample:
+    """The counters the dashboard turns into rates."""
+
+    signatures_total: float
+    requests_total: float
+    refusals_total: float
+
+
+@dataclass(frozen=True)
+class Wallet:
+    wallet_id: str
+    holder_name: str
+    id_number: str | None
+    phone: str
+    tier: int
+    kind: str
+    status: str
+    status_reason: str
+    balance_fen: int
+    offline_reserve_fen: int
+    created_at: str
+    updated_at: str
+
+
+@dataclass(frozen=True)
+class Transaction:
+    posting_id: int
+    entry_id: str
+    kind: str
+    reference: str
+    memo: str
+    account: str
+    amount_fen: int
+    business_day: str
+    created_at: str
+
+
+@dataclass(frozen=True)
+class TransactionPage:
+    transactions: tuple[Transaction, ...]
+    next_cursor: str | None
+
+
+@dataclass(frozen=True)
+class CashResult:
+    entry_id: str
+    wallet_id: str
+    amount_fen: int
+    balance_fen: int
+
+
+def canonical_json(value: Any) -> str:
+    """The gateway's canonical JSON (sorted keys, no spaces, UTF-8): what an approval's hash covers."""
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+
+
+@dataclass(frozen=True)
+class Approval:
+    approval_id: str
+    kind: str
+    payload: dict[str, Any]
+    payload_hash: str
+    requested_by: str
+    status: str
+    decided_by: str | None
+    decided_at: str | None
+    note: str
+    result: dict[str, Any] | None
+    created_at: str
+    expires_at: str
+
+    def shown_hash(self) -> str:
+        """SHA-256 of the payload as decoded and shown here. The decision is sent with this hash, so
+        the gateway executes only what the supervisor saw (it refuses if it differs from the pending one)."""
+        return hashlib.sha256(canonical_json(self.payload).encode()).hexdigest()
+
+    @property
+    def hash_matches(self) -> bool:
+        return self.shown_hash() == self.payload_hash
+
+
+@dataclass(frozen=True)
+class AuditEntry:
+    seq: int
+    ts: str
+    actor: str
+    role: str
+    action: str
+    decision: str
+    reasons: tuple[str, ...]
+    payload_hash: str
+    key_id: str
+    result: dict[str, Any]
+    request_id: str
+    entry_hash: str
+
+
+@dataclass(frozen=True)
+class AuditPage:
+    entries: tuple[AuditEntry, ...]
+    next_after_seq: int | None
+
+
+@dataclass(frozen=True)
+class AuditVerification:
+    ok: bool
+    entries: int
+    checkpoints: int
+    head_seq: int
+    first_bad_seq: int | None
+    problem: str
+    warnings: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class Discrepancy:
+    """A reconciliation flag. The gateway's document is kept whole in ``document`` (evidence and all)."""
+
+    discrepancy_id: str
+    kind: str
+    status: str
+    device_id: str
+    wallet_id: str
+    amount_fen: int | None
+    evidence: dict[str, Any]
+    created_at: str
+    document: dict[str, Any] = field(repr=False, compare=False)
+
+
+@dataclass(frozen=True)
+class DeviceRecord:
+    device_id: str
+    wallet_id: str
+    status: str
+    model: str
+    document: dict[str, Any] = field(repr=False, compare=False)
+
+
+@dataclass(frozen=True)
+class Registration:
+    certificate: bytes
+    issuer_key_pem: str
+    document: dict[str, Any] = field(repr=False, compare=False)
+
+
+@dataclass(frozen=True)
+class LoadVoucher:
+    voucher: bytes
+    load_seq: int
+    document: dict[str, Any] = field(repr=False, compare=False)
+
+
+# --- parsing -------------------------------------------------------------------------------------------------
+
+
+def _str(document: Mapping[str, Any], name: str, default: str = "") -> str:
+    value = document.get(name, default)
+    return default if value is None else str(value)
+
+
+def _int(document: Mapping[str, Any], name: str, default: int = 0) -> int:
+    value = document.get(name, default)
+    if isinstance(value, bool):
+        return default
+    if isinstance(value, int):
+        return value
+    if isinstance(value, str) and value.lstrip("-").isdigit():
+        return int(value)
+    return default
+
+
+def _optional_int(document: Mapping[str, Any], name: str) -> int | None:
+    value = document.get(name)
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+def _dict(value: Any) -> dict[str, Any]:
+    return dict(value) if isinstance(value, Mapping) else {}
+
+
+def wallet_from(document: Mapping[str, Any]) -> Wallet:
+    return Wallet(
+        wallet_id=_str(document, "wallet_id"), holder_name=_str(document, "holder_name"),
+        id_number=document.get("id_number"), phone=_str(document, "phone"), tier=_int(document, "tier"),
+        kind=_str(document, "kind"), status=_str(document, "status"), status_reason=_str(document, "status_reason"),
+        balance_fen=_int(document, "balance_fen"), offline_reserve_fen=_int(document, "offline_reserve_fen"),
+        created_at=_str(document, "created_at"), updated_at=_str(document, "updated_at"),
+    )
+
+
+def approval_from(document: Mapping[str, Any]) -> Approval:
+    result = document.get("result")
+    return Approval(
+        approval_id=_str(document, "approval_id"), kind=_str(document, "kind"), payload=_dict(document.get("payload")),
+        payload_hash=_str(document, "payload_hash"), requested_by=_str(document, "requested_by"),
+        status=_str(document, "status"), decided_by=document.get("decided_by"), decided_at=document.get("decided_at"),
+        note=_str(document, "note"), result=_dict(result) if result is not None else None,
+        created_at=_str(document, "created_at"), expires_at=_str(document, "expires_at"),
+    )
+
+
+def discrepancy_from(document: Mapping[str, Any]) -> Discrepancy:
+    evidence = document.get("evidence")
+    amount = _optional_int(document, "amount_fen")
+    if amount is None:
+        amount = _optional_int(document, "amount")
+    return Discrepancy(
+        discrepancy_id=_str(document, "discrepancy_id") or _str(document, "id"),
+        kind=_str(document, "kind") or _str(document, "rule"), status=_str(document, "status", "open"),
+        device_id=_str(document, "device_id"), wallet_id=_str(document, "wallet_id"), amount_fen=amount,
+        evidence=_dict(evidence) if isinstance(evidence, Mapping) else ({"items": evidence} if evidence else {}),
+        created_at=_str(document, "created_at"), document=dict(document),
+    )
+
+
+def device_from(document: Mapping[str, Any]) -> DeviceRecord:
+    return DeviceRecord(device_id=_str(document, "device_id"), wallet_id=_str(document, "wallet_id"),
+                        status=_str(document, "status"), model=_str(document, "model"), document=dict(document))
+
+
+def _b64(value: Any) -> bytes:
+    if isinstance(value, str):
+        try:
+            return base64.b64decode(value, validate=False)
+        except ValueError:
+            return b""
+    return b""
+
+
+_METRIC_LINE = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{[^}]*\})?\s+(\S+)")
+
+
+def parse_metrics(text: str) -> MetricsSample:
+    """Sum the counters the dashboard needs over all their label sets (Prometheus text format)."""
+    totals = {"ecny_signatures_total": 0.0, "ecny_http_requests_total": 0.0, "ecny_refusals_total": 0.0}
+    for line in text.splitlines():
+        if not line or line.startswith("#"):
+            continue
+        match = _METRIC_LINE.match(line)
+        if match and match.group(1) in totals:
+            try:
+                totals[match.group(1)] += float(match.group(3))
+            except ValueError:
+                continue
+    return MetricsSample(totals["ecny_signatures_total"], totals["ecny_http_requests_total"],
+                         totals["ecny_refusals_total"])
+
+
+# --- the client ------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Response:
+    status: int
+    content_type: str
+    body: bytes
+
+    def json(self) -> Any:
+        try:
+            return json.loads(self.body) if self.body else None
+        except ValueError:
+            return None
+
+
+class GatewayClient:
+    """One teller's connection to the gateway. Holds the session token after :meth:`login`."""
+
+    def __init__(self, base_url: str = DEFAULT_GATEWAY, *, timeout: float = 10.0) -> None:
+        self.base_url = base_url.rstrip("/")
+        self.timeout = timeout
+        self.session: Session | None = None
+        self._http: aiohttp.ClientSession | None = None
+
+    # -- transport (overridden by test doubles) --
+
+    async def _send(self, method: str, path: str, *, params: Mapping[str, str] | None, headers: dict[str, str],
+                    body: bytes | None, timeout: float) -> Response:
+        if self._http is None or self._http.closed:
+            self._http = aiohttp.ClientSession()
+        try:
+            async with self._http.request(method, self.base_url + path, params=params, headers=headers, data=body,
+                                          timeout=aiohttp.ClientTimeout(total=timeout)) as response:
+                return Response(response.status, response.content_type, await response.read())
+        except TimeoutError as error:
+            raise GatewayUnreachable(f"no answer from {self.base_url} within {timeout:g} s") from error
+        except aiohttp.ClientError as error:
+            raise GatewayUnreachable(f"cannot reach {self.base_url}: {error.__class__.__name__}") from error
+        except OSError as error:
+            raise GatewayUnreachable(f"cannot reach {self.base_url}: {error.strerror or error}") from error
+
+    async def close(self) -> None:
+        if self._http is not None:
+            await self._http.close()
+            self._http = None
+
+    async def request(self, method: str, path: str, *, json_body: Any = None, cbor_body: bytes | None = None,
+                      params: Mapping[str, str] | None = None, idempotency_key: str | None = None,
+                      authenticated: bool = True, timeout: float | None = None) -> Response:
+        """Send one request; return the response if it is 2xx, else raise :class:`ApiError`."""
+        headers = {"Accept": "application/json"}
+        body: bytes | None = None
+        if json_body is not None:
+            body = json.dumps(json_body).encode()
+            headers["Content-Type"] = "application/json"
+        elif cbor_body is not None:
+            body = cbor_body
+            headers["Content-Type"] = CBOR
+        if idempotency_key:
+            headers["Idempotency-Key"] = idempotency_key
+        with_session = authenticated and self.session is not None
+        if with_session:
+            assert self.session is not None
+            headers["Authorization"] = f"Bearer {self.session.token}"
+        response = await self._send(method, path, params=params, headers=headers, body=body,
+                                    timeout=self.timeout if timeout is None else timeout)
+        if 200 <= response.status < 300:
+            return response
+        raise self._error(response, with_session)
+
+    def _error(self, response: Response, with_session: bool) -> ApiError:
+        document = response.json()
+        if not isinstance(document, dict) or "type" not in document:
+            text = response.body.decode("utf-8", "replace").strip()[:200]
+            document = {"type": "about:blank", "title": f"HTTP {response.status}", "status": response.status,
+                        "detail": text or f"HTTP {response.status}"}
+        if response.status == 401 and with_session:
+            return SessionExpired(response.status, document)
+        return ApiError(response.status, document)
+
+    async def _json(self, method: str, path: str, **options: Any) -> dict[str, Any]:
+        document = (await self.request(method, path, **options)).json()
+        if not isinstance(document, dict):
+            raise ApiError(502, {"type": "about:blank", "title": "Unexpected answer",
+                                 "detail": f"{method} {path} did not answer with a JSON object"})
+        return document
+
+    # -- sessions --
+
+    async def login(self, username: str, password: str) -> Session:
+        document = await self._json("POST", "/v1/sessions", json_body={"username": username, "password": password},
+                                    authenticated=False)
+        self.session = Session(username, _str(document, "token"), _str(document, "role"),
+                               _str(document, "expires_at"))
+        return self.session
+
+    def logout(self) -> None:
+        """Forget the session token (sessions expire on the gateway by themselves)."""
+        self.session = None
+
+    # -- service --
+
+    async def readiness(self, timeout: float | None = None) -> Readiness:
+        """``/readyz``: a 503 still carries the HSM and store states, so it is a result, not an error."""
+        try:
+            document = await self._json("GET", "/readyz", authenticated=False, timeout=timeout)
+        except ApiError as error:
+            if error.status != 503 or "hsm" not in error.problem:
+                raise
+            document = error.problem
+        hsm, store = _dict(document.get("hsm")), _dict(document.get("store"))
+        return Readiness(
+            ready=document.get("status") == "ready", hsm_ready=bool(hsm.get("ready")),
+            hsm_workers=_int(hsm, "workers"), hsm_workers_up=_int(hsm, "workers_up"),
+            hsm_detail=_str(hsm, "detail"), store_ready=bool(store.get("ready")),
+        )
+
+    async def metrics(self, timeout: float | None = None) -> MetricsSample:
+        response = await self.request("GET", "/metrics", timeout=timeout)
+        return parse_metrics(response.body.decode("utf-8", "replace"))
+
+    # -- wallets --
+
+    async def search_wallets(self, query: str = "") -> list[Wallet]:
+        document = await self._json("GET", "/v1/wallets", params={"q": query} if query else None)
+        return [wallet_from(w) for w in document.get("wallets", []) if isinstance(w, dict)]
+
+    async def wallet(self, wallet_id: str) -> Wallet:
+        return wallet_from(await self._json("GET", f"/v1/wallets/{wallet_id}"))
+
+    async def open_wallet(self, holder_name: str, phone: str, tier: int, kind: str, id_number: str | None = None,
+                          idempotency_key: str | None = None) -> Wallet:
+        body: dict[str, Any] = {"holder_name": holder_name, "phone": phone, "tier": tier, "kind": kind}
+        if id_number:
+            body["id_number"] = id_number
+        return wallet_from(await self._json("POST", "/v1/wallets", json_body=body, idempotency_key=idempotency_key))
+
+    async def set_status(self, wallet_id: str, status: str, reason: str, idempotency_key: str | None = None) -> Wallet:
+        return wallet_from(await self._json("POST", f"/v1/wallets/{wallet_id}/status",
+                                            json_body={"status": status, "reason": reason},
+                                            idempotency_key=idempotency_key))
+
+    async def set_tier(self, wallet_id: str, tier: int, idempotency_key: str | None = None) -> Wallet:
+        return wallet_from(await self._json("POST", f"/v1/wallets/{wallet_id}/tier", json_body={"tier": tier},
+                                            idempotency_key=idempotency_key))
+
+    async def cash(self, direction: str, wallet_id: str, amount_fen: int, idempotency_key: str) -> CashResult:
+        """Cash in (``direction="in"``) or out. ``idempotency_key`` is required by the gateway."""
+        if direction not in ("in", "out"):
+            raise ValueError(direction)
+        document = await self._json("POST", f"/v1/wallets/{wallet_id}/cash-{direction}",
+                                    json_body={"amount_fen": amount_fen}, idempotency_key=idempotency_key)
+        return CashResult(_str(document, "entry_id"), _str(document, "wallet_id"), _int(document, "amount_fen"),
+                          _int(document, "balance_fen"))
+
+    async def transactions(self, wallet_id: str, cursor: str | None = None) -> TransactionPage:
+        document = await self._json("GET", f"/v1/wallets/{wallet_id}/transactions",
+                                    params={"cursor": cursor} if cursor else None)
+        items = tuple(
+            Transaction(_int(t, "posting_id"), _str(t, "entry_id"), _str(t, "kind"), _str(t, "reference"),
+                        _str(t, "memo"), _str(t, "account"), _int(t, "amount_fen"), _str(t, "business_day"),
+                        _str(t, "created_at"))
+            for t in document.get("transactions", []) if isinstance(t, dict)
+        )
+        next_cursor = document.get("next_cursor")
+        return TransactionPage(items, str(next_cursor) if next_cursor else None)
+
+    # -- approvals --
+
+    async def approvals(self, status: str = "pending") -> list[Approval]:
+        document = await self._json("GET", "/v1/approvals", params={"status": status})
+        return [approval_from(a) for a in document.get("approvals", []) if isinstance(a, dict)]
+
+    async def approval(self, approval_id: str) -> Approval:
+        return approval_from(await self._json("GET", f"/v1/approvals/{approval_id}"))
+
+    async def decide(self, approval: Approval, approve: bool, note: str = "",
+                     idempotency_key: str | None = None) -> Approval:
+        """Approve or reject ``approval`` as shown: the hash sent is that of the payload the user saw."""
+        verb = "approve" if approve else "reject"
+        document = await self._json("POST", f"/v1/approvals/{approval.approval_id}/{verb}",
+                                    json_body={"payload_hash": approval.shown_hash(), "note": note},
+                                    idempotency_key=idempotency_key)
+        return approval_from(document)
+
+    # -- audit --
+
+    async def audit(self, after_seq: int = 0, limit: int = 100) -> AuditPage:
+        document = await self._json("GET", "/v1/audit", params={"after_seq": str(after_seq), "limit": str(limit)})
+        entries = tuple(
+            AuditEntry(_int(e, "seq"), _str(e, "ts"), _str(e, "actor"), _str(e, "role"), _str(e, "action"),
+                       _str(e, "decision"), tuple(str(r) for r in e.get("reasons") or ()), _str(e, "payload_hash"),
+                       _str(e, "key_id"), _dict(e.get("result")), _str(e, "request_id"), _str(e, "entry_hash"))
+            for e in document.get("entries", []) if isinstance(e, dict)
+        )
+        return AuditPage(entries, _optional_int(document, "next_after_seq"))
+
+    async def verify_audit(self) -> AuditVerification:
+        document = await self._json("GET", "/v1/audit/verify", timeout=max(self.timeout, 60.0))
+        return AuditVerification(bool(document.get("ok")), _int(document, "entries"), _int(document, "checkpoints"),
+                                 _int(document, "head_seq"), _optional_int(document, "first_bad_seq"),
+                                 _str(document, "problem"), tuple(str(w) for w in document.get("warnings") or ()))
+
+    # -- reconciliation --
+
+    async def discrepancies(self, status: str = "open") -> list[Discrepancy]:
+        document = await self._json("GET", "/v1/reconciliation/discrepancies", params={"status": status})
+        items = document.get("discrepancies", document.get("items", []))
+        return [discrepancy_from(d) for d in items if isinstance(d, dict)]
+
+    async def resolve_discrepancy(self, discrepancy_id: str, resolution: str, note: str,
+                                  idempotency_key: str | None = None) -> Discrepancy:
+        document = await self._json("POST", f"/v1/reconciliation/discrepancies/{discrepancy_id}/resolve",
+                                    json_body={"resolution": resolution, "note": note},
+                                    idempotency_key=idempotency_key)
+        return discrepancy_from(document)
+
+    # -- hard wallets --
+
+    async def device(self, device_id: str) -> DeviceRecord:
+        return device_from(await self._json("GET", f"/v1/devices/{device_id}"))
+
+    async def register_device(self, wallet_id: str, device_id: str, public_key_pem: str, model: str,
+                              idempotency_key: str | None = None) -> Registration:
+        document = await self._json("POST", "/v1/devices", json_body={
+            "wallet_id": wallet_id, "device_id": device_id, "public_key_pem": public_key_pem, "model": model},
+            idempotency_key=idempotency_key)
+        return Registration(_b64(document.get("certificate")), _str(document, "issuer_public_key_pem"), document)
+
+    async def load_device(self, device_id: str, amount_fen: int, idempotency_key: str) -> LoadVoucher:
+        document = await self._json("POST", f"/v1/devices/{device_id}/loads", json_body={"amount_fen": amount_fen},
+                                    idempotency_key=idempotency_key)
+        return LoadVoucher(_b64(document.get("voucher")), _int(document, "load_seq"), document)
+
+    async def sync_device(self, device_id: str, log_export: bytes,
+                          idempotency_key: str | None = None) -> dict[str, Any]:
+        """Upload the device's log export (CBOR); returns the reconciliation report."""
+        return await self._json("POST", f"/v1/devices/{device_id}/sync", cbor_body=log_export,
+                                idempotency_key=idempotency_key, timeout=max(self.timeout, 60.0))
+
+    async def unload_device(self, device_id: str, statement: bytes, idempotency_key: str) -> dict[str, Any]:
+        """Hand the device's signed final statement to the gateway: its offline reserve goes back to the wallet."""
+        return await self._json("POST", f"/v1/devices/{device_id}/unload",
+                                json_body={"statement": base64.b64encode(statement).decode()},
+                                idempotency_key=idempotency_key)
+
+
+async def gather_results(*calls: Any) -> list[Any]:
+    """Run calls concurrently; each result is the value or the :class:`ApiError` it raised."""
+    results = await asyncio.gather(*calls, return_exceptions=True)
+    out: list[Any] = []
+    for result in results:
+        if isinstance(result, BaseException) and not isinstance(result, ApiError):
+            raise result
+        out.append(result)
+    return out

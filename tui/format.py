@@ -1,0 +1,157 @@
+"""How the teller UI writes and reads money, wallet ids and times. Pure functions, no I/O."""
+
+from __future__ import annotations
+
+from decimal import Decimal, InvalidOperation
+from typing import Any
+
+MAX_FEN = 10**15
+
+
+def money(fen: int | None) -> str:
+    """``¥1,234.56`` (negative: ``-¥1,234.56``); ``—`` when unknown."""
+    if fen is None:
+        return "—"
+    sign = "-" if fen < 0 else ""
+    yuan, cents = divmod(abs(fen), 100)
+    return f"{sign}¥{yuan:,}.{cents:02d}"
+
+
+def parse_money(text: str) -> int:
+    """Yuan as typed by a teller (``100``, ``1,234.5``, ``¥12.34``) to fen. Raises ValueError with a reason."""
+    cleaned = text.strip().replace(",", "").replace("¥", "").replace(" ", "")
+    if not cleaned:
+        raise ValueError("enter an amount in yuan, e.g. 100.00")
+    try:
+        value = Decimal(cleaned)
+    except InvalidOperation:
+        raise ValueError(f"{text.strip()!r} is not an amount") from None
+    if not value.is_finite():
+        raise ValueError(f"{text.strip()!r} is not an amount")
+    fen = value * 100
+    if fen != fen.to_integral_value():
+        raise ValueError("at most two decimals (fen)")
+    if fen <= 0:
+        raise ValueError("the amount must be positive")
+    if fen > MAX_FEN:
+        raise ValueError("the amount is too large")
+    return int(fen)
+
+
+def luhn_check_digit(digits: str) -> str:
+    """The digit that makes ``digits + digit`` pass the Luhn check (the gateway's wallet id rule)."""
+    total = 0
+    for index, char in enumerate(reversed(digits)):
+        value = int(char)
+        if index % 2 == 0:
+            value *= 2
+            if value > 9:
+                value -= 9
+        total += value
+    return str((10 - total % 10) % 10)
+
+
+def normalise_wallet_id(text: str) -> str:
+    """Digits only (tellers type ids in groups of four)."""
+    return "".join(text.split())
+
+
+def is_wallet_id(text: str) -> bool:
+    digits = normalise_wallet_id(text)
+    return len(digits) == 16 and digits.isascii() and digits.isdigit() and luhn_check_digit(digits[:15]) == digits[15]
+
+
+def grouped(wallet_id: str) -> str:
+    """``8123 4567 8901 2345`` — how tellers read ids aloud."""
+    return " ".join(wallet_id[i : i + 4] for i in range(0, len(wallet_id), 4))
+
+
+def short_time(iso: str | None) -> str:
+    """``2025-01-31 14:05`` from an ISO-8601 timestamp; blank when missing."""
+    if not iso:
+        return ""
+    return iso.replace("T", " ")[:16]
+
+
+# Default tier limits (SPEC §7; the gateway's configuration may differ): balance, single, daily, annual — fen.
+TIER_LIMITS: dict[int, tuple[int | None, int | None, int | None, int | None]] = {
+    4: (1_000_000, 200_000, 500_000, 5_000_000),
+    3: (2_000_000, 500_000, 1_000_000, 10_000_000),
+    2: (50_000_000, 5_000_000, 10_000_000, None),
+    1: (None, None, None, None),
+}
+
+
+def tier_summary(tier: int) -> str:
+    limits = TIER_LIMITS.get(tier)
+    if limits is None:
+        return f"tier {tier}"
+    if all(limit is None for limit in limits):
+        return f"tier {tier}: no limits"
+    names = ("balance", "single", "daily", "annual")
+    parts = [f"{name} {money(limit) if limit is not None else 'none'}"
+             for name, limit in zip(names, limits, strict=True)]
+    return f"tier {tier}: " + ", ".join(parts)
+
+
+def describe_payload(kind: str, payload: dict[str, Any]) -> list[tuple[str, str]]:
+    """An approval's payload as labelled lines a supervisor reads: wallets and amounts, or chain, token,
+    recipient and amount — never a bare hash. Unknown kinds show every field."""
+    rows: list[tuple[str, str]] = []
+    if kind == "transfer":
+        rows += [
+            ("From wallet", grouped(str(payload.get("from_wallet", "")))),
+            ("To wallet", grouped(str(payload.get("to_wallet", "")))),
+            ("Amount", money(_as_int(payload.get("amount_fen"))) + " " + str(payload.get("ccy", "CNY"))),
+            ("Memo", str(payload.get("memo", "")) or "—"),
+            ("Transfer", str(payload.get("transfer_id", ""))),
+        ]
+        return rows
+    if kind.startswith("evm"):
+        tx = payload.get("transaction") if isinstance(payload.get("transaction"), dict) else payload
+        assert isinstance(tx, dict)
+        erc20 = tx.get("erc20") if isinstance(tx.get("erc20"), dict) else None
+        rows.append(("Chain", str(tx.get("chain_name") or tx.get("chain_id", "?"))))
+        if erc20 is not None:
+            rows += [
+                ("Token", str(erc20.get("symbol") or erc20.get("token", "?"))),
+                ("Method", str(erc20.get("method", "transfer"))),
+                ("Recipient", str(erc20.get("to") or "—")),
+                ("Amount", token_amount(erc20.get("amount"), erc20.get("decimals"), erc20.get("symbol"))),
+            ]
+        else:
+            rows += [("Recipient", str(tx.get("to") or "—")), ("Value (wei)", str(tx.get("value", "0")))]
+        for name in ("key_id", "from", "nonce", "gas_limit", "max_fee_per_gas", "gas_price"):
+            if name in tx:
+                rows.append((name.replace("_", " ").capitalize(), str(tx[name])))
+        return rows
+    for name, value in sorted(payload.items()):
+        if name == "kind":
+            continue
+        rows.append((name.replace("_", " ").capitalize(), str(value)))
+    return rows
+
+
+def token_amount(amount: Any, decimals: Any, symbol: Any) -> str:
+    """``250,000.000000 USDC (250000000000 base units)``; base units alone when decimals are unknown."""
+    text = str(amount if amount is not None else "?")
+    if not (text.isascii() and text.isdigit()):
+        return text
+    if isinstance(decimals, int) and not isinstance(decimals, bool) and 0 <= decimals <= 36:
+        whole, fraction = divmod(int(text), 10**decimals)
+        shown = f"{whole:,}" + (f".{fraction:0{decimals}d}" if decimals else "")
+        return f"{shown} {symbol or ''} ({text} base units)".replace("  ", " ")
+    return f"{text} base units"
+
+
+def payload_summary(kind: str, payload: dict[str, Any]) -> str:
+    """One line for a table row."""
+    if kind == "transfer":
+        return (f"{money(_as_int(payload.get('amount_fen')))} {str(payload.get('from_wallet', ''))[:4]}… → "
+                f"{str(payload.get('to_wallet', ''))[:4]}…")
+    lines = describe_payload(kind, payload)
+    return " · ".join(value for _, value in lines[:3])
+
+
+def _as_int(value: Any) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) else None

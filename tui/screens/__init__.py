@@ -1,0 +1,1 @@
+"""The teller UI's screens, one module per section."""

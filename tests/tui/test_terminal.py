@@ -140,3 +140,75 @@ def test_log_in_open_a_wallet_and_cash_in(teller_terminal: tuple[Terminal, dict[
     assert "Available ¥88.80" in shown
     lines = shown.splitlines()
     assert len(lines) <= 24 and all(len(line) <= 80 for line in lines)
+
+
+def _api(url: str, method: str, path: str, body: object, headers: dict[str, str]) -> dict[str, object]:
+    data = None if body is None else json.dumps(body).encode()
+    request = urllib.request.Request(url + path, data=data, method=method,
+                                     headers={"Content-Type": "application/json", **headers})
+    with urllib.request.urlopen(request, timeout=10) as answer:
+        document: dict[str, object] = json.loads(answer.read())
+        return document
+
+
+@pytest.mark.serial
+def test_register_load_and_sync_a_simulated_hard_wallet(
+    served_gateway: tuple[str, dict[str, str]], tmp_path: Path
+) -> None:
+    """`ecny-gateway device-sim --pty` in one tmux session, `ecny-teller` in another: type the pty's
+    path, register the device on a wallet, load ¥100 and sync — as a teller would at 80×24."""
+    url, credentials = served_gateway
+    token = _api(url, "POST", "/v1/sessions", {"username": "teller1", "password": credentials["teller1"]}, {})
+    teller = {"Authorization": f"Bearer {token['token']}"}
+    wallet_id = str(_api(url, "POST", "/v1/wallets", {"holder_name": "Device Owner", "phone": "13800000000",
+                                                      "tier": 2, "kind": "personal"}, teller)["wallet_id"])
+    _api(url, "POST", f"/v1/wallets/{wallet_id}/cash-in", {"amount_fen": 50_000},
+         {**teller, "Idempotency-Key": uuid.uuid4().hex})
+
+    simulator = f"tui-sim-{uuid.uuid4().hex[:8]}"
+    tmux("new-session", "-d", "-s", simulator, "-x", "200", "-y", "10",
+         f"{BIN / 'ecny-gateway'} device-sim --pty --device-id sim-tmux-1")
+    teller_session = f"tui-teller-{uuid.uuid4().hex[:8]}"
+    try:
+        device = Terminal(simulator)
+        first_line = device.wait("device-sim sim-tmux-1 on ").splitlines()[0]
+        pty_path = first_line.rsplit(" on ", 1)[1].strip()
+        tmux("new-session", "-d", "-s", teller_session, "-x", "80", "-y", "24",
+             f"{BIN / 'ecny-teller'} --gateway {url}")
+        terminal = Terminal(teller_session)
+        terminal.wait("Log in")
+        terminal.type("teller1")
+        terminal.keys("Enter")
+        tmux("send-keys", "-t", teller_session, "-l", "--", credentials["teller1"])
+        terminal.keys("Enter")
+        terminal.wait("Dashboard")
+        terminal.keys("h")
+        terminal.wait("Not connected")
+        terminal.keys("Tab")  # to the path field under the list of ports
+        terminal.type(pty_path)
+        terminal.keys("Enter")
+        terminal.wait("not registered")
+        terminal.keys("BTab", "g")  # back to the ports list, then register
+        terminal.wait("Wallet")
+        terminal.type(" ".join(wallet_id[i:i + 4] for i in range(0, 16, 4)))
+        terminal.keys("Enter", "Enter")
+        terminal.wait("Register this hard wallet?")
+        terminal.keys("y")
+        terminal.wait("Cert     yes")
+        terminal.keys("l")
+        terminal.wait("Amount")
+        terminal.type("100")
+        terminal.keys("Enter")
+        terminal.wait("Load ¥100.00?")
+        terminal.keys("y")
+        terminal.wait("Offline  ¥100.00")
+        terminal.keys("s")
+        shown = terminal.wait("Synced")
+        assert "100%" in shown
+        lines = shown.splitlines()
+        assert len(lines) <= 24 and all(len(line) <= 80 for line in lines)
+        wallet = _api(url, "GET", f"/v1/wallets/{wallet_id}", None, teller)
+        assert (wallet["balance_fen"], wallet["offline_reserve_fen"]) == (40_000, 10_000)
+    finally:
+        subprocess.run(["tmux", "kill-session", "-t", teller_session], capture_output=True)
+        subprocess.run(["tmux", "kill-session", "-t", simulator], capture_output=True)

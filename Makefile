@@ -53,7 +53,10 @@ teller: venv
 	$(BIN)/ecny-teller --gateway http://127.0.0.1:8700
 
 bench: venv
+	@command -v wrk >/dev/null || { $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq wrk >/dev/null; }
+	$(BIN)/pip install -q -e '.[dev,bench]'
 	$(BIN)/python bench/run.py
+	$(BIN)/python bench/openbao.py --append BENCHMARKS.md
 
 # What CI does not run: the 10-minute soak (results in docs/reliability.md and docs/soak-last.json).
 proof: venv

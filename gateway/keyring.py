@@ -19,7 +19,7 @@ from eth_hash.auto import keccak
 from eth_utils.address import to_checksum_address
 
 from gateway import clock
-from gateway.errors import AlreadyExists, KeyNotFound, KeyUsageNotAllowed, ValidationFailed
+from gateway.errors import AlreadyExists, AmbiguousKey, KeyNotFound, KeyUsageNotAllowed, ValidationFailed
 from gateway.hsm.profile import Algorithm
 from gateway.ledger.store import Tx
 
@@ -143,6 +143,27 @@ def list_keys(tx: Tx) -> list[KeyRecord]:
 
 def keys_with_usage(tx: Tx, usage: Usage) -> list[KeyRecord]:
     return [key for key in list_keys(tx) if usage in key.usages]
+
+
+def key_for_usage(tx: Tx, usage: Usage, configured: str | None, setting: str) -> KeyRecord:
+    """The key that does ``usage`` for the institution: the configured key id, else the one key with
+    that usage — never "the first of several".
+
+    Raises:
+        KeyNotFound: none configured and none with the usage (or the configured one is unknown).
+        AmbiguousKey: none configured and several have the usage; ``setting`` names the key to set.
+        KeyUsageNotAllowed: the configured key does not have the usage.
+    """
+    if configured:
+        key = get_key(tx, configured)
+        key.require(usage)
+        return key
+    candidates = keys_with_usage(tx, usage)
+    if not candidates:
+        raise KeyNotFound(f"no key with usage {usage.value!r}; generate one")
+    if len(candidates) > 1:
+        raise AmbiguousKey(f"{len(candidates)} keys have usage {usage.value!r}; set {setting} to choose one")
+    return candidates[0]
 
 
 def make_record(

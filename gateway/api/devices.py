@@ -39,14 +39,6 @@ def _device_id(call: Call) -> str:
     return call.request.match_info["device_id"]
 
 
-def _respond_in(tx: Tx, call: Call, document: dict[str, Any], status: int = 200) -> bytes:
-    body = orjson.dumps(document)
-    idempotency.record_in(tx, call, status, JSON, body)
-    return body
-
-
-def _body(body: bytes, status: int = 200) -> web.Response:
-    return web.Response(body=body, status=status, content_type=JSON)
 
 
 async def register(call: Call) -> web.Response:
@@ -58,9 +50,9 @@ async def register(call: Call) -> web.Response:
 
     def work(tx: Tx) -> bytes:
         row = devices.register_in(tx, certificate, envelope, kid, body.model, entry)
-        return _respond_in(tx, call, device_document(row, issuer), 201)
+        return idempotency.respond_in(tx, call, device_document(row, issuer), 201)
 
-    return _body(await call.services.database.write(work), 201)
+    return idempotency.json_body(await call.services.database.write(work), 201)
 
 
 async def show(call: Call) -> web.Response:
@@ -76,7 +68,7 @@ async def _final_load(call: Call, device_id: str, load_seq: int) -> web.Response
         idempotency.complete_in(tx, call, 201, JSON, orjson.dumps(document))
 
     document = await Devices.of(call.services).seal_voucher(device_id, load_seq, finish)
-    return _body(orjson.dumps(document), 201)
+    return idempotency.json_body(orjson.dumps(document), 201)
 
 
 async def load(call: Call) -> web.Response:
@@ -121,9 +113,9 @@ async def unload(call: Call) -> web.Response:
     entry = call.audit_entry("devices.unload", decision="allowed", payload_hash=call.payload_hash())
 
     def work(tx: Tx) -> bytes:
-        return _respond_in(tx, call, devices.unload_in(tx, device_id, statement, entry))
+        return idempotency.respond_in(tx, call, devices.unload_in(tx, device_id, statement, entry))
 
-    return _body(await call.services.database.write(work))
+    return idempotency.json_body(await call.services.database.write(work))
 
 
 async def revoke(call: Call) -> web.Response:
@@ -134,7 +126,8 @@ async def revoke(call: Call) -> web.Response:
     entry = call.audit_entry("devices.revoke", decision="allowed", payload_hash=call.payload_hash())
 
     def work(tx: Tx) -> bytes:
-        return _respond_in(tx, call, device_document(devices.revoke_in(tx, device_id, reason, entry), issuer))
+        document = device_document(devices.revoke_in(tx, device_id, reason, entry), issuer)
+        return idempotency.respond_in(tx, call, document)
 
     body = await call.services.database.write(work)
     document = orjson.loads(body)
@@ -186,9 +179,10 @@ async def resolve(call: Call) -> web.Response:
     entry = call.audit_entry("reconciliation.resolve", decision="allowed", payload_hash=call.payload_hash())
 
     def work(tx: Tx) -> bytes:
-        return _respond_in(tx, call, devices.resolve_in(tx, discrepancy_id, body.resolution, body.note, entry))
+        resolved = devices.resolve_in(tx, discrepancy_id, body.resolution, body.note, entry)
+        return idempotency.respond_in(tx, call, resolved)
 
-    return _body(await call.services.database.write(work))
+    return idempotency.json_body(await call.services.database.write(work))
 
 
 ENDPOINTS = [

@@ -16,9 +16,11 @@ import hashlib
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
+import orjson
 from aiohttp import web
 
 from gateway import clock
+from gateway.api.codecs import JSON as JSON_TYPE
 from gateway.errors import AlreadyExists, IdempotencyConflict
 from gateway.ledger.store import Tx
 
@@ -95,6 +97,18 @@ def record_in(tx: Tx, call: Call, status: int, content_type: str, body: bytes) -
     except AlreadyExists as exc:
         raise IdempotencyConflict(f"Idempotency-Key {call.idempotency_key!r} is already being used") from exc
     call.recorded_in_transaction = True
+
+
+def respond_in(tx: Tx, call: Call, document: Any, status: int = 200) -> bytes:
+    """Serialise ``document`` and record it as this request's response inside ``tx`` (no-op without
+    an Idempotency-Key). Returns the body, for :func:`json_body`."""
+    body = orjson.dumps(document)
+    record_in(tx, call, status, JSON_TYPE, body)
+    return body
+
+
+def json_body(body: bytes, status: int = 200) -> web.Response:
+    return web.Response(body=body, status=status, content_type=JSON_TYPE)
 
 
 def complete_in(tx: Tx, call: Call, status: int, content_type: str, body: bytes) -> None:

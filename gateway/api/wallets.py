@@ -4,11 +4,10 @@ from __future__ import annotations
 
 from typing import Any
 
-import orjson
 from aiohttp import web
 
 from gateway.api import idempotency
-from gateway.api.codecs import JSON, json_response
+from gateway.api.codecs import json_response
 from gateway.api.endpoints import Call, Endpoint
 from gateway.api.wallet_models import (
     AmountRequest,
@@ -33,14 +32,6 @@ def _wallet_id(call: Call) -> str:
     return require_wallet_id(call.request.match_info["wallet_id"])
 
 
-def _respond_in(tx: Tx, call: Call, document: dict[str, Any], status: int = 200) -> bytes:
-    body = orjson.dumps(document)
-    idempotency.record_in(tx, call, status, JSON, body)
-    return body
-
-
-def _body_response(body: bytes, status: int = 200) -> web.Response:
-    return web.Response(body=body, status=status, content_type=JSON)
 
 
 async def open_wallet(call: Call) -> web.Response:
@@ -49,9 +40,9 @@ async def open_wallet(call: Call) -> web.Response:
     wallets = call.services.wallets
 
     def work(tx: Tx) -> bytes:
-        return _respond_in(tx, call, wallets.open_in(tx, fields, entry), 201)
+        return idempotency.respond_in(tx, call, wallets.open_in(tx, fields, entry), 201)
 
-    return _body_response(await call.services.database.write(work), 201)
+    return idempotency.json_body(await call.services.database.write(work), 201)
 
 
 async def show(call: Call) -> web.Response:
@@ -89,10 +80,10 @@ async def set_status(call: Call) -> web.Response:
     wallets = call.services.wallets
 
     def work(tx: Tx) -> bytes:
-        return _respond_in(tx, call, wallets.set_status_in(tx, wallet_id, body.status, body.reason, may_unfreeze,
-                                                           entry))
+        document = wallets.set_status_in(tx, wallet_id, body.status, body.reason, may_unfreeze, entry)
+        return idempotency.respond_in(tx, call, document)
 
-    return _body_response(await call.services.database.write(work))
+    return idempotency.json_body(await call.services.database.write(work))
 
 
 async def set_tier(call: Call) -> web.Response:
@@ -102,9 +93,9 @@ async def set_tier(call: Call) -> web.Response:
     wallets = call.services.wallets
 
     def work(tx: Tx) -> bytes:
-        return _respond_in(tx, call, wallets.set_tier_in(tx, wallet_id, tier, entry))
+        return idempotency.respond_in(tx, call, wallets.set_tier_in(tx, wallet_id, tier, entry))
 
-    return _body_response(await call.services.database.write(work))
+    return idempotency.json_body(await call.services.database.write(work))
 
 
 def _cash(direction: str) -> Any:
@@ -116,9 +107,9 @@ def _cash(direction: str) -> Any:
         operation = wallets.cash_in if direction == "cash_in" else wallets.cash_out
 
         def work(tx: Tx) -> bytes:
-            return _respond_in(tx, call, operation(tx, wallet_id, amount, call.actor.scope, entry))
+            return idempotency.respond_in(tx, call, operation(tx, wallet_id, amount, call.actor.scope, entry))
 
-        return _body_response(await call.services.database.write(work))
+        return idempotency.json_body(await call.services.database.write(work))
 
     handler.__name__ = direction
     return handler

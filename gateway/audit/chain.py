@@ -24,9 +24,9 @@ import cbor2
 import structlog
 
 from gateway import clock
-from gateway.errors import AmbiguousKey, GatewayError
+from gateway.errors import GatewayError
 from gateway.hsm.signer import Signer
-from gateway.keyring import KeyRecord, Usage, get_key, keys_with_usage, signing_input
+from gateway.keyring import KeyRecord, Usage, key_for_usage, keys_with_usage, signing_input
 from gateway.ledger.store import Database, Tx
 
 GENESIS = bytes(32)
@@ -180,15 +180,12 @@ class AuditLog:
             self._log.warning("audit checkpoint failed", error=exc.detail)
 
     async def _audit_key(self) -> KeyRecord | None:
+        """The audit key, or None while there is none yet (checkpoints start once it exists)."""
+
         def find(tx: Tx) -> KeyRecord | None:
-            if self._key_id:
-                return get_key(tx, self._key_id)
-            candidates = keys_with_usage(tx, Usage.AUDIT)
-            if len(candidates) > 1:
-                raise AmbiguousKey(
-                    f"{len(candidates)} keys have usage 'audit'; set audit.key_id to choose one"
-                )
-            return candidates[0] if candidates else None
+            if not self._key_id and not keys_with_usage(tx, Usage.AUDIT):
+                return None
+            return key_for_usage(tx, Usage.AUDIT, self._key_id, "audit.key_id")
 
         return await self._database.read(find)
 

@@ -23,7 +23,6 @@ from gateway import clock
 from gateway.audit.chain import AuditEntry, append
 from gateway.errors import (
     AlreadyExists,
-    AmbiguousKey,
     DeviceNotActive,
     DeviceNotFound,
     DeviceSyncRequired,
@@ -40,7 +39,7 @@ from gateway.errors import (
 )
 from gateway.hsm.profile import HsmProfile
 from gateway.hsm.signer import Signer
-from gateway.keyring import KeyDirectory, KeyRecord, Usage, get_key, keys_with_usage, public_key_pem
+from gateway.keyring import KeyDirectory, KeyRecord, Usage, key_for_usage, public_key_pem
 from gateway.ledger import journal
 from gateway.ledger.store import Database, Tx
 from gateway.offline.bulk import Transfer, post_offline, select_in
@@ -142,20 +141,7 @@ class Devices:
 
     async def voucher_key(self) -> KeyRecord:
         key_id = self.offline.key_id
-
-        def find(tx: Tx) -> KeyRecord:
-            if key_id:
-                return get_key(tx, key_id)
-            candidates = keys_with_usage(tx, Usage.VOUCHER)
-            if not candidates:
-                raise KeyNotFound("no key with usage 'voucher' to sign certificates and vouchers; generate one")
-            if len(candidates) > 1:
-                raise AmbiguousKey(f"{len(candidates)} keys have usage 'voucher'; set offline.key_id")
-            return candidates[0]
-
-        key = await self.database.read(find)
-        key.require(Usage.VOUCHER)
-        return key
+        return await self.database.read(lambda tx: key_for_usage(tx, Usage.VOUCHER, key_id, "offline.key_id"))
 
     async def issuer_pem(self, kid: str) -> str | None:
         try:

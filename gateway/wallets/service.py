@@ -26,7 +26,6 @@ from gateway import clock
 from gateway.audit.chain import AuditEntry, append
 from gateway.config import Settings
 from gateway.errors import (
-    AmbiguousKey,
     ApprovalExpired,
     ApprovalNotPending,
     ApprovalPayloadMismatch,
@@ -36,7 +35,6 @@ from gateway.errors import (
     InsufficientFunds,
     InvalidAmount,
     InvalidWalletId,
-    KeyNotFound,
     LimitExceeded,
     NotFound,
     PolicyRefused,
@@ -48,7 +46,7 @@ from gateway.errors import (
 )
 from gateway.hsm.profile import HsmProfile
 from gateway.hsm.signer import Signer
-from gateway.keyring import KeyRecord, Usage, get_key, keys_with_usage
+from gateway.keyring import KeyRecord, Usage, key_for_usage
 from gateway.ledger import journal
 from gateway.ledger.store import Database, Tx
 from gateway.policy.limits import Decision, check_payment, check_receipt, check_status
@@ -326,17 +324,9 @@ class Wallets:
 
     async def ecny_key(self) -> KeyRecord:
         if self._ecny_key is None:
-            def find(tx: Tx) -> KeyRecord:
-                if self.settings.ecny.key_id:
-                    return get_key(tx, self.settings.ecny.key_id)
-                candidates = keys_with_usage(tx, Usage.ECNY)
-                if not candidates:
-                    raise KeyNotFound("no key with usage 'ecny' to sign transfer envelopes; generate one")
-                if len(candidates) > 1:
-                    raise AmbiguousKey(f"{len(candidates)} keys have usage 'ecny'; set ecny.key_id")
-                return candidates[0]
-
-            self._ecny_key = await self.database.read(find)
+            configured = self.settings.ecny.key_id
+            self._ecny_key = await self.database.read(
+                lambda tx: key_for_usage(tx, Usage.ECNY, configured, "ecny.key_id"))
         return self._ecny_key
 
     async def seal(

@@ -46,29 +46,6 @@ class TellerApp(TellerBase):
         *(Binding(key, f"go('{mode}')", label, show=False) for mode, key, label in SECTIONS),
     ]
 
-    async def session_expired(self, message: str) -> None:
-        await self._back_to_login(message, "warning")
-
-    async def action_logout(self) -> None:
-        await self._back_to_login("Logged out.", "information")
-
-    async def _back_to_login(self, message: str, severity: str) -> None:
-        self.client.logout()
-        if self.current_mode != "login":
-            await self.switch_mode("login")
-        for mode, factory in SECTION_SCREENS.items():
-            if mode in self._screen_stacks:  # built before: drop it so the next login starts clean
-                await self.remove_mode(mode)
-                self.add_mode(mode, factory)
-        screen = self.screen
-        while not isinstance(screen, LoginScreen) and len(self.screen_stack) > 1:
-            self.pop_screen()
-            screen = self.screen_stack[-1]
-        if isinstance(screen, LoginScreen):
-            screen.reset(message)
-        self.notify(message, title="Session", severity="warning" if severity == "warning" else "information",
-                    timeout=6)
-
     async def on_unmount(self) -> None:
         await self.client.close()
 

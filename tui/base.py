@@ -110,7 +110,7 @@ class TellerBase(App[None]):
 
     async def session_expired(self, message: str) -> None:
         """Back to the login screen, with every other screen rebuilt after the next login."""
-        raise NotImplementedError
+        await self._back_to_login(message, "warning")
 
     @property
     def role(self) -> str:
@@ -147,7 +147,26 @@ class TellerBase(App[None]):
         await self.switch_mode(mode)
 
     async def action_logout(self) -> None:
-        raise NotImplementedError
+        await self._back_to_login("Logged out.", "information")
+
+    async def _back_to_login(self, message: str, severity: str) -> None:
+        from tui.screens.login import LoginScreen  # the screens import this module
+
+        self.client.logout()
+        if self.current_mode != "login":
+            await self.switch_mode("login")
+        for mode, factory in self.MODES.items():
+            if mode != "login" and mode in self._screen_stacks:  # drop it so the next login starts clean
+                await self.remove_mode(mode)
+                self.add_mode(mode, factory)
+        screen = self.screen
+        while not isinstance(screen, LoginScreen) and len(self.screen_stack) > 1:
+            self.pop_screen()
+            screen = self.screen_stack[-1]
+        if isinstance(screen, LoginScreen):
+            screen.reset(message)
+        self.notify(message, title="Session", severity="warning" if severity == "warning" else "information",
+                    timeout=6)
 
 
 def teller(screen: Screen[Any] | Any) -> TellerBase:

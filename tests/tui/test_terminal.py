@@ -57,7 +57,7 @@ class Terminal:
             time.sleep(0.15)
 
     def type(self, text: str) -> None:
-        tmux("send-keys", "-t", self.session, "-l", text)
+        tmux("send-keys", "-t", self.session, "-l", "--", text)  # "--": a password may start with "-"
         time.sleep(0.2)
 
     def screen(self) -> str:

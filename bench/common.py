@@ -116,18 +116,21 @@ def rss_kib(pid: int) -> int:
 
 
 def listening_ports(pid: int) -> list[int]:
-    """TCP ports ``pid`` listens on (from its socket fds and /proc/net/tcp[6])."""
+    """TCP ports ``pid`` or its descendants listen on (from their socket fds and /proc/net/tcp[6]);
+    with ``[server] processes > 1`` the HTTP processes are the supervisor's children."""
     inodes = set()
-    try:
-        for fd in os.listdir(f"/proc/{pid}/fd"):
+    for owner in (pid, *descendants(pid)):
+        try:
+            fds = os.listdir(f"/proc/{owner}/fd")
+        except OSError:
+            continue
+        for fd in fds:
             try:
-                target = os.readlink(f"/proc/{pid}/fd/{fd}")
+                target = os.readlink(f"/proc/{owner}/fd/{fd}")
             except OSError:
                 continue
             if target.startswith("socket:["):
                 inodes.add(target[8:-1])
-    except OSError:
-        return []
     ports = []
     for table in ("/proc/net/tcp", "/proc/net/tcp6"):
         try:
@@ -138,7 +141,7 @@ def listening_ports(pid: int) -> list[int]:
             fields = line.split()
             if fields[3] == "0A" and fields[9] in inodes:  # 0A = LISTEN
                 ports.append(int(fields[1].rsplit(":", 1)[1], 16))
-    return ports
+    return sorted(set(ports))
 
 
 # --- the gateway under test ----------------------------------------------------------------
@@ -269,7 +272,7 @@ def exit_on_sigterm() -> None:
 
 def start_gateway(store: str = "sqlite", dsn: str | None = None, *, workers: int | None = None,
                   cpus: set[int] | None = None, log_level: str = "warning", extra_toml: str = "",
-                  loop: str = "uvloop") -> Gateway:
+                  loop: str = "uvloop", processes: int = 1) -> Gateway:
     """Make a token, write a config, provision with ``dev-init``, start ``serve``, wait for /readyz.
 
     ``cpus``: CPU affinity of the server (its signer workers inherit it); None = all CPUs.
@@ -287,7 +290,7 @@ def start_gateway(store: str = "sqlite", dsn: str | None = None, *, workers: int
         hsm_workers = f"workers = {workers}\n" if workers else ""
         (base / "gateway.toml").write_text(
             "# written by bench/common.py\n"
-            f'[server]\nhost = "127.0.0.1"\nport = {port}\n\n'
+            f'[server]\nhost = "127.0.0.1"\nport = {port}\nprocesses = {processes}\n\n'
             f'[hsm]\nprofile = "softhsm"\ntoken_label = "{TOKEN_LABEL}"\n'
             f'pin_file = "{base / "hsm" / (TOKEN_LABEL + ".user-pin")}"\n{hsm_workers}\n'
             f'[store]\ndsn = "{dsn}"\n\n[logging]\nlevel = "{log_level}"\n' + extra_toml,

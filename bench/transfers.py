@@ -99,7 +99,8 @@ def ledger_check(gateway: Gateway) -> dict[str, Any]:
 
 
 def run_store(store: str, modes: list[str], *, duration: float, concurrency: int, payers: int, pin: bool,
-              postgres: Postgres | None = None, profile_dir: Path | None = None) -> list[dict[str, Any]]:
+              postgres: Postgres | None = None, profile_dir: Path | None = None,
+              processes: int = 1) -> list[dict[str, Any]]:
     server_cpus, client_cpus = affinity_plan(pin)
     own_pg = None
     dsn = None
@@ -109,7 +110,7 @@ def run_store(store: str, modes: list[str], *, duration: float, concurrency: int
             postgres = own_pg = Postgres()
         dsn = postgres.new_database()
         extra_cpu = postgres.backend_cpu_seconds
-    gateway = start_gateway(store, dsn, cpus=server_cpus)
+    gateway = start_gateway(store, dsn, cpus=server_cpus, processes=processes)
     results = []
     try:
         rss_idle = gateway.rss()
@@ -119,6 +120,7 @@ def run_store(store: str, modes: list[str], *, duration: float, concurrency: int
             result = run_mode(gateway, mode, duration=duration, concurrency=concurrency, payers=payers,
                               client_cpus=client_cpus, extra_cpu=extra_cpu, profile_to=profile_to)
             result["server_rss_idle"] = rss_idle
+            result["processes"] = processes
             result["server_cpus"] = sorted(server_cpus) if server_cpus else "all"
             result["client_cpus"] = sorted(client_cpus) if client_cpus else "all"
             results.append(result)
@@ -137,7 +139,7 @@ def run_store(store: str, modes: list[str], *, duration: float, concurrency: int
 
 def summary_line(result: dict[str, Any]) -> str:
     errors = {k: v for k, v in result["statuses"].items() if not k.startswith("2")}
-    return (f"transfers {result['store']:10} {result['mode']:6} {result['ok_rate']:8.0f}/s ok  "
+    return (f"transfers {result['store']:10} {result['mode']:6} ×{result['processes']} {result['ok_rate']:8.0f}/s ok  "
             f"p50 {result['p50_ms']:6.1f} ms  p99 {result['p99_ms']:6.1f} ms  errors {errors or 0} "
             f"exc {result['exceptions'] or 0}  server CPU {result['server_cpu_ms_per_request']:.2f} ms/req  "
             f"RSS {result['server_rss']['total_kib'] / 1024:.0f} MiB  money ok={result['money_consistent']}")
@@ -151,6 +153,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--concurrency", type=int, default=16)
     parser.add_argument("--payers", type=int, default=64)
     parser.add_argument("--pin", action="store_true", help="pin the client to the last CPU, the server to the rest")
+    parser.add_argument("--processes", type=int, default=1, help="[server] processes of the gateway")
     parser.add_argument("--json", type=Path, help="write the results here")
     parser.add_argument("--profile", type=Path, metavar="DIR",
                         help="py-spy the server during the first mode of each store; raw stacks go to DIR")
@@ -163,7 +166,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.profile:
             args.profile.mkdir(parents=True, exist_ok=True)
         for result in run_store(store, modes, duration=args.duration, concurrency=args.concurrency,
-                                payers=args.payers, pin=args.pin, profile_dir=args.profile):
+                                payers=args.payers, pin=args.pin, profile_dir=args.profile,
+                                processes=args.processes):
             print(summary_line(result), flush=True)
             results.append(result)
     if args.json:

@@ -49,18 +49,25 @@ def all_endpoints() -> list[Endpoint]:
     ]
 
 
-def pool_settings(settings: Settings, profile: HsmProfile) -> PoolSettings:
+def pool_settings(settings: Settings, profile: HsmProfile, process_index: int = 0) -> PoolSettings:
+    """The signer pool of one HTTP process: with ``[server] processes = N`` the configured signer
+    workers are shared out between the N processes, at least one each."""
     hsm = settings.hsm
+    total = hsm.workers or profile.sessions.workers
+    processes = settings.server.processes
+    share = total // processes + (1 if process_index < total % processes else 0)
     return PoolSettings(
         module_path=hsm.module or profile.module.path,
         token_label=hsm.token_label or profile.token.resolved_label(),
         pin=hsm.read_pin(),
-        workers=hsm.workers or profile.sessions.workers,
+        workers=max(1, share),
         max_batch=hsm.max_batch,
     )
 
 
-def services_context(settings: Settings) -> Callable[[web.Application], AsyncIterator[None]]:
+def services_context(
+    settings: Settings, process_index: int = 0
+) -> Callable[[web.Application], AsyncIterator[None]]:
     async def context(app: web.Application) -> AsyncIterator[None]:
         profile = settings.hsm.load_profile()
         database = await open_database(settings.store.dsn)
@@ -68,7 +75,7 @@ def services_context(settings: Settings) -> Callable[[web.Application], AsyncIte
         audit: AuditLog | None = None
         try:
             await database.migrate()
-            pool = await SignerPool.start(profile, pool_settings(settings, profile))
+            pool = await SignerPool.start(profile, pool_settings(settings, profile, process_index))
             audit = AuditLog(
                 database, pool, settings.audit.checkpoint_every, settings.audit.flush_max, settings.audit.key_id
             )
@@ -100,16 +107,19 @@ def services_context(settings: Settings) -> Callable[[web.Application], AsyncIte
     return context
 
 
-def make_app(settings: Settings) -> web.Application:
-    """Build the application; the HSM pool and store open when it starts."""
+def make_app(settings: Settings, process_index: int = 0) -> web.Application:
+    """Build the application; the HSM pool and store open when it starts.
+
+    ``process_index``: which of ``[server] processes`` HTTP processes this is (gateway.supervisor).
+    """
     app = web.Application(client_max_size=settings.server.max_body_bytes, middlewares=[problem_middleware])
     endpoints = all_endpoints()
     app[ENDPOINTS_KEY] = endpoints
-    app[RATE_LIMITER] = RateLimiter(settings.server.rate_limit_per_second)
+    app[RATE_LIMITER] = RateLimiter(settings.server.rate_limit_per_second / settings.server.processes)
     app[IDEMPOTENCY] = InFlight()
     for endpoint in endpoints:
         app.router.add_route(endpoint.method, endpoint.path, guarded(endpoint))
-    app.cleanup_ctx.append(services_context(settings))
+    app.cleanup_ctx.append(services_context(settings, process_index))
     return app
 
 

@@ -25,7 +25,7 @@ from gateway.audit.chain import AuditEntry, append
 from gateway.auth.credentials import add_client, add_user, list_clients, revoke_client
 from gateway.auth.roles import Role
 from gateway.config import Settings, load_settings
-from gateway.errors import GatewayError, ValidationFailed
+from gateway.errors import ConfigError, GatewayError, ValidationFailed
 from gateway.hsm.profile import Algorithm
 from gateway.keyring import Usage, get_key, list_keys
 from gateway.ledger.store import Database, Tx, open_database
@@ -85,24 +85,46 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     settings = _settings(args)
     logs.configure(settings.logging.level)
+    server = settings.server
+    scheme = "https" if server.tls_cert else "http"
+    if args.child is None and server.processes > 1:
+        return _supervise(args, settings, scheme)
     try:
         import uvloop
 
         uvloop.install()
     except ImportError:
         pass
-    scheme = "https" if settings.server.tls_cert else "http"
-    print(f"ecny-gateway {__version__} on {scheme}://{settings.server.host}:{settings.server.port}", flush=True)
+    if args.child is None:
+        print(f"ecny-gateway {__version__} on {scheme}://{server.host}:{server.port}", flush=True)
     web.run_app(
-        make_app(settings),
-        host=settings.server.host,
-        port=settings.server.port,
+        make_app(settings, process_index=args.child or 0),
+        host=server.host,
+        port=server.port,
+        reuse_port=args.child is not None,
         ssl_context=ssl_context(settings),
-        access_log=logging.getLogger("aiohttp.access") if settings.server.access_log else None,
+        access_log=logging.getLogger("aiohttp.access") if server.access_log else None,
         print=None,
         shutdown_timeout=10,
     )
     return 0
+
+
+def _supervise(args: argparse.Namespace, settings: Settings, scheme: str) -> int:
+    """``[server] processes > 1``: migrate once, bind once, run the HTTP processes (gateway.supervisor)."""
+    from gateway.supervisor import Supervisor, child_command, reserve_port
+
+    asyncio.run(_with_database(settings, lambda database: asyncio.sleep(0)))
+    server = settings.server
+    try:
+        sock = reserve_port(server.host, server.port)
+    except OSError as exc:
+        raise ConfigError(f"server: cannot listen on {server.host}:{server.port}: {exc.strerror}") from exc
+    port = sock.getsockname()[1]
+    print(f"ecny-gateway {__version__} on {scheme}://{server.host}:{port} ({server.processes} processes)",
+          flush=True)
+    config = args.config or os.environ.get("ECNY_CONFIG")
+    return Supervisor(child_command(str(Path(config).resolve()) if config else None), server.processes, sock).run()
 
 
 def cmd_migrate(args: argparse.Namespace) -> int:
@@ -296,7 +318,9 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("--config", help="TOML settings file (default: $ECNY_CONFIG)")
     commands = parser.add_subparsers(dest="command", required=True)
 
-    commands.add_parser("serve", parents=[common], help="run the gateway").set_defaults(run=cmd_serve)
+    serve = commands.add_parser("serve", parents=[common], help="run the gateway")
+    serve.add_argument("--child", type=int, help=argparse.SUPPRESS)  # HTTP process N of `serve` (gateway.supervisor)
+    serve.set_defaults(run=cmd_serve)
     migrate = commands.add_parser("migrate", parents=[common], help="create or upgrade the schema")
     migrate.add_argument("--db", help="store DSN (sqlite:///path or postgresql://…)")
     migrate.set_defaults(run=cmd_migrate)

@@ -48,6 +48,9 @@ class ServerSettings(_Section):
     """Requests per second per principal (token bucket, burst = 2 s worth); 0 = unlimited."""
     access_log: bool = False
     """Log one line per request (costs throughput; errors are always logged)."""
+    processes: Annotated[int, Field(ge=1, le=64)] = 1
+    """HTTP worker processes sharing the listening socket (one event loop and GIL each). The signer
+    workers (``hsm.workers``) are shared out between them, at least one each."""
 
 
 class HsmSettings(_Section):

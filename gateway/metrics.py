@@ -1,12 +1,23 @@
-"""Prometheus metrics, in a registry owned by one application (no process-global collectors)."""
+"""Prometheus metrics, in a registry owned by one application (no process-global collectors).
+
+Under ``[server] processes > 1`` the supervisor gives its children a ``PROMETHEUS_MULTIPROC_DIR``;
+prometheus-client then keeps every value in a memory-mapped file per process, and ``render``
+sums them, so ``/metrics`` shows the whole gateway whichever process answers.
+"""
 
 from __future__ import annotations
 
+import os
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.multiprocess import MultiProcessCollector
+
+METRICS_DIR_ENV = "PROMETHEUS_MULTIPROC_DIR"
 
 
 class Metrics:
     def __init__(self) -> None:
+        self.multiprocess_dir = os.environ.get(METRICS_DIR_ENV)
         self.registry = CollectorRegistry(auto_describe=True)
         self.requests = Counter(
             "ecny_http_requests_total",
@@ -31,12 +42,20 @@ class Metrics:
             "ecny_refusals_total", "Requests refused, by problem code", ["code"], registry=self.registry
         )
         self.hsm_workers_up = Gauge(
-            "ecny_hsm_workers_up", "Signer worker processes with a working HSM session", registry=self.registry
+            "ecny_hsm_workers_up", "Signer worker processes with a working HSM session", registry=self.registry,
+            multiprocess_mode="livesum",
         )
-        self.hsm_ready = Gauge("ecny_hsm_ready", "1 when the HSM can sign", registry=self.registry)
+        self.hsm_ready = Gauge(
+            "ecny_hsm_ready", "1 when the HSM can sign", registry=self.registry, multiprocess_mode="livemin"
+        )
         self.audit_head = Gauge(
-            "ecny_audit_head_seq", "Sequence number of the last audit entry", registry=self.registry
+            "ecny_audit_head_seq", "Sequence number of the last audit entry", registry=self.registry,
+            multiprocess_mode="max",
         )
 
     def render(self) -> bytes:
-        return bytes(generate_latest(self.registry))
+        if self.multiprocess_dir is None:
+            return bytes(generate_latest(self.registry))
+        combined = CollectorRegistry()
+        MultiProcessCollector(combined, path=self.multiprocess_dir)  # type: ignore[no-untyped-call]
+        return bytes(generate_latest(combined))

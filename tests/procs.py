@@ -30,14 +30,14 @@ def free_port() -> int:
 
 
 class GatewayProcess:
-    def __init__(self, var: Path, conf: Path, token_label: str, pin_file: Path, dsn: str) -> None:
+    def __init__(self, var: Path, conf: Path, token_label: str, pin_file: Path, dsn: str, processes: int = 1) -> None:
         self.var = var
         self.conf = conf
         self.port = free_port()
         self.process: subprocess.Popen[bytes] | None = None
         var.mkdir(parents=True, exist_ok=True)
         (var / "gateway.toml").write_text(
-            f'[server]\nhost = "127.0.0.1"\nport = {self.port}\n\n'
+            f'[server]\nhost = "127.0.0.1"\nport = {self.port}\nprocesses = {processes}\n\n'
             f'[hsm]\nprofile = "softhsm"\ntoken_label = "{token_label}"\npin_file = "{pin_file}"\n\n'
             f'[store]\ndsn = "{dsn}"\n\n[auth]\ncredential_cache_seconds = 0\n',
             encoding="utf-8",

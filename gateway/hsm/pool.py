@@ -112,6 +112,7 @@ class SignerPool:
         self._closing = False
         self._last_respawn = 0.0
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._pump_scheduled = False
         self.signatures = 0
 
     # --- life -------------------------------------------------------------------------------
@@ -228,18 +229,25 @@ class SignerPool:
         assert self._loop is not None
         future: asyncio.Future[Any] = self._loop.create_future()
         self._queue.append(_Job(payload, future))
-        self._pump()
+        if not self._pump_scheduled:
+            # Send at the end of this turn of the event loop, so that every request parsed in the
+            # same turn shares one message (one write, one worker wake-up) instead of one each.
+            self._pump_scheduled = True
+            self._loop.call_soon(self._pump)
         return future
 
     def _pump(self) -> None:
+        self._pump_scheduled = False
         while self._queue:
             candidates = [w for w in self._workers if w.up and w.alive and len(w.inflight) < self.settings.depth]
             if not candidates:
                 return
             handle = min(candidates, key=lambda w: len(w.inflight))
+            # Share what is queued between the workers that have room, rather than give it all to one.
+            share = -(-len(self._queue) // len(candidates))
             batch: list[_Job] = []
             items = 0
-            while self._queue and items < self.settings.max_batch:
+            while self._queue and items < self.settings.max_batch and len(batch) < share:
                 job = self._queue.popleft()
                 if job.future.cancelled():
                     continue

@@ -1,7 +1,9 @@
 """SQLite store: the embedded default (``sqlite:///var/gateway.db``).
 
-One writer connection on its own thread, so write transactions are serial inside the process and
-``BEGIN IMMEDIATE`` (with a busy timeout) serialises them with other processes on the same file.
+One writer connection on its own thread, so write transactions are serial inside the process; an
+``flock`` on ``<file>-writer.lock`` hands the write lock from one gateway process to the next
+without SQLite's sleep-and-poll, and ``BEGIN IMMEDIATE`` (with a busy timeout) serialises them with
+any other program on the same file.
 Reads go to a second connection on a second thread; WAL mode lets them run beside the writer.
 
 Group commit: write functions that arrive while a transaction is running are queued and run
@@ -14,8 +16,11 @@ per request.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import fcntl
+import os
 import sqlite3
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
@@ -80,6 +85,10 @@ def _connect(path: str) -> sqlite3.Connection:
     connection.execute("PRAGMA journal_mode = WAL")
     connection.execute("PRAGMA synchronous = NORMAL")
     connection.execute("PRAGMA foreign_keys = ON")
+    # 64 MiB of page cache (the default is 2 MiB): large reconciliations insert into indexes keyed by
+    # hashes (payment, journal entry), which touch pages all over the index; pages are only cached
+    # as they are read, so a small database uses no more memory than before.
+    connection.execute("PRAGMA cache_size = -65536")
     return connection
 
 
@@ -95,6 +104,7 @@ class SqliteDatabase:
         self._reader: sqlite3.Connection | None = None
         self._queued: list[tuple[Callable[[Any], Any], asyncio.Future[Any]]] = []
         self._draining: asyncio.Task[None] | None = None
+        self._gate: int | None = None  # fd of the writer lock file (None for an in-memory database)
 
     @classmethod
     async def open(cls, dsn: str) -> SqliteDatabase:
@@ -102,9 +112,13 @@ class SqliteDatabase:
         if not dsn.startswith("sqlite:///"):
             raise ConfigError(f"store DSN {dsn!r}: write sqlite:///relative/path or sqlite:////absolute/path")
         path = dsn.removeprefix("sqlite:///")
+        database = cls(dsn, path)
         if path != ":memory:":
             Path(path).parent.mkdir(parents=True, exist_ok=True)
-        database = cls(dsn, path)
+            try:
+                database._gate = os.open(f"{path}-writer.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            except OSError as exc:
+                raise StoreUnavailable(f"cannot open the writer lock of {path}: {exc.strerror}") from exc
         loop = asyncio.get_running_loop()
         try:
             database._writer = await loop.run_in_executor(database._writer_thread, _connect, path)
@@ -121,11 +135,50 @@ class SqliteDatabase:
         """
         assert self._writer is not None
         connection = self._writer
+        with self._write_gate():
+            try:
+                connection.execute("BEGIN IMMEDIATE")
+            except sqlite3.OperationalError as exc:
+                raise StoreUnavailable(f"SQLite: {exc}") from exc
+            return self._run_in_transaction(connection, fns)
+
+    @contextlib.contextmanager
+    def _write_gate(self) -> Iterator[None]:
+        """Hold an exclusive ``flock`` on ``<database>-writer.lock`` around a write transaction.
+
+        SQLite makes a writer that finds the file locked sleep and poll (1, 2, 5, 10 … ms), which
+        wastes most of the time when several gateway processes (``[server] processes``) write to
+        one file. A blocking ``flock`` hands the lock over as soon as it is released.
+        """
+        if self._gate is None:
+            yield
+            return
+        fcntl.flock(self._gate, fcntl.LOCK_EX)
         try:
-            connection.execute("BEGIN IMMEDIATE")
-        except sqlite3.OperationalError as exc:
-            raise StoreUnavailable(f"SQLite: {exc}") from exc
+            yield
+        finally:
+            fcntl.flock(self._gate, fcntl.LOCK_UN)
+
+    def _run_in_transaction(
+        self, connection: sqlite3.Connection, fns: list[Callable[[SqliteTx], Any]]
+    ) -> list[tuple[bool, Any]]:
         outcomes: list[tuple[bool, Any]] = []
+        if len(fns) == 1:  # alone in its transaction: no savepoint needed, a failure rolls back all of it
+            try:
+                result = fns[0](SqliteTx(connection))
+            except BaseException as exc:
+                if connection.in_transaction:
+                    connection.execute("ROLLBACK")
+                if not isinstance(exc, Exception):
+                    raise
+                return [(False, StoreUnavailable(f"SQLite: {exc}") if isinstance(exc, sqlite3.Error) else exc)]
+            try:
+                connection.execute("COMMIT")
+            except BaseException:
+                if connection.in_transaction:
+                    connection.execute("ROLLBACK")
+                raise
+            return [(True, result)]
         try:
             for fn in fns:
                 connection.execute("SAVEPOINT request")
@@ -214,3 +267,6 @@ class SqliteDatabase:
                 await loop.run_in_executor(executor, connection.close)
             executor.shutdown(wait=True)
         self._writer = self._reader = None
+        if self._gate is not None:
+            os.close(self._gate)
+            self._gate = None

@@ -1,0 +1,166 @@
+"""``[server] processes = 2``: one port, two HTTP processes on one SQLite file (gateway.supervisor).
+
+Proven here against a real token and the real ``serve`` command: both processes take connections;
+transfers racing through both against one balance never overdraw; EVM nonces for one address are
+exactly 0..59; ``/metrics`` counts the requests of both processes; a child killed with SIGKILL is
+replaced and service goes on; SIGTERM stops everything cleanly; the ledger and the audit chain
+(written by three processes in turn) check out afterwards.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import signal
+import subprocess
+import time
+import urllib.request
+import uuid
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+from eth_account import Account
+
+from tests.conftest import ROOT, Token
+from tests.procs import GatewayProcess
+
+pytestmark = [pytest.mark.softhsm, pytest.mark.slow]
+
+LABEL = "ecny-processes"
+
+
+def _children(pid: int) -> list[int]:
+    """The HTTP processes of a supervisor: its children started with ``--child``."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text()
+            cmdline = Path(f"/proc/{entry}/cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if int(stat.rsplit(")", 1)[1].split()[1]) == pid and b"--child" in cmdline:
+            found.append(int(entry))
+    return sorted(found)
+
+
+def _metrics_dir(pid: int) -> Path:
+    environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    value = next(item for item in environ if item.startswith(b"PROMETHEUS_MULTIPROC_DIR="))
+    return Path(value.split(b"=", 1)[1].decode())
+
+
+async def _post(session: aiohttp.ClientSession, url: str, headers: dict[str, str], body: dict[str, Any]) -> Any:
+    async with session.post(url, json=body, headers={**headers, "Idempotency-Key": uuid.uuid4().hex}) as response:
+        return response.status, await response.json()
+
+
+def _wait_for(predicate: Any, timeout: float = 30) -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.1)
+    raise AssertionError("condition not met in time")
+
+
+def _ready(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url + "/readyz", timeout=2) as response:
+            return response.status == 200
+    except OSError:
+        return False
+
+
+def test_two_http_processes_on_one_sqlite_file(softhsm_token: Token, tmp_path: Path) -> None:
+    subprocess.run([str(ROOT / "softhsm" / "init-token.sh"), str(softhsm_token.directory), LABEL], check=True,
+                   capture_output=True)
+    pin = softhsm_token.directory / f"{LABEL}.user-pin"
+    gateway = GatewayProcess(tmp_path / "g", softhsm_token.conf, LABEL, pin, f"sqlite:///{tmp_path / 'g.db'}",
+                             processes=2)
+    credentials = gateway.provision()
+    backend = {"Authorization": f"Bearer {credentials['backend_api_key']}"}
+    gateway.start()
+    assert gateway.process is not None
+    supervisor = gateway.process.pid
+    children = _wait_for(lambda: (found := _children(supervisor)) and len(found) == 2 and found)
+    metrics_dir = _metrics_dir(children[0])
+    try:
+        async def scenario() -> dict[str, Any]:
+            # Many connections, so that the kernel's SO_REUSEPORT hash spreads them over both processes.
+            connector = aiohttp.TCPConnector(limit=100, force_close=True)
+            async with aiohttp.ClientSession(connector=connector) as session:
+                async with session.post(gateway.url + "/v1/sessions", json={
+                        "username": "teller1", "password": credentials["users"]["teller1"]}) as response:
+                    teller = {"Authorization": f"Bearer {(await response.json())['token']}"}
+                wallets = []
+                for _ in range(2):
+                    async with session.post(gateway.url + "/v1/wallets", headers=teller, json={
+                            "holder_name": "Shared", "phone": "13800000000", "tier": 2, "kind": "personal"}) as r:
+                        wallets.append((await r.json())["wallet_id"])
+                poor, payee = wallets
+                assert (await _post(session, f"{gateway.url}/v1/wallets/{poor}/cash-in", teller,
+                                    {"amount_fen": 20 * 1_000}))[0] == 200
+                # 60 transfers of ¥10 from a wallet holding ¥200 through both processes: exactly 20 pass.
+                overdraw = await asyncio.gather(*(
+                    _post(session, f"{gateway.url}/v1/transfers", backend,
+                          {"from_wallet": poor, "to_wallet": payee, "amount_fen": 1_000}) for _ in range(60)))
+                statuses = sorted(s for s, _ in overdraw)
+                assert statuses.count(201) == 20, statuses
+                assert {body["type"].rsplit("/", 1)[-1] for s, body in overdraw if s != 201} == {"insufficient-funds"}
+                async with session.get(f"{gateway.url}/v1/wallets/{poor}", headers=teller) as r:
+                    assert (await r.json())["balance_fen"] == 0
+                # 60 EVM signings for one address at once: nonces exactly 0..59.
+                async with session.get(gateway.url + "/v1/keys", headers=backend) as r:
+                    key = next(k for k in (await r.json())["keys"] if k["label"] == "evm-hot-wallet")
+                signed = await asyncio.gather(*(
+                    _post(session, f"{gateway.url}/v1/evm/transactions", backend, {
+                        "key_id": key["key_id"], "chain_id": 11155111, "type": "eip1559", "gas_limit": 21000,
+                        "max_fee_per_gas": "2000000000", "max_priority_fee_per_gas": "1000000000",
+                        "to": "0x1111111111111111111111111111111111111111", "value": str(i + 1)})
+                    for i in range(60)))
+                assert {s for s, _ in signed} == {200}, [b for s, b in signed if s != 200][:3]
+                assert sorted(body["nonce"] for _, body in signed) == list(range(60))
+                assert {Account.recover_transaction(body["raw_transaction"]) for _, body in signed} == {key["address"]}
+                async with session.get(gateway.url + "/metrics", headers=backend) as r:
+                    return {"metrics": await r.text()}
+
+        metrics = asyncio.run(scenario())["metrics"]
+        # Both processes answered requests: each keeps its counters in its own file in the shared directory.
+        for pid in children:
+            assert (metrics_dir / f"counter_{pid}.db").exists(), sorted(p.name for p in metrics_dir.iterdir())
+        # ... and /metrics adds them up, whichever process answers the scrape.
+        transfers = {
+            status: float(value)
+            for status, value in re.findall(
+                r'ecny_http_requests_total\{endpoint="POST /v1/transfers",status="(\d+)"\} ([0-9.e+]+)', metrics)
+        }
+        assert transfers == {"201": 20.0, "422": 40.0}, transfers
+
+        # A child killed with SIGKILL is replaced, and the port answers as before.
+        os.kill(children[0], signal.SIGKILL)
+        replaced = _wait_for(lambda: (found := _children(supervisor)) and len(found) == 2
+                             and children[0] not in found and found)
+        assert children[1] in replaced
+        _wait_for(lambda: _ready(gateway.url))
+        for _ in range(20):  # new connections each time, hashed over both processes
+            request = urllib.request.Request(f"{gateway.url}/v1/keys", headers=backend)
+            with urllib.request.urlopen(request, timeout=10) as response:
+                assert response.status == 200
+    finally:
+        assert gateway.process is not None
+        gateway.process.send_signal(signal.SIGTERM)
+        code = gateway.process.wait(timeout=60)
+        gateway.process = None
+    assert code == 0
+    assert not _children(supervisor)
+    assert not metrics_dir.exists()  # the supervisor removes its metrics directory
+    check = gateway.cli("ledger", "check")
+    assert check.returncode == 0, check.stdout + check.stderr
+    audit = gateway.cli("audit", "verify")
+    assert audit.returncode == 0, audit.stdout + audit.stderr

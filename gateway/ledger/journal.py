@@ -88,26 +88,22 @@ def post(tx: Tx, kind: str, reference: str, legs: Sequence[tuple[str, int]], act
 
 
 def add_spend(tx: Tx, wallet_id: str, amount: int, day: str) -> None:
-    if tx.fetchone("SELECT 1 FROM wallet_spend WHERE wallet_id = ? AND business_day = ?", (wallet_id, day)):
-        tx.execute(
-            "UPDATE wallet_spend SET amount = amount + ? WHERE wallet_id = ? AND business_day = ?",
-            (amount, wallet_id, day),
-        )
-    else:
-        tx.execute(
-            "INSERT INTO wallet_spend (wallet_id, business_day, amount) VALUES (?, ?, ?)", (wallet_id, day, amount)
-        )
+    tx.execute(
+        "INSERT INTO wallet_spend (wallet_id, business_day, amount) VALUES (?, ?, ?) "
+        "ON CONFLICT (wallet_id, business_day) DO UPDATE SET amount = wallet_spend.amount + excluded.amount",
+        (wallet_id, day, amount),
+    )
 
 
 def spent(tx: Tx, wallet_id: str, day: str) -> tuple[int, int]:
-    """(spent on ``day``, spent in ``day``'s calendar year), in fen."""
-    today = tx.fetchone("SELECT amount FROM wallet_spend WHERE wallet_id = ? AND business_day = ?", (wallet_id, day))
-    year = tx.fetchone(
-        "SELECT COALESCE(SUM(amount), 0) AS total FROM wallet_spend WHERE wallet_id = ? AND business_day >= ? "
-        "AND business_day <= ?",
-        (wallet_id, day[:4] + "-01-01", day[:4] + "-12-31"),
+    """(spent on ``day``, spent in ``day``'s calendar year), in fen — one indexed range read."""
+    row = tx.fetchone(
+        "SELECT COALESCE(SUM(CASE WHEN business_day = ? THEN amount ELSE 0 END), 0) AS today, "
+        "COALESCE(SUM(amount), 0) AS year FROM wallet_spend "
+        "WHERE wallet_id = ? AND business_day >= ? AND business_day <= ?",
+        (day, wallet_id, day[:4] + "-01-01", day[:4] + "-12-31"),
     )
-    return (int(today["amount"]) if today else 0, int(year["total"]) if year else 0)
+    return (int(row["today"]), int(row["year"])) if row else (0, 0)
 
 
 def check_invariants(tx: Tx) -> list[str]:

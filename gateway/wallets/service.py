@@ -272,8 +272,9 @@ class Wallets:
             actor, intent.memo,
         )
         journal.add_spend(tx, intent.from_wallet, intent.amount, journal.business_day())
-        tx.execute("UPDATE wallets SET out_seq = out_seq + 1 WHERE wallet_id = ?", (intent.from_wallet,))
-        seq = int(tx.fetchone("SELECT out_seq FROM wallets WHERE wallet_id = ?", (intent.from_wallet,))["out_seq"])  # type: ignore[index]
+        seq = int(tx.fetchone(  # type: ignore[index]
+            "UPDATE wallets SET out_seq = out_seq + 1 WHERE wallet_id = ? RETURNING out_seq", (intent.from_wallet,)
+        )["out_seq"])
         ts = journal.epoch_millis()
         payload = cbor2.dumps(
             {"v": 1, "id": transfer_id, "from": intent.from_wallet, "to": intent.to_wallet, "amount": intent.amount,
@@ -312,15 +313,15 @@ class Wallets:
             append(tx, [entry])
             return dict(self._transfer_row(tx, transfer_id))
         posted = self._post_transfer(tx, transfer_id, intent, entry.actor)
-        tx.execute(
-            "INSERT INTO transfers (transfer_id, from_wallet, to_wallet, amount, memo, status, entry_id, seq, ts, "
-            "payload, requested_by, created_at) VALUES (?, ?, ?, ?, ?, 'posted', ?, ?, ?, ?, ?, ?)",
-            (transfer_id, intent.from_wallet, intent.to_wallet, intent.amount, intent.memo, posted["entry_id"],
-             posted["seq"], posted["ts"], posted["payload"], entry.actor, now),
-        )
+        row = {"transfer_id": transfer_id, "from_wallet": intent.from_wallet, "to_wallet": intent.to_wallet,
+               "amount": intent.amount, "memo": intent.memo, "status": "posted", "entry_id": posted["entry_id"],
+               "seq": posted["seq"], "ts": posted["ts"], "payload": posted["payload"], "envelope": None, "kid": None,
+               "approval_id": None, "requested_by": entry.actor, "created_at": now}
+        tx.execute(f"INSERT INTO transfers ({', '.join(row)}) VALUES ({', '.join('?' * len(row))})",
+                   tuple(row.values()))
         entry.result["entry_id"] = posted["entry_id"]
         append(tx, [entry])
-        return dict(self._transfer_row(tx, transfer_id))
+        return row  # what the table now holds, without reading it back
 
     async def ecny_key(self) -> KeyRecord:
         if self._ecny_key is None:

@@ -199,11 +199,11 @@ def _keys(gateway: Gateway, count: int) -> list[str]:
 
 
 def run(*, duration: float, raw_duration: float, concurrencies: list[int], address_counts: list[int], kind: str,
-        pin: bool) -> dict[str, Any]:
+        pin: bool, processes: int = 1) -> dict[str, Any]:
     server_cpus, client_cpus = affinity_plan(pin)
-    gateway = start_gateway("sqlite", workers=WORKERS, cpus=server_cpus)
+    gateway = start_gateway("sqlite", workers=WORKERS, cpus=server_cpus, processes=processes)
     try:
-        result: dict[str, Any] = {"kind": kind, "signer_workers": WORKERS, "machine": machine(),
+        result: dict[str, Any] = {"kind": kind, "signer_workers": WORKERS, "processes": processes, "machine": machine(),
                                   "versions": versions(), "server_cpus": sorted(server_cpus) if server_cpus else "all",
                                   "loadavg_start": os.getloadavg()[0]}
         result["raw"] = raw_rate(gateway, WORKERS, raw_duration)
@@ -239,7 +239,8 @@ def markdown(result: dict[str, Any], command: str) -> str:
         "## EVM transactions", "",
         f"`{command}` — {result['machine']['nproc']} CPUs ({result['machine']['cpu']}), Python "
         f"{result['versions']['python']}, {result['versions']['softhsm2']}; SQLite store; "
-        f"{result['signer_workers']} signer worker processes; EIP-1559 on Sepolia ({result['kind']}), "
+        f"{result.get('processes', 1)} HTTP process(es), {result['signer_workers']} signer worker processes in all; "
+        f"EIP-1559 on Sepolia ({result['kind']}), "
         "a fresh Idempotency-Key per request.", "",
         f"Raw SoftHSM2 secp256k1 (python-pkcs11, `CKM_ECDSA`, {result['raw']['processes']} processes, same run): "
         f"**{result['raw']['rate']:.0f} sig/s** before the gateway phases, {result['raw_after']['rate']:.0f} after; "
@@ -267,12 +268,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--addresses", default="1,8", help="comma-separated numbers of signing addresses")
     parser.add_argument("--kind", choices=["native", "erc20"], default="native")
     parser.add_argument("--pin", action="store_true", help="pin the client to the last CPU, the server to the rest")
+    parser.add_argument("--processes", type=int, default=1, help="[server] processes of the gateway")
     parser.add_argument("--json", type=Path)
     parser.add_argument("--markdown", type=Path, help="append the BENCHMARKS.md section to this file")
     args = parser.parse_args(argv)
     result = run(duration=args.duration, raw_duration=args.raw_duration,
                  concurrencies=[int(c) for c in args.concurrency.split(",")],
-                 address_counts=[int(a) for a in args.addresses.split(",")], kind=args.kind, pin=args.pin)
+                 address_counts=[int(a) for a in args.addresses.split(",")], kind=args.kind, pin=args.pin,
+                 processes=args.processes)
     if args.json:
         args.json.write_text(json.dumps(result, indent=2))
     command = ".venv/bin/python bench/evm.py " + " ".join(argv if argv is not None else sys.argv[1:])

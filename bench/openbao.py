@@ -110,8 +110,9 @@ def run_wrk(url: str, lua: str, connections: int, duration: float) -> dict[str, 
         script = workdir / "load.lua"
         script.write_text(lua)
         threads = min(2, connections)  # wrk needs at least one connection per thread
-        result = subprocess.run(["wrk", f"-t{threads}", f"-c{connections}", f"-d{int(duration)}s", "-s", str(script), url],
-                                capture_output=True, text=True, timeout=duration + 60)
+        result = subprocess.run(
+            ["wrk", f"-t{threads}", f"-c{connections}", f"-d{int(duration)}s", "-s", str(script), url],
+            capture_output=True, text=True, timeout=duration + 60)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     out = result.stdout

@@ -80,6 +80,7 @@ def post_offline(tx: Tx, kind: str, transfers: Sequence[Transfer], actor: str) -
     if any(t.amount <= 0 for t in transfers):
         raise LedgerInvariantBroken("offline transfers must move a positive amount")
     day, now = business_day(), clock.now_iso()
+    transfers = sorted(transfers)  # in entry id order: index inserts close together
     insert_many(tx, "journal", ("entry_id", "kind", "reference", "memo", "actor", "business_day", "created_at"),
                 [(t.entry_id, kind, t.reference, t.memo, actor, day, now) for t in transfers])
     legs: list[tuple[str, str, int]] = []

@@ -448,6 +448,9 @@ class Devices:
         if outcome is not None:
             tx.execute("UPDATE offline_payments SET status = ?, posted_at = ? WHERE discrepancy_id = ? "
                        "AND status = 'held'", (outcome, now if outcome != "rejected" else None, discrepancy_id))
+        for transfer in (*transfers["offline"], *transfers["offline_honour"]):  # each payment names its entry
+            tx.execute("UPDATE offline_payments SET entry_id = ? WHERE payment_hash = ?",
+                       (transfer.entry_id, bytes.fromhex(transfer.reference)))
         for device_id, amount in released.items():
             tx.execute("UPDATE devices SET spent_fen = spent_fen - ?, updated_at = ? WHERE device_id = ?",
                        (amount, now, device_id))

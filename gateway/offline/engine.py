@@ -24,6 +24,7 @@ Rules, in the order that names a held payment's discrepancy (every failed rule i
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import operator
@@ -36,7 +37,7 @@ from typing import Any
 from gateway import clock
 from gateway.audit.chain import AuditEntry, append
 from gateway.errors import InvalidDeviceSignature, OfflineFormatError
-from gateway.ledger.journal import reserve_account, wallet_account
+from gateway.ledger.journal import LedgerInvariantBroken, reserve_account, wallet_account
 from gateway.ledger.store import Tx
 from gateway.offline.bulk import Transfer, insert_many, post_offline, select_in, update_in
 from gateway.offline.settings import OfflineSettings
@@ -92,6 +93,27 @@ def offline_entry_id(payment_hash: bytes) -> str:
     return "off_" + payment_hash[:12].hex()
 
 
+def check_offline_entries(tx: Tx) -> list[str]:
+    """Offline payments against the journal (``ecny-gateway ledger check`` covers the journal itself): every
+    posted or honoured payment names the journal entry that moved it, and every such entry credits exactly
+    the sum of the payments naming it. Returns the problems found (none: sound)."""
+    problems = []
+    for row in tx.fetchall("SELECT payment_hash, status FROM offline_payments "
+                           "WHERE status IN ('posted', 'honoured') AND entry_id IS NULL"):
+        # Recorded before payments named their entry: then each had its own, offline_entry_id(hash).
+        digest = bytes(row["payment_hash"])
+        if tx.fetchone("SELECT 1 FROM journal WHERE entry_id = ?", (offline_entry_id(digest),)) is None:
+            problems.append(f"offline payment {digest.hex()} is {row['status']} but has no journal entry")
+    for row in tx.fetchall(
+            "SELECT p.entry_id, p.paid, (SELECT COALESCE(SUM(amount), 0) FROM postings "
+            "WHERE postings.entry_id = p.entry_id AND amount > 0) AS credited FROM (SELECT entry_id, SUM(amount) "
+            "AS paid FROM offline_payments WHERE entry_id IS NOT NULL GROUP BY entry_id) p"):
+        if int(row["paid"]) != int(row["credited"]):
+            problems.append(f"journal entry {row['entry_id']} credits {row['credited']} for offline payments of "
+                            f"{row['paid']}")
+    return problems
+
+
 def tbs_digest(message: Envelope) -> bytes:
     """SHA-256 of a COSE_Sign1's Sig_structure: what an ES256 signature signs."""
     return message.to_be_signed()
@@ -102,7 +124,10 @@ def tbs_digest(message: Envelope) -> bytes:
 
 @dataclass(slots=True)
 class Record:
-    """One signed payment from a log, parsed — or the reason it could not be."""
+    """One signed payment from a log, parsed — or the reason it could not be.
+
+    Read in another process (:func:`read_uploads`), a record crosses over without its ``message``
+    (see :meth:`envelope_message`): fewer objects to rebuild on the receiving side."""
 
     envelope: bytes
     index: int
@@ -110,13 +135,30 @@ class Record:
     payment: Payment | None = None
     hash: bytes = b""
     error: str = ""
+    alg: int = 0  # the envelope's COSE alg (when it parsed)
     authentic: bool | None = None  # None: not checked (yet)
     endorsed_by: Upload | None = None  # its payer's export vouches for it (settings: endorsed)
+
+    def envelope_message(self) -> Envelope:
+        """The parsed COSE_Sign1 (parsed again if the record came from another process). Only for records
+        that parsed (``payment`` is not None)."""
+        return self.message if self.message is not None else open_envelope(self.envelope)
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return _record, (self.envelope, self.index, self.payment, self.hash, self.error, self.alg, self.authentic)
+
+
+def _record(envelope: bytes, index: int, payment: Payment | None, digest: bytes, error: str, alg: int,
+            authentic: bool | None) -> Record:
+    return Record(envelope, index, None, payment, digest, error, alg, authentic)
 
 
 @dataclass
 class Upload:
-    """One device's log export, read but not yet trusted."""
+    """One device's log export, read but not yet trusted.
+
+    Pickled (:func:`read_uploads`), its ``export`` crosses over without the raw ``payments`` and
+    ``receipts`` lists: they are in :attr:`payments` and :attr:`receipts`, parsed."""
 
     device_id: str
     export_hash: bytes
@@ -125,6 +167,11 @@ class Upload:
     payments: list[Record]
     receipts: list[Record]
     export_ok: bool | None = None
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        export = dataclasses.replace(self.export, payments=[], receipts=[])
+        return Upload, (self.device_id, self.export_hash, export, self.message, self.payments, self.receipts,
+                        self.export_ok)
 
 
 Parsed = tuple[Envelope | None, Payment | None, bytes, str]
@@ -148,7 +195,8 @@ def _records(envelopes: list[bytes], cache: dict[bytes, Parsed] | None) -> list[
             parsed = _parse(envelope)
             if cache is not None:
                 cache[envelope] = parsed
-        records.append(Record(envelope, index, *parsed))
+        message = parsed[0]
+        records.append(Record(envelope, index, *parsed, message.alg if message is not None else 0))
     return records
 
 
@@ -169,6 +217,18 @@ def read_upload(device_id: str, blob: bytes, cache: dict[bytes, Parsed] | None =
                                      ["export-for-another-device"])
     return Upload(device_id, record_hash(message.payload), export, message,
                   _records(export.payments, cache), _records(export.receipts, cache))
+
+
+def read_uploads(exports: Sequence[tuple[str, bytes]]) -> list[Upload]:
+    """:func:`read_upload` for a batch of ``(device_id, export)`` (a payment in both its payer's and its payee's
+    log is parsed once). Pure: a worker process can run it (``PoolVerifier.submit``); its result pickles
+    compactly (see :class:`Record`, :class:`Upload`).
+
+    Raises:
+        OfflineFormatError, InvalidDeviceSignature: as :func:`read_upload`, for the first export that fails.
+    """
+    cache: dict[bytes, Parsed] = {}
+    return [read_upload(device_id, blob, cache) for device_id, blob in exports]
 
 
 def plan_checks(uploads: Sequence[Upload], points: dict[str, bytes], known: set[bytes],
@@ -205,20 +265,21 @@ def plan_checks(uploads: Sequence[Upload], points: dict[str, bytes], known: set[
         add((point, tbs_digest(upload.message), upload.message.signature), upload)
         for records in (upload.payments, upload.receipts):
             for record in records:
-                if record.payment is None or record.message is None:
+                if record.payment is None:
                     continue
                 if record.hash in known:
                     record.authentic = True
                     continue
                 payer_point = points.get(record.payment.payer)
-                if payer_point is None or record.message.alg != ES256:
+                if payer_point is None or record.alg != ES256:
                     record.authentic = False if payer_point is not None else None
                     continue
                 endorser = own.get(record.hash)
                 if endorser is not None:  # its payer's export in this batch vouches for the same payload
                     record.endorsed_by = endorser
                     continue
-                add((payer_point, tbs_digest(record.message), record.message.signature), record)
+                message = record.envelope_message()
+                add((payer_point, tbs_digest(message), message.signature), record)
     return jobs, targets
 
 
@@ -230,9 +291,10 @@ def apply_checks(uploads: Sequence[Upload], targets: list[list[Record | Upload]]
             else:
                 target.authentic = ok
     for upload in uploads:
-        for record in (*upload.payments, *upload.receipts):
-            if record.endorsed_by is not None:
-                record.authentic = bool(record.endorsed_by.export_ok)
+        for records in (upload.payments, upload.receipts):
+            for record in records:
+                if record.endorsed_by is not None:
+                    record.authentic = bool(record.endorsed_by.export_ok)
 
 
 # --- reports -------------------------------------------------------------------------------------
@@ -305,7 +367,7 @@ class Reconciliation:
         self.changes: dict[bytes, dict[str, Any]] = defaultdict(dict)  # existing rows: changed fields
         self.counters: dict[str, dict[int, set[bytes]]] = defaultdict(lambda: defaultdict(set))
         self.by_payee: dict[str, set[bytes]] = defaultdict(set)
-        self.transfers: list[Transfer] = []
+        self.posts: list[tuple[str, str, str, bytes, int]] = []  # (sync, payer wallet, payee wallet, hash, amount)
         self.discrepancies: list[tuple[Any, ...]] = []
         self.flag_ids: dict[str, str] = {}
         self.auto_resolved: list[str] = []
@@ -320,12 +382,20 @@ class Reconciliation:
         tx = self.tx
         ids: set[str] = set()
         payers: set[str] = set()
+        hashes: set[bytes] = set()
         for upload in uploads:
             ids.add(upload.device_id)
-            for record in (*upload.payments, *upload.receipts):
+            for record in upload.payments:
                 if record.payment is not None:
-                    ids.update((record.payment.payer, record.payment.payee))
-            payers.update(r.payment.payer for r in upload.receipts if r.payment is not None)
+                    ids.add(record.payment.payee)
+                    ids.add(record.payment.payer)
+                    hashes.add(record.hash)
+            for record in upload.receipts:
+                if record.payment is not None:
+                    payers.add(record.payment.payer)
+                    ids.add(record.payment.payee)
+                    hashes.add(record.hash)
+        ids |= payers
         # Locks in one global order (every "device:" name sorts before every "wallet:" name).
         for device_id in sorted({u.device_id for u in uploads} | payers):
             tx.lock(f"device:{device_id}")
@@ -338,7 +408,6 @@ class Reconciliation:
             tx.lock(f"wallet:{wallet_id}")
         for row in select_in(tx, "SELECT wallet_id, status FROM wallets WHERE wallet_id IN ({in})", wallets):
             self.wallet_status[row["wallet_id"]] = row["status"]
-        hashes = {r.hash for u in uploads for r in (*u.payments, *u.receipts) if r.payment is not None}
         for row in select_in(tx, "SELECT payment_hash, payer_device, counter, payee_device, amount, ts, status, "
                                  "payer_seen, payee_seen, in_budget, discrepancy_id FROM offline_payments "
                                  "WHERE payment_hash IN ({in})", sorted(hashes)):
@@ -415,24 +484,28 @@ class Reconciliation:
         """Post a matched payment now, or hold it if its payee's wallet cannot receive or the reserve is short.
         ``fields`` are set on the payment's row either way."""
         row = self.rows[digest]
-        if fields:
-            self._set(digest, **fields)
         payer, payee = self.devices.get(row["payer_device"]), self.devices.get(row["payee_device"])
         if payer is None or payee is None:
+            if fields:
+                self._set(digest, **fields)
             return False
         amount = int(row["amount"])
-        if self.wallet_status.get(payee["wallet_id"]) != "active":
-            self._hold(digest, "payee-wallet-not-active", ["payee-wallet-not-active"],
-                       {"payee_wallet": payee["wallet_id"]})
+        payer_wallet, payee_wallet = payer["wallet_id"], payee["wallet_id"]
+        reserve = self.reserves.get(payer_wallet)
+        if reserve is None:
+            reserve = self._reserve(payer_wallet)
+        if self.wallet_status.get(payee_wallet) != "active" or reserve < amount:
+            if fields:
+                self._set(digest, **fields)
+            if self.wallet_status.get(payee_wallet) != "active":
+                self._hold(digest, "payee-wallet-not-active", ["payee-wallet-not-active"],
+                           {"payee_wallet": payee_wallet})
+            else:
+                self._hold(digest, "overspent", ["reserve-short"], {"reserve_fen": reserve})
             return False
-        if self._reserve(payer["wallet_id"]) < amount:
-            self._hold(digest, "overspent", ["reserve-short"], {"reserve_fen": self._reserve(payer["wallet_id"])})
-            return False
-        self.reserves[payer["wallet_id"]] -= amount
-        self.transfers.append(Transfer(offline_entry_id(digest), digest.hex(), reserve_account(payer["wallet_id"]),
-                                       wallet_account(payee["wallet_id"]), amount,
-                                       f"offline {row['payer_device']}#{row['counter']} to {row['payee_device']}"))
-        self._set(digest, status="posted", posted_at=self.now_iso)
+        self.reserves[payer_wallet] = reserve - amount
+        self.posts.append((self.sync_id, payer_wallet, payee_wallet, digest, amount))
+        self._set(digest, **fields, status="posted", posted_at=self.now_iso)
         if self.report is not None:
             self.report.posted_fen += amount
         return True
@@ -497,7 +570,8 @@ class Reconciliation:
             return 0
         reasons: list[str] = []
         evidence: dict[str, Any] = {}
-        others = self.counters[payment.payer][payment.counter] - {digest}
+        same_counter = self.counters[payment.payer][payment.counter]
+        others = same_counter - {digest} if same_counter and same_counter != {digest} else set()
         if others:
             reasons.append("double-spend")
             evidence["conflicting"] = sorted(h.hex() for h in others)
@@ -572,7 +646,7 @@ class Reconciliation:
         row = {"payment_hash": record.hash, "payer_device": payment.payer, "counter": payment.counter,
                "payee_device": payment.payee, "amount": payment.amount, "ts": payment.ts, "prev": payment.prev,
                "envelope": record.envelope, "status": "awaiting_payer", "payer_seen": payer_seen,
-               "payee_seen": payee_seen, "in_budget": in_budget, "discrepancy_id": None,
+               "payee_seen": payee_seen, "in_budget": in_budget, "discrepancy_id": None, "entry_id": None,
                "first_seen_at": self.now_iso, "posted_at": None}
         self.rows[record.hash] = row
         self.new_rows[record.hash] = row
@@ -707,22 +781,70 @@ class Reconciliation:
 
     # --- writing ----------------------------------------------------------------------------------
 
+    def entries(self) -> list[Transfer]:
+        """The journal entries of the payments posted: one per (sync, payer's wallet, payee's wallet), from
+        the payer's offline reserve to the payee's wallet, for the sum of its payments. Each payment's row
+        gets the entry's id (``entry_id``), so every payment leads to its entry and every entry to its
+        payments.
+
+        An entry's id derives from the payments it posts — one payment: :func:`offline_entry_id` of its
+        hash (reference: the hash); several: of the hash of their sorted hashes (reference: the sync) —
+        so the same payments can never post twice.
+        """
+        groups: dict[tuple[str, str, str], list[bytes]] = defaultdict(list)
+        amounts: dict[tuple[str, str, str], int] = defaultdict(int)
+        for sync_id, payer_wallet, payee_wallet, digest, amount in self.posts:
+            key = (sync_id, payer_wallet, payee_wallet)
+            groups[key].append(digest)
+            amounts[key] += amount
+        transfers = []
+        for key, digests in groups.items():
+            sync_id, payer_wallet, payee_wallet = key
+            rows = self.rows
+            if len(digests) == 1:
+                digest, row = digests[0], rows[digests[0]]
+                entry_id, reference = offline_entry_id(digest), digest.hex()
+                memo = f"offline {row['payer_device']}#{row['counter']} to {row['payee_device']}"
+            else:
+                digests.sort()
+                entry_id, reference = offline_entry_id(hashlib.sha256(b"".join(digests)).digest()), sync_id
+                payers = sorted({rows[digest]["payer_device"] for digest in digests})
+                payees = sorted({rows[digest]["payee_device"] for digest in digests})
+                memo = (f"offline, {len(digests)} payments from "
+                        f"{payers[0] if len(payers) == 1 else f'{len(payers)} devices'} to "
+                        f"{payees[0] if len(payees) == 1 else f'{len(payees)} devices'}")
+            changes, new_rows = self.changes, self.new_rows
+            for digest in digests:
+                rows[digest]["entry_id"] = entry_id  # a new row is the same dict in new_rows
+                if digest not in new_rows:
+                    changes[digest]["entry_id"] = entry_id
+            transfers.append(Transfer(entry_id, reference, reserve_account(payer_wallet), wallet_account(payee_wallet),
+                                      amounts[key], memo))
+        return transfers
+
     def write(self) -> None:
         tx = self.tx
+        transfers = self.entries()
         insert_many(tx, "discrepancies", ("discrepancy_id", "dedupe_key", "kind", "device_id", "payment_hash", "amount",
                                           "evidence", "status", "sync_id", "created_at"), self.discrepancies)
         columns = ("payment_hash", "payer_device", "counter", "payee_device", "amount", "ts", "prev", "envelope",
-                   "status", "payer_seen", "payee_seen", "in_budget", "discrepancy_id", "first_seen_at", "posted_at")
+                   "status", "payer_seen", "payee_seen", "in_budget", "discrepancy_id", "entry_id", "first_seen_at",
+                   "posted_at")
         values = operator.itemgetter(*columns)
-        insert_many(tx, "offline_payments", columns, [values(row) for row in self.new_rows.values()])
+        new_rows = self.new_rows  # in hash order: index inserts close together
+        insert_many(tx, "offline_payments", columns, [values(new_rows[digest]) for digest in sorted(new_rows)])
         groups: dict[tuple[tuple[str, Any], ...], list[bytes]] = defaultdict(list)
         for digest, fields in self.changes.items():
             groups[tuple(sorted(fields.items()))].append(digest)
         for assignment, digests in groups.items():
             sets = ", ".join(f"{name} = ?" for name, _ in assignment)
-            update_in(tx, f"UPDATE offline_payments SET {sets} WHERE payment_hash IN ({{in}})", digests,
-                      [value for _, value in assignment])
-        post_offline(tx, "offline", self.transfers, self.actor)
+            posting = "entry_id" in dict(assignment)  # only a payment without an entry may get one
+            guard = "entry_id IS NULL AND " if posting else ""
+            changed = update_in(tx, f"UPDATE offline_payments SET {sets} WHERE {guard}payment_hash IN ({{in}})",
+                                digests, [value for _, value in assignment])
+            if posting and changed != len(digests):
+                raise LedgerInvariantBroken("an offline payment being posted already has a journal entry")
+        post_offline(tx, "offline", transfers, self.actor)
         if self.auto_resolved:
             update_in(tx, "UPDATE discrepancies SET status = 'resolved', resolution = 'matched', resolved_by = ?, "
                           "resolved_at = ?, note = ? WHERE status = 'open' AND discrepancy_id IN ({in})",

@@ -8,9 +8,9 @@ are then signed in software). Never used by the gateway itself.
 
 from __future__ import annotations
 
-import sqlite3
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import Future
 from typing import Any, TypeVar
 
 from cryptography.hazmat.primitives import serialization
@@ -21,17 +21,16 @@ from gateway.audit.chain import AuditEntry
 from gateway.device.simulator import SimulatedDevice
 from gateway.ledger import journal
 from gateway.ledger.migrate import apply_migrations
-from gateway.ledger.sqlite import SqliteTx
+from gateway.ledger.sqlite import SqliteTx, _connect
 from gateway.ledger.store import Tx
 from gateway.offline.bulk import select_in
 from gateway.offline.devices import DAY_MS, Devices
 from gateway.offline.engine import (
-    Parsed,
     Record,
     Upload,
     apply_checks,
     plan_checks,
-    read_upload,
+    read_uploads,
     reconcile_in,
 )
 from gateway.offline.settings import OfflineSettings
@@ -61,10 +60,7 @@ class OfflineHarness:
     """One SQLite file with wallets, devices and the reconciliation engine."""
 
     def __init__(self, path: str, settings: OfflineSettings | None = None, verifier: Verifier | None = None) -> None:
-        self.connection = sqlite3.connect(path, isolation_level=None)
-        self.connection.row_factory = sqlite3.Row
-        for pragma in ("journal_mode = WAL", "synchronous = NORMAL", "foreign_keys = ON"):  # as the gateway's store
-            self.connection.execute(f"PRAGMA {pragma}")
+        self.connection = _connect(path)  # the gateway's own SQLite settings
         self.settings = settings or OfflineSettings()
         self.verifier = verifier or InlineVerifier()
         self.issuer = SoftIssuer()
@@ -132,11 +128,12 @@ class OfflineHarness:
 
     # --- reconciliation ------------------------------------------------------------------------------
 
-    def plan(self, exports: Sequence[tuple[str, bytes]]) -> tuple[list[Upload], list[list[Record | Upload]],
-                                                                   list[Job]]:
-        """Read exports and list the signatures to check, as :meth:`Devices.sync` does (no transaction)."""
-        cache: dict[bytes, Parsed] = {}
-        uploads = [read_upload(device_id, blob, cache) for device_id, blob in exports]
+    def plan(self, exports: Sequence[tuple[str, bytes]], uploads: list[Upload] | None = None) -> tuple[
+            list[Upload], list[list[Record | Upload]], list[Job]]:
+        """Read exports (unless ``uploads`` are the exports read already) and list the signatures to check,
+        as :meth:`Devices.sync` does (no transaction)."""
+        if uploads is None:
+            uploads = read_uploads(exports)
         ids = {u.device_id for u in uploads} | {r.payment.payer for u in uploads for r in u.receipts
                                                 if r.payment is not None}
         hashes = sorted({r.hash for u in uploads for r in (*u.payments, *u.receipts) if r.payment is not None})
@@ -158,12 +155,22 @@ class OfflineHarness:
         apply_checks(uploads, targets, self.verifier.verify_many(jobs))
         return uploads
 
-    def reconcile_batches(self, exports: Sequence[tuple[str, bytes]], batch: int) -> tuple[list[dict[str, Any]],
-                                                                                          dict[str, float]]:
-        """Reconcile ``exports`` ``batch`` at a time; with a :class:`PoolVerifier`, the next batch's signatures
-        are checked in the workers while this batch is reconciled. Returns the reports and where the time went."""
+    def reconcile_batches(self, exports: Sequence[tuple[str, bytes]], batch: int, read_ahead: int = 0) -> tuple[
+            list[dict[str, Any]], dict[str, float]]:
+        """Reconcile ``exports`` ``batch`` at a time, each batch in one write transaction.
+
+        With a :class:`PoolVerifier`, the next batch's signatures are checked in its worker processes while
+        this batch is reconciled, and with ``read_ahead`` > 0 the next ``read_ahead`` batches are also read
+        (parsed: :func:`read_uploads`) there, so that this process only looks them up, applies the rules and
+        writes. Returns the reports and where this process's time went: reading (or waiting for what the
+        workers read) and planning the checks, waiting for signatures, reconciling."""
         timings = {"read_s": 0.0, "verify_wait_s": 0.0, "reconcile_s": 0.0}
         reports: list[dict[str, Any]] = []
+        pool = self.verifier if isinstance(self.verifier, PoolVerifier) else None
+        parts = [exports[start:start + batch] for start in range(0, len(exports), batch)]
+        reading: list[Future[list[Upload]]] = []
+        if pool is not None and read_ahead > 0:
+            reading = [pool.submit(read_uploads, part) for part in parts[:read_ahead]]
         pending: tuple[list[Upload], list[list[Record | Upload]], Callable[[], list[bool]]] | None = None
 
         def finish(step: tuple[list[Upload], list[list[Record | Upload]], Callable[[], list[bool]]]) -> None:
@@ -175,11 +182,12 @@ class OfflineHarness:
             timings["verify_wait_s"] += checked - started
             timings["reconcile_s"] += time.perf_counter() - checked
 
-        for start in range(0, len(exports), batch):
+        for index, part in enumerate(parts):
             started = time.perf_counter()
-            uploads, targets, jobs = self.plan(exports[start:start + batch])
-            wait = self.verifier.submit_many(jobs) if isinstance(self.verifier, PoolVerifier) else _ready(
-                self.verifier.verify_many(jobs))
+            uploads, targets, jobs = self.plan(part, reading[index].result() if reading else None)
+            wait = pool.submit_many(jobs) if pool is not None else _ready(self.verifier.verify_many(jobs))
+            if reading and index + read_ahead < len(parts):  # queued after this batch's signatures
+                reading.append(pool.submit(read_uploads, parts[index + read_ahead]))  # type: ignore[union-attr]
             timings["read_s"] += time.perf_counter() - started
             if pending is not None:
                 finish(pending)

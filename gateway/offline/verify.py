@@ -14,12 +14,14 @@ from __future__ import annotations
 import multiprocessing
 import os
 from collections.abc import Callable, Sequence
-from concurrent.futures import ProcessPoolExecutor
-from typing import Protocol
+from concurrent.futures import Future, ProcessPoolExecutor
+from typing import Any, Protocol, TypeVar
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec, utils
+
+T = TypeVar("T")
 
 Job = tuple[bytes, bytes, bytes]
 """(public point, SHA-256 of the Sig_structure, raw r‖s signature)."""
@@ -105,6 +107,11 @@ class PoolVerifier:
             return results
 
         return collect
+
+    def submit(self, fn: Callable[..., T], *args: Any) -> Future[T]:
+        """Run another pure function in the workers (reading log exports ahead:
+        :func:`gateway.offline.engine.read_uploads`); ``fn`` must be importable by a spawned process."""
+        return self._pool.submit(fn, *args)
 
     def close(self) -> None:
         self._pool.shutdown(wait=True, cancel_futures=True)

@@ -17,6 +17,7 @@ from pycose.messages import Sign1Message
 from gateway.auth.roles import Role
 from gateway.device.simulator import SimulatedDevice
 from gateway.ledger.journal import check_invariants
+from gateway.offline.engine import check_offline_entries
 from gateway.services import SERVICES
 from tests.conftest import Gateway
 
@@ -130,8 +131,9 @@ async def discrepancies(gw: Gateway, device_id: str | None = None, status: str =
 
 
 async def ledger_problems(gw: Gateway) -> list[str]:
-    problems: list[str] = await gw.client.server.app[SERVICES].database.read(check_invariants)
-    return problems
+    database = gw.client.server.app[SERVICES].database
+    problems: list[str] = await database.read(check_invariants)
+    return problems + await database.read(check_offline_entries)
 
 
 def verify_with_pycose(envelope: bytes, public_key_pem: str) -> dict[str, Any]:

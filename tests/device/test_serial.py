@@ -23,6 +23,7 @@ from gateway.device.link import DeviceLink, open_link, open_port
 from gateway.device.protocol import MAX_REQUEST_ID, answer_message
 from gateway.device.simulator import PtyPort, SimulatedDevice, serve, start_in_thread
 from gateway.errors import DeviceRefused, DeviceTimeout
+from gateway.services import SERVICES
 from tests.conftest import Gateway
 from tests.device.flows import (
     device_doc,
@@ -120,9 +121,16 @@ async def test_pay_offline_between_two_devices_over_pseudo_terminals(
     payer_document = await wallet(gw, payer_wallet)
     assert payer_document["balance_fen"] == 300_000
     assert payer_document["offline_reserve_fen"] == 200_000 - sum(amounts)
+    # One journal entry for the three payments of this sync between the two wallets; each payment names it.
     transactions = await (await gw.client.get(f"/v1/wallets/{payee_wallet}/transactions",
                                               headers=gw.auth(Role.TELLER))).json()
-    assert sorted(t["amount_fen"] for t in transactions["transactions"] if t["kind"] == "offline") == sorted(amounts)
+    offline_entries = [t for t in transactions["transactions"] if t["kind"] == "offline"]
+    assert [(t["amount_fen"], t["reference"]) for t in offline_entries] == [(sum(amounts), second["sync_id"])]
+    assert "3 payments" in offline_entries[0]["memo"]
+    named = await gw.client.server.app[SERVICES].database.read(lambda tx: tx.fetchall(
+        "SELECT entry_id, amount FROM offline_payments WHERE payer_device = ? ORDER BY counter",
+        (payer.state.device_id,)))
+    assert [(row["entry_id"], row["amount"]) for row in named] == [(offline_entries[0]["entry_id"], a) for a in amounts]
     # Unload over the link: the final statement returns what is left to the wallet.
     statement = await on_line(payer_link.unload)
     response = await gw.client.post(f"/v1/devices/{payer.state.device_id}/unload",

@@ -46,6 +46,7 @@ from gateway.offline.bulk import Transfer, post_offline, select_in
 from gateway.offline.engine import (
     KINDS,
     apply_checks,
+    hashes_to_check,
     offline_entry_id,
     plan_checks,
     read_upload,
@@ -292,7 +293,7 @@ class Devices:
         await database.read(lambda tx: device_row(tx, device_id))
         upload = await asyncio.to_thread(read_upload, device_id, blob)
         payers = {r.payment.payer for r in upload.receipts if r.payment is not None} | {device_id}
-        hashes = sorted({r.hash for r in (*upload.payments, *upload.receipts) if r.payment is not None})
+        hashes = hashes_to_check([upload], self.offline.signature_checks)
 
         def lookup(tx: Tx) -> tuple[dict[str, bytes], set[bytes]]:
             points = {row["device_id"]: bytes(row["public_key"]) for row in select_in(

@@ -231,11 +231,33 @@ def read_uploads(exports: Sequence[tuple[str, bytes]]) -> list[Upload]:
     return [read_upload(device_id, blob, cache) for device_id, blob in exports]
 
 
+def _own_payments(uploads: Sequence[Upload], mode: str) -> dict[bytes, Upload]:
+    """``endorsed`` mode: the payments inside their own payer's export in this batch, by hash."""
+    own: dict[bytes, Upload] = {}
+    if mode == "endorsed":
+        for upload in uploads:
+            for record in upload.payments:
+                if record.payment is not None and record.payment.payer == upload.device_id:
+                    own.setdefault(record.hash, upload)
+    return own
+
+
+def hashes_to_check(uploads: Sequence[Upload], mode: str) -> list[bytes]:
+    """The payment hashes :func:`plan_checks` needs to know about (reconciled already or not): every parsed
+    record's, except in ``endorsed`` mode the ES256 ones an export of the batch vouches for (reconciled
+    already or not, they need no check of their own, and the rules go by the recorded rows anyway)."""
+    own = _own_payments(uploads, mode)
+    return sorted({record.hash for upload in uploads for records in (upload.payments, upload.receipts)
+                   for record in records
+                   if record.payment is not None and (record.hash not in own or record.alg != ES256)})
+
+
 def plan_checks(uploads: Sequence[Upload], points: dict[str, bytes], known: set[bytes],
                 mode: str) -> tuple[list[Job], list[list[Record | Upload]]]:
     """The signatures to verify, each once: every export's, and every payment's not already reconciled
-    (``known`` hashes) — except, in ``endorsed`` mode, payments whose payer's own export in this batch
-    holds the same payload (that export's signature vouches for them, on either side).
+    (``known``: those of :func:`hashes_to_check` already recorded) — except, in ``endorsed`` mode, payments
+    whose payer's own export in this batch holds the same payload (that export's signature vouches for them,
+    on either side).
 
     Args:
         points: public points of the devices concerned (uploaders and payers of receipts).
@@ -254,12 +276,7 @@ def plan_checks(uploads: Sequence[Upload], points: dict[str, bytes], known: set[
             targets.append([])
         targets[position].append(target)
 
-    own: dict[bytes, Upload] = {}  # payments in their own payer's export, in this batch
-    if mode == "endorsed":
-        for upload in uploads:
-            for record in upload.payments:
-                if record.payment is not None and record.payment.payer == upload.device_id:
-                    own.setdefault(record.hash, upload)
+    own = _own_payments(uploads, mode)
     for upload in uploads:
         point = points.get(upload.device_id, b"")
         add((point, tbs_digest(upload.message), upload.message.signature), upload)
@@ -424,10 +441,15 @@ class Reconciliation:
         wanted = sorted(set(counters))
         if not wanted:
             return
-        for row in select_in(self.tx, "SELECT payment_hash, payer_device, counter, payee_device, amount, ts, status, "
-                                      "payer_seen, payee_seen, in_budget, discrepancy_id FROM offline_payments "
-                                      "WHERE payer_device = ? AND counter IN ({in})", wanted, (payer,)):
-            if bytes(row["payment_hash"]) not in self.rows:
+        columns = ("SELECT payment_hash, payer_device, counter, payee_device, amount, ts, status, payer_seen, "
+                   "payee_seen, in_budget, discrepancy_id FROM offline_payments WHERE payer_device = ? AND ")
+        if wanted[-1] - wanted[0] < 2 * len(wanted):  # dense (a log's counters): one range, not a list
+            rows = self.tx.fetchall(columns + "counter BETWEEN ? AND ?", (payer, wanted[0], wanted[-1]))
+        else:
+            rows = select_in(self.tx, columns + "counter IN ({in})", wanted, (payer,))
+        wanted_set = set(wanted)
+        for row in rows:
+            if int(row["counter"]) in wanted_set and bytes(row["payment_hash"]) not in self.rows:
                 self._remember(dict(row))
 
     def _reserve(self, wallet_id: str) -> int:
@@ -585,13 +607,15 @@ class Reconciliation:
                 and payment.prev not in previous_hashes:
             reasons.append("broken-chain")
             evidence.update(prev=payment.prev.hex(), expected=sorted(h.hex() for h in previous_hashes))
-        status, stopped = device["status"], device["stopped_at_ms"]
-        if status == "frozen":
-            reasons.append("device-frozen")
-        elif status == "revoked" and stopped is not None and payment.ts > int(stopped):
-            reasons.append("device-revoked")
-        elif status == "unloaded" and payment.counter > int(device["final_counter"] or 0):
-            reasons.append("device-unloaded")
+        status = device["status"]
+        if status != "active":
+            stopped = device["stopped_at_ms"]
+            if status == "frozen":
+                reasons.append("device-frozen")
+            elif status == "revoked" and stopped is not None and payment.ts > int(stopped):
+                reasons.append("device-revoked")
+            elif status == "unloaded" and payment.counter > int(device["final_counter"] or 0):
+                reasons.append("device-unloaded")
         if payment.ts > int(device["cert_exp"]):
             reasons.append("certificate-expired")
         payee = self.devices.get(payment.payee)
@@ -600,17 +624,18 @@ class Reconciliation:
             evidence["unknown_payee"] = payment.payee
         elif self.wallet_status.get(payee["wallet_id"]) != "active":
             reasons.append("payee-wallet-not-active")
-        if payment.amount > int(device["cap_per_payment"]):
+        amount = payment.amount
+        if amount > int(device["cap_per_payment"]):
             reasons.append("over-payment-cap")
             evidence["cap_fen"] = int(device["cap_per_payment"])
         if new_payments + 1 > int(device["cap_payments_per_sync"]):
             reasons.append("too-many-payments")
             evidence["allowed"] = int(device["cap_payments_per_sync"])
         issued, expired, spent = int(device["issued_fen"]), int(device["expired_fen"]), int(device["spent_fen"])
-        in_budget = payment.amount <= issued - expired - spent
+        in_budget = amount <= issued - expired - spent
         if in_budget:
-            device["spent_fen"] = spent + payment.amount
-        elif payment.amount <= issued - spent:
+            device["spent_fen"] = spent + amount
+        elif amount <= issued - spent:
             reasons.append("voucher-expired")
         else:
             reasons.append("overspent")
@@ -618,7 +643,11 @@ class Reconciliation:
         known = self.rows.get(digest)
         counts.new += 1
         if known is None:
-            self._add_row(record, payment, payer_seen=1, in_budget=int(in_budget))
+            row = self._add_row(record, payment, payer_seen=1, in_budget=int(in_budget))
+            if not reasons:
+                row["status"] = "awaiting_payee"  # a new row: nothing to post yet (its payee's record is not in)
+                counts.awaiting += 1
+                return 1
         else:
             self._set(digest, payer_seen=1, in_budget=int(in_budget))
         if reasons:
@@ -642,7 +671,7 @@ class Reconciliation:
         return 1
 
     def _add_row(self, record: Record, payment: Payment, payer_seen: int = 0, payee_seen: int = 0,
-                 in_budget: int = 0) -> None:
+                 in_budget: int = 0) -> dict[str, Any]:
         row = {"payment_hash": record.hash, "payer_device": payment.payer, "counter": payment.counter,
                "payee_device": payment.payee, "amount": payment.amount, "ts": payment.ts, "prev": payment.prev,
                "envelope": record.envelope, "status": "awaiting_payer", "payer_seen": payer_seen,
@@ -652,6 +681,7 @@ class Reconciliation:
         self.new_rows[record.hash] = row
         self.counters[payment.payer][payment.counter].add(record.hash)
         self.by_payee[payment.payee].add(record.hash)
+        return row
 
     def _loads(self, upload: Upload, device: dict[str, Any]) -> None:
         if upload.export.certificate != bytes(device["certificate"]):

@@ -29,6 +29,7 @@ from gateway.offline.engine import (
     Record,
     Upload,
     apply_checks,
+    hashes_to_check,
     plan_checks,
     read_uploads,
     reconcile_in,
@@ -136,7 +137,7 @@ class OfflineHarness:
             uploads = read_uploads(exports)
         ids = {u.device_id for u in uploads} | {r.payment.payer for u in uploads for r in u.receipts
                                                 if r.payment is not None}
-        hashes = sorted({r.hash for u in uploads for r in (*u.payments, *u.receipts) if r.payment is not None})
+        hashes = hashes_to_check(uploads, self.settings.signature_checks)
 
         def lookup(tx: Tx) -> tuple[dict[str, bytes], set[bytes]]:
             points = {row["device_id"]: bytes(row["public_key"]) for row in select_in(

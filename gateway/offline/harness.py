@@ -8,6 +8,7 @@ are then signed in software). Never used by the gateway itself.
 
 from __future__ import annotations
 
+import pickle
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
@@ -169,9 +170,9 @@ class OfflineHarness:
         reports: list[dict[str, Any]] = []
         pool = self.verifier if isinstance(self.verifier, PoolVerifier) else None
         parts = [exports[start:start + batch] for start in range(0, len(exports), batch)]
-        reading: list[Future[list[Upload]]] = []
+        reading: list[Future[bytes]] = []
         if pool is not None and read_ahead > 0:
-            reading = [pool.submit(read_uploads, part) for part in parts[:read_ahead]]
+            reading = [pool.submit(read_pickled, part) for part in parts[:read_ahead]]
         pending: tuple[list[Upload], list[list[Record | Upload]], Callable[[], list[bool]]] | None = None
 
         def finish(step: tuple[list[Upload], list[list[Record | Upload]], Callable[[], list[bool]]]) -> None:
@@ -185,10 +186,10 @@ class OfflineHarness:
 
         for index, part in enumerate(parts):
             started = time.perf_counter()
-            uploads, targets, jobs = self.plan(part, reading[index].result() if reading else None)
+            uploads, targets, jobs = self.plan(part, pickle.loads(reading[index].result()) if reading else None)
             wait = pool.submit_many(jobs) if pool is not None else _ready(self.verifier.verify_many(jobs))
             if reading and index + read_ahead < len(parts):  # queued after this batch's signatures
-                reading.append(pool.submit(read_uploads, parts[index + read_ahead]))  # type: ignore[union-attr]
+                reading.append(pool.submit(read_pickled, parts[index + read_ahead]))  # type: ignore[union-attr]
             timings["read_s"] += time.perf_counter() - started
             if pending is not None:
                 finish(pending)
@@ -214,6 +215,13 @@ class OfflineHarness:
                                               upload.export_hash, journal.epoch_millis())
                 device.ack_log(self.issuer.sign(acknowledgement.payload()))
         return reports
+
+
+def read_pickled(exports: Sequence[tuple[str, bytes]]) -> bytes:
+    """:func:`read_uploads` in a worker process, its result pickled there: the reconciling process unpickles it
+    when it needs it, in its own thread (unpickled by the pool's result thread, it would contend for the GIL
+    with the thread applying the rules)."""
+    return pickle.dumps(read_uploads(exports), protocol=pickle.HIGHEST_PROTOCOL)
 
 
 def _ready(results: list[bool]) -> Callable[[], list[bool]]:

@@ -312,6 +312,7 @@ def apply_checks(uploads: Sequence[Upload], targets: list[list[Record | Upload]]
             for record in records:
                 if record.endorsed_by is not None:
                     record.authentic = bool(record.endorsed_by.export_ok)
+                    record.endorsed_by = None  # applied: no reference cycle left (an upload holds its records)
 
 
 # --- reports -------------------------------------------------------------------------------------

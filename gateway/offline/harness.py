@@ -8,6 +8,7 @@ are then signed in software). Never used by the gateway itself.
 
 from __future__ import annotations
 
+import gc
 import pickle
 import time
 from collections.abc import Callable, Sequence
@@ -165,7 +166,22 @@ class OfflineHarness:
         this batch is reconciled, and with ``read_ahead`` > 0 the next ``read_ahead`` batches are also read
         (parsed: :func:`read_uploads`) there, so that this process only looks them up, applies the rules and
         writes. Returns the reports and where this process's time went: reading (or waiting for what the
-        workers read) and planning the checks, waiting for signatures, reconciling."""
+        workers read) and planning the checks, waiting for signatures, reconciling.
+
+        Python's cyclic garbage collector is paused meanwhile (a bulk job's choice, as in any batch loader):
+        a batch allocates some hundred thousand short-lived objects, which made it run over and over, for
+        ~20 % of the time; nothing here is left in a reference cycle, so memory is freed as before.
+        """
+        collecting = gc.isenabled()
+        gc.disable()
+        try:
+            return self._reconcile_batches(exports, batch, read_ahead)
+        finally:
+            if collecting:
+                gc.enable()
+
+    def _reconcile_batches(self, exports: Sequence[tuple[str, bytes]], batch: int, read_ahead: int) -> tuple[
+            list[dict[str, Any]], dict[str, float]]:
         timings = {"read_s": 0.0, "verify_wait_s": 0.0, "reconcile_s": 0.0}
         reports: list[dict[str, Any]] = []
         pool = self.verifier if isinstance(self.verifier, PoolVerifier) else None

@@ -9,8 +9,9 @@ writer thread's fight with the event loop for the GIL (while it holds the file's
 more than that. When another process holds the lock, the group waits for it on the writer thread.
 Reads go to a second connection on a second thread; WAL mode lets them run beside the writer.
 
-Group commit: write functions queued in the same turn of the event loop (or while the group before
-them waits for another process) run together in one transaction, each inside its own SAVEPOINT. A function that raises is rolled back to
+Group commit: write functions queued in the same turn of the event loop (or while the group
+before them waits for another process) run together in one transaction, each inside its own
+SAVEPOINT. A function that raises is rolled back to
 its savepoint and gets its own exception; the others commit. The result is what running them one
 after another would give, with one commit for the whole group instead of one per request.
 """

@@ -8,6 +8,7 @@ first one provisions keys and credentials with ``ecny-gateway dev-init`` — the
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
@@ -16,8 +17,12 @@ import subprocess
 import sys
 import time
 import urllib.request
+import uuid
 from pathlib import Path
 from typing import Any
+
+import aiohttp
+from eth_account import Account
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -99,3 +104,26 @@ class GatewayProcess:
     def cli(self, *args: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run([sys.executable, "-m", "gateway.cli", *args, "--config", str(self.var / "gateway.toml")],
                               env=self.env, capture_output=True, text=True, timeout=120)
+
+
+async def post_json(session: aiohttp.ClientSession, url: str, headers: dict[str, str], body: dict[str, Any]) -> Any:
+    """POST with a fresh Idempotency-Key; returns (status, JSON body)."""
+    async with session.post(url, json=body, headers={**headers, "Idempotency-Key": uuid.uuid4().hex}) as response:
+        return response.status, await response.json()
+
+
+async def check_gap_free_nonces(session: aiohttp.ClientSession, urls: list[str], headers: dict[str, str],
+                                count: int = 60) -> None:
+    """``count`` EIP-1559 signings for the ``evm-hot-wallet`` address at once, spread over ``urls``:
+    every one signed, nonces exactly 0..count-1, and eth-account recovers the key's address from each."""
+    async with session.get(urls[0] + "/v1/keys", headers=headers) as response:
+        key = next(k for k in (await response.json())["keys"] if k["label"] == "evm-hot-wallet")
+    signed = await asyncio.gather(*(
+        post_json(session, f"{urls[i % len(urls)]}/v1/evm/transactions", headers, {
+            "key_id": key["key_id"], "chain_id": 11155111, "type": "eip1559", "gas_limit": 21000,
+            "max_fee_per_gas": "2000000000", "max_priority_fee_per_gas": "1000000000",
+            "to": "0x1111111111111111111111111111111111111111", "value": str(i + 1)})
+        for i in range(count)))
+    assert {s for s, _ in signed} == {200}, [b for s, b in signed if s != 200][:3]
+    assert sorted(body["nonce"] for _, body in signed) == list(range(count))
+    assert {Account.recover_transaction(body["raw_transaction"]) for _, body in signed} == {key["address"]}

@@ -6,26 +6,18 @@ from __future__ import annotations
 
 import asyncio
 import subprocess
-import uuid
 from pathlib import Path
-from typing import Any
 
 import aiohttp
 import pytest
-from eth_account import Account
 
 from tests.conftest import ROOT, Token
 from tests.pg import PostgresServer
-from tests.procs import GatewayProcess
+from tests.procs import GatewayProcess, check_gap_free_nonces, post_json
 
 pytestmark = [pytest.mark.softhsm, pytest.mark.postgres, pytest.mark.slow]
 
 LABEL = "ecny-instances"
-
-
-async def _post(session: aiohttp.ClientSession, url: str, headers: dict[str, str], body: dict[str, Any]) -> Any:
-    async with session.post(url, json=body, headers={**headers, "Idempotency-Key": uuid.uuid4().hex}) as response:
-        return response.status, await response.json()
 
 
 def test_two_instances_share_one_ledger(softhsm_token: Token, postgres_server: PostgresServer, tmp_path: Path) -> None:
@@ -51,18 +43,18 @@ def test_two_instances_share_one_ledger(softhsm_token: Token, postgres_server: P
                             "holder_name": "Shared", "phone": "13800000000", "tier": tier, "kind": "personal"}) as r:
                         wallets.append((await r.json())["wallet_id"])
                 poor, limited, payee = wallets
-                assert (await _post(session, f"{second.url}/v1/wallets/{poor}/cash-in", teller,
+                assert (await post_json(session, f"{second.url}/v1/wallets/{poor}/cash-in", teller,
                                     {"amount_fen": 20 * 1_000}))[0] == 200
-                assert (await _post(session, f"{first.url}/v1/wallets/{limited}/cash-in", teller,
+                assert (await post_json(session, f"{first.url}/v1/wallets/{limited}/cash-in", teller,
                                     {"amount_fen": 1_000_000}))[0] == 200
                 # 60 transfers of ¥10 from a wallet holding ¥200, alternating instances: exactly 20 pass.
                 overdraw = await asyncio.gather(*(
-                    _post(session, f"{(first, second)[i % 2].url}/v1/transfers", backend,
+                    post_json(session, f"{(first, second)[i % 2].url}/v1/transfers", backend,
                           {"from_wallet": poor, "to_wallet": payee, "amount_fen": 1_000}) for i in range(60)))
                 assert sorted(s for s, _ in overdraw).count(201) == 20
                 # 40 transfers of ¥1,000 from a tier-4 wallet (daily limit ¥5,000): exactly 5 pass.
                 daily = await asyncio.gather(*(
-                    _post(session, f"{(first, second)[i % 2].url}/v1/transfers", backend,
+                    post_json(session, f"{(first, second)[i % 2].url}/v1/transfers", backend,
                           {"from_wallet": limited, "to_wallet": payee, "amount_fen": 100_000}) for i in range(40)))
                 assert [s for s, _ in daily].count(201) == 5
                 refusals = {body["type"].rsplit("/", 1)[-1] for s, body in overdraw + daily if s != 201}
@@ -72,17 +64,7 @@ def test_two_instances_share_one_ledger(softhsm_token: Token, postgres_server: P
                 async with session.get(f"{first.url}/v1/wallets/{payee}", headers=teller) as r:
                     assert (await r.json())["balance_fen"] == 20 * 1_000 + 5 * 100_000
                 # 60 EVM signings for one address through both instances: nonces exactly 0..59.
-                async with session.get(first.url + "/v1/keys", headers=backend) as r:
-                    key = next(k for k in (await r.json())["keys"] if k["label"] == "evm-hot-wallet")
-                signed = await asyncio.gather(*(
-                    _post(session, f"{(first, second)[i % 2].url}/v1/evm/transactions", backend, {
-                        "key_id": key["key_id"], "chain_id": 11155111, "type": "eip1559", "gas_limit": 21000,
-                        "max_fee_per_gas": "2000000000", "max_priority_fee_per_gas": "1000000000",
-                        "to": "0x1111111111111111111111111111111111111111", "value": str(i + 1)})
-                    for i in range(60)))
-                assert {s for s, _ in signed} == {200}, [b for s, b in signed if s != 200][:3]
-                assert sorted(body["nonce"] for _, body in signed) == list(range(60))
-                assert {Account.recover_transaction(body["raw_transaction"]) for _, body in signed} == {key["address"]}
+                await check_gap_free_nonces(session, [first.url, second.url], backend)
 
         asyncio.run(scenario())
     finally:

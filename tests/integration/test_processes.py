@@ -16,16 +16,14 @@ import signal
 import subprocess
 import time
 import urllib.request
-import uuid
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pytest
-from eth_account import Account
 
 from tests.conftest import ROOT, Token
-from tests.procs import GatewayProcess
+from tests.procs import GatewayProcess, check_gap_free_nonces, post_json
 
 pytestmark = [pytest.mark.softhsm, pytest.mark.slow]
 
@@ -52,11 +50,6 @@ def _metrics_dir(pid: int) -> Path:
     environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
     value = next(item for item in environ if item.startswith(b"PROMETHEUS_MULTIPROC_DIR="))
     return Path(value.split(b"=", 1)[1].decode())
-
-
-async def _post(session: aiohttp.ClientSession, url: str, headers: dict[str, str], body: dict[str, Any]) -> Any:
-    async with session.post(url, json=body, headers={**headers, "Idempotency-Key": uuid.uuid4().hex}) as response:
-        return response.status, await response.json()
 
 
 def _wait_for(predicate: Any, timeout: float = 30) -> Any:
@@ -104,11 +97,11 @@ def test_two_http_processes_on_one_sqlite_file(softhsm_token: Token, tmp_path: P
                             "holder_name": "Shared", "phone": "13800000000", "tier": 2, "kind": "personal"}) as r:
                         wallets.append((await r.json())["wallet_id"])
                 poor, payee = wallets
-                assert (await _post(session, f"{gateway.url}/v1/wallets/{poor}/cash-in", teller,
+                assert (await post_json(session, f"{gateway.url}/v1/wallets/{poor}/cash-in", teller,
                                     {"amount_fen": 20 * 1_000}))[0] == 200
                 # 60 transfers of ¥10 from a wallet holding ¥200 through both processes: exactly 20 pass.
                 overdraw = await asyncio.gather(*(
-                    _post(session, f"{gateway.url}/v1/transfers", backend,
+                    post_json(session, f"{gateway.url}/v1/transfers", backend,
                           {"from_wallet": poor, "to_wallet": payee, "amount_fen": 1_000}) for _ in range(60)))
                 statuses = sorted(s for s, _ in overdraw)
                 assert statuses.count(201) == 20, statuses
@@ -116,17 +109,7 @@ def test_two_http_processes_on_one_sqlite_file(softhsm_token: Token, tmp_path: P
                 async with session.get(f"{gateway.url}/v1/wallets/{poor}", headers=teller) as r:
                     assert (await r.json())["balance_fen"] == 0
                 # 60 EVM signings for one address at once: nonces exactly 0..59.
-                async with session.get(gateway.url + "/v1/keys", headers=backend) as r:
-                    key = next(k for k in (await r.json())["keys"] if k["label"] == "evm-hot-wallet")
-                signed = await asyncio.gather(*(
-                    _post(session, f"{gateway.url}/v1/evm/transactions", backend, {
-                        "key_id": key["key_id"], "chain_id": 11155111, "type": "eip1559", "gas_limit": 21000,
-                        "max_fee_per_gas": "2000000000", "max_priority_fee_per_gas": "1000000000",
-                        "to": "0x1111111111111111111111111111111111111111", "value": str(i + 1)})
-                    for i in range(60)))
-                assert {s for s, _ in signed} == {200}, [b for s, b in signed if s != 200][:3]
-                assert sorted(body["nonce"] for _, body in signed) == list(range(60))
-                assert {Account.recover_transaction(body["raw_transaction"]) for _, body in signed} == {key["address"]}
+                await check_gap_free_nonces(session, [gateway.url], backend)
                 async with session.get(gateway.url + "/metrics", headers=backend) as r:
                     return {"metrics": await r.text()}
 

@@ -114,7 +114,7 @@ def _supervise(args: argparse.Namespace, settings: Settings, scheme: str) -> int
     """``[server] processes > 1``: migrate once, bind once, run the HTTP processes (gateway.supervisor)."""
     from gateway.supervisor import Supervisor, child_command, reserve_port
 
-    asyncio.run(_with_database(settings, lambda database: asyncio.sleep(0)))
+    asyncio.run(_migrate(settings))
     server = settings.server
     try:
         sock = reserve_port(server.host, server.port)
@@ -127,17 +127,18 @@ def _supervise(args: argparse.Namespace, settings: Settings, scheme: str) -> int
     return Supervisor(child_command(str(Path(config).resolve()) if config else None), server.processes, sock).run()
 
 
+async def _migrate(settings: Settings) -> list[str]:
+    database = await open_database(settings.store.dsn)
+    try:
+        return await database.migrate()
+    finally:
+        await database.close()
+
+
 def cmd_migrate(args: argparse.Namespace) -> int:
     settings = _settings(args)
 
-    async def run() -> list[str]:
-        database = await open_database(settings.store.dsn)
-        try:
-            return await database.migrate()
-        finally:
-            await database.close()
-
-    applied = asyncio.run(run())
+    applied = asyncio.run(_migrate(settings))
     print(f"applied: {', '.join(applied)}" if applied else "schema is up to date")
     return 0
 

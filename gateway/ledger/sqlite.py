@@ -19,11 +19,10 @@ after another would give, with one commit for the whole group instead of one per
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import fcntl
 import os
 import sqlite3
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
@@ -130,90 +129,75 @@ class SqliteDatabase:
             raise StoreUnavailable(f"cannot open SQLite database {path}: {exc}") from exc
         return database
 
-    def _run_group(self, fns: list[Callable[[SqliteTx], Any]], gate_held: bool = False) -> list[tuple[bool, Any]]:
-        """Run ``fns`` in one transaction, each in a savepoint. Returns (ok, result or exception) per fn.
+    def _run_group(self, fns: list[Callable[[SqliteTx], Any]]) -> list[tuple[bool, Any]]:
+        """Run ``fns`` in one transaction; the caller holds the write gate. Returns (ok, result or
+        exception) per fn. With several fns each runs in a savepoint; one alone needs none (its
+        failure rolls back the whole transaction).
 
         Raises:
             StoreUnavailable: BEGIN or COMMIT failed; nothing of the group is written.
         """
         assert self._writer is not None
         connection = self._writer
-        with contextlib.nullcontext() if gate_held else self._write_gate():
-            try:
-                connection.execute("BEGIN IMMEDIATE")
-            except sqlite3.OperationalError as exc:
-                raise StoreUnavailable(f"SQLite: {exc}") from exc
-            return self._run_in_transaction(connection, fns)
+        try:
+            connection.execute("BEGIN IMMEDIATE")
+        except sqlite3.OperationalError as exc:
+            raise StoreUnavailable(f"SQLite: {exc}") from exc
+        savepoints = len(fns) > 1
+        outcomes: list[tuple[bool, Any]] = []
+        try:
+            for fn in fns:
+                if savepoints:
+                    connection.execute("SAVEPOINT request")
+                try:
+                    result = fn(SqliteTx(connection))
+                except Exception as exc:
+                    if savepoints:
+                        connection.execute("ROLLBACK TO request")
+                        connection.execute("RELEASE request")
+                    elif connection.in_transaction:
+                        connection.execute("ROLLBACK")
+                    failure = StoreUnavailable(f"SQLite: {exc}") if isinstance(exc, sqlite3.Error) else exc
+                    outcomes.append((False, failure))
+                else:
+                    if savepoints:
+                        connection.execute("RELEASE request")
+                    outcomes.append((True, result))
+            if connection.in_transaction:
+                connection.execute("COMMIT")
+        except BaseException:
+            if connection.in_transaction:
+                connection.execute("ROLLBACK")
+            raise
+        return outcomes
 
-    @contextlib.contextmanager
-    def _write_gate(self) -> Iterator[None]:
-        """Hold an exclusive ``flock`` on ``<database>-writer.lock`` around a write transaction.
+    def _run_group_when_free(self, fns: list[Callable[[SqliteTx], Any]]) -> list[tuple[bool, Any]]:
+        """On the writer thread: wait for the write gate, then run the group."""
+        self._lock_gate(blocking=True)
+        try:
+            return self._run_group(fns)
+        finally:
+            self._unlock_gate()
+
+    def _lock_gate(self, blocking: bool) -> bool:
+        """Take the exclusive ``flock`` on ``<database>-writer.lock``; False if ``blocking`` is off and
+        another process holds it.
 
         SQLite makes a writer that finds the file locked sleep and poll (1, 2, 5, 10 … ms), which
         wastes most of the time when several gateway processes (``[server] processes``) write to
         one file. A blocking ``flock`` hands the lock over as soon as it is released.
         """
         if self._gate is None:
-            yield
-            return
-        fcntl.flock(self._gate, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(self._gate, fcntl.LOCK_UN)
-
-    def _try_gate(self) -> bool:
-        if self._gate is None:
             return True
         try:
-            fcntl.flock(self._gate, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(self._gate, fcntl.LOCK_EX if blocking else fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             return False
         return True
 
-    def _release_gate(self) -> None:
+    def _unlock_gate(self) -> None:
         if self._gate is not None:
             fcntl.flock(self._gate, fcntl.LOCK_UN)
-
-    def _run_in_transaction(
-        self, connection: sqlite3.Connection, fns: list[Callable[[SqliteTx], Any]]
-    ) -> list[tuple[bool, Any]]:
-        outcomes: list[tuple[bool, Any]] = []
-        if len(fns) == 1:  # alone in its transaction: no savepoint needed, a failure rolls back all of it
-            try:
-                result = fns[0](SqliteTx(connection))
-            except BaseException as exc:
-                if connection.in_transaction:
-                    connection.execute("ROLLBACK")
-                if not isinstance(exc, Exception):
-                    raise
-                return [(False, StoreUnavailable(f"SQLite: {exc}") if isinstance(exc, sqlite3.Error) else exc)]
-            try:
-                connection.execute("COMMIT")
-            except BaseException:
-                if connection.in_transaction:
-                    connection.execute("ROLLBACK")
-                raise
-            return [(True, result)]
-        try:
-            for fn in fns:
-                connection.execute("SAVEPOINT request")
-                try:
-                    result = fn(SqliteTx(connection))
-                except Exception as exc:
-                    connection.execute("ROLLBACK TO request")
-                    connection.execute("RELEASE request")
-                    failure = StoreUnavailable(f"SQLite: {exc}") if isinstance(exc, sqlite3.Error) else exc
-                    outcomes.append((False, failure))
-                else:
-                    connection.execute("RELEASE request")
-                    outcomes.append((True, result))
-            connection.execute("COMMIT")
-        except BaseException:
-            if connection.in_transaction:
-                connection.execute("ROLLBACK")
-            raise
-        return outcomes
 
     def _run_read(self, fn: Callable[[SqliteTx], T]) -> T:
         assert self._reader is not None
@@ -238,13 +222,13 @@ class SqliteDatabase:
             group, self._queued = self._queued[:MAX_GROUP], self._queued[MAX_GROUP:]
             try:
                 fns = [fn for fn, _ in group]
-                if self._try_gate():  # the write lock is free: run the group right here, on the event loop
+                if self._lock_gate(blocking=False):  # the write lock is free: run the group here, on the loop
                     try:
-                        outcomes = self._run_group(fns, gate_held=True)
+                        outcomes = self._run_group(fns)
                     finally:
-                        self._release_gate()
+                        self._unlock_gate()
                 else:  # another process holds it: wait for it in the writer thread, not on the event loop
-                    outcomes = await loop.run_in_executor(self._writer_thread, self._run_group, fns)
+                    outcomes = await loop.run_in_executor(self._writer_thread, self._run_group_when_free, fns)
             except Exception as exc:
                 error = exc if isinstance(exc, GatewayError) else StoreUnavailable(f"SQLite: {exc}")
                 for _, future in group:

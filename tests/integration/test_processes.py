@@ -46,6 +46,20 @@ def _children(pid: int) -> list[int]:
     return sorted(found)
 
 
+def _listening(pid: int, port: int) -> bool:
+    """Whether process ``pid`` has a socket listening on ``port`` (its own, in the SO_REUSEPORT group)."""
+    inodes = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            fields = line.split()
+            if fields[3] == "0A" and int(fields[1].rsplit(":", 1)[1], 16) == port:  # 0A = LISTEN
+                inodes.add(f"socket:[{fields[9]}]")
+    try:
+        return any(os.readlink(f"/proc/{pid}/fd/{fd}") in inodes for fd in os.listdir(f"/proc/{pid}/fd"))
+    except OSError:
+        return False
+
+
 def _metrics_dir(pid: int) -> Path:
     environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
     value = next(item for item in environ if item.startswith(b"PROMETHEUS_MULTIPROC_DIR="))
@@ -82,6 +96,8 @@ def test_two_http_processes_on_one_sqlite_file(softhsm_token: Token, tmp_path: P
     assert gateway.process is not None
     supervisor = gateway.process.pid
     children = _wait_for(lambda: (found := _children(supervisor)) and len(found) == 2 and found)
+    # /readyz answered from the first child up; the second may still be starting its signer workers.
+    _wait_for(lambda: all(_listening(pid, gateway.port) for pid in children))
     metrics_dir = _metrics_dir(children[0])
     try:
         async def scenario() -> dict[str, Any]:

@@ -126,8 +126,9 @@ def tbs_digest(message: Envelope) -> bytes:
 class Record:
     """One signed payment from a log, parsed — or the reason it could not be.
 
-    Read in another process (:func:`read_uploads`), a record crosses over without its ``message``
-    (see :meth:`envelope_message`): fewer objects to rebuild on the receiving side."""
+    Read in another process (:func:`read_uploads`), records cross over in columns with their upload
+    (:meth:`Upload.__reduce__`), without their ``message`` (see :meth:`envelope_message`): fewer
+    objects to pickle and rebuild."""
 
     envelope: bytes
     index: int
@@ -144,38 +145,54 @@ class Record:
         that parsed (``payment`` is not None)."""
         return self.message if self.message is not None else open_envelope(self.envelope)
 
-    def __reduce__(self) -> tuple[Any, ...]:
-        return _record, (self.envelope, self.index, self.payment, self.hash, self.error, self.alg, self.authentic)
+
+Columns = tuple[list[bytes], list[Payment | None], list[bytes], list[str], list[int], list[bool | None]]
+"""Records as they cross between processes: envelopes, payments, hashes, errors, algs, authentic flags
+(a record's index is its position)."""
 
 
-def _record(envelope: bytes, index: int, payment: Payment | None, digest: bytes, error: str, alg: int,
-            authentic: bool | None) -> Record:
-    return Record(envelope, index, None, payment, digest, error, alg, authentic)
+def _columns(records: list[Record]) -> Columns:
+    return ([r.envelope for r in records], [r.payment for r in records], [r.hash for r in records],
+            [r.error for r in records], [r.alg for r in records], [r.authentic for r in records])
+
+
+def _from_columns(columns: Columns) -> list[Record]:
+    envelopes, payments, hashes, errors, algs, authentic = columns
+    return [Record(envelope, index, None, payment, digest, error, alg, ok) for index, (envelope, payment, digest, error,
+            alg, ok) in enumerate(zip(envelopes, payments, hashes, errors, algs, authentic, strict=True))]
 
 
 @dataclass
 class Upload:
     """One device's log export, read but not yet trusted.
 
+    ``signed`` is what checking the export's own signature needs — (SHA-256 of its Sig_structure, the
+    signature) — rather than the export's COSE_Sign1, which holds the whole export a second time.
     Pickled (:func:`read_uploads`), its ``export`` crosses over without the raw ``payments`` and
-    ``receipts`` lists: they are in :attr:`payments` and :attr:`receipts`, parsed."""
+    ``receipts`` lists (they are in :attr:`payments` and :attr:`receipts`, parsed), and its records in
+    columns (:data:`Columns`)."""
 
     device_id: str
     export_hash: bytes
     export: LogExport
-    message: Envelope
+    signed: tuple[bytes, bytes]
     payments: list[Record]
     receipts: list[Record]
     export_ok: bool | None = None
 
     def __reduce__(self) -> tuple[Any, ...]:
         export = dataclasses.replace(self.export, payments=[], receipts=[])
-        return Upload, (self.device_id, self.export_hash, export, self.message, self.payments, self.receipts,
-                        self.export_ok)
+        return _upload, (self.device_id, self.export_hash, export, self.signed, _columns(self.payments),
+                         _columns(self.receipts), self.export_ok)
 
 
-Parsed = tuple[Envelope | None, Payment | None, bytes, str]
-"""An envelope taken apart: (message, payment, payment hash, error)."""
+def _upload(device_id: str, export_hash: bytes, export: LogExport, signed: tuple[bytes, bytes], payments: Columns,
+            receipts: Columns, export_ok: bool | None) -> Upload:
+    return Upload(device_id, export_hash, export, signed, _from_columns(payments), _from_columns(receipts), export_ok)
+
+
+Parsed = tuple[Envelope | None, Payment | None, bytes, str, bytes]
+"""An envelope taken apart: (message, payment, payment hash, error, the envelope)."""
 
 
 def _parse(envelope: bytes) -> Parsed:
@@ -183,8 +200,8 @@ def _parse(envelope: bytes) -> Parsed:
         message = open_envelope(envelope)
         payment = parse_payment(message.payload)
     except OfflineFormatError as exc:
-        return None, None, b"", exc.detail
-    return message, payment, record_hash(message.payload), ""
+        return None, None, b"", exc.detail, envelope
+    return message, payment, record_hash(message.payload), "", envelope
 
 
 def _records(envelopes: list[bytes], cache: dict[bytes, Parsed] | None) -> list[Record]:
@@ -195,8 +212,9 @@ def _records(envelopes: list[bytes], cache: dict[bytes, Parsed] | None) -> list[
             parsed = _parse(envelope)
             if cache is not None:
                 cache[envelope] = parsed
-        message = parsed[0]
-        records.append(Record(envelope, index, *parsed, message.alg if message is not None else 0))
+        message, payment, digest, error, first = parsed
+        # ``first``: the same bytes object on both sides of a payment, so that it pickles once.
+        records.append(Record(first, index, message, payment, digest, error, message.alg if message is not None else 0))
     return records
 
 
@@ -215,7 +233,7 @@ def read_upload(device_id: str, blob: bytes, cache: dict[bytes, Parsed] | None =
     if export.device_id != device_id:
         raise InvalidDeviceSignature(f"the export is device {export.device_id}'s, not {device_id}'s",
                                      ["export-for-another-device"])
-    return Upload(device_id, record_hash(message.payload), export, message,
+    return Upload(device_id, record_hash(message.payload), export, (tbs_digest(message), message.signature),
                   _records(export.payments, cache), _records(export.receipts, cache))
 
 
@@ -279,7 +297,7 @@ def plan_checks(uploads: Sequence[Upload], points: dict[str, bytes], known: set[
     own = _own_payments(uploads, mode)
     for upload in uploads:
         point = points.get(upload.device_id, b"")
-        add((point, tbs_digest(upload.message), upload.message.signature), upload)
+        add((point, *upload.signed), upload)
         for records in (upload.payments, upload.receipts):
             for record in records:
                 if record.payment is None:

@@ -186,7 +186,7 @@ class OfflineHarness:
         reports: list[dict[str, Any]] = []
         pool = self.verifier if isinstance(self.verifier, PoolVerifier) else None
         parts = [exports[start:start + batch] for start in range(0, len(exports), batch)]
-        reading: list[Future[bytes]] = []
+        reading: list[Future[bytes] | None] = []
         if pool is not None and read_ahead > 0:
             reading = [pool.submit(read_pickled, part) for part in parts[:read_ahead]]
         pending: tuple[list[Upload], list[list[Record | Upload]], Callable[[], list[bool]]] | None = None
@@ -202,7 +202,12 @@ class OfflineHarness:
 
         for index, part in enumerate(parts):
             started = time.perf_counter()
-            uploads, targets, jobs = self.plan(part, pickle.loads(reading[index].result()) if reading else None)
+            read = None
+            if reading:
+                future, reading[index] = reading[index], None  # its megabytes of pickle are freed once read
+                assert future is not None
+                read = pickle.loads(future.result())
+            uploads, targets, jobs = self.plan(part, read)
             wait = pool.submit_many(jobs) if pool is not None else _ready(self.verifier.verify_many(jobs))
             if reading and index + read_ahead < len(parts):  # queued after this batch's signatures
                 reading.append(pool.submit(read_pickled, parts[index + read_ahead]))  # type: ignore[union-attr]

@@ -18,6 +18,7 @@ from gateway.offline.engine import check_offline_entries, offline_entry_id, read
 from gateway.offline.harness import OfflineHarness
 from gateway.offline.settings import OfflineSettings
 from gateway.offline.verify import PoolVerifier
+from gateway.schemes import offline
 
 
 def world(path: Path, settings: OfflineSettings | None = None,
@@ -147,8 +148,8 @@ def test_uploads_pickle_compactly_and_keep_what_reconciliation_uses(tmp_path: Pa
     here = read_uploads(exports)
     there = pickle.loads(pickle.dumps(here))
     for mine, theirs in zip(here, there, strict=True):
-        assert (theirs.device_id, theirs.export_hash, theirs.message) == (mine.device_id, mine.export_hash,
-                                                                         mine.message)
+        assert (theirs.device_id, theirs.export_hash, theirs.signed) == (mine.device_id, mine.export_hash,
+                                                                        mine.signed)
         assert theirs.export.payments == theirs.export.receipts == []  # in .payments and .receipts, parsed
         assert (theirs.export.counter, theirs.export.rx, theirs.export.loads) == (mine.export.counter, mine.export.rx,
                                                                                  mine.export.loads)
@@ -156,4 +157,13 @@ def test_uploads_pickle_compactly_and_keep_what_reconciliation_uses(tmp_path: Pa
             assert copied.message is None and copied.envelope_message() == ours.message
             assert (copied.envelope, copied.index, copied.payment, copied.hash, copied.error, copied.alg) == (
                 ours.envelope, ours.index, ours.payment, ours.hash, ours.error, ours.alg)
+    # A payment in both its payer's and its payee's log crosses over once: one envelope, one payment.
+    sent, received = there[0].payments[0], there[1].receipts[0]
+    assert sent.envelope is received.envelope and sent.payment is received.payment
+    # What the export's signature check needs (its Sig_structure's digest), not the export a second time.
+    pickled = pickle.dumps(here)
+    for upload, (_, blob) in zip(here, exports, strict=True):
+        message = offline.open_envelope(blob)
+        assert upload.signed == (message.to_be_signed(), message.signature)
+        assert message.payload not in pickled and pickled.count(sent.envelope) == 1
     harness.close()

@@ -48,7 +48,7 @@ KEY_LABEL = "evm-hot-wallet"
 SEPOLIA = 11155111
 SEPOLIA_USDC = "0x1c7D4B196Cb0C7B01d743Fbc6116a902379C7238"
 RECIPIENT = "0x1111111111111111111111111111111111111111"
-WORKERS = 2  # the softhsm profile's sessions.workers, stated so the raw phase uses the same number
+WORKERS = 2  # the softhsm profile's sessions.workers (the default of --workers); the raw phase uses the same number
 
 
 # --- raw SoftHSM2 ----------------------------------------------------------------------------
@@ -199,15 +199,15 @@ def _keys(gateway: Gateway, count: int) -> list[str]:
 
 
 def run(*, duration: float, raw_duration: float, concurrencies: list[int], address_counts: list[int], kind: str,
-        pin: bool, processes: int = 1) -> dict[str, Any]:
+        pin: bool, processes: int = 1, workers: int = WORKERS) -> dict[str, Any]:
     server_cpus, client_cpus = affinity_plan(pin)
-    gateway = start_gateway("sqlite", workers=WORKERS, cpus=server_cpus, processes=processes)
+    gateway = start_gateway("sqlite", workers=workers, cpus=server_cpus, processes=processes)
     try:
-        result: dict[str, Any] = {"kind": kind, "signer_workers": WORKERS, "processes": processes, "machine": machine(),
+        result: dict[str, Any] = {"kind": kind, "signer_workers": workers, "processes": processes, "machine": machine(),
                                   "versions": versions(), "server_cpus": sorted(server_cpus) if server_cpus else "all",
                                   "loadavg_start": os.getloadavg()[0]}
-        result["raw"] = raw_rate(gateway, WORKERS, raw_duration)
-        print(f"raw SoftHSM2 secp256k1, {WORKERS} processes: {result['raw']['rate']:8.0f} sig/s", flush=True)
+        result["raw"] = raw_rate(gateway, workers, raw_duration)
+        print(f"raw SoftHSM2 secp256k1, {workers} processes: {result['raw']['rate']:8.0f} sig/s", flush=True)
         all_keys = _keys(gateway, max(address_counts))
         result["runs"] = []
         for addresses in address_counts:
@@ -221,7 +221,7 @@ def run(*, duration: float, raw_duration: float, concurrencies: list[int], addre
                       f"p99 {load['p99_ms']:.1f} ms  server CPU {load['server_cpu_ms_per_request']:.2f} ms/tx  "
                       f"statuses {load['statuses']}", flush=True)
         # Raw again after the gateway phases: the machine's load may have changed meanwhile.
-        result["raw_after"] = raw_rate(gateway, WORKERS, raw_duration)
+        result["raw_after"] = raw_rate(gateway, workers, raw_duration)
         result["loadavg_end"] = os.getloadavg()[0]
         print(f"raw SoftHSM2 secp256k1 again: {result['raw_after']['rate']:8.0f} sig/s", flush=True)
         result["nonces"] = nonce_check(gateway)
@@ -269,13 +269,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--kind", choices=["native", "erc20"], default="native")
     parser.add_argument("--pin", action="store_true", help="pin the client to the last CPU, the server to the rest")
     parser.add_argument("--processes", type=int, default=1, help="[server] processes of the gateway")
+    parser.add_argument("--workers", type=int, default=WORKERS,
+                        help="signer worker processes of the gateway, and processes of the raw phase")
     parser.add_argument("--json", type=Path)
     parser.add_argument("--markdown", type=Path, help="append the BENCHMARKS.md section to this file")
     args = parser.parse_args(argv)
     result = run(duration=args.duration, raw_duration=args.raw_duration,
                  concurrencies=[int(c) for c in args.concurrency.split(",")],
                  address_counts=[int(a) for a in args.addresses.split(",")], kind=args.kind, pin=args.pin,
-                 processes=args.processes)
+                 processes=args.processes, workers=args.workers)
     if args.json:
         args.json.write_text(json.dumps(result, indent=2))
     command = ".venv/bin/python bench/evm.py " + " ".join(argv if argv is not None else sys.argv[1:])

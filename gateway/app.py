@@ -30,6 +30,7 @@ from gateway.evm.service import APPROVAL_KIND as EVM_APPROVAL_KIND
 from gateway.evm.service import EvmService
 from gateway.hsm.pool import PoolSettings, SignerPool
 from gateway.hsm.profile import HsmProfile
+from gateway.hsm.signer import CountedSigner
 from gateway.ledger.store import open_database
 from gateway.metrics import Metrics
 from gateway.services import SERVICES, Services
@@ -76,8 +77,10 @@ def services_context(
         try:
             await database.migrate()
             pool = await SignerPool.start(profile, pool_settings(settings, profile, process_index))
+            metrics = Metrics()
             audit = AuditLog(
-                database, pool, settings.audit.checkpoint_every, settings.audit.flush_max, settings.audit.key_id
+                database, CountedSigner(pool, metrics.signatures, "audit"), settings.audit.checkpoint_every,
+                settings.audit.flush_max, settings.audit.key_id,
             )
             await audit.start()
             app[SERVICES] = Services(
@@ -89,11 +92,11 @@ def services_context(
                     database, settings.auth.session_ttl_seconds, settings.auth.credential_cache_seconds
                 ),
                 audit=audit,
-                metrics=Metrics(),
-                wallets=Wallets(database, pool, profile, settings),
+                metrics=metrics,
+                wallets=Wallets(database, CountedSigner(pool, metrics.signatures, "ecny"), profile, settings),
             )
             services = app[SERVICES]
-            evm = EvmService(database, pool, settings, services.keys, services.wallets, services.metrics)
+            evm = EvmService(database, services.signer_for("evm"), settings, services.keys, services.wallets)
             services.wallets.approval_handlers[EVM_APPROVAL_KIND] = evm
             app[evm_api.EVM_SERVICE] = evm
             yield

@@ -11,7 +11,7 @@ from gateway.audit.chain import AuditLog
 from gateway.auth.credentials import Authenticator
 from gateway.config import Settings
 from gateway.hsm.profile import HsmProfile
-from gateway.hsm.signer import Signer
+from gateway.hsm.signer import CountedSigner, Signer
 from gateway.keyring import KeyDirectory
 from gateway.ledger.store import Database
 from gateway.metrics import Metrics
@@ -30,6 +30,10 @@ class Services:
     wallets: Wallets
     keys: KeyDirectory = field(default_factory=KeyDirectory)
     started_at: float = field(default_factory=time.monotonic)
+
+    def signer_for(self, usage: str) -> Signer:
+        """The signer, counting what it signs under ``usage`` in ``ecny_signatures_total``."""
+        return CountedSigner(self.signer, self.metrics.signatures, usage)
 
 
 SERVICES = web.AppKey("services", Services)

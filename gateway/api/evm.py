@@ -160,9 +160,8 @@ async def sign_typed_data(call: Call) -> web.Response:
     decision, intent = policy.check_typed_data(chain, typed, signer_address)
     policy.refuse([decision], f"EIP-712 {typed.primary_type} on chain {chain.chain_id} refused")
     digest = typed.digest
-    raw = await call.services.signer.sign(key.key_id, ALGORITHM, digest)
+    raw = await call.services.signer_for("evm").sign(key.key_id, ALGORITHM, digest)
     signature = recover_signature(digest, raw, key.public_key)
-    call.services.metrics.signatures.labels(ALGORITHM, "evm").inc()
     rsv = signature.rsv()
     document: dict[str, Any] = {
         "signature": "0x" + rsv.hex(), "r": hex(signature.r), "s": hex(signature.s), "v": rsv[64],

@@ -42,7 +42,6 @@ from gateway.errors import (
 from gateway.hsm.signer import Signer
 from gateway.keyring import KeyDirectory, KeyRecord, evm_address
 from gateway.ledger.store import Database, Tx
-from gateway.metrics import Metrics
 from gateway.policy import evm as policy
 from gateway.policy.evm import Intent
 from gateway.schemes.evm import MAX_NONCE, UnsignedTransaction, finish_transaction
@@ -116,13 +115,12 @@ class EvmService:
     """EVM signing for one gateway process; also the approval handler of kind ``evm_transaction``."""
 
     def __init__(self, database: Database, signer: Signer, settings: Settings, keys: KeyDirectory,
-                 wallets: Wallets, metrics: Metrics) -> None:
+                 wallets: Wallets) -> None:
         self.database = database
         self.signer = signer
         self.settings = settings
         self.keys = keys
         self.wallets = wallets
-        self.metrics = metrics
 
     # --- nonces ----------------------------------------------------------------------------
 
@@ -335,7 +333,6 @@ class EvmService:
         digest = unsigned.signing_hash()
         signature = await self.signer.sign(key.key_id, ALGORITHM, digest)
         signed = finish_transaction(unsigned, signature, key.public_key)
-        self.metrics.signatures.labels(ALGORITHM, "evm").inc()
 
         def store(tx: Tx) -> dict[str, Any]:
             tx.execute("UPDATE evm_transactions SET status = 'signed', raw_transaction = ?, tx_hash = ?, signed_at = ? "

@@ -136,7 +136,8 @@ class Devices:
 
     @classmethod
     def of(cls, services: Any) -> Devices:
-        return cls(services.database, services.signer, services.profile, services.settings, services.keys)
+        return cls(services.database, services.signer_for("voucher"), services.profile, services.settings,
+                   services.keys)
 
     # --- the voucher key -----------------------------------------------------------------------
 

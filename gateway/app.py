@@ -25,6 +25,7 @@ from gateway.api.middleware import problem_middleware
 from gateway.api.openapi import ENDPOINTS_KEY
 from gateway.audit.chain import AuditLog
 from gateway.auth.credentials import Authenticator
+from gateway.auth.throttle import LoginThrottle
 from gateway.config import Settings
 from gateway.evm.service import APPROVAL_KIND as EVM_APPROVAL_KIND
 from gateway.evm.service import EvmService
@@ -89,7 +90,9 @@ def services_context(
                 database=database,
                 signer=pool,
                 authenticator=Authenticator(
-                    database, settings.auth.session_ttl_seconds, settings.auth.credential_cache_seconds
+                    database, settings.auth.session_ttl_seconds, settings.auth.credential_cache_seconds,
+                    LoginThrottle(settings.auth.login_max_attempts, settings.auth.login_lockout_seconds,
+                                  settings.auth.login_lockout_max_seconds, settings.auth.login_window_seconds),
                 ),
                 audit=audit,
                 metrics=metrics,

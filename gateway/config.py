@@ -107,6 +107,14 @@ class AuthSettings(_Section):
     """Lifetime of a teller session token."""
     credential_cache_seconds: Annotated[float, Field(ge=0)] = 2.0
     """How long a verified API key or session stays cached in memory (revocation takes effect within it)."""
+    login_max_attempts: Annotated[int, Field(ge=1)] = 5
+    """Login attempts for one username (since its last success) before it is locked for a while."""
+    login_lockout_seconds: Annotated[int, Field(ge=1)] = 30
+    """The first lockout; each attempt after a lockout ends doubles it, up to ``login_lockout_max_seconds``."""
+    login_lockout_max_seconds: Annotated[int, Field(ge=1)] = 900
+    """The longest lockout."""
+    login_window_seconds: Annotated[int, Field(ge=60)] = 3600
+    """A username's attempts are forgotten once none has come for this long."""
 
 
 class TierSettings(_Section):

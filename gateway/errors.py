@@ -178,6 +178,18 @@ class RateLimited(GatewayError):
     title = "Too many requests"
 
 
+class LoginThrottled(RateLimited):
+    """Too many login attempts for one username: further attempts are refused, without their
+    password being checked, until the lockout ends (``Retry-After``)."""
+
+    code = "login-throttled"
+    title = "Too many login attempts"
+
+    def __init__(self, detail: str, retry_after: int) -> None:
+        super().__init__(detail, retry_after=retry_after)
+        self.retry_after = retry_after
+
+
 # --- 5xx: our dependencies -----------------------------------------------------------------------
 
 

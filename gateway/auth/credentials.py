@@ -24,6 +24,7 @@ from argon2.exceptions import InvalidHashError, VerificationError
 
 from gateway import clock
 from gateway.auth.roles import Role
+from gateway.auth.throttle import LoginThrottle
 from gateway.errors import AlreadyExists, NotFound, Unauthenticated, ValidationFailed
 from gateway.ledger.store import Database, Tx
 
@@ -119,8 +120,10 @@ def add_user(tx: Tx, hasher: PasswordHasher, username: str, role: Role, password
 class Authenticator:
     """Turns a bearer credential into a :class:`Principal` (app-scoped, holds the cache)."""
 
-    def __init__(self, database: Database, session_ttl: int, cache_seconds: float) -> None:
+    def __init__(self, database: Database, session_ttl: int, cache_seconds: float,
+                 throttle: LoginThrottle | None = None) -> None:
         self._database = database
+        self._throttle = throttle or LoginThrottle()
         self._session_ttl = session_ttl
         self._cache_seconds = cache_seconds
         self._cache: dict[bytes, tuple[Principal, float]] = {}
@@ -184,10 +187,13 @@ class Authenticator:
         """Check a password and open a session. Returns (token, principal, expires_at).
 
         The argon2 check runs off the event loop; an unknown user costs the same as a wrong password.
+        The attempt is counted (:class:`LoginThrottle`) before the password is checked.
 
         Raises:
             Unauthenticated: unknown user, disabled user or wrong password (one message for all).
+            LoginThrottled: too many attempts for ``username``; the password was not checked.
         """
+        await self._database.write(lambda tx: self._throttle.attempt_in(tx, username, clock.now()))
         row = await self._database.read(
             lambda tx: tx.fetchone(
                 "SELECT username, role, password_hash, disabled_at FROM users WHERE username = ?", (username,)
@@ -202,6 +208,7 @@ class Authenticator:
         expires_at = clock.after(self._session_ttl)
 
         def record(tx: Tx) -> None:
+            self._throttle.succeeded_in(tx, principal.name)
             tx.execute("DELETE FROM user_sessions WHERE expires_at <= ?", (clock.now_iso(),))
             tx.execute(
                 "INSERT INTO user_sessions (token_hash, username, role, created_at, expires_at) "

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from typing import Any
 
 import pytest
@@ -43,6 +44,22 @@ def services_app(gateway: Gateway) -> web.Application:
     server = gateway.client.server
     assert isinstance(server, TestServer)
     return server.app
+
+
+async def test_a_throttled_login_says_when_to_try_again(tui_gateway: Gateway) -> None:
+    username = "throttled" + "".join(chr(ord("a") + b % 26) for b in os.urandom(6))
+    for _ in range(5):  # [auth] login_max_attempts: the next attempt is refused until the lockout ends
+        response = await tui_gateway.client.post("/v1/sessions", json={"username": username, "password": "wrong"})
+        assert response.status == 401
+    app = teller_app(tui_gateway)
+    async with app.run_test(size=(80, 24)) as pilot:
+        await wait_for(pilot, lambda: app.query_one("#username").has_focus)
+        await type_text(pilot, username)
+        await pilot.press("enter")
+        await type_text(pilot, "wrong")
+        await pilot.press("enter")
+        await wait_for(pilot, lambda: "Too many attempts: try again in" in screen_text(app), what="throttle message")
+        assert isinstance(app.screen, LoginScreen)
 
 
 async def test_login_refuses_a_wrong_password_then_shows_the_dashboard(tui_gateway: Gateway) -> None:

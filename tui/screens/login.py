@@ -87,6 +87,8 @@ class LoginScreen(Screen[None]):
             error = event.worker.error
             if isinstance(error, ApiError) and error.status == 401:
                 self.show_message("Wrong username or password.")
+            elif isinstance(error, ApiError) and error.code == "login-throttled":
+                self.show_message(f"Too many attempts: {error.detail.rpartition('; ')[2]}.")
             else:
                 self.show_message("Could not log in: see the notification.")
                 teller(self).report(error, "Log in")

@@ -81,7 +81,7 @@ def services_context(
             metrics = Metrics()
             audit = AuditLog(
                 database, CountedSigner(pool, metrics.signatures, "audit"), settings.audit.checkpoint_every,
-                settings.audit.flush_max, settings.audit.key_id,
+                settings.audit.flush_max, settings.audit.key_id, settings.audit.checkpoint_seconds,
             )
             await audit.start()
             app[SERVICES] = Services(

@@ -96,6 +96,9 @@ class StoreSettings(_Section):
 class AuditSettings(_Section):
     checkpoint_every: Annotated[int, Field(ge=1)] = 1000
     """Sign the chain head with the audit key every this many entries (and at shutdown)."""
+    checkpoint_seconds: Annotated[float, Field(ge=0)] = 10.0
+    """Also sign it when it has moved and this many seconds have passed (0: by count only). This bounds
+    what could be cut off the chain's unsigned tail unnoticed to the last few seconds, whatever the load."""
     key_id: str | None = None
     """Key that signs checkpoints; by default the one key whose usages include ``audit``."""
     flush_max: Annotated[int, Field(ge=1)] = 1024

@@ -5,6 +5,11 @@ reordering one row breaks the chain at that row. Every ``checkpoint_every`` entr
 shutdown) the chain head is signed by an ``audit`` key in the HSM; a checkpoint fixes the history
 up to it even against someone who can rewrite the whole table and recompute the hashes.
 
+Checkpoints fall due by count (``checkpoint_every`` entries grouped by :class:`AuditLog`) and by
+time: every ``checkpoint_seconds`` the log signs the head if it has moved, whoever appended to it
+(entries written inside other transactions, other processes or instances), so the unsigned tail —
+what could be cut off unnoticed — is never more than a few seconds old.
+
 Entries are written either inside the transaction of the operation they describe
 (:func:`append`), or — for signing requests, which change nothing else — through
 :class:`AuditLog`, which groups the entries of concurrent requests into one commit and answers each
@@ -14,6 +19,7 @@ request only once its entry is committed.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import json
 from collections.abc import Callable, Iterable, Sequence
@@ -119,11 +125,14 @@ class AuditLog:
     """Grouped audit writes and periodic checkpoints for one gateway process."""
 
     def __init__(
-        self, database: Database, signer: Signer, checkpoint_every: int, flush_max: int, key_id: str | None
+        self, database: Database, signer: Signer, checkpoint_every: int, flush_max: int, key_id: str | None,
+        checkpoint_seconds: float = 0.0,
     ) -> None:
         self._database = database
         self._signer = signer
         self._checkpoint_every = checkpoint_every
+        self._checkpoint_seconds = checkpoint_seconds
+        self._ticker: asyncio.Task[None] | None = None
         self._flush_max = flush_max
         self._key_id = key_id
         self._pending: list[tuple[AuditEntry, asyncio.Future[int]]] = []
@@ -137,6 +146,17 @@ class AuditLog:
         """Learn where the last checkpoint is."""
         row = await self._database.read(lambda tx: tx.fetchone("SELECT MAX(seq) AS seq FROM audit_checkpoints"))
         self._checkpointed = int(row["seq"]) if row is not None and row["seq"] is not None else 0
+        if self._checkpoint_seconds > 0:
+            self._ticker = asyncio.create_task(self._tick())
+
+    async def _tick(self) -> None:
+        """Checkpoint the head every ``checkpoint_seconds`` if it has moved (a no-op otherwise)."""
+        while True:
+            await asyncio.sleep(self._checkpoint_seconds)
+            try:
+                await self.checkpoint()
+            except Exception as exc:  # never let the ticker die: the next tick tries again
+                self._log.warning("periodic audit checkpoint failed", error=str(exc))
 
     async def record(self, entry: AuditEntry) -> int:
         """Append one entry, grouped with others into one commit. Returns its sequence number
@@ -222,6 +242,11 @@ class AuditLog:
 
     async def close(self) -> None:
         """Write what is pending and sign a final checkpoint."""
+        if self._ticker is not None:
+            self._ticker.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._ticker
+            self._ticker = None
         while self._flushing is not None and not self._flushing.done():
             await self._flushing
         if self._checkpointing is not None and not self._checkpointing.done():

@@ -4,6 +4,7 @@ chain rewritten consistently, and with a forged checkpoint."""
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import sqlite3
 import subprocess
@@ -16,7 +17,7 @@ import pytest
 from gateway.audit.chain import GENESIS, entry_hash
 from gateway.auth.roles import Role
 from gateway.services import SERVICES
-from tests.conftest import Gateway
+from tests.conftest import Gateway, make_settings, start_gateway
 
 pytestmark = pytest.mark.softhsm
 
@@ -147,3 +148,35 @@ def test_pinned_public_key_must_match(snapshot: Path, raw_keys: dict[str, Any], 
     assert _verify(snapshot, "--public-key", f"{audit_key['key_id']}={right}").returncode == 0
     result = _verify(snapshot, "--public-key", f"{audit_key['key_id']}={wrong}")
     assert result.returncode == 1 and "invalid signature" in result.stdout
+
+
+async def test_the_head_is_checkpointed_by_time_whoever_appended(softhsm_token: Any, tmp_path: Path) -> None:
+    """Entries written inside other transactions (here: opening a wallet) never pass the count of
+    grouped entries; the time-based checkpoint signs them within ``checkpoint_seconds``."""
+    settings = make_settings(softhsm_token, f"sqlite:///{tmp_path / 'gateway.db'}",
+                             audit={"checkpoint_every": 1_000_000, "checkpoint_seconds": 0.2})
+    gateway = await start_gateway(settings)
+    try:
+        response = await gateway.client.post("/v1/keys", json={"label": "audit-by-time", "algorithm": "ecdsa-p256",
+                                                               "usage": ["audit"]}, headers=gateway.auth(Role.ADMIN))
+        assert response.status == 201, await response.text()
+        response = await gateway.client.post("/v1/wallets", json={"holder_name": "Han Meimei", "phone": "13800138000",
+                                                                  "tier": 4, "kind": "personal"},
+                                             headers=gateway.auth(Role.TELLER))
+        assert response.status == 201, await response.text()
+        database = gateway.client.server.app[SERVICES].database
+        head = (await database.read(lambda tx: tx.fetchone("SELECT MAX(seq) AS seq FROM audit_log")))["seq"]
+
+        async def checkpointed() -> int:
+            row = await database.read(lambda tx: tx.fetchone("SELECT MAX(seq) AS seq FROM audit_checkpoints"))
+            return int(row["seq"] or 0)
+
+        for _ in range(200):  # polled, not timed: the ticker runs every 0.2 s
+            if await checkpointed() >= head:
+                break
+            await asyncio.sleep(0.05)
+        assert await checkpointed() >= head
+    finally:
+        await gateway.client.close()
+    result = _verify(tmp_path / "gateway.db")
+    assert result.returncode == 0, result.stdout + result.stderr

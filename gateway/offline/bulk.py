@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
+from itertools import chain
 from typing import Any, NamedTuple
 
 from gateway import clock
@@ -37,7 +38,7 @@ def insert_many(tx: Tx, table: str, columns: Sequence[str], rows: Sequence[Seque
     size = max(1, min(CHUNK, MAX_PARAMETERS // len(columns)))
     head = f"INSERT INTO {table} ({', '.join(columns)}) VALUES "
     for part in chunks(rows, size):
-        tx.execute(head + ", ".join([per_row] * len(part)) + suffix, [value for row in part for value in row])
+        tx.execute(head + ", ".join([per_row] * len(part)) + suffix, list(chain.from_iterable(part)))
 
 
 def select_in(tx: Tx, sql: str, values: Sequence[Any], extra: Sequence[Any] = ()) -> list[Row]:

@@ -87,6 +87,9 @@ AUTO_RESOLVED = frozenset({"unmatched-payer-record"})
 """Holds lifted, and their discrepancy resolved as ``matched``, when the missing record arrives."""
 
 
+NONE: frozenset[bytes] = frozenset()
+
+
 def offline_entry_id(payment_hash: bytes) -> str:
     """The journal entry id of a payment: derived from its hash (96 bits of it, as long as the ledger's
     other entry ids), so it can only ever post once. The entry's reference is the full hash."""
@@ -416,22 +419,13 @@ class Reconciliation:
 
     def load(self, uploads: Sequence[Upload]) -> None:
         tx = self.tx
-        ids: set[str] = set()
-        payers: set[str] = set()
-        hashes: set[bytes] = set()
-        for upload in uploads:
-            ids.add(upload.device_id)
-            for record in upload.payments:
-                if record.payment is not None:
-                    ids.add(record.payment.payee)
-                    ids.add(record.payment.payer)
-                    hashes.add(record.hash)
-            for record in upload.receipts:
-                if record.payment is not None:
-                    payers.add(record.payment.payer)
-                    ids.add(record.payment.payee)
-                    hashes.add(record.hash)
-        ids |= payers
+        # The payments already recorded are looked up by payer and counter, one device at a time
+        # (:meth:`_load_counters`): a recorded row with a record's hash has the record's payer and counter.
+        payments = [record.payment for upload in uploads for record in upload.payments if record.payment is not None]
+        receipts = [record.payment for upload in uploads for record in upload.receipts if record.payment is not None]
+        payers = {payment.payer for payment in receipts}
+        ids = ({upload.device_id for upload in uploads} | payers | {payment.payer for payment in payments}
+               | {payment.payee for payment in payments} | {payment.payee for payment in receipts})
         # Locks in one global order (every "device:" name sorts before every "wallet:" name).
         for device_id in sorted({u.device_id for u in uploads} | payers):
             tx.lock(f"device:{device_id}")
@@ -444,10 +438,6 @@ class Reconciliation:
             tx.lock(f"wallet:{wallet_id}")
         for row in select_in(tx, "SELECT wallet_id, status FROM wallets WHERE wallet_id IN ({in})", wallets):
             self.wallet_status[row["wallet_id"]] = row["status"]
-        for row in select_in(tx, "SELECT payment_hash, payer_device, counter, payee_device, amount, ts, status, "
-                                 "payer_seen, payee_seen, in_budget, discrepancy_id FROM offline_payments "
-                                 "WHERE payment_hash IN ({in})", sorted(hashes)):
-            self._remember(dict(row))
 
     def _remember(self, row: dict[str, Any]) -> None:
         row["payment_hash"] = digest = bytes(row["payment_hash"])
@@ -521,14 +511,15 @@ class Reconciliation:
             device.update(status="frozen", status_reason=reason, stopped_at_ms=self.now_ms)
             self.touched_devices.add(device_id)
 
-    def _post(self, digest: bytes, **fields: Any) -> bool:
+    def _post(self, digest: bytes, payee_seen: bool = False) -> bool:
         """Post a matched payment now, or hold it if its payee's wallet cannot receive or the reserve is short.
-        ``fields`` are set on the payment's row either way."""
+        ``payee_seen``: its payee's record has just arrived (set on its row either way)."""
         row = self.rows[digest]
-        payer, payee = self.devices.get(row["payer_device"]), self.devices.get(row["payee_device"])
+        devices = self.devices
+        payer, payee = devices.get(row["payer_device"]), devices.get(row["payee_device"])
         if payer is None or payee is None:
-            if fields:
-                self._set(digest, **fields)
+            if payee_seen:
+                self._set(digest, payee_seen=1)
             return False
         amount = int(row["amount"])
         payer_wallet, payee_wallet = payer["wallet_id"], payee["wallet_id"]
@@ -536,8 +527,8 @@ class Reconciliation:
         if reserve is None:
             reserve = self._reserve(payer_wallet)
         if self.wallet_status.get(payee_wallet) != "active" or reserve < amount:
-            if fields:
-                self._set(digest, **fields)
+            if payee_seen:
+                self._set(digest, payee_seen=1)
             if self.wallet_status.get(payee_wallet) != "active":
                 self._hold(digest, "payee-wallet-not-active", ["payee-wallet-not-active"],
                            {"payee_wallet": payee_wallet})
@@ -546,7 +537,14 @@ class Reconciliation:
             return False
         self.reserves[payer_wallet] = reserve - amount
         self.posts.append((self.sync_id, payer_wallet, payee_wallet, digest, amount))
-        self._set(digest, **fields, status="posted", posted_at=self.now_iso)
+        row["status"], row["posted_at"] = "posted", self.now_iso  # a new row is the same dict in new_rows
+        if payee_seen:
+            row["payee_seen"] = 1
+        if digest not in self.new_rows:
+            changed = self.changes[digest]
+            changed["status"], changed["posted_at"] = "posted", self.now_iso
+            if payee_seen:
+                changed["payee_seen"] = 1
         if self.report is not None:
             self.report.posted_fen += amount
         return True
@@ -557,31 +555,38 @@ class Reconciliation:
         device = self.devices[upload.device_id]
         counts = report.payments
         self._loads(upload, device)
+        device_id = upload.device_id
         entries: list[Record] = []
+        counts.received += len(upload.payments)
         for record in upload.payments:
-            counts.received += 1
             payment = record.payment
-            if payment is None or payment.payer != upload.device_id or payment.payee == payment.payer:
+            if payment is None or payment.payer != device_id or payment.payee == device_id:
                 counts.invalid += 1
                 self._malformed(upload, record, "payments", record.error or "not a payment by this device to another")
                 continue
             entries.append(record)
-        entries.sort(key=lambda r: (r.payment.counter, r.index))  # type: ignore[union-attr]
+        counters = [r.payment.counter for r in entries]  # type: ignore[union-attr]
+        if counters != sorted(counters):  # in counter order, then log order (the sort is stable)
+            entries.sort(key=lambda r: r.payment.counter)  # type: ignore[union-attr]
         head = int(device["chain_counter"])
-        self._load_counters(upload.device_id, [r.payment.counter for r in entries])  # type: ignore[union-attr]
+        self._load_counters(device_id, counters)
         previous_counter = head
         previous_hashes: set[bytes] | None = {device["chain_hash"]} if device["chain_hash"] else None
         last_hash = device["chain_hash"]
         new_payments = 0
+        # Fixed for the whole log (_loads, above, has counted the vouchers loaded late; only spent_fen moves).
+        limits = (int(device["cert_exp"]), int(device["cap_per_payment"]), int(device["cap_payments_per_sync"]),
+                  int(device["issued_fen"]), int(device["expired_fen"]))
+        rows = self.rows
         for record in entries:
             payment, digest = record.payment, record.hash
             assert payment is not None
-            known = self.rows.get(digest)
+            known = rows.get(digest)
             if known is not None and known["payer_seen"]:
                 counts.known += 1
             else:
-                new_payments += self._payer_record(upload, device, record, head, previous_counter, previous_hashes,
-                                                   new_payments, counts)
+                new_payments += self._payer_record(upload, device, record, known, limits, head, previous_counter,
+                                                   previous_hashes, new_payments, counts)
             if payment.counter > previous_counter:
                 previous_counter, previous_hashes = payment.counter, {digest}
             elif payment.counter == previous_counter and previous_hashes is not None:
@@ -597,10 +602,15 @@ class Reconciliation:
             device["chain_counter"], device["chain_hash"] = upload.export.counter, b""
         self.touched_devices.add(upload.device_id)
 
-    def _payer_record(self, upload: Upload, device: dict[str, Any], record: Record, head: int,
-                      previous_counter: int, previous_hashes: set[bytes] | None, new_payments: int,
-                      counts: SideCounts) -> int:
-        """Apply every rule to one of the device's own payments. Returns 1 if it counts as a new payment."""
+    def _payer_record(self, upload: Upload, device: dict[str, Any], record: Record, known: dict[str, Any] | None,
+                      limits: tuple[int, int, int, int, int], head: int, previous_counter: int,
+                      previous_hashes: set[bytes] | None, new_payments: int, counts: SideCounts) -> int:
+        """Apply every rule to one of the device's own payments. Returns 1 if it counts as a new payment.
+
+        Args:
+            known: its recorded row, if any.
+            limits: the device's cert_exp, cap_per_payment, cap_payments_per_sync, issued_fen, expired_fen.
+        """
         payment, digest = record.payment, record.hash
         assert payment is not None
         if not record.authentic:
@@ -612,7 +622,7 @@ class Reconciliation:
         reasons: list[str] = []
         evidence: dict[str, Any] = {}
         same_counter = self.counters[payment.payer][payment.counter]
-        others = same_counter - {digest} if same_counter and same_counter != {digest} else set()
+        others = same_counter - {digest} if same_counter and same_counter != {digest} else NONE
         if others:
             reasons.append("double-spend")
             evidence["conflicting"] = sorted(h.hex() for h in others)
@@ -635,7 +645,8 @@ class Reconciliation:
                 reasons.append("device-revoked")
             elif status == "unloaded" and payment.counter > int(device["final_counter"] or 0):
                 reasons.append("device-unloaded")
-        if payment.ts > int(device["cert_exp"]):
+        cert_exp, cap_per_payment, cap_payments_per_sync, issued, expired = limits
+        if payment.ts > cert_exp:
             reasons.append("certificate-expired")
         payee = self.devices.get(payment.payee)
         if payee is None:
@@ -644,13 +655,13 @@ class Reconciliation:
         elif self.wallet_status.get(payee["wallet_id"]) != "active":
             reasons.append("payee-wallet-not-active")
         amount = payment.amount
-        if amount > int(device["cap_per_payment"]):
+        if amount > cap_per_payment:
             reasons.append("over-payment-cap")
-            evidence["cap_fen"] = int(device["cap_per_payment"])
-        if new_payments + 1 > int(device["cap_payments_per_sync"]):
+            evidence["cap_fen"] = cap_per_payment
+        if new_payments + 1 > cap_payments_per_sync:
             reasons.append("too-many-payments")
-            evidence["allowed"] = int(device["cap_payments_per_sync"])
-        issued, expired, spent = int(device["issued_fen"]), int(device["expired_fen"]), int(device["spent_fen"])
+            evidence["allowed"] = cap_payments_per_sync
+        spent = int(device["spent_fen"])
         in_budget = amount <= issued - expired - spent
         if in_budget:
             device["spent_fen"] = spent + amount
@@ -659,10 +670,9 @@ class Reconciliation:
         else:
             reasons.append("overspent")
             evidence.update(loaded_fen=issued, spent_fen=spent)
-        known = self.rows.get(digest)
         counts.new += 1
         if known is None:
-            row = self._add_row(record, payment, payer_seen=1, in_budget=int(in_budget))
+            row = self._add_row(record, payment, 1, 0, int(in_budget))
             if not reasons:
                 row["status"] = "awaiting_payee"  # a new row: nothing to post yet (its payee's record is not in)
                 counts.awaiting += 1
@@ -696,10 +706,10 @@ class Reconciliation:
                "envelope": record.envelope, "status": "awaiting_payer", "payer_seen": payer_seen,
                "payee_seen": payee_seen, "in_budget": in_budget, "discrepancy_id": None, "entry_id": None,
                "first_seen_at": self.now_iso, "posted_at": None}
-        self.rows[record.hash] = row
-        self.new_rows[record.hash] = row
-        self.counters[payment.payer][payment.counter].add(record.hash)
-        self.by_payee[payment.payee].add(record.hash)
+        digest = record.hash
+        self.rows[digest] = self.new_rows[digest] = row
+        self.counters[payment.payer][payment.counter].add(digest)
+        self.by_payee[payment.payee].add(digest)
         return row
 
     def _loads(self, upload: Upload, device: dict[str, Any]) -> None:
@@ -736,20 +746,22 @@ class Reconciliation:
     def payee_side(self, upload: Upload, report: Report) -> None:
         counts = report.receipts
         device = self.devices[upload.device_id]
+        rows = self.rows
         wanted: dict[str, list[int]] = defaultdict(list)
         for record in upload.receipts:
-            if record.payment is not None and record.hash not in self.rows:
+            if record.payment is not None and record.hash not in rows:
                 wanted[record.payment.payer].append(record.payment.counter)
         for payer_id, counters in wanted.items():
             self._load_counters(payer_id, counters)
+        device_id = upload.device_id
+        counts.received += len(upload.receipts)
         for record in upload.receipts:
-            counts.received += 1
             payment, digest = record.payment, record.hash
-            if payment is None or payment.payee != upload.device_id:
+            if payment is None or payment.payee != device_id:
                 counts.invalid += 1
                 self._malformed(upload, record, "receipts", record.error or "not a payment to this device")
                 continue
-            known = self.rows.get(digest)
+            known = rows.get(digest)
             if known is not None:
                 self._known_receipt(digest, known, counts)
                 continue
@@ -768,7 +780,7 @@ class Reconciliation:
                 continue
             counts.new += 1
             others = self.counters[payment.payer][payment.counter] - {digest}
-            self._add_row(record, payment, payee_seen=1)
+            self._add_row(record, payment, 0, 1)
             if others:
                 counts.held += 1
                 discrepancy_id = self._hold(digest, "double-spend", ["double-spend"],
@@ -793,11 +805,11 @@ class Reconciliation:
             return
         counts.new += 1
         if row["status"] == "awaiting_payee":
-            counts.posted += int(self._post(digest, payee_seen=1))
+            counts.posted += int(self._post(digest, payee_seen=True))
             return
         discrepancy_id = row["discrepancy_id"]
         if row["status"] == "held" and self.hold_kind(discrepancy_id) in AUTO_RESOLVED:
-            if self._post(digest, payee_seen=1):
+            if self._post(digest, payee_seen=True):
                 counts.posted += 1
                 self.auto_resolved.append(discrepancy_id)
             return
@@ -881,7 +893,7 @@ class Reconciliation:
                    "posted_at")
         values = operator.itemgetter(*columns)
         new_rows = self.new_rows  # in hash order: index inserts close together
-        insert_many(tx, "offline_payments", columns, [values(new_rows[digest]) for digest in sorted(new_rows)])
+        insert_many(tx, "offline_payments", columns, list(map(values, map(new_rows.__getitem__, sorted(new_rows)))))
         groups: dict[tuple[tuple[str, Any], ...], list[bytes]] = defaultdict(list)
         for digest, fields in self.changes.items():
             groups[tuple(sorted(fields.items()))].append(digest)

@@ -167,3 +167,25 @@ def test_uploads_pickle_compactly_and_keep_what_reconciliation_uses(tmp_path: Pa
         assert upload.signed == (message.to_be_signed(), message.signature)
         assert message.payload not in pickled and pickled.count(sent.envelope) == 1
     harness.close()
+
+
+@pytest.mark.parametrize("batched", [True, False])
+def test_fresh_exports_repeating_reconciled_payments_change_nothing(tmp_path: Path, batched: bool) -> None:
+    """New exports (new hashes: not replays) whose payments and receipts were all reconciled before: every record
+    is known (found by its payer and counter), nothing is posted or held again."""
+    harness, (a, b, c) = world(tmp_path / "offline.db")
+    for payer, payee in ((a, b), (b, c), (c, a), (a, c)):
+        pay(payer, payee, 100)
+    harness.sync([a, b, c], ack=False)
+    before = entries(harness), harness.read(lambda tx: [dict(r) for r in tx.fetchall(
+        "SELECT payment_hash, status, entry_id FROM offline_payments ORDER BY payment_hash")])
+    reports = harness.sync([a, b, c]) if batched else [r for d in (c, b, a) for r in harness.sync([d])]
+    assert not any(r["replayed"] for r in reports)
+    assert sum(r["payments"]["known"] + r["receipts"]["known"] for r in reports) == 8
+    assert sum(r["payments"]["new"] + r["receipts"]["new"] + r["payments"]["posted"] + r["receipts"]["posted"]
+               for r in reports) == 0
+    after = entries(harness), harness.read(lambda tx: [dict(r) for r in tx.fetchall(
+        "SELECT payment_hash, status, entry_id FROM offline_payments ORDER BY payment_hash")])
+    assert after == before and all(row["status"] == "posted" for row in after[1])
+    assert harness.read(check_invariants) == [] and harness.read(check_offline_entries) == []
+    harness.close()

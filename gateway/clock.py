@@ -13,7 +13,9 @@ def now() -> datetime:
 
 
 def iso(moment: datetime) -> str:
-    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    # isoformat() is C code and several times faster than strftime; with timespec="microseconds"
+    # it always writes the fraction, and a UTC moment always ends in "+00:00".
+    return moment.astimezone(UTC).isoformat(timespec="microseconds")[:-6] + "Z"
 
 
 def now_iso() -> str:

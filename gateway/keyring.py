@@ -16,12 +16,12 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, utils
 from eth_hash.auto import keccak
-from eth_utils.address import to_checksum_address
 
 from gateway import clock
 from gateway.errors import AlreadyExists, AmbiguousKey, KeyNotFound, KeyUsageNotAllowed, ValidationFailed
 from gateway.hsm.profile import Algorithm
 from gateway.ledger.store import Tx
+from gateway.schemes.evm import checksum
 
 
 class Usage(StrEnum):
@@ -197,7 +197,7 @@ def public_key_pem(algorithm: Algorithm, public_key: bytes) -> str:
 
 def evm_address(public_key: bytes) -> str:
     """EIP-55 address of an uncompressed secp256k1 point."""
-    return str(to_checksum_address(keccak(public_key[1:])[-20:]))
+    return checksum(keccak(public_key[1:])[-20:])
 
 
 def der_from_raw(signature: bytes) -> bytes:

@@ -19,6 +19,7 @@ class Metrics:
     def __init__(self) -> None:
         self.multiprocess_dir = os.environ.get(METRICS_DIR_ENV)
         self.registry = CollectorRegistry(auto_describe=True)
+        self._request_children: dict[tuple[str, int], tuple[Counter, Histogram]] = {}
         self.requests = Counter(
             "ecny_http_requests_total",
             "HTTP requests by endpoint and status",
@@ -52,6 +53,16 @@ class Metrics:
             "ecny_audit_head_seq", "Sequence number of the last audit entry", registry=self.registry,
             multiprocess_mode="max",
         )
+
+    def request_done(self, endpoint: str, status: int, seconds: float) -> None:
+        """Count one answered request and its latency (the labelled children are looked up once)."""
+        key = (endpoint, status)
+        children = self._request_children.get(key)
+        if children is None:
+            children = (self.requests.labels(endpoint, str(status)), self.latency.labels(endpoint))
+            self._request_children[key] = children
+        children[0].inc()
+        children[1].observe(seconds)
 
     def render(self) -> bytes:
         if self.multiprocess_dir is None:

@@ -186,8 +186,7 @@ def guarded(endpoint: Endpoint) -> Callable[[web.Request], Awaitable[web.StreamR
                 await _audit_refusal(call, endpoint.audited_action, error)
             raise
         finally:
-            services.metrics.requests.labels(endpoint.name, str(status)).inc()
-            services.metrics.latency.labels(endpoint.name).observe(time.perf_counter() - started)
+            services.metrics.request_done(endpoint.name, status, time.perf_counter() - started)
 
     handle.__name__ = endpoint.handler.__name__
     return handle

@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import cbor2
+import orjson
 import structlog
 
 from gateway import clock
@@ -55,7 +56,12 @@ class AuditEntry:
 
 
 def _json(value: Any) -> str:
-    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    """Canonical JSON of a field (sorted keys, no spaces, UTF-8). The stored text is what the hash
+    covers, so the encoder may change without breaking old entries."""
+    try:
+        return orjson.dumps(value, option=orjson.OPT_SORT_KEYS).decode()
+    except TypeError:  # what orjson does not take (an integer beyond 64 bits, a non-string key)
+        return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
 
 
 def entry_hash(prev_hash: bytes, row: dict[str, Any]) -> bytes:

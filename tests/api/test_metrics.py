@@ -93,7 +93,9 @@ async def test_audit_checkpoints_are_counted(gateway: Gateway, raw_keys: dict[st
     response = await gateway.client.post(f"/v1/keys/{raw_keys['p256']['key_id']}/sign",
                                          json={"digest": secrets.token_hex(32)}, headers=gateway.auth(Role.BACKEND))
     assert response.status == 200, await response.text()
-    assert await services(gateway).audit.checkpoint() is not None  # the new entry is not checkpointed yet
+    # Sign the head now, or wait for the checkpoint the count of entries may just have started
+    # (it holds the same lock); either way the new entry ends up checkpointed, and signed once.
+    await services(gateway).audit.checkpoint()
     after = await signatures(gateway)
     made = after[("ecdsa-p256", "audit")] - before.get(("ecdsa-p256", "audit"), 0.0)
     assert made == await checkpoints(gateway) - stored_before >= 1

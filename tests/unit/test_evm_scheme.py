@@ -23,6 +23,8 @@ from eth_utils.abi import function_signature_to_4byte_selector
 from eth_utils.address import to_checksum_address
 from eth_utils.crypto import keccak
 from hexbytes import HexBytes
+from hypothesis import given
+from hypothesis import strategies as st
 
 from gateway.config import EvmChainSettings, EvmNativeSettings, EvmTokenSettings, TypedDataDomainSettings
 from gateway.errors import (
@@ -390,3 +392,9 @@ def test_typed_data_domain_policy(key: SoftKey) -> None:
     assert policy.check_typed_data(registry, other_contract, key.address)[0].reasons == ("domain-not-allowlisted",)
     not_owner = parse_typed_data(permit("0x" + "aa" * 20, "0x" + "cd" * 20, "1", chain_id=5, contract=USDX))
     assert policy.check_typed_data(registry, not_owner, key.address)[0].reasons == ("permit-owner-not-signer",)
+
+
+@given(st.binary(min_size=20, max_size=20))
+def test_checksum_is_eip55_as_eth_utils_writes_it(address: bytes) -> None:
+    assert checksum(address) == to_checksum_address(address)
+    assert parse_address(checksum(address)) == address

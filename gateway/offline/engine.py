@@ -27,7 +27,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import operator
 import secrets
 from collections import defaultdict
 from collections.abc import Sequence
@@ -384,6 +383,11 @@ class Report:
 
 # --- the rules, inside one transaction ----------------------------------------------------------------
 
+PAYMENT_COLUMNS = ("payment_hash", "payer_device", "counter", "payee_device", "amount", "ts", "prev", "envelope",
+                   "status", "payer_seen", "payee_seen", "in_budget", "discrepancy_id", "entry_id", "first_seen_at",
+                   "posted_at")
+"""The columns of a new ``offline_payments`` row."""
+
 DEVICE_FIELDS = ("status", "status_reason", "stopped_at_ms", "spent_fen", "expired_fen", "chain_counter",
                  "chain_hash", "rx_synced", "last_sync_at")
 
@@ -701,6 +705,7 @@ class Reconciliation:
 
     def _add_row(self, record: Record, payment: Payment, payer_seen: int = 0, payee_seen: int = 0,
                  in_budget: int = 0) -> dict[str, Any]:
+        """A new payment's row: its keys are :data:`PAYMENT_COLUMNS`, in that order (how :meth:`write` inserts it)."""
         row = {"payment_hash": record.hash, "payer_device": payment.payer, "counter": payment.counter,
                "payee_device": payment.payee, "amount": payment.amount, "ts": payment.ts, "prev": payment.prev,
                "envelope": record.envelope, "status": "awaiting_payer", "payer_seen": payer_seen,
@@ -834,11 +839,11 @@ class Reconciliation:
         for row in rows:
             if bytes(row["payment_hash"]) not in self.rows:
                 self._remember(dict(row))
-        for digest in sorted(self.by_payee[upload.device_id]):
-            row = self.rows[digest]
-            if row["status"] == "awaiting_payee" and int(row["ts"]) < cutoff:
-                self._hold(digest, "unmatched-payer-record", ["unmatched-payer-record"],
-                           {"payee_export_ts": upload.export.ts})
+        known = self.rows
+        for digest in sorted(digest for digest in self.by_payee[upload.device_id]
+                             if known[digest]["status"] == "awaiting_payee" and int(known[digest]["ts"]) < cutoff):
+            self._hold(digest, "unmatched-payer-record", ["unmatched-payer-record"],
+                       {"payee_export_ts": upload.export.ts})
 
     # --- writing ----------------------------------------------------------------------------------
 
@@ -888,12 +893,11 @@ class Reconciliation:
         transfers = self.entries()
         insert_many(tx, "discrepancies", ("discrepancy_id", "dedupe_key", "kind", "device_id", "payment_hash", "amount",
                                           "evidence", "status", "sync_id", "created_at"), self.discrepancies)
-        columns = ("payment_hash", "payer_device", "counter", "payee_device", "amount", "ts", "prev", "envelope",
-                   "status", "payer_seen", "payee_seen", "in_budget", "discrepancy_id", "entry_id", "first_seen_at",
-                   "posted_at")
-        values = operator.itemgetter(*columns)
-        new_rows = self.new_rows  # in hash order: index inserts close together
-        insert_many(tx, "offline_payments", columns, list(map(values, map(new_rows.__getitem__, sorted(new_rows)))))
+        new_rows = self.new_rows
+        if new_rows:  # their keys are PAYMENT_COLUMNS in order (_add_row; later changes only set values)
+            assert tuple(next(iter(new_rows.values()))) == PAYMENT_COLUMNS
+        insert_many(tx, "offline_payments", PAYMENT_COLUMNS,  # in hash order: index inserts close together
+                    [tuple(new_rows[digest].values()) for digest in sorted(new_rows)])
         groups: dict[tuple[tuple[str, Any], ...], list[bytes]] = defaultdict(list)
         for digest, fields in self.changes.items():
             groups[tuple(sorted(fields.items()))].append(digest)

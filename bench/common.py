@@ -181,6 +181,7 @@ class Gateway:
     log_path: Path | None = None
     loop: str = "uvloop"
     command: str = ""
+    ready_s: float = 0.0  # from spawning `serve` to the first /readyz 200
 
     @property
     def url(self) -> str:
@@ -272,7 +273,7 @@ def exit_on_sigterm() -> None:
 
 def start_gateway(store: str = "sqlite", dsn: str | None = None, *, workers: int | None = None,
                   cpus: set[int] | None = None, log_level: str = "warning", extra_toml: str = "",
-                  loop: str = "uvloop", processes: int = 1) -> Gateway:
+                  loop: str = "uvloop", processes: int = 1, ready_poll: float = 0.1) -> Gateway:
     """Make a token, write a config, provision with ``dev-init``, start ``serve``, wait for /readyz.
 
     ``cpus``: CPU affinity of the server (its signer workers inherit it); None = all CPUs.
@@ -316,6 +317,7 @@ def start_gateway(store: str = "sqlite", dsn: str | None = None, *, workers: int
         command = [str(GATEWAY), "serve", "--config", str(base / "gateway.toml")]
         if loop == "asyncio":
             command = [str(VENV_BIN / "python"), "-c", NO_UVLOOP, *command[1:]]
+        spawned = time.monotonic()
         process = subprocess.Popen(command, env=env,
                                    stdout=log, stderr=subprocess.STDOUT, preexec_fn=preexec)
         log.close()
@@ -336,12 +338,13 @@ def start_gateway(store: str = "sqlite", dsn: str | None = None, *, workers: int
                 if gateway.port:
                     status, _ = _http("GET", gateway.url + "/readyz", timeout=2)
                     if status == 200:
+                        gateway.ready_s = time.monotonic() - spawned
                         break
             except OSError:
                 pass
             if time.monotonic() > deadline:
                 raise RuntimeError(f"gateway not ready after 60 s:\n{log_path.read_text()[-3000:]}")
-            time.sleep(0.1)
+            time.sleep(ready_poll)
         status, listing = gateway.request("GET", "/v1/keys", headers=gateway.admin())
         if status != 200:
             raise RuntimeError(f"GET /v1/keys: {status} {listing}")

@@ -93,7 +93,7 @@ def markdown(result: dict[str, Any], command: str) -> str:
         f"{info['nproc']} CPUs ({info['cpu']}), Python {result['versions']['python']}, "
         f"{result['versions']['softhsm2']}; load average {result['loadavg_start']:.1f} at the start.", "",
         "```", command, "```", "",
-        f"- **Start-up to ready** (`serve` spawned → `/readyz` 200, every signer worker logged in): "
+        "- **Start-up to ready** (`serve` spawned → `/readyz` 200, every signer worker logged in): "
         + ", ".join(f"{s:.2f} s" for s in starts) + f" (best {min(starts):.2f} s, worst {max(starts):.2f} s).",
         f"- **Memory under load**: {wrk['requests']:,} signatures in {result['minutes']:g} min "
         f"(`wrk -t2 -c{wrk['connections']}`, {wrk['rate']:,.0f} req/s, p99 {wrk.get('p99_ms', 0):.1f} ms, "

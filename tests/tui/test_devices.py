@@ -3,7 +3,9 @@ served on a real pseudo-terminal, reached by typing its path, registered, loaded
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 from textual.widgets import ProgressBar
@@ -84,3 +86,47 @@ async def test_reconciliation_lists_open_discrepancies(tui_gateway: Gateway) -> 
         await pilot.press("r")
         await wait_for(pilot, lambda: isinstance(app.screen, ReconciliationScreen))
         await wait_for(pilot, lambda: f"{len(open_items)} open discrepanc" in screen_text(app), what="the list")
+
+
+async def resolve(pilot: Any, resolution: str, note: str) -> None:
+    await pilot.press("v")
+    await wait_for(pilot, lambda: "Resolve this discrepancy?" in screen_text(pilot.app), what="the dialog")
+    await type_text(pilot, resolution)
+    await pilot.press("enter")
+    await type_text(pilot, note)
+    await pilot.press("enter")
+
+
+async def test_a_supervisor_resolves_a_discrepancy_in_the_ui(tui_gateway: Gateway) -> None:
+    """A payment to a device the gateway does not know becomes an `unknown-device` discrepancy;
+    a supervisor finds it with the filter and resolves it with a resolution and a note, which the
+    gateway records; a resolution the gateway refuses is shown as a notification."""
+    from tests.device.flows import discrepancies, load, open_wallet, pay, register, sync
+
+    suffix = "".join(chr(ord("a") + b % 26) for b in os.urandom(6))
+    payer = SimulatedDevice.create(device_id=f"sim-resolve-{suffix}")
+    await register(tui_gateway, payer, await open_wallet(tui_gateway, cash=50_000))
+    await load(tui_gateway, payer, 10_000)
+    pay(payer, None, 1_000, payee_id="ghost-device")
+    await sync(tui_gateway, payer)
+    [found] = await discrepancies(tui_gateway, payer.state.device_id)
+    assert found["kind"] == "unknown-device"
+
+    app = teller_app(tui_gateway)
+    async with app.run_test(size=(100, 30)) as pilot:
+        await login(pilot, "supervisor1")
+        await pilot.press("r")
+        await wait_for(pilot, lambda: isinstance(app.screen, ReconciliationScreen))
+        await pilot.press("slash")
+        await type_text(pilot, suffix)
+        await pilot.press("enter")
+        await wait_for(pilot, lambda: "1 open discrepancy" in screen_text(app), what="the filtered list")
+        # "acknowledge" cannot close a discrepancy that holds a payment: the gateway says so.
+        await resolve(pilot, "acknowledge", "seen")
+        await wait_for(pilot, lambda: has_notification(app, "payments-held"), what="the refusal")
+        await resolve(pilot, "reject", "checked with the branch: no such device")
+        await wait_for(pilot, lambda: has_notification(app, "resolved"), what="the resolution")
+    [resolved] = await discrepancies(tui_gateway, payer.state.device_id, status="resolved")
+    assert resolved["discrepancy_id"] == found["discrepancy_id"]
+    assert resolved["resolution"] == "reject" and resolved["note"] == "checked with the branch: no such device"
+    assert await discrepancies(tui_gateway, payer.state.device_id) == []

@@ -896,8 +896,8 @@ class Reconciliation:
         new_rows = self.new_rows
         if new_rows:  # their keys are PAYMENT_COLUMNS in order (_add_row; later changes only set values)
             assert tuple(next(iter(new_rows.values()))) == PAYMENT_COLUMNS
-        insert_many(tx, "offline_payments", PAYMENT_COLUMNS,  # in hash order: index inserts close together
-                    [tuple(new_rows[digest].values()) for digest in sorted(new_rows)])
+        insert_many(tx, "offline_payments", PAYMENT_COLUMNS,  # in hash order (the first column): index inserts
+                    sorted(tuple(row.values()) for row in new_rows.values()))  # close together
         groups: dict[tuple[tuple[str, Any], ...], list[bytes]] = defaultdict(list)
         for digest, fields in self.changes.items():
             groups[tuple(sorted(fields.items()))].append(digest)

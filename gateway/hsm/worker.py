@@ -24,7 +24,13 @@ A result is ``(True, value)`` or ``(False, kind, message)`` with ``kind`` one of
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import hashlib
+import os
+import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from typing import Any
@@ -109,12 +115,13 @@ class Worker:
         """
         pkcs11 = self._pkcs11
         try:
-            if self.lib is None:
-                self.lib = pkcs11.lib(self.config.module_path)
-            else:
-                self.lib.reinitialize()
-            token = self.lib.get_token(token_label=self.config.token_label)
-            self.session = token.open(user_pin=self.config.pin, rw=True)
+            with _opening_alone(self.config):
+                if self.lib is None:
+                    self.lib = pkcs11.lib(self.config.module_path)
+                else:
+                    self.lib.reinitialize()
+                token = self.lib.get_token(token_label=self.config.token_label)
+                self.session = token.open(user_pin=self.config.pin, rw=True)
         except pkcs11.exceptions.PKCS11Error as exc:
             self.session = None
             raise self._classify(exc) from None
@@ -321,6 +328,31 @@ class Worker:
             return (False, failure.kind, str(failure))
         except Exception as exc:  # a worker must answer every job, whatever breaks
             return (False, "error", f"{type(exc).__name__}: {exc}")
+
+
+@contextlib.contextmanager
+def _opening_alone(config: WorkerConfig) -> Iterator[None]:
+    """Hold an exclusive ``flock`` shared by every process on this machine that opens the same
+    token (the workers of one pool, of several HTTP processes, of other instances) while this one
+    initialises the module and logs in.
+
+    SoftHSM2 rewrites its token files on login; another process reading them at that moment finds
+    no token (``NoSuchToken``) or fails (``GeneralError``), and its worker started out down. It was
+    seen in about one start in ten on a fresh token. Opening takes milliseconds and happens at start
+    and on recovery only, so taking turns costs nothing; without a writable temp dir, no lock.
+    """
+    name = hashlib.sha256(f"{config.module_path}\0{config.token_label}".encode()).hexdigest()[:16]
+    path = os.path.join(tempfile.gettempdir(), f"ecny-pkcs11-open-{name}.lock")
+    try:
+        descriptor = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    except OSError:
+        yield
+        return
+    try:
+        fcntl.flock(descriptor, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(descriptor)  # releases the lock
 
 
 def _template(pkcs11: Any, attributes: dict[str, bool]) -> dict[Any, bool]:

@@ -87,6 +87,7 @@ AUTO_RESOLVED = frozenset({"unmatched-payer-record"})
 
 
 NONE: frozenset[bytes] = frozenset()
+"""No other payment at the same payer and counter (shared: the usual case, one per payment)."""
 
 
 def offline_entry_id(payment_hash: bytes) -> str:

@@ -148,6 +148,12 @@ class IdempotencyConflict(Conflict):
     title = "Idempotency-Key reused with a different request"
 
 
+class IdempotencyRaced(IdempotencyConflict):
+    """Another request with this Idempotency-Key committed first while this one ran (another
+    process or instance): its transaction rolled back. Answered from the winner's record, so a
+    client sees this only if that record cannot be read back."""
+
+
 class AlreadyExists(Conflict):
     """A resource with this unique name exists already."""
 

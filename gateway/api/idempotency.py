@@ -5,8 +5,9 @@ with another body is 409. Keys are scoped to the calling principal. Responses wi
 500 are kept; a 5xx is not, so a retry after an outage does the work.
 
 Two requests with one key racing in the same process: the second waits for the first and replays
-it. Across processes the store's primary key decides: operations that change the ledger record
-their response inside their own transaction (:func:`record_in`), so a duplicate rolls back whole.
+it. Across processes and instances the store's primary key decides: operations that change the
+ledger record their response inside their own transaction (:func:`record_in`), so the duplicate
+that loses rolls back whole — and then answers with the winner's record, as a replay.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from aiohttp import web
 
 from gateway import clock
 from gateway.api.codecs import JSON as JSON_TYPE
-from gateway.errors import AlreadyExists, IdempotencyConflict
+from gateway.errors import AlreadyExists, IdempotencyConflict, IdempotencyRaced
 from gateway.ledger.store import Tx
 
 if TYPE_CHECKING:
@@ -95,7 +96,7 @@ def record_in(tx: Tx, call: Call, status: int, content_type: str, body: bytes) -
              clock.now_iso()),
         )
     except AlreadyExists as exc:
-        raise IdempotencyConflict(f"Idempotency-Key {call.idempotency_key!r} is already being used") from exc
+        raise IdempotencyRaced(f"Idempotency-Key {call.idempotency_key!r} is already being used") from exc
     call.recorded_in_transaction = True
 
 
@@ -122,6 +123,20 @@ def complete_in(tx: Tx, call: Call, status: int, content_type: str, body: bytes)
     )
 
 
+async def _answer_from(
+    row: Any, call: Call, expected: bytes, resume: Callable[[Call, str], Awaitable[web.StreamResponse]] | None
+) -> web.StreamResponse:
+    """The answer to a request whose key is recorded already: a replay of the recorded response —
+    or, for a reference record (the first request committed its work but not its final response,
+    e.g. it died between posting and signing), the work finished now as the first would have."""
+    key = call.idempotency_key or ""
+    if row["content_type"] == REFERENCE and resume is not None:
+        if bytes(row["request_hash"]) != expected:
+            raise IdempotencyConflict(f"Idempotency-Key {key!r} was used with a different request")
+        return await resume(call, bytes(row["body"]).decode())
+    return _replay(row, expected, key)
+
+
 async def run(
     inflight: InFlight,
     call: Call,
@@ -143,14 +158,15 @@ async def run(
     try:
         row = await database.read(lambda tx: _lookup(tx, scope, key))
         if row is not None:
-            if row["content_type"] == REFERENCE and resume is not None:
-                # The first request committed its work but not its final response (e.g. it died
-                # between posting and signing): finish it now, as the first one would have.
-                if bytes(row["request_hash"]) != expected:
-                    raise IdempotencyConflict(f"Idempotency-Key {key!r} was used with a different request")
-                return await resume(call, bytes(row["body"]).decode())
-            return _replay(row, expected, key)
-        response = await handler(call)
+            return await _answer_from(row, call, expected, resume)
+        try:
+            response = await handler(call)
+        except IdempotencyRaced:
+            # Another process committed this key while the handler ran; its work rolled back.
+            row = await database.read(lambda tx: _lookup(tx, scope, key))
+            if row is None:
+                raise
+            return await _answer_from(row, call, expected, resume)
         if response.status < 500 and not call.recorded_in_transaction:
             assert isinstance(response, web.Response)
             body = bytes(response.body) if response.body is not None else b""  # type: ignore[arg-type]

@@ -180,3 +180,34 @@ async def test_refused_request_is_not_remembered(gateway: Gateway, raw_keys: dic
     assert status == 403, body
     status, body, _ = await _sign(gateway, raw_keys["ecny"]["key_id"], digest, idem)
     assert status == 403, body
+
+
+async def test_one_key_through_two_instances_is_answered_once(ledger_gateway: Gateway) -> None:
+    """Two gateway instances on one store (SQLite file or PostgreSQL database) get the same transfer
+    with the same Idempotency-Key at once: neither answers 409 — the one that loses the race replays
+    the winner's response — and the money moves once per key."""
+    from aiohttp.test_utils import TestClient, TestServer
+
+    from gateway.app import make_app
+    from tests.device.flows import open_wallet, wallet
+
+    first = ledger_gateway
+    second: TestClient[Any, Any] = TestClient(TestServer(make_app(first.settings)))
+    await second.start_server()
+    try:
+        payer, payee = await open_wallet(first, cash=1_000_000), await open_wallet(first)
+        body = {"from_wallet": payer, "to_wallet": payee, "amount_fen": 100}
+        rounds = 12
+        for _ in range(rounds):
+            headers = first.auth(Role.BACKEND) | {"Idempotency-Key": _key()}
+
+            async def post(client: Any) -> tuple[int, Any]:
+                response = await client.post("/v1/transfers", json=body, headers=headers)
+                return response.status, await response.json()
+
+            results = await asyncio.gather(*(post(client) for client in (first.client, second) * 2))
+            assert {status for status, _ in results} == {201}, results
+            assert len({document["transfer_id"] for _, document in results}) == 1, results
+        assert (await wallet(first, payee))["balance_fen"] == rounds * 100
+    finally:
+        await second.close()

@@ -198,14 +198,13 @@ async def test_one_key_through_two_instances_is_answered_once(ledger_gateway: Ga
         payer, payee = await open_wallet(first, cash=1_000_000), await open_wallet(first)
         body = {"from_wallet": payer, "to_wallet": payee, "amount_fen": 100}
         rounds = 12
+        async def post(client: Any, headers: dict[str, str]) -> tuple[int, Any]:
+            response = await client.post("/v1/transfers", json=body, headers=headers)
+            return response.status, await response.json()
+
         for _ in range(rounds):
             headers = first.auth(Role.BACKEND) | {"Idempotency-Key": _key()}
-
-            async def post(client: Any) -> tuple[int, Any]:
-                response = await client.post("/v1/transfers", json=body, headers=headers)
-                return response.status, await response.json()
-
-            results = await asyncio.gather(*(post(client) for client in (first.client, second) * 2))
+            results = await asyncio.gather(*(post(client, headers) for client in (first.client, second) * 2))
             assert {status for status, _ in results} == {201}, results
             assert len({document["transfer_id"] for _, document in results}) == 1, results
         assert (await wallet(first, payee))["balance_fen"] == rounds * 100

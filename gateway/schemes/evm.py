@@ -25,6 +25,7 @@ Every malformed input raises a :class:`gateway.errors.GatewayError` subclass (40
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -36,6 +37,7 @@ from eth_abi.abi import decode as abi_decode
 from eth_abi.abi import encode as abi_encode
 from eth_abi.exceptions import DecodingError, EncodingError
 from eth_hash.auto import keccak
+from rlp.sedes import CountableList, List, big_endian_int, binary  # type: ignore[import-untyped]
 
 from gateway.errors import (
     InvalidAddress,
@@ -163,6 +165,15 @@ def check_fees(tx_type: TxType, gas_limit: int | None, max_fee: int | None, prio
     return Fees(gas_limit, gas_price=gas_price)
 
 
+# RLP layouts given to `rlp` explicitly rather than inferred from the values (half the cost, and
+# the layout is stated): quantities are big-endian integers, `to` and `data` byte strings, the
+# access list (always empty here) a list of [address, [storage keys]].
+_ACCESS_LIST = CountableList(List([binary, CountableList(binary)]))
+_EIP1559_UNSIGNED = List([big_endian_int] * 5 + [binary, big_endian_int, binary, _ACCESS_LIST])
+_EIP1559_SIGNED = List([big_endian_int] * 5 + [binary, big_endian_int, binary, _ACCESS_LIST] + [big_endian_int] * 3)
+_LEGACY = List([big_endian_int] * 3 + [binary, big_endian_int, binary] + [big_endian_int] * 3)
+
+
 @dataclass(frozen=True)
 class UnsignedTransaction:
     """Everything a transaction commits to but its signature. ``to`` is never empty: the gateway
@@ -187,18 +198,23 @@ class UnsignedTransaction:
         """EIP-1559: ``0x02 || rlp([chain_id, nonce, …, access_list])``;
         EIP-155: ``rlp([nonce, gas_price, gas, to, value, data, chain_id, 0, 0])``."""
         if self.tx_type == "eip1559":
-            return b"\x02" + bytes(rlp.encode(self._fields()))
-        return bytes(rlp.encode([*self._fields(), self.chain_id, 0, 0]))
+            return b"\x02" + bytes(rlp.encode(self._fields(), sedes=_EIP1559_UNSIGNED))
+        return bytes(rlp.encode([*self._fields(), self.chain_id, 0, 0], sedes=_LEGACY))
 
     def signing_hash(self) -> bytes:
-        """keccak-256 of the signing payload: the 32 bytes the HSM signs."""
+        """keccak-256 of the signing payload: the 32 bytes the HSM signs (computed once per transaction:
+        recording, signing and assembling all need it)."""
+        return self._signing_hash
+
+    @functools.cached_property
+    def _signing_hash(self) -> bytes:
         return bytes(keccak(self.signing_payload()))
 
     def assemble(self, y_parity: int, r: int, s: int) -> bytes:
         """The raw signed transaction: the EIP-2718 envelope for type 2, plain RLP for legacy."""
         if self.tx_type == "eip1559":
-            return b"\x02" + bytes(rlp.encode([*self._fields(), y_parity, r, s]))
-        return bytes(rlp.encode([*self._fields(), self.chain_id * 2 + 35 + y_parity, r, s]))
+            return b"\x02" + bytes(rlp.encode([*self._fields(), y_parity, r, s], sedes=_EIP1559_SIGNED))
+        return bytes(rlp.encode([*self._fields(), self.chain_id * 2 + 35 + y_parity, r, s], sedes=_LEGACY))
 
     def to_json(self) -> dict[str, Any]:
         """A JSON form (quantities as decimal strings) that :meth:`from_json` reads back exactly."""

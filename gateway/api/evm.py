@@ -160,7 +160,7 @@ async def sign_typed_data(call: Call) -> web.Response:
     decision, intent = policy.check_typed_data(chain, typed, signer_address)
     policy.refuse([decision], f"EIP-712 {typed.primary_type} on chain {chain.chain_id} refused")
     digest = typed.digest
-    raw = await call.services.signer_for("evm").sign(key.key_id, ALGORITHM, digest)
+    raw = await call.services.signer_for(Usage.EVM).sign(key.key_id, ALGORITHM, digest)
     signature = recover_signature(digest, raw, key.public_key)
     rsv = signature.rsv()
     document: dict[str, Any] = {

@@ -78,7 +78,7 @@ async def sign(call: Call) -> web.Response:
     record.require(Usage.RAW)
     body: SignRequest = call.body
     data = _signing_input(record, body.digest)
-    signature = await services.signer_for("raw").sign(record.key_id, record.algorithm.value, data)
+    signature = await services.signer_for(Usage.RAW).sign(record.key_id, record.algorithm.value, data)
     await services.audit.record(
         call.audit_entry(
             "keys.sign", decision="allowed", key_id=record.key_id,
@@ -97,7 +97,7 @@ async def sign_batch(call: Call) -> web.Response:
     record = await services.keys.get(services.database, body.key_id)
     record.require(Usage.RAW)
     items = [_signing_input(record, digest) for digest in body.digests]
-    signatures = await services.signer_for("raw").sign_many(record.key_id, record.algorithm.value, items)
+    signatures = await services.signer_for(Usage.RAW).sign_many(record.key_id, record.algorithm.value, items)
     await services.audit.record(
         call.audit_entry(
             "keys.sign_batch", decision="allowed", key_id=record.key_id,

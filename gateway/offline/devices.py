@@ -136,7 +136,7 @@ class Devices:
 
     @classmethod
     def of(cls, services: Any) -> Devices:
-        return cls(services.database, services.signer_for("voucher"), services.profile, services.settings,
+        return cls(services.database, services.signer_for(Usage.VOUCHER), services.profile, services.settings,
                    services.keys)
 
     # --- the voucher key -----------------------------------------------------------------------

@@ -108,22 +108,27 @@ def describe_payload(kind: str, payload: dict[str, Any]) -> list[tuple[str, str]
         ]
         return rows
     if kind.startswith("evm"):
-        tx = payload.get("transaction") if isinstance(payload.get("transaction"), dict) else payload
-        assert isinstance(tx, dict)
-        erc20 = tx.get("erc20") if isinstance(tx.get("erc20"), dict) else None
-        rows.append(("Chain", str(tx.get("chain_name") or tx.get("chain_id", "?"))))
-        if erc20 is not None:
-            rows += [
-                ("Token", str(erc20.get("symbol") or erc20.get("token", "?"))),
-                ("Method", str(erc20.get("method", "transfer"))),
-                ("Recipient", str(erc20.get("to") or "—")),
-                ("Amount", token_amount(erc20.get("amount"), erc20.get("decimals"), erc20.get("symbol"))),
-            ]
-        else:
-            rows += [("Recipient", str(tx.get("to") or "—")), ("Value (wei)", str(tx.get("value", "0")))]
-        for name in ("key_id", "from", "nonce", "gas_limit", "max_fee_per_gas", "gas_price"):
-            if name in tx:
+        # What the gateway stores for an EVM approval (gateway.evm.service.record_in): the decoded
+        # intent — what policy checked: asset, method, the real recipient (for ERC-20 the one in
+        # the calldata, not the token contract the transaction goes to), amount — beside the
+        # unsigned transaction and the signing hash the approval is bound to.
+        intent = payload.get("intent") if isinstance(payload.get("intent"), dict) else {}
+        tx = payload.get("transaction") if isinstance(payload.get("transaction"), dict) else {}
+        assert isinstance(intent, dict) and isinstance(tx, dict)
+        chain = payload.get("chain") or tx.get("chain_id") or intent.get("chain_id") or "?"
+        rows.append(("Chain", f"{chain} ({payload.get('chain_id', tx.get('chain_id', '?'))})"))
+        native = intent.get("asset") == "native"
+        rows += [
+            ("Asset", str(intent.get("symbol", "?")) + ("" if native else f" (token {intent.get('asset', '?')})")),
+            ("Method", str(intent.get("method", "?"))),
+            ("Recipient", str(intent.get("recipient") or "—")),
+            ("Amount", token_amount(intent.get("amount"), intent.get("decimals"), intent.get("symbol"))),
+            ("From", str(payload.get("from", "?"))),
+        ]
+        for name in ("nonce", "gas_limit", "max_fee_per_gas", "max_priority_fee_per_gas", "gas_price"):
+            if tx.get(name) is not None:
                 rows.append((name.replace("_", " ").capitalize(), str(tx[name])))
+        rows += [("Key", str(payload.get("key_id", "?"))), ("Signing hash", str(payload.get("signing_hash", "?")))]
         return rows
     for name, value in sorted(payload.items()):
         if name == "kind":
@@ -150,6 +155,9 @@ def payload_summary(kind: str, payload: dict[str, Any]) -> str:
         return (f"{money(_as_int(payload.get('amount_fen')))} {str(payload.get('from_wallet', ''))[:4]}… → "
                 f"{str(payload.get('to_wallet', ''))[:4]}…")
     lines = describe_payload(kind, payload)
+    if kind.startswith("evm"):
+        shown = dict(lines)
+        return f"{shown['Amount'].split(' (')[0]} → {shown['Recipient'][:10]}…"
     return " · ".join(value for _, value in lines[:3])
 
 

@@ -268,6 +268,55 @@ async def test_supervisor_approves_a_transfer_shown_decoded(tui_gateway: Gateway
     assert (await api(tui_gateway, "GET", f"/v1/wallets/{target}"))["balance_fen"] == 6_000_000
 
 
+async def test_supervisor_approves_an_erc20_transfer_shown_as_the_gateway_decoded_it(tui_gateway: Gateway) -> None:
+    """An ERC-20 transfer above the token's approval threshold, from a real gateway: the screen
+    shows the recipient inside the calldata (not the token contract the transaction goes to) and
+    the amount in tokens; once approved, eth-account and eth-abi read the same out of the signed
+    transaction."""
+    from eth_abi.abi import decode
+    from eth_account import Account
+    from eth_account.typed_transactions.typed_transaction import TypedTransaction
+    from hexbytes import HexBytes
+
+    from gateway.schemes.evm import checksum
+
+    key = await api(tui_gateway, "POST", "/v1/keys", role=Role.ADMIN,
+                    json={"label": f"tui-evm-{os.urandom(3).hex()}", "algorithm": "ecdsa-secp256k1",
+                          "usage": ["evm"]})
+    recipient = checksum(os.urandom(20))
+    usdc = "0x1c7D4B196Cb0C7B01d743Fbc6116a902379C7238"  # the Sepolia example token in the shipped registry
+    pending = await api(tui_gateway, "POST", "/v1/evm/transactions", role=Role.BACKEND, headers=idem(), json={
+        "key_id": key["key_id"], "chain_id": 11155111, "type": "eip1559", "gas_limit": 90_000,
+        "max_fee_per_gas": "30000000000", "max_priority_fee_per_gas": "2000000000",
+        "erc20": {"token": usdc, "method": "transfer", "to": recipient, "amount": str(150_000 * 10**6)}})
+    assert pending["status"] == "pending_approval"
+    app = teller_app(tui_gateway)
+    async with app.run_test(size=(100, 40)) as pilot:
+        await login(pilot, "supervisor1")
+        await pilot.press("a")
+        await wait_for(pilot, lambda: isinstance(app.screen, ApprovalsScreen))
+        await pilot.press("slash")
+        await type_text(pilot, recipient[2:12].lower())
+        await wait_for(pilot, lambda: len(cell_texts(app, "#approvals-table")) == 1, what="the request")
+        await pilot.press("enter")
+        text = screen_text(app)
+        assert f"Recipient  {recipient}" in text and "150,000.000000 USDC" in text, text
+        assert f"Asset  USDC (token {usdc})" in text and "Sepolia (11155111)" in text
+        assert "payload hash matches what is shown" in text
+        await pilot.press("a")
+        await wait_for(pilot, lambda: "Approve this evm_transaction?" in screen_text(app))
+        await type_text(pilot, "treasury confirmed")
+        await pilot.press("enter")
+        await wait_for(pilot, lambda: has_notification(app, "Approved: executed"), what="approval")
+    document = await api(tui_gateway, "GET", f"/v1/approvals/{pending['approval_id']}", role=Role.SUPERVISOR)
+    raw = HexBytes(document["result"]["raw_transaction"])
+    assert Account.recover_transaction(raw) == key["address"]
+    fields = TypedTransaction.from_bytes(raw).as_dict()
+    assert checksum(bytes(HexBytes(fields["to"]))) == usdc and fields["chainId"] == 11155111
+    to, amount = decode(["address", "uint256"], bytes(HexBytes(fields["data"]))[4:])
+    assert (to, amount) == (recipient.lower(), 150_000 * 10**6)
+
+
 async def test_a_requester_cannot_approve_their_own_request(tui_gateway: Gateway) -> None:
     source, _, approval_id = await _pending_transfer(tui_gateway, Role.SUPERVISOR)  # made by supervisor1
     app = teller_app(tui_gateway)

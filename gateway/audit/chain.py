@@ -132,9 +132,11 @@ class AuditLog:
 
     def __init__(
         self, database: Database, signer: Signer, checkpoint_every: int, flush_max: int, key_id: str | None,
-        checkpoint_seconds: float = 0.0,
+        checkpoint_seconds: float = 0.0, on_head: Callable[[int], None] | None = None,
     ) -> None:
         self._database = database
+        self._on_head = on_head or (lambda seq: None)
+        self._head_reported = 0
         self._signer = signer
         self._checkpoint_every = checkpoint_every
         self._checkpoint_seconds = checkpoint_seconds
@@ -152,17 +154,26 @@ class AuditLog:
         """Learn where the last checkpoint is."""
         row = await self._database.read(lambda tx: tx.fetchone("SELECT MAX(seq) AS seq FROM audit_checkpoints"))
         self._checkpointed = int(row["seq"]) if row is not None and row["seq"] is not None else 0
+        self._report_head((await self._database.read(head))[0])
         if self._checkpoint_seconds > 0:
             self._ticker = asyncio.create_task(self._tick())
 
     async def _tick(self) -> None:
-        """Checkpoint the head every ``checkpoint_seconds`` if it has moved (a no-op otherwise)."""
+        """Every ``checkpoint_seconds``: report the head (``on_head``: entries appended inside other
+        transactions or by other processes too) and checkpoint it if it has moved."""
         while True:
             await asyncio.sleep(self._checkpoint_seconds)
             try:
+                self._report_head((await self._database.read(head))[0])
                 await self.checkpoint()
             except Exception as exc:  # never let the ticker die: the next tick tries again
                 self._log.warning("periodic audit checkpoint failed", error=str(exc))
+
+    def _report_head(self, seq: int) -> None:
+        """Tell ``on_head`` of a higher head (a flush may finish after a tick read a later head)."""
+        if seq > self._head_reported:
+            self._head_reported = seq
+            self._on_head(seq)
 
     async def record(self, entry: AuditEntry) -> int:
         """Append one entry, grouped with others into one commit. Returns its sequence number
@@ -190,6 +201,7 @@ class AuditLog:
             for (_, future), seq in zip(batch, numbers, strict=True):
                 if not future.done():
                     future.set_result(seq)
+            self._report_head(numbers[-1])
             self.after_append(numbers[-1])
 
     def after_append(self, last_seq: int) -> None:

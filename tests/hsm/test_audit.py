@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from gateway.audit.chain import GENESIS, entry_hash
 from gateway.auth.roles import Role
@@ -150,7 +151,7 @@ def test_pinned_public_key_must_match(snapshot: Path, raw_keys: dict[str, Any], 
     assert result.returncode == 1 and "invalid signature" in result.stdout
 
 
-async def test_the_head_is_checkpointed_by_time_whoever_appended(softhsm_token: Any, tmp_path: Path) -> None:
+async def test_the_head_is_checkpointed_and_reported_by_time(softhsm_token: Any, tmp_path: Path) -> None:
     """Entries written inside other transactions (here: opening a wallet) never pass the count of
     grouped entries; the time-based checkpoint signs them within ``checkpoint_seconds``."""
     settings = make_settings(softhsm_token, f"sqlite:///{tmp_path / 'gateway.db'}",
@@ -171,11 +172,21 @@ async def test_the_head_is_checkpointed_by_time_whoever_appended(softhsm_token: 
             row = await database.read(lambda tx: tx.fetchone("SELECT MAX(seq) AS seq FROM audit_checkpoints"))
             return int(row["seq"] or 0)
 
+        async def head_gauge() -> float:
+            response = await gateway.client.get("/metrics", headers=gateway.auth(Role.AUDITOR))
+            for family in text_string_to_metric_families(await response.text()):
+                if family.name == "ecny_audit_head_seq":
+                    return float(family.samples[0].value)
+            raise AssertionError("no ecny_audit_head_seq")
+
         for _ in range(200):  # polled, not timed: the ticker runs every 0.2 s
-            if await checkpointed() >= head:
+            if await checkpointed() >= head and await head_gauge() >= head:
                 break
             await asyncio.sleep(0.05)
         assert await checkpointed() >= head
+        # The head seen from outside (Prometheus) follows entries written inside other transactions too.
+        assert await head_gauge() == (await database.read(
+            lambda tx: tx.fetchone("SELECT MAX(seq) AS seq FROM audit_log")))["seq"]
     finally:
         await gateway.client.close()
     result = _verify(tmp_path / "gateway.db")

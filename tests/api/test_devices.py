@@ -272,8 +272,8 @@ async def test_revoked_device_payments_after_revocation_are_held(gw: Gateway) ->
     response = await gw.client.post(f"/v1/devices/{payer.state.device_id}/revoke", json={"reason": "reported lost"},
                                     headers=gw.auth(Role.SUPERVISOR))
     assert response.status == 200 and (await response.json())["status"] == "revoked"
-    await asyncio.sleep(0.002)  # a revocation and a payment in the same millisecond: the payment is not "after" it
-    after = pay(payer, payee, 2_000)
+    # Dated a second after now, so that it is after the revocation even within the same millisecond.
+    after = pay(payer, payee, 2_000, ts=payer.clock() + 1_000)
     await sync(gw, payer)
     await sync(gw, payee)
     found = await held(gw, payer.state.device_id, "device-revoked")

@@ -102,16 +102,19 @@ def start_openbao(audit_log: Path | None = None) -> tuple[subprocess.Popen[bytes
     )
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 30
-    while True:
-        try:
-            _bao_call(url, "POST", "/v1/sys/mounts/transit", {"type": "transit"})
-            break
-        except OSError:
-            if time.monotonic() > deadline:
-                process.kill()
-                raise
-            time.sleep(0.2)
-    _bao_call(url, "POST", "/v1/transit/keys/bench", {"type": "ecdsa-p256"})
+    try:
+        while True:
+            try:
+                _bao_call(url, "POST", "/v1/sys/mounts/transit", {"type": "transit"})
+                break
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.2)
+        _bao_call(url, "POST", "/v1/transit/keys/bench", {"type": "ecdsa-p256"})
+    except BaseException:  # never leave a server behind
+        os.killpg(process.pid, 15)
+        raise
     return process, url
 
 
@@ -206,7 +209,11 @@ def main() -> int:
         return 2
     gateway = start_gateway("sqlite", processes=args.processes)
     audit_dir = Path(tempfile.mkdtemp(prefix="ecny-bao-audit-")) if args.openbao_audit else None
-    bao, bao_url = start_openbao(audit_dir / "audit.log" if audit_dir else None)
+    try:
+        bao, bao_url = start_openbao(audit_dir / "audit.log" if audit_dir else None)
+    except BaseException:
+        gateway.cleanup()
+        raise
     rows: list[dict[str, Any]] = []
     try:
         gateway_lua = GATEWAY_LUA % {"api_key": gateway.credentials["backend_api_key"],

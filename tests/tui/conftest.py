@@ -88,6 +88,14 @@ async def login(pilot: Pilot[Any], username: str) -> None:
     await wait_for(pilot, lambda: isinstance(pilot.app.screen, DashboardScreen), what=f"{username} logged in")
 
 
+async def open_filtered(pilot: Pilot[Any], key: str, screen: type[Any], text: str) -> None:
+    """Go to a screen by its key and type ``text`` into its filter (``/``)."""
+    await pilot.press(key)
+    await wait_for(pilot, lambda: isinstance(pilot.app.screen, screen), what=screen.__name__)
+    await pilot.press("slash")
+    await type_text(pilot, text)
+
+
 def cell_texts(app: App[Any], table_id: str) -> list[list[str]]:
     from textual.widgets import DataTable
 

@@ -13,7 +13,17 @@ from textual.widgets import ProgressBar
 from gateway.auth.roles import Role
 from gateway.device.simulator import SimulatedDevice, start_in_thread
 from tests.conftest import Gateway
-from tests.tui.conftest import api, has_notification, login, new_wallet, screen_text, teller_app, type_text, wait_for
+from tests.tui.conftest import (
+    api,
+    has_notification,
+    login,
+    new_wallet,
+    open_filtered,
+    screen_text,
+    teller_app,
+    type_text,
+    wait_for,
+)
 from tui.format import grouped
 from tui.screens.devices import DevicesScreen
 from tui.screens.reconciliation import ReconciliationScreen
@@ -115,10 +125,7 @@ async def test_a_supervisor_resolves_a_discrepancy_in_the_ui(tui_gateway: Gatewa
     app = teller_app(tui_gateway)
     async with app.run_test(size=(100, 30)) as pilot:
         await login(pilot, "supervisor1")
-        await pilot.press("r")
-        await wait_for(pilot, lambda: isinstance(app.screen, ReconciliationScreen))
-        await pilot.press("slash")
-        await type_text(pilot, suffix)
+        await open_filtered(pilot, "r", ReconciliationScreen, suffix)
         await pilot.press("enter")
         await wait_for(pilot, lambda: "1 open discrepancy" in screen_text(app), what="the filtered list")
         # "acknowledge" cannot close a discrepancy that holds a payment: the gateway says so.

@@ -22,6 +22,7 @@ from tests.tui.conftest import (
     idem,
     login,
     new_wallet,
+    open_filtered,
     screen_text,
     teller_app,
     type_text,
@@ -172,10 +173,7 @@ async def test_search_freeze_unfreeze_tier_and_pages(tui_gateway: Gateway) -> No
     app = teller_app(tui_gateway)
     async with app.run_test(size=(80, 24)) as pilot:
         await login(pilot, "teller1")
-        await pilot.press("w")
-        await wait_for(pilot, lambda: isinstance(app.screen, WalletsScreen))
-        await pilot.press("slash")
-        await type_text(pilot, "Paging")
+        await open_filtered(pilot, "w", WalletsScreen, "Paging")
         await wait_for(pilot, lambda: [r[1] for r in cell_texts(app, "#wallets-table")] == ["Paging Person"],
                        what="search result")
         assert cell_texts(app, "#wallets-table")[0][0] == grouped(wallet_id)
@@ -248,10 +246,7 @@ async def test_supervisor_approves_a_transfer_shown_decoded(tui_gateway: Gateway
     app = teller_app(tui_gateway)
     async with app.run_test(size=(80, 24)) as pilot:
         await login(pilot, "supervisor1")
-        await pilot.press("a")
-        await wait_for(pilot, lambda: isinstance(app.screen, ApprovalsScreen))
-        await pilot.press("slash")
-        await type_text(pilot, source[:12])
+        await open_filtered(pilot, "a", ApprovalsScreen, source[:12])
         await wait_for(pilot, lambda: len(cell_texts(app, "#approvals-table")) == 1, what="the request")
         await pilot.press("enter")
         text = screen_text(app)
@@ -293,10 +288,7 @@ async def test_supervisor_approves_an_erc20_transfer_shown_as_the_gateway_decode
     app = teller_app(tui_gateway)
     async with app.run_test(size=(100, 40)) as pilot:
         await login(pilot, "supervisor1")
-        await pilot.press("a")
-        await wait_for(pilot, lambda: isinstance(app.screen, ApprovalsScreen))
-        await pilot.press("slash")
-        await type_text(pilot, recipient[2:12].lower())
+        await open_filtered(pilot, "a", ApprovalsScreen, recipient[2:12].lower())
         await wait_for(pilot, lambda: len(cell_texts(app, "#approvals-table")) == 1, what="the request")
         await pilot.press("enter")
         text = screen_text(app)
@@ -322,10 +314,7 @@ async def test_a_requester_cannot_approve_their_own_request(tui_gateway: Gateway
     app = teller_app(tui_gateway)
     async with app.run_test(size=(80, 24)) as pilot:
         await login(pilot, "supervisor1")
-        await pilot.press("a")
-        await wait_for(pilot, lambda: isinstance(app.screen, ApprovalsScreen))
-        await pilot.press("slash")
-        await type_text(pilot, source[:12])
+        await open_filtered(pilot, "a", ApprovalsScreen, source[:12])
         await wait_for(pilot, lambda: len(cell_texts(app, "#approvals-table")) == 1)
         await pilot.press("enter", "a")
         await wait_for(pilot, lambda: "Approve this transfer?" in screen_text(app))
@@ -336,10 +325,7 @@ async def test_a_requester_cannot_approve_their_own_request(tui_gateway: Gateway
     rejecter = teller_app(tui_gateway)
     async with rejecter.run_test(size=(80, 24)) as pilot:
         await login(pilot, "teller1")  # a teller may not decide at all
-        await pilot.press("a")
-        await wait_for(pilot, lambda: isinstance(rejecter.screen, ApprovalsScreen))
-        await pilot.press("slash")
-        await type_text(pilot, source[:12])
+        await open_filtered(pilot, "a", ApprovalsScreen, source[:12])
         await wait_for(pilot, lambda: len(cell_texts(rejecter, "#approvals-table")) == 1)
         await pilot.press("enter", "x")
         await wait_for(pilot, lambda: "Reject this transfer?" in screen_text(rejecter))

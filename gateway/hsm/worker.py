@@ -57,6 +57,8 @@ RECOVERABLE = frozenset(
         "PKCS11Error",
     }
 )
+#: Longest wait for another process's turn at opening the token (see :func:`_opening_alone`).
+OPEN_LOCK_WAIT_S = 5.0
 #: Never retried: a retry with a wrong PIN could lock the token.
 LOGIN_ERRORS = frozenset({"PinIncorrect", "PinInvalid", "PinLenRange", "PinLocked", "PinExpired"})
 
@@ -339,20 +341,32 @@ def _opening_alone(config: WorkerConfig) -> Iterator[None]:
     SoftHSM2 rewrites its token files on login; another process reading them at that moment finds
     no token (``NoSuchToken``) or fails (``GeneralError``), and its worker started out down. It was
     seen in about one start in ten on a fresh token. Opening takes milliseconds and happens at start
-    and on recovery only, so taking turns costs nothing; without a writable temp dir, no lock.
+    and on recovery only, so taking turns costs nothing.
+
+    The lock lives in the shared temp dir, so it must never be able to stop a worker: a link planted
+    there is not followed, and a lock held for longer than :data:`OPEN_LOCK_WAIT_S` (or a file that
+    cannot be opened) means opening without it — as before the lock existed.
     """
     name = hashlib.sha256(f"{config.module_path}\0{config.token_label}".encode()).hexdigest()[:16]
     path = os.path.join(tempfile.gettempdir(), f"ecny-pkcs11-open-{name}.lock")
     try:
-        descriptor = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        descriptor = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
     except OSError:
         yield
         return
     try:
-        fcntl.flock(descriptor, fcntl.LOCK_EX)
+        deadline = time.monotonic() + OPEN_LOCK_WAIT_S
+        while True:
+            try:
+                fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    break
+                time.sleep(0.01)
         yield
     finally:
-        os.close(descriptor)  # releases the lock
+        os.close(descriptor)  # releases the lock if held
 
 
 def _template(pkcs11: Any, attributes: dict[str, bool]) -> dict[Any, bool]:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import os
+from typing import Any
 
 import pytest
 import uvloop
@@ -44,3 +45,36 @@ def test_batches_and_concurrency_on_uvloop(softhsm_token: Token) -> None:
             await pool.close()
 
     uvloop.run(scenario())
+
+
+def test_a_lock_held_elsewhere_or_a_planted_link_never_stops_a_worker_opening(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Any
+) -> None:
+    """The opening lock lives in the shared temp dir: whoever holds it, or puts a link in its place,
+    can delay a worker by at most OPEN_LOCK_WAIT_S, never stop it, and no link is followed."""
+    import fcntl
+    import tempfile
+
+    from gateway.hsm import worker
+
+    monkeypatch.setattr(worker, "OPEN_LOCK_WAIT_S", 0.1)
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    config = worker.WorkerConfig(module_path="/nowhere.so", token_label="lock-test", pin="0000", algorithms={},
+                                 private_template={}, public_template={})
+    entered = []
+    with worker._opening_alone(config):  # creates the lock file
+        entered.append("first")
+    [lock_file] = list(tmp_path.iterdir())
+    holder = os.open(lock_file, os.O_RDWR)
+    fcntl.flock(holder, fcntl.LOCK_EX)  # someone else holds it and never lets go
+    try:
+        with worker._opening_alone(config):
+            entered.append("while held")
+    finally:
+        os.close(holder)
+    victim = tmp_path / "victim"
+    lock_file.unlink()
+    lock_file.symlink_to(victim)  # a link planted where the lock file goes
+    with worker._opening_alone(config):
+        entered.append("past a link")
+    assert entered == ["first", "while held", "past a link"] and not victim.exists()

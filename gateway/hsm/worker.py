@@ -87,7 +87,9 @@ class WorkerConfig:
     max_recovery_interval: float = 2.0
 
 
-class _Failure(Exception):
+class WorkerFailure(Exception):
+    """A job the worker could not do; ``kind`` as in the wire format's failed results."""
+
     def __init__(self, kind: str, message: str) -> None:
         super().__init__(message)
         self.kind = kind
@@ -106,6 +108,8 @@ class Worker:
         self.keys: dict[str, Any] = {}
         self.next_recovery = 0.0
         self.recovery_interval = config.min_recovery_interval
+        #: Longest wait for another process's turn at opening the token; 0 = do not wait, fail.
+        self.open_lock_wait = OPEN_LOCK_WAIT_S
 
     # --- session life -----------------------------------------------------------------------
 
@@ -113,11 +117,11 @@ class Worker:
         """Load the module, find the token by label and log in.
 
         Raises:
-            _Failure: ``login`` for a rejected PIN, ``unavailable`` when the token cannot be reached.
+            WorkerFailure: ``login`` for a rejected PIN, ``unavailable`` when the token cannot be reached.
         """
         pkcs11 = self._pkcs11
         try:
-            with _opening_alone(self.config):
+            with _opening_alone(self.config, self.open_lock_wait):
                 if self.lib is None:
                     self.lib = pkcs11.lib(self.config.module_path)
                 else:
@@ -128,15 +132,23 @@ class Worker:
             self.session = None
             raise self._classify(exc) from None
         except RuntimeError as exc:  # module cannot be loaded
-            raise _Failure("unavailable", f"cannot load PKCS#11 module: {exc}") from None
+            raise WorkerFailure("unavailable", f"cannot load PKCS#11 module: {exc}") from None
         self.keys.clear()
         self.recovery_interval = self.config.min_recovery_interval
+
+    def close(self) -> None:
+        """Close the session (which logs this process out of the token) and forget the key handles."""
+        self.keys.clear()
+        if self.session is not None:
+            with contextlib.suppress(Exception):
+                self.session.close()
+            self.session = None
 
     def recover(self) -> None:
         """Drop the session and module state and open again, at a bounded rate."""
         now = time.monotonic()
         if now < self.next_recovery:
-            raise _Failure("unavailable", "HSM unavailable; recovery is under way")
+            raise WorkerFailure("unavailable", "HSM unavailable; recovery is under way")
         self.next_recovery = now + self.recovery_interval
         self.recovery_interval = min(self.recovery_interval * 2, self.config.max_recovery_interval)
         self.keys.clear()
@@ -148,15 +160,15 @@ class Worker:
             self.session = None
         self.open()
 
-    def _classify(self, exc: BaseException) -> _Failure:
+    def _classify(self, exc: BaseException) -> WorkerFailure:
         name = type(exc).__name__
         if name in LOGIN_ERRORS:
-            return _Failure("login", f"token rejected the PIN ({name})")
+            return WorkerFailure("login", f"token rejected the PIN ({name})")
         if name == "UserAlreadyLoggedIn":
-            return _Failure("unavailable", name)
+            return WorkerFailure("unavailable", name)
         if name in RECOVERABLE:
-            return _Failure("unavailable", f"HSM unavailable ({name})")
-        return _Failure("error", f"HSM refused the operation ({name}: {exc})")
+            return WorkerFailure("unavailable", f"HSM unavailable ({name})")
+        return WorkerFailure("error", f"HSM refused the operation ({name}: {exc})")
 
     def _with_recovery(self, operation: Any, retry: bool) -> Any:
         """Run ``operation``; after a recoverable error rebuild the session and (if ``retry``) run once more.
@@ -168,24 +180,24 @@ class Worker:
             self.recover()
         try:
             return operation()
-        except (self._pkcs11.exceptions.PKCS11Error, _Failure) as exc:
-            failure = exc if isinstance(exc, _Failure) else self._classify(exc)
+        except (self._pkcs11.exceptions.PKCS11Error, WorkerFailure) as exc:
+            failure = exc if isinstance(exc, WorkerFailure) else self._classify(exc)
             if failure.kind not in ("unavailable", "missing"):
                 raise failure from None
         self.next_recovery = 0.0  # the first attempt after a failure is immediate
         try:
             self.recover()
-        except _Failure as again:
-            raise _Failure("unavailable", str(again) if failure.kind == "missing" else str(failure)) from None
+        except WorkerFailure as again:
+            raise WorkerFailure("unavailable", str(again) if failure.kind == "missing" else str(failure)) from None
         if not retry:
-            raise _Failure("unavailable", str(failure))
+            raise WorkerFailure("unavailable", str(failure))
         try:
             return operation()
-        except (self._pkcs11.exceptions.PKCS11Error, _Failure) as exc:
-            final = exc if isinstance(exc, _Failure) else self._classify(exc)
+        except (self._pkcs11.exceptions.PKCS11Error, WorkerFailure) as exc:
+            final = exc if isinstance(exc, WorkerFailure) else self._classify(exc)
             if final.kind in ("unavailable", "missing"):
                 self.session = None if final.kind == "unavailable" else self.session
-                raise _Failure("unavailable", str(final)) from None
+                raise WorkerFailure("unavailable", str(final)) from None
             raise final from None
 
     # --- key handles ------------------------------------------------------------------------
@@ -204,9 +216,9 @@ class Worker:
             )
         )
         if not found:
-            raise _Failure("missing", f"the token shows no private key with id {key_id}")
+            raise WorkerFailure("missing", f"the token shows no private key with id {key_id}")
         if len(found) > 1:
-            raise _Failure("ambiguous", f"{len(found)} private keys have id {key_id}; refusing to guess")
+            raise WorkerFailure("ambiguous", f"{len(found)} private keys have id {key_id}; refusing to guess")
         self.keys[key_id] = found[0]
         return found[0]
 
@@ -221,7 +233,7 @@ class Worker:
             )
         )
         if len(found) != 1:
-            raise _Failure("not_found" if not found else "ambiguous", f"public key {key_id}: {len(found)} objects")
+            raise WorkerFailure("not_found" if not found else "ambiguous", f"public key {key_id}: {len(found)} objects")
         return _unwrap_octet_string(bytes(found[0][pkcs11.Attribute.EC_POINT]))
 
     # --- operations -------------------------------------------------------------------------
@@ -251,7 +263,7 @@ class Worker:
         def run() -> bytes:
             existing = list(self.session.get_objects({pkcs11.Attribute.ID: bytes.fromhex(key_id)}))
             if existing:
-                raise _Failure("ambiguous", f"objects with id {key_id} exist already")
+                raise WorkerFailure("ambiguous", f"objects with id {key_id} exist already")
             params = self.session.create_domain_parameters(
                 pkcs11.KeyType(spec.key_type) if spec.key_type < 0x80000000 else spec.key_type,
                 {pkcs11.Attribute.EC_PARAMS: encode_named_curve_parameters(spec.curve_oid)},
@@ -301,7 +313,7 @@ class Worker:
         try:
             return self.config.algorithms[algorithm]
         except KeyError:
-            raise _Failure("error", f"the HSM profile does not support {algorithm}") from None
+            raise WorkerFailure("error", f"the HSM profile does not support {algorithm}") from None
 
     def _mechanism(self, value: int) -> Any:
         try:
@@ -326,14 +338,14 @@ class Worker:
                     return (True, self.ping())
                 case _:
                     return (False, "error", f"unknown job {job[0]!r}")
-        except _Failure as failure:
+        except WorkerFailure as failure:
             return (False, failure.kind, str(failure))
         except Exception as exc:  # a worker must answer every job, whatever breaks
             return (False, "error", f"{type(exc).__name__}: {exc}")
 
 
 @contextlib.contextmanager
-def _opening_alone(config: WorkerConfig) -> Iterator[None]:
+def _opening_alone(config: WorkerConfig, wait: float = OPEN_LOCK_WAIT_S) -> Iterator[None]:
     """Hold an exclusive ``flock`` shared by every process on this machine that opens the same
     token (the workers of one pool, of several HTTP processes, of other instances) while this one
     initialises the module and logs in.
@@ -344,8 +356,10 @@ def _opening_alone(config: WorkerConfig) -> Iterator[None]:
     and on recovery only, so taking turns costs nothing.
 
     The lock lives in the shared temp dir, so it must never be able to stop a worker: a link planted
-    there is not followed, and a lock held for longer than :data:`OPEN_LOCK_WAIT_S` (or a file that
-    cannot be opened) means opening without it — as before the lock existed.
+    there is not followed, and a lock held for longer than ``wait`` (:data:`OPEN_LOCK_WAIT_S`; or a
+    file that cannot be opened) means opening without it — as before the lock existed. With
+    ``wait = 0`` (an in-process signer recovering, which must not stall its event loop) a lock held
+    by another process is a :class:`WorkerFailure` of kind ``unavailable`` instead: try again later.
     """
     name = hashlib.sha256(f"{config.module_path}\0{config.token_label}".encode()).hexdigest()[:16]
     path = os.path.join(tempfile.gettempdir(), f"ecny-pkcs11-open-{name}.lock")
@@ -355,12 +369,14 @@ def _opening_alone(config: WorkerConfig) -> Iterator[None]:
         yield
         return
     try:
-        deadline = time.monotonic() + OPEN_LOCK_WAIT_S
+        deadline = time.monotonic() + wait
         while True:
             try:
                 fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
                 break
             except BlockingIOError:
+                if not wait:
+                    raise WorkerFailure("unavailable", "another process is opening the token") from None
                 if time.monotonic() > deadline:
                     break
                 time.sleep(0.01)
@@ -397,7 +413,7 @@ def worker_main(conn: Connection, config: WorkerConfig) -> None:
     try:
         worker.open()
         conn.send(("ready", None, ""))
-    except _Failure as failure:
+    except WorkerFailure as failure:
         if failure.kind == "login":
             conn.send(("fatal", failure.kind, str(failure)))
             return

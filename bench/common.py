@@ -273,14 +273,12 @@ def exit_on_sigterm() -> None:
 
 def start_gateway(store: str = "sqlite", dsn: str | None = None, *, workers: int | None = None,
                   cpus: set[int] | None = None, log_level: str = "warning", extra_toml: str = "",
-                  loop: str = "uvloop", processes: int = 1, ready_poll: float = 0.1,
-                  hsm_mode: str = "workers") -> Gateway:
+                  loop: str = "uvloop", processes: int = 1, ready_poll: float = 0.1) -> Gateway:
     """Make a token, write a config, provision with ``dev-init``, start ``serve``, wait for /readyz.
 
     ``cpus``: CPU affinity of the server (its signer workers inherit it); None = all CPUs.
     ``loop``: "uvloop" runs the real command (``serve`` installs uvloop when it is importable);
     "asyncio" runs the same ``gateway.cli.main(["serve", ...])`` with uvloop made unimportable.
-    ``hsm_mode``: ``[hsm] mode`` — "workers" (signer processes) or "inline" (PKCS#11 in each HTTP process).
     """
     base = Path(tempfile.mkdtemp(prefix=f"ecny-bench-{store}-"))
     try:
@@ -295,7 +293,7 @@ def start_gateway(store: str = "sqlite", dsn: str | None = None, *, workers: int
             "# written by bench/common.py\n"
             f'[server]\nhost = "127.0.0.1"\nport = {port}\nprocesses = {processes}\n\n'
             f'[hsm]\nprofile = "softhsm"\ntoken_label = "{TOKEN_LABEL}"\n'
-            f'pin_file = "{base / "hsm" / (TOKEN_LABEL + ".user-pin")}"\nmode = "{hsm_mode}"\n{hsm_workers}\n'
+            f'pin_file = "{base / "hsm" / (TOKEN_LABEL + ".user-pin")}"\n{hsm_workers}\n'
             f'[store]\ndsn = "{dsn}"\n\n[logging]\nlevel = "{log_level}"\n' + extra_toml,
             encoding="utf-8",
         )

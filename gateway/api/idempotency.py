@@ -116,7 +116,7 @@ def complete_in(tx: Tx, call: Call, status: int, content_type: str, body: bytes)
     """Replace a reference record with the final response, inside the caller's transaction."""
     if call.principal is None or call.idempotency_key is None:
         return
-    tx.execute(
+    tx.queue(
         "UPDATE idempotency SET status = ?, content_type = ?, body = ? WHERE principal = ? AND idem_key = ? "
         "AND status = 0",
         (status, content_type, body, call.principal.scope, call.idempotency_key),

@@ -108,7 +108,7 @@ def append(tx: Tx, entries: Iterable[AuditEntry]) -> list[int]:
             "request_id": entry.request_id,
         }
         digest = entry_hash(prev, row)
-        tx.execute(
+        tx.queue(  # the audit-chain lock protects seq: this insert cannot collide
             "INSERT INTO audit_log (seq, ts, actor, role, action, decision, reasons, payload_hash, key_id, "
             "result, request_id, prev_hash, entry_hash) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (*row.values(), prev, digest),

@@ -68,7 +68,7 @@ def post(tx: Tx, kind: str, reference: str, legs: Sequence[tuple[str, int]], act
     if sum(amount for _, amount in legs) != 0 or any(amount == 0 for _, amount in legs) or len(legs) < 2:
         raise LedgerInvariantBroken(f"unbalanced entry for {reference}: {list(legs)}")
     entry_id = secrets.token_hex(12)
-    tx.execute(
+    tx.queue(
         "INSERT INTO journal (entry_id, kind, reference, memo, actor, business_day, created_at) "
         "VALUES (?, ?, ?, ?, ?, ?, ?)",
         (entry_id, kind, reference, memo, actor, business_day(), clock.now_iso()),
@@ -81,14 +81,14 @@ def post(tx: Tx, kind: str, reference: str, legs: Sequence[tuple[str, int]], act
         )
         if changed != 1:
             raise LedgerInvariantBroken(f"account {account_id} is unknown or would go negative")
-        tx.execute(
+        tx.queue(
             "INSERT INTO postings (entry_id, account_id, amount) VALUES (?, ?, ?)", (entry_id, account_id, amount)
         )
     return entry_id
 
 
 def add_spend(tx: Tx, wallet_id: str, amount: int, day: str) -> None:
-    tx.execute(
+    tx.queue(
         "INSERT INTO wallet_spend (wallet_id, business_day, amount) VALUES (?, ?, ?) "
         "ON CONFLICT (wallet_id, business_day) DO UPDATE SET amount = wallet_spend.amount + excluded.amount",
         (wallet_id, day, amount),

@@ -11,17 +11,21 @@ across every process on the same database and is released at commit or rollback.
 Unlike SQLite, PostgreSQL aborts the whole transaction when a statement fails: a function that
 catches :class:`~gateway.errors.AlreadyExists` must not run further statements in the same
 transaction; it can only raise (and so roll back) or return.
+
+Round trips: statements nobody reads the answer of (:meth:`PostgresTx.queue`, and the advisory
+locks) travel in pipeline mode with the next statement that is read, or with the ``COMMIT``.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import hashlib
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, TypeVar
+from typing import Any, NoReturn, TypeVar
 
 import psycopg
 from psycopg import errors as pg_errors
@@ -95,24 +99,56 @@ def _unavailable(exc: Exception) -> StoreUnavailable:
 
 
 class PostgresTx:
-    """A transaction on one PostgreSQL connection (see :class:`gateway.ledger.store.Tx`)."""
+    """A transaction on one PostgreSQL connection (see :class:`gateway.ledger.store.Tx`).
+
+    :meth:`queue` (and :meth:`lock`) switch the connection to psycopg's pipeline mode for the rest
+    of the transaction: a queued statement is sent at once but not waited for, and travels with the
+    next statement whose answer the caller reads (:meth:`execute`, :meth:`fetchone`,
+    :meth:`fetchall`) or with the ``COMMIT`` — one round trip instead of several. PostgreSQL runs
+    them in the order sent, so a queued advisory lock is held before the next statement takes its
+    snapshot. When an answer fails, the statements queued before it are checked first: a queued
+    statement's failure is reported as :class:`StoreUnavailable` naming it as queued, never as the
+    ``AlreadyExists`` of the statement the caller is waiting for (which it may be catching).
+    """
 
     dialect = "postgresql"
 
     def __init__(self, connection: PgConnection) -> None:
         self._connection = connection
+        self._pipeline: contextlib.ExitStack | None = None
+        self._sync: Callable[[], None] | None = None
+        self._queued: list[psycopg.Cursor[dict[str, Any]]] = []
 
-    def _run(self, sql: str, params: Params) -> psycopg.Cursor[dict[str, Any]]:
+    def _send(self, sql: str, params: Params) -> psycopg.Cursor[dict[str, Any]]:
+        """Send a statement (outside pipeline mode: and wait for its answer). In pipeline mode
+        psycopg also reads whatever answers have arrived, so an error here can be a queued one's."""
         try:
             # Always pass a sequence (even empty): psycopg only unescapes ``%%`` when given parameters.
             return self._connection.execute(_adapt(sql), tuple(params))
-        except psycopg.IntegrityError as exc:
-            raise AlreadyExists(_integrity_detail(exc)) from exc
-        except _UNAVAILABLE as exc:
-            raise _unavailable(exc) from exc
+        except psycopg.Error as exc:
+            _raise_attributed(exc, self._queued)
+
+    def _run(self, sql: str, params: Params) -> psycopg.Cursor[dict[str, Any]]:
+        """Send a statement and wait for its answer (and for everything queued before it)."""
+        cursor = self._send(sql, params)
+        if self._sync is not None:
+            self._synchronise()
+        return cursor
+
+    def _synchronise(self) -> None:
+        assert self._sync is not None
+        queued, self._queued = self._queued, []
+        _attributed(self._sync, queued)
 
     def execute(self, sql: str, params: Params = ()) -> int:
         return self._run(sql, params).rowcount
+
+    def queue(self, sql: str, params: Params = ()) -> None:
+        if self._pipeline is None:
+            stack = contextlib.ExitStack()
+            self._sync = stack.enter_context(self._connection.pipeline()).sync
+            self._pipeline = stack
+        self._queued.append(self._send(sql, params))
 
     def fetchone(self, sql: str, params: Params = ()) -> Row | None:
         cursor = self._run(sql, params)
@@ -132,9 +168,55 @@ class PostgresTx:
     def lock(self, name: str) -> None:
         """Take the transaction-scoped advisory lock :func:`lock_key` derives from ``name``.
 
-        Waits at most ``lock_timeout`` (:data:`LOCK_TIMEOUT_MS`), then raises StoreUnavailable.
+        Queued: the lock is taken, in order, before the next statement runs. Waits at most
+        ``lock_timeout`` (:data:`LOCK_TIMEOUT_MS`), then the next statement raises StoreUnavailable.
         """
-        self._run("SELECT pg_advisory_xact_lock(?::bigint)", (lock_key(name),))
+        self.queue("SELECT pg_advisory_xact_lock(?::bigint)", (lock_key(name),))
+
+    def commit(self) -> None:
+        """``COMMIT``. In pipeline mode it goes with whatever is still queued and the Sync that
+        leaves the mode: one round trip."""
+        stack, queued = self._pipeline, self._queued
+        self._send("COMMIT", ())
+        if stack is not None:
+            self._pipeline, self._sync, self._queued = None, None, []
+            _attributed(stack.close, queued)
+
+    def leave_pipeline(self) -> None:
+        """Back to normal mode after a failure (what was still queued is dropped with its errors;
+        the caller rolls the transaction back)."""
+        stack, self._pipeline, self._sync, self._queued = self._pipeline, None, None, []
+        if stack is not None:
+            with contextlib.suppress(psycopg.Error):
+                stack.close()
+
+
+def _attributed(sync: Callable[[], None], queued: list[psycopg.Cursor[dict[str, Any]]]) -> None:
+    """Run ``sync`` (a pipeline Sync), translating a failure with :func:`_raise_attributed`."""
+    try:
+        sync()
+    except psycopg.Error as exc:
+        _raise_attributed(exc, queued)
+
+
+def _raise_attributed(exc: psycopg.Error, queued: list[psycopg.Cursor[dict[str, Any]]]) -> NoReturn:
+    """Raise ``exc`` as the store's error, saying whose failure it is: a statement still queued
+    (its cursor has no answer: the failing one, and everything PostgreSQL skipped after it), or
+    the statement the caller is waiting for."""
+    if any(cursor.pgresult is None for cursor in queued):
+        raise StoreUnavailable(f"PostgreSQL: a queued statement failed: {_error_text(exc)}") from exc
+    if isinstance(exc, psycopg.IntegrityError):
+        raise AlreadyExists(_integrity_detail(exc)) from exc
+    if isinstance(exc, _UNAVAILABLE):
+        raise _unavailable(exc) from exc
+    raise exc
+
+
+def _error_text(exc: Exception) -> str:
+    """An error's message on one line; for a constraint, its name and table (never the values)."""
+    if isinstance(exc, psycopg.IntegrityError):
+        return _integrity_detail(exc)
+    return " ".join(str(exc).split()) or type(exc).__name__
 
 
 def _conninfo(dsn: str) -> dict[str, Any]:
@@ -264,16 +346,21 @@ class PostgresDatabase:
 
     def _run(self, writable: bool, fn: Callable[[PostgresTx], T], timeout: float) -> T:
         connection = self._begin(writable, timeout)
+        tx = PostgresTx(connection)
         try:
             try:
-                result = fn(PostgresTx(connection))
-                connection.execute("COMMIT" if writable else "ROLLBACK")
+                result = fn(tx)
+                if writable:
+                    tx.commit()  # a deferred constraint fails here as AlreadyExists
+                else:
+                    connection.execute("ROLLBACK")
                 return result
-            except psycopg.IntegrityError as exc:  # a deferred constraint, checked at COMMIT
+            except psycopg.IntegrityError as exc:
                 raise AlreadyExists(_integrity_detail(exc)) from exc
             except _UNAVAILABLE as exc:
                 raise _unavailable(exc) from exc
             finally:
+                tx.leave_pipeline()
                 self._rollback_if_open(connection)
         finally:
             # A broken connection is discarded here, and the pool makes a new one.

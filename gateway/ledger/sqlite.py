@@ -53,6 +53,10 @@ class SqliteTx:
         except sqlite3.OperationalError as exc:
             raise StoreUnavailable(f"SQLite: {exc}") from exc
 
+    def queue(self, sql: str, params: Params = ()) -> None:
+        """Runs at once: nothing to gain by waiting in an embedded database."""
+        self.execute(sql, params)
+
     def fetchone(self, sql: str, params: Params = ()) -> Row | None:
         try:
             row: sqlite3.Row | None = self._connection.execute(sql, params).fetchone()

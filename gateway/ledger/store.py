@@ -33,6 +33,16 @@ class Tx(Protocol):
         """
         ...
 
+    def queue(self, sql: str, params: Params = ()) -> None:
+        """Run a statement whose outcome the caller does not read, and that cannot fail but for the
+        store itself (an insert under a fresh random id, an upsert, an insert whose key a lock
+        protects). PostgreSQL sends it with the next statement instead of waiting for it (pipeline
+        mode): one round trip fewer. If it does fail, the next statement or the commit raises
+        StoreUnavailable saying so — never the AlreadyExists of another statement. SQLite runs it
+        at once.
+        """
+        ...
+
     def fetchone(self, sql: str, params: Params = ()) -> Row | None:
         """Run a query and return its first row, or None."""
         ...

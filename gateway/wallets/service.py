@@ -317,8 +317,8 @@ class Wallets:
                "amount": intent.amount, "memo": intent.memo, "status": "posted", "entry_id": posted["entry_id"],
                "seq": posted["seq"], "ts": posted["ts"], "payload": posted["payload"], "envelope": None, "kid": None,
                "approval_id": None, "requested_by": entry.actor, "created_at": now}
-        tx.execute(f"INSERT INTO transfers ({', '.join(row)}) VALUES ({', '.join('?' * len(row))})",
-                   tuple(row.values()))
+        tx.queue(f"INSERT INTO transfers ({', '.join(row)}) VALUES ({', '.join('?' * len(row))})",
+                 tuple(row.values()))  # a fresh random transfer id
         entry.result["entry_id"] = posted["entry_id"]
         append(tx, [entry])
         return row  # what the table now holds, without reading it back

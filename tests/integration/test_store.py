@@ -200,6 +200,90 @@ async def test_concurrent_audit_appends_have_no_gaps(migrated: Database) -> None
     assert report.entries == 20 and report.head_seq == 20
 
 
+def queue_user(tx: Tx, username: str) -> None:
+    tx.queue(
+        "INSERT INTO users (username, role, password_hash, created_at) VALUES (?, ?, ?, ?)",
+        (username, "teller", "x", "2024-01-01T00:00:00Z"),
+    )
+
+
+async def test_queued_statements_commit_with_the_transaction(migrated: Database) -> None:
+    def work(tx: Tx) -> int:
+        queue_user(tx, "quinn")
+        queue_user(tx, "rosa")
+        # A statement whose answer is read sees what was queued before it (same transaction, in order).
+        return count_users(tx)
+
+    assert await migrated.write(work) == 2
+    await migrated.write(lambda tx: queue_user(tx, "sam"))  # queued, then only the commit
+    assert await migrated.read(count_users) == 3
+
+
+async def test_a_raising_function_rolls_back_what_it_queued(migrated: Database) -> None:
+    def half_done(tx: Tx) -> None:
+        queue_user(tx, "tess")
+        raise Boom("changed my mind")
+
+    with pytest.raises(Boom):
+        await migrated.write(half_done)
+    assert await migrated.read(count_users) == 0
+    await migrated.write(lambda tx: add_user(tx, "tess"))  # the connection works afterwards
+    assert await migrated.read(count_users) == 1
+
+
+async def test_after_queued_statements_a_unique_violation_is_still_already_exists(migrated: Database) -> None:
+    """The idempotency race depends on it: the INSERT that collides is the one the caller waits
+    for, after statements it queued."""
+    await migrated.write(lambda tx: add_user(tx, "uma"))
+
+    def collide(tx: Tx) -> None:
+        queue_user(tx, "victor")
+        tx.lock("some-lock")
+        add_user(tx, "uma")
+
+    with pytest.raises(AlreadyExists):
+        await migrated.write(collide)
+    assert await migrated.read(count_users) == 1
+
+
+@pytest.mark.postgres
+async def test_a_queued_failure_is_never_another_statements_already_exists(postgres_server: PostgresServer) -> None:
+    """A queued statement that fails is reported as such (StoreUnavailable), not as the
+    AlreadyExists of the statement the caller is waiting for — which the caller may be catching —
+    and nothing of the transaction stays."""
+    database = await PostgresDatabase.open(postgres_server.create_database(), size=1)
+    try:
+        await database.migrate()
+        await database.write(lambda tx: add_user(tx, "wendy"))
+        caught: list[BaseException] = []
+
+        def work(tx: Tx, pause: float) -> None:
+            queue_user(tx, "xavier")
+            queue_user(tx, "wendy")  # fails
+            # With a pause the failure has arrived before the next statement is sent, and psycopg
+            # raises it while sending; without one, at the Sync that follows.
+            time.sleep(pause)
+            try:
+                add_user(tx, "yusuf")  # would succeed; the caller catches AlreadyExists here
+            except AlreadyExists as exc:
+                caught.append(exc)
+                raise
+
+        for pause in (0.0, 0.2):
+            with pytest.raises(StoreUnavailable, match="queued statement failed") as failure:
+                await database.write(lambda tx, pause=pause: work(tx, pause))
+            assert caught == []
+            assert "users_pkey" in failure.value.detail and "wendy" not in failure.value.detail
+            assert await database.read(count_users) == 1
+        # The same failure met at COMMIT (nothing read after it) is reported the same way.
+        with pytest.raises(StoreUnavailable, match="queued statement failed"):
+            await database.write(lambda tx: queue_user(tx, "wendy"))
+        await database.write(lambda tx: queue_user(tx, "zoe"))  # the connection is fine afterwards
+        assert await database.read(count_users) == 2
+    finally:
+        await database.close()
+
+
 def make_counter(tx: Tx) -> None:
     tx.execute("CREATE TABLE counters (name TEXT PRIMARY KEY, value INTEGER NOT NULL)")
     tx.execute("INSERT INTO counters (name, value) VALUES (?, ?)", ("c", 0))

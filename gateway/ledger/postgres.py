@@ -23,7 +23,7 @@ import contextlib
 import functools
 import hashlib
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, NoReturn, TypeVar
 
@@ -31,7 +31,7 @@ import psycopg
 from psycopg import errors as pg_errors
 from psycopg.conninfo import conninfo_to_dict
 from psycopg.pq import TransactionStatus
-from psycopg.rows import RowMaker
+from psycopg.rows import dict_row
 from psycopg_pool import ConnectionPool
 
 from gateway.errors import AlreadyExists, ConfigError, GatewayError, StoreUnavailable
@@ -68,22 +68,6 @@ def lock_key(name: str) -> int:
     return int.from_bytes(hashlib.sha256(name.encode("utf-8")).digest()[:8], "big", signed=True)
 
 
-def _dict_row(cursor: psycopg.Cursor[Any]) -> RowMaker[dict[str, Any]]:
-    """Rows as dicts keyed by column name; BYTEA always as ``bytes`` (never ``memoryview``)."""
-    description = cursor.description
-    if description is None:
-        return lambda values: {}
-    names = [column.name for column in description]
-
-    def make(values: Sequence[Any]) -> dict[str, Any]:
-        return {
-            name: bytes(value) if isinstance(value, memoryview) else value
-            for name, value in zip(names, values, strict=True)
-        }
-
-    return make
-
-
 def _integrity_detail(exc: psycopg.IntegrityError) -> str:
     diag = exc.diag
     where = f" on {diag.table_name}" if diag.table_name else ""
@@ -118,19 +102,28 @@ class PostgresTx:
         self._pipeline: contextlib.ExitStack | None = None
         self._sync: Callable[[], None] | None = None
         self._queued: list[psycopg.Cursor[dict[str, Any]]] = []
+        self._cursor: psycopg.Cursor[dict[str, Any]] | None = None  # for statements whose answer is read
 
-    def _send(self, sql: str, params: Params) -> psycopg.Cursor[dict[str, Any]]:
-        """Send a statement (outside pipeline mode: and wait for its answer). In pipeline mode
-        psycopg also reads whatever answers have arrived, so an error here can be a queued one's."""
+    def _send(self, sql: str, params: Params, cursor: psycopg.Cursor[dict[str, Any]] | None = None
+              ) -> psycopg.Cursor[dict[str, Any]]:
+        """Send a statement on ``cursor`` (a new one if None; outside pipeline mode: and wait for its
+        answer). In pipeline mode psycopg also reads whatever answers have arrived, so an error here
+        can be a queued one's."""
         try:
             # Always pass a sequence (even empty): psycopg only unescapes ``%%`` when given parameters.
-            return self._connection.execute(_adapt(sql), tuple(params))
+            if cursor is None:
+                return self._connection.execute(_adapt(sql), tuple(params))
+            return cursor.execute(_adapt(sql), tuple(params))
         except psycopg.Error as exc:
             _raise_attributed(exc, self._queued)
 
     def _run(self, sql: str, params: Params) -> psycopg.Cursor[dict[str, Any]]:
-        """Send a statement and wait for its answer (and for everything queued before it)."""
-        cursor = self._send(sql, params)
+        """Send a statement and wait for its answer (and for everything queued before it). One
+        cursor serves all of them: its answer is read before the next is sent (a queued statement
+        needs a cursor of its own, its answer arrives later)."""
+        if self._cursor is None:
+            self._cursor = self._connection.cursor()
+        cursor = self._send(sql, params, self._cursor)
         if self._sync is not None:
             self._synchronise()
         return cursor
@@ -248,7 +241,7 @@ class PostgresDatabase:
         self.size = size
         self.acquire_timeout = acquire_timeout
         params = _conninfo(dsn)
-        kwargs: dict[str, Any] = {"autocommit": True, "row_factory": _dict_row}
+        kwargs: dict[str, Any] = {"autocommit": True, "row_factory": dict_row}  # psycopg 3 loads BYTEA as bytes
         if "connect_timeout" not in params:
             kwargs["connect_timeout"] = CONNECT_TIMEOUT_S
         self._connect_kwargs = kwargs

@@ -78,8 +78,7 @@ def _integrity_detail(exc: psycopg.IntegrityError) -> str:
 
 
 def _unavailable(exc: Exception) -> StoreUnavailable:
-    text = " ".join(str(exc).split())
-    return StoreUnavailable(f"PostgreSQL: {text}" if text else f"PostgreSQL: {type(exc).__name__}")
+    return StoreUnavailable(f"PostgreSQL: {_error_text(exc)}")
 
 
 class PostgresTx:

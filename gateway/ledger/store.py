@@ -109,10 +109,12 @@ async def open_database(dsn: str, pool_size: int | None = None) -> Database:
         return await SqliteDatabase.open(dsn)
     if dsn.startswith(("postgresql://", "postgres://")):
         try:
-            from gateway.ledger.postgres import PostgresDatabase  # type: ignore[import-not-found,unused-ignore]
+            from gateway.ledger.postgres import (  # type: ignore[import-not-found,unused-ignore]
+                POOL_SIZE,
+                PostgresDatabase,
+            )
         except ImportError as exc:
             raise ConfigError(f"PostgreSQL store not available: {exc}") from exc
-        database: Database = await (PostgresDatabase.open(dsn) if pool_size is None
-                                    else PostgresDatabase.open(dsn, size=pool_size))
+        database: Database = await PostgresDatabase.open(dsn, size=POOL_SIZE if pool_size is None else pool_size)
         return database
     raise ConfigError(f"store.dsn {dsn!r}: use sqlite:///path or postgresql://...")

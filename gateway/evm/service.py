@@ -5,7 +5,8 @@ One request (``POST /v1/evm/transactions``):
 1. The body is parsed into an :class:`~gateway.schemes.evm.UnsignedTransaction` minus its nonce, and
    its decoded :class:`~gateway.policy.evm.Intent` (pure, no store).
 2. One write transaction, holding the lock of the (chain, address): expire stale approvals and free
-   their nonces; read the day's spend; evaluate the policy — a refusal rolls everything back, so a
+   their nonces; read the day's spend; evaluate the policy (the fee caps, and the most the fees can
+   cost counted against the native coin's caps) — a refusal rolls everything back, so a
    refused request consumes no nonce —; allocate the nonce (the lowest freed one, else the next);
    record the unsigned transaction, its signing hash, the spend, the audit entry and the
    idempotency record (a reference to the transaction) — all or nothing.
@@ -265,7 +266,7 @@ class EvmService:
         spent = self.spent_in(tx, chain.chain_id, address, amounts, day)
         decisions = [policy.evaluate(chain, intent, spent, fee)]
         if fees is not None:
-            decisions.insert(0, policy.check_fees(chain, fees))
+            decisions.insert(0, policy.check_fee_caps(chain, fees))
         policy.refuse(decisions, f"{intent.method} of {intent.amount} {intent.symbol} base units on chain "
                                  f"{chain.chain_id} refused")
         return amounts

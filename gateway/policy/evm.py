@@ -9,6 +9,15 @@ Caps and the approval threshold count base units of one asset: the chain's nativ
 in wei) or one registered token. The daily cap sums every signed amount of the asset per signing
 address and UTC day, whatever the method (transfer, approve, mint, burn): an approval is a promise
 to move that much, and mint/burn are the issuer's own volume limits.
+
+Fees are money too. Each chain caps the gas limit, the fee per gas and their product (the most a
+transaction can burn), and that product counts against the native coin's per-transaction and daily
+caps — added to the value of a native transfer, on its own beside a token transfer or a zero-value call.
+
+EIP-712 documents are read the same way (:func:`read_typed_data`): an EIP-2612 ``Permit`` is an
+``approve`` and an EIP-3009 ``TransferWithAuthorization``/``ReceiveWithAuthorization`` a ``transfer`` of
+the token at the domain's ``verifyingContract``, meeting the same caps, lists and threshold as a
+transaction; a type the gateway cannot decode is signed only where the config lists it, after approval.
 """
 
 from __future__ import annotations
@@ -133,7 +142,7 @@ def check_recipient(chain: EvmChainSettings, recipient: str | None) -> Decision:
     return Decision(True)
 
 
-def check_fees(chain: EvmChainSettings, fees: Fees) -> Decision:
+def check_fee_caps(chain: EvmChainSettings, fees: Fees) -> Decision:
     """Are the gas fields within the chain's fee caps (gas limit, fee per gas, their product)?"""
     caps = chain.fees
     reasons = []

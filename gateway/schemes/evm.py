@@ -18,7 +18,10 @@ What the gateway signs for stablecoins (SPEC.md §6):
   large dependency tree (key files, KZG, BLS curves) into the signing service, and keeping our own
   strict encoder lets the tests use ``eth-account`` as an independent oracle. This encoder is
   stricter than ``eth-account``'s: every field must be present, no extra fields, ``bool`` must be a
-  JSON boolean, bytes must be 0x-hex — what a human reviews is exactly what is signed.
+  JSON boolean, bytes must be 0x-hex — what a human reviews is exactly what is signed. The type graph
+  is the client's: it is walked with an explicit queue, never recursion, and bounded in struct count,
+  fields, depth and type length (:data:`MAX_TYPED_STRUCTS` and friends), so no document costs more
+  than a refusal (``typed-data-too-complex``).
 
 Every malformed input raises a :class:`gateway.errors.GatewayError` subclass (400).
 """

@@ -438,7 +438,7 @@ def test_fees_count_against_the_native_caps() -> None:
     registry = chain()
     token_intent = policy.erc20_intent(registry, parse_address(USDX), Erc20Call("transfer", os.urandom(20), 10))
     fees = check_fees("eip1559", 21_000, 10**11, 10**9, None)
-    assert fees.max_total == 21_000 * 10**11 and policy.check_fees(registry, fees).allowed
+    assert fees.max_total == 21_000 * 10**11 and policy.check_fee_caps(registry, fees).allowed
     assert policy.spending(token_intent, fees.max_total) == {checksum(parse_address(USDX)): 10, "native":
                                                              fees.max_total}
     assert policy.evaluate(registry, token_intent, {"native": 3 * 10**18 - 1}, fees.max_total).reasons == (
@@ -446,8 +446,8 @@ def test_fees_count_against_the_native_caps() -> None:
     native = policy.decode_intent(registry, os.urandom(20), 10**18, b"")
     assert policy.evaluate(registry, native, {}, 1).reasons == ("per-tx-cap-exceeded",)
     costly = check_fees("legacy", 21_000, None, None, 10**15)
-    assert policy.check_fees(registry, costly).reasons == ("fee-per-gas-above-cap", "total-fee-above-cap")
-    assert policy.check_fees(registry, check_fees("eip1559", 2_000_000, 10**9, 1, None)).reasons == (
+    assert policy.check_fee_caps(registry, costly).reasons == ("fee-per-gas-above-cap", "total-fee-above-cap")
+    assert policy.check_fee_caps(registry, check_fees("eip1559", 2_000_000, 10**9, 1, None)).reasons == (
         "gas-limit-above-cap",)
 
 

@@ -194,13 +194,21 @@ async def test_transfer_authorization_beyond_the_cap_is_refused(gw: Gateway) -> 
 
 
 async def test_unlimited_permit_is_refused(gw: Gateway) -> None:
-    """Unlimited permit: a Permit for 2**256 - 1 is beyond any cap, even on a token configured without caps."""
+    """Unlimited permit: a Permit (or an ERC-20 approve) for 2**256 - 1 is beyond any cap, even on a token
+    configured without caps."""
     key = await new_evm_key(gw, f"controls-unlimited-{secrets.token_hex(3)}")
     document = permit(key["address"], 2**256 - 1, contract=UNCAPPED)
     problem = await assert_problem(await sign_typed(gw, key, document), 422, "evm-cap-exceeded")
     assert problem["reasons"] == ["unlimited-approval"]
     response = await sign_typed(gw, key, permit(key["address"], 2**256 - 2, contract=UNCAPPED))
     assert response.status == 200, await response.text()  # the same token without the sentinel: no cap set
+    # The same rule for an ERC-20 approve transaction: one policy for both paths.
+    body = {"key_id": key["key_id"], "chain_id": CHAIN_ID, "type": "eip1559", "gas_limit": 65_000,
+            "max_fee_per_gas": str(20 * GWEI), "max_priority_fee_per_gas": str(GWEI),
+            "erc20": {"token": UNCAPPED, "method": "approve", "to": SPENDER, "amount": str(2**256 - 1)}}
+    response = await gw.client.post("/v1/evm/transactions", json=body,
+                                    headers={**gw.auth(Role.BACKEND), "Idempotency-Key": uuid.uuid4().hex})
+    assert (await assert_problem(response, 422, "evm-cap-exceeded"))["reasons"] == ["unlimited-approval"]
 
 
 async def test_large_permit_waits_for_a_second_person(gw: Gateway) -> None:

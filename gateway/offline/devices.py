@@ -409,7 +409,7 @@ class Devices:
         reserves: dict[str, int] = {}
         released: dict[str, int] = {}
         returned: dict[str, int] = {}  # of released: value of unloaded devices, back in their wallet now
-        credits = PayeeCredits(tx, self.limits)
+        payee_room = PayeeCredits(tx, self.limits)
         outcome = {"post": "posted", "honour": "honoured", "reject": "rejected"}.get(resolution)
         for payment in held:
             digest = bytes(payment["payment_hash"])
@@ -432,9 +432,9 @@ class Devices:
             if status.get(payee["wallet_id"]) != "active":
                 raise ResolutionRefused(f"the payee's wallet {payee['wallet_id']} is not active",
                                         ["payee-wallet-not-active"])
-            if not credits.take(payee["wallet_id"], amount):
+            if not payee_room.take(payee["wallet_id"], amount):
                 raise ResolutionRefused(f"the payee's wallet {payee['wallet_id']} would go above its tier's balance "
-                                        f"cap of {credits.cap(payee['wallet_id'])} fen: post it once the wallet has "
+                                        f"cap of {payee_room.cap(payee['wallet_id'])} fen: post it once the wallet has "
                                         "room, or reject it", ["balance-cap-exceeded"])
             memo = f"offline {payment['payer_device']}#{payment['counter']} to {payment['payee_device']} ({resolution})"
             if in_budget:

@@ -40,39 +40,45 @@ def wallet_limits(settings: Any) -> WalletLimits:
 class PayeeCredits:
     """Room under the balance cap of payee wallets, inside one transaction (the wallets must be locked).
 
-    Reads each wallet's tier and balance once (:meth:`read`), then counts the credits granted by :meth:`take`.
+    Reads each wallet's tier and balance once (:meth:`read`, or on first use), then counts the credits
+    granted by :meth:`take`.
     """
 
     def __init__(self, tx: Tx, limits: WalletLimits) -> None:
         self.tx = tx
         self.limits = limits
         self.balances: dict[str, int] = {}
-        self.tiers: dict[str, int] = {}
+        self.caps: dict[str, int | None] = {}
 
     def read(self, wallet_ids: Iterable[str]) -> None:
         """Read the tier and balance of these wallets (those read already keep their running balance)."""
-        wanted = sorted(set(wallet_ids) - set(self.balances))
+        wanted = sorted({wallet_id for wallet_id in wallet_ids if wallet_id not in self.balances})
+        tiers: dict[int, int | None] = {}
         for row in select_in(self.tx, "SELECT w.wallet_id, w.tier, a.balance FROM wallets w JOIN accounts a "
                                       "ON a.account_id = 'w:' || w.wallet_id WHERE w.wallet_id IN ({in})", wanted):
+            tier = int(row["tier"])
+            if tier not in tiers:
+                tiers[tier] = self.limits(tier).balance_cap
             self.balances[row["wallet_id"]] = int(row["balance"])
-            self.tiers[row["wallet_id"]] = int(row["tier"])
+            self.caps[row["wallet_id"]] = tiers[tier]
 
     def cap(self, wallet_id: str) -> int | None:
         """The wallet's balance cap (None: none)."""
-        self.read([wallet_id])
-        return self.limits(self.tiers[wallet_id]).balance_cap
+        if wallet_id not in self.caps:
+            self.read([wallet_id])
+        return self.caps[wallet_id]
 
     def balance(self, wallet_id: str) -> int:
         """The wallet's balance with the credits taken so far."""
-        self.read([wallet_id])
+        if wallet_id not in self.balances:
+            self.read([wallet_id])
         return self.balances[wallet_id]
 
     def take(self, wallet_id: str, amount: int) -> bool:
         """Count a credit of ``amount`` to the wallet if it stays within its tier's cap; False (nothing
         counted) if it would go above it."""
-        self.read([wallet_id])
-        balance = self.balances[wallet_id]
-        if not check_receipt(self.limits(self.tiers[wallet_id]), amount, balance).allowed:
+        cap, balance = self.cap(wallet_id), self.balance(wallet_id)
+        if not check_receipt(TierLimits(cap, None, None, None), amount, balance).allowed:
             return False
         self.balances[wallet_id] = balance + amount
         return True

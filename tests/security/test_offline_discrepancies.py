@@ -18,16 +18,19 @@ from __future__ import annotations
 import base64
 import secrets
 from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
 import pytest_asyncio
 
+from gateway import cli
 from gateway.auth.roles import Role
 from gateway.device.simulator import SimulatedDevice
 from gateway.errors import GatewayError
 from gateway.offline.devices import RESOLUTIONS
 from gateway.offline.engine import KINDS
+from gateway.offline.harness import OfflineHarness
 from gateway.schemes import offline
 from gateway.services import SERVICES
 from tests.api.support import assert_problem
@@ -510,3 +513,29 @@ async def test_the_same_malformed_bytes_are_a_finding_of_each_device(gw: Gateway
     await sync(gw, first)
     assert len(await open_of_kind(gw, first.state.device_id, "malformed-record")) == 1
     assert await ledger_problems(gw) == []
+
+
+# --- `ledger check` sees what the store would no longer let through ---------------------------------------
+
+
+def test_ledger_check_reports_a_negative_outstanding_and_a_reserve_drift(tmp_path: Path,
+                                                                        capsys: pytest.CaptureFixture[str]) -> None:
+    """A store written before the guard (negative outstanding, reserve off its devices) passes `ledger check`."""
+    path = tmp_path / "offline.db"
+    harness = OfflineHarness(str(path))
+    payer, payee = harness.device(harness.wallet(cash=100_000)), harness.device(harness.wallet())
+    harness.load(payer, 10_000)
+    payer.pay(payee.state.device_id, 3_000)
+    harness.sync([payer])  # 3,000 awaits the payee's record: spent, still in the reserve
+    check = ["ledger", "check", "--db", f"sqlite:///{path}"]
+    assert cli.main(check) == 0, capsys.readouterr().out
+    # The old bug's footprint: the value counted in the budget twice over (a negative outstanding).
+    harness.write(lambda tx: tx.execute("DROP TRIGGER devices_outstanding_update"))
+    harness.write(lambda tx: tx.execute("UPDATE devices SET returned_fen = 9000 WHERE device_id = ?",
+                                        (payer.state.device_id,)))
+    capsys.readouterr()
+    assert cli.main(check) == 1
+    out = capsys.readouterr().out
+    assert f"device {payer.state.device_id}: spent 3000 + returned 9000 fen exceed the 10000 fen loaded" in out
+    assert "offline reserve 10000 fen, but its devices hold -2000 and 3000 awaits settlement" in out
+    harness.close()

@@ -120,7 +120,8 @@ async def test_an_api_key_cannot_be_logged_out_as_if_it_were_a_session(gw: Gatew
     await assert_problem(await gw.client.delete("/v1/sessions"), 401, "unauthenticated")
 
 
-async def test_disabling_a_user_kills_their_live_session_and_their_logins(gw: Gateway) -> None:
+async def test_disabling_a_user_kills_their_live_session_and_their_logins(
+        gw: Gateway, monkeypatch: pytest.MonkeyPatch) -> None:
     """A dismissed employee keeps working through a live session, or logs in again."""
     username, password = await new_user(gw, Role.SUPERVISOR)
     session, second = await login(gw.client, username, password), await login(gw.client, username, password)
@@ -131,13 +132,25 @@ async def test_disabling_a_user_kills_their_live_session_and_their_logins(gw: Ga
     assert document["disabled_at"] and document["sessions_ended"] == 2 and document["live_sessions"] == 0
     for headers in (session, second):
         await assert_problem(await gw.client.get("/v1/keys", headers=headers), 401, "unauthenticated")
-    # The right password of a disabled user gets exactly what a wrong password gets: no oracle.
+    # The right password of a disabled user gets exactly what a wrong password gets, at the same
+    # cost (one argon2 check each, counted on the real verifier): no oracle.
+    authenticator = services(gw).authenticator
+    checks: list[bool] = []
+    verify = authenticator._verify
+
+    def counted(stored: str, given: str) -> bool:
+        checks.append(verify(stored, given))
+        return checks[-1]
+
+    monkeypatch.setattr(authenticator, "_verify", counted)
     refused = await gw.client.post("/v1/sessions", json={"username": username, "password": password})
     wrong = await gw.client.post("/v1/sessions", json={"username": username, "password": password + "x"})
     unknown = await gw.client.post("/v1/sessions", json={"username": f"nobody-{secrets.token_hex(3)}",
                                                          "password": password})
     bodies = [await assert_problem(r, 401, "unauthenticated") for r in (refused, wrong, unknown)]
     assert len({(b["title"], b["detail"]) for b in bodies}) == 1
+    assert checks == [True, False, False]  # the disabled user's password was checked, and was right
+    monkeypatch.undo()
     # Positive control: an administrator enables the user again, and they log in and work.
     response = await gw.client.post(f"/v1/users/{username}/enable", headers=gw.auth(Role.ADMIN))
     assert response.status == 200 and (await response.json())["disabled_at"] is None

@@ -8,8 +8,8 @@ after it ends locks it again for twice as long (up to a maximum). A success forg
 Unknown usernames are counted like known ones, so the answers tell an attacker nothing.
 
 The price is that anyone can lock a username out for a while by failing its logins on purpose;
-the lockout is short at first and bounded, and the audit log records every refused attempt
-(docs/threat-model.md).
+the lockout is short at first and bounded, and the audit log counts every refused attempt, by
+username, in one entry per window (gateway/audit/refusals.py, docs/threat-model.md).
 
 :class:`PasswordCheckGate` bounds what a flood of logins can cost, whatever the usernames: at most
 ``slots`` argon2 checks (64 MiB and tens of milliseconds of a core each) run at once in a process,

@@ -264,6 +264,63 @@ def cmd_users_add(args: argparse.Namespace) -> int:
     return 0
 
 
+def _administer_user(username: str, args: argparse.Namespace, action: str,
+                     change: Callable[[Tx, str], dict[str, Any]]) -> dict[str, Any]:
+    """Run ``change`` on ``username`` with its audit entry in one transaction (gateway/auth/users.py:
+    live sessions see it from their next request). Returns what ``change`` returned."""
+    settings = _settings(args)
+
+    def work(tx: Tx) -> dict[str, Any]:
+        result = change(tx, username)
+        entry = _actor()
+        entry.action, entry.result = action, {"username": username, **result}
+        append(tx, [entry])
+        return result
+
+    result: dict[str, Any] = asyncio.run(_with_database(settings, lambda db: db.write(work)))
+    return result
+
+
+def cmd_users_disable(args: argparse.Namespace) -> int:
+    from gateway.auth.users import disable_user
+
+    result = _administer_user(args.username, args, "users.disable",
+                              lambda tx, name: {"sessions_ended": disable_user(tx, name)})
+    print(f"disabled {args.username}; {result['sessions_ended']} session(s) ended")
+    return 0
+
+
+def cmd_users_enable(args: argparse.Namespace) -> int:
+    from gateway.auth.users import enable_user
+
+    def change(tx: Tx, name: str) -> dict[str, Any]:
+        enable_user(tx, name)
+        return {}
+
+    _administer_user(args.username, args, "users.enable", change)
+    print(f"enabled {args.username}")
+    return 0
+
+
+def cmd_users_set_role(args: argparse.Namespace) -> int:
+    from gateway.auth.users import set_role
+
+    role = _role(args.role)
+    _administer_user(args.username, args, "users.set_role",
+                     lambda tx, name: {"previous_role": set_role(tx, name, role), "role": role.value})
+    print(f"{args.username} is now {role.value} (live sessions too)")
+    return 0
+
+
+def cmd_sessions_end(args: argparse.Namespace) -> int:
+    from gateway.auth.users import end_sessions
+
+    result = _administer_user(args.user, args, "users.end_sessions",
+                              lambda tx, name: {"sessions_ended": end_sessions(tx, name)})
+    print(f"ended {result['sessions_ended']} session(s) of {args.user}")
+    return 0
+
+
 def cmd_audit_verify(args: argparse.Namespace) -> int:
     from gateway.audit.verify import verify_chain
     from gateway.keyring import pinned_public_key
@@ -357,6 +414,22 @@ def build_parser() -> argparse.ArgumentParser:
     user_add.add_argument("--role", required=True, choices=[r.value for r in Role if r is not Role.BACKEND])
     user_add.add_argument("--password-stdin", action="store_true", help="read the password from standard input")
     user_add.set_defaults(run=cmd_users_add)
+    user_disable = users.add_parser("disable", parents=[common], help="disable a user and end their sessions")
+    user_disable.add_argument("username")
+    user_disable.set_defaults(run=cmd_users_disable)
+    user_enable = users.add_parser("enable", parents=[common], help="let a disabled user log in again")
+    user_enable.add_argument("username")
+    user_enable.set_defaults(run=cmd_users_enable)
+    set_role = users.add_parser("set-role", parents=[common], help="change a user's role (live sessions at once)")
+    set_role.add_argument("username")
+    set_role.add_argument("role", choices=[r.value for r in Role if r is not Role.BACKEND])
+    set_role.set_defaults(run=cmd_users_set_role)
+
+    sessions = commands.add_parser("sessions", help="teller UI sessions").add_subparsers(
+        dest="sessions_command", required=True)
+    sessions_end = sessions.add_parser("end", parents=[common], help="end every session of a user")
+    sessions_end.add_argument("--user", required=True, help="username whose sessions end")
+    sessions_end.set_defaults(run=cmd_sessions_end)
 
     audit = commands.add_parser("audit", help="audit log").add_subparsers(dest="audit_command", required=True)
     verify = audit.add_parser("verify", parents=[common], help="verify the chain and its signed checkpoints")

@@ -44,8 +44,10 @@ class ServerSettings(_Section):
     """PEM CA bundle; when set, clients must present a certificate it issued (mTLS)."""
     mtls_identities: dict[str, str] = {}
     """Client certificate subject CN → API client name; such a client needs no bearer key."""
-    rate_limit_per_second: Annotated[float, Field(ge=0)] = 0
-    """Requests per second per principal (token bucket, burst = 2 s worth); 0 = unlimited."""
+    rate_limit_per_second: Annotated[float, Field(ge=0)] = 2000
+    """Requests per second per principal (token bucket, burst = 2 s worth), shared out between the
+    HTTP processes; 0 = unlimited. The default is above the 1,000 transfers/s one backend client may
+    need, and stops one runaway client from taking every signature the HSM can make."""
     access_log: bool = False
     """Log one line per request (costs throughput; errors are always logged)."""
     processes: Annotated[int, Field(ge=1, le=64)] = 1
@@ -107,6 +109,9 @@ class AuditSettings(_Section):
     """Key that signs checkpoints; by default the one key whose usages include ``audit``."""
     flush_max: Annotated[int, Field(ge=1)] = 1024
     """Most entries written in one grouped commit."""
+    refusal_window_seconds: Annotated[float, Field(gt=0, le=3600)] = 60.0
+    """Anonymous refusals (401 without or with unknown credentials, refused logins) are counted and
+    written as one entry per cause every this many seconds (and at shutdown), not one per request."""
 
 
 class AuthSettings(_Section):
@@ -122,6 +127,16 @@ class AuthSettings(_Section):
     """The longest lockout."""
     login_window_seconds: Annotated[int, Field(ge=60)] = 3600
     """A username's attempts are forgotten once none has come for this long."""
+    password_checks_max: Annotated[int, Field(ge=1, le=1024)] | None = None
+    """Password (argon2id, 64 MiB each) checks that may run at once in the whole server; by default
+    2 × CPU cores, shared out between the HTTP processes (at least one each)."""
+    password_checks_waiting_max: Annotated[int, Field(ge=0, le=65536)] = 32
+    """Logins that may wait for a password check slot (per HTTP process); beyond them a login gets
+    503 ``login-busy`` with Retry-After at once, before anything is written."""
+    login_rate_per_second: Annotated[float, Field(ge=0)] = 20.0
+    """Logins per second per source address (token bucket, burst = 2 s worth, per HTTP process),
+    checked before anything else; 0 = unlimited. Behind a proxy every login has the proxy's address,
+    so this becomes one bucket for all (``X-Forwarded-For`` is not trusted)."""
 
 
 class TierSettings(_Section):

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from aiohttp import web
 
 from gateway.audit.chain import AuditLog
+from gateway.audit.refusals import RefusalTally
 from gateway.auth.credentials import Authenticator
 from gateway.config import Settings
 from gateway.hsm.profile import HsmProfile
@@ -28,6 +29,7 @@ class Services:
     audit: AuditLog
     metrics: Metrics
     wallets: Wallets
+    refusals: RefusalTally  # anonymous refusals, written as one audit entry per window and cause
     keys: KeyDirectory = field(default_factory=KeyDirectory)
     started_at: float = field(default_factory=time.monotonic)
 

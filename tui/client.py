@@ -471,8 +471,21 @@ class GatewayClient:
                                _str(document, "expires_at"))
         return self.session
 
-    def logout(self) -> None:
-        """Forget the session token (sessions expire on the gateway by themselves)."""
+    async def logout(self) -> None:
+        """End the session on the gateway (``DELETE /v1/sessions``: the token is dead from then on),
+        then forget it. The token is forgotten even when the gateway cannot be told (unreachable,
+        or the session had ended already): it then dies when it expires."""
+        if self.session is None:
+            return
+        try:
+            await self.request("DELETE", "/v1/sessions", timeout=min(self.timeout, 5.0))
+        except ApiError:  # GatewayUnreachable included
+            pass
+        finally:
+            self.session = None
+
+    def forget_session(self) -> None:
+        """Forget the session token without telling the gateway (it refused the token already)."""
         self.session = None
 
     # -- service --

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, Strict, StringConstraints
 
@@ -106,3 +106,20 @@ class Readiness(_Body):
     status: str
     hsm: dict[str, object]
     store: dict[str, object]
+
+
+class SessionEnded(_Body):
+    username: str
+    ended: bool  # false when the session had ended already (a second logout racing the first)
+
+
+class UserRoleRequest(_Body):
+    role: Literal["teller", "supervisor", "auditor", "admin"]  # backend is for API clients only
+
+
+class UserDocument(_Body):
+    username: str
+    role: str
+    disabled_at: str | None
+    live_sessions: int
+    sessions_ended: int = 0  # by this request

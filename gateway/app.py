@@ -32,7 +32,7 @@ from gateway.evm.service import EvmService
 from gateway.hsm.pool import PoolSettings, SignerPool
 from gateway.hsm.profile import HsmProfile
 from gateway.hsm.signer import CountedSigner
-from gateway.keyring import Usage
+from gateway.keyring import Usage, flag_raw_not_exclusive, raw_not_exclusive_keys
 from gateway.ledger.store import open_database
 from gateway.metrics import Metrics
 from gateway.services import SERVICES, Services
@@ -78,6 +78,8 @@ def services_context(
         audit: AuditLog | None = None
         try:
             await database.migrate()
+            for record in await database.read(raw_not_exclusive_keys):
+                flag_raw_not_exclusive(record)
             pool = await SignerPool.start(profile, pool_settings(settings, profile, process_index))
             metrics = Metrics()
             audit = AuditLog(

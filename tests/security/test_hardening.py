@@ -663,6 +663,7 @@ def test_teller_exits_when_its_tmux_session_is_killed() -> None:
 
     command = f"trap '' HUP; exec {sys.executable} -m tui.app --gateway {UNREACHABLE_GATEWAY}"
     tmux("new-session", "-d", "-s", session, "-x", "80", "-y", "24", "-c", str(ROOT), command)
+    pid = 0
     try:
         deadline = time.monotonic() + 60
         while "Log in" not in tmux("capture-pane", "-p", "-t", session):
@@ -677,3 +678,5 @@ def test_teller_exits_when_its_tmux_session_is_killed() -> None:
             time.sleep(0.1)
     finally:
         subprocess.run(["tmux", "-L", server, "kill-server"], capture_output=True)
+        if pid and _running(pid):  # a teller that outlived its terminal would spin on: end it
+            os.kill(pid, signal.SIGKILL)

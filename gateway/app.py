@@ -37,7 +37,7 @@ from gateway.evm.typed_data import TypedDataService
 from gateway.hsm.pool import PoolSettings, SignerPool
 from gateway.hsm.profile import HsmProfile
 from gateway.hsm.signer import CountedSigner
-from gateway.keyring import Usage
+from gateway.keyring import Usage, flag_raw_not_exclusive, raw_not_exclusive_keys
 from gateway.ledger.store import open_database
 from gateway.metrics import Metrics
 from gateway.services import SERVICES, Services
@@ -91,6 +91,8 @@ def services_context(
         refusals: RefusalTally | None = None
         try:
             await database.migrate()
+            for record in await database.read(raw_not_exclusive_keys):
+                flag_raw_not_exclusive(record)
             pool = await SignerPool.start(profile, pool_settings(settings, profile, process_index))
             metrics = Metrics()
             audit = AuditLog(

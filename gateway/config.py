@@ -13,7 +13,16 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, SecretStr, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from gateway.errors import ConfigError
 from gateway.hsm.profile import HsmProfile, load_profile, profiles_dir
@@ -54,6 +63,18 @@ class ServerSettings(_Section):
     """HTTP worker processes sharing the listening socket (one event loop and GIL each). The signer
     workers (``hsm.workers``) are shared out between them, at least one each."""
 
+    @model_validator(mode="after")
+    def _identities_need_client_ca(self) -> ServerSettings:
+        # Without a CA no client certificate is asked for, so the identities would never apply:
+        # an operator who wrote them believes in a control that is not there.
+        if self.mtls_identities and self.tls_client_ca is None:
+            raise ValueError(
+                "server.mtls_identities is set but server.tls_client_ca is not: without a client CA no "
+                "client certificate is requested and the identities would be ignored; set "
+                "server.tls_client_ca (and tls_cert, tls_key) or remove server.mtls_identities"
+            )
+        return self
+
 
 class HsmSettings(_Section):
     profile: str = "softhsm"
@@ -83,11 +104,32 @@ class HsmSettings(_Section):
         if self.pin is not None:
             return self.pin.get_secret_value()
         if self.pin_file is not None:
-            try:
-                return self.pin_file.read_text(encoding="utf-8").strip()
-            except OSError as exc:
-                raise ConfigError(f"hsm.pin_file: cannot read {self.pin_file}: {exc.strerror}") from exc
+            return read_private_file(self.pin_file, "hsm.pin_file")
         raise ConfigError("hsm: no PIN; set ECNY_HSM__PIN or hsm.pin_file")
+
+
+def read_private_file(path: Path, setting: str) -> str:
+    """The stripped text of a secret file, refused (as ssh refuses a private key) when its group or
+    others have any access to it: a PIN readable by other users lets any of them sign.
+
+    A symlink is followed (secret mounts are often symlinks): the mode checked is the file's own.
+
+    Raises:
+        ConfigError: unreadable, or open to group or others; the message names ``setting`` and the fix.
+    """
+    try:
+        with path.open("rb") as handle:
+            mode = os.fstat(handle.fileno()).st_mode & 0o777
+            if mode & 0o077:
+                raise ConfigError(
+                    f"{setting}: {path} has mode {mode:04o}, open to group or others; "
+                    f"make it readable by the gateway's user only (chmod 600 {path})"
+                )
+            return handle.read().decode("utf-8").strip()
+    except OSError as exc:
+        raise ConfigError(f"{setting}: cannot read {path}: {exc.strerror}") from exc
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{setting}: {path} is not UTF-8 text") from exc
 
 
 class StoreSettings(_Section):

@@ -81,6 +81,15 @@ class IdempotencyKeyRequired(BadRequest):
     title = "Idempotency-Key header required"
 
 
+class RawUsageNotExclusive(ValidationFailed):
+    """A key asked for with usage ``raw`` next to another usage: a ``raw`` key signs any digest it
+    is given, so beside ``ecny``, ``voucher``, ``audit`` or ``evm`` it would forge envelopes,
+    vouchers, checkpoints or transactions past every policy. ``raw`` keys have no other usage."""
+
+    code = "raw-usage-not-exclusive"
+    title = "Usage raw cannot be combined with another usage"
+
+
 class UnsupportedMediaType(GatewayError):
     """The Content-Type is not one the endpoint accepts."""
 
@@ -129,6 +138,15 @@ class SelfAdministration(Forbidden):
 
     code = "self-administration"
     title = "Not on your own account"
+
+
+class RawKeyNotExclusive(KeyUsageNotAllowed):
+    """Raw signing with a key whose record lists ``raw`` next to another usage. No such key can be
+    created, so the key table was written around the gateway (or before this rule): the key is
+    refused for raw signing, and flagged in the log at start-up."""
+
+    code = "raw-key-not-exclusive"
+    title = "Key has raw usage next to another usage"
 
 
 # --- 404/409/413/429 ------------------------------------------------------------------------------

@@ -104,7 +104,7 @@ class Health(_Body):
 
 class Readiness(_Body):
     status: str
-    hsm: dict[str, object]
+    hsm: dict[str, object] = Field(description="only {ready}: the details are in /v1/status")
     store: dict[str, object]
 
 
@@ -123,3 +123,9 @@ class UserDocument(_Body):
     disabled_at: str | None
     live_sessions: int
     sessions_ended: int = 0  # by this request
+
+
+class ServiceStatus(_Body):
+    status: str = Field(description="ready or unavailable")
+    hsm: dict[str, object] = Field(description="ready, workers, workers_up and detail (what went wrong)")
+    store: dict[str, object] = Field(description="ready")

@@ -157,7 +157,7 @@ async def test_key_documents_match_schema(
     await conforms(document, "GET", "/v1/keys", await gateway.client.get("/v1/keys", headers=admin))
     response = await gateway.client.post(
         "/v1/keys", json={"label": f"openapi-{secrets.token_hex(4)}", "algorithm": "ecdsa-secp256k1",
-                          "usage": ["evm", "raw"]},
+                          "usage": ["evm"]},
         headers=admin,
     )
     assert response.status == 201

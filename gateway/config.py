@@ -107,6 +107,12 @@ class AuditSettings(_Section):
     """Key that signs checkpoints; by default the one key whose usages include ``audit``."""
     flush_max: Annotated[int, Field(ge=1)] = 1024
     """Most entries written in one grouped commit."""
+    witness_file: Path | None = None
+    """Append-only JSON-lines copy of every signed checkpoint, outside the store (created 0600), for
+    ``ecny-gateway audit verify --witness`` to catch a cut tail. Default: ``audit-witness.jsonl``
+    next to the SQLite database, or ``var/audit-witness.jsonl`` with PostgreSQL. Several processes
+    and instances may share it; for an outsider's guarantee keep a copy off this host too
+    (``GET /v1/audit/checkpoints``)."""
 
 
 class AuthSettings(_Section):

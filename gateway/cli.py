@@ -372,8 +372,8 @@ def build_parser() -> argparse.ArgumentParser:
     verify.add_argument("--db", help="store DSN (default: the configured store)")
     verify.add_argument(
         "--public-key", action="append", metavar="KEY_ID=PEM_FILE",
-        help="trust this audit public key (P-256/Ed25519 PEM, or the SM2 point block of `keys show`); the pinned "
-             "keys are the whole trust set, the key table is then not trusted (repeatable)",
+        help="trust this audit public key (P-256, Ed25519 or SM2 PEM, or the SM2 point block of `keys show`); "
+             "the pinned keys are the whole trust set, the key table is then not trusted (repeatable)",
     )
     verify.add_argument(
         "--witness", metavar="FILE",

@@ -27,7 +27,8 @@ import pytest
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, utils
 
-from gateway.audit import witness
+from gateway import cli
+from gateway.audit import sm2, witness
 from gateway.audit.chain import GENESIS, checkpoint_message, entry_hash
 from gateway.auth.roles import Role
 from gateway.hsm.profile import Algorithm
@@ -181,30 +182,139 @@ def test_rewritten_chain_with_sm2_checkpoint_rows_fails(copy: Copy) -> None:
         assert f"BROKEN at entry {first}: checkpoint at {first} says algorithm 'sm2'" in result.stdout
 
 
-def test_sm2_checkpoints_are_refused_not_skipped(copy: Copy, tmp_path: Path) -> None:
-    """SM2 checkpoints cannot be verified here, so they are refused — even when the SM2 key is the
-    pinned one, and even when the key table is rewritten to call the audit key an SM2 key."""
-    checkpoints = _rewrite(copy)
-    sm2_point = bytes([4]) + hashlib.sha256(b"x").digest() + hashlib.sha256(b"y").digest()
-    sm2_key_id = "5a2" + "0" * 29
-    _insert_key(copy, sm2_key_id, "sm2", "audit", sm2_point)
-    _resign(copy, {seq: bytes(64) for seq, _ in checkpoints}, sm2_key_id, "sm2")
-    pem = tmp_path / "sm2.pem"
-    pem.write_text(public_key_pem(Algorithm.SM2, sm2_point))
-    first = checkpoints[0][0]
-    for result in (
-        subprocess.run([sys.executable, "-m", "gateway.cli", "audit", "verify", "--db", f"sqlite:///{copy.db}",
-                        "--public-key", f"{sm2_key_id}={pem}"], capture_output=True, text=True, timeout=60),
-        copy.verify(pin=False),
+# --- SM2: verified in software against the GB/T 32918 examples and OpenSSL -------------------------
+
+#: GB/T 32918.2-2016 Annex A (also GM/T 0003.2-2012, draft-shen-sm2-ecdsa): a 256-bit test curve.
+GBT_TEST_CURVE = sm2.Curve(
+    p=0x8542D69E4C044F18E8B92435BF6FF7DE457283915C45517D722EDB8B08F1DFC3,
+    a=0x787968B4FA32C3FD2417842E73BBFEFF2F3C848B6831D7E0EC65228B3937E498,
+    b=0x63E4C6D3B23B0C849CF84241484BFE48F61D59A5B16BA06E6E12D1DA27C5249A,
+    gx=0x421DEBD61B62EAB6746434EBC3CC315E32220B3BADD50BDC4C4E6C147FEDD43D,
+    gy=0x0680512BCBB42C07D47349D2153B70C4E5D7FDFCBFA36EA1A85841B9E46E09A2,
+    n=0x8542D69E4C044F18E8B92435BF6FF7DD297720630485628D5AE74EE7C32E79B7,
+)
+#: (curve, user ID, private key, published public key or "", published Z_A or "", r ‖ s) for "message digest".
+GBT_EXAMPLES = [
+    (GBT_TEST_CURVE, b"ALICE123@YAHOO.COM", 0x128B2FA8BD433C6C068C8D803DFF79792A519A55171B1B650C23661D15897263,
+     "040AE4C7798AA0F119471BEE11825BE46202BB79E2A5844495E97C04FF4DF2548A"
+     "7C0240F88F1CD4E16352A73C17B7F16F07353E53A176D684A9FE0C6BB798E857",
+     "F4A38489E32B45B6F876E3AC2168CA392362DC8F23459C1D1146FC3DBFB7BC9A",
+     "40F1EC59F793D9F49E09DCEF49130D4194F79FB1EED2CAA55BACDB49C4E755D1"
+     "6FC6DAC32C5D5CF10C77DFB20F7C2EB667A457872FB09EC56327A67EC7DEEBE7"),
+    # GB/T 32918.5-2017 / GM/T 0003.5-2012 Annex A: the recommended curve and the default user ID.
+    (sm2.SM2P256V1, sm2.DEFAULT_USER_ID, 0x3945208F7B2144B13F36E38AC6D39F95889393692860B51A42FB81EF4DF7C5B8,
+     "0409F9DF311E5421A150DD7D161E4BC5C672179FAD1833FC076BB08FF356F35020"
+     "CCEA490CE26775A52DC6EA718CC1AA600AED05FBF35E084A6632F6072DA9AD13", "",
+     "F5A03B0648D2C4630EEAC513E1BB81A15944DA3827D5B74143AC7EACEEE720B3"
+     "B1B6AA29DF212FD8763182BC0D421CA1BB9038FD1F7F42D4840B69C485BBC1AA"),
+]
+
+
+@pytest.mark.parametrize("example", GBT_EXAMPLES, ids=["32918.2-test-curve", "32918.5-sm2p256v1"])
+def test_sm2_verifier_matches_the_gbt_32918_examples(example: tuple[Any, ...]) -> None:
+    """An SM2 checkpoint taken on trust because the verifier cannot check SM2: the software verifier
+    reproduces the standard's examples, and refuses every altered input."""
+    curve, user_id, private_key, public_hex, z_hex, signature_hex = example
+    public_key = sm2.public_point(private_key, curve)
+    assert public_key == bytes.fromhex(public_hex)
+    if z_hex:
+        assert sm2.user_hash(public_key, user_id, curve) == bytes.fromhex(z_hex)
+    signature = bytes.fromhex(signature_hex)
+    assert sm2.verify(public_key, b"message digest", signature, user_id, curve)
+    n = curve.n.to_bytes(32, "big")
+    for message, sig, uid in (
+        (b"message digesu", signature, user_id),  # another message
+        (b"message digest", signature[:31] + bytes([signature[31] ^ 1]) + signature[32:], user_id),  # r changed
+        (b"message digest", signature, user_id + b"x"),  # another user ID (Z_A)
+        (b"message digest", bytes(32) + signature[32:], user_id),  # r = 0
+        (b"message digest", signature[:32] + n, user_id),  # s = n, out of range
+        (b"message digest", signature[:32], user_id),  # truncated
     ):
-        assert result.returncode == 1, result.stdout + result.stderr
-        assert f"checkpoint at {first} is an SM2 signature: refused" in result.stdout
-    # The unpinned verifier takes the algorithm from the key table; rewriting the table does not help.
+        assert not sm2.verify(public_key, message, sig, uid, curve)
+    off_curve = public_key[:-1] + bytes([public_key[-1] ^ 1])
+    assert not sm2.verify(off_curve, b"message digest", signature, user_id, curve)
+
+
+def _openssl_sm2_key(directory: Path) -> tuple[Path, bytes]:
+    """A key pair made by OpenSSL, standing in for an SM2 HSM: (private key file, public point)."""
+    key = directory / "sm2-key.pem"
+    subprocess.run(["openssl", "genpkey", "-algorithm", "EC", "-pkeyopt", "ec_paramgen_curve:SM2", "-out", str(key)],
+                   check=True, capture_output=True)
+    der = subprocess.run(["openssl", "pkey", "-in", str(key), "-pubout", "-outform", "DER"], check=True,
+                         capture_output=True).stdout
+    return key, der[-65:]
+
+
+def _openssl_sm2_sign(key: Path, message: bytes, directory: Path) -> bytes:
+    """SM2-with-SM3 by OpenSSL with the GM/T 0009 default user ID, as r ‖ s."""
+    source = directory / "message.bin"
+    source.write_bytes(message)
+    der = subprocess.run(["openssl", "pkeyutl", "-sign", "-inkey", str(key), "-rawin", "-digest", "sm3",
+                          "-pkeyopt", "distid:1234567812345678", "-in", str(source)],
+                         check=True, capture_output=True).stdout
+    r, s = utils.decode_dss_signature(der)
+    return r.to_bytes(32, "big") + s.to_bytes(32, "big")
+
+
+def test_sm2_verifier_agrees_with_openssl(tmp_path: Path) -> None:
+    """Positive control: SM2 signatures OpenSSL makes over checkpoint messages verify; altered ones do not."""
+    key, point = _openssl_sm2_key(tmp_path)
+    for seq in (1, 10, 1000):
+        message = checkpoint_message(seq, hashlib.sha256(b"%d" % seq).digest())
+        signature = _openssl_sm2_sign(key, message, tmp_path)
+        assert sm2.verify(point, message, signature)
+        assert not sm2.verify(point, checkpoint_message(seq + 1, hashlib.sha256(b"%d" % seq).digest()), signature)
+
+
+def test_sm2_checkpoints_verify_against_the_pinned_sm2_key_only(
+    copy: Copy, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """SM2 audit key (a GM HSM): its checkpoints verify with the pinned key, in either PEM form; a
+    forged SM2 signature, an unpinned SM2 key and a table that relabels the P-256 key as SM2 fail."""
+    checkpoints = _rewrite(copy)  # as if an SM2 HSM had signed this chain's checkpoints
+    key, point = _openssl_sm2_key(tmp_path)
+    sm2_key_id = "5a2" + "0" * 29
+    _insert_key(copy, sm2_key_id, "sm2", "audit", point)
+    _resign(copy, {seq: _openssl_sm2_sign(key, checkpoint_message(seq, head), tmp_path) for seq, head in checkpoints},
+            sm2_key_id, "sm2")
+    point_block = tmp_path / "sm2-point.pem"
+    point_block.write_text(public_key_pem(Algorithm.SM2, point))  # what `keys show` prints
+    spki = tmp_path / "sm2-spki.pem"
+    spki.write_bytes(subprocess.run(["openssl", "pkey", "-in", str(key), "-pubout"], check=True,
+                                    capture_output=True).stdout)
+
+    def run(pem: Path) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "gateway.cli", "audit", "verify", "--db", f"sqlite:///{copy.db}",
+                               "--public-key", f"{sm2_key_id}={pem}"], capture_output=True, text=True, timeout=60)
+
+    for pem in (point_block, spki):
+        result = run(pem)
+        assert result.returncode == 0, result.stdout + result.stderr
+    # Where the platform's OpenSSL has no SM3 the same checkpoints are refused, not skipped.
+    monkeypatch.setattr(sm2, "available", lambda: False)
+    code = cli.main(["audit", "verify", "--db", f"sqlite:///{copy.db}", "--public-key", f"{sm2_key_id}={spki}"])
+    assert code == 1 and "SM2 signature: refused" in capsys.readouterr().out
+    monkeypatch.undo()
+    assert copy.verify(pin=False).returncode == 0
+    first = checkpoints[0][0]
+    not_pinned = copy.verify()  # the outsider pinned the P-256 audit key, not this SM2 key
+    assert not_pinned.returncode == 1 and f"key {sm2_key_id} is not pinned" in not_pinned.stdout, not_pinned.stdout
+    with copy.rows() as connection:
+        signature = bytes(connection.execute("SELECT signature FROM audit_checkpoints WHERE seq = ?",
+                                             (first,)).fetchone()[0])
+        connection.execute("UPDATE audit_checkpoints SET signature = ? WHERE seq = ?",
+                           (signature[:63] + bytes([signature[63] ^ 1]), first))
+    forged = run(spki)
+    assert forged.returncode == 1, forged.stdout + forged.stderr
+    assert f"BROKEN at entry {first}: checkpoint at {first} has an invalid signature" in forged.stdout
+    # The unpinned verifier takes the algorithm from the key table: relabelling the P-256 audit key
+    # and its checkpoints as SM2 gets no row skipped — each is checked as SM2, and fails.
     with copy.rows() as connection:
         connection.execute("UPDATE keys SET algorithm = 'sm2' WHERE key_id = ?", (copy.audit_key_id,))
-        connection.execute("UPDATE audit_checkpoints SET key_id = ?", (copy.audit_key_id,))
-    result = copy.verify(pin=False)
-    assert result.returncode == 1 and "SM2 signature: refused" in result.stdout, result.stdout
+        connection.execute("UPDATE audit_checkpoints SET key_id = ?, signature = ?",
+                           (copy.audit_key_id, bytes(64)))
+    relabelled = copy.verify(pin=False)
+    assert relabelled.returncode == 1 and "invalid signature" in relabelled.stdout, relabelled.stdout
 
 
 async def test_checkpoints_signed_with_a_raw_key_are_refused(

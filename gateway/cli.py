@@ -290,6 +290,10 @@ def cmd_audit_verify(args: argparse.Namespace) -> int:
     report = asyncio.run(run())
     for warning in report.warnings:
         print(f"warning: {warning}", file=sys.stderr)
+    if witnessed is None:
+        print("warning: no --witness: a chain whose last entries were deleted together with the checkpoints after "
+              "them verifies; pass --witness FILE ([audit] witness_file, or a collector's copy) to catch a cut tail",
+              file=sys.stderr)
     if report.ok:
         trust = (f"pinned keys {', '.join(sorted(key.key_id for key in pinned))}" if report.trust == TRUST_PINNED
                  else "key table, not outsider-grade")

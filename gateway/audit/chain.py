@@ -273,7 +273,8 @@ class AuditLog:
 
         stored = await self._database.write(store)
         self._checkpointed = max(self._checkpointed, seq)
-        await self._witness(witness.WitnessRecord.from_row(stored))
+        if stored is not None:  # read in the writing transaction, so only absent if deleted meanwhile
+            await self._witness(witness.WitnessRecord.from_row(stored))
         return seq
 
     async def _witness(self, record: witness.WitnessRecord) -> None:

@@ -31,6 +31,7 @@ from gateway import cli
 from gateway.audit import sm2, witness
 from gateway.audit.chain import GENESIS, checkpoint_message, entry_hash
 from gateway.auth.roles import Role
+from gateway.errors import ConfigError
 from gateway.hsm.profile import Algorithm
 from gateway.keyring import public_key_pem
 from gateway.services import SERVICES
@@ -529,3 +530,12 @@ async def test_checkpoints_endpoint_refuses_bad_paging(gateway: Gateway) -> None
     for params in ({"limit": "0"}, {"limit": "1001"}, {"after": "-1"}, {"after": "1e3"}):
         response = await gateway.client.get("/v1/audit/checkpoints", params=params, headers=gateway.auth(Role.AUDITOR))
         await assert_problem(response, 400)
+
+
+def test_unwritable_witness_stops_the_gateway_at_start(tmp_path: Path) -> None:
+    """A witness path the gateway cannot append to (a careless config) is found at start-up, not at
+    the first checkpoint, when it would silently leave the tail unwitnessed."""
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("")
+    with pytest.raises(ConfigError, match=r"audit\.witness_file: cannot append to"):
+        witness.prepare(blocker / "audit-witness.jsonl")

@@ -27,6 +27,7 @@ from gateway.api.middleware import problem_middleware
 from gateway.api.openapi import ENDPOINTS_KEY
 from gateway.audit.chain import AuditLog
 from gateway.audit.refusals import RefusalTally
+from gateway.audit.witness import witness_path
 from gateway.auth.credentials import Authenticator
 from gateway.auth.throttle import LoginThrottle, PasswordCheckGate
 from gateway.config import Settings
@@ -99,6 +100,7 @@ def services_context(
                 database, CountedSigner(pool, metrics.signatures, Usage.AUDIT), settings.audit.checkpoint_every,
                 settings.audit.flush_max, settings.audit.key_id, settings.audit.checkpoint_seconds,
                 on_head=metrics.audit_head.set,
+                witness_file=witness_path(settings.audit.witness_file, settings.store.dsn),
             )
             await audit.start()
             refusals = RefusalTally(audit, settings.audit.refusal_window_seconds)

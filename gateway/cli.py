@@ -322,25 +322,41 @@ def cmd_sessions_end(args: argparse.Namespace) -> int:
 
 
 def cmd_audit_verify(args: argparse.Namespace) -> int:
-    from gateway.audit.verify import verify_chain
-    from gateway.keyring import pinned_public_key
+    """Exit 0 only when every entry and checkpoint verifies against the trusted keys (and the witness)."""
+    from gateway.audit import witness
+    from gateway.audit.verify import TRUST_PINNED, pinned_key, verify_chain
 
     settings = _settings(args)
-    pinned = dict(pinned_public_key(spec) for spec in args.public_key or [])
+    pinned = [pinned_key(spec) for spec in args.public_key or []]
+    witnessed = None
+    if args.witness:
+        witnessed, witness_warnings = witness.read(Path(args.witness))
+        for warning in witness_warnings:
+            print(f"warning: {warning}", file=sys.stderr)
+    if not pinned:
+        print("WARNING: no --public-key: trusting the key table of the database being verified. This is NOT an "
+              "outsider-grade verification; pin the audit key with --public-key KEY_ID=PEM_FILE.", file=sys.stderr)
 
     async def run() -> Any:
         database = await open_database(settings.store.dsn)
         try:
-            return await database.read(lambda tx: verify_chain(tx, pinned))
+            return await database.read(lambda tx: verify_chain(tx, pinned, witnessed))
         finally:
             await database.close()
 
     report = asyncio.run(run())
     for warning in report.warnings:
         print(f"warning: {warning}", file=sys.stderr)
+    if witnessed is None:
+        print("warning: no --witness: a chain whose last entries were deleted together with the checkpoints after "
+              "them verifies; pass --witness FILE ([audit] witness_file, or a collector's copy) to catch a cut tail",
+              file=sys.stderr)
     if report.ok:
+        trust = (f"pinned keys {', '.join(sorted(key.key_id for key in pinned))}" if report.trust == TRUST_PINNED
+                 else "key table, not outsider-grade")
+        witnessed_text = f", {report.witnessed} witnessed checkpoints present" if witnessed is not None else ""
         print(f"audit chain intact: {report.entries} entries, {report.checkpoints} signed checkpoints "
-              f"(last at {report.last_checkpoint_seq})")
+              f"(last at {report.last_checkpoint_seq}{witnessed_text}; trust: {trust})")
         return 0
     print(f"audit chain BROKEN at entry {report.first_bad_seq}: {report.problem}")
     return EXIT_AUDIT_BROKEN
@@ -436,7 +452,13 @@ def build_parser() -> argparse.ArgumentParser:
     verify.add_argument("--db", help="store DSN (default: the configured store)")
     verify.add_argument(
         "--public-key", action="append", metavar="KEY_ID=PEM_FILE",
-        help="trust this public key for the audit key instead of the key table (repeatable)",
+        help="trust this audit public key (P-256, Ed25519 or SM2 PEM, or the SM2 point block of `keys show`); "
+             "the pinned keys are the whole trust set, the key table is then not trusted (repeatable)",
+    )
+    verify.add_argument(
+        "--witness", metavar="FILE",
+        help="checkpoint witness ([audit] witness_file, or a collector's copy of GET /v1/audit/checkpoints): "
+             "fails when the chain ends before, or disagrees with, a witnessed checkpoint",
     )
     verify.set_defaults(run=cmd_audit_verify)
 

@@ -154,6 +154,12 @@ class AuditSettings(_Section):
     refusal_window_seconds: Annotated[float, Field(gt=0, le=3600)] = 60.0
     """Anonymous refusals (401 without or with unknown credentials, refused logins) are counted and
     written as one entry per cause every this many seconds (and at shutdown), not one per request."""
+    witness_file: Path | None = None
+    """Append-only JSON-lines copy of every signed checkpoint, outside the store (created 0600), for
+    ``ecny-gateway audit verify --witness`` to catch a cut tail. Default: ``audit-witness.jsonl``
+    next to the SQLite database, or ``var/audit-witness.jsonl`` with PostgreSQL. Several processes
+    and instances may share it; for an outsider's guarantee keep a copy off this host too
+    (``GET /v1/audit/checkpoints``)."""
 
 
 class AuthSettings(_Section):

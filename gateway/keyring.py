@@ -304,23 +304,3 @@ class KeyDirectory:
             self._records[key_id] = record
         return record
 
-
-def pinned_public_key(spec: str) -> tuple[str, bytes]:
-    """Parse ``KEY_ID=PEM_FILE`` into (key id, public key bytes as stored in the key table).
-
-    Raises:
-        ValidationFailed: malformed spec, unreadable file or unsupported key.
-    """
-    key_id, sep, path = spec.partition("=")
-    if not sep:
-        raise ValidationFailed(f"--public-key {spec!r}: write KEY_ID=PEM_FILE")
-    try:
-        with open(path, "rb") as handle:
-            key = serialization.load_pem_public_key(handle.read())
-    except (OSError, ValueError) as exc:
-        raise ValidationFailed(f"--public-key {path}: {exc}") from exc
-    if isinstance(key, ed25519.Ed25519PublicKey):
-        return key_id, key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
-    if isinstance(key, ec.EllipticCurvePublicKey):
-        return key_id, key.public_bytes(serialization.Encoding.X962, serialization.PublicFormat.UncompressedPoint)
-    raise ValidationFailed(f"--public-key {path}: not an EC or Ed25519 public key")

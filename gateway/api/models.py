@@ -96,6 +96,24 @@ class AuditVerifyResponse(_Body):
     first_bad_seq: int | None
     problem: str
     warnings: list[str]
+    trust: str = Field(description="Whose keys were trusted: `key-table` (a self-check, not outsider-grade) "
+                                   "or `pinned`")
+
+
+class AuditCheckpointDocument(_Body):
+    seq: int = Field(description="The last entry the checkpoint covers")
+    head_hash: str = Field(description="Hex: the entry hash at seq")
+    key_id: str
+    algorithm: str
+    signature: str = Field(description="Hex: the audit key's signature of the checkpoint message")
+    ts: str
+
+
+class AuditCheckpointPage(_Body):
+    checkpoints: list[AuditCheckpointDocument] = Field(
+        description="One witness line each: a collector appends each as a JSON line to its own witness file"
+    )
+    next_after: int | None = Field(description="Pass as `after` for the next page; null on the last page")
 
 
 class Health(_Body):

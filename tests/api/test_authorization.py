@@ -296,6 +296,7 @@ CASES: dict[str, tuple[frozenset[Role] | None, Builder]] = {
     "POST /v1/approvals/{approval_id}/reject": (SUPERVISOR, lambda ctx: _decision(ctx, "reject")),
     "GET /v1/audit": (AUDIT_READERS, _fixed(Case("/v1/audit", params={"limit": "5"}))),
     "GET /v1/audit/verify": (AUDIT_READERS, _fixed(Case("/v1/audit/verify"))),
+    "GET /v1/audit/checkpoints": (AUDIT_READERS, _fixed(Case("/v1/audit/checkpoints", params={"limit": "5"}))),
     "POST /v1/devices": (BRANCH, _register_case),
     "GET /v1/devices/{device_id}": (DEVICE_READERS, lambda ctx: _device_case(ctx, "")),
     "POST /v1/devices/{device_id}/loads": (BRANCH, lambda ctx: _device_case(

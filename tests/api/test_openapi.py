@@ -192,6 +192,8 @@ async def test_audit_responses_match_schema(gateway: Gateway, document: dict[str
     assert page["entries"], "the audit log has entries by now"
     response = await gateway.client.get("/v1/audit/verify", headers=auditor)
     await conforms(document, "GET", "/v1/audit/verify", response)
+    response = await gateway.client.get("/v1/audit/checkpoints", params={"limit": "5"}, headers=auditor)
+    await conforms(document, "GET", "/v1/audit/checkpoints", response)
     parameters = {p["name"] for p in _operation(document, "GET", "/v1/audit")["parameters"]}
     assert parameters == {"after_seq", "limit"}
 

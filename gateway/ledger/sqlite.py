@@ -22,6 +22,7 @@ import asyncio
 import fcntl
 import os
 import sqlite3
+import stat
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -91,28 +92,44 @@ def _make_private(path: str) -> None:
     away from an existing database and its ``-wal`` and ``-shm`` files.
 
     SQLite creates the ``-wal`` and ``-shm`` files with the database file's mode, so a database
-    file made 0600 here keeps them 0600 too. ``O_NOFOLLOW``: a symlink planted in place of one of
-    these files is refused rather than followed (SQLite itself would follow it).
+    file made 0600 here keeps them 0600 too. A symlink planted in place of one of these files is
+    refused rather than followed (SQLite itself would follow it).
+
+    An existing file is never opened here: closing any descriptor of a file drops every POSIX lock
+    this process holds on it, so opening and closing the database or its ``-shm`` beside a live
+    SQLite connection of the same process (a second store, the CLI inside a test) would silently
+    release that connection's locks. Existing files are checked with ``lstat`` and narrowed with
+    ``chmod`` by path instead; whoever could swap a file between the two already owns the folder.
 
     Raises:
-        StoreUnavailable: a file cannot be opened or restricted (a symlink, another owner).
+        StoreUnavailable: a file is a symlink or cannot be created or restricted (another owner).
     """
     for suffix in COMPANION_SUFFIXES:
         name = f"{path}{suffix}"
-        flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | (os.O_CREAT if not suffix else 0)
         try:
-            descriptor = os.open(name, flags, PRIVATE_MODE)
+            info = os.lstat(name)
         except FileNotFoundError:
-            continue  # a companion SQLite has not made yet: it will take the database file's mode
+            if suffix:
+                continue  # a companion SQLite has not made yet: it will take the database file's mode
+            try:  # nobody holds a file that does not exist yet: creating it here is safe
+                os.close(os.open(name, os.O_RDONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                                 PRIVATE_MODE))
+            except FileExistsError:
+                info = os.lstat(name)  # created meanwhile (another process): check it like any other
+            except OSError as exc:
+                raise StoreUnavailable(f"cannot create SQLite file {name}: {exc.strerror}") from exc
+            else:
+                os.chmod(name, PRIVATE_MODE)  # whatever the umask did
+                continue
         except OSError as exc:
-            raise StoreUnavailable(f"cannot open SQLite file {name}: {exc.strerror}") from exc
-        try:
-            # Whatever the umask did on creation, and whatever mode an older version left: owner only.
-            os.fchmod(descriptor, PRIVATE_MODE)
-        except OSError as exc:
-            raise StoreUnavailable(f"cannot restrict {name} to its owner (mode 0600): {exc.strerror}") from exc
-        finally:
-            os.close(descriptor)
+            raise StoreUnavailable(f"cannot read SQLite file {name}: {exc.strerror}") from exc
+        if stat.S_ISLNK(info.st_mode):
+            raise StoreUnavailable(f"cannot open SQLite file {name}: it is a symbolic link")
+        if stat.S_IMODE(info.st_mode) & 0o077:
+            try:  # whatever mode an older version or the umask left: owner only
+                os.chmod(name, PRIVATE_MODE)
+            except OSError as exc:
+                raise StoreUnavailable(f"cannot restrict {name} to its owner (mode 0600): {exc.strerror}") from exc
 
 
 def _connect(path: str) -> sqlite3.Connection:

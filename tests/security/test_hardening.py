@@ -281,6 +281,38 @@ async def test_database_path_planted_as_symlink_is_refused(tmp_path: Path) -> No
     assert planted.is_file() and not planted.is_symlink()
 
 
+async def test_narrowing_the_files_keeps_the_locks_of_a_live_connection(tmp_path: Path) -> None:
+    """Threat: making the files private drops this process's SQLite locks. Closing any descriptor of
+    a file releases every POSIX lock the process holds on it, so a second store opened beside a live
+    connection (the CLI, a test, a second Database) would let another writer into the middle of a
+    transaction: lost writes, "disk I/O error", a corrupt WAL."""
+    path = tmp_path / "gateway.db"
+    holder = sqlite3.connect(path, isolation_level=None)
+    holder.execute("PRAGMA journal_mode = WAL")
+    holder.execute("CREATE TABLE t (x INTEGER)")
+    path.chmod(0o644)  # an older version's mode: the store narrows it on open
+    holder.execute("BEGIN IMMEDIATE")  # the write lock, held by this process
+    holder.execute("INSERT INTO t VALUES (1)")
+    database = await open_database(f"sqlite:///{path}")  # narrows the files beside the live lock
+    await database.close()
+    assert _mode(path) == 0o600
+    other = subprocess.run(
+        [sys.executable, "-c", "import sqlite3, sys; c = sqlite3.connect(sys.argv[1], timeout=0, isolation_level=None)\n"
+         "try:\n    c.execute('BEGIN IMMEDIATE')\nexcept sqlite3.OperationalError as e:\n    print(e)",
+         str(path)], capture_output=True, text=True, timeout=60, check=True,
+    )
+    assert "locked" in other.stdout, "another process took the write lock this process still holds"
+    holder.execute("COMMIT")
+    # Positive control: once the holder commits, the other process writes.
+    other = subprocess.run(
+        [sys.executable, "-c", "import sqlite3, sys; c = sqlite3.connect(sys.argv[1], timeout=5, isolation_level=None)\n"
+         "c.execute('BEGIN IMMEDIATE'); c.execute('INSERT INTO t VALUES (2)'); c.execute('COMMIT')", str(path)],
+        capture_output=True, text=True, timeout=60, check=True,
+    )
+    assert [row[0] for row in holder.execute("SELECT x FROM t ORDER BY x")] == [1, 2]
+    holder.close()
+
+
 def _pin_copy(token: Token, path: Path, mode: int) -> Path:
     path.write_text(token.pin + "\n")
     path.chmod(mode)

@@ -11,6 +11,7 @@ from typing import Any
 
 from aiohttp import web
 
+from gateway.api import approvals as approvals_api
 from gateway.api import audit as audit_api
 from gateway.api import devices as devices_api
 from gateway.api import evm as evm_api
@@ -23,6 +24,7 @@ from gateway.api.endpoints import IDEMPOTENCY, RATE_LIMITER, Endpoint, RateLimit
 from gateway.api.idempotency import InFlight
 from gateway.api.middleware import problem_middleware
 from gateway.api.openapi import ENDPOINTS_KEY
+from gateway.approvals.service import Approvals
 from gateway.audit.chain import AuditLog
 from gateway.auth.credentials import Authenticator
 from gateway.auth.throttle import LoginThrottle
@@ -35,6 +37,7 @@ from gateway.hsm.signer import CountedSigner
 from gateway.keyring import Usage
 from gateway.ledger.store import open_database
 from gateway.metrics import Metrics
+from gateway.offline.devices import Devices, register_offline_approvals
 from gateway.services import SERVICES, Services
 from gateway.wallets.service import Wallets
 
@@ -46,6 +49,7 @@ def all_endpoints() -> list[Endpoint]:
         *keys_api.ENDPOINTS,
         *wallets_api.ENDPOINTS,
         *transfers_api.ENDPOINTS,
+        *approvals_api.ENDPOINTS,
         *devices_api.ENDPOINTS,
         *evm_api.ENDPOINTS,
         *audit_api.ENDPOINTS,
@@ -86,6 +90,7 @@ def services_context(
                 on_head=metrics.audit_head.set,
             )
             await audit.start()
+            approvals = Approvals(settings.approvals)
             app[SERVICES] = Services(
                 settings=settings,
                 profile=profile,
@@ -98,11 +103,14 @@ def services_context(
                 ),
                 audit=audit,
                 metrics=metrics,
-                wallets=Wallets(database, CountedSigner(pool, metrics.signatures, Usage.ECNY), profile, settings),
+                wallets=Wallets(database, CountedSigner(pool, metrics.signatures, Usage.ECNY), profile, settings,
+                                approvals),
+                approvals=approvals,
             )
             services = app[SERVICES]
             evm = EvmService(database, services.signer_for(Usage.EVM), settings, services.keys, services.wallets)
-            services.wallets.approval_handlers[EVM_APPROVAL_KIND] = evm
+            approvals.register(EVM_APPROVAL_KIND, evm)
+            register_offline_approvals(approvals, Devices.of(services))
             app[evm_api.EVM_SERVICE] = evm
             yield
         finally:

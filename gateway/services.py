@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 
 from aiohttp import web
 
+from gateway.approvals.service import Approvals
 from gateway.audit.chain import AuditLog
 from gateway.auth.credentials import Authenticator
 from gateway.config import Settings
@@ -28,6 +29,7 @@ class Services:
     audit: AuditLog
     metrics: Metrics
     wallets: Wallets
+    approvals: Approvals
     keys: KeyDirectory = field(default_factory=KeyDirectory)
     started_at: float = field(default_factory=time.monotonic)
 

@@ -473,3 +473,78 @@ async def test_tellers_and_backends_see_only_their_own_approvals(gw: Gateway) ->
     assert (await gw.client.get(f"/v1/approvals/{own}", headers=backend)).status == 200
     assert own in await listed(backend, "pending") and own not in await listed(teller1, "all")
     await assert_problem(await gw.client.get(f"/v1/approvals/{own}", headers=backend2), 404, "not-found")
+
+
+# --- owners: set at creation, defaulted for existing identities ---------------------------------------
+
+
+def test_cli_records_the_owner_of_users_and_clients(tmp_path: Any, monkeypatch: pytest.MonkeyPatch,
+                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    """One person, two identities, unnoticed: `users add` and `clients add` take --owner (default: the name)."""
+    import io
+    import sqlite3
+    import sys
+
+    from gateway.cli import main
+
+    database = tmp_path / "cli.db"
+    monkeypatch.setenv("ECNY_STORE__DSN", f"sqlite:///{database}")
+    monkeypatch.delenv("ECNY_CONFIG", raising=False)
+    monkeypatch.setattr(sys, "stdin", io.StringIO("a-long-enough-password\n"))
+    assert main(["users", "add", "--username", "wang.supervisor", "--role", "supervisor", "--owner", "wang",
+                 "--password-stdin"]) == 0
+    assert main(["clients", "add", "--name", "wang-batch", "--role", "supervisor", "--owner", "wang"]) == 0
+    assert main(["clients", "add", "--name", "plain-backend", "--role", "backend"]) == 0
+    assert main(["clients", "add", "--name", "bad", "--role", "backend", "--owner", " wang"]) != 0
+    capsys.readouterr()
+    with sqlite3.connect(database) as connection:
+        users = dict(connection.execute("SELECT username, owner FROM users").fetchall())
+        clients = dict(connection.execute("SELECT name, owner FROM clients").fetchall())
+        audited = [row[0] for row in connection.execute("SELECT result FROM audit_log WHERE action LIKE '%.add'")]
+    assert users == {"wang.supervisor": "wang"}
+    assert clients == {"wang-batch": "wang", "plain-backend": "plain-backend"}
+    assert any('"owner":"wang"' in result for result in audited)
+
+
+async def test_existing_identities_and_approvals_get_their_own_name_as_owner(store_dsn: str) -> None:
+    """An upgrade that locks everyone out, or lets anyone approve anything: the owner migration gives
+    every existing user, client and pending approval the owner it had implicitly (its own name)."""
+    from gateway import clock
+    from gateway.ledger.migrate import _statements, migration_files
+    from gateway.ledger.store import Tx, open_database
+
+    database = await open_database(store_dsn)
+    dialect = "sqlite" if store_dsn.startswith("sqlite") else "postgresql"
+
+    def before_owners(tx: Tx) -> None:
+        tx.execute("CREATE TABLE IF NOT EXISTS schema_migrations (name TEXT PRIMARY KEY, applied_at TEXT NOT NULL)")
+        for name, sql in migration_files(dialect):
+            if name.endswith("_approvals"):
+                continue  # the migration under test
+            for statement in _statements(sql):
+                tx.execute(statement)
+            tx.execute("INSERT INTO schema_migrations (name, applied_at) VALUES (?, ?)", (name, clock.now_iso()))
+        now = clock.now_iso()
+        tx.execute("INSERT INTO users (username, role, password_hash, created_at) VALUES (?, ?, ?, ?)",
+                   ("old.supervisor", "supervisor", "x", now))
+        tx.execute("INSERT INTO clients (name, role, key_prefix, key_hash, created_at) VALUES (?, ?, ?, ?, ?)",
+                   ("old:client", "backend", "0123456789ab", b"h", now))
+        tx.execute("INSERT INTO approvals (approval_id, kind, payload, payload_hash, requested_by, status, "
+                   "created_at, expires_at) VALUES ('a_old', 'transfer', '{}', 'h', 'client:old:client', 'pending', "
+                   "?, ?)", (now, clock.after(3600)))
+
+    try:
+        await database.write(before_owners)
+        applied = await database.migrate()
+        assert [name for name in applied if name.endswith("_approvals")], applied
+
+        def owners(tx: Tx) -> tuple[str, str, str]:
+            user = tx.fetchone("SELECT owner FROM users WHERE username = 'old.supervisor'")
+            client = tx.fetchone("SELECT owner FROM clients WHERE name = 'old:client'")
+            approval = tx.fetchone("SELECT requested_owner FROM approvals WHERE approval_id = 'a_old'")
+            assert user is not None and client is not None and approval is not None
+            return user["owner"], client["owner"], approval["requested_owner"]
+
+        assert await database.read(owners) == ("old.supervisor", "old:client", "old:client")
+    finally:
+        await database.close()

@@ -31,6 +31,8 @@ from gateway.auth.throttle import LoginThrottle
 from gateway.config import Settings
 from gateway.evm.service import APPROVAL_KIND as EVM_APPROVAL_KIND
 from gateway.evm.service import EvmService
+from gateway.evm.typed_data import APPROVAL_KIND as TYPED_DATA_APPROVAL_KIND
+from gateway.evm.typed_data import TypedDataService
 from gateway.hsm.pool import PoolSettings, SignerPool
 from gateway.hsm.profile import HsmProfile
 from gateway.hsm.signer import CountedSigner
@@ -112,6 +114,10 @@ def services_context(
             approvals.register(EVM_APPROVAL_KIND, evm)
             register_offline_approvals(approvals, Devices.of(services))
             app[evm_api.EVM_SERVICE] = evm
+            typed_data = TypedDataService(database, services.signer_for(Usage.EVM), settings, services.keys,
+                                          services.wallets, evm)
+            approvals.register(TYPED_DATA_APPROVAL_KIND, typed_data)
+            app[evm_api.TYPED_DATA_SERVICE] = typed_data
             yield
         finally:
             if audit is not None:

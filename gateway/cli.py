@@ -293,15 +293,18 @@ def cmd_audit_verify(args: argparse.Namespace) -> int:
 
 def cmd_ledger_check(args: argparse.Namespace) -> int:
     from gateway.ledger.journal import check_invariants
+    from gateway.offline.engine import check_offline_entries
 
     settings = _settings(args)
-    problems = asyncio.run(_with_database(settings, lambda db: db.read(check_invariants)))
+    problems = asyncio.run(_with_database(settings, lambda db: db.read(
+        lambda tx: check_invariants(tx) + check_offline_entries(tx))))
     for problem in problems:
         print(problem)
     if problems:
         print(f"ledger BROKEN: {len(problems)} problem(s)")
         return EXIT_AUDIT_BROKEN
-    print("ledger sound: every entry balances, balances equal postings, no wallet is negative")
+    print("ledger sound: every entry balances, balances equal postings, no wallet is negative, "
+          "offline reserves match their devices")
     return 0
 
 

@@ -243,6 +243,35 @@ class TypedDataDomainSettings(_Section):
     """When set, the domain's ``name`` must equal it."""
     version: str | None = None
     """When set, the domain's ``version`` must equal it."""
+    primary_types: list[Annotated[str, Field(pattern=r"^[A-Za-z_$][A-Za-z0-9_$]*$", max_length=64)]] = []
+    """EIP-712 ``primaryType`` names other than the standard authorisations that may be signed for this
+    domain — each request always through a supervisor's approval, since the gateway cannot read what
+    they do. ``Permit``, ``TransferWithAuthorization`` and ``ReceiveWithAuthorization`` are never listed:
+    they are decoded and meet the token's caps. Empty (the default): nothing else is signed."""
+
+    @field_validator("primary_types")
+    @classmethod
+    def _not_decoded(cls, names: list[str]) -> list[str]:
+        decoded = sorted({"Permit", "TransferWithAuthorization", "ReceiveWithAuthorization", "EIP712Domain"}
+                         & set(names))
+        if decoded:
+            raise ValueError(f"{', '.join(decoded)} cannot be listed: standard authorisations are decoded "
+                             "and checked against the token's caps")
+        return names
+
+
+class EvmFeeSettings(_Section):
+    """Caps on what one transaction may pay for gas, in wei. A request above any of them is refused
+    (``evm-fee-cap-exceeded``); the fee also counts against the native coin's caps."""
+
+    max_fee_per_gas: BaseUnits = 500 * 10**9
+    """Largest ``max_fee_per_gas`` (EIP-1559) or ``gas_price`` (legacy), in wei: 500 gwei by default,
+    above Ethereum's worst spikes of recent years."""
+    max_gas_limit: Annotated[int, Field(ge=21_000, le=100_000_000)] = 1_000_000
+    """Largest ``gas_limit``: an ERC-20 call needs under 100,000, a value transfer 21,000."""
+    max_total_fee: BaseUnits = 10**17
+    """Largest gas limit × fee per gas (the most the transaction can burn), in wei: 0.1 of the native
+    coin by default."""
 
 
 class EvmChainSettings(_Section):
@@ -262,6 +291,8 @@ class EvmChainSettings(_Section):
     """Recipients and spenders that are always refused."""
     typed_data_domains: list[TypedDataDomainSettings] = []
     """EIP-712 domains that ``POST /v1/evm/typed-data`` may sign for on this chain."""
+    fees: EvmFeeSettings = EvmFeeSettings()
+    """Gas caps of one transaction on this chain (defaults: 500 gwei per gas, 1,000,000 gas, 0.1 coin)."""
     example: bool = False
     """Shipped as an example entry."""
 

@@ -460,6 +460,32 @@ class SignatureRecoveryFailed(HsmError):
     title = "Signature does not match the key"
 
 
+class TypedDataTooComplex(InvalidTypedData):
+    """An EIP-712 document whose type graph or message is larger or deeper than the gateway walks
+    (too many struct definitions or fields, structs or arrays nested too deep)."""
+
+    code = "typed-data-too-complex"
+    title = "EIP-712 typed data too large or too deep"
+
+
+class TypedDataNotAllowed(PolicyRefused):
+    """An EIP-712 ``primaryType`` the gateway may not sign on this domain: neither a standard
+    authorisation it decodes (EIP-2612 ``Permit``, EIP-3009 ``TransferWithAuthorization`` /
+    ``ReceiveWithAuthorization`` on a registered token, with the exact standard struct) nor a type the
+    chain's config lists for the domain."""
+
+    code = "typed-data-not-allowed"
+    title = "EIP-712 type not allowed"
+
+
+class EvmFeeCapExceeded(PolicyRefused):
+    """The transaction's gas limit, fee per gas or total fee (gas limit × fee per gas) is above the
+    chain's fee caps (``[evm.chains.fees]``)."""
+
+    code = "evm-fee-cap-exceeded"
+    title = "EVM fee cap exceeded"
+
+
 # --- hard wallets: the serial link, offline formats and reconciliation ---------------------------
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from decimal import Decimal, InvalidOperation
 from typing import Any
 
@@ -107,6 +108,27 @@ def describe_payload(kind: str, payload: dict[str, Any]) -> list[tuple[str, str]
             ("Transfer", str(payload.get("transfer_id", ""))),
         ]
         return rows
+    if kind == "evm_typed_data":
+        # An EIP-712 approval (gateway.evm.typed_data.record_in): the decoded permit or authorisation,
+        # or — for a type the config lists without decoding — the message itself, beside the digest.
+        intent = payload.get("intent") if isinstance(payload.get("intent"), dict) else None
+        rows += [("Chain", f"{payload.get('chain', '?')} ({payload.get('chain_id', '?')})"),
+                 ("Type", str(payload.get("primary_type", "?"))),
+                 ("Contract", str(payload.get("verifying_contract", "?")))]
+        if intent is not None:
+            rows += [("Asset", f"{intent.get('symbol', '?')} (token {intent.get('asset', '?')})"),
+                     ("Method", str(intent.get("method", "?"))),
+                     ("Recipient", str(intent.get("recipient") or "—")),
+                     ("Amount", token_amount(intent.get("amount"), intent.get("decimals"), intent.get("symbol")))]
+        else:
+            typed = payload.get("typed_data") if isinstance(payload.get("typed_data"), dict) else {}
+            assert isinstance(typed, dict)
+            message = typed.get("message")
+            rows += [("Recipient", "—"), ("Amount", "not decoded: read the message"),
+                     ("Message", json.dumps(message, sort_keys=True, ensure_ascii=False)[:2_000])]
+        rows += [("Signer", str(payload.get("signer", "?"))), ("Key", str(payload.get("key_id", "?"))),
+                 ("Digest", str(payload.get("digest", "?")))]
+        return rows
     if kind.startswith("evm"):
         # What the gateway stores for an EVM approval (gateway.evm.service.record_in): the decoded
         # intent — what policy checked: asset, method, the real recipient (for ERC-20 the one in
@@ -128,6 +150,8 @@ def describe_payload(kind: str, payload: dict[str, Any]) -> list[tuple[str, str]
         for name in ("nonce", "gas_limit", "max_fee_per_gas", "max_priority_fee_per_gas", "gas_price"):
             if tx.get(name) is not None:
                 rows.append((name.replace("_", " ").capitalize(), str(tx[name])))
+        if payload.get("max_fee") is not None:
+            rows.append(("Max fee (wei)", str(payload["max_fee"])))
         rows += [("Key", str(payload.get("key_id", "?"))), ("Signing hash", str(payload.get("signing_hash", "?")))]
         return rows
     for name, value in sorted(payload.items()):

@@ -7,7 +7,6 @@ the signature is stored, so a retry after a crash signs the same transaction, ne
 
 from __future__ import annotations
 
-import hashlib
 from typing import Any
 
 import orjson
@@ -28,8 +27,9 @@ from gateway.api.evm_models import (
 from gateway.auth.roles import Permission
 from gateway.config import EvmChainSettings
 from gateway.errors import InvalidEvmTransaction, NonceConflict, ValidationFailed
-from gateway.evm.service import ALGORITHM, Draft, EvmService, Recorded, transaction_document
-from gateway.keyring import KeyRecord, Usage, evm_address
+from gateway.evm.service import Draft, EvmService, Recorded, transaction_document
+from gateway.evm.typed_data import TypedDataDraft, TypedDataService, typed_data_document
+from gateway.keyring import KeyRecord, Usage
 from gateway.ledger.store import Tx
 from gateway.policy import evm as policy
 from gateway.schemes.evm import (
@@ -42,10 +42,10 @@ from gateway.schemes.evm import (
     parse_amount,
     parse_data,
     parse_typed_data,
-    recover_signature,
 )
 
 EVM_SERVICE = web.AppKey("evm_service", EvmService)
+TYPED_DATA_SERVICE = web.AppKey("evm_typed_data_service", TypedDataService)
 
 
 def _service(call: Call) -> EvmService:
@@ -152,29 +152,24 @@ async def resume_transaction(call: Call, transaction_id: str) -> web.Response:
 
 
 async def sign_typed_data(call: Call) -> web.Response:
+    """Read, check and record an EIP-712 request; sign it now (200) or park it for a supervisor (202)."""
     body: TypedDataRequest = call.body
     key = await _evm_key(call, body.key_id)
     chain = policy.require_chain(call.services.settings.evm, body.chain_id)
-    typed = parse_typed_data(body.typed_data)
-    signer_address = evm_address(key.public_key)
-    decision, intent = policy.check_typed_data(chain, typed, signer_address)
-    policy.refuse([decision], f"EIP-712 {typed.primary_type} on chain {chain.chain_id} refused")
-    digest = typed.digest
-    raw = await call.services.signer_for(Usage.EVM).sign(key.key_id, ALGORITHM, digest)
-    signature = recover_signature(digest, raw, key.public_key)
-    rsv = signature.rsv()
-    document: dict[str, Any] = {
-        "signature": "0x" + rsv.hex(), "r": hex(signature.r), "s": hex(signature.s), "v": rsv[64],
-        "digest": "0x" + digest.hex(), "domain_separator": "0x" + typed.domain_separator.hex(),
-        "message_hash": "0x" + typed.message_hash.hex(), "signer": signer_address,
-        "intent": intent.document() if intent is not None else None,
-    }
-    await call.services.audit.record(call.audit_entry(
-        "evm.typed_data.sign", decision="allowed", key_id=key.key_id, payload_hash=call.payload_hash(),
-        result={"chain_id": chain.chain_id, "primary_type": typed.primary_type, "digest": digest.hex(),
-                "verifying_contract": typed.domain.get("verifyingContract"),
-                "signature_sha256": hashlib.sha256(rsv).hexdigest()}))
-    return json_response(document)
+    draft = TypedDataDraft(key, chain, body.typed_data, parse_typed_data(body.typed_data))
+    service = call.request.app[TYPED_DATA_SERVICE]
+    entry = call.audit_entry("evm.typed_data.sign", decision="allowed", payload_hash=call.payload_hash())
+
+    def work(tx: Tx) -> tuple[dict[str, Any], bytes | None]:
+        document = typed_data_document(service.record_in(tx, draft, entry))
+        if document["status"] == "pending_approval":
+            return document, idempotency.respond_in(tx, call, document, 202)
+        return document, None
+
+    document, pending = await call.services.database.write(work)
+    if pending is not None:
+        return idempotency.json_body(pending, 202)
+    return json_response(await service.seal(document["request_id"]))
 
 
 async def set_next_nonce(call: Call) -> web.Response:
@@ -210,7 +205,10 @@ def chain_document(chain: EvmChainSettings) -> dict[str, Any]:
         "recipient_allowlist": list(chain.recipient_allowlist),
         "recipient_denylist": list(chain.recipient_denylist),
         "typed_data_domains": [{"verifying_contract": domain.verifying_contract, "name": domain.name,
-                                "version": domain.version} for domain in chain.typed_data_domains],
+                                "version": domain.version, "primary_types": list(domain.primary_types)}
+                               for domain in chain.typed_data_domains],
+        "fees": {"max_fee_per_gas": str(chain.fees.max_fee_per_gas), "max_gas_limit": chain.fees.max_gas_limit,
+                 "max_total_fee": str(chain.fees.max_total_fee)},
         "example": chain.example,
     }
 
@@ -228,11 +226,14 @@ ENDPOINTS = [
              idempotency="required", resume=resume_transaction, audited_action="evm.transactions.create",
              responses={202: "Pending a supervisor's approval (status pending_approval, approval_id)",
                         409: "Nonce already used or out of sequence; Idempotency-Key reused",
-                        422: "Refused by policy (unknown chain, token or contract; cap; recipient)"}),
-    Endpoint("POST", "/v1/evm/typed-data", sign_typed_data, "Sign EIP-712 typed data for an allowed domain",
-             Permission.EVM_SIGN, "evm", request_model=TypedDataRequest, response_model=TypedDataSignature,
-             idempotency="optional", audited_action="evm.typed_data.sign",
-             responses={422: "Domain not allowed, or a permit the policy refuses"}),
+                        422: "Refused by policy (unknown chain, token or contract; cap; fee cap; recipient)"}),
+    Endpoint("POST", "/v1/evm/typed-data", sign_typed_data,
+             "Sign EIP-712 typed data: a decoded permit or authorisation within the token's caps, or a listed type "
+             "after approval", Permission.EVM_SIGN, "evm", request_model=TypedDataRequest,
+             response_model=TypedDataSignature, idempotency="optional", audited_action="evm.typed_data.sign",
+             responses={202: "Pending a supervisor's approval (status pending_approval, approval_id)",
+                        400: "Not EIP-712, or a type graph too large or too deep (typed-data-too-complex)",
+                        422: "Domain or type not allowed; a cap, daily cap or recipient list refuses the intent"}),
     Endpoint("POST", "/v1/evm/nonces/{chain_id}/{address}", set_next_nonce,
              "Set the next nonce of an address (admin; audited)", Permission.EVM_NONCES, "evm",
              request_model=NonceRequest, response_model=NonceDocument, idempotency="optional",

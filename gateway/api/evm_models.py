@@ -72,15 +72,24 @@ class TypedDataRequest(_Body):
 
 
 class TypedDataSignature(_Body):
-    signature: str = Field(description="0x-hex r‖s‖v (65 bytes, v = 27 or 28, low-S)")
-    r: str
-    s: str
-    v: int
-    digest: str = Field(description="0x-hex EIP-712 digest that was signed")
+    status: Literal["signed", "pending_approval", "unsigned", "rejected", "failed"] = Field(
+        description="signed (200); pending_approval (202) until a supervisor decides")
+    request_id: str
+    chain_id: int
+    primary_type: str
+    verifying_contract: str
+    signature: str | None = Field(description="0x-hex r‖s‖v (65 bytes, v = 27 or 28, low-S); null until signed")
+    r: str | None
+    s: str | None
+    v: int | None
+    digest: str = Field(description="0x-hex EIP-712 digest that is signed")
     domain_separator: str
     message_hash: str
     signer: str = Field(description="EIP-55 address of the key")
-    intent: dict[str, Any] | None = Field(default=None, description="Decoded EIP-2612 permit, when it is one")
+    intent: dict[str, Any] | None = Field(
+        default=None, description="The decoded EIP-2612 permit (approve) or EIP-3009 authorisation (transfer); "
+                                  "null for a type listed in the chain's config")
+    approval_id: str | None = None
 
 
 class NonceRequest(_Body):
@@ -117,6 +126,14 @@ class DomainDocument(_Body):
     verifying_contract: str
     name: str | None
     version: str | None
+    primary_types: list[str] = Field(description="Types signed for this domain, always after approval, "
+                                                 "besides the decoded Permit and EIP-3009 authorisations")
+
+
+class FeeCapsDocument(_Body):
+    max_fee_per_gas: str = Field(description="wei")
+    max_gas_limit: int
+    max_total_fee: str = Field(description="wei: gas limit × fee per gas")
 
 
 class ChainDocument(_Body):
@@ -128,6 +145,7 @@ class ChainDocument(_Body):
     recipient_allowlist: list[str]
     recipient_denylist: list[str]
     typed_data_domains: list[DomainDocument]
+    fees: FeeCapsDocument
     example: bool
 
 

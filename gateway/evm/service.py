@@ -5,7 +5,8 @@ One request (``POST /v1/evm/transactions``):
 1. The body is parsed into an :class:`~gateway.schemes.evm.UnsignedTransaction` minus its nonce, and
    its decoded :class:`~gateway.policy.evm.Intent` (pure, no store).
 2. One write transaction, holding the lock of the (chain, address): expire stale approvals and free
-   their nonces; read the day's spend; evaluate the policy — a refusal rolls everything back, so a
+   their nonces; read the day's spend; evaluate the policy (the fee caps, and the most the fees can
+   cost counted against the native coin's caps) — a refusal rolls everything back, so a
    refused request consumes no nonce —; allocate the nonce (the lowest freed one, else the next);
    record the unsigned transaction, its signing hash, the spend, the audit entry and the
    idempotency record (a reference to the transaction) — all or nothing.
@@ -25,7 +26,7 @@ from __future__ import annotations
 
 import json
 import secrets
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -45,7 +46,7 @@ from gateway.keyring import KeyDirectory, KeyRecord, evm_address
 from gateway.ledger.store import Database, Tx
 from gateway.policy import evm as policy
 from gateway.policy.evm import Intent
-from gateway.schemes.evm import MAX_NONCE, UnsignedTransaction, finish_transaction
+from gateway.schemes.evm import MAX_NONCE, Fees, UnsignedTransaction, finish_transaction
 from gateway.wallets.service import Wallets
 
 APPROVAL_KIND = "evm_transaction"
@@ -86,7 +87,8 @@ def business_day() -> str:
     return clock.now_iso()[:10]
 
 
-def _lock_name(chain_id: int, address: str) -> str:
+def lock_name(chain_id: int, address: str) -> str:
+    """The lock held while an address's nonces and daily spend are read and written."""
     return f"evm:{chain_id}:{address}"
 
 
@@ -205,7 +207,7 @@ class EvmService:
         Raises:
             NonceConflict: a transaction at or above ``next_nonce`` is waiting for a supervisor.
         """
-        tx.lock(_lock_name(chain_id, address))
+        tx.lock(lock_name(chain_id, address))
         self._sweep_in(tx, chain_id, address, clock.now_iso())
         waiting = tx.fetchall(
             "SELECT transaction_id FROM evm_transactions WHERE chain_id = ? AND from_address = ? AND nonce >= ? "
@@ -230,27 +232,45 @@ class EvmService:
     # --- recording -------------------------------------------------------------------------
 
     @staticmethod
-    def _spent(tx: Tx, chain_id: int, address: str, asset: str, day: str) -> int:
-        row = tx.fetchone("SELECT amount FROM evm_spend WHERE chain_id = ? AND address = ? AND asset = ? "
-                          "AND business_day = ?", (chain_id, address, asset, day))
-        return 0 if row is None else int(row["amount"])
+    def spent_in(tx: Tx, chain_id: int, address: str, assets: Iterable[str], day: str) -> dict[str, int]:
+        """What ``address`` has signed today per asset (base units), for the daily caps."""
+        spent = {}
+        for asset in assets:
+            row = tx.fetchone("SELECT amount FROM evm_spend WHERE chain_id = ? AND address = ? AND asset = ? "
+                              "AND business_day = ?", (chain_id, address, asset, day))
+            spent[asset] = 0 if row is None else int(row["amount"])
+        return spent
 
-    def _add_spend(self, tx: Tx, chain_id: int, address: str, intent: Intent, day: str) -> None:
-        row = tx.fetchone("SELECT amount FROM evm_spend WHERE chain_id = ? AND address = ? AND asset = ? "
-                          "AND business_day = ?", (chain_id, address, intent.asset, day))
-        if row is None:
-            tx.execute("INSERT INTO evm_spend (chain_id, address, asset, business_day, amount) VALUES (?, ?, ?, ?, ?)",
-                       (chain_id, address, intent.asset, day, str(intent.amount)))
-        else:
-            tx.execute("UPDATE evm_spend SET amount = ? WHERE chain_id = ? AND address = ? AND asset = ? "
-                       "AND business_day = ?",
-                       (str(int(row["amount"]) + intent.amount), chain_id, address, intent.asset, day))
+    @staticmethod
+    def add_spend_in(tx: Tx, chain_id: int, address: str, amounts: Mapping[str, int], day: str) -> None:
+        """Count ``amounts`` (per asset) against the day's caps of ``address``."""
+        for asset, amount in amounts.items():
+            row = tx.fetchone("SELECT amount FROM evm_spend WHERE chain_id = ? AND address = ? AND asset = ? "
+                              "AND business_day = ?", (chain_id, address, asset, day))
+            if row is None:
+                tx.execute("INSERT INTO evm_spend (chain_id, address, asset, business_day, amount) "
+                           "VALUES (?, ?, ?, ?, ?)", (chain_id, address, asset, day, str(amount)))
+            else:
+                tx.execute("UPDATE evm_spend SET amount = ? WHERE chain_id = ? AND address = ? AND asset = ? "
+                           "AND business_day = ?", (str(int(row["amount"]) + amount), chain_id, address, asset, day))
 
-    def _check(self, tx: Tx, chain: EvmChainSettings, address: str, intent: Intent, day: str) -> None:
-        spent = self._spent(tx, chain.chain_id, address, intent.asset, day)
-        policy.refuse([policy.evaluate(chain, intent, spent)],
-                      f"{intent.method} of {intent.amount} {intent.symbol} base units on chain {chain.chain_id} "
-                      "refused")
+    def check_in(self, tx: Tx, chain: EvmChainSettings, address: str, intent: Intent, day: str,
+                 fees: Fees | None = None) -> dict[str, int]:
+        """Refuse unless the intent (and the fees, when a transaction pays them) passes the policy with
+        today's spend; return what signing spends per asset, for :meth:`add_spend_in`.
+
+        Raises:
+            EvmFeeCapExceeded, EvmCapExceeded, RecipientNotAllowed, PolicyRefused.
+        """
+        fee = fees.max_total if fees is not None else 0
+        amounts = policy.spending(intent, fee)
+        spent = self.spent_in(tx, chain.chain_id, address, amounts, day)
+        decisions = [policy.evaluate(chain, intent, spent, fee)]
+        if fees is not None:
+            decisions.insert(0, policy.check_fee_caps(chain, fees))
+        policy.refuse(decisions, f"{intent.method} of {intent.amount} {intent.symbol} base units on chain "
+                                 f"{chain.chain_id} refused")
+        return amounts
 
     def record_in(self, tx: Tx, draft: Draft, entry: AuditEntry) -> Recorded:
         """Check the policy, allocate the nonce and record the unsigned transaction — or park it for a
@@ -260,11 +280,11 @@ class EvmService:
             PolicyRefused (and subclasses), NonceConflict.
         """
         chain_id, address = draft.chain.chain_id, draft.address
-        tx.lock(_lock_name(chain_id, address))
+        tx.lock(lock_name(chain_id, address))
         now = clock.now_iso()
         self._sweep_in(tx, chain_id, address, now)
         day = now[:10]
-        self._check(tx, draft.chain, address, draft.intent, day)
+        amounts = self.check_in(tx, draft.chain, address, draft.intent, day, draft.unsigned.fees)
         nonce = self.allocate_in(tx, chain_id, address, draft.nonce)
         unsigned = UnsignedTransaction(draft.unsigned.tx_type, chain_id, nonce, draft.unsigned.fees,
                                        draft.unsigned.to, draft.unsigned.value, draft.unsigned.data)
@@ -278,9 +298,10 @@ class EvmService:
             approval_id = self.wallets.approvals.request_in(tx, APPROVAL_KIND, {
                 "transaction_id": transaction_id, "key_id": draft.key.key_id, "from": address,
                 "chain_id": chain_id, "chain": draft.chain.name, "signing_hash": "0x" + signing_hash,
-                "transaction": unsigned_document, "intent": intent_document}, entry.actor)
+                "transaction": unsigned_document, "intent": intent_document,
+                "max_fee": str(unsigned.fees.max_total)}, entry.actor)
         else:
-            self._add_spend(tx, chain_id, address, draft.intent, day)
+            self.add_spend_in(tx, chain_id, address, amounts, day)
         status = "pending_approval" if pending else "unsigned"
         tx.execute(
             "INSERT INTO evm_transactions (transaction_id, chain_id, key_id, from_address, nonce, tx_type, "
@@ -359,7 +380,7 @@ class EvmService:
         """
         row = self.row_in(tx, payload["transaction_id"])
         chain_id, address = int(row["chain_id"]), row["from_address"]
-        tx.lock(_lock_name(chain_id, address))
+        tx.lock(lock_name(chain_id, address))
         row = self.row_in(tx, payload["transaction_id"])
         unsigned = UnsignedTransaction.from_json(json.loads(row["unsigned_tx"]))
         signing_hash = unsigned.signing_hash().hex()
@@ -372,13 +393,13 @@ class EvmService:
             chain = policy.require_chain(self.settings.evm, chain_id)
             intent = _intent_from_document(chain, intent_document)
             day = business_day()
-            self._check(tx, chain, address, intent, day)
+            amounts = self.check_in(tx, chain, address, intent, day, unsigned.fees)
         except PolicyRefused:
             tx.execute("UPDATE evm_transactions SET status = 'failed' WHERE transaction_id = ?",
                        (row["transaction_id"],))
             self._free_nonce(tx, chain_id, address, int(row["nonce"]))
             raise
-        self._add_spend(tx, chain_id, address, intent, day)
+        self.add_spend_in(tx, chain_id, address, amounts, day)
         tx.execute("UPDATE evm_transactions SET status = 'unsigned', business_day = ? WHERE transaction_id = ?",
                    (day, row["transaction_id"]))
         entry.key_id = row["key_id"]
@@ -389,7 +410,7 @@ class EvmService:
         """Reject: the transaction is never signed and its nonce returns to the free list."""
         row = self.row_in(tx, payload["transaction_id"])
         chain_id, address = int(row["chain_id"]), row["from_address"]
-        tx.lock(_lock_name(chain_id, address))
+        tx.lock(lock_name(chain_id, address))
         if tx.execute("UPDATE evm_transactions SET status = 'rejected' WHERE transaction_id = ? "
                       "AND status = 'pending_approval'", (row["transaction_id"],)):
             self._free_nonce(tx, chain_id, address, int(row["nonce"]))
@@ -398,7 +419,7 @@ class EvmService:
         """Expired undecided: the transaction is never signed and its nonce returns to the free list."""
         row = self.row_in(tx, payload["transaction_id"])
         chain_id, address = int(row["chain_id"]), row["from_address"]
-        tx.lock(_lock_name(chain_id, address))
+        tx.lock(lock_name(chain_id, address))
         if tx.execute("UPDATE evm_transactions SET status = 'expired' WHERE transaction_id = ? "
                       "AND status = 'pending_approval'", (row["transaction_id"],)):
             self._free_nonce(tx, chain_id, address, int(row["nonce"]))

@@ -51,6 +51,7 @@ from gateway.keyring import KeyDirectory, KeyRecord, Usage, key_for_usage, publi
 from gateway.ledger import journal
 from gateway.ledger.store import Database, Row, Tx
 from gateway.offline.bulk import Transfer, post_offline, select_in
+from gateway.offline.caps import PayeeCredits, wallet_limits
 from gateway.offline.engine import (
     KINDS,
     apply_checks,
@@ -141,6 +142,7 @@ class Devices:
         self.signer = signer
         self.profile = profile
         self.offline: OfflineSettings = offline_settings(settings)
+        self.limits = wallet_limits(settings)  # the payee's tier balance cap applies to offline credits too
         self.keys = keys or KeyDirectory()
         self.verifier = verifier or InlineVerifier()
         self.approvals = approvals if approvals is not None else Approvals(
@@ -329,8 +331,8 @@ class Devices:
             await database.write(lambda tx: record_refused_export(tx, device_id, blob, "signature does not verify"))
             raise InvalidDeviceSignature(f"the log export's signature does not verify with device {device_id}'s key",
                                          ["invalid-signature"])
-        settings = self.offline
-        reports = await database.write(lambda tx: reconcile_in(tx, [upload], settings, entry.actor, [entry]))
+        settings, limits = self.offline, self.limits
+        reports = await database.write(lambda tx: reconcile_in(tx, [upload], settings, entry.actor, [entry], limits))
         report = reports[0]
         ack = offline.Ack(device_id, upload.export.counter, upload.export.rx, upload.export_hash,
                           journal.epoch_millis())
@@ -437,6 +439,8 @@ class Devices:
         transfers: dict[str, list[Transfer]] = {"offline": [], "offline_honour": [], "offline_release": []}
         reserves: dict[str, int] = {}
         released: dict[str, int] = {}
+        returned: dict[str, int] = {}  # of released: value of unloaded devices, back in their wallet now
+        payee_room = PayeeCredits(tx, self.limits)
         outcome = {"post": "posted", "honour": "honoured", "reject": "rejected"}.get(resolution)
         for payment in held:
             digest = bytes(payment["payment_hash"])
@@ -448,6 +452,7 @@ class Devices:
                 if in_budget:
                     released[payer["device_id"]] = released.get(payer["device_id"], 0) + amount
                     if payer["status"] == "unloaded":  # its other value went back at unload: this goes back now
+                        returned[payer["device_id"]] = returned.get(payer["device_id"], 0) + amount
                         transfers["offline_release"].append(Transfer(
                             "rel_" + reference[:24], reference, journal.reserve_account(payer["wallet_id"]),
                             journal.wallet_account(payer["wallet_id"]), amount, "held offline payment rejected"))
@@ -458,6 +463,10 @@ class Devices:
             if status.get(payee["wallet_id"]) != "active":
                 raise ResolutionRefused(f"the payee's wallet {payee['wallet_id']} is not active",
                                         ["payee-wallet-not-active"])
+            if not payee_room.take(payee["wallet_id"], amount):
+                raise ResolutionRefused(f"the payee's wallet {payee['wallet_id']} would go above its tier's balance "
+                                        f"cap of {payee_room.cap(payee['wallet_id'])} fen: post it once the wallet has "
+                                        "room, or reject it", ["balance-cap-exceeded"])
             memo = f"offline {payment['payer_device']}#{payment['counter']} to {payment['payee_device']} ({resolution})"
             if in_budget:
                 available = reserves.setdefault(payer["wallet_id"], journal.balance(
@@ -485,8 +494,8 @@ class Devices:
             tx.execute("UPDATE offline_payments SET entry_id = ? WHERE payment_hash = ?",
                        (transfer.entry_id, bytes.fromhex(transfer.reference)))
         for device_id, amount in released.items():
-            tx.execute("UPDATE devices SET spent_fen = spent_fen - ?, updated_at = ? WHERE device_id = ?",
-                       (amount, now, device_id))
+            tx.execute("UPDATE devices SET spent_fen = spent_fen - ?, returned_fen = returned_fen + ?, updated_at = ? "
+                       "WHERE device_id = ?", (amount, returned.get(device_id, 0), now, device_id))
         tx.execute("UPDATE discrepancies SET status = 'resolved', resolution = ?, note = ?, resolved_by = ?, "
                    "resolved_at = ? WHERE discrepancy_id = ?", (resolution, note, entry.actor, now, discrepancy_id))
         entry.result = {"discrepancy_id": discrepancy_id, "kind": row["kind"], "resolution": resolution,

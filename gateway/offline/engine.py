@@ -39,6 +39,7 @@ from gateway.errors import InvalidDeviceSignature, OfflineFormatError
 from gateway.ledger.journal import LedgerInvariantBroken, reserve_account, wallet_account
 from gateway.ledger.store import Tx
 from gateway.offline.bulk import Transfer, insert_many, post_offline, select_in, update_in
+from gateway.offline.caps import PayeeCredits, WalletLimits, default_limits
 from gateway.offline.settings import OfflineSettings
 from gateway.offline.verify import Job
 from gateway.schemes.offline import (
@@ -71,6 +72,7 @@ KINDS: dict[str, str] = {
     "voucher-expired": "a voucher loaded after its expiry, or a payment spending such value",
     "overspent": "a payment beyond the value loaded onto the payer device",
     "payee-wallet-not-active": "the payee's wallet is frozen or closed",
+    "payee-balance-cap": "posting the payment would take the payee's wallet above its tier's balance cap",
     "unmatched-payer-record": "the payee's log does not hold a payment its payer logged",
     "unmatched-payee-record": "the payer's log does not hold a payment its payee logged",
     "statement-mismatch": "the unload statement's totals differ from the gateway's",
@@ -79,7 +81,7 @@ KINDS: dict[str, str] = {
 HOLD_ORDER: tuple[str, ...] = (
     "double-spend", "counter-gap", "broken-chain", "device-frozen", "device-revoked", "device-unloaded",
     "certificate-expired", "unknown-device", "over-payment-cap", "too-many-payments", "voucher-expired",
-    "overspent", "payee-wallet-not-active", "unmatched-payer-record", "unmatched-payee-record",
+    "overspent", "payee-wallet-not-active", "payee-balance-cap", "unmatched-payer-record", "unmatched-payee-record",
 )
 
 AUTO_RESOLVED = frozenset({"unmatched-payer-record"})
@@ -114,6 +116,46 @@ def check_offline_entries(tx: Tx) -> list[str]:
         if int(row["paid"]) != int(row["credited"]):
             problems.append(f"journal entry {row['entry_id']} credits {row['credited']} for offline payments of "
                             f"{row['paid']}")
+    return problems + check_offline_reserves(tx)
+
+
+def outstanding_problem(device: Any) -> str:
+    """What is wrong with a device's figures (empty: nothing): its payments within the loaded value
+    (``spent_fen``) and the value returned at unload never add up to more than was loaded (``issued_fen``),
+    so its outstanding value (issued - spent - returned) is never negative."""
+    issued, spent, returned = int(device["issued_fen"]), int(device["spent_fen"]), int(device["returned_fen"])
+    if spent < 0 or returned < 0 or spent + returned > issued:
+        return (f"device {device['device_id']}: spent {spent} + returned {returned} fen exceed the {issued} fen "
+                f"loaded (outstanding {issued - spent - returned})")
+    return ""
+
+
+def check_offline_reserves(tx: Tx) -> list[str]:
+    """Hard wallets against the ledger: no device's outstanding value is negative, and every wallet's offline
+    reserve holds exactly its devices' outstanding value plus the payments within their loaded value that are
+    not settled yet (awaiting a record or held). Returns the problems found (none: sound)."""
+    problems = [outstanding_problem(row) for row in tx.fetchall(
+        "SELECT device_id, issued_fen, spent_fen, returned_fen FROM devices "
+        "WHERE spent_fen < 0 OR returned_fen < 0 OR spent_fen + returned_fen > issued_fen")]
+    # Three grouped scans (a store of millions of payments is checked in linear time), compared here.
+    expected: dict[str, int] = defaultdict(int)
+    held: dict[str, int] = defaultdict(int)
+    for row in tx.fetchall("SELECT wallet_id, SUM(issued_fen - spent_fen - returned_fen) AS outstanding "
+                           "FROM devices GROUP BY wallet_id"):
+        expected[reserve_account(row["wallet_id"])] += int(row["outstanding"])
+    for row in tx.fetchall("SELECT d.wallet_id, SUM(p.amount) AS unsettled FROM offline_payments p JOIN devices d "
+                           "ON d.device_id = p.payer_device WHERE p.in_budget = 1 "
+                           "AND p.status NOT IN ('posted', 'honoured', 'rejected') GROUP BY d.wallet_id"):
+        expected[reserve_account(row["wallet_id"])] += int(row["unsettled"])
+        held[reserve_account(row["wallet_id"])] = int(row["unsettled"])
+    reserves = {row["account_id"]: int(row["balance"]) for row in tx.fetchall(
+        "SELECT account_id, balance FROM accounts WHERE kind = 'reserve'")}
+    for account_id in sorted(set(reserves) | set(expected)):
+        balance, want = reserves.get(account_id, 0), expected.get(account_id, 0)
+        if balance != want:
+            wallet_id = account_id.removeprefix(reserve_account(""))
+            problems.append(f"wallet {wallet_id}: offline reserve {balance} fen, but its devices hold "
+                            f"{want - held[account_id]} and {held[account_id]} awaits settlement")
     return problems
 
 
@@ -396,10 +438,11 @@ DEVICE_FIELDS = ("status", "status_reason", "stopped_at_ms", "spent_fen", "expir
 class Reconciliation:
     """The state of one batch of uploads inside its transaction (see :func:`reconcile_in`)."""
 
-    def __init__(self, tx: Tx, settings: OfflineSettings, actor: str) -> None:
+    def __init__(self, tx: Tx, settings: OfflineSettings, actor: str, limits: WalletLimits = default_limits) -> None:
         self.tx = tx
         self.settings = settings
         self.actor = actor
+        self.credits = PayeeCredits(tx, limits)  # payees' room under their tier's balance cap (gateway.offline.caps)
         self.now_iso = clock.now_iso()
         self.now_ms = int(clock.now().timestamp() * 1000)
         self.devices: dict[str, dict[str, Any]] = {}
@@ -443,6 +486,7 @@ class Reconciliation:
             tx.lock(f"wallet:{wallet_id}")
         for row in select_in(tx, "SELECT wallet_id, status FROM wallets WHERE wallet_id IN ({in})", wallets):
             self.wallet_status[row["wallet_id"]] = row["status"]
+        self.credits.read(wallets)
 
     def _remember(self, row: dict[str, Any]) -> None:
         row["payment_hash"] = digest = bytes(row["payment_hash"])
@@ -531,14 +575,19 @@ class Reconciliation:
         reserve = self.reserves.get(payer_wallet)
         if reserve is None:
             reserve = self._reserve(payer_wallet)
-        if self.wallet_status.get(payee_wallet) != "active" or reserve < amount:
+        active = self.wallet_status.get(payee_wallet) == "active"
+        if not active or reserve < amount or not self.credits.take(payee_wallet, amount):
             if payee_seen:
                 self._set(digest, payee_seen=1)
-            if self.wallet_status.get(payee_wallet) != "active":
+            if not active:
                 self._hold(digest, "payee-wallet-not-active", ["payee-wallet-not-active"],
                            {"payee_wallet": payee_wallet})
-            else:
+            elif reserve < amount:
                 self._hold(digest, "overspent", ["reserve-short"], {"reserve_fen": reserve})
+            else:  # offline value is never refused nor lost: held until the payee's wallet has room
+                self._hold(digest, "payee-balance-cap", ["balance-cap-exceeded"],
+                           {"payee_wallet": payee_wallet, "balance_fen": self.credits.balance(payee_wallet),
+                            "cap_fen": self.credits.cap(payee_wallet)})
             return False
         self.reserves[payer_wallet] = reserve - amount
         self.posts.append((self.sync_id, payer_wallet, payee_wallet, digest, amount))
@@ -666,11 +715,17 @@ class Reconciliation:
         if new_payments + 1 > cap_payments_per_sync:
             reasons.append("too-many-payments")
             evidence["allowed"] = cap_payments_per_sync
-        spent = int(device["spent_fen"])
-        in_budget = amount <= issued - expired - spent
+        spent, returned = int(device["spent_fen"]), int(device["returned_fen"])
+        # The budget is what was loaded and is still on the device: an unloaded device's unspent value went
+        # back to its wallet (returned_fen), so a payment it signed after its final statement is held outside
+        # the budget whatever its amount: rejecting it gives nothing back, and outstanding never goes negative.
+        after_unload = "device-unloaded" in reasons
+        in_budget = not after_unload and amount <= issued - expired - spent - returned
         if in_budget:
             device["spent_fen"] = spent + amount
-        elif amount <= issued - spent:
+        elif after_unload:
+            evidence.update(outside_budget=True, returned_fen=returned)
+        elif amount <= issued - spent - returned:
             reasons.append("voucher-expired")
         else:
             reasons.append("overspent")
@@ -744,7 +799,9 @@ class Reconciliation:
                 self.load_updates.append((load.at, expired, upload.device_id, load.load_seq))
 
     def _malformed(self, upload: Upload, record: Record, where: str, error: str) -> None:
-        self.flag("malformed-record", hashlib.sha256(record.envelope).hexdigest(), upload.device_id,
+        # Keyed by device too: the same bad bytes in another device's log are that device's finding.
+        self.flag("malformed-record", f"{upload.device_id}:{hashlib.sha256(record.envelope).hexdigest()}",
+                  upload.device_id,
                   {"side": where, "index": record.index, "error": error[:300], "record": record.envelope[:4096].hex()})
 
     # --- the payee's side ----------------------------------------------------------------------------
@@ -774,7 +831,8 @@ class Reconciliation:
             payer = self.devices.get(payment.payer)
             if payer is None:
                 counts.invalid += 1
-                self.flag("unknown-device", hashlib.sha256(record.envelope).hexdigest(), upload.device_id,
+                self.flag("unknown-device", f"{upload.device_id}:{hashlib.sha256(record.envelope).hexdigest()}",
+                          upload.device_id,
                           {"side": "payee", "unknown_payer": payment.payer, "counter": payment.counter,
                            "amount": payment.amount, "envelope": record.envelope.hex()}, payment.amount)
                 continue
@@ -920,6 +978,9 @@ class Reconciliation:
                        (at, expired, device_id, load_seq))
         for device_id in sorted(self.touched_devices):
             device = self.devices[device_id]
+            problem = outstanding_problem(device)
+            if problem:  # never written: the whole reconciliation rolls back
+                raise LedgerInvariantBroken(problem)
             device["last_sync_at"] = device["updated_at"] = self.now_iso
             tx.execute(
                 "UPDATE devices SET " + ", ".join(f"{name} = ?" for name in DEVICE_FIELDS) + ", updated_at = ? "
@@ -942,7 +1003,7 @@ def record_refused_export(tx: Tx, device_id: str, blob: bytes, reason: str) -> s
 
 
 def reconcile_in(tx: Tx, uploads: Sequence[Upload], settings: OfflineSettings, actor: str,
-                 entries: Sequence[AuditEntry] = ()) -> list[dict[str, Any]]:
+                 entries: Sequence[AuditEntry] = (), limits: WalletLimits = default_limits) -> list[dict[str, Any]]:
     """Reconcile checked uploads (:func:`apply_checks` done) in one transaction.
 
     Uploads whose export signature did not verify must have been refused before. Payers' logs are
@@ -950,10 +1011,11 @@ def reconcile_in(tx: Tx, uploads: Sequence[Upload], settings: OfflineSettings, a
 
     Args:
         entries: audit entries, one per upload (their ``result`` is filled in here); none in benchmarks.
+        limits: wallet tier limits (the payee's balance cap, :mod:`gateway.offline.caps`).
     Returns:
         One report document per upload, in order (a replayed export's stored report, ``replayed: true``).
     """
-    reconciliation = Reconciliation(tx, settings, actor)
+    reconciliation = Reconciliation(tx, settings, actor, limits)
     reports: list[dict[str, Any] | None] = [None] * len(uploads)
     fresh: list[tuple[int, Upload, Report]] = []
     seen: set[tuple[str, bytes]] = set()

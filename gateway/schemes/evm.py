@@ -18,7 +18,10 @@ What the gateway signs for stablecoins (SPEC.md §6):
   large dependency tree (key files, KZG, BLS curves) into the signing service, and keeping our own
   strict encoder lets the tests use ``eth-account`` as an independent oracle. This encoder is
   stricter than ``eth-account``'s: every field must be present, no extra fields, ``bool`` must be a
-  JSON boolean, bytes must be 0x-hex — what a human reviews is exactly what is signed.
+  JSON boolean, bytes must be 0x-hex — what a human reviews is exactly what is signed. The type graph
+  is the client's: it is walked with an explicit queue, never recursion, and bounded in struct count,
+  fields, depth and type length (:data:`MAX_TYPED_STRUCTS` and friends), so no document costs more
+  than a refusal (``typed-data-too-complex``).
 
 Every malformed input raises a :class:`gateway.errors.GatewayError` subclass (400).
 """
@@ -28,7 +31,7 @@ from __future__ import annotations
 import functools
 import re
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import rlp  # type: ignore[import-untyped]
@@ -46,6 +49,7 @@ from gateway.errors import (
     InvalidGasFields,
     InvalidTypedData,
     SignatureRecoveryFailed,
+    TypedDataTooComplex,
 )
 
 SECP256K1_N = 0xFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFEBAAEDCE6AF48A03BBFD25E8CD0364141
@@ -136,6 +140,18 @@ class Fees:
     max_fee_per_gas: int | None = None
     max_priority_fee_per_gas: int | None = None
     gas_price: int | None = None
+
+    @property
+    def gas_price_cap(self) -> int:
+        """The most wei one unit of gas can cost: ``max_fee_per_gas`` (EIP-1559) or ``gas_price`` (legacy)."""
+        price = self.max_fee_per_gas if self.max_fee_per_gas is not None else self.gas_price
+        assert price is not None, "check_fees sets one of them"
+        return price
+
+    @property
+    def max_total(self) -> int:
+        """The most wei the transaction can pay in fees: gas limit × the price cap."""
+        return self.gas_limit * self.gas_price_cap
 
 
 def check_fees(tx_type: TxType, gas_limit: int | None, max_fee: int | None, priority_fee: int | None,
@@ -377,6 +393,16 @@ _IDENTIFIER = re.compile(r"^[A-Za-z_$][A-Za-z0-9_$]*$")
 _INT_TYPE = re.compile(r"^(u?)int([0-9]*)$")
 _BYTES_N = re.compile(r"^bytes([0-9]+)$")
 MAX_TYPED_DEPTH = 16
+"""Deepest nesting of structs and arrays, both in the type graph (the longest chain of references
+from the primary type) and in a message. Real documents stay far below: EIP-2612/3009 are flat,
+Permit2 batches and Seaport orders nest 3–4 levels; the bound keeps every walk short."""
+MAX_TYPED_STRUCTS = 64
+"""Most struct definitions in one document (``EIP712Domain`` included). Seaport, the largest common
+schema, has under 10; without a bound a client chooses how much work each ``encodeType`` costs."""
+MAX_TYPED_FIELDS = 64
+"""Most fields in one struct definition (same reason)."""
+MAX_TYPE_LENGTH = 128
+"""Longest type string, e.g. ``uint8[2][]`` (array suffixes are parsed by a regular expression)."""
 
 
 @dataclass(frozen=True)
@@ -388,6 +414,8 @@ class TypedData:
     message: dict[str, Any]
     domain_separator: bytes
     message_hash: bytes
+    types: dict[str, tuple[tuple[str, str], ...]] = field(default_factory=dict)
+    """Every struct definition as (field name, type) pairs, in the document's order."""
 
     @property
     def digest(self) -> bytes:
@@ -399,20 +427,29 @@ def _types(document: Mapping[str, Any]) -> dict[str, list[tuple[str, str]]]:
     raw = document.get("types")
     if not isinstance(raw, dict) or not raw:
         raise InvalidTypedData("types: an object of struct definitions is required")
+    if len(raw) > MAX_TYPED_STRUCTS:
+        raise TypedDataTooComplex(f"types: {len(raw)} struct definitions; at most {MAX_TYPED_STRUCTS}")
     types: dict[str, list[tuple[str, str]]] = {}
     for name, fields in raw.items():
         if not _IDENTIFIER.match(name) or not isinstance(fields, list):
             raise InvalidTypedData(f"types.{str(name)[:40]}: a struct name with a list of fields")
+        if _is_atomic(name):
+            # A struct named like an atomic type would change how every field of that type is encoded.
+            raise InvalidTypedData(f"types.{name}: a struct cannot take the name of an atomic type")
+        if len(fields) > MAX_TYPED_FIELDS:
+            raise TypedDataTooComplex(f"types.{name}: {len(fields)} fields; at most {MAX_TYPED_FIELDS}")
         seen: set[str] = set()
         parsed = []
-        for field in fields:
-            if (not isinstance(field, dict) or set(field) != {"name", "type"} or not isinstance(field["name"], str)
-                    or not isinstance(field["type"], str) or not _IDENTIFIER.match(field["name"])):
-                raise InvalidTypedData(f"types.{name}: each field is {{\"name\", \"type\"}}")
-            if field["name"] in seen:
-                raise InvalidTypedData(f"types.{name}: field {field['name']!r} appears twice")
-            seen.add(field["name"])
-            parsed.append((field["name"], field["type"]))
+        for item in fields:
+            if (not isinstance(item, dict) or set(item) != {"name", "type"} or not isinstance(item["name"], str)
+                    or not isinstance(item["type"], str) or not _IDENTIFIER.match(item["name"])
+                    or len(item["type"]) > MAX_TYPE_LENGTH):
+                raise InvalidTypedData(f"types.{name}: each field is {{\"name\", \"type\"}} "
+                                       f"(a type of at most {MAX_TYPE_LENGTH} characters)")
+            if item["name"] in seen:
+                raise InvalidTypedData(f"types.{name}: field {item['name']!r} appears twice")
+            seen.add(item["name"])
+            parsed.append((item["name"], item["type"]))
         types[name] = parsed
     if "EIP712Domain" not in types:
         domain = document.get("domain")
@@ -435,31 +472,56 @@ def _base_type(kind: str) -> str:
     return kind
 
 
-def _check_type(types: Mapping[str, Any], kind: str, where: str) -> None:
-    base = _base_type(kind)
-    if base in types or base in ("address", "bool", "string", "bytes"):
-        return
+def _is_atomic(base: str) -> bool:
+    """Is ``base`` (no array suffix) one of EIP-712's atomic or dynamic types?"""
+    if base in ("address", "bool", "string", "bytes"):
+        return True
     if (match := _INT_TYPE.match(base)) is not None:
         bits = int(match.group(2) or 256)
-        if bits % 8 == 0 and 8 <= bits <= 256 and (match.group(2) == "" or not match.group(2).startswith("0")):
-            return
-    if (match := _BYTES_N.match(base)) is not None and 1 <= int(match.group(1)) <= 32:
+        return bits % 8 == 0 and 8 <= bits <= 256 and (match.group(2) == "" or not match.group(2).startswith("0"))
+    return (match := _BYTES_N.match(base)) is not None and 1 <= int(match.group(1)) <= 32
+
+
+def _check_type(types: Mapping[str, Any], kind: str, where: str) -> None:
+    if kind.count("[") > MAX_TYPED_DEPTH:
+        raise TypedDataTooComplex(f"{where}: more than {MAX_TYPED_DEPTH} array dimensions")
+    base = _base_type(kind)
+    if base in types or _is_atomic(base):
         return
     raise InvalidTypedData(f"{where}: unknown type {kind!r}")
 
 
-def _dependencies(types: Mapping[str, list[tuple[str, str]]], name: str, found: set[str]) -> set[str]:
-    if name in found or name not in types:
-        return found
-    found.add(name)
-    for _, kind in types[name]:
-        _dependencies(types, _base_type(kind), found)
-    return found
+def dependencies(types: Mapping[str, Sequence[tuple[str, str]]], name: str) -> dict[str, int]:
+    """Every struct reachable from ``name`` (itself included), each with its depth: the fewest
+    references from ``name`` to it (``name`` is 0).
+
+    Breadth-first with an explicit queue, never recursion: the graph is the client's, and a chain of
+    thousands of types must cost a refusal, not the interpreter's stack.
+
+    Raises:
+        TypedDataTooComplex: a struct deeper than :data:`MAX_TYPED_DEPTH`.
+    """
+    depths = {name: 0}
+    queue = [name]
+    for current in queue:  # the list grows while it is read: a FIFO queue without pops
+        for _, kind in types[current]:
+            base = _base_type(kind)
+            if base in types and base not in depths:
+                if depths[current] + 1 > MAX_TYPED_DEPTH:
+                    raise TypedDataTooComplex(f"types.{name}: structs nested more than {MAX_TYPED_DEPTH} levels "
+                                              f"(through {current})")
+                depths[base] = depths[current] + 1
+                queue.append(base)
+    return depths
 
 
-def encode_type(types: Mapping[str, list[tuple[str, str]]], name: str) -> str:
-    """``Name(type field,…)`` followed by the referenced structs in alphabetical order."""
-    others = sorted(_dependencies(types, name, set()) - {name})
+def encode_type(types: Mapping[str, Sequence[tuple[str, str]]], name: str) -> str:
+    """``Name(type field,…)`` followed by the referenced structs in alphabetical order.
+
+    Raises:
+        TypedDataTooComplex: the graph below ``name`` is deeper than :data:`MAX_TYPED_DEPTH`.
+    """
+    others = sorted(set(dependencies(types, name)) - {name})
     return "".join(f"{struct}({','.join(f'{kind} {field}' for field, kind in types[struct])})"
                    for struct in [name, *others])
 
@@ -494,7 +556,7 @@ def _encode_value(types: Mapping[str, list[tuple[str, str]]], kind: str, value: 
                   depth: int) -> bytes:
     """The 32-byte ``encodeData`` member for one value."""
     if depth > MAX_TYPED_DEPTH:
-        raise InvalidTypedData(f"{where}: nested more than {MAX_TYPED_DEPTH} levels")
+        raise TypedDataTooComplex(f"{where}: nested more than {MAX_TYPED_DEPTH} levels")
     if kind in types:
         return hash_struct(types, kind, value, where, depth + 1)
     if (match := _ARRAY.match(kind)) is not None:
@@ -542,8 +604,8 @@ def hash_struct(types: Mapping[str, list[tuple[str, str]]], name: str, value: An
     if missing or extra:
         raise InvalidTypedData(f"{where}: missing fields {missing}, fields not in {name}: {extra}")
     encoded = bytes(keccak(encode_type(types, name).encode()))
-    for field, kind in fields:
-        encoded += _encode_value(types, kind, value[field], f"{where}.{field}", depth)
+    for field_name, kind in fields:
+        encoded += _encode_value(types, kind, value[field_name], f"{where}.{field_name}", depth)
     return bytes(keccak(encoded))
 
 
@@ -566,4 +628,5 @@ def parse_typed_data(document: Mapping[str, Any]) -> TypedData:
     if not isinstance(domain, dict) or not isinstance(message, dict):
         raise InvalidTypedData("domain and message must be objects")
     separator = hash_struct(types, "EIP712Domain", domain, "domain")
-    return TypedData(primary, dict(domain), dict(message), separator, hash_struct(types, primary, message))
+    return TypedData(primary, dict(domain), dict(message), separator, hash_struct(types, primary, message),
+                     {name: tuple(fields) for name, fields in types.items()})

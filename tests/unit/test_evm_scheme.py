@@ -25,6 +25,7 @@ from eth_utils.crypto import keccak
 from hexbytes import HexBytes
 from hypothesis import given
 from hypothesis import strategies as st
+from pydantic import ValidationError
 
 from gateway.config import EvmChainSettings, EvmNativeSettings, EvmTokenSettings, TypedDataDomainSettings
 from gateway.errors import (
@@ -33,7 +34,9 @@ from gateway.errors import (
     InvalidEvmTransaction,
     InvalidGasFields,
     InvalidTypedData,
+    PolicyRefused,
     SignatureRecoveryFailed,
+    TypedDataTooComplex,
     UnknownContract,
     UnknownToken,
 )
@@ -42,6 +45,7 @@ from gateway.policy import evm as policy
 from gateway.schemes.evm import (
     ERC20_METHODS,
     HALF_N,
+    MAX_TYPED_DEPTH,
     SECP256K1_N,
     Erc20Call,
     Fees,
@@ -49,6 +53,7 @@ from gateway.schemes.evm import (
     check_fees,
     checksum,
     decode_erc20_calldata,
+    dependencies,
     erc20_calldata,
     finish_transaction,
     low_s,
@@ -347,7 +352,7 @@ def chain(**extra: Any) -> EvmChainSettings:
         tokens=[EvmTokenSettings(address=USDX, symbol="USDX", decimals=6, per_tx_cap=1_000, daily_cap=2_500,
                                  approval_threshold=500)],
         recipient_denylist=[DENIED],
-        typed_data_domains=[TypedDataDomainSettings(verifying_contract=USDX, name="USD Coin")], **extra)
+        **{"typed_data_domains": [TypedDataDomainSettings(verifying_contract=USDX, name="USD Coin")], **extra})
 
 
 def test_policy_on_decoded_intents() -> None:
@@ -356,19 +361,19 @@ def test_policy_on_decoded_intents() -> None:
     recipient = os.urandom(20)
     native = policy.decode_intent(registry, recipient, 10**18, b"")
     assert (native.asset, native.method, native.amount) == ("native", "transfer", 10**18)
-    assert policy.evaluate(registry, native, 0).allowed and policy.needs_approval(registry, native)
-    assert policy.evaluate(registry, native, 2 * 10**18 + 1).reasons == ("daily-cap-exceeded",)
+    assert policy.evaluate(registry, native, {}).allowed and policy.needs_approval(registry, native)
+    assert policy.evaluate(registry, native, {"native": 2 * 10**18 + 1}).reasons == ("daily-cap-exceeded",)
     raw_transfer = erc20_calldata(Erc20Call("transfer", recipient, 1_001))
     intent = policy.decode_intent(registry, token, 0, raw_transfer)
     assert (intent.asset, intent.symbol, intent.recipient, intent.amount) == (
         checksum(token), "USDX", checksum(recipient), 1_001)
-    assert policy.evaluate(registry, intent, 0).reasons == ("per-tx-cap-exceeded",)
+    assert policy.evaluate(registry, intent, {}).reasons == ("per-tx-cap-exceeded",)
     burn = policy.decode_intent(registry, token, 0, erc20_calldata(Erc20Call("burn", None, 10)))
-    assert burn.recipient is None and policy.evaluate(registry, burn, 0).allowed
+    assert burn.recipient is None and policy.evaluate(registry, burn, {}).allowed
     denied = policy.erc20_intent(registry, token, Erc20Call("approve", parse_address(DENIED), 1))
-    assert policy.evaluate(registry, denied, 0).reasons == ("recipient-denied",)
+    assert policy.evaluate(registry, denied, {}).reasons == ("recipient-denied",)
     allow_only = chain(recipient_allowlist=["0x" + "01" * 20])
-    assert policy.evaluate(allow_only, intent, 0).reasons == ("recipient-not-allowlisted", "per-tx-cap-exceeded")
+    assert policy.evaluate(allow_only, intent, {}).reasons == ("recipient-not-allowlisted", "per-tx-cap-exceeded")
     with pytest.raises(UnknownContract):
         policy.decode_intent(registry, os.urandom(20), 0, raw_transfer)
     with pytest.raises(UnknownContract):
@@ -379,19 +384,98 @@ def test_policy_on_decoded_intents() -> None:
         policy.erc20_intent(registry, os.urandom(20), Erc20Call("transfer", recipient, 1))
 
 
+def _refusal(registry: EvmChainSettings, document: dict[str, Any], signer: str) -> tuple[str, list[str]]:
+    with pytest.raises(PolicyRefused) as caught:
+        policy.read_typed_data(registry, parse_typed_data(document), signer)
+    return caught.value.code, caught.value.reasons
+
+
 def test_typed_data_domain_policy(key: SoftKey) -> None:
     registry = chain()
     allowed = parse_typed_data(permit(key.address, "0x" + "cd" * 20, "999", chain_id=5, contract=USDX))
-    decision, intent = policy.check_typed_data(registry, allowed, key.address)
-    assert decision.allowed and intent is not None and intent.method == "approve" and intent.amount == 999
-    over = parse_typed_data(permit(key.address, "0x" + "cd" * 20, "1001", chain_id=5, contract=USDX))
-    assert policy.check_typed_data(registry, over, key.address)[0].reasons == ("per-tx-cap-exceeded",)
-    other_chain = parse_typed_data(permit(key.address, "0x" + "cd" * 20, "1", chain_id=1, contract=USDX))
-    assert "domain-chain-mismatch" in policy.check_typed_data(registry, other_chain, key.address)[0].reasons
-    other_contract = parse_typed_data(permit(key.address, "0x" + "cd" * 20, "1", chain_id=5))
-    assert policy.check_typed_data(registry, other_contract, key.address)[0].reasons == ("domain-not-allowlisted",)
-    not_owner = parse_typed_data(permit("0x" + "aa" * 20, "0x" + "cd" * 20, "1", chain_id=5, contract=USDX))
-    assert policy.check_typed_data(registry, not_owner, key.address)[0].reasons == ("permit-owner-not-signer",)
+    reading = policy.read_typed_data(registry, allowed, key.address)
+    intent = reading.intent
+    assert intent is not None and intent.method == "approve" and intent.amount == 999 and not reading.listed
+    assert intent.recipient == checksum(parse_address("0x" + "cd" * 20)) and intent.asset == checksum(
+        parse_address(USDX))
+    assert policy.evaluate(registry, intent, {}).allowed
+    over = policy.read_typed_data(registry, parse_typed_data(
+        permit(key.address, "0x" + "cd" * 20, "1001", chain_id=5, contract=USDX)), key.address).intent
+    assert over is not None and policy.evaluate(registry, over, {}).reasons == ("per-tx-cap-exceeded",)
+    code, reasons = _refusal(registry, permit(key.address, "0x" + "cd" * 20, "1", chain_id=1, contract=USDX),
+                             key.address)
+    assert code == "typed-data-domain-not-allowed" and "domain-chain-mismatch" in reasons
+    assert _refusal(registry, permit(key.address, "0x" + "cd" * 20, "1", chain_id=5), key.address) == (
+        "typed-data-domain-not-allowed", ["domain-not-allowlisted"])
+    assert _refusal(registry, permit("0x" + "aa" * 20, "0x" + "cd" * 20, "1", chain_id=5, contract=USDX),
+                    key.address) == ("policy-refused", ["permit-owner-not-signer"])
+
+
+def test_only_the_exact_standard_struct_decodes(key: SoftKey) -> None:
+    registry = chain()
+    reordered = permit(key.address, "0x" + "cd" * 20, "1", chain_id=5, contract=USDX)
+    fields = reordered["types"]["Permit"]
+    fields[0], fields[1] = fields[1], fields[0]
+    renamed = permit(key.address, "0x" + "cd" * 20, "1", chain_id=5, contract=USDX)
+    renamed["types"]["Permit"][2]["name"] = "amount"
+    renamed["message"]["amount"] = renamed["message"].pop("value")
+    for document in (reordered, renamed):
+        assert _refusal(registry, document, key.address) == ("typed-data-not-allowed",
+                                                             ["typed-data-nonstandard-struct"])
+    other = permit(key.address, "0x" + "cd" * 20, "1", chain_id=5, contract=USDX)
+    other["types"]["Order"] = other["types"].pop("Permit")
+    other["primaryType"] = "Order"
+    assert _refusal(registry, other, key.address) == ("typed-data-not-allowed", ["typed-data-type-not-listed"])
+    listed = chain(typed_data_domains=[TypedDataDomainSettings(verifying_contract=USDX, name="USD Coin",
+                                                               primary_types=["Order"])])
+    reading = policy.read_typed_data(listed, parse_typed_data(other), key.address)
+    assert reading.listed and reading.intent is None
+    with pytest.raises(ValidationError):
+        TypedDataDomainSettings(verifying_contract=USDX, primary_types=["Permit"])
+
+
+def test_fees_count_against_the_native_caps() -> None:
+    registry = chain()
+    token_intent = policy.erc20_intent(registry, parse_address(USDX), Erc20Call("transfer", os.urandom(20), 10))
+    fees = check_fees("eip1559", 21_000, 10**11, 10**9, None)
+    assert fees.max_total == 21_000 * 10**11 and policy.check_fee_caps(registry, fees).allowed
+    assert policy.spending(token_intent, fees.max_total) == {checksum(parse_address(USDX)): 10, "native":
+                                                             fees.max_total}
+    assert policy.evaluate(registry, token_intent, {"native": 3 * 10**18 - 1}, fees.max_total).reasons == (
+        "native-daily-cap-exceeded",)
+    native = policy.decode_intent(registry, os.urandom(20), 10**18, b"")
+    assert policy.evaluate(registry, native, {}, 1).reasons == ("per-tx-cap-exceeded",)
+    costly = check_fees("legacy", 21_000, None, None, 10**15)
+    assert policy.check_fee_caps(registry, costly).reasons == ("fee-per-gas-above-cap", "total-fee-above-cap")
+    assert policy.check_fee_caps(registry, check_fees("eip1559", 2_000_000, 10**9, 1, None)).reasons == (
+        "gas-limit-above-cap",)
+
+
+def _chain_of_types(count: int) -> dict[str, Any]:
+    types: dict[str, Any] = {f"T{i}": [{"name": "x", "type": f"T{i + 1}[]"}] for i in range(count - 1)}
+    types[f"T{count - 1}"] = [{"name": "x", "type": "uint256"}]
+    return {"types": {"EIP712Domain": [{"name": "chainId", "type": "uint256"}], **types}, "primaryType": "T0",
+            "domain": {"chainId": 1}, "message": {"x": []}}
+
+
+def test_the_type_walk_is_iterative_and_bounded() -> None:
+    """A type graph of 3,000 structs, each an array of the next: refused as too complex, and the walk
+    itself (below the struct count bound) never recurses."""
+    with pytest.raises(TypedDataTooComplex):
+        parse_typed_data(_chain_of_types(3_000))
+    graph = {f"T{i}": [("x", f"T{i + 1}[]")] for i in range(2_999)} | {"T2999": [("x", "uint256")]}
+    with pytest.raises(TypedDataTooComplex):
+        dependencies(graph, "T0")  # iterative: no RecursionError at 3,000 levels
+    assert len(dependencies(graph, f"T{2_999 - MAX_TYPED_DEPTH}")) == MAX_TYPED_DEPTH + 1
+    deep = _chain_of_types(MAX_TYPED_DEPTH + 2)
+    with pytest.raises(TypedDataTooComplex):
+        parse_typed_data(deep)
+    fits = _chain_of_types(MAX_TYPED_DEPTH + 1)
+    assert parse_typed_data(fits).digest == _oracle(fits)
+    shadow = permit("0x" + "aa" * 20, "0x" + "cd" * 20, "1")
+    shadow["types"]["uint256"] = [{"name": "a", "type": "bool"}]
+    with pytest.raises(InvalidTypedData):
+        parse_typed_data(shadow)
 
 
 @given(st.binary(min_size=20, max_size=20))

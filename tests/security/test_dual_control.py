@@ -230,6 +230,25 @@ async def test_rejected_honour_pays_nothing(gw: Gateway) -> None:
     assert await ledger_problems(gw) == []
 
 
+async def test_honour_approved_after_the_discrepancy_was_closed_pays_nothing(gw: Gateway) -> None:
+    """A stale honour approved late pays a second time: the discrepancy was rejected meanwhile."""
+    supervisor1, supervisor2 = gw.auth(Role.SUPERVISOR), await login(gw, "supervisor2")
+    discrepancy, payee_wallet, _ = await overspent_discrepancy(gw, supervisor1, 4_000, misbehave="overspend")
+    before_payee, before_suspense = (await wallet(gw, payee_wallet))["balance_fen"], await suspense(gw)
+    approval = await pending(await gw.client.post(resolve_url(discrepancy), json={"resolution": "honour",
+                                                                                  "note": "pay"},
+                                                  headers=supervisor1), "offline_honour")
+    response = await gw.client.post(resolve_url(discrepancy), json={"resolution": "reject", "note": "fraud"},
+                                    headers=supervisor2)
+    assert response.status == 200, await response.text()
+    problem = await assert_problem(await decide(gw, approval, supervisor2), 422, "resolution-refused")
+    assert problem["reasons"] == ["discrepancy-not-open"]
+    read = await (await gw.client.get(f"/v1/approvals/{approval['approval_id']}", headers=supervisor1)).json()
+    assert read["status"] == "failed"
+    assert (await wallet(gw, payee_wallet))["balance_fen"] == before_payee and await suspense(gw) == before_suspense
+    assert await ledger_problems(gw) == []
+
+
 async def test_honour_above_the_certificate_per_payment_cap_is_refused(gw: Gateway) -> None:
     """A honour bounded only by the amount field: the supervisor's device signs a payment far above its
     certificate's per-payment cap (and beyond its load) and asks the bank to pay it from suspense."""

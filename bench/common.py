@@ -291,7 +291,10 @@ def start_gateway(store: str = "sqlite", dsn: str | None = None, *, workers: int
         hsm_workers = f"workers = {workers}\n" if workers else ""
         (base / "gateway.toml").write_text(
             "# written by bench/common.py\n"
-            f'[server]\nhost = "127.0.0.1"\nport = {port}\nprocesses = {processes}\n\n'
+            f'[server]\nhost = "127.0.0.1"\nport = {port}\nprocesses = {processes}\n'
+            # One backend client drives all the load to measure capacity (up to ~25k signatures/s): no
+            # per-principal limit here (the shipped default is 2,000/s per principal).
+            "rate_limit_per_second = 0\n\n"
             f'[hsm]\nprofile = "softhsm"\ntoken_label = "{TOKEN_LABEL}"\n'
             f'pin_file = "{base / "hsm" / (TOKEN_LABEL + ".user-pin")}"\n{hsm_workers}\n'
             f'[store]\ndsn = "{dsn}"\n\n[logging]\nlevel = "{log_level}"\n' + extra_toml,

@@ -6,6 +6,7 @@ log) and reached through typed ``AppKey``s: there is no module-level state.
 
 from __future__ import annotations
 
+import os
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -19,15 +20,18 @@ from gateway.api import keys as keys_api
 from gateway.api import service as service_api
 from gateway.api import sessions as sessions_api
 from gateway.api import transfers as transfers_api
+from gateway.api import users as users_api
 from gateway.api import wallets as wallets_api
-from gateway.api.endpoints import IDEMPOTENCY, RATE_LIMITER, Endpoint, RateLimiter, guarded
+from gateway.api.endpoints import IDEMPOTENCY, LOGIN_LIMITER, RATE_LIMITER, Endpoint, RateLimiter, guarded
 from gateway.api.idempotency import InFlight
 from gateway.api.middleware import problem_middleware
 from gateway.api.openapi import ENDPOINTS_KEY
 from gateway.approvals.service import Approvals
 from gateway.audit.chain import AuditLog
+from gateway.audit.refusals import RefusalTally
+from gateway.audit.witness import witness_path
 from gateway.auth.credentials import Authenticator
-from gateway.auth.throttle import LoginThrottle
+from gateway.auth.throttle import LoginThrottle, PasswordCheckGate
 from gateway.config import Settings
 from gateway.evm.service import APPROVAL_KIND as EVM_APPROVAL_KIND
 from gateway.evm.service import EvmService
@@ -36,7 +40,7 @@ from gateway.evm.typed_data import TypedDataService
 from gateway.hsm.pool import PoolSettings, SignerPool
 from gateway.hsm.profile import HsmProfile
 from gateway.hsm.signer import CountedSigner
-from gateway.keyring import Usage
+from gateway.keyring import Usage, flag_raw_not_exclusive, raw_not_exclusive_keys
 from gateway.ledger.store import open_database
 from gateway.metrics import Metrics
 from gateway.offline.devices import Devices, register_offline_approvals
@@ -48,6 +52,7 @@ def all_endpoints() -> list[Endpoint]:
     return [
         *service_api.ENDPOINTS,
         *sessions_api.ENDPOINTS,
+        *users_api.ENDPOINTS,
         *keys_api.ENDPOINTS,
         *wallets_api.ENDPOINTS,
         *transfers_api.ENDPOINTS,
@@ -74,6 +79,12 @@ def pool_settings(settings: Settings, profile: HsmProfile, process_index: int = 
     )
 
 
+def password_check_slots(settings: Settings) -> int:
+    """This HTTP process's share of ``auth.password_checks_max`` (default 2 × CPU cores), at least one."""
+    total = settings.auth.password_checks_max or 2 * (os.cpu_count() or 1)
+    return max(1, total // settings.server.processes)
+
+
 def services_context(
     settings: Settings, process_index: int = 0
 ) -> Callable[[web.Application], AsyncIterator[None]]:
@@ -82,17 +93,23 @@ def services_context(
         database = await open_database(settings.store.dsn, settings.store.pool_size)
         pool: SignerPool | None = None
         audit: AuditLog | None = None
+        refusals: RefusalTally | None = None
         try:
             await database.migrate()
+            for record in await database.read(raw_not_exclusive_keys):
+                flag_raw_not_exclusive(record)
             pool = await SignerPool.start(profile, pool_settings(settings, profile, process_index))
             metrics = Metrics()
             audit = AuditLog(
                 database, CountedSigner(pool, metrics.signatures, Usage.AUDIT), settings.audit.checkpoint_every,
                 settings.audit.flush_max, settings.audit.key_id, settings.audit.checkpoint_seconds,
                 on_head=metrics.audit_head.set,
+                witness_file=witness_path(settings.audit.witness_file, settings.store.dsn),
             )
             await audit.start()
             approvals = Approvals(settings.approvals)
+            refusals = RefusalTally(audit, settings.audit.refusal_window_seconds)
+            refusals.start()
             app[SERVICES] = Services(
                 settings=settings,
                 profile=profile,
@@ -102,12 +119,14 @@ def services_context(
                     database, settings.auth.session_ttl_seconds, settings.auth.credential_cache_seconds,
                     LoginThrottle(settings.auth.login_max_attempts, settings.auth.login_lockout_seconds,
                                   settings.auth.login_lockout_max_seconds, settings.auth.login_window_seconds),
+                    PasswordCheckGate(password_check_slots(settings), settings.auth.password_checks_waiting_max),
                 ),
                 audit=audit,
                 metrics=metrics,
                 wallets=Wallets(database, CountedSigner(pool, metrics.signatures, Usage.ECNY), profile, settings,
                                 approvals),
                 approvals=approvals,
+                refusals=refusals,
             )
             services = app[SERVICES]
             evm = EvmService(database, services.signer_for(Usage.EVM), settings, services.keys, services.wallets)
@@ -120,6 +139,8 @@ def services_context(
             app[evm_api.TYPED_DATA_SERVICE] = typed_data
             yield
         finally:
+            if refusals is not None:  # before the audit log closes: no counted refusal is lost
+                await refusals.close()
             if audit is not None:
                 await audit.close()
             if pool is not None:
@@ -138,6 +159,7 @@ def make_app(settings: Settings, process_index: int = 0) -> web.Application:
     endpoints = all_endpoints()
     app[ENDPOINTS_KEY] = endpoints
     app[RATE_LIMITER] = RateLimiter(settings.server.rate_limit_per_second / settings.server.processes)
+    app[LOGIN_LIMITER] = RateLimiter(settings.auth.login_rate_per_second / settings.server.processes)
     app[IDEMPOTENCY] = InFlight()
     for endpoint in endpoints:
         app.router.add_route(endpoint.method, endpoint.path, guarded(endpoint))

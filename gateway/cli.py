@@ -266,26 +266,99 @@ def cmd_users_add(args: argparse.Namespace) -> int:
     return 0
 
 
+def _administer_user(username: str, args: argparse.Namespace, action: str,
+                     change: Callable[[Tx, str], dict[str, Any]]) -> dict[str, Any]:
+    """Run ``change`` on ``username`` with its audit entry in one transaction (gateway/auth/users.py:
+    live sessions see it from their next request). Returns what ``change`` returned."""
+    settings = _settings(args)
+
+    def work(tx: Tx) -> dict[str, Any]:
+        result = change(tx, username)
+        entry = _actor()
+        entry.action, entry.result = action, {"username": username, **result}
+        append(tx, [entry])
+        return result
+
+    result: dict[str, Any] = asyncio.run(_with_database(settings, lambda db: db.write(work)))
+    return result
+
+
+def cmd_users_disable(args: argparse.Namespace) -> int:
+    from gateway.auth.users import disable_user
+
+    result = _administer_user(args.username, args, "users.disable",
+                              lambda tx, name: {"sessions_ended": disable_user(tx, name)})
+    print(f"disabled {args.username}; {result['sessions_ended']} session(s) ended")
+    return 0
+
+
+def cmd_users_enable(args: argparse.Namespace) -> int:
+    from gateway.auth.users import enable_user
+
+    def change(tx: Tx, name: str) -> dict[str, Any]:
+        enable_user(tx, name)
+        return {}
+
+    _administer_user(args.username, args, "users.enable", change)
+    print(f"enabled {args.username}")
+    return 0
+
+
+def cmd_users_set_role(args: argparse.Namespace) -> int:
+    from gateway.auth.users import set_role
+
+    role = _role(args.role)
+    _administer_user(args.username, args, "users.set_role",
+                     lambda tx, name: {"previous_role": set_role(tx, name, role), "role": role.value})
+    print(f"{args.username} is now {role.value} (live sessions too)")
+    return 0
+
+
+def cmd_sessions_end(args: argparse.Namespace) -> int:
+    from gateway.auth.users import end_sessions
+
+    result = _administer_user(args.user, args, "users.end_sessions",
+                              lambda tx, name: {"sessions_ended": end_sessions(tx, name)})
+    print(f"ended {result['sessions_ended']} session(s) of {args.user}")
+    return 0
+
+
 def cmd_audit_verify(args: argparse.Namespace) -> int:
-    from gateway.audit.verify import verify_chain
-    from gateway.keyring import pinned_public_key
+    """Exit 0 only when every entry and checkpoint verifies against the trusted keys (and the witness)."""
+    from gateway.audit import witness
+    from gateway.audit.verify import TRUST_PINNED, pinned_key, verify_chain
 
     settings = _settings(args)
-    pinned = dict(pinned_public_key(spec) for spec in args.public_key or [])
+    pinned = [pinned_key(spec) for spec in args.public_key or []]
+    witnessed = None
+    if args.witness:
+        witnessed, witness_warnings = witness.read(Path(args.witness))
+        for warning in witness_warnings:
+            print(f"warning: {warning}", file=sys.stderr)
+    if not pinned:
+        print("WARNING: no --public-key: trusting the key table of the database being verified. This is NOT an "
+              "outsider-grade verification; pin the audit key with --public-key KEY_ID=PEM_FILE.", file=sys.stderr)
 
     async def run() -> Any:
         database = await open_database(settings.store.dsn)
         try:
-            return await database.read(lambda tx: verify_chain(tx, pinned))
+            return await database.read(lambda tx: verify_chain(tx, pinned, witnessed))
         finally:
             await database.close()
 
     report = asyncio.run(run())
     for warning in report.warnings:
         print(f"warning: {warning}", file=sys.stderr)
+    if witnessed is None:
+        print("warning: no --witness: a chain whose last entries were deleted together with the checkpoints after "
+              "them verifies; pass --witness FILE ([audit] witness_file, or a collector's copy) to catch a cut tail",
+              file=sys.stderr)
     if report.ok:
+        trust = (f"pinned keys {', '.join(sorted(key.key_id for key in pinned))}" if report.trust == TRUST_PINNED
+                 else "key table, not outsider-grade")
+        witnessed_text = f", {report.witnessed} witnessed checkpoints present" if witnessed is not None else ""
         print(f"audit chain intact: {report.entries} entries, {report.checkpoints} signed checkpoints "
-              f"(last at {report.last_checkpoint_seq})")
+              f"(last at {report.last_checkpoint_seq}{witnessed_text}; trust: {trust})")
         return 0
     print(f"audit chain BROKEN at entry {report.first_bad_seq}: {report.problem}")
     return EXIT_AUDIT_BROKEN
@@ -365,13 +438,35 @@ def build_parser() -> argparse.ArgumentParser:
     user_add.add_argument("--password-stdin", action="store_true", help="read the password from standard input")
     user_add.add_argument("--owner", help=OWNER_HELP)
     user_add.set_defaults(run=cmd_users_add)
+    user_disable = users.add_parser("disable", parents=[common], help="disable a user and end their sessions")
+    user_disable.add_argument("username")
+    user_disable.set_defaults(run=cmd_users_disable)
+    user_enable = users.add_parser("enable", parents=[common], help="let a disabled user log in again")
+    user_enable.add_argument("username")
+    user_enable.set_defaults(run=cmd_users_enable)
+    set_role = users.add_parser("set-role", parents=[common], help="change a user's role (live sessions at once)")
+    set_role.add_argument("username")
+    set_role.add_argument("role", choices=[r.value for r in Role if r is not Role.BACKEND])
+    set_role.set_defaults(run=cmd_users_set_role)
+
+    sessions = commands.add_parser("sessions", help="teller UI sessions").add_subparsers(
+        dest="sessions_command", required=True)
+    sessions_end = sessions.add_parser("end", parents=[common], help="end every session of a user")
+    sessions_end.add_argument("--user", required=True, help="username whose sessions end")
+    sessions_end.set_defaults(run=cmd_sessions_end)
 
     audit = commands.add_parser("audit", help="audit log").add_subparsers(dest="audit_command", required=True)
     verify = audit.add_parser("verify", parents=[common], help="verify the chain and its signed checkpoints")
     verify.add_argument("--db", help="store DSN (default: the configured store)")
     verify.add_argument(
         "--public-key", action="append", metavar="KEY_ID=PEM_FILE",
-        help="trust this public key for the audit key instead of the key table (repeatable)",
+        help="trust this audit public key (P-256, Ed25519 or SM2 PEM, or the SM2 point block of `keys show`); "
+             "the pinned keys are the whole trust set, the key table is then not trusted (repeatable)",
+    )
+    verify.add_argument(
+        "--witness", metavar="FILE",
+        help="checkpoint witness ([audit] witness_file, or a collector's copy of GET /v1/audit/checkpoints): "
+             "fails when the chain ends before, or disagrees with, a witnessed checkpoint",
     )
     verify.set_defaults(run=cmd_audit_verify)
 

@@ -13,7 +13,16 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, SecretStr, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from gateway.errors import ConfigError
 from gateway.hsm.profile import HsmProfile, load_profile, profiles_dir
@@ -44,13 +53,27 @@ class ServerSettings(_Section):
     """PEM CA bundle; when set, clients must present a certificate it issued (mTLS)."""
     mtls_identities: dict[str, str] = {}
     """Client certificate subject CN → API client name; such a client needs no bearer key."""
-    rate_limit_per_second: Annotated[float, Field(ge=0)] = 0
-    """Requests per second per principal (token bucket, burst = 2 s worth); 0 = unlimited."""
+    rate_limit_per_second: Annotated[float, Field(ge=0)] = 2000
+    """Requests per second per principal (token bucket, burst = 2 s worth), shared out between the
+    HTTP processes; 0 = unlimited. The default is above the 1,000 transfers/s one backend client may
+    need, and stops one runaway client from taking every signature the HSM can make."""
     access_log: bool = False
     """Log one line per request (costs throughput; errors are always logged)."""
     processes: Annotated[int, Field(ge=1, le=64)] = 1
     """HTTP worker processes sharing the listening socket (one event loop and GIL each). The signer
     workers (``hsm.workers``) are shared out between them, at least one each."""
+
+    @model_validator(mode="after")
+    def _identities_need_client_ca(self) -> ServerSettings:
+        # Without a CA no client certificate is asked for, so the identities would never apply:
+        # an operator who wrote them believes in a control that is not there.
+        if self.mtls_identities and self.tls_client_ca is None:
+            raise ValueError(
+                "server.mtls_identities is set but server.tls_client_ca is not: without a client CA no "
+                "client certificate is requested and the identities would be ignored; set "
+                "server.tls_client_ca (and tls_cert, tls_key) or remove server.mtls_identities"
+            )
+        return self
 
 
 class HsmSettings(_Section):
@@ -81,11 +104,32 @@ class HsmSettings(_Section):
         if self.pin is not None:
             return self.pin.get_secret_value()
         if self.pin_file is not None:
-            try:
-                return self.pin_file.read_text(encoding="utf-8").strip()
-            except OSError as exc:
-                raise ConfigError(f"hsm.pin_file: cannot read {self.pin_file}: {exc.strerror}") from exc
+            return read_private_file(self.pin_file, "hsm.pin_file")
         raise ConfigError("hsm: no PIN; set ECNY_HSM__PIN or hsm.pin_file")
+
+
+def read_private_file(path: Path, setting: str) -> str:
+    """The stripped text of a secret file, refused (as ssh refuses a private key) when its group or
+    others have any access to it: a PIN readable by other users lets any of them sign.
+
+    A symlink is followed (secret mounts are often symlinks): the mode checked is the file's own.
+
+    Raises:
+        ConfigError: unreadable, or open to group or others; the message names ``setting`` and the fix.
+    """
+    try:
+        with path.open("rb") as handle:
+            mode = os.fstat(handle.fileno()).st_mode & 0o777
+            if mode & 0o077:
+                raise ConfigError(
+                    f"{setting}: {path} has mode {mode:04o}, open to group or others; "
+                    f"make it readable by the gateway's user only (chmod 600 {path})"
+                )
+            return handle.read().decode("utf-8").strip()
+    except OSError as exc:
+        raise ConfigError(f"{setting}: cannot read {path}: {exc.strerror}") from exc
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{setting}: {path} is not UTF-8 text") from exc
 
 
 class StoreSettings(_Section):
@@ -107,6 +151,15 @@ class AuditSettings(_Section):
     """Key that signs checkpoints; by default the one key whose usages include ``audit``."""
     flush_max: Annotated[int, Field(ge=1)] = 1024
     """Most entries written in one grouped commit."""
+    refusal_window_seconds: Annotated[float, Field(gt=0, le=3600)] = 60.0
+    """Anonymous refusals (401 without or with unknown credentials, refused logins) are counted and
+    written as one entry per cause every this many seconds (and at shutdown), not one per request."""
+    witness_file: Path | None = None
+    """Append-only JSON-lines copy of every signed checkpoint, outside the store (created 0600), for
+    ``ecny-gateway audit verify --witness`` to catch a cut tail. Default: ``audit-witness.jsonl``
+    next to the SQLite database, or ``var/audit-witness.jsonl`` with PostgreSQL. Several processes
+    and instances may share it; for an outsider's guarantee keep a copy off this host too
+    (``GET /v1/audit/checkpoints``)."""
 
 
 class AuthSettings(_Section):
@@ -122,6 +175,16 @@ class AuthSettings(_Section):
     """The longest lockout."""
     login_window_seconds: Annotated[int, Field(ge=60)] = 3600
     """A username's attempts are forgotten once none has come for this long."""
+    password_checks_max: Annotated[int, Field(ge=1, le=1024)] | None = None
+    """Password (argon2id, 64 MiB each) checks that may run at once in the whole server; by default
+    2 × CPU cores, shared out between the HTTP processes (at least one each)."""
+    password_checks_waiting_max: Annotated[int, Field(ge=0, le=65536)] = 32
+    """Logins that may wait for a password check slot (per HTTP process); beyond them a login gets
+    503 ``login-busy`` with Retry-After at once, before anything is written."""
+    login_rate_per_second: Annotated[float, Field(ge=0)] = 20.0
+    """Logins per second per source address (token bucket, burst = 2 s worth, per HTTP process),
+    checked before anything else; 0 = unlimited. Behind a proxy every login has the proxy's address,
+    so this becomes one bucket for all (``X-Forwarded-For`` is not trusted)."""
 
 
 class TierSettings(_Section):

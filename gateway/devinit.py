@@ -36,10 +36,25 @@ DEV_USERS = [("teller1", Role.TELLER), ("supervisor1", Role.SUPERVISOR), ("audit
 
 
 def _write_private(path: Path, text: str) -> None:
-    descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(descriptor, "w", encoding="utf-8") as handle:
-        handle.write(text)
-    os.chmod(path, 0o600)
+    """Write ``text`` to ``path``, mode 0600 whatever the umask, never through a symlink.
+
+    The text goes to a new file beside ``path`` (``O_CREAT | O_EXCL | O_NOFOLLOW``: created here,
+    by us, or the call fails), which then replaces ``path``. A rename replaces a symlink found at
+    ``path`` itself, so a link planted there (to a file the attacker wants overwritten, or to a
+    place they can read) gets neither the credentials nor a truncation.
+    """
+    temporary = path.with_name(f".{path.name}.{secrets.token_hex(8)}.tmp")
+    descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    try:
+        with os.fdopen(descriptor, "w", encoding="utf-8") as handle:
+            os.fchmod(handle.fileno(), 0o600)
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise
 
 
 def write_config(var: Path) -> Path:

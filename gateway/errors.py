@@ -81,6 +81,15 @@ class IdempotencyKeyRequired(BadRequest):
     title = "Idempotency-Key header required"
 
 
+class RawUsageNotExclusive(ValidationFailed):
+    """A key asked for with usage ``raw`` next to another usage: a ``raw`` key signs any digest it
+    is given, so beside ``ecny``, ``voucher``, ``audit`` or ``evm`` it would forge envelopes,
+    vouchers, checkpoints or transactions past every policy. ``raw`` keys have no other usage."""
+
+    code = "raw-usage-not-exclusive"
+    title = "Usage raw cannot be combined with another usage"
+
+
 class UnsupportedMediaType(GatewayError):
     """The Content-Type is not one the endpoint accepts."""
 
@@ -113,6 +122,31 @@ class KeyUsageNotAllowed(Forbidden):
 
     code = "key-usage-not-allowed"
     title = "Key usage does not allow this operation"
+
+
+class NotASession(Forbidden):
+    """``DELETE /v1/sessions`` with an API key or a client certificate: only a session can be ended
+    (an API client's key is revoked with ``ecny-gateway clients revoke``)."""
+
+    code = "not-a-session"
+    title = "The credential is not a session"
+
+
+class SelfAdministration(Forbidden):
+    """An administrator tried to disable or change the role of the user account they are logged in
+    with: that is done by another administrator (or the CLI), so no one raises their own role."""
+
+    code = "self-administration"
+    title = "Not on your own account"
+
+
+class RawKeyNotExclusive(KeyUsageNotAllowed):
+    """Raw signing with a key whose record lists ``raw`` next to another usage. No such key can be
+    created, so the key table was written around the gateway (or before this rule): the key is
+    refused for raw signing, and flagged in the log at start-up."""
+
+    code = "raw-key-not-exclusive"
+    title = "Key has raw usage next to another usage"
 
 
 # --- 404/409/413/429 ------------------------------------------------------------------------------
@@ -196,6 +230,25 @@ class LoginThrottled(RateLimited):
         self.retry_after = retry_after
 
 
+class LoginRateLimited(RateLimited):
+    """Too many logins from one source address (``auth.login_rate_per_second``): refused before
+    any password is checked or anything is written."""
+
+    code = "login-rate-limited"
+    title = "Too many logins from this address"
+
+    def __init__(self, detail: str, retry_after: int) -> None:
+        super().__init__(detail, retry_after=retry_after)
+        self.retry_after = retry_after
+
+
+class UserNotFound(NotFound):
+    """No user (of the teller UI) has that username."""
+
+    code = "user-not-found"
+    title = "User not found"
+
+
 # --- 5xx: our dependencies -----------------------------------------------------------------------
 
 
@@ -252,6 +305,14 @@ class AuditChainBroken(GatewayError):
 
     code = "audit-chain-broken"
     title = "Audit chain broken"
+
+
+class LoginBusy(ServiceUnavailable):
+    """Every password check slot (``auth.password_checks_max``) and waiting place is taken: the
+    login is refused at once, before anything is written, and may be retried after ``Retry-After``."""
+
+    code = "login-busy"
+    title = "Too many logins at once"
 
 
 # --- wallets, ledger and approvals ---------------------------------------------------------------

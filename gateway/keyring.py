@@ -12,13 +12,22 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
 
+import structlog
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, utils
 from eth_hash.auto import keccak
 
 from gateway import clock
-from gateway.errors import AlreadyExists, AmbiguousKey, KeyNotFound, KeyUsageNotAllowed, ValidationFailed
+from gateway.errors import (
+    AlreadyExists,
+    AmbiguousKey,
+    KeyNotFound,
+    KeyUsageNotAllowed,
+    RawKeyNotExclusive,
+    RawUsageNotExclusive,
+    ValidationFailed,
+)
 from gateway.hsm.profile import Algorithm
 from gateway.ledger.store import Tx
 from gateway.schemes.evm import checksum
@@ -54,11 +63,24 @@ class KeyRecord:
     created_at: str
     created_by: str
 
+    @property
+    def raw_not_exclusive(self) -> bool:
+        """The record lists ``raw`` next to another usage: no create path makes such a key, so the
+        key table was written around the gateway (or before ``raw`` became exclusive)."""
+        return Usage.RAW in self.usages and len(self.usages) > 1
+
     def require(self, usage: Usage) -> None:
-        """Raises KeyUsageNotAllowed unless the key has ``usage``."""
+        """Raises KeyUsageNotAllowed unless the key has ``usage``; for ``raw``, unless ``raw`` is its
+        only usage (RawKeyNotExclusive): a digest signed raw with an ``ecny``, ``voucher``, ``audit``
+        or ``evm`` key would be a forged envelope, voucher, checkpoint or transaction."""
         if usage not in self.usages:
             raise KeyUsageNotAllowed(
                 f"key {self.key_id} has usages {sorted(self.usages)}; this operation needs {usage.value!r}"
+            )
+        if usage is Usage.RAW and self.raw_not_exclusive:
+            raise RawKeyNotExclusive(
+                f"key {self.key_id} lists raw next to {sorted(u.value for u in self.usages - {Usage.RAW})}; "
+                "raw signing needs a key whose only usage is raw"
             )
 
     def document(self) -> dict[str, Any]:
@@ -86,8 +108,15 @@ def allowed_usages(algorithm: str) -> set[str]:
 
 
 def check_usages(algorithm: Algorithm, usages: frozenset[Usage]) -> None:
+    """Raises ValidationFailed for no usage or one that does not fit ``algorithm``, and
+    RawUsageNotExclusive for ``raw`` next to another usage."""
     if not usages:
         raise ValidationFailed("a key needs at least one usage")
+    if Usage.RAW in usages and len(usages) > 1:
+        raise RawUsageNotExclusive(
+            f"usage raw signs any digest, so it cannot be combined with "
+            f"{sorted(u.value for u in usages - {Usage.RAW})}: generate a separate raw key"
+        )
     unfit = usages - _USAGES[algorithm]
     if unfit:
         raise ValidationFailed(
@@ -139,6 +168,23 @@ def get_key(tx: Tx, key_id: str) -> KeyRecord:
 
 def list_keys(tx: Tx) -> list[KeyRecord]:
     return [_record(row) for row in tx.fetchall("SELECT * FROM keys ORDER BY created_at, key_id")]
+
+
+def raw_not_exclusive_keys(tx: Tx) -> list[KeyRecord]:
+    """Keys whose record lists ``raw`` next to another usage (see :attr:`KeyRecord.raw_not_exclusive`)."""
+    return [key for key in list_keys(tx) if key.raw_not_exclusive]
+
+
+def flag_raw_not_exclusive(record: KeyRecord) -> None:
+    """Log, at error level, a key whose record lists ``raw`` next to another usage. It is refused
+    for raw signing; the error asks a person to find out who wrote the key table, and to rotate the
+    key if it ever signed raw digests (any of them may be a forged envelope, voucher, checkpoint or
+    transaction)."""
+    structlog.get_logger("gateway.keys").error(
+        "key lists raw next to another usage: refused for raw signing; the key table may have been "
+        "rewritten outside the gateway",
+        key_id=record.key_id, label=record.label, usages=sorted(u.value for u in record.usages),
+    )
 
 
 def keys_with_usage(tx: Tx, usage: Usage) -> list[KeyRecord]:
@@ -253,26 +299,8 @@ class KeyDirectory:
         record = self._records.get(key_id)
         if record is None:
             record = await database.read(lambda tx: get_key(tx, key_id))
+            if record.raw_not_exclusive:
+                flag_raw_not_exclusive(record)
             self._records[key_id] = record
         return record
 
-
-def pinned_public_key(spec: str) -> tuple[str, bytes]:
-    """Parse ``KEY_ID=PEM_FILE`` into (key id, public key bytes as stored in the key table).
-
-    Raises:
-        ValidationFailed: malformed spec, unreadable file or unsupported key.
-    """
-    key_id, sep, path = spec.partition("=")
-    if not sep:
-        raise ValidationFailed(f"--public-key {spec!r}: write KEY_ID=PEM_FILE")
-    try:
-        with open(path, "rb") as handle:
-            key = serialization.load_pem_public_key(handle.read())
-    except (OSError, ValueError) as exc:
-        raise ValidationFailed(f"--public-key {path}: {exc}") from exc
-    if isinstance(key, ed25519.Ed25519PublicKey):
-        return key_id, key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
-    if isinstance(key, ec.EllipticCurvePublicKey):
-        return key_id, key.public_bytes(serialization.Encoding.X962, serialization.PublicFormat.UncompressedPoint)
-    raise ValidationFailed(f"--public-key {path}: not an EC or Ed25519 public key")

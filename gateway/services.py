@@ -9,6 +9,7 @@ from aiohttp import web
 
 from gateway.approvals.service import Approvals
 from gateway.audit.chain import AuditLog
+from gateway.audit.refusals import RefusalTally
 from gateway.auth.credentials import Authenticator
 from gateway.config import Settings
 from gateway.hsm.profile import HsmProfile
@@ -30,6 +31,7 @@ class Services:
     metrics: Metrics
     wallets: Wallets
     approvals: Approvals
+    refusals: RefusalTally  # anonymous refusals, written as one audit entry per window and cause
     keys: KeyDirectory = field(default_factory=KeyDirectory)
     started_at: float = field(default_factory=time.monotonic)
 

@@ -15,9 +15,11 @@ model of gunicorn and nginx:
 
 What the children share goes through the store: idempotency records, wallet locks, nonces and the
 audit chain (SQLite: an ``flock`` gate around every write transaction; PostgreSQL: advisory locks),
-exactly as for several gateway instances on one database. What stays per process: the credential
-cache (revocation takes effect within ``auth.credential_cache_seconds`` in every child) and the
-rate limiter (each child gets ``rate_limit_per_second / N``). Metrics are summed across children
+exactly as for several gateway instances on one database; so do sessions (never cached: a logout
+or an ended session holds at once in every child). What stays per process: the API key cache
+(revocation takes effect within ``auth.credential_cache_seconds`` in every child), the rate
+limiters (each child gets ``rate_limit_per_second / N`` and ``login_rate_per_second / N``), its
+share of ``auth.password_checks_max`` and its tally of anonymous refusals. Metrics are summed across children
 through prometheus-client's multiprocess mode (a private directory made by the supervisor).
 """
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import tempfile
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
@@ -65,6 +66,8 @@ def make_settings(token: Token, dsn: str, **sections: dict[str, Any]) -> Setting
     settings.audit.checkpoint_every = 10
     settings.audit.checkpoint_seconds = 0.0  # by count only: tests decide when the tail is signed
     settings.auth.credential_cache_seconds = 0.0
+    if not dsn.startswith("sqlite:///"):  # the default witness would be ./var/, shared by every run
+        settings.audit.witness_file = Path(tempfile.mkdtemp(prefix="ecny-witness-")) / "audit-witness.jsonl"
     for section, values in sections.items():
         for key, value in values.items():
             setattr(getattr(settings, section), key, value)

@@ -40,11 +40,13 @@ class GatewayProcess:
         self.conf = conf
         self.port = free_port()
         self.process: subprocess.Popen[bytes] | None = None
+        self.witness = var / "audit-witness.jsonl"  # every process and instance of a test appends to its own
         var.mkdir(parents=True, exist_ok=True)
         (var / "gateway.toml").write_text(
             f'[server]\nhost = "127.0.0.1"\nport = {self.port}\nprocesses = {processes}\n\n'
             f'[hsm]\nprofile = "softhsm"\ntoken_label = "{token_label}"\npin_file = "{pin_file}"\n\n'
-            f'[store]\ndsn = "{dsn}"\n\n[auth]\ncredential_cache_seconds = 0\n',
+            f'[store]\ndsn = "{dsn}"\n\n[auth]\ncredential_cache_seconds = 0\n\n'
+            f'[audit]\nwitness_file = "{self.witness}"\n',
             encoding="utf-8",
         )
         self.env = {**os.environ, "SOFTHSM2_CONF": str(conf)}

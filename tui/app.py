@@ -9,12 +9,16 @@ login screen and drops every other section's screens, so the next user starts cl
 from __future__ import annotations
 
 import argparse
+import asyncio
+import signal
+import sys
 from collections.abc import Callable
 from typing import Any, ClassVar
 
 from textual.binding import Binding, BindingType
 from textual.screen import Screen
 
+from tui import hangup
 from tui.base import SECTIONS, TellerBase
 from tui.client import DEFAULT_GATEWAY, GatewayClient
 from tui.screens.approvals import ApprovalsScreen
@@ -46,6 +50,22 @@ class TellerApp(TellerBase):
         *(Binding(key, f"go('{mode}')", label, show=False) for mode, key, label in SECTIONS),
     ]
 
+    def on_mount(self) -> None:
+        if self.is_headless:  # tests: no terminal to lose
+            return
+        # A handler replaces an inherited "ignore SIGHUP" (nohup): without a terminal there is no teller.
+        asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, self.hang_up)
+        self.set_interval(hangup.CHECK_SECONDS, self._check_terminal, name="terminal watch")
+
+    def _check_terminal(self) -> None:
+        if sys.__stdin__ is not None and hangup.terminal_lost(sys.__stdin__.fileno()):
+            self.hang_up()
+
+    def hang_up(self) -> None:
+        """The terminal is gone: exit (and end the process if the exit hangs on the dead terminal)."""
+        hangup.end_after_grace()
+        self.exit(return_code=hangup.HANGUP_STATUS)
+
     async def on_unmount(self) -> None:
         await self.client.close()
 
@@ -63,8 +83,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--refresh", type=float, default=2.0, metavar="SECONDS",
                         help="dashboard refresh interval (default 2)")
     args = parser.parse_args(argv)
-    make_app(args.gateway, refresh_seconds=max(0.5, args.refresh)).run()
-    return 0
+    app = make_app(args.gateway, refresh_seconds=max(0.5, args.refresh))
+    app.run()
+    return app.return_code or 0
 
 
 if __name__ == "__main__":

@@ -147,12 +147,13 @@ class TellerBase(App[None]):
         await self.switch_mode(mode)
 
     async def action_logout(self) -> None:
+        await self.client.logout()  # DELETE /v1/sessions: the token is dead on the gateway, not just forgotten
         await self._back_to_login("Logged out.", "information")
 
     async def _back_to_login(self, message: str, severity: str) -> None:
         from tui.screens.login import LoginScreen  # the screens import this module
 
-        self.client.logout()
+        self.client.forget_session()
         if self.current_mode != "login":
             await self.switch_mode("login")
         for mode, factory in self.MODES.items():

@@ -306,6 +306,16 @@ def _dict(value: Any) -> dict[str, Any]:
     return dict(value) if isinstance(value, Mapping) else {}
 
 
+def readiness_from(document: Mapping[str, Any]) -> Readiness:
+    """From ``/v1/status``, or from ``/readyz`` (which has only the ``ready`` flags)."""
+    hsm, store = _dict(document.get("hsm")), _dict(document.get("store"))
+    return Readiness(
+        ready=document.get("status") == "ready", hsm_ready=bool(hsm.get("ready")),
+        hsm_workers=_int(hsm, "workers"), hsm_workers_up=_int(hsm, "workers_up"),
+        hsm_detail=_str(hsm, "detail"), store_ready=bool(store.get("ready")),
+    )
+
+
 def wallet_from(document: Mapping[str, Any]) -> Wallet:
     return Wallet(
         wallet_id=_str(document, "wallet_id"), holder_name=_str(document, "holder_name"),
@@ -471,26 +481,42 @@ class GatewayClient:
                                _str(document, "expires_at"))
         return self.session
 
-    def logout(self) -> None:
-        """Forget the session token (sessions expire on the gateway by themselves)."""
+    async def logout(self) -> None:
+        """End the session on the gateway (``DELETE /v1/sessions``: the token is dead from then on),
+        then forget it. The token is forgotten even when the gateway cannot be told (unreachable,
+        or the session had ended already): it then dies when it expires."""
+        if self.session is None:
+            return
+        try:
+            await self.request("DELETE", "/v1/sessions", timeout=min(self.timeout, 5.0))
+        except ApiError:  # GatewayUnreachable included
+            pass
+        finally:
+            self.session = None
+
+    def forget_session(self) -> None:
+        """Forget the session token without telling the gateway (it refused the token already)."""
         self.session = None
 
     # -- service --
 
     async def readiness(self, timeout: float | None = None) -> Readiness:
-        """``/readyz``: a 503 still carries the HSM and store states, so it is a result, not an error."""
+        """``/v1/status`` (HSM workers and what went wrong; needs a session). When it cannot answer
+        (no session, or the store is down so no session can be checked), the public ``/readyz``:
+        ready or not per part, whose 503 is a result, not an error."""
+        if self.session is not None:
+            try:
+                return readiness_from(await self._json("GET", "/v1/status", timeout=timeout))
+            except ApiError as error:
+                if error.status != 503:
+                    raise
         try:
             document = await self._json("GET", "/readyz", authenticated=False, timeout=timeout)
         except ApiError as error:
             if error.status != 503 or "hsm" not in error.problem:
                 raise
             document = error.problem
-        hsm, store = _dict(document.get("hsm")), _dict(document.get("store"))
-        return Readiness(
-            ready=document.get("status") == "ready", hsm_ready=bool(hsm.get("ready")),
-            hsm_workers=_int(hsm, "workers"), hsm_workers_up=_int(hsm, "workers_up"),
-            hsm_detail=_str(hsm, "detail"), store_ready=bool(store.get("ready")),
-        )
+        return readiness_from(document)
 
     async def metrics(self, timeout: float | None = None) -> MetricsSample:
         response = await self.request("GET", "/metrics", timeout=timeout)

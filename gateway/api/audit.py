@@ -1,4 +1,4 @@
-"""Audit log: read pages of entries, verify the chain and its checkpoints."""
+"""Audit log: read pages of entries and of signed checkpoints, verify the chain and its checkpoints."""
 
 from __future__ import annotations
 
@@ -9,8 +9,9 @@ from aiohttp import web
 
 from gateway.api.codecs import json_response
 from gateway.api.endpoints import Call, Endpoint
-from gateway.api.models import AuditPage, AuditVerifyResponse
+from gateway.api.models import AuditCheckpointPage, AuditPage, AuditVerifyResponse
 from gateway.audit.verify import verify_chain
+from gateway.audit.witness import WitnessRecord
 from gateway.auth.roles import Permission
 from gateway.errors import ValidationFailed
 
@@ -58,6 +59,18 @@ async def read_page(call: Call) -> web.Response:
     return json_response({"entries": entries, "next_after_seq": next_after})
 
 
+async def checkpoints_page(call: Call) -> web.Response:
+    """Signed checkpoints after ``after`` in witness form, for collectors that keep a copy off this host."""
+    after = _int_query(call, "after", 0, 0, 10**18)
+    limit = _int_query(call, "limit", 100, 1, MAX_LIMIT)
+    rows = await call.services.database.read(
+        lambda tx: tx.fetchall("SELECT * FROM audit_checkpoints WHERE seq > ? ORDER BY seq LIMIT ?", (after, limit))
+    )
+    documents = [WitnessRecord.from_row(row).document() for row in rows]
+    next_after = documents[-1]["seq"] if len(documents) == limit else None
+    return json_response({"checkpoints": documents, "next_after": next_after})
+
+
 async def verify(call: Call) -> web.Response:
     report = await call.services.database.read(verify_chain)
     return json_response(report.document())
@@ -71,6 +84,15 @@ ENDPOINTS = [
                 "Return entries with seq greater than this (default 0)"),
                ("limit", {"type": "integer", "minimum": 1, "maximum": 1000},
                 "At most this many entries, 1–1000 (default 100)")),
+    ),
+    Endpoint(
+        "GET", "/v1/audit/checkpoints", checkpoints_page,
+        "Read signed checkpoints after a sequence number (one witness line each)", Permission.AUDIT_READ, "audit",
+        response_model=AuditCheckpointPage, audited_action="audit.checkpoints",
+        query=(("after", {"type": "integer", "minimum": 0, "maximum": 10**18},
+                "Return checkpoints with seq greater than this (default 0)"),
+               ("limit", {"type": "integer", "minimum": 1, "maximum": 1000},
+                "At most this many checkpoints, 1–1000 (default 100)")),
     ),
     Endpoint(
         "GET", "/v1/audit/verify", verify, "Verify the audit hash chain and its HSM-signed checkpoints",

@@ -88,26 +88,46 @@ class Endpoint:
 
 
 class RateLimiter:
-    """A token bucket per principal; ``rate`` 0 means unlimited."""
+    """A token bucket per scope (a principal, or a source address); ``rate`` 0 means unlimited."""
+
+    MAX_BUCKETS = 10_000  # beyond it, buckets that have filled up again are dropped (they hold nothing)
 
     def __init__(self, rate: float) -> None:
         self.rate = rate
         self.burst = max(1.0, rate * 2)
         self._buckets: dict[str, tuple[float, float]] = {}
 
-    def check(self, scope: str) -> None:
+    def allow(self, scope: str) -> bool:
+        """Take one token from ``scope``'s bucket; False when it is empty."""
         if self.rate <= 0:
-            return
+            return True
         now = time.monotonic()
         tokens, last = self._buckets.get(scope, (self.burst, now))
         tokens = min(self.burst, tokens + (now - last) * self.rate)
+        if len(self._buckets) >= self.MAX_BUCKETS and scope not in self._buckets:
+            self._prune(now)
         if tokens < 1:
             self._buckets[scope] = (tokens, now)
-            raise RateLimited(f"more than {self.rate:g} requests per second", retry_after=1)
+            return False
         self._buckets[scope] = (tokens - 1, now)
+        return True
+
+    def check(self, scope: str) -> None:
+        """Raises RateLimited when ``scope`` is over its rate."""
+        if not self.allow(scope):
+            raise RateLimited(f"more than {self.rate:g} requests per second", retry_after=1)
+
+    def _prune(self, now: float) -> None:
+        full = [scope for scope, (tokens, last) in self._buckets.items()
+                if tokens + (now - last) * self.rate >= self.burst]
+        for scope in full:
+            del self._buckets[scope]
+        if len(self._buckets) >= self.MAX_BUCKETS:  # all of them busy (a spread flood): start again
+            self._buckets.clear()
 
 
 RATE_LIMITER = web.AppKey("rate_limiter", RateLimiter)
+LOGIN_LIMITER = web.AppKey("login_limiter", RateLimiter)  # POST /v1/sessions, per source address
 IDEMPOTENCY = web.AppKey("idempotency", idempotency.InFlight)
 
 
@@ -183,7 +203,10 @@ def guarded(endpoint: Endpoint) -> Callable[[web.Request], Awaitable[web.StreamR
         except GatewayError as error:
             status = error.http_status
             services.metrics.refusals.labels(error.code).inc()
-            if 400 <= error.http_status < 500 and endpoint.audited_action is not None:
+            if endpoint.permission is not None and call.principal is None and isinstance(error, Unauthenticated):
+                # Anonymous: counted, one audit entry per window and cause (gateway/audit/refusals.py).
+                services.refusals.count(error.code, endpoint.audited_action or endpoint.name)
+            elif 400 <= error.http_status < 500 and endpoint.audited_action is not None:
                 await _audit_refusal(call, endpoint.audited_action, error)
             raise
         finally:

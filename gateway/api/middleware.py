@@ -2,6 +2,8 @@
 
 Also gives every request an id (``X-Request-Id``, taken from the client when sane) and logs
 errors as structured JSON. Nothing here logs headers or bodies: they carry credentials.
+A 5xx answer says only what failed (its title); what the dependency said (a PostgreSQL message
+naming hosts, tables or constraints) goes to the log, under the same request id.
 """
 
 from __future__ import annotations
@@ -24,7 +26,9 @@ from gateway.errors import (
 )
 
 REQUEST_ID = web.RequestKey("request_id", str)
-_REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+#: A client's ``X-Request-Id`` enters logs and the audit chain only in this form; any other (too
+#: long, control characters, spaces, quotes) is replaced by a generated id, echoed in the answer.
+_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,64}")
 
 HandlerType = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -54,7 +58,7 @@ def _from_http_exception(exc: web.HTTPException) -> GatewayError:
 @web.middleware
 async def problem_middleware(request: web.Request, handler: HandlerType) -> web.StreamResponse:
     offered = request.headers.get("X-Request-Id", "")
-    request_id = offered if _REQUEST_ID.match(offered) else secrets.token_hex(8)
+    request_id = offered if _REQUEST_ID.fullmatch(offered) else secrets.token_hex(8)
     request[REQUEST_ID] = request_id
     log = structlog.get_logger("gateway.http")
     try:
@@ -85,5 +89,7 @@ def _render(error: GatewayError, request: web.Request) -> web.Response:
     if error.http_status == 401:
         headers["WWW-Authenticate"] = 'Bearer realm="ecny-gateway"'
     problem = error.to_problem(instance=request.path)
+    if error.http_status >= 500:  # the specific text is in the log (problem_middleware), not for clients
+        problem["detail"] = f"{error.title}; the gateway log has the details under request id {request[REQUEST_ID]}"
     problem["request_id"] = request[REQUEST_ID]
     return problem_response(problem, headers)

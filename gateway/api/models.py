@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, Strict, StringConstraints
 
@@ -96,6 +96,24 @@ class AuditVerifyResponse(_Body):
     first_bad_seq: int | None
     problem: str
     warnings: list[str]
+    trust: str = Field(description="Whose keys were trusted: `key-table` (a self-check, not outsider-grade) "
+                                   "or `pinned`")
+
+
+class AuditCheckpointDocument(_Body):
+    seq: int = Field(description="The last entry the checkpoint covers")
+    head_hash: str = Field(description="Hex: the entry hash at seq")
+    key_id: str
+    algorithm: str
+    signature: str = Field(description="Hex: the audit key's signature of the checkpoint message")
+    ts: str
+
+
+class AuditCheckpointPage(_Body):
+    checkpoints: list[AuditCheckpointDocument] = Field(
+        description="One witness line each: a collector appends each as a JSON line to its own witness file"
+    )
+    next_after: int | None = Field(description="Pass as `after` for the next page; null on the last page")
 
 
 class Health(_Body):
@@ -104,5 +122,28 @@ class Health(_Body):
 
 class Readiness(_Body):
     status: str
-    hsm: dict[str, object]
+    hsm: dict[str, object] = Field(description="only {ready}: the details are in /v1/status")
     store: dict[str, object]
+
+
+class SessionEnded(_Body):
+    username: str
+    ended: bool  # false when the session had ended already (a second logout racing the first)
+
+
+class UserRoleRequest(_Body):
+    role: Literal["teller", "supervisor", "auditor", "admin"]  # backend is for API clients only
+
+
+class UserDocument(_Body):
+    username: str
+    role: str
+    disabled_at: str | None
+    live_sessions: int
+    sessions_ended: int = 0  # by this request
+
+
+class ServiceStatus(_Body):
+    status: str = Field(description="ready or unavailable")
+    hsm: dict[str, object] = Field(description="ready, workers, workers_up and detail (what went wrong)")
+    store: dict[str, object] = Field(description="ready")

@@ -1,4 +1,9 @@
-"""Service endpoints: liveness, readiness, metrics and the OpenAPI document."""
+"""Service endpoints: liveness, readiness, status, metrics and the OpenAPI document.
+
+``/readyz`` is public (load balancers and orchestrators probe it without credentials), so it says
+only ready or not and which part is not; worker counts and the HSM's own words are in the
+authenticated ``/v1/status``.
+"""
 
 from __future__ import annotations
 
@@ -6,32 +11,44 @@ from aiohttp import web
 
 from gateway.api.codecs import json_response
 from gateway.api.endpoints import Call, Endpoint
-from gateway.api.models import Health, Readiness
+from gateway.api.models import Health, Readiness, ServiceStatus
 from gateway.auth.roles import Permission
 from gateway.errors import ServiceUnavailable
+from gateway.hsm.signer import HsmHealth
 
 
 async def healthz(call: Call) -> web.Response:
     return json_response({"status": "ok"})
 
 
-async def readyz(call: Call) -> web.Response:
+async def _probe(call: Call) -> tuple[HsmHealth, bool]:
+    """The HSM's health and whether the store answers (and the HSM gauges of /metrics updated)."""
     services = call.services
     hsm = services.signer.health()
     store_ok = await services.database.ping()
     services.metrics.hsm_ready.set(1 if hsm.ready else 0)
     services.metrics.hsm_workers_up.set(hsm.workers_up)
-    document = {
-        "status": "ready" if hsm.ready and store_ok else "unavailable",
-        "hsm": {"ready": hsm.ready, "workers": hsm.workers, "workers_up": hsm.workers_up, "detail": hsm.detail},
-        "store": {"ready": store_ok},
-    }
+    return hsm, store_ok
+
+
+async def readyz(call: Call) -> web.Response:
+    hsm, store_ok = await _probe(call)
     if not (hsm.ready and store_ok):
         failing = [name for name, ok in (("hsm", hsm.ready), ("store", store_ok)) if not ok]
         raise ServiceUnavailable(
-            f"not ready: {', '.join(failing)} unavailable", retry_after=1, hsm=document["hsm"], store=document["store"]
+            f"not ready: {', '.join(failing)} unavailable", retry_after=1,
+            hsm={"ready": hsm.ready}, store={"ready": store_ok},
         )
-    return json_response(document)
+    return json_response({"status": "ready", "hsm": {"ready": True}, "store": {"ready": True}})
+
+
+async def status(call: Call) -> web.Response:
+    hsm, store_ok = await _probe(call)
+    return json_response({
+        "status": "ready" if hsm.ready and store_ok else "unavailable",
+        "hsm": {"ready": hsm.ready, "workers": hsm.workers, "workers_up": hsm.workers_up, "detail": hsm.detail},
+        "store": {"ready": store_ok},
+    })
 
 
 async def metrics(call: Call) -> web.Response:
@@ -52,6 +69,10 @@ ENDPOINTS = [
     Endpoint(
         "GET", "/readyz", readyz, "Readiness: the HSM can sign and the store answers", None, "service",
         response_model=Readiness, responses={503: "HSM or store unavailable"},
+    ),
+    Endpoint(
+        "GET", "/v1/status", status, "Status of the HSM (signer workers, last error) and the store",
+        Permission.SERVICE_READ, "service", response_model=ServiceStatus,
     ),
     Endpoint(
         "GET", "/metrics", metrics, "Prometheus metrics (text exposition format)", Permission.SERVICE_READ,

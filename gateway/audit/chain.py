@@ -10,6 +10,10 @@ time: every ``checkpoint_seconds`` the log signs the head if it has moved, whoev
 (entries written inside other transactions, other processes or instances), so the unsigned tail —
 what could be cut off unnoticed — is never more than a few seconds old.
 
+Every checkpoint is also appended to the witness file (:mod:`gateway.audit.witness`), a copy
+outside the store that lets ``audit verify --witness`` catch a chain whose tail was cut off
+together with the checkpoints after it.
+
 Entries are written either inside the transaction of the operation they describe
 (:func:`append`), or — for signing requests, which change nothing else — through
 :class:`AuditLog`, which groups the entries of concurrent requests into one commit and answers each
@@ -24,6 +28,7 @@ import hashlib
 import json
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import cbor2
@@ -31,6 +36,7 @@ import orjson
 import structlog
 
 from gateway import clock
+from gateway.audit import witness
 from gateway.errors import GatewayError
 from gateway.hsm.signer import Signer
 from gateway.keyring import KeyRecord, Usage, key_for_usage, keys_with_usage, signing_input
@@ -133,8 +139,10 @@ class AuditLog:
     def __init__(
         self, database: Database, signer: Signer, checkpoint_every: int, flush_max: int, key_id: str | None,
         checkpoint_seconds: float = 0.0, on_head: Callable[[int], None] | None = None,
+        witness_file: Path | None = None,
     ) -> None:
         self._database = database
+        self._witness_file = witness_file
         self._on_head = on_head or (lambda seq: None)
         self._head_reported = 0
         self._signer = signer
@@ -151,7 +159,13 @@ class AuditLog:
         self._log = structlog.get_logger("gateway.audit")
 
     async def start(self) -> None:
-        """Learn where the last checkpoint is."""
+        """Learn where the last checkpoint is; make sure the witness can be written.
+
+        Raises:
+            ConfigError: the witness file cannot be appended to.
+        """
+        if self._witness_file is not None:
+            await asyncio.to_thread(witness.prepare, self._witness_file)
         row = await self._database.read(lambda tx: tx.fetchone("SELECT MAX(seq) AS seq FROM audit_checkpoints"))
         self._checkpointed = int(row["seq"]) if row is not None and row["seq"] is not None else 0
         self._report_head((await self._database.read(head))[0])
@@ -247,16 +261,33 @@ class AuditLog:
             key.key_id, key.algorithm.value, signing_input(key.algorithm, checkpoint_message(seq, head_hash))
         )
 
-        def store(tx: Tx) -> None:
+        def store(tx: Tx) -> Any:
             tx.execute(
                 "INSERT INTO audit_checkpoints (seq, head_hash, key_id, algorithm, signature, ts) "
                 "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (seq) DO NOTHING",
                 (seq, head_hash, key.key_id, key.algorithm.value, signature, clock.now_iso()),
             )
+            # What is stored, which is another instance's row if it signed this head first (ECDSA
+            # signatures differ each time): the witness must hold the same bytes as the database.
+            return tx.fetchone("SELECT * FROM audit_checkpoints WHERE seq = ?", (seq,))
 
-        await self._database.write(store)
+        stored = await self._database.write(store)
         self._checkpointed = max(self._checkpointed, seq)
+        if stored is not None:  # read in the writing transaction, so only absent if deleted meanwhile
+            await self._witness(witness.WitnessRecord.from_row(stored))
         return seq
+
+    async def _witness(self, record: witness.WitnessRecord) -> None:
+        """Append the checkpoint to the witness, after it is committed (a witnessed checkpoint the
+        database never had would look like a cut tail). A failure is logged, not raised: the
+        checkpoint stands, and the next one witnessed covers everything before it."""
+        if self._witness_file is None:
+            return
+        try:
+            await asyncio.to_thread(witness.append, self._witness_file, record)
+        except OSError as exc:
+            self._log.error("audit checkpoint not witnessed", seq=record.seq, witness_file=str(self._witness_file),
+                            error=exc.strerror or str(exc))
 
     async def close(self) -> None:
         """Write what is pending and sign a final checkpoint."""

@@ -4,9 +4,12 @@
   whole key are stored; the comparison is constant-time. Keys carry 256 bits of randomness, so a
   fast hash is right for them; passwords are not, and get argon2id.
 - A teller session token is random; only its SHA-256 is stored, with an expiry.
-- Verified credentials are cached in memory for a few seconds (``auth.credential_cache_seconds``)
+- Verified API keys are cached in memory for a few seconds (``auth.credential_cache_seconds``)
   so that a signing request does not pay a database round trip; revocation takes effect within
   that time.
+- Session tokens are never cached: every request reads the session with its user's *current* role
+  and disabled flag (one indexed read), so a logout, an ended session, a disabled user or a role
+  change (gateway/auth/users.py) holds from the next request, in every process and instance.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ from argon2.exceptions import InvalidHashError, VerificationError
 
 from gateway import clock
 from gateway.auth.roles import Role
-from gateway.auth.throttle import LoginThrottle
+from gateway.auth.throttle import LoginThrottle, PasswordCheckGate
 from gateway.errors import AlreadyExists, NotFound, Unauthenticated, ValidationFailed
 from gateway.ledger.store import Database, Tx
 
@@ -155,9 +158,10 @@ class Authenticator:
     """Turns a bearer credential into a :class:`Principal` (app-scoped, holds the cache)."""
 
     def __init__(self, database: Database, session_ttl: int, cache_seconds: float,
-                 throttle: LoginThrottle | None = None) -> None:
+                 throttle: LoginThrottle | None = None, gate: PasswordCheckGate | None = None) -> None:
         self._database = database
         self._throttle = throttle or LoginThrottle()
+        self.gate = gate or PasswordCheckGate(slots=2, waiting=32)
         self._session_ttl = session_ttl
         self._cache_seconds = cache_seconds
         self._cache: dict[bytes, tuple[Principal, float]] = {}
@@ -172,17 +176,16 @@ class Authenticator:
             Unauthenticated: unknown, revoked or expired credential.
         """
         digest = _sha256(token)
+        if token.startswith(SESSION_TOKEN_PREFIX):  # never cached: see the module's docstring
+            return await self._database.read(lambda tx: self._session_principal(tx, digest))
         cached = self._cache.get(digest)
         now = time.monotonic()
         if cached is not None and cached[1] > now:
             return cached[0]
-        if token.startswith(SESSION_TOKEN_PREFIX):
-            principal = await self._database.read(lambda tx: self._session_principal(tx, digest))
-        else:
-            prefix = _parse_api_key(token)
-            if prefix is None:
-                raise Unauthenticated("malformed credential")
-            principal = await self._database.read(lambda tx: self._client_principal(tx, prefix, digest))
+        prefix = _parse_api_key(token)
+        if prefix is None:
+            raise Unauthenticated("malformed credential")
+        principal = await self._database.read(lambda tx: self._client_principal(tx, prefix, digest))
         if len(self._cache) > 10_000:
             self._cache.clear()
         self._cache[digest] = (principal, now + self._cache_seconds)
@@ -210,7 +213,7 @@ class Authenticator:
     @staticmethod
     def _session_principal(tx: Tx, digest: bytes) -> Principal:
         row = tx.fetchone(
-            "SELECT s.username, s.role, s.expires_at, u.disabled_at, u.owner FROM user_sessions s "
+            "SELECT s.username, u.role, s.expires_at, u.disabled_at, u.owner FROM user_sessions s "
             "JOIN users u ON u.username = s.username WHERE s.token_hash = ?",
             (digest,),
         )
@@ -222,12 +225,18 @@ class Authenticator:
         """Check a password and open a session. Returns (token, principal, expires_at).
 
         The argon2 check runs off the event loop; an unknown user costs the same as a wrong password.
-        The attempt is counted (:class:`LoginThrottle`) before the password is checked.
+        The login first passes the :class:`PasswordCheckGate`; then the attempt is counted
+        (:class:`LoginThrottle`) before the password is checked.
 
         Raises:
             Unauthenticated: unknown user, disabled user or wrong password (one message for all).
             LoginThrottled: too many attempts for ``username``; the password was not checked.
+            LoginBusy: too many logins at once; nothing was written.
         """
+        async with self.gate.admit():
+            return await self._login(username, password)
+
+    async def _login(self, username: str, password: str) -> tuple[str, Principal, str]:
         await self._database.write(lambda tx: self._throttle.attempt_in(tx, username, clock.now()))
         row = await self._database.read(
             lambda tx: tx.fetchone(

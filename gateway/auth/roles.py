@@ -44,6 +44,7 @@ class Permission(StrEnum):
     EVM_READ = "evm.read"
     EVM_SIGN = "evm.sign"
     EVM_NONCES = "evm.nonces"
+    SESSIONS_END = "sessions.end"  # log out: every role a person can hold (backend is for API clients only)
 
 
 _READ_ALL = frozenset(p for p in Permission if p.value.endswith(".read"))
@@ -63,6 +64,7 @@ _TELLER = frozenset(
         Permission.DEVICES_READ,
         Permission.RECONCILIATION_READ,
         Permission.APPROVALS_READ,
+        Permission.SESSIONS_END,
     }
 )
 
@@ -89,7 +91,7 @@ GRANTS: dict[Role, frozenset[Permission]] = {
         Permission.RECONCILIATION_RESOLVE,
         Permission.DEVICES_REVOKE,
     },
-    Role.AUDITOR: _READ_ALL | {Permission.APPROVALS_READ_ALL},
+    Role.AUDITOR: _READ_ALL | {Permission.APPROVALS_READ_ALL, Permission.SESSIONS_END},
     Role.ADMIN: frozenset(
         {
             Permission.SERVICE_READ,
@@ -100,6 +102,7 @@ GRANTS: dict[Role, frozenset[Permission]] = {
             Permission.EVM_READ,
             Permission.EVM_NONCES,
             Permission.AUDIT_READ,
+            Permission.SESSIONS_END,
         }
     ),
 }

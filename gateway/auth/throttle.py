@@ -8,18 +8,26 @@ after it ends locks it again for twice as long (up to a maximum). A success forg
 Unknown usernames are counted like known ones, so the answers tell an attacker nothing.
 
 The price is that anyone can lock a username out for a while by failing its logins on purpose;
-the lockout is short at first and bounded, and the audit log records every refused attempt
-(docs/threat-model.md).
+the lockout is short at first and bounded, and the audit log counts every refused attempt, by
+username, in one entry per window (gateway/audit/refusals.py, docs/threat-model.md).
+
+:class:`PasswordCheckGate` bounds what a flood of logins can cost, whatever the usernames: at most
+``slots`` argon2 checks (64 MiB and tens of milliseconds of a core each) run at once in a process,
+at most ``waiting`` more logins wait for a slot, and every login beyond that is refused at once —
+before the attempt is counted, so a flood writes nothing to the store.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import math
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 from gateway import clock
-from gateway.errors import LoginThrottled
+from gateway.errors import LoginBusy, LoginThrottled
 from gateway.ledger.store import Tx
 
 MAX_DOUBLINGS = 20  # 2**20 × any sane base exceeds every sane maximum; keeps the arithmetic small
@@ -68,3 +76,43 @@ class LoginThrottle:
     def succeeded_in(tx: Tx, username: str) -> None:
         """Forget the attempts of a username that has just logged in."""
         tx.execute("DELETE FROM login_throttle WHERE username = ?", (username,))
+
+
+class PasswordCheckGate:
+    """At most ``slots`` logins past this gate at once (in this process), ``waiting`` more queued."""
+
+    def __init__(self, slots: int, waiting: int) -> None:
+        self.slots = slots
+        self.waiting_max = waiting
+        self._semaphore = asyncio.Semaphore(slots)
+        self._waiting = 0
+        self._holding = 0
+
+    @property
+    def busy(self) -> int:
+        """Logins holding a slot or waiting for one."""
+        return self._holding + self._waiting
+
+    @contextlib.asynccontextmanager
+    async def admit(self) -> AsyncIterator[None]:
+        """Hold a slot for the body (count the attempt, check the password).
+
+        Raises:
+            LoginBusy: every slot and every waiting place is taken; nothing has been done.
+        """
+        if self._semaphore.locked():
+            if self._waiting >= self.waiting_max:
+                raise LoginBusy("too many logins at once; try again shortly", retry_after=1)
+            self._waiting += 1
+            try:
+                await self._semaphore.acquire()
+            finally:
+                self._waiting -= 1
+        else:
+            await self._semaphore.acquire()
+        self._holding += 1
+        try:
+            yield
+        finally:
+            self._holding -= 1
+            self._semaphore.release()

@@ -11,7 +11,7 @@ from prometheus_client import Counter
 
 @dataclass(frozen=True)
 class HsmHealth:
-    """What /readyz and the dashboard show of the HSM."""
+    """What /v1/status and the dashboard show of the HSM (/readyz shows only ``ready``)."""
 
     ready: bool
     workers: int

@@ -34,6 +34,10 @@ from gateway.ledger.store import Params, Row
 T = TypeVar("T")
 
 BUSY_TIMEOUT_MS = 10_000
+#: The database holds identity numbers and password hashes: its file and SQLite's ``-wal`` and
+#: ``-shm`` files beside it are readable by the gateway's user only, whatever the umask.
+PRIVATE_MODE = 0o600
+COMPANION_SUFFIXES = ("", "-wal", "-shm")
 MAX_GROUP = 256  # write functions per grouped transaction
 
 
@@ -82,6 +86,35 @@ def _integrity_detail(exc: sqlite3.IntegrityError) -> str:
     return text
 
 
+def _make_private(path: str) -> None:
+    """Create the database file owner-only before SQLite does, and take group and other access
+    away from an existing database and its ``-wal`` and ``-shm`` files.
+
+    SQLite creates the ``-wal`` and ``-shm`` files with the database file's mode, so a database
+    file made 0600 here keeps them 0600 too. ``O_NOFOLLOW``: a symlink planted in place of one of
+    these files is refused rather than followed (SQLite itself would follow it).
+
+    Raises:
+        StoreUnavailable: a file cannot be opened or restricted (a symlink, another owner).
+    """
+    for suffix in COMPANION_SUFFIXES:
+        name = f"{path}{suffix}"
+        flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | (os.O_CREAT if not suffix else 0)
+        try:
+            descriptor = os.open(name, flags, PRIVATE_MODE)
+        except FileNotFoundError:
+            continue  # a companion SQLite has not made yet: it will take the database file's mode
+        except OSError as exc:
+            raise StoreUnavailable(f"cannot open SQLite file {name}: {exc.strerror}") from exc
+        try:
+            # Whatever the umask did on creation, and whatever mode an older version left: owner only.
+            os.fchmod(descriptor, PRIVATE_MODE)
+        except OSError as exc:
+            raise StoreUnavailable(f"cannot restrict {name} to its owner (mode 0600): {exc.strerror}") from exc
+        finally:
+            os.close(descriptor)
+
+
 def _connect(path: str) -> sqlite3.Connection:
     connection = sqlite3.connect(
         path, isolation_level=None, check_same_thread=False, timeout=BUSY_TIMEOUT_MS / 1000
@@ -89,7 +122,9 @@ def _connect(path: str) -> sqlite3.Connection:
     connection.row_factory = sqlite3.Row
     connection.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
     connection.execute("PRAGMA journal_mode = WAL")
-    connection.execute("PRAGMA synchronous = NORMAL")
+    # FULL, not NORMAL: in WAL mode NORMAL syncs the log only at checkpoints, so a power cut can
+    # lose transactions that were already acknowledged (a transfer the client saw succeed).
+    connection.execute("PRAGMA synchronous = FULL")
     connection.execute("PRAGMA foreign_keys = ON")
     # 64 MiB of page cache (the default is 2 MiB): large reconciliations insert into indexes keyed by
     # hashes (payment, journal entry), which touch pages all over the index; pages are only cached
@@ -121,6 +156,7 @@ class SqliteDatabase:
         database = cls(dsn, path)
         if path != ":memory:":
             Path(path).parent.mkdir(parents=True, exist_ok=True)
+            _make_private(path)
             try:
                 database._gate = os.open(f"{path}-writer.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
             except OSError as exc:

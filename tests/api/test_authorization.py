@@ -28,7 +28,7 @@ from gateway.auth.credentials import add_user, revoke_client
 from gateway.auth.roles import Role, allows
 from gateway.device.simulator import SimulatedDevice
 from tests.api.support import approve_as_second_person, assert_problem, new_client, services
-from tests.conftest import PASSWORDS, Gateway
+from tests.conftest import PASSWORDS, Gateway, login
 from tests.device.flows import discrepancies, ensure_voucher_key, pay, register
 from tests.device.flows import load as device_load
 from tests.device.flows import sync as device_sync
@@ -47,6 +47,7 @@ class Case:
     params: dict[str, str] = field(default_factory=dict)
     headers: dict[str, str] = field(default_factory=dict)
     data: bytes | None = None  # a raw body (the CBOR device log) instead of JSON
+    own_session: bool = False  # the caller logs in afresh (the request ends its session: a logout)
 
 
 @dataclass
@@ -225,6 +226,18 @@ async def _register_case(ctx: Context) -> Case:
                                 "public_key_pem": info["public_key_pem"], "model": info["model"]})
 
 
+async def _new_user(ctx: Context) -> str:
+    """A fresh teller for the user administration endpoints to act on."""
+    username = f"authz-{secrets.token_hex(4)}"
+    await services(ctx.gateway).database.write(
+        lambda tx: add_user(tx, PasswordHasher(), username, Role.TELLER, "authz-user-password"))
+    return username
+
+
+# The users behind each role that people hold (tests/conftest.py provisions them).
+USER_OF_ROLE = {Role.TELLER: "teller1", Role.SUPERVISOR: "supervisor1", Role.AUDITOR: "auditor1",
+                Role.ADMIN: "admin1"}
+
 PUBLIC = None  # no credentials needed
 EVERY_ROLE = frozenset(Role)
 KEY_READERS = frozenset({Role.BACKEND, Role.TELLER, Role.SUPERVISOR, Role.AUDITOR, Role.ADMIN})
@@ -238,6 +251,8 @@ APPROVAL_READERS = frozenset({Role.BACKEND, Role.TELLER, Role.SUPERVISOR, Role.A
 SUPERVISOR = frozenset({Role.SUPERVISOR})
 # Hard wallets and reconciliation: tellers and supervisors operate; the auditor reads everything.
 DEVICE_READERS = frozenset({Role.TELLER, Role.SUPERVISOR, Role.AUDITOR})
+PEOPLE = frozenset({Role.TELLER, Role.SUPERVISOR, Role.AUDITOR, Role.ADMIN})  # roles a user can hold: log out
+ADMIN = frozenset({Role.ADMIN})
 
 Builder = Callable[[Context], Awaitable[Case]]
 
@@ -249,8 +264,15 @@ CASES: dict[str, tuple[frozenset[Role] | None, Builder]] = {
     "GET /readyz": (PUBLIC, _fixed(Case("/readyz"))),
     "GET /metrics": (EVERY_ROLE, _fixed(Case("/metrics"))),
     "GET /openapi.json": (EVERY_ROLE, _fixed(Case("/openapi.json"))),
+    "GET /v1/status": (EVERY_ROLE, _fixed(Case("/v1/status"))),
     "POST /v1/sessions": (PUBLIC, _fixed(Case("/v1/sessions", {"username": "auditor1",
                                                                "password": PASSWORDS["auditor1"]}))),
+    "DELETE /v1/sessions": (PEOPLE, _fixed(Case("/v1/sessions", own_session=True))),
+    "POST /v1/users/{username}/disable": (ADMIN, lambda ctx: _built(ctx, "/v1/users/{}/disable", _new_user)),
+    "POST /v1/users/{username}/enable": (ADMIN, lambda ctx: _built(ctx, "/v1/users/{}/enable", _new_user)),
+    "POST /v1/users/{username}/role": (ADMIN, lambda ctx: _built(ctx, "/v1/users/{}/role", _new_user,
+                                                                  {"role": "auditor"})),
+    "DELETE /v1/users/{username}/sessions": (ADMIN, lambda ctx: _built(ctx, "/v1/users/{}/sessions", _new_user)),
     "POST /v1/keys": (frozenset({Role.ADMIN}), _sync(lambda ctx: Case(
         "/v1/keys", {"label": f"authz-{secrets.token_hex(6)}", "algorithm": "ecdsa-p256", "usage": ["raw"]}))),
     "GET /v1/keys": (KEY_READERS, _fixed(Case("/v1/keys"))),
@@ -283,6 +305,7 @@ CASES: dict[str, tuple[frozenset[Role] | None, Builder]] = {
     "POST /v1/approvals/{approval_id}/reject": (SUPERVISOR, lambda ctx: _decision(ctx, "reject")),
     "GET /v1/audit": (AUDIT_READERS, _fixed(Case("/v1/audit", params={"limit": "5"}))),
     "GET /v1/audit/verify": (AUDIT_READERS, _fixed(Case("/v1/audit/verify"))),
+    "GET /v1/audit/checkpoints": (AUDIT_READERS, _fixed(Case("/v1/audit/checkpoints", params={"limit": "5"}))),
     "POST /v1/devices": (BRANCH, _register_case),
     "GET /v1/devices/{device_id}": (DEVICE_READERS, lambda ctx: _device_case(ctx, "")),
     "POST /v1/devices/{device_id}/loads": (BRANCH, lambda ctx: _device_case(
@@ -348,6 +371,8 @@ async def test_endpoint_for_caller(
     headers = {"X-Request-Id": request_id}
     if isinstance(caller, Role):
         headers |= gateway.auth(caller)
+        if case.own_session and caller in USER_OF_ROLE:  # never end the sessions the other tests share
+            headers |= await login(gateway, USER_OF_ROLE[caller])
     headers |= case.headers
     response = await gateway.client.request(
         endpoint.method, case.path, json=case.json, data=case.data, params=case.params, headers=headers

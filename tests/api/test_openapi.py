@@ -157,7 +157,7 @@ async def test_key_documents_match_schema(
     await conforms(document, "GET", "/v1/keys", await gateway.client.get("/v1/keys", headers=admin))
     response = await gateway.client.post(
         "/v1/keys", json={"label": f"openapi-{secrets.token_hex(4)}", "algorithm": "ecdsa-secp256k1",
-                          "usage": ["evm", "raw"]},
+                          "usage": ["evm"]},
         headers=admin,
     )
     assert response.status == 201
@@ -192,6 +192,8 @@ async def test_audit_responses_match_schema(gateway: Gateway, document: dict[str
     assert page["entries"], "the audit log has entries by now"
     response = await gateway.client.get("/v1/audit/verify", headers=auditor)
     await conforms(document, "GET", "/v1/audit/verify", response)
+    response = await gateway.client.get("/v1/audit/checkpoints", params={"limit": "5"}, headers=auditor)
+    await conforms(document, "GET", "/v1/audit/checkpoints", response)
     parameters = {p["name"] for p in _operation(document, "GET", "/v1/audit")["parameters"]}
     assert parameters == {"after_seq", "limit"}
 

@@ -166,7 +166,7 @@ def test_kill_nine_under_load_loses_and_doubles_nothing(softhsm_token: Token, tm
     gateway.stop()
     ledger = gateway.cli("ledger", "check")
     assert ledger.returncode == 0, ledger.stdout + ledger.stderr
-    audit = gateway.cli("audit", "verify")
+    audit = gateway.cli("audit", "verify", "--witness", str(gateway.witness))
     assert audit.returncode == 0, audit.stdout + audit.stderr
     journal = gateway.cli("migrate")  # the schema is intact and current after ten crashes
     assert journal.returncode == 0 and "up to date" in journal.stdout

@@ -161,5 +161,5 @@ def test_two_http_processes_on_one_sqlite_file(softhsm_token: Token, tmp_path: P
     assert not metrics_dir.exists()  # the supervisor removes its metrics directory
     check = gateway.cli("ledger", "check")
     assert check.returncode == 0, check.stdout + check.stderr
-    audit = gateway.cli("audit", "verify")
+    audit = gateway.cli("audit", "verify", "--witness", str(gateway.witness))
     assert audit.returncode == 0, audit.stdout + audit.stderr

@@ -93,9 +93,11 @@ class CannedClient(GatewayClient):
         self.sent.append((method, path, body))
         document: Any
         status = 200
-        if path == "/readyz":
+        if path == "/v1/status":
             document = {"status": "ready", "hsm": {"ready": True, "workers": 2, "workers_up": 2, "detail": ""},
                         "store": {"ready": True}}
+        elif path == "/readyz":
+            document = {"status": "ready", "hsm": {"ready": True}, "store": {"ready": True}}
         elif path == "/metrics":
             return Response(200, "text/plain", METRICS.encode())
         elif path == "/v1/wallets":

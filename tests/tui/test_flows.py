@@ -409,6 +409,28 @@ async def test_command_palette_and_colon(tui_gateway: Gateway) -> None:
         assert "Logged out." in screen_text(app)
 
 
+async def test_log_out_ends_the_session_on_the_gateway(tui_gateway: Gateway) -> None:
+    """A session token outlives its logout: the teller logs out and the token still works."""
+    app = teller_app(tui_gateway)
+    async with app.run_test(size=(80, 24)) as pilot:
+        await login(pilot, "supervisor1")
+        assert app.client.session is not None
+        token = {"Authorization": f"Bearer {app.client.session.token}"}
+        assert (await tui_gateway.client.get("/v1/approvals", headers=token)).status == 200
+        await pilot.press("colon")
+        await wait_for(pilot, lambda: isinstance(app.screen, CommandPalette), what="command palette")
+        await type_text(pilot, "log out")
+        await pilot.pause(0.5)
+        await pilot.press("enter")
+        await wait_for(pilot, lambda: isinstance(app.screen, LoginScreen), what="logged out")
+        assert app.client.session is None
+        response = await tui_gateway.client.get("/v1/approvals", headers=token)
+        assert response.status == 401, await response.text()  # dead on the gateway, not just forgotten
+        await login(pilot, "supervisor1")  # positive control: logging in again works
+        await pilot.press("a")
+        await wait_for(pilot, lambda: isinstance(app.screen, ApprovalsScreen), what="approvals")
+
+
 async def test_an_expired_session_returns_to_login_with_a_message(tui_gateway: Gateway) -> None:
     app = teller_app(tui_gateway)
     async with app.run_test(size=(80, 24)) as pilot:

@@ -12,6 +12,7 @@ from typing import Any
 
 from aiohttp import web
 
+from gateway.api import approvals as approvals_api
 from gateway.api import audit as audit_api
 from gateway.api import devices as devices_api
 from gateway.api import evm as evm_api
@@ -25,6 +26,7 @@ from gateway.api.endpoints import IDEMPOTENCY, LOGIN_LIMITER, RATE_LIMITER, Endp
 from gateway.api.idempotency import InFlight
 from gateway.api.middleware import problem_middleware
 from gateway.api.openapi import ENDPOINTS_KEY
+from gateway.approvals.service import Approvals
 from gateway.audit.chain import AuditLog
 from gateway.audit.refusals import RefusalTally
 from gateway.audit.witness import witness_path
@@ -41,6 +43,7 @@ from gateway.hsm.signer import CountedSigner
 from gateway.keyring import Usage, flag_raw_not_exclusive, raw_not_exclusive_keys
 from gateway.ledger.store import open_database
 from gateway.metrics import Metrics
+from gateway.offline.devices import Devices, register_offline_approvals
 from gateway.services import SERVICES, Services
 from gateway.wallets.service import Wallets
 
@@ -53,6 +56,7 @@ def all_endpoints() -> list[Endpoint]:
         *keys_api.ENDPOINTS,
         *wallets_api.ENDPOINTS,
         *transfers_api.ENDPOINTS,
+        *approvals_api.ENDPOINTS,
         *devices_api.ENDPOINTS,
         *evm_api.ENDPOINTS,
         *audit_api.ENDPOINTS,
@@ -103,6 +107,7 @@ def services_context(
                 witness_file=witness_path(settings.audit.witness_file, settings.store.dsn),
             )
             await audit.start()
+            approvals = Approvals(settings.approvals)
             refusals = RefusalTally(audit, settings.audit.refusal_window_seconds)
             refusals.start()
             app[SERVICES] = Services(
@@ -118,16 +123,19 @@ def services_context(
                 ),
                 audit=audit,
                 metrics=metrics,
-                wallets=Wallets(database, CountedSigner(pool, metrics.signatures, Usage.ECNY), profile, settings),
+                wallets=Wallets(database, CountedSigner(pool, metrics.signatures, Usage.ECNY), profile, settings,
+                                approvals),
+                approvals=approvals,
                 refusals=refusals,
             )
             services = app[SERVICES]
             evm = EvmService(database, services.signer_for(Usage.EVM), settings, services.keys, services.wallets)
-            services.wallets.approval_handlers[EVM_APPROVAL_KIND] = evm
+            approvals.register(EVM_APPROVAL_KIND, evm)
+            register_offline_approvals(approvals, Devices.of(services))
             app[evm_api.EVM_SERVICE] = evm
             typed_data = TypedDataService(database, services.signer_for(Usage.EVM), settings, services.keys,
                                           services.wallets, evm)
-            services.wallets.approval_handlers[TYPED_DATA_APPROVAL_KIND] = typed_data
+            approvals.register(TYPED_DATA_APPROVAL_KIND, typed_data)
             app[evm_api.TYPED_DATA_SERVICE] = typed_data
             yield
         finally:

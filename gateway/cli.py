@@ -199,9 +199,10 @@ def cmd_clients_add(args: argparse.Namespace) -> int:
     role = _role(args.role)
 
     def work(tx: Tx) -> str:
-        key = add_client(tx, args.name, role)
+        key = add_client(tx, args.name, role, args.owner)
         entry = _actor()
-        entry.action, entry.result = "clients.add", {"name": args.name, "role": role.value}
+        entry.action, entry.result = "clients.add", {"name": args.name, "role": role.value,
+                                                     "owner": args.owner or args.name}
         append(tx, [entry])
         return key
 
@@ -216,7 +217,7 @@ def cmd_clients_list(args: argparse.Namespace) -> int:
     rows = asyncio.run(_with_database(settings, lambda db: db.read(list_clients)))
     for row in rows:
         state = f"revoked {row['revoked_at']}" if row["revoked_at"] else "active"
-        print(f"{row['name']:24} {row['role']:10} ecny_{row['key_prefix']}_…  {state}")
+        print(f"{row['name']:24} {row['role']:10} {row['owner']:16} ecny_{row['key_prefix']}_…  {state}")
     return 0
 
 
@@ -254,9 +255,10 @@ def cmd_users_add(args: argparse.Namespace) -> int:
     hasher = PasswordHasher()
 
     def work(tx: Tx) -> None:
-        add_user(tx, hasher, args.username, role, password)
+        add_user(tx, hasher, args.username, role, password, args.owner)
         entry = _actor()
-        entry.action, entry.result = "users.add", {"username": args.username, "role": role.value}
+        entry.action, entry.result = "users.add", {"username": args.username, "role": role.value,
+                                                   "owner": args.owner or args.username}
         append(tx, [entry])
 
     asyncio.run(_with_database(settings, lambda db: db.write(work)))
@@ -388,6 +390,10 @@ def cmd_dev_init(args: argparse.Namespace) -> int:
 # --- parser ---------------------------------------------------------------------------------
 
 
+OWNER_HELP = ("the person behind the identity (default: its name); dual control treats identities with one "
+              "owner as one person")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ecny-gateway", description=__doc__.split("\n")[0] if __doc__ else None)
     parser.add_argument("--version", action="version", version=f"ecny-gateway {__version__}")
@@ -417,6 +423,7 @@ def build_parser() -> argparse.ArgumentParser:
     add = clients.add_parser("add", parents=[common], help="create a client; prints its API key once")
     add.add_argument("--name", required=True)
     add.add_argument("--role", required=True, choices=[r.value for r in Role])
+    add.add_argument("--owner", help=OWNER_HELP)
     add.set_defaults(run=cmd_clients_add)
     clients.add_parser("list", parents=[common], help="list clients").set_defaults(run=cmd_clients_list)
     revoke = clients.add_parser("revoke", parents=[common], help="revoke a client's key")
@@ -429,6 +436,7 @@ def build_parser() -> argparse.ArgumentParser:
     user_add.add_argument("--username", required=True)
     user_add.add_argument("--role", required=True, choices=[r.value for r in Role if r is not Role.BACKEND])
     user_add.add_argument("--password-stdin", action="store_true", help="read the password from standard input")
+    user_add.add_argument("--owner", help=OWNER_HELP)
     user_add.set_defaults(run=cmd_users_add)
     user_disable = users.add_parser("disable", parents=[common], help="disable a user and end their sessions")
     user_disable.add_argument("username")

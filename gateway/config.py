@@ -232,6 +232,12 @@ class ApprovalSettings(_Section):
     """Transfers above this amount (¥50,000 by default) wait for a supervisor's approval."""
     ttl_seconds: Annotated[int, Field(ge=60)] = 24 * 3600
     """Pending approvals expire after this long."""
+    cash_in_threshold_fen: Annotated[int, Field(ge=1)] = 5_000_000
+    """Cash-ins above this amount (¥50,000 by default) wait for a second person's approval."""
+    cash_out_threshold_fen: Annotated[int, Field(ge=1)] = 5_000_000
+    """Cash-outs above this amount (¥50,000 by default) wait for a second person's approval."""
+    device_load_threshold_fen: Annotated[int, Field(ge=1)] = 5_000_000
+    """Hard-wallet loads above this amount (¥50,000 by default) wait for a second person's approval."""
 
 
 class EcnySettings(_Section):

@@ -399,6 +399,29 @@ class ApprovalExpired(Conflict):
     title = "Approval expired"
 
 
+class ApproverNotAPerson(Forbidden):
+    """Dual control: approvals are decided by people (a user's session), never by an API client,
+    whatever its role."""
+
+    code = "approver-not-a-person"
+    title = "Only a person may decide an approval"
+
+
+class ApprovalAlreadyPending(Conflict):
+    """An approval for the same subject (e.g. the honour of one discrepancy) is pending already."""
+
+    code = "approval-already-pending"
+    title = "An approval is pending for this already"
+
+
+class HonourAboveCap(PolicyRefused):
+    """A held offline payment above its payer certificate's per-payment cap cannot be honoured: no
+    honest device signs it, and the bank does not pay it from suspense."""
+
+    code = "honour-above-cap"
+    title = "Honour above the certificate's per-payment cap"
+
+
 # --- EVM (stablecoin) signing --------------------------------------------------------------------
 
 

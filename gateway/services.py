@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 
 from aiohttp import web
 
+from gateway.approvals.service import Approvals
 from gateway.audit.chain import AuditLog
 from gateway.audit.refusals import RefusalTally
 from gateway.auth.credentials import Authenticator
@@ -29,6 +30,7 @@ class Services:
     audit: AuditLog
     metrics: Metrics
     wallets: Wallets
+    approvals: Approvals
     refusals: RefusalTally  # anonymous refusals, written as one audit entry per window and cause
     keys: KeyDirectory = field(default_factory=KeyDirectory)
     started_at: float = field(default_factory=time.monotonic)

@@ -25,10 +25,19 @@ from gateway.api.device_models import (
     UnloadResult,
 )
 from gateway.api.endpoints import Call, Endpoint
+from gateway.api.wallet_models import ApprovalDocument
+from gateway.approvals.service import is_pending_document
 from gateway.auth.roles import Permission
 from gateway.errors import BadRequest, UnsupportedMediaType, ValidationFailed
 from gateway.ledger.store import Tx
-from gateway.offline.devices import Devices, device_document, device_row, discrepancy_document, discrepancy_in
+from gateway.offline.devices import (
+    Devices,
+    LoadResult,
+    device_document,
+    device_row,
+    discrepancy_document,
+    discrepancy_in,
+)
 
 DEVICE = "/v1/devices/{device_id}"
 DISCREPANCY = "/v1/reconciliation/discrepancies/{discrepancy_id}"
@@ -77,12 +86,16 @@ async def load(call: Call) -> web.Response:
     amount = call.services.wallets.check_amount(call.body.amount_fen)
     entry = call.audit_entry("devices.load", decision="allowed", payload_hash=call.payload_hash())
 
-    def work(tx: Tx) -> int:
+    def work(tx: Tx) -> tuple[int, bytes]:
         result = devices.load_in(tx, device_id, amount, entry)
+        if not isinstance(result, LoadResult):  # above the threshold: the pending approval, answered now
+            return 0, idempotency.respond_in(tx, call, result, 202)
         idempotency.record_in(tx, call, 0, idempotency.REFERENCE, f"{device_id}#{result.load_seq}".encode())
-        return result.load_seq
+        return result.load_seq, b""
 
-    load_seq = await call.services.database.write(work)
+    load_seq, pending = await call.services.database.write(work)
+    if pending:
+        return idempotency.json_body(pending, 202)
     return await _final_load(call, device_id, load_seq)
 
 
@@ -178,11 +191,12 @@ async def resolve(call: Call) -> web.Response:
     devices = Devices.of(call.services)
     entry = call.audit_entry("reconciliation.resolve", decision="allowed", payload_hash=call.payload_hash())
 
-    def work(tx: Tx) -> bytes:
+    def work(tx: Tx) -> tuple[bytes, int]:
         resolved = devices.resolve_in(tx, discrepancy_id, body.resolution, body.note, entry)
-        return idempotency.respond_in(tx, call, resolved)
+        status = 202 if is_pending_document(resolved) else 200  # honour: the approval it waits for
+        return idempotency.respond_in(tx, call, resolved, status), status
 
-    return idempotency.json_body(await call.services.database.write(work))
+    return idempotency.json_body(*await call.services.database.write(work))
 
 
 ENDPOINTS = [
@@ -195,7 +209,9 @@ ENDPOINTS = [
     Endpoint("POST", DEVICE + "/loads", load, "Load value: wallet → offline reserve, and an HSM-signed voucher",
              Permission.DEVICES_OPERATE, "devices", request_model=LoadRequest, response_model=LoadDocument,
              response_status=201, idempotency="required", resume=resume_load, audited_action="devices.load",
-             responses={422: "Refused by policy (device or wallet not active, funds, offline balance cap)"}),
+             accepted_model=ApprovalDocument,
+             responses={202: "Above the load approval threshold: the pending approval, nothing moved yet",
+                        422: "Refused by policy (device or wallet not active, funds, offline balance cap)"}),
     Endpoint("POST", DEVICE + "/sync", sync,
              "Reconcile the device's log export (body: the signed export, application/cbor)",
              Permission.DEVICES_OPERATE, "devices", response_model=SyncReport, idempotency="optional",
@@ -220,8 +236,11 @@ ENDPOINTS = [
              Permission.RECONCILIATION_READ, "reconciliation", response_model=DiscrepancyDocument,
              audited_action="reconciliation.show"),
     Endpoint("POST", DISCREPANCY + "/resolve", resolve,
-             "Resolve a discrepancy: post, honour, reject or acknowledge (supervisor; audited)",
+             "Resolve a discrepancy: post, reject or acknowledge; honour waits for a second supervisor's approval",
              Permission.RECONCILIATION_RESOLVE, "reconciliation", request_model=ResolveRequest,
              response_model=DiscrepancyDocument, idempotency="optional", audited_action="reconciliation.resolve",
-             responses={409: "Already resolved", 422: "The resolution cannot be carried out"}),
+             accepted_model=ApprovalDocument,
+             responses={202: "honour: the pending approval (nothing is paid until a second supervisor approves)",
+                        409: "Already resolved, or an honour of it is pending",
+                        422: "The resolution cannot be carried out (honour: a payment above its payer's cap)"}),
 ]

@@ -80,6 +80,7 @@ class Endpoint:
     audited_action: str | None = None  # refusals of this endpoint are audited under this name
     query: tuple[tuple[str, dict[str, Any], str], ...] = ()  # (name, JSON schema, description)
     responses: dict[int, str] = field(default_factory=dict)  # extra documented statuses
+    accepted_model: type[BaseModel] | None = None  # the 202 body, when it is not response_model's (an approval)
 
     @property
     def name(self) -> str:

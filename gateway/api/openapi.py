@@ -113,6 +113,9 @@ def _operation(endpoint: Endpoint, schemas: dict[str, Any]) -> dict[str, Any]:
     for status in sorted(statuses):
         if 200 <= status < 300:  # another success (e.g. 202 pending approval): the same document
             responses[str(status)] = {**success, "description": endpoint.responses.get(status, "Success")}
+            if status == 202 and endpoint.accepted_model is not None:  # unless it is another one
+                responses[str(status)]["content"] = {
+                    "application/json": {"schema": _schema_ref(endpoint.accepted_model, schemas)}}
             continue
         responses[str(status)] = {
             "description": endpoint.responses.get(status, _ERRORS.get(status, "Error")),

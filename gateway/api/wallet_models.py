@@ -112,6 +112,7 @@ class ApprovalDocument(_Body):
     payload: dict[str, object]
     payload_hash: str
     requested_by: str
+    requested_owner: str = Field(description="The person behind the requester (no identity of theirs may decide)")
     status: Literal["pending", "executed", "rejected", "expired", "failed"]
     decided_by: str | None
     decided_at: str | None

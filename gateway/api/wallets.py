@@ -11,6 +11,7 @@ from gateway.api.codecs import json_response
 from gateway.api.endpoints import Call, Endpoint
 from gateway.api.wallet_models import (
     AmountRequest,
+    ApprovalDocument,
     CashResult,
     StatusRequest,
     TierRequest,
@@ -19,12 +20,14 @@ from gateway.api.wallet_models import (
     WalletList,
     WalletOpenRequest,
 )
+from gateway.approvals.service import is_pending_document
 from gateway.auth.roles import Permission, allows
 from gateway.errors import ValidationFailed
 from gateway.ledger.store import Tx
 from gateway.wallets.service import WALLET_SELECT, load_wallet, require_wallet_id, wallet_document
 
 PAGE_SIZE = 50
+PENDING = "Above the approval threshold (tier: an upgrade to tier 1): the pending approval, nothing moved yet"
 WALLET = "/v1/wallets/{wallet_id}"
 
 
@@ -92,10 +95,16 @@ async def set_tier(call: Call) -> web.Response:
     entry = call.audit_entry("wallets.tier", decision="allowed", payload_hash=call.payload_hash())
     wallets = call.services.wallets
 
-    def work(tx: Tx) -> bytes:
-        return idempotency.respond_in(tx, call, wallets.set_tier_in(tx, wallet_id, tier, entry))
+    def work(tx: Tx) -> tuple[bytes, int]:
+        return _respond_in(tx, call, wallets.set_tier_in(tx, wallet_id, tier, entry))
 
-    return idempotency.json_body(await call.services.database.write(work))
+    return idempotency.json_body(*await call.services.database.write(work))
+
+
+def _respond_in(tx: Tx, call: Call, document: dict[str, Any]) -> tuple[bytes, int]:
+    """Record and answer 200 with the operation's result, or 202 with the approval it now waits for."""
+    status = 202 if is_pending_document(document) else 200
+    return idempotency.respond_in(tx, call, document, status), status
 
 
 def _cash(direction: str) -> Any:
@@ -106,10 +115,10 @@ def _cash(direction: str) -> Any:
         entry = call.audit_entry(f"wallets.{direction}", decision="allowed", payload_hash=call.payload_hash())
         operation = wallets.cash_in if direction == "cash_in" else wallets.cash_out
 
-        def work(tx: Tx) -> bytes:
-            return idempotency.respond_in(tx, call, operation(tx, wallet_id, amount, call.actor.scope, entry))
+        def work(tx: Tx) -> tuple[bytes, int]:
+            return _respond_in(tx, call, operation(tx, wallet_id, amount, call.actor.scope, entry))
 
-        return idempotency.json_body(await call.services.database.write(work))
+        return idempotency.json_body(*await call.services.database.write(work))
 
     handler.__name__ = direction
     return handler
@@ -162,13 +171,16 @@ ENDPOINTS = [
              audited_action="wallets.status", responses={422: "Refused by policy"}),
     Endpoint("POST", WALLET + "/tier", set_tier, "Change a wallet's tier", Permission.WALLETS_TIER, "wallets",
              request_model=TierRequest, response_model=WalletDocument, idempotency="optional",
-             audited_action="wallets.tier", responses={422: "Balance above the new tier's cap"}),
+             audited_action="wallets.tier", accepted_model=ApprovalDocument,
+             responses={202: PENDING, 422: "Balance above the new tier's cap"}),
     Endpoint("POST", WALLET + "/cash-in", _cash("cash_in"), "Cash in: credit the wallet", Permission.WALLETS_CASH,
              "wallets", request_model=AmountRequest, response_model=CashResult, idempotency="required",
-             audited_action="wallets.cash_in", responses={422: "Refused by policy"}),
+             audited_action="wallets.cash_in", accepted_model=ApprovalDocument,
+             responses={202: PENDING, 422: "Refused by policy"}),
     Endpoint("POST", WALLET + "/cash-out", _cash("cash_out"), "Cash out: debit the wallet", Permission.WALLETS_CASH,
              "wallets", request_model=AmountRequest, response_model=CashResult, idempotency="required",
-             audited_action="wallets.cash_out", responses={422: "Refused by policy"}),
+             audited_action="wallets.cash_out", accepted_model=ApprovalDocument,
+             responses={202: PENDING, 422: "Refused by policy"}),
     Endpoint("GET", WALLET + "/transactions", transactions, "A wallet's postings, newest first, 50 a page",
              Permission.WALLETS_READ, "wallets", response_model=TransactionPage, audited_action="wallets.transactions",
              query=(("cursor", {"type": "string", "pattern": "^[0-9]{0,18}$"}, "next_cursor of the previous page"),)),

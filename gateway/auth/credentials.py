@@ -37,11 +37,18 @@ SESSION_TOKEN_PREFIX = "ecnys_"
 
 @dataclass(frozen=True)
 class Principal:
-    """Who is calling: an API client or a logged-in user, with one role."""
+    """Who is calling: an API client or a logged-in user, with one role, and the person behind it."""
 
     name: str
     role: Role
     kind: str  # "client" | "user"
+    owner: str = ""
+    """The person behind this identity (``users.owner`` / ``clients.owner``); by default its own name.
+    Dual control compares owners, not identities: one person may hold a user and API clients."""
+
+    def __post_init__(self) -> None:
+        if not self.owner:
+            object.__setattr__(self, "owner", self.name)
 
     @property
     def scope(self) -> str:
@@ -71,26 +78,38 @@ def _parse_api_key(presented: str) -> str | None:
 # --- clients ----------------------------------------------------------------------------------
 
 
-def add_client(tx: Tx, name: str, role: Role) -> str:
+def _check_owner(owner: str | None, default: str) -> str:
+    if owner is None:
+        return default
+    if not owner or len(owner) > 64 or not owner.isprintable() or owner != owner.strip():
+        raise ValidationFailed("owner must be 1–64 printable characters without surrounding spaces")
+    return owner
+
+
+def add_client(tx: Tx, name: str, role: Role, owner: str | None = None) -> str:
     """Create an API client. Returns its key — shown once, never stored.
+
+    ``owner``: the person responsible for the client (default: the client's name). Dual control
+    treats every identity with one owner as one person.
 
     Raises:
         AlreadyExists: a client with that name exists.
     """
     if not name or len(name) > 64:
         raise ValidationFailed("client name must be 1–64 characters")
+    owner = _check_owner(owner, name)
     if tx.fetchone("SELECT 1 FROM clients WHERE name = ?", (name,)):
         raise AlreadyExists(f"client {name!r} exists")
     key, prefix = new_api_key()
     tx.execute(
-        "INSERT INTO clients (name, role, key_prefix, key_hash, created_at) VALUES (?, ?, ?, ?, ?)",
-        (name, role.value, prefix, _sha256(key), clock.now_iso()),
+        "INSERT INTO clients (name, role, key_prefix, key_hash, created_at, owner) VALUES (?, ?, ?, ?, ?, ?)",
+        (name, role.value, prefix, _sha256(key), clock.now_iso(), owner),
     )
     return key
 
 
 def list_clients(tx: Tx) -> list[dict[str, Any]]:
-    rows = tx.fetchall("SELECT name, role, key_prefix, created_at, revoked_at FROM clients ORDER BY name")
+    rows = tx.fetchall("SELECT name, role, owner, key_prefix, created_at, revoked_at FROM clients ORDER BY name")
     return [dict(row) for row in rows]
 
 
@@ -106,18 +125,33 @@ def revoke_client(tx: Tx, name: str) -> None:
 # --- users and sessions -----------------------------------------------------------------------
 
 
-def add_user(tx: Tx, hasher: PasswordHasher, username: str, role: Role, password: str) -> None:
-    """Create a user with an argon2id password hash. Raises AlreadyExists."""
+def add_user(tx: Tx, hasher: PasswordHasher, username: str, role: Role, password: str,
+             owner: str | None = None) -> None:
+    """Create a user with an argon2id password hash (``owner``: the person, default the username).
+    Raises AlreadyExists."""
     if not username or len(username) > 64:
         raise ValidationFailed("username must be 1–64 characters")
+    owner = _check_owner(owner, username)
     if len(password) < 12:
         raise ValidationFailed("password must have at least 12 characters")
     if tx.fetchone("SELECT 1 FROM users WHERE username = ?", (username,)):
         raise AlreadyExists(f"user {username!r} exists")
     tx.execute(
-        "INSERT INTO users (username, role, password_hash, created_at) VALUES (?, ?, ?, ?)",
-        (username, role.value, hasher.hash(password), clock.now_iso()),
+        "INSERT INTO users (username, role, password_hash, created_at, owner) VALUES (?, ?, ?, ?, ?)",
+        (username, role.value, hasher.hash(password), clock.now_iso(), owner),
     )
+
+
+def owner_of(tx: Tx, scope: str) -> str:
+    """The owner of an identity named by its scope (``user:NAME`` or ``client:NAME``), read from the
+    store; an identity the store does not know (or another kind of actor) is its own owner."""
+    kind, _, name = scope.partition(":")
+    row = None
+    if kind == "user":
+        row = tx.fetchone("SELECT owner FROM users WHERE username = ?", (name,))
+    elif kind == "client":
+        row = tx.fetchone("SELECT owner FROM clients WHERE name = ?", (name,))
+    return str(row["owner"]) if row is not None and row["owner"] else name
 
 
 class Authenticator:
@@ -161,30 +195,31 @@ class Authenticator:
         """The principal of an active API client (for mTLS identities). Raises Unauthenticated."""
 
         def find(tx: Tx) -> Principal:
-            row = tx.fetchone("SELECT name, role, revoked_at FROM clients WHERE name = ?", (name,))
+            row = tx.fetchone("SELECT name, role, owner, revoked_at FROM clients WHERE name = ?", (name,))
             if row is None or row["revoked_at"]:
                 raise Unauthenticated(f"API client {name!r} is unknown or revoked")
-            return Principal(row["name"], Role(row["role"]), "client")
+            return Principal(row["name"], Role(row["role"]), "client", row["owner"])
 
         return await self._database.read(find)
 
     @staticmethod
     def _client_principal(tx: Tx, prefix: str, digest: bytes) -> Principal:
-        row = tx.fetchone("SELECT name, role, key_hash, revoked_at FROM clients WHERE key_prefix = ?", (prefix,))
+        row = tx.fetchone("SELECT name, role, owner, key_hash, revoked_at FROM clients WHERE key_prefix = ?",
+                          (prefix,))
         if row is None or not hmac.compare_digest(bytes(row["key_hash"]), digest) or row["revoked_at"]:
             raise Unauthenticated("unknown or revoked API key")
-        return Principal(row["name"], Role(row["role"]), "client")
+        return Principal(row["name"], Role(row["role"]), "client", row["owner"])
 
     @staticmethod
     def _session_principal(tx: Tx, digest: bytes) -> Principal:
         row = tx.fetchone(
-            "SELECT s.username, u.role, s.expires_at, u.disabled_at FROM user_sessions s "
+            "SELECT s.username, u.role, s.expires_at, u.disabled_at, u.owner FROM user_sessions s "
             "JOIN users u ON u.username = s.username WHERE s.token_hash = ?",
             (digest,),
         )
         if row is None or row["disabled_at"] or row["expires_at"] <= clock.now_iso():
             raise Unauthenticated("unknown or expired session")
-        return Principal(row["username"], Role(row["role"]), "user")
+        return Principal(row["username"], Role(row["role"]), "user", row["owner"])
 
     async def login(self, username: str, password: str) -> tuple[str, Principal, str]:
         """Check a password and open a session. Returns (token, principal, expires_at).
@@ -205,14 +240,14 @@ class Authenticator:
         await self._database.write(lambda tx: self._throttle.attempt_in(tx, username, clock.now()))
         row = await self._database.read(
             lambda tx: tx.fetchone(
-                "SELECT username, role, password_hash, disabled_at FROM users WHERE username = ?", (username,)
+                "SELECT username, role, owner, password_hash, disabled_at FROM users WHERE username = ?", (username,)
             )
         )
         stored = row["password_hash"] if row is not None else self._dummy_hash
         ok = await asyncio.to_thread(self._verify, stored, password)
         if row is None or not ok or row["disabled_at"]:
             raise Unauthenticated("wrong username or password")
-        principal = Principal(row["username"], Role(row["role"]), "user")
+        principal = Principal(row["username"], Role(row["role"]), "user", row["owner"])
         token = SESSION_TOKEN_PREFIX + secrets.token_urlsafe(32)
         expires_at = clock.after(self._session_ttl)
 

@@ -39,7 +39,8 @@ class Permission(StrEnum):
     RECONCILIATION_READ = "reconciliation.read"
     RECONCILIATION_RESOLVE = "reconciliation.resolve"
     APPROVALS_READ = "approvals.read"
-    APPROVALS_DECIDE = "approvals.decide"
+    APPROVALS_DECIDE = "approvals.decide"  # and only by a person (a user's session), never an API client
+    APPROVALS_READ_ALL = "approvals.read_all"  # everyone's approvals; others see only their owner's
     EVM_READ = "evm.read"
     EVM_SIGN = "evm.sign"
     EVM_NONCES = "evm.nonces"
@@ -86,10 +87,11 @@ GRANTS: dict[Role, frozenset[Permission]] = {
     | {
         Permission.WALLETS_UNFREEZE,
         Permission.APPROVALS_DECIDE,
+        Permission.APPROVALS_READ_ALL,
         Permission.RECONCILIATION_RESOLVE,
         Permission.DEVICES_REVOKE,
     },
-    Role.AUDITOR: _READ_ALL | {Permission.SESSIONS_END},
+    Role.AUDITOR: _READ_ALL | {Permission.APPROVALS_READ_ALL, Permission.SESSIONS_END},
     Role.ADMIN: frozenset(
         {
             Permission.SERVICE_READ,

@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from gateway import clock
+from gateway.approvals.service import canonical_json
 from gateway.audit.chain import AuditEntry, append
 from gateway.config import EvmChainSettings, Settings
 from gateway.errors import (
@@ -46,7 +47,7 @@ from gateway.ledger.store import Database, Tx
 from gateway.policy import evm as policy
 from gateway.policy.evm import Intent
 from gateway.schemes.evm import MAX_NONCE, Fees, UnsignedTransaction, finish_transaction
-from gateway.wallets.service import Wallets, canonical_json
+from gateway.wallets.service import Wallets
 
 APPROVAL_KIND = "evm_transaction"
 Finish = Callable[[Tx, dict[str, Any]], None]
@@ -294,7 +295,7 @@ class EvmService:
         unsigned_document = unsigned.to_json()
         approval_id = None
         if pending:
-            approval_id = self.wallets.request_approval(tx, APPROVAL_KIND, {
+            approval_id = self.wallets.approvals.request_in(tx, APPROVAL_KIND, {
                 "transaction_id": transaction_id, "key_id": draft.key.key_id, "from": address,
                 "chain_id": chain_id, "chain": draft.chain.name, "signing_hash": "0x" + signing_hash,
                 "transaction": unsigned_document, "intent": intent_document,
@@ -411,6 +412,15 @@ class EvmService:
         chain_id, address = int(row["chain_id"]), row["from_address"]
         tx.lock(lock_name(chain_id, address))
         if tx.execute("UPDATE evm_transactions SET status = 'rejected' WHERE transaction_id = ? "
+                      "AND status = 'pending_approval'", (row["transaction_id"],)):
+            self._free_nonce(tx, chain_id, address, int(row["nonce"]))
+
+    def expire_in(self, tx: Tx, approval: Any, payload: dict[str, Any]) -> None:
+        """Expired undecided: the transaction is never signed and its nonce returns to the free list."""
+        row = self.row_in(tx, payload["transaction_id"])
+        chain_id, address = int(row["chain_id"]), row["from_address"]
+        tx.lock(lock_name(chain_id, address))
+        if tx.execute("UPDATE evm_transactions SET status = 'expired' WHERE transaction_id = ? "
                       "AND status = 'pending_approval'", (row["transaction_id"],)):
             self._free_nonce(tx, chain_id, address, int(row["nonce"]))
 

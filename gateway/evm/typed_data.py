@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from gateway import clock
+from gateway.approvals.service import canonical_json
 from gateway.audit.chain import AuditEntry, append
 from gateway.config import EvmChainSettings, Settings
 from gateway.errors import ApprovalPayloadMismatch, NotFound, PolicyRefused
@@ -33,7 +34,7 @@ from gateway.keyring import KeyDirectory, KeyRecord, evm_address
 from gateway.ledger.store import Database, Tx
 from gateway.policy import evm as policy
 from gateway.schemes.evm import TypedData, parse_typed_data, recover_signature
-from gateway.wallets.service import Wallets, canonical_json
+from gateway.wallets.service import Wallets
 
 APPROVAL_KIND = "evm_typed_data"
 
@@ -115,7 +116,7 @@ class TypedDataService:
         intent_document = reading.intent.document() if reading.intent is not None else None
         approval_id = None
         if pending:
-            approval_id = self.wallets.request_approval(tx, APPROVAL_KIND, {
+            approval_id = self.wallets.approvals.request_in(tx, APPROVAL_KIND, {
                 "request_id": request_id, "key_id": draft.key.key_id, "signer": address, "chain_id": chain.chain_id,
                 "chain": chain.name, "primary_type": reading.primary_type,
                 "verifying_contract": reading.verifying_contract, "digest": "0x" + digest,
@@ -199,6 +200,11 @@ class TypedDataService:
     def reject_in(self, tx: Tx, approval: Any, payload: dict[str, Any]) -> None:
         """Reject: the request is never signed (nothing was counted against the day)."""
         tx.execute("UPDATE evm_typed_data SET status = 'rejected' WHERE request_id = ? AND status = 'pending_approval'",
+                   (payload["request_id"],))
+
+    def expire_in(self, tx: Tx, approval: Any, payload: dict[str, Any]) -> None:
+        """Expired undecided: the request is never signed (nothing was counted against the day)."""
+        tx.execute("UPDATE evm_typed_data SET status = 'expired' WHERE request_id = ? AND status = 'pending_approval'",
                    (payload["request_id"],))
 
     async def finish(self, document: dict[str, Any]) -> dict[str, Any] | None:

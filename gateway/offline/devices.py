@@ -1,6 +1,11 @@
 """Hard wallets on the gateway's side: registration, loads, sync, unload, revocation, and the
 supervisor's decisions on discrepancies.
 
+Dual control: a load above ``approvals.device_load_threshold_fen`` and every ``honour`` (the bank pays
+a held payment, from suspense where the value was never loaded) are requested from
+:mod:`gateway.approvals` and carried out by :class:`OfflineApprovals` when a second supervisor
+approves. No payment above its payer certificate's per-payment cap is ever honoured.
+
 Every operation that moves money does its checks and its postings in one write transaction under
 the locks of the device and the wallets it touches (device locks first, then wallet locks, each in
 name order), with its audit entry in the same transaction. HSM signatures (certificates, vouchers,
@@ -20,7 +25,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from gateway import clock
+from gateway.approvals.service import Approvals, execution_entry
 from gateway.audit.chain import AuditEntry, append
+from gateway.config import ApprovalSettings
 from gateway.errors import (
     AlreadyExists,
     DeviceNotActive,
@@ -28,6 +35,7 @@ from gateway.errors import (
     DeviceSyncRequired,
     DiscrepancyNotFound,
     DiscrepancyNotOpen,
+    HonourAboveCap,
     InsufficientFunds,
     InvalidDeviceSignature,
     KeyNotFound,
@@ -41,7 +49,7 @@ from gateway.hsm.profile import HsmProfile
 from gateway.hsm.signer import Signer
 from gateway.keyring import KeyDirectory, KeyRecord, Usage, key_for_usage, public_key_pem
 from gateway.ledger import journal
-from gateway.ledger.store import Database, Tx
+from gateway.ledger.store import Database, Row, Tx
 from gateway.offline.bulk import Transfer, post_offline, select_in
 from gateway.offline.caps import PayeeCredits, wallet_limits
 from gateway.offline.engine import (
@@ -62,7 +70,8 @@ from gateway.wallets.service import load_wallet
 
 RESOLUTIONS: dict[str, str] = {
     "post": "post the held payments from the payer's offline reserve (only value within what was loaded)",
-    "honour": "pay the payees: from the payer's reserve where the value was loaded, else from bank:suspense",
+    "honour": "pay the payees: from the payer's reserve where the value was loaded, else from bank:suspense "
+              "(always through a second supervisor's approval; never above the payer's per-payment cap)",
     "reject": "never post the held payments; value within what was loaded goes back to the payer",
     "acknowledge": "noted; nothing to post (findings that hold no payment)",
 }
@@ -127,7 +136,8 @@ class Devices:
     """The hard-wallet service of one request (cheap to build: it holds references only)."""
 
     def __init__(self, database: Database, signer: Signer, profile: HsmProfile, settings: Any,
-                 keys: KeyDirectory | None = None, verifier: Verifier | None = None) -> None:
+                 keys: KeyDirectory | None = None, verifier: Verifier | None = None,
+                 approvals: Approvals | None = None) -> None:
         self.database = database
         self.signer = signer
         self.profile = profile
@@ -135,11 +145,13 @@ class Devices:
         self.limits = wallet_limits(settings)  # the payee's tier balance cap applies to offline credits too
         self.keys = keys or KeyDirectory()
         self.verifier = verifier or InlineVerifier()
+        self.approvals = approvals if approvals is not None else Approvals(
+            getattr(settings, "approvals", None) or ApprovalSettings())
 
     @classmethod
     def of(cls, services: Any) -> Devices:
         return cls(services.database, services.signer_for(Usage.VOUCHER), services.profile, services.settings,
-                   services.keys)
+                   services.keys, approvals=services.approvals)
 
     # --- the voucher key -----------------------------------------------------------------------
 
@@ -210,8 +222,11 @@ class Devices:
 
     # --- loads ------------------------------------------------------------------------------
 
-    def load_in(self, tx: Tx, device_id: str, amount: int, entry: AuditEntry) -> LoadResult:
-        """Move ``amount`` from the wallet to its offline reserve and fix the voucher's payload."""
+    def load_in(self, tx: Tx, device_id: str, amount: int, entry: AuditEntry,
+                approved: bool = False) -> LoadResult | dict[str, Any]:
+        """Move ``amount`` from the wallet to its offline reserve and fix the voucher's payload — or,
+        above ``approvals.device_load_threshold_fen``, request an approval and return its document
+        (``approved``: carried out by that approval)."""
         tx.lock(f"device:{device_id}")
         device = device_row(tx, device_id)
         tx.lock(f"wallet:{device['wallet_id']}")
@@ -230,6 +245,9 @@ class Devices:
         if on_device + amount > int(device["cap_balance"]):
             raise LimitExceeded(f"the device may hold at most {device['cap_balance']} fen offline "
                                 f"({on_device} loaded and unspent)", ["offline-balance-cap-exceeded"])
+        if amount > self.approvals.settings.device_load_threshold_fen and not approved:
+            return self.approvals.park_in(tx, "device_load", {"device_id": device_id, "wallet_id": wallet["wallet_id"],
+                                                              "amount_fen": amount}, entry)
         load_seq = int(device["load_seq"]) + 1
         entry_id = journal.post(tx, "device_load", f"{device_id}#{load_seq}",
                                 [(journal.wallet_account(wallet["wallet_id"]), -amount),
@@ -379,8 +397,16 @@ class Devices:
 
     # --- discrepancies -----------------------------------------------------------------------------
 
-    def resolve_in(self, tx: Tx, discrepancy_id: str, resolution: str, note: str, entry: AuditEntry) -> dict[str, Any]:
-        """A supervisor's decision (see :data:`RESOLUTIONS`), carried out and audited in one transaction."""
+    def resolve_in(self, tx: Tx, discrepancy_id: str, resolution: str, note: str, entry: AuditEntry,
+                   approved: bool = False) -> dict[str, Any]:
+        """A supervisor's decision (see :data:`RESOLUTIONS`), carried out and audited in one transaction.
+
+        ``honour`` is only requested (the pending approval's document is returned) unless
+        ``approved``: a second supervisor's approval carries it out.
+
+        Raises:
+            HonourAboveCap: ``honour`` of a payment above its payer's per-payment cap.
+        """
         tx.lock(f"discrepancy:{discrepancy_id}")
         row = tx.fetchone("SELECT * FROM discrepancies WHERE discrepancy_id = ?", (discrepancy_id,))
         if row is None:
@@ -400,6 +426,11 @@ class Devices:
         for device_id in ids:
             tx.lock(f"device:{device_id}")
         devices = {r["device_id"]: r for r in select_in(tx, "SELECT * FROM devices WHERE device_id IN ({in})", ids)}
+        if resolution == "honour":
+            _check_honour_caps(held, devices)
+            if not approved:
+                return self.approvals.park_in(tx, HONOUR, honour_payload(row, held, note), entry,
+                                              subject=f"discrepancy:{discrepancy_id}")
         wallets = sorted({d["wallet_id"] for d in devices.values()})
         for wallet_id in wallets:
             tx.lock(f"wallet:{wallet_id}")
@@ -492,3 +523,82 @@ def _flag(tx: Tx, kind: str, key: str, device_id: str, evidence: dict[str, Any],
     discrepancy_id = reconciliation.flag(kind, key, device_id, evidence, amount)
     reconciliation.write()
     return discrepancy_id
+
+
+HONOUR = "offline_honour"
+DEVICE_LOAD = "device_load"
+
+
+def _check_honour_caps(held: list[dict[str, Any]], devices: dict[str, Any]) -> None:
+    """No held payment above its payer certificate's per-payment cap is honoured: an honest device
+    never signs one, and the bank's suspense account would have no bound but the amount field."""
+    for payment in held:
+        payer = devices.get(payment["payer_device"])
+        cap = int(payer["cap_per_payment"]) if payer is not None else 0
+        if int(payment["amount"]) > cap:
+            raise HonourAboveCap(
+                f"payment {bytes(payment['payment_hash']).hex()[:16]}… of {payment['amount']} fen is above its payer's "
+                f"per-payment cap of {cap} fen: reject it", ["above-payment-cap"])
+
+
+def honour_payload(discrepancy: Row, held: list[dict[str, Any]], note: str) -> dict[str, Any]:
+    """What a second supervisor approves when they approve an honour: the exact payments and amounts."""
+    payments = [{"payment_hash": bytes(p["payment_hash"]).hex(), "payer_device": p["payer_device"],
+                 "payee_device": p["payee_device"], "amount_fen": int(p["amount"]), "in_budget": bool(p["in_budget"])}
+                for p in held]
+    return {"discrepancy_id": discrepancy["discrepancy_id"], "discrepancy_kind": discrepancy["kind"],
+            "device_id": discrepancy["device_id"], "resolution": "honour", "note": note, "payments": payments,
+            "amount_fen": sum(p["amount_fen"] for p in payments),
+            "from_suspense_fen": sum(p["amount_fen"] for p in payments if not p["in_budget"])}
+
+
+class OfflineApprovals:
+    """The :class:`~gateway.approvals.service.ApprovalHandler` of honours and device loads."""
+
+    def __init__(self, devices: Devices) -> None:
+        self.devices = devices
+
+    def execute_in(self, tx: Tx, approval: Row, payload: dict[str, Any], entry: AuditEntry) -> dict[str, Any]:
+        if approval["kind"] == DEVICE_LOAD:
+            executed = execution_entry(approval, entry, "devices.load")
+            loaded = self.devices.load_in(tx, payload["device_id"], int(payload["amount_fen"]), executed, approved=True)
+            assert isinstance(loaded, LoadResult)
+            return {"device_id": loaded.device_id, "load_seq": loaded.load_seq, "amount_fen": loaded.amount,
+                    "entry_id": loaded.entry_id}
+        discrepancy_id = payload["discrepancy_id"]
+        tx.lock(f"discrepancy:{discrepancy_id}")
+        row = tx.fetchone("SELECT status FROM discrepancies WHERE discrepancy_id = ?", (discrepancy_id,))
+        if row is None or row["status"] != "open":
+            raise ResolutionRefused(f"discrepancy {discrepancy_id} is no longer open", ["discrepancy-not-open"])
+        held = sorted(bytes(r["payment_hash"]).hex() for r in tx.fetchall(
+            "SELECT payment_hash FROM offline_payments WHERE discrepancy_id = ? AND status = 'held'",
+            (discrepancy_id,)))
+        if held != sorted(p["payment_hash"] for p in payload["payments"]):
+            raise ResolutionRefused("the discrepancy holds other payments than the approved ones",
+                                    ["held-payments-changed"])
+        executed = execution_entry(approval, entry, "reconciliation.resolve")
+        try:
+            document = self.devices.resolve_in(tx, discrepancy_id, "honour", payload["note"], executed, approved=True)
+        except DiscrepancyNotOpen as exc:  # checked above under the same lock; kept for safety
+            raise ResolutionRefused(exc.detail, ["discrepancy-not-open"]) from exc
+        return {"discrepancy_id": discrepancy_id, "resolution": "honour", "status": document["status"],
+                "amount_fen": payload["amount_fen"], "payments": [p["payment_hash"] for p in payload["payments"]]}
+
+    def reject_in(self, tx: Tx, approval: Row, payload: dict[str, Any]) -> None:
+        """Nothing moved and nothing was reserved: the discrepancy stays open, the load never happened."""
+
+    def expire_in(self, tx: Tx, approval: Row, payload: dict[str, Any]) -> None:
+        """As for a rejection."""
+
+    async def finish(self, document: dict[str, Any]) -> dict[str, Any] | None:
+        if document["kind"] == DEVICE_LOAD and document["result"]:
+            result = document["result"]
+            return await self.devices.seal_voucher(result["device_id"], int(result["load_seq"]))
+        return None
+
+
+def register_offline_approvals(approvals: Approvals, devices: Devices) -> None:
+    """Route honour and device-load approvals to :class:`OfflineApprovals`."""
+    handler = OfflineApprovals(devices)
+    approvals.register(HONOUR, handler)
+    approvals.register(DEVICE_LOAD, handler)

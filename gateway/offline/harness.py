@@ -26,7 +26,7 @@ from gateway.ledger.migrate import apply_migrations
 from gateway.ledger.sqlite import SqliteTx, _connect
 from gateway.ledger.store import Tx
 from gateway.offline.bulk import select_in
-from gateway.offline.devices import DAY_MS, Devices
+from gateway.offline.devices import DAY_MS, Devices, LoadResult
 from gateway.offline.engine import (
     Record,
     Upload,
@@ -124,6 +124,7 @@ class OfflineHarness:
     def load(self, device: SimulatedDevice, amount: int) -> None:
         entry = AuditEntry(ACTOR, "teller", "devices.load", "allowed")
         result = self.write(lambda tx: self.devices.load_in(tx, device.state.device_id, amount, entry))
+        assert isinstance(result, LoadResult), "a load above the approval threshold waits for a supervisor"
         payload = self.read(lambda tx: tx.fetchone("SELECT payload FROM device_loads WHERE device_id = ? AND "
                                                    "load_seq = ?", (result.device_id, result.load_seq)))
         assert payload is not None

@@ -1,4 +1,4 @@
-"""Wallet operations: open, status, tier, cash in/out, transfers and their approvals.
+"""Wallet operations: open, status, tier, cash in/out, transfers — and what their approvals execute.
 
 Each operation that moves money does its policy check and its postings in one write transaction,
 with the wallets it touches locked (SQLite: the ``BEGIN IMMEDIATE`` write lock; PostgreSQL:
@@ -8,30 +8,29 @@ a limit twice. The audit entry and the idempotency record are written in the sam
 A transfer's COSE_Sign1 envelope is signed *after* the posting commits (the HSM round trip does
 not hold the ledger lock); the payload is fixed at posting time, and a transfer whose envelope is
 missing (a crash in between) is signed on the next read or replay of it.
+
+Above their thresholds (``[approvals]``), transfers, cash-ins and cash-outs — and every upgrade to
+tier 1 — are not carried out but requested from :mod:`gateway.approvals`; :class:`WalletApprovals`
+carries them out when a second person approves.
 """
 
 from __future__ import annotations
 
 import base64
-import hashlib
-import json
 import secrets
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any
 
 import cbor2
 
 from gateway import clock
+from gateway.approvals.service import Approvals, execution_entry
 from gateway.audit.chain import AuditEntry, append
 from gateway.config import Settings
 from gateway.errors import (
-    ApprovalExpired,
-    ApprovalNotPending,
-    ApprovalPayloadMismatch,
     Conflict,
     Forbidden,
-    GatewayError,
     InsufficientFunds,
     InvalidAmount,
     InvalidWalletId,
@@ -39,8 +38,6 @@ from gateway.errors import (
     NotFound,
     PolicyRefused,
     SameWallet,
-    SelfApproval,
-    ValidationFailed,
     WalletNotActive,
     WalletNotFound,
 )
@@ -48,7 +45,7 @@ from gateway.hsm.profile import HsmProfile
 from gateway.hsm.signer import Signer
 from gateway.keyring import KeyRecord, Usage, key_for_usage
 from gateway.ledger import journal
-from gateway.ledger.store import Database, Tx
+from gateway.ledger.store import Database, Row, Tx
 from gateway.policy.limits import Decision, check_payment, check_receipt, check_status
 from gateway.schemes.cose import sign1
 from gateway.wallets.ids import is_valid_wallet_id, new_wallet_id
@@ -118,42 +115,20 @@ class TransferIntent:
     memo: str
 
 
-class ApprovalHandler(Protocol):
-    """Executes approvals of one kind other than transfers (e.g. ``evm_transaction``).
-
-    Register an instance in :attr:`Wallets.approval_handlers` under its kind; the approval
-    endpoints then decide such approvals with the same maker-checker rules as transfers.
-    """
-
-    def execute_in(self, tx: Tx, approval: Any, payload: dict[str, Any], entry: AuditEntry) -> dict[str, Any]:
-        """Carry the approved operation out inside the decision's transaction.
-
-        Returns:
-            The result recorded on the approval (JSON-serialisable).
-        Raises:
-            PolicyRefused: the operation is no longer allowed; the approval becomes ``failed``.
-        """
-        ...
-
-    def reject_in(self, tx: Tx, approval: Any, payload: dict[str, Any]) -> None:
-        """Record the rejection wherever the operation keeps its own state."""
-        ...
-
-    async def finish(self, document: dict[str, Any]) -> dict[str, Any] | None:
-        """After commit: complete the result (e.g. sign) and return it for the approval document."""
-        ...
-
-
 class Wallets:
     """The wallet service of one gateway process."""
 
-    def __init__(self, database: Database, signer: Signer, profile: HsmProfile, settings: Settings) -> None:
+    def __init__(self, database: Database, signer: Signer, profile: HsmProfile, settings: Settings,
+                 approvals: Approvals | None = None) -> None:
         self.database = database
         self.signer = signer
         self.profile = profile
         self.settings = settings
         self._ecny_key: KeyRecord | None = None
-        self.approval_handlers: dict[str, ApprovalHandler] = {}
+        self.approvals = approvals if approvals is not None else Approvals(settings.approvals)
+        handler = WalletApprovals(self)
+        for kind in WALLET_APPROVAL_KINDS:
+            self.approvals.register(kind, handler)
 
     def check_amount(self, amount: int) -> int:
         if isinstance(amount, bool) or not isinstance(amount, int) or amount <= 0:
@@ -199,7 +174,10 @@ class Wallets:
         append(tx, [entry])
         return wallet_document(load_wallet(tx, wallet_id))
 
-    def set_tier_in(self, tx: Tx, wallet_id: str, tier: int, entry: AuditEntry) -> dict[str, Any]:
+    def set_tier_in(self, tx: Tx, wallet_id: str, tier: int, entry: AuditEntry, approved: bool = False) -> dict[
+            str, Any]:
+        """Change a wallet's tier — or, for an upgrade to tier 1 (no limits), request an approval
+        (``approved``: carried out by that approval). Returns the wallet, or the pending approval."""
         tx.lock(f"wallet:{wallet_id}")
         wallet = load_wallet(tx, wallet_id)
         if wallet["status"] == "closed":
@@ -208,6 +186,9 @@ class Wallets:
         if limits.balance_cap is not None and int(wallet["balance_fen"]) > limits.balance_cap:
             raise LimitExceeded(f"the balance exceeds tier {tier}'s cap of {limits.balance_cap} fen",
                                 ["balance-cap-exceeded"])
+        if tier == 1 and int(wallet["tier"]) != 1 and not approved:
+            return self.approvals.park_in(tx, "wallet_tier", {"wallet_id": wallet_id, "from_tier": int(wallet["tier"]),
+                                                    "tier": tier}, entry)
         tx.execute(
             "UPDATE wallets SET tier = ?, updated_at = ? WHERE wallet_id = ?", (tier, clock.now_iso(), wallet_id)
         )
@@ -215,23 +196,33 @@ class Wallets:
         append(tx, [entry])
         return wallet_document(load_wallet(tx, wallet_id))
 
-    def cash_in(self, tx: Tx, wallet_id: str, amount: int, actor: str, entry: AuditEntry) -> dict[str, Any]:
+    def cash_in(self, tx: Tx, wallet_id: str, amount: int, actor: str, entry: AuditEntry,
+                approved: bool = False) -> dict[str, Any]:
+        """Credit a wallet against issuance — or, above ``cash_in_threshold_fen``, request an approval
+        (``approved``: carried out by that approval). Returns the result, or the pending approval."""
         tx.lock(f"wallet:{wallet_id}")
         wallet = load_wallet(tx, wallet_id)
         limits = self.settings.wallets.limits(int(wallet["tier"]))
         refuse([check_status(wallet["status"], "payee"), check_receipt(limits, amount, int(wallet["balance_fen"]))],
                f"cash-in of {amount} fen to {wallet_id} refused")
+        if amount > self.settings.approvals.cash_in_threshold_fen and not approved:
+            return self.approvals.park_in(tx, "cash_in", {"wallet_id": wallet_id, "amount_fen": amount}, entry)
         entry_id = journal.post(tx, "cash_in", wallet_id, [(journal.wallet_account(wallet_id), amount),
                                                          (journal.ISSUANCE, -amount)], actor)
         return self._cash_result(tx, wallet_id, entry_id, amount, entry)
 
-    def cash_out(self, tx: Tx, wallet_id: str, amount: int, actor: str, entry: AuditEntry) -> dict[str, Any]:
+    def cash_out(self, tx: Tx, wallet_id: str, amount: int, actor: str, entry: AuditEntry,
+                 approved: bool = False) -> dict[str, Any]:
+        """Debit a wallet against issuance — or, above ``cash_out_threshold_fen``, request an approval
+        (``approved``: carried out by that approval). Returns the result, or the pending approval."""
         tx.lock(f"wallet:{wallet_id}")
         wallet = load_wallet(tx, wallet_id)
         decisions = [check_status(wallet["status"], "payer")]
         if amount > int(wallet["balance_fen"]):
             decisions.append(Decision(False, ("insufficient-funds",)))
         refuse(decisions, f"cash-out of {amount} fen from {wallet_id} refused")
+        if amount > self.settings.approvals.cash_out_threshold_fen and not approved:
+            return self.approvals.park_in(tx, "cash_out", {"wallet_id": wallet_id, "amount_fen": amount}, entry)
         entry_id = journal.post(tx, "cash_out", wallet_id, [(journal.wallet_account(wallet_id), -amount),
                                                           (journal.ISSUANCE, amount)], actor)
         return self._cash_result(tx, wallet_id, entry_id, amount, entry)
@@ -299,7 +290,7 @@ class Wallets:
         entry.result = {"transfer_id": transfer_id, "from": intent.from_wallet, "to": intent.to_wallet,
                         "amount_fen": intent.amount}
         if intent.amount > self.settings.approvals.transfer_threshold_fen:
-            approval_id = self.request_approval(tx, "transfer", {
+            approval_id = self.approvals.request_in(tx, "transfer", {
                 "transfer_id": transfer_id, "from_wallet": intent.from_wallet, "to_wallet": intent.to_wallet,
                 "amount_fen": intent.amount, "memo": intent.memo, "ccy": "CNY"}, entry.actor)
             tx.execute(
@@ -372,116 +363,6 @@ class Wallets:
             raise NotFound(f"no transfer {transfer_id[:40]}")
         return row
 
-    # --- approvals -------------------------------------------------------------------------
-
-    def request_approval(self, tx: Tx, kind: str, payload: dict[str, Any], actor: str) -> str:
-        """Park an operation for a supervisor: the payload (canonical JSON) and its hash are fixed now."""
-        approval_id = "a_" + secrets.token_hex(12)
-        text = canonical_json({"kind": kind, **payload})
-        tx.execute(
-            "INSERT INTO approvals (approval_id, kind, payload, payload_hash, requested_by, status, created_at, "
-            "expires_at) VALUES (?, ?, ?, ?, ?, 'pending', ?, ?)",
-            (approval_id, kind, text, sha256_hex(text), actor, clock.now_iso(),
-             clock.after(self.settings.approvals.ttl_seconds)),
-        )
-        return approval_id
-
-    def decide_in(self, tx: Tx, approval_id: str, approve: bool, payload_hash: str, note: str,
-                  entry: AuditEntry) -> tuple[Any, GatewayError | None]:
-        """Approve (and execute) or reject a pending approval, bound to ``payload_hash``.
-
-        Returns:
-            (approval row after the decision, the policy refusal if execution failed).
-        """
-        tx.lock(f"approval:{approval_id}")
-        approval = tx.fetchone("SELECT * FROM approvals WHERE approval_id = ?", (approval_id,))
-        if approval is None:
-            raise NotFound(f"no approval {approval_id[:40]}")
-        if approval["status"] != "pending":
-            raise ApprovalNotPending(f"approval {approval_id} is {approval['status']}")
-        if approval["requested_by"] == entry.actor:
-            raise SelfApproval("the requester cannot approve or reject their own request")
-        if sha256_hex(approval["payload"]) != approval["payload_hash"] or payload_hash != approval["payload_hash"]:
-            raise ApprovalPayloadMismatch("the payload hash does not match the pending payload")
-        now = clock.now_iso()
-        entry.result = {"approval_id": approval_id, "kind": approval["kind"], "payload_hash": payload_hash}
-        if approval["expires_at"] <= now:
-            self._close_approval(tx, approval_id, "expired", entry.actor, note, None)
-            if approval["kind"] == "transfer":
-                transfer_id = json.loads(approval["payload"])["transfer_id"]
-                tx.execute("UPDATE transfers SET status = 'expired' WHERE transfer_id = ?", (transfer_id,))
-            entry.decision, entry.reasons = "refused", ["approval-expired"]
-            append(tx, [entry])
-            return tx.fetchone("SELECT * FROM approvals WHERE approval_id = ?", (approval_id,)), ApprovalExpired(
-                f"approval {approval_id} expired at {approval['expires_at']}")
-        payload = json.loads(approval["payload"])
-        failure: PolicyRefused | None = None
-        if not approve:
-            self._close_approval(tx, approval_id, "rejected", entry.actor, note, None)
-            if approval["kind"] == "transfer":
-                tx.execute("UPDATE transfers SET status = 'rejected' WHERE transfer_id = ?", (payload["transfer_id"],))
-            elif approval["kind"] in self.approval_handlers:
-                self.approval_handlers[approval["kind"]].reject_in(tx, approval, payload)
-            entry.decision = "rejected"
-        elif approval["kind"] == "transfer":
-            intent = TransferIntent(
-                payload["from_wallet"], payload["to_wallet"], payload["amount_fen"], payload["memo"]
-            )
-            try:
-                self._check_transfer(tx, intent)  # reads and locks only: nothing to undo if it refuses
-            except PolicyRefused as refusal:
-                failure = refusal
-            if failure is None:
-                posted = self._post_transfer(tx, payload["transfer_id"], intent, approval["requested_by"])
-                tx.execute(
-                    "UPDATE transfers SET status = 'posted', entry_id = ?, seq = ?, ts = ?, payload = ? "
-                    "WHERE transfer_id = ?",
-                    (posted["entry_id"], posted["seq"], posted["ts"], posted["payload"], payload["transfer_id"]),
-                )
-                self._close_approval(tx, approval_id, "executed", entry.actor, note,
-                                     {"transfer_id": payload["transfer_id"], "status": "posted"})
-                entry.decision = "approved"
-                entry.result["entry_id"] = posted["entry_id"]
-            else:
-                tx.execute("UPDATE transfers SET status = 'failed' WHERE transfer_id = ?", (payload["transfer_id"],))
-                self._close_approval(tx, approval_id, "failed", entry.actor, note,
-                                     {"transfer_id": payload["transfer_id"], "reasons": failure.reasons})
-                entry.decision, entry.reasons = "failed", failure.reasons
-        else:
-            handler = self.approval_handlers.get(approval["kind"])
-            if handler is None:
-                raise ValidationFailed(f"approvals of kind {approval['kind']!r} cannot be executed here")
-            try:
-                result = handler.execute_in(tx, approval, payload, entry)
-            except PolicyRefused as refusal:
-                failure = refusal
-                self._close_approval(tx, approval_id, "failed", entry.actor, note, {"reasons": refusal.reasons})
-                entry.decision, entry.reasons = "failed", refusal.reasons
-            else:
-                self._close_approval(tx, approval_id, "executed", entry.actor, note, result)
-                entry.decision = "approved"
-        append(tx, [entry])
-        after: GatewayError | None = failure
-        return tx.fetchone("SELECT * FROM approvals WHERE approval_id = ?", (approval_id,)), after
-
-    @staticmethod
-    def _close_approval(tx: Tx, approval_id: str, status: str, actor: str, note: str,
-                        result: dict[str, Any] | None) -> None:
-        tx.execute(
-            "UPDATE approvals SET status = ?, decided_by = ?, decided_at = ?, note = ?, result = ? "
-            "WHERE approval_id = ?",
-            (status, actor, clock.now_iso(), note, canonical_json(result) if result is not None else None, approval_id),
-        )
-
-
-def canonical_json(value: Any) -> str:
-    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
-
-
-def sha256_hex(text: str) -> str:
-    return hashlib.sha256(text.encode()).hexdigest()
-
-
 def transfer_document(row: Any) -> dict[str, Any]:
     document: dict[str, Any] = {
         "transfer_id": row["transfer_id"],
@@ -502,31 +383,55 @@ def transfer_document(row: Any) -> dict[str, Any]:
     return document
 
 
-async def finish_approval(wallets: Wallets, document: dict[str, Any]) -> dict[str, Any]:
-    """Complete an executed approval's result after commit (sign the transfer envelope, or the kind's own)."""
-    if document["status"] != "executed":
-        return document
-    if document["kind"] == "transfer":
-        document["result"] = await wallets.seal(document["payload"]["transfer_id"])
-    elif document["kind"] in wallets.approval_handlers:
-        result = await wallets.approval_handlers[document["kind"]].finish(document)
-        if result is not None:
-            document["result"] = result
-    return document
+WALLET_APPROVAL_KINDS = ("transfer", "cash_in", "cash_out", "wallet_tier")
 
 
-def approval_document(row: Any) -> dict[str, Any]:
-    return {
-        "approval_id": row["approval_id"],
-        "kind": row["kind"],
-        "payload": json.loads(row["payload"]),
-        "payload_hash": row["payload_hash"],
-        "requested_by": row["requested_by"],
-        "status": "expired" if row["status"] == "pending" and row["expires_at"] <= clock.now_iso() else row["status"],
-        "decided_by": row["decided_by"],
-        "decided_at": row["decided_at"],
-        "note": row["note"],
-        "result": json.loads(row["result"]) if row["result"] else None,
-        "created_at": row["created_at"],
-        "expires_at": row["expires_at"],
-    }
+class WalletApprovals:
+    """The :class:`~gateway.approvals.service.ApprovalHandler` of transfers, cash-ins, cash-outs and
+    tier upgrades: each is checked again against the policy as it stands and carried out as requested."""
+
+    def __init__(self, wallets: Wallets) -> None:
+        self.wallets = wallets
+
+    def execute_in(self, tx: Tx, approval: Row, payload: dict[str, Any], entry: AuditEntry) -> dict[str, Any]:
+        wallets = self.wallets
+        kind = approval["kind"]
+        if kind == "transfer":
+            return self._transfer_in(tx, approval, payload, entry)
+        executed = execution_entry(approval, entry, {"cash_in": "wallets.cash_in", "cash_out": "wallets.cash_out",
+                                                     "wallet_tier": "wallets.tier"}[kind])
+        if kind == "wallet_tier":
+            document = wallets.set_tier_in(tx, payload["wallet_id"], int(payload["tier"]), executed, approved=True)
+            return {"wallet_id": document["wallet_id"], "tier": document["tier"]}
+        operation = wallets.cash_in if kind == "cash_in" else wallets.cash_out
+        return operation(tx, payload["wallet_id"], int(payload["amount_fen"]), approval["requested_by"], executed,
+                         approved=True)
+
+    def _transfer_in(self, tx: Tx, approval: Row, payload: dict[str, Any], entry: AuditEntry) -> dict[str, Any]:
+        transfer_id = payload["transfer_id"]
+        intent = TransferIntent(payload["from_wallet"], payload["to_wallet"], payload["amount_fen"], payload["memo"])
+        try:
+            self.wallets._check_transfer(tx, intent)  # reads and locks only: nothing to undo if it refuses
+        except PolicyRefused:
+            tx.execute("UPDATE transfers SET status = 'failed' WHERE transfer_id = ?", (transfer_id,))
+            raise
+        posted = self.wallets._post_transfer(tx, transfer_id, intent, approval["requested_by"])
+        tx.execute(
+            "UPDATE transfers SET status = 'posted', entry_id = ?, seq = ?, ts = ?, payload = ? WHERE transfer_id = ?",
+            (posted["entry_id"], posted["seq"], posted["ts"], posted["payload"], transfer_id),
+        )
+        entry.result["entry_id"] = posted["entry_id"]
+        return {"transfer_id": transfer_id, "status": "posted"}
+
+    def reject_in(self, tx: Tx, approval: Row, payload: dict[str, Any]) -> None:
+        if approval["kind"] == "transfer":
+            tx.execute("UPDATE transfers SET status = 'rejected' WHERE transfer_id = ?", (payload["transfer_id"],))
+
+    def expire_in(self, tx: Tx, approval: Row, payload: dict[str, Any]) -> None:
+        if approval["kind"] == "transfer":
+            tx.execute("UPDATE transfers SET status = 'expired' WHERE transfer_id = ?", (payload["transfer_id"],))
+
+    async def finish(self, document: dict[str, Any]) -> dict[str, Any] | None:
+        if document["kind"] == "transfer":
+            return await self.wallets.seal(document["payload"]["transfer_id"])
+        return None

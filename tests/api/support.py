@@ -106,3 +106,22 @@ async def serve_gateway(settings: Settings) -> ServedGateway:
     port = runner.addresses[0][1]
     scheme = "https" if context is not None else "http"
     return ServedGateway(runner, f"{scheme}://127.0.0.1:{port}", settings, api_keys)
+
+
+async def approve_as_second_person(gateway: Gateway, pending: ClientResponse,
+                                   approver: str = "supervisor2") -> dict[str, Any]:
+    """An operation above its approval threshold answered 202 with its pending approval: a second
+    supervisor (``approver``, a user other than the requester) approves it. Returns the decided
+    approval; the operation has been carried out once it is ``executed``."""
+    from tests.conftest import login
+
+    assert pending.status == 202, await pending.text()
+    approval = await pending.json()
+    assert approval["status"] == "pending" and approval["approval_id"], approval
+    response = await gateway.client.post(f"/v1/approvals/{approval['approval_id']}/approve",
+                                         json={"payload_hash": approval["payload_hash"], "note": "second person"},
+                                         headers=await login(gateway, approver))
+    assert response.status == 200, await response.text()
+    decided: dict[str, Any] = await response.json()
+    assert decided["status"] == "executed", decided
+    return decided

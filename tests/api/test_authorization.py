@@ -27,7 +27,7 @@ from gateway.app import all_endpoints
 from gateway.auth.credentials import add_user, revoke_client
 from gateway.auth.roles import Role, allows
 from gateway.device.simulator import SimulatedDevice
-from tests.api.support import assert_problem, new_client, services
+from tests.api.support import approve_as_second_person, assert_problem, new_client, services
 from tests.conftest import PASSWORDS, Gateway, login
 from tests.device.flows import discrepancies, ensure_voucher_key, pay, register
 from tests.device.flows import load as device_load
@@ -54,6 +54,7 @@ class Case:
 class Context:
     gateway: Gateway
     keys: dict[str, Any]  # the `raw_keys` documents
+    caller: Role | str | None = None  # who will send the request (approvals are visible to their owner)
 
 
 def _digest() -> str:
@@ -77,25 +78,33 @@ async def _wallet(ctx: Context, funded: int = 0) -> str:
         headers=gw.auth(Role.TELLER)), 201)
     wallet_id = str(document["wallet_id"])
     if funded:
-        await _ok(await gw.client.post(f"/v1/wallets/{wallet_id}/cash-in", json={"amount_fen": funded},
-                                       headers=gw.auth(Role.TELLER) | _idempotency()))
+        response = await gw.client.post(f"/v1/wallets/{wallet_id}/cash-in", json={"amount_fen": funded},
+                                        headers=gw.auth(Role.TELLER) | _idempotency())
+        if funded > gw.settings.approvals.cash_in_threshold_fen:  # dual control: a second person approves
+            await approve_as_second_person(gw, response)
+        else:
+            await _ok(response)
     return wallet_id
 
 
-async def _transfer(ctx: Context, amount: int = 100) -> dict[str, Any]:
-    """A transfer made by the backend client: posted, or pending approval above the threshold."""
+async def _transfer(ctx: Context, amount: int = 100, maker: Role = Role.BACKEND) -> dict[str, Any]:
+    """A transfer made by ``maker`` (the backend client by default): posted, or pending approval above the
+    threshold."""
     gw = ctx.gateway
     payer, payee = await _wallet(ctx, funded=amount), await _wallet(ctx)
     response = await gw.client.post("/v1/transfers", json={"from_wallet": payer, "to_wallet": payee,
                                                            "amount_fen": amount},
-                                    headers=gw.auth(Role.BACKEND) | _idempotency())
+                                    headers=gw.auth(maker) | _idempotency())
     return dict(await _ok(response, 201 if amount <= gw.settings.approvals.transfer_threshold_fen else 202))
 
 
-async def _pending_approval(ctx: Context) -> dict[str, Any]:
-    """A pending approval requested by the backend client (so any supervisor may decide it)."""
+async def _pending_approval(ctx: Context, by_caller: bool = False) -> dict[str, Any]:
+    """A pending approval requested by the backend client (so any supervisor may decide it) — or, with
+    ``by_caller``, by the caller when it may make transfers (a teller or backend reads only its own)."""
     gw = ctx.gateway
-    transfer = await _transfer(ctx, gw.settings.approvals.transfer_threshold_fen + 1)
+    maker = ctx.caller if by_caller and ctx.caller in (Role.BACKEND, Role.TELLER) else Role.BACKEND
+    assert isinstance(maker, Role)
+    transfer = await _transfer(ctx, gw.settings.approvals.transfer_threshold_fen + 1, maker)
     return dict(await _ok(await gw.client.get(f"/v1/approvals/{transfer['approval_id']}",
                                               headers=gw.auth(Role.SUPERVISOR))))
 
@@ -291,7 +300,7 @@ CASES: dict[str, tuple[frozenset[Role] | None, Builder]] = {
         ctx, "/v1/transfers/{}", lambda c: _id(_transfer(c), "transfer_id"))),
     "GET /v1/approvals": (APPROVAL_READERS, _fixed(Case("/v1/approvals", params={"status": "all"}))),
     "GET /v1/approvals/{approval_id}": (APPROVAL_READERS, lambda ctx: _built(
-        ctx, "/v1/approvals/{}", lambda c: _id(_pending_approval(c), "approval_id"))),
+        ctx, "/v1/approvals/{}", lambda c: _id(_pending_approval(c, by_caller=True), "approval_id"))),
     "POST /v1/approvals/{approval_id}/approve": (SUPERVISOR, lambda ctx: _decision(ctx, "approve")),
     "POST /v1/approvals/{approval_id}/reject": (SUPERVISOR, lambda ctx: _decision(ctx, "reject")),
     "GET /v1/audit": (AUDIT_READERS, _fixed(Case("/v1/audit", params={"limit": "5"}))),
@@ -350,7 +359,7 @@ async def test_endpoint_for_caller(
     endpoint = ENDPOINTS[name]
     assert name in CASES, f"no authorization case for {name}: add one to CASES"
     spec_roles, build = CASES[name]
-    case = await build(Context(gateway, raw_keys))
+    case = await build(Context(gateway, raw_keys, caller))
     # The grants table must say what the spec says: the server decides with `allows`.
     assert (endpoint.permission is None) == (spec_roles is None), f"{name}: public in one, not the other"
     if isinstance(caller, Role) and endpoint.permission is not None and spec_roles is not None:

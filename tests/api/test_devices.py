@@ -20,7 +20,7 @@ from gateway.auth.roles import Role
 from gateway.device.simulator import SimulatedDevice
 from gateway.errors import DeviceRefused
 from gateway.schemes import offline
-from tests.api.support import assert_problem, audit_entries
+from tests.api.support import approve_as_second_person, assert_problem, audit_entries
 from tests.conftest import Gateway
 from tests.device.flows import (
     device_doc,
@@ -460,7 +460,11 @@ async def test_resolutions_move_money_as_decided_and_are_audited(gw: Gateway) ->
     assert (await wallet(gw, payer_wallet))["offline_reserve_fen"] == 8_000
     response = await gw.client.post(over_url, json={"resolution": "honour", "note": "bank pays"},
                                     headers=gw.auth(Role.SUPERVISOR))
-    assert response.status == 200, await response.text()
+    # Dual control: an honour is only requested; nothing is paid until a second supervisor approves.
+    assert response.status == 202, await response.text()
+    assert (await wallet(gw, payee_wallet))["balance_fen"] == 2_000
+    decided = await approve_as_second_person(gw, response)
+    assert decided["result"]["resolution"] == "honour"
     assert (await wallet(gw, payee_wallet))["balance_fen"] == 11_000  # the bank paid from suspense
     assert (await wallet(gw, payer_wallet))["offline_reserve_fen"] == 8_000
     await assert_problem(await gw.client.post(over_url, json=body, headers=gw.auth(Role.SUPERVISOR)), 409,
@@ -468,7 +472,7 @@ async def test_resolutions_move_money_as_decided_and_are_audited(gw: Gateway) ->
     resolved = {d["discrepancy_id"]: d for d in await discrepancies(gw, payer.state.device_id, status="resolved")}
     assert resolved[by_kind["overspent"]["discrepancy_id"]]["resolved_by"] == "user:supervisor1"
     entries = [e for e in await audit_entries(gw) if e["action"] == "reconciliation.resolve"
-               and e["decision"] == "allowed"]
+               and e["decision"] in ("allowed", "approved")]  # honour: carried out on approval
     assert {e["result"]["resolution"] for e in entries} >= {"post", "honour"}
     assert over["hash"].hex() in [p for e in entries for p in e["result"]["payments"]]
     assert await ledger_problems(gw) == []

@@ -18,6 +18,7 @@ from gateway.auth.roles import Role
 from gateway.ledger.journal import check_invariants
 from gateway.services import SERVICES
 from gateway.wallets.ids import is_valid_wallet_id, luhn_check_digit
+from tests.api.support import approve_as_second_person
 from tests.conftest import Gateway, login
 
 pytestmark = pytest.mark.softhsm
@@ -36,9 +37,13 @@ async def open_wallet(gw: Gateway, tier: int = 4, **extra: Any) -> str:
 
 
 async def cash_in(gw: Gateway, wallet_id: str, amount: int) -> None:
+    """Cash in as a teller; above the cash-in approval threshold a second supervisor approves it."""
     response = await gw.client.post(
         f"/v1/wallets/{wallet_id}/cash-in", json={"amount_fen": amount}, headers={**gw.auth(Role.TELLER), **idem()}
     )
+    if amount > gw.settings.approvals.cash_in_threshold_fen:
+        await approve_as_second_person(gw, response)
+        return
     assert response.status == 200, await response.text()
 
 

@@ -130,7 +130,13 @@ async def new_wallet(gateway: Gateway, holder: str = "Wang Fang", tier: int = 4,
     document = await api(gateway, "POST", "/v1/wallets",
                          json={"holder_name": holder, "phone": "13900139000", "tier": tier, "kind": "personal"})
     wallet_id: str = document["wallet_id"]
-    if cash:
+    if cash > gateway.settings.approvals.cash_in_threshold_fen:  # dual control: a second person approves it
+        from tests.api.support import approve_as_second_person
+
+        response = await gateway.client.post(f"/v1/wallets/{wallet_id}/cash-in", json={"amount_fen": cash},
+                                             headers={**gateway.auth(Role.TELLER), **idem()})
+        await approve_as_second_person(gateway, response)
+    elif cash:
         await api(gateway, "POST", f"/v1/wallets/{wallet_id}/cash-in", json={"amount_fen": cash}, headers=idem())
     return wallet_id
 

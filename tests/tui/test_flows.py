@@ -323,16 +323,22 @@ async def test_a_requester_cannot_approve_their_own_request(tui_gateway: Gateway
         await wait_for(pilot, lambda: has_notification(app, "You requested this yourself"), what="refusal")
     assert (await api(tui_gateway, "GET", f"/v1/approvals/{approval_id}", role=Role.SUPERVISOR))["status"] == "pending"
 
+    # A teller sees only the approvals they requested (dual control: supervisor1's is not even listed),
+    # and may not decide at all — not even their own.
+    hidden = await tui_gateway.client.get(f"/v1/approvals/{approval_id}", headers=tui_gateway.auth(Role.TELLER))
+    assert hidden.status == 404
+    own_source, _, own_id = await _pending_transfer(tui_gateway, Role.TELLER)  # made by teller1
     rejecter = teller_app(tui_gateway)
     async with rejecter.run_test(size=(80, 24)) as pilot:
-        await login(pilot, "teller1")  # a teller may not decide at all
-        await open_filtered(pilot, "a", ApprovalsScreen, source[:12])
+        await login(pilot, "teller1")
+        await open_filtered(pilot, "a", ApprovalsScreen, own_source[:12])
         await wait_for(pilot, lambda: len(cell_texts(rejecter, "#approvals-table")) == 1)
         await pilot.press("enter", "x")
         await wait_for(pilot, lambda: "Reject this transfer?" in screen_text(rejecter))
         await pilot.press("enter")
         await wait_for(pilot, lambda: has_notification(rejecter, "not allowed"), what="403")
     assert (await api(tui_gateway, "GET", f"/v1/approvals/{approval_id}", role=Role.SUPERVISOR))["status"] == "pending"
+    assert (await api(tui_gateway, "GET", f"/v1/approvals/{own_id}", role=Role.SUPERVISOR))["status"] == "pending"
 
 
 async def test_auditor_pages_the_audit_log_and_verifies_the_chain(tui_gateway: Gateway) -> None:

@@ -297,7 +297,8 @@ async def test_narrowing_the_files_keeps_the_locks_of_a_live_connection(tmp_path
     await database.close()
     assert _mode(path) == 0o600
     other = subprocess.run(
-        [sys.executable, "-c", "import sqlite3, sys; c = sqlite3.connect(sys.argv[1], timeout=0, isolation_level=None)\n"
+        [sys.executable, "-c",
+         "import sqlite3, sys; c = sqlite3.connect(sys.argv[1], timeout=0, isolation_level=None)\n"
          "try:\n    c.execute('BEGIN IMMEDIATE')\nexcept sqlite3.OperationalError as e:\n    print(e)",
          str(path)], capture_output=True, text=True, timeout=60, check=True,
     )
@@ -305,7 +306,8 @@ async def test_narrowing_the_files_keeps_the_locks_of_a_live_connection(tmp_path
     holder.execute("COMMIT")
     # Positive control: once the holder commits, the other process writes.
     other = subprocess.run(
-        [sys.executable, "-c", "import sqlite3, sys; c = sqlite3.connect(sys.argv[1], timeout=5, isolation_level=None)\n"
+        [sys.executable, "-c",
+         "import sqlite3, sys; c = sqlite3.connect(sys.argv[1], timeout=5, isolation_level=None)\n"
          "c.execute('BEGIN IMMEDIATE'); c.execute('INSERT INTO t VALUES (2)'); c.execute('COMMIT')", str(path)],
         capture_output=True, text=True, timeout=60, check=True,
     )

@@ -148,6 +148,10 @@ def main() -> int:
                               capture_output=True, text=True).stdout.strip()
         gateway = GatewayProcess(Path(tmp) / "var", Path(conf), "soak", token_dir / "soak.user-pin",
                                  f"sqlite:///{tmp}/gw.db")
+        # The soak drives everything with one backend key and funds its wallets with one large cash-in each:
+        # it measures endurance, not the per-principal limit or dual control (tests/security/ prove those).
+        gateway.env["ECNY_SERVER__RATE_LIMIT_PER_SECOND"] = "0"
+        gateway.env["ECNY_APPROVALS__CASH_IN_THRESHOLD_FEN"] = str(2**63 - 1)
         credentials = gateway.provision()
         gateway.start()
         try:

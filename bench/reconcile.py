@@ -1,5 +1,5 @@
 """Offline reconciliation: 100,000 offline payments (signature checks + postings) from generated
-device logs, on SQLite. Not a test: CI runs none of this (SPEC.md §12).
+device logs, on SQLite. Not a test: CI runs none of this (docs/spec.md §12).
 
     .venv/bin/python bench/reconcile.py [--sizes 10000,50000,100000] [--per-device 100] [--batch 100]
                                         [--modes each,endorsed] [--workers 1] [--read-ahead 2]
@@ -123,7 +123,7 @@ def markdown(results: list[dict[str, Any]], command: str) -> str:
         "Device logs are generated first (not timed): devices in a ring, each paying its neighbour "
         f"{results[0]['per_device']} times; each export holds the device's payments and its receipts. Timed: "
         "reading the exports, checking signatures (outside the transaction), and one write transaction per batch "
-        "that applies every rule of SPEC.md §8, matches payer and payee records and posts every payment "
+        "that applies every rule of docs/spec.md §8, matches payer and payee records and posts every payment "
         "(payer's reserve → payee's wallet, one journal entry per sync, payer's wallet and payee's wallet; each "
         "payment's row names its entry). *each*: every payment's own signature is verified once (a pool of spawned "
         "processes); *endorsed*: one signature per export covers the payer's own payments (docs/device-protocol.md). "

@@ -1,4 +1,4 @@
-"""``ecny-gateway`` — the command line (SPEC.md §3).
+"""``ecny-gateway`` — the command line (docs/spec.md §3).
 
 Every command takes ``--config FILE`` (or ``ECNY_CONFIG``); settings can be overridden by
 ``ECNY_<SECTION>__<KEY>`` variables. Secrets never come from arguments: the HSM PIN from

@@ -212,7 +212,7 @@ def _default_tiers() -> dict[str, TierSettings]:
 
 class WalletSettings(_Section):
     tiers: dict[str, TierSettings] = Field(default_factory=_default_tiers)
-    """Limits per tier "1".."4" (SPEC.md §7 defaults); ``null``/absent values mean no limit."""
+    """Limits per tier "1".."4" (docs/spec.md §7 defaults); ``null``/absent values mean no limit."""
     id_prefix: Annotated[str, Field(pattern=r"^[0-9]{1,6}$")] = "8"
     """Leading digits of new wallet ids (the institution's range)."""
     max_amount_fen: Annotated[int, Field(ge=1)] = 10**15

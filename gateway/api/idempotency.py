@@ -1,4 +1,4 @@
-"""Idempotency-Key handling (SPEC.md §5).
+"""Idempotency-Key handling (docs/spec.md §5).
 
 The same key and body return the first response again without doing the work twice; the same key
 with another body is 409. Keys are scoped to the calling principal. Responses with a status below

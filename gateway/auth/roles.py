@@ -1,4 +1,4 @@
-"""Roles and what each may do (SPEC.md §5). Anything not listed is refused with 403.
+"""Roles and what each may do (docs/spec.md §5). Anything not listed is refused with 403.
 
 Permissions are named ``resource.verb``. Endpoints declare the permission they need; the table
 below is the single place that grants them, and the authorization test walks all of it.

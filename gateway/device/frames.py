@@ -1,4 +1,4 @@
-"""Frames on the serial link to a hard wallet (SPEC.md §9, docs/device-protocol.md).
+"""Frames on the serial link to a hard wallet (docs/spec.md §9, docs/device-protocol.md).
 
 One frame carries one protocol message::
 

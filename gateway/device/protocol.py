@@ -1,4 +1,4 @@
-"""Messages of the hard-wallet protocol (SPEC.md §9, docs/device-protocol.md).
+"""Messages of the hard-wallet protocol (docs/spec.md §9, docs/device-protocol.md).
 
 Every message is a CBOR map carried in one frame (:mod:`gateway.device.frames`)::
 

@@ -10,7 +10,7 @@ with the result on the payee; the host carries the bytes across, as NFC would).
 Value received offline is not spendable until the gateway has reconciled it (it goes to the
 payee's wallet, not back onto the device): the offline balance is what was loaded less what was spent.
 
-Misbehaviour, on purpose, for tests of the reconciliation rules (SPEC.md §8): ``pay`` and ``load``
+Misbehaviour, on purpose, for tests of the reconciliation rules (docs/spec.md §8): ``pay`` and ``load``
 and ``receive`` accept ``misbehave``, one of :data:`MISBEHAVIOURS`.
 
     ecny-gateway device-sim --pty [--state FILE]      # prints the pseudo-terminal's path

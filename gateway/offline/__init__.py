@@ -1,2 +1,2 @@
 """Offline payments: hard-wallet registration, loads and unloads, and the reconciliation of device
-logs with the ledger (SPEC.md §8)."""
+logs with the ledger (docs/spec.md §8)."""

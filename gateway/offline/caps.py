@@ -26,7 +26,7 @@ WalletLimits = Callable[[int], TierLimits]
 
 
 def default_limits(tier: int) -> TierLimits:
-    """SPEC.md §7's defaults (an unknown tier: no limit), for callers without gateway settings (the harness)."""
+    """docs/spec.md §7's defaults (an unknown tier: no limit), for callers without gateway settings (the harness)."""
     return DEFAULT_TIERS.get(tier, TierLimits(None, None, None, None))
 
 

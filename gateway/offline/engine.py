@@ -1,4 +1,4 @@
-"""Reconciliation of hard-wallet logs with the ledger (SPEC.md §8, docs/device-protocol.md).
+"""Reconciliation of hard-wallet logs with the ledger (docs/spec.md §8, docs/device-protocol.md).
 
 A device's log export holds the payments it made (signed by itself, in counter order, each naming
 the hash of the one before) and the payments it received. Reconciling it:

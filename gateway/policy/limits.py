@@ -1,4 +1,4 @@
-"""Wallet tier limits (SPEC.md §7) as pure functions: figures in, a Decision out.
+"""Wallet tier limits (docs/spec.md §7) as pure functions: figures in, a Decision out.
 
 No I/O here: the ledger reads the figures inside its transaction, calls :func:`check_payment` /
 :func:`check_receipt`, and writes only if the decision allows it — all under one lock.
@@ -19,7 +19,7 @@ class TierLimits:
     annual: int | None
 
 
-#: SPEC.md §7 defaults (fen). Tier 1 has no limits.
+#: docs/spec.md §7 defaults (fen). Tier 1 has no limits.
 DEFAULT_TIERS: dict[int, TierLimits] = {
     4: TierLimits(balance_cap=1_000_000, single=200_000, daily=500_000, annual=5_000_000),
     3: TierLimits(balance_cap=2_000_000, single=500_000, daily=1_000_000, annual=10_000_000),

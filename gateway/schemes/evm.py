@@ -1,6 +1,6 @@
 """EVM transactions, ERC-20 calldata and EIP-712 typed data — pure functions, no I/O.
 
-What the gateway signs for stablecoins (SPEC.md §6):
+What the gateway signs for stablecoins (docs/spec.md §6):
 
 - **Transactions**: EIP-1559 (type 2 inside an EIP-2718 envelope) and legacy EIP-155, RLP-encoded
   with ``rlp``; the signing hash is keccak-256 (``eth-hash``) of the signing payload. The HSM signs

@@ -1,4 +1,4 @@
-"""Offline formats (SPEC.md §6, §8): what the gateway, hard wallets and their payees sign.
+"""Offline formats (docs/spec.md §6, §8): what the gateway, hard wallets and their payees sign.
 
 Every record is a COSE_Sign1 (:mod:`gateway.schemes.cose`) over a canonical CBOR map with a format
 version ``v`` and a ``type``, so that a signature over one kind of record can never pass for another:

@@ -1,6 +1,6 @@
-"""Who may call what (SPEC.md §5 roles table): every endpoint by every role, plus no credentials.
+"""Who may call what (docs/spec.md §5 roles table): every endpoint by every role, plus no credentials.
 
-Each endpoint has a case: a request that succeeds when the caller is allowed, and the roles SPEC.md §5
+Each endpoint has a case: a request that succeeds when the caller is allowed, and the roles docs/spec.md §5
 lets call it (checked against the grants table, `gateway.auth.roles.allows`). Allowed → the
 endpoint's success status; not allowed → 403 `forbidden` (audited when the endpoint audits
 refusals); anonymous → 401 with `WWW-Authenticate`; public endpoints work for everyone. An endpoint
@@ -256,7 +256,7 @@ ADMIN = frozenset({Role.ADMIN})
 
 Builder = Callable[[Context], Awaitable[Case]]
 
-# One case per endpoint, keyed by "METHOD /path/template": who may call it according to SPEC.md §5
+# One case per endpoint, keyed by "METHOD /path/template": who may call it according to docs/spec.md §5
 # (written out here, independently of the GRANTS table it checks) and a builder of a request that
 # succeeds when allowed, with fresh resources (wallets, transfers, approvals) where it changes them.
 CASES: dict[str, tuple[frozenset[Role] | None, Builder]] = {
@@ -365,7 +365,7 @@ async def test_endpoint_for_caller(
     if isinstance(caller, Role) and endpoint.permission is not None and spec_roles is not None:
         assert allows(caller, endpoint.permission) == (caller in spec_roles), (
             f"{name}: GRANTS gives {caller} {endpoint.permission} = {allows(caller, endpoint.permission)}; "
-            f"SPEC.md §5 says {caller in spec_roles}"
+            f"docs/spec.md §5 says {caller in spec_roles}"
         )
     request_id = f"authz-{secrets.token_hex(8)}"
     headers = {"X-Request-Id": request_id}

@@ -1,7 +1,7 @@
 """Hard wallets through the API: registration, loads, sync and reconciliation, unload, revocation and
 the discrepancy API — with in-process simulated devices, on SQLite and on PostgreSQL.
 
-One test per misbehaviour mode of the simulator and per rule of SPEC.md §8: each must produce the
+One test per misbehaviour mode of the simulator and per rule of docs/spec.md §8: each must produce the
 expected discrepancy and no wrong posting. Certificates, vouchers, payments and acknowledgements
 are verified with pycose, an independent COSE implementation.
 """

@@ -1,4 +1,4 @@
-"""Idempotency-Key (SPEC.md §5): the same key and body return the first response again without
+"""Idempotency-Key (docs/spec.md §5): the same key and body return the first response again without
 signing twice; the same key with another body is 409; keys are scoped to the calling principal."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""GET /openapi.json: an OpenAPI 3.1 document that is complete and true to the server (SPEC.md §5).
+"""GET /openapi.json: an OpenAPI 3.1 document that is complete and true to the server (docs/spec.md §5).
 
 Complete: its operations are exactly the router's routes. True: real responses — successes and
 problem documents — have a documented status and content type and validate against the documented

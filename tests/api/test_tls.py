@@ -1,4 +1,4 @@
-"""TLS and mTLS (SPEC.md §5): a second gateway on the test token, served over HTTPS with a client CA.
+"""TLS and mTLS (docs/spec.md §5): a second gateway on the test token, served over HTTPS with a client CA.
 
 A client certificate whose subject CN is in ``server.mtls_identities`` authenticates as that API
 client without a bearer key; any other certificate is 401; no certificate, no TLS session.

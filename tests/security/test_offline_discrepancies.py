@@ -55,7 +55,7 @@ pytestmark = pytest.mark.softhsm
 
 RESOLVE = "/v1/reconciliation/discrepancies/{}/resolve"
 MALFORMED = bytes.fromhex("a1") + b"not a payment at all"  # a CBOR map head and garbage: no COSE_Sign1
-TIER4_CAP = 1_000_000  # SPEC.md §7: a tier-4 wallet holds at most ¥10,000
+TIER4_CAP = 1_000_000  # docs/spec.md §7: a tier-4 wallet holds at most ¥10,000
 
 
 @pytest_asyncio.fixture(scope="module")

@@ -166,7 +166,8 @@ class AuthSettings(_Section):
     session_ttl_seconds: Annotated[int, Field(ge=60)] = 8 * 3600
     """Lifetime of a teller session token."""
     credential_cache_seconds: Annotated[float, Field(ge=0)] = 2.0
-    """How long a verified API key or session stays cached in memory (revocation takes effect within it)."""
+    """How long a verified API key stays cached in memory (revocation takes effect within it). Session
+    tokens are never cached: logout, disabling a user and role changes apply at the next request."""
     login_max_attempts: Annotated[int, Field(ge=1)] = 5
     """Login attempts for one username (since its last success) before it is locked for a while."""
     login_lockout_seconds: Annotated[int, Field(ge=1)] = 30

@@ -490,3 +490,32 @@ async def test_a_large_cash_out_shows_pending_approval_and_moves_nothing(tui_gat
         await pilot.press("y")
         await wait_for(pilot, lambda: "Available ¥69,900.00" in screen_text(app), what="new balance")
         assert has_notification(app, "Cashed out ¥100.00")
+
+
+async def test_a_wallet_opened_at_tier_1_shows_its_upgrade_pending(tui_gateway: Gateway) -> None:
+    """Limits lifted at opening: the teller asks for tier 1 and believes the wallet has no limits;
+    it is tier 2 until a second person approves, and the screen says so."""
+    app = teller_app(tui_gateway)
+    async with app.run_test(size=(80, 24)) as pilot:
+        await login(pilot, "teller1")
+        await pilot.press("w")
+        await wait_for(pilot, lambda: isinstance(app.screen, WalletsScreen))
+        await pilot.press("n")
+        await wait_for(pilot, lambda: app.screen.query("#field-holder_name"), what="new wallet form")
+        await type_text(pilot, "Tier One Teller")
+        await pilot.press("enter")
+        await type_text(pilot, "13800138000")
+        await pilot.press("enter", "enter")  # no identity number
+        await pilot.press("backspace", "1", "enter", "enter")  # tier 1, kind personal
+        await wait_for(pilot, lambda: "Open this wallet?" in screen_text(app), what="confirmation")
+        await pilot.press("y")
+        await wait_for(pilot, lambda: isinstance(app.screen, WalletDetailScreen), what="the new wallet")
+        screen = app.screen
+        assert isinstance(screen, WalletDetailScreen)
+        await wait_for(pilot, lambda: has_notification(app, "tier 1 is pending approval a_"), what="pending upgrade")
+        document = await api(tui_gateway, "GET", f"/v1/wallets/{screen.wallet_id}")
+        assert document["tier"] == 2
+        listed = await api(tui_gateway, "GET", "/v1/approvals", params={"status": "pending"})
+        upgrade = [a for a in listed["approvals"]
+                   if a["kind"] == "wallet_tier" and a["payload"]["wallet_id"] == screen.wallet_id]
+        assert len(upgrade) == 1 and has_notification(app, upgrade[0]["approval_id"])

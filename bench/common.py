@@ -305,7 +305,9 @@ def start_gateway(store: str = "sqlite", dsn: str | None = None, *, workers: int
             f'[store]\ndsn = "{dsn}"\n\n[logging]\nlevel = "{log_level}"\n\n'
             # The set-up funds each payer wallet with one large cash-in: above the shipped ¥50,000 threshold
             # that would wait for a second person. What is measured (transfers of 1 fen) is not affected.
-            "[approvals]\ncash_in_threshold_fen = 9223372036854775807\n" + extra_toml,
+            # The daily aggregate too; the tier-1 upgrade of each wallet is approved by supervisor1.
+            "[approvals]\ncash_in_threshold_fen = 9223372036854775807\n"
+            "cash_in_daily_threshold_fen = 9223372036854775807\n" + extra_toml,
             encoding="utf-8",
         )
         env = {k: v for k, v in os.environ.items() if not k.startswith("ECNY_")}

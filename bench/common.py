@@ -177,6 +177,7 @@ class Gateway:
     credentials: dict[str, Any]
     keys: dict[str, str] = field(default_factory=dict)  # label -> key_id
     teller_token: str = ""
+    supervisor_token: str = ""
     cpus: set[int] | None = None
     log_path: Path | None = None
     loop: str = "uvloop"
@@ -199,6 +200,10 @@ class Gateway:
 
     def teller(self) -> dict[str, str]:
         return {"Authorization": f"Bearer {self.teller_token}"}
+
+    def supervisor(self) -> dict[str, str]:
+        """supervisor1's session: the second person who approves the set-up's tier-1 wallets and cash-ins."""
+        return {"Authorization": f"Bearer {self.supervisor_token}"}
 
     def env(self) -> dict[str, str]:
         env = {k: v for k, v in os.environ.items() if not k.startswith("ECNY_")}
@@ -300,7 +305,9 @@ def start_gateway(store: str = "sqlite", dsn: str | None = None, *, workers: int
             f'[store]\ndsn = "{dsn}"\n\n[logging]\nlevel = "{log_level}"\n\n'
             # The set-up funds each payer wallet with one large cash-in: above the shipped ¥50,000 threshold
             # that would wait for a second person. What is measured (transfers of 1 fen) is not affected.
-            "[approvals]\ncash_in_threshold_fen = 9223372036854775807\n" + extra_toml,
+            # The daily aggregate too; the tier-1 upgrade of each wallet is approved by supervisor1.
+            "[approvals]\ncash_in_threshold_fen = 9223372036854775807\n"
+            "cash_in_daily_threshold_fen = 9223372036854775807\n" + extra_toml,
             encoding="utf-8",
         )
         env = {k: v for k, v in os.environ.items() if not k.startswith("ECNY_")}
@@ -360,6 +367,11 @@ def start_gateway(store: str = "sqlite", dsn: str | None = None, *, workers: int
         if status != 201:
             raise RuntimeError(f"teller login: {status} {session}")
         gateway.teller_token = session["token"]
+        status, session = gateway.request("POST", "/v1/sessions", {
+            "username": "supervisor1", "password": credentials["users"]["supervisor1"]})
+        if status != 201:
+            raise RuntimeError(f"supervisor login: {status} {session}")
+        gateway.supervisor_token = session["token"]
     except BaseException:
         gateway.cleanup()
         raise
@@ -678,6 +690,14 @@ async def _open_wallets_async(gateway: Gateway, count: int, tier: int, cash_in_f
     semaphore = asyncio.Semaphore(16)
     async with aiohttp.ClientSession(connector=connector, headers=headers) as session:
 
+        async def approve(approval: dict[str, Any]) -> None:
+            """Dual control: tier 1 and large cash-ins wait for a second person (supervisor1)."""
+            async with session.post(f"{gateway.url}/v1/approvals/{approval['approval_id']}/approve",
+                                    data=json.dumps({"payload_hash": approval["payload_hash"], "note": "bench"}),
+                                    headers=gateway.supervisor()) as response:
+                if response.status != 200:
+                    raise RuntimeError(f"approve: {response.status} {await response.text()}; {gateway.state()}")
+
         async def one(index: int) -> str:
             async with semaphore:
                 body = {"holder_name": f"Bench Holder {index}", "phone": "13800138000", "tier": tier,
@@ -685,12 +705,17 @@ async def _open_wallets_async(gateway: Gateway, count: int, tier: int, cash_in_f
                 async with session.post(gateway.url + "/v1/wallets", data=json.dumps(body)) as response:
                     if response.status != 201:
                         raise RuntimeError(f"open wallet: {response.status} {await response.text()}; {gateway.state()}")
-                    wallet_id: str = (await response.json())["wallet_id"]
+                    opened = await response.json()
+                    wallet_id: str = opened["wallet_id"]
+                if opened.get("tier_approval"):
+                    await approve(opened["tier_approval"])
                 if index in fund:
                     async with session.post(f"{gateway.url}/v1/wallets/{wallet_id}/cash-in",
                                             data=json.dumps({"amount_fen": cash_in_fen}),
                                             headers={"Idempotency-Key": os.urandom(16).hex()}) as response:
-                        if response.status != 200:
+                        if response.status == 202:
+                            await approve(await response.json())
+                        elif response.status != 200:
                             raise RuntimeError(f"cash-in: {response.status} {await response.text()}; "
                                                f"{gateway.state()}")
                 return wallet_id

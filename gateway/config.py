@@ -239,6 +239,15 @@ class ApprovalSettings(_Section):
     """Cash-outs above this amount (¥50,000 by default) wait for a second person's approval."""
     device_load_threshold_fen: Annotated[int, Field(ge=1)] = 5_000_000
     """Hard-wallet loads above this amount (¥50,000 by default) wait for a second person's approval."""
+    cash_in_daily_threshold_fen: Annotated[int, Field(ge=1)] = 10_000_000
+    """A cash-in that takes the day's cash-ins to one wallet (China Standard Time business day, this one
+    included) above this sum (¥100,000 by default, twice the single threshold) waits for a second
+    person's approval even when it is below ``cash_in_threshold_fen``: splitting does not avoid review."""
+    cash_out_daily_threshold_fen: Annotated[int, Field(ge=1)] = 10_000_000
+    """As ``cash_in_daily_threshold_fen``, for the day's cash-outs from one wallet (¥100,000 by default)."""
+    device_load_daily_threshold_fen: Annotated[int, Field(ge=1)] = 10_000_000
+    """As ``cash_in_daily_threshold_fen``, for the day's hard-wallet loads from one wallet (¥100,000 by
+    default)."""
 
 
 class EcnySettings(_Section):

@@ -422,6 +422,14 @@ class HonourAboveCap(PolicyRefused):
     title = "Honour above the certificate's per-payment cap"
 
 
+class InterestedParty(Forbidden):
+    """Maker-checker: the decider's owner is named on the approval as an interested party (e.g. the
+    person who registered the device an honour or a load concerns, and so may hold its key)."""
+
+    code = "interested-party"
+    title = "An interested party cannot decide this approval"
+
+
 # --- EVM (stablecoin) signing --------------------------------------------------------------------
 
 

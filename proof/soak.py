@@ -65,16 +65,31 @@ async def soak(gateway: GatewayProcess, credentials: dict[str, object], minutes:
         async with session.post(gateway.url + "/v1/sessions",
                                 json={"username": "teller1", "password": users["teller1"]}) as r:
             teller = {"Authorization": f"Bearer {(await r.json())['token']}"}
+        async with session.post(gateway.url + "/v1/sessions",
+                                json={"username": "supervisor1", "password": users["supervisor1"]}) as r:
+            supervisor = {"Authorization": f"Bearer {(await r.json())['token']}"}
+
+        async def approve(approval: dict[str, object]) -> None:
+            """Dual control: the tier-1 upgrade and the large cash-in wait for a second person."""
+            async with session.post(f"{gateway.url}/v1/approvals/{approval['approval_id']}/approve", headers=supervisor,
+                                    json={"payload_hash": approval["payload_hash"], "note": "soak"}) as r:
+                assert r.status == 200, await r.text()
+
         async with session.get(gateway.url + "/v1/keys", headers=backend) as r:
             raw = next(k for k in (await r.json())["keys"] if k["label"] == "raw-p256")["key_id"]
         wallets = []
         for i in range(16):
             async with session.post(gateway.url + "/v1/wallets", headers=teller, json={
                     "holder_name": f"Soak {i}", "phone": "13800000000", "tier": 1, "kind": "personal"}) as r:
-                wallets.append((await r.json())["wallet_id"])
+                opened = await r.json()
+                wallets.append(opened["wallet_id"])
+            if opened.get("tier_approval"):
+                await approve(opened["tier_approval"])
             async with session.post(f"{gateway.url}/v1/wallets/{wallets[-1]}/cash-in", headers={
                     **teller, "Idempotency-Key": uuid.uuid4().hex}, json={"amount_fen": 10**12}) as r:
-                assert r.status == 200
+                assert r.status in (200, 202), await r.text()
+                if r.status == 202:
+                    await approve(await r.json())
 
         async def client(index: int) -> None:
             rng = random.Random(index)

@@ -19,7 +19,7 @@ import json
 import re
 import uuid
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import aiohttp
@@ -148,6 +148,8 @@ class Wallet:
     offline_reserve_fen: int
     created_at: str
     updated_at: str
+    tier_approval: "Approval | None" = None
+    """Opened with tier 1 asked for: the wallet is tier 2 and this upgrade waits for a second person."""
 
 
 @dataclass(frozen=True)
@@ -324,6 +326,14 @@ def wallet_from(document: Mapping[str, Any]) -> Wallet:
         balance_fen=_int(document, "balance_fen"), offline_reserve_fen=_int(document, "offline_reserve_fen"),
         created_at=_str(document, "created_at"), updated_at=_str(document, "updated_at"),
     )
+
+
+def pending_approval(document: Mapping[str, Any]) -> Approval | None:
+    """The pending approval an operation answered with (202: above its threshold, nothing moved yet),
+    or None when the operation was carried out."""
+    if document.get("status") == "pending" and document.get("approval_id") and document.get("payload_hash"):
+        return approval_from(document)
+    return None
 
 
 def approval_from(document: Mapping[str, Any]) -> Approval:
@@ -536,23 +546,35 @@ class GatewayClient:
         body: dict[str, Any] = {"holder_name": holder_name, "phone": phone, "tier": tier, "kind": kind}
         if id_number:
             body["id_number"] = id_number
-        return wallet_from(await self._json("POST", "/v1/wallets", json_body=body, idempotency_key=idempotency_key))
+        document = await self._json("POST", "/v1/wallets", json_body=body, idempotency_key=idempotency_key)
+        upgrade = document.get("tier_approval")
+        wallet = wallet_from(document)
+        if isinstance(upgrade, dict):
+            wallet = replace(wallet, tier_approval=approval_from(upgrade))
+        return wallet
 
     async def set_status(self, wallet_id: str, status: str, reason: str, idempotency_key: str | None = None) -> Wallet:
         return wallet_from(await self._json("POST", f"/v1/wallets/{wallet_id}/status",
                                             json_body={"status": status, "reason": reason},
                                             idempotency_key=idempotency_key))
 
-    async def set_tier(self, wallet_id: str, tier: int, idempotency_key: str | None = None) -> Wallet:
-        return wallet_from(await self._json("POST", f"/v1/wallets/{wallet_id}/tier", json_body={"tier": tier},
-                                            idempotency_key=idempotency_key))
+    async def set_tier(self, wallet_id: str, tier: int, idempotency_key: str | None = None) -> Wallet | Approval:
+        """The wallet at its new tier — or, for an upgrade to tier 1, the approval it now waits for."""
+        document = await self._json("POST", f"/v1/wallets/{wallet_id}/tier", json_body={"tier": tier},
+                                    idempotency_key=idempotency_key)
+        return pending_approval(document) or wallet_from(document)
 
-    async def cash(self, direction: str, wallet_id: str, amount_fen: int, idempotency_key: str) -> CashResult:
-        """Cash in (``direction="in"``) or out. ``idempotency_key`` is required by the gateway."""
+    async def cash(self, direction: str, wallet_id: str, amount_fen: int, idempotency_key: str
+                   ) -> CashResult | Approval:
+        """Cash in (``direction="in"``) or out. ``idempotency_key`` is required by the gateway. Above the
+        approval thresholds the answer is the pending approval (nothing moved yet)."""
         if direction not in ("in", "out"):
             raise ValueError(direction)
         document = await self._json("POST", f"/v1/wallets/{wallet_id}/cash-{direction}",
                                     json_body={"amount_fen": amount_fen}, idempotency_key=idempotency_key)
+        pending = pending_approval(document)
+        if pending is not None:
+            return pending
         return CashResult(_str(document, "entry_id"), _str(document, "wallet_id"), _int(document, "amount_fen"),
                           _int(document, "balance_fen"))
 
@@ -630,9 +652,14 @@ class GatewayClient:
             idempotency_key=idempotency_key)
         return Registration(_b64(document.get("certificate")), _str(document, "issuer_public_key_pem"), document)
 
-    async def load_device(self, device_id: str, amount_fen: int, idempotency_key: str) -> LoadVoucher:
+    async def load_device(self, device_id: str, amount_fen: int, idempotency_key: str) -> LoadVoucher | Approval:
+        """The signed voucher — or, above the load thresholds, the approval the load now waits for
+        (nothing moved yet; the voucher comes with the approval's result once a second person approves)."""
         document = await self._json("POST", f"/v1/devices/{device_id}/loads", json_body={"amount_fen": amount_fen},
                                     idempotency_key=idempotency_key)
+        pending = pending_approval(document)
+        if pending is not None:
+            return pending
         return LoadVoucher(_b64(document.get("voucher")), _int(document, "load_seq"), document)
 
     async def sync_device(self, device_id: str, log_export: bytes,

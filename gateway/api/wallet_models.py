@@ -113,6 +113,9 @@ class ApprovalDocument(_Body):
     payload_hash: str
     requested_by: str
     requested_owner: str = Field(description="The person behind the requester (no identity of theirs may decide)")
+    interested_owners: list[str] = Field(
+        default_factory=list,
+        description="Other people with a stake in the operation (e.g. the device's registrar); none of them may decide")
     status: Literal["pending", "executed", "rejected", "expired", "failed"]
     decided_by: str | None
     decided_at: str | None
@@ -124,3 +127,10 @@ class ApprovalDocument(_Body):
 
 class ApprovalList(_Body):
     approvals: list[ApprovalDocument]
+
+
+class WalletOpened(WalletDocument):
+    tier_approval: ApprovalDocument | None = Field(
+        default=None,
+        description="Asked for at tier 1: the wallet is opened at tier 2 and this is the pending approval of "
+                    "its upgrade to tier 1 (a second person decides it)")

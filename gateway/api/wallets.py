@@ -18,6 +18,7 @@ from gateway.api.wallet_models import (
     TransactionPage,
     WalletDocument,
     WalletList,
+    WalletOpened,
     WalletOpenRequest,
 )
 from gateway.approvals.service import is_pending_document
@@ -156,8 +157,10 @@ async def transactions(call: Call) -> web.Response:
 
 
 ENDPOINTS = [
-    Endpoint("POST", "/v1/wallets", open_wallet, "Open a wallet", Permission.WALLETS_OPEN, "wallets",
-             request_model=WalletOpenRequest, response_model=WalletDocument, response_status=201,
+    Endpoint("POST", "/v1/wallets", open_wallet,
+             "Open a wallet (asked for at tier 1: opened at tier 2, its upgrade to tier 1 pending approval)",
+             Permission.WALLETS_OPEN, "wallets",
+             request_model=WalletOpenRequest, response_model=WalletOpened, response_status=201,
              idempotency="optional", audited_action="wallets.open"),
     Endpoint("GET", "/v1/wallets", search, "Search wallets by id, holder name or phone", Permission.WALLETS_READ,
              "wallets", response_model=WalletList, audited_action="wallets.search",

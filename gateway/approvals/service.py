@@ -8,6 +8,8 @@ user or API client). A second person then *decides* it:
 
 - only a person decides: a user's session, never an API client, whatever its role;
 - never the requester's owner, under any of their identities (owners are compared, not accounts);
+- never an *interested* owner the operation names when it is requested (e.g. whoever registered the
+  device an honour pays for, and so may hold its key);
 - bound to the payload hash the decider reviewed;
 - approval executes the operation in the decision's own transaction (so it happens exactly once,
   or not at all); rejection and expiry move nothing.
@@ -24,6 +26,7 @@ from __future__ import annotations
 import hashlib
 import json
 import secrets
+from collections.abc import Iterable
 from typing import Any, Protocol
 
 from gateway import clock
@@ -38,6 +41,7 @@ from gateway.errors import (
     ApprovalPayloadMismatch,
     ApproverNotAPerson,
     GatewayError,
+    InterestedParty,
     NotFound,
     PolicyRefused,
     SelfApproval,
@@ -97,6 +101,7 @@ def approval_document(row: Row) -> dict[str, Any]:
         "payload_hash": row["payload_hash"],
         "requested_by": row["requested_by"],
         "requested_owner": row["requested_owner"],
+        "interested_owners": json.loads(row["interested_owners"] or "[]"),
         "status": "expired" if row["status"] == "pending" and row["expires_at"] <= clock.now_iso() else row["status"],
         "decided_by": row["decided_by"],
         "decided_at": row["decided_at"],
@@ -110,6 +115,22 @@ def approval_document(row: Row) -> dict[str, Any]:
 def is_pending_document(document: dict[str, Any]) -> bool:
     """True for the document of an approval just requested (what an operation answers with 202)."""
     return "approval_id" in document and "payload_hash" in document and document.get("status") == "pending"
+
+
+def needs_approval(amount: int, single_threshold: int, moved_today: int, daily_threshold: int) -> dict[str, Any] | None:
+    """Whether an operation of ``amount`` needs a second person: above its single threshold, or taking
+    the day's total of its kind on the same wallet (``moved_today`` before it) above the daily one, so
+    that splitting an amount below the single threshold does not avoid review.
+
+    Returns:
+        None (it may go straight through), or what the approval's payload adds to say why (empty
+        for the single threshold; ``day_total_fen`` for the daily aggregate).
+    """
+    if amount > single_threshold:
+        return {}
+    if moved_today + amount > daily_threshold:
+        return {"day_total_fen": moved_today + amount}
+    return None
 
 
 def sees_all(principal: Principal) -> bool:
@@ -143,12 +164,16 @@ class Approvals:
 
     # --- request -------------------------------------------------------------------------------
 
-    def request_in(self, tx: Tx, kind: str, payload: dict[str, Any], requested_by: str, subject: str = "") -> str:
+    def request_in(self, tx: Tx, kind: str, payload: dict[str, Any], requested_by: str, subject: str = "",
+                   interested: Iterable[str] = ()) -> str:
         """Park an operation for a second person: the payload (canonical JSON) and its hash, the
         requester and the requester's owner are fixed now. Returns the approval id.
 
         ``subject``: what the operation is about (e.g. ``discrepancy:<id>``), when at most one
         approval may be pending for it; the caller holds the subject's lock.
+
+        ``interested``: the identities (scopes such as ``user:NAME``) that stand to gain from the
+        operation besides its requester; their owners, fixed now, may not decide it.
 
         Raises:
             ApprovalAlreadyPending: an approval for ``subject`` is pending and not expired.
@@ -162,20 +187,23 @@ class Approvals:
                                              approval_id=live["approval_id"])
         approval_id = "a_" + secrets.token_hex(12)
         text = canonical_json({"kind": kind, **payload})
+        requested_owner = owner_of(tx, requested_by)
+        interested_owners = sorted({owner_of(tx, scope) for scope in interested} - {requested_owner})
         tx.execute(
             "INSERT INTO approvals (approval_id, kind, payload, payload_hash, requested_by, requested_owner, subject, "
-            "status, created_at, expires_at) VALUES (?, ?, ?, ?, ?, ?, ?, 'pending', ?, ?)",
-            (approval_id, kind, text, sha256_hex(text), requested_by, owner_of(tx, requested_by), subject,
-             clock.now_iso(), clock.after(self.settings.ttl_seconds)),
+            "interested_owners, status, created_at, expires_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, 'pending', ?, ?)",
+            (approval_id, kind, text, sha256_hex(text), requested_by, requested_owner, subject,
+             canonical_json(interested_owners), clock.now_iso(), clock.after(self.settings.ttl_seconds)),
         )
         return approval_id
 
-    def park_in(self, tx: Tx, kind: str, payload: dict[str, Any], entry: AuditEntry, subject: str = "") -> dict[
-            str, Any]:
+    def park_in(self, tx: Tx, kind: str, payload: dict[str, Any], entry: AuditEntry, subject: str = "",
+                interested: Iterable[str] = ()) -> dict[str, Any]:
         """Request an approval for an operation instead of carrying it out, and audit the request
         (``entry``: the operation's own, its decision ``pending_approval``). Returns the pending
-        approval's document: the operation answers 202 with it."""
-        approval_id = self.request_in(tx, kind, payload, entry.actor, subject)
+        approval's document: the operation answers 202 with it. ``subject`` and ``interested``: as
+        for :meth:`request_in`."""
+        approval_id = self.request_in(tx, kind, payload, entry.actor, subject, interested)
         entry.decision = "pending_approval"
         entry.result = {**payload, "approval_id": approval_id}
         append(tx, [entry])
@@ -220,6 +248,7 @@ class Approvals:
         Raises:
             ApproverNotAPerson: ``decider`` is an API client.
             SelfApproval: ``decider``'s owner requested it (under any identity).
+            InterestedParty: ``decider``'s owner is among the approval's interested owners.
             NotFound, ApprovalNotPending, ApprovalPayloadMismatch.
         """
         if decider.kind != "user":
@@ -235,6 +264,10 @@ class Approvals:
         if approval["requested_by"] == decider.scope or approval["requested_owner"] in (deciding_owner, decider.owner):
             raise SelfApproval("the requester cannot approve or reject their own request, under any of their "
                                "identities")
+        interested = json.loads(approval["interested_owners"] or "[]")
+        if deciding_owner in interested or decider.owner in interested:
+            raise InterestedParty("the operation names you as an interested party (e.g. you registered the "
+                                  "device it concerns): another person decides it")
         if sha256_hex(approval["payload"]) != approval["payload_hash"] or payload_hash != approval["payload_hash"]:
             raise ApprovalPayloadMismatch("the payload hash does not match the pending payload")
         handler = self.handler(approval["kind"])

@@ -106,6 +106,17 @@ def spent(tx: Tx, wallet_id: str, day: str) -> tuple[int, int]:
     return (int(row["today"]), int(row["year"])) if row else (0, 0)
 
 
+def moved_today(tx: Tx, wallet_id: str, kind: str, day: str) -> int:
+    """What entries of ``kind`` (``cash_in``, ``cash_out``, ``device_load``) moved on or off
+    ``wallet_id``'s wallet account on business ``day``, in fen (a positive sum either way)."""
+    row = tx.fetchone(
+        "SELECT COALESCE(SUM(p.amount), 0) AS moved FROM postings p JOIN journal j ON j.entry_id = p.entry_id "
+        "WHERE p.account_id = ? AND j.kind = ? AND j.business_day = ?",
+        (wallet_account(wallet_id), kind, day),
+    )
+    return abs(int(row["moved"])) if row else 0
+
+
 def check_invariants(tx: Tx) -> list[str]:
     """Every entry balances; every balance equals the sum of its postings; no wallet or reserve is negative.
 

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from gateway import clock
-from gateway.approvals.service import Approvals, execution_entry
+from gateway.approvals.service import Approvals, execution_entry, needs_approval
 from gateway.audit.chain import AuditEntry, append
 from gateway.config import ApprovalSettings
 from gateway.errors import (
@@ -245,9 +245,16 @@ class Devices:
         if on_device + amount > int(device["cap_balance"]):
             raise LimitExceeded(f"the device may hold at most {device['cap_balance']} fen offline "
                                 f"({on_device} loaded and unspent)", ["offline-balance-cap-exceeded"])
-        if amount > self.approvals.settings.device_load_threshold_fen and not approved:
+        settings = self.approvals.settings
+        why = None if approved else needs_approval(
+            amount, settings.device_load_threshold_fen,
+            journal.moved_today(tx, wallet["wallet_id"], "device_load", journal.business_day()),
+            settings.device_load_daily_threshold_fen)
+        if why is not None:
+            # Whoever registered the device may hold its key: they do not approve value onto it.
             return self.approvals.park_in(tx, "device_load", {"device_id": device_id, "wallet_id": wallet["wallet_id"],
-                                                              "amount_fen": amount}, entry)
+                                                              "amount_fen": amount, **why}, entry,
+                                          interested=[device["created_by"]])
         load_seq = int(device["load_seq"]) + 1
         entry_id = journal.post(tx, "device_load", f"{device_id}#{load_seq}",
                                 [(journal.wallet_account(wallet["wallet_id"]), -amount),
@@ -429,8 +436,11 @@ class Devices:
         if resolution == "honour":
             _check_honour_caps(held, devices)
             if not approved:
+                # The registrars of the devices involved may hold their keys (and made the overspend):
+                # none of them approves the bank paying for it.
                 return self.approvals.park_in(tx, HONOUR, honour_payload(row, held, note), entry,
-                                              subject=f"discrepancy:{discrepancy_id}")
+                                              subject=f"discrepancy:{discrepancy_id}",
+                                              interested=sorted({d["created_by"] for d in devices.values()}))
         wallets = sorted({d["wallet_id"] for d in devices.values()})
         for wallet_id in wallets:
             tx.lock(f"wallet:{wallet_id}")

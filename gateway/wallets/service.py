@@ -9,8 +9,9 @@ A transfer's COSE_Sign1 envelope is signed *after* the posting commits (the HSM 
 not hold the ledger lock); the payload is fixed at posting time, and a transfer whose envelope is
 missing (a crash in between) is signed on the next read or replay of it.
 
-Above their thresholds (``[approvals]``), transfers, cash-ins and cash-outs — and every upgrade to
-tier 1 — are not carried out but requested from :mod:`gateway.approvals`; :class:`WalletApprovals`
+Above their thresholds (``[approvals]``: one operation, or for cash-ins and cash-outs also the day's
+total on the wallet), transfers, cash-ins and cash-outs — and every upgrade to tier 1, including a
+wallet opened at tier 1 — are not carried out but requested from :mod:`gateway.approvals`; :class:`WalletApprovals`
 carries them out when a second person approves.
 """
 
@@ -25,7 +26,7 @@ from typing import Any
 import cbor2
 
 from gateway import clock
-from gateway.approvals.service import Approvals, execution_entry
+from gateway.approvals.service import Approvals, execution_entry, needs_approval
 from gateway.audit.chain import AuditEntry, append
 from gateway.config import Settings
 from gateway.errors import (
@@ -78,6 +79,10 @@ def wallet_document(row: Any) -> dict[str, Any]:
         "created_at": row["created_at"],
         "updated_at": row["updated_at"],
     }
+
+
+SECOND_TIER = 2
+"""The tier a wallet asked for at tier 1 is opened at, until its upgrade is approved."""
 
 
 WALLET_SELECT = (
@@ -140,6 +145,12 @@ class Wallets:
     # --- wallets ---------------------------------------------------------------------------
 
     def open_in(self, tx: Tx, fields: dict[str, Any], entry: AuditEntry) -> dict[str, Any]:
+        """Open a wallet. One asked for at tier 1 (no limits) is opened at tier 2 and its upgrade to
+        tier 1 requested at once, in the same transaction, exactly as ``POST /v1/wallets/{id}/tier``
+        would: the wallet's document then carries the pending approval as ``tier_approval``, and the
+        wallet is tier 1 only once a second person approves it."""
+        requested_tier = int(fields["tier"])
+        opened_tier = SECOND_TIER if requested_tier == 1 else requested_tier
         for _ in range(5):
             wallet_id = new_wallet_id(self.settings.wallets.id_prefix)
             if tx.fetchone("SELECT 1 FROM wallets WHERE wallet_id = ?", (wallet_id,)) is None:
@@ -148,13 +159,20 @@ class Wallets:
         tx.execute(
             "INSERT INTO wallets (wallet_id, holder_name, id_number, phone, tier, kind, status, status_reason, "
             "created_at, created_by, updated_at) VALUES (?, ?, ?, ?, ?, ?, 'active', '', ?, ?, ?)",
-            (wallet_id, fields["holder_name"], fields.get("id_number"), fields["phone"], fields["tier"],
+            (wallet_id, fields["holder_name"], fields.get("id_number"), fields["phone"], opened_tier,
              fields["kind"], now, entry.actor, now),
         )
         journal.open_accounts(tx, wallet_id)
-        entry.result = {"wallet_id": wallet_id, "tier": fields["tier"], "kind": fields["kind"]}
+        entry.result = {"wallet_id": wallet_id, "tier": opened_tier, "kind": fields["kind"]}
+        if requested_tier != opened_tier:
+            entry.result["requested_tier"] = requested_tier
         append(tx, [entry])
-        return wallet_document(load_wallet(tx, wallet_id))
+        document = wallet_document(load_wallet(tx, wallet_id))
+        if requested_tier != opened_tier:
+            upgrade = AuditEntry(actor=entry.actor, role=entry.role, action="wallets.tier", decision="allowed",
+                                 payload_hash=entry.payload_hash, request_id=entry.request_id)
+            document["tier_approval"] = self.set_tier_in(tx, wallet_id, requested_tier, upgrade)
+        return document
 
     def set_status_in(self, tx: Tx, wallet_id: str, status: str, reason: str, may_unfreeze: bool,
                       entry: AuditEntry) -> dict[str, Any]:
@@ -205,8 +223,14 @@ class Wallets:
         limits = self.settings.wallets.limits(int(wallet["tier"]))
         refuse([check_status(wallet["status"], "payee"), check_receipt(limits, amount, int(wallet["balance_fen"]))],
                f"cash-in of {amount} fen to {wallet_id} refused")
-        if amount > self.settings.approvals.cash_in_threshold_fen and not approved:
-            return self.approvals.park_in(tx, "cash_in", {"wallet_id": wallet_id, "amount_fen": amount}, entry)
+        if not approved:
+            settings = self.settings.approvals
+            why = needs_approval(amount, settings.cash_in_threshold_fen,
+                                 journal.moved_today(tx, wallet_id, "cash_in", journal.business_day()),
+                                 settings.cash_in_daily_threshold_fen)
+            if why is not None:
+                return self.approvals.park_in(tx, "cash_in", {"wallet_id": wallet_id, "amount_fen": amount, **why},
+                                              entry)
         entry_id = journal.post(tx, "cash_in", wallet_id, [(journal.wallet_account(wallet_id), amount),
                                                          (journal.ISSUANCE, -amount)], actor)
         return self._cash_result(tx, wallet_id, entry_id, amount, entry)
@@ -221,8 +245,14 @@ class Wallets:
         if amount > int(wallet["balance_fen"]):
             decisions.append(Decision(False, ("insufficient-funds",)))
         refuse(decisions, f"cash-out of {amount} fen from {wallet_id} refused")
-        if amount > self.settings.approvals.cash_out_threshold_fen and not approved:
-            return self.approvals.park_in(tx, "cash_out", {"wallet_id": wallet_id, "amount_fen": amount}, entry)
+        if not approved:
+            settings = self.settings.approvals
+            why = needs_approval(amount, settings.cash_out_threshold_fen,
+                                 journal.moved_today(tx, wallet_id, "cash_out", journal.business_day()),
+                                 settings.cash_out_daily_threshold_fen)
+            if why is not None:
+                return self.approvals.park_in(tx, "cash_out", {"wallet_id": wallet_id, "amount_fen": amount, **why},
+                                              entry)
         entry_id = journal.post(tx, "cash_out", wallet_id, [(journal.wallet_account(wallet_id), -amount),
                                                           (journal.ISSUANCE, amount)], actor)
         return self._cash_result(tx, wallet_id, entry_id, amount, entry)

@@ -125,3 +125,19 @@ async def approve_as_second_person(gateway: Gateway, pending: ClientResponse,
     decided: dict[str, Any] = await response.json()
     assert decided["status"] == "executed", decided
     return decided
+
+
+async def approve_opened_tier(gateway: Gateway, opened: dict[str, Any]) -> dict[str, Any]:
+    """A wallet asked for at tier 1 is opened at tier 2 with its upgrade pending (``tier_approval``):
+    a supervisor (supervisor1's session; the wallets of these tests are opened by others) approves it,
+    so the wallet is tier 1 as the test needs. Returns the wallet's document as opened."""
+    approval = opened.get("tier_approval")
+    if approval is None:
+        return opened
+    assert opened["tier"] == 2 and approval["kind"] == "wallet_tier", opened
+    response = await gateway.client.post(f"/v1/approvals/{approval['approval_id']}/approve",
+                                         json={"payload_hash": approval["payload_hash"], "note": "second person"},
+                                         headers=gateway.auth(Role.SUPERVISOR))
+    assert response.status == 200, await response.text()
+    assert (await response.json())["result"] == {"wallet_id": opened["wallet_id"], "tier": 1}
+    return opened

@@ -27,7 +27,7 @@ from gateway.app import all_endpoints
 from gateway.auth.credentials import add_user, revoke_client
 from gateway.auth.roles import Role, allows
 from gateway.device.simulator import SimulatedDevice
-from tests.api.support import approve_as_second_person, assert_problem, new_client, services
+from tests.api.support import approve_as_second_person, approve_opened_tier, assert_problem, new_client, services
 from tests.conftest import PASSWORDS, Gateway, login
 from tests.device.flows import discrepancies, ensure_voucher_key, pay, register
 from tests.device.flows import load as device_load
@@ -76,7 +76,7 @@ async def _wallet(ctx: Context, funded: int = 0) -> str:
     document = await _ok(await gw.client.post(
         "/v1/wallets", json={"holder_name": "Authz Test", "phone": "13800138000", "tier": 1, "kind": "personal"},
         headers=gw.auth(Role.TELLER)), 201)
-    wallet_id = str(document["wallet_id"])
+    wallet_id = str((await approve_opened_tier(gw, document))["wallet_id"])  # dual control: tier 1 approved
     if funded:
         response = await gw.client.post(f"/v1/wallets/{wallet_id}/cash-in", json={"amount_fen": funded},
                                         headers=gw.auth(Role.TELLER) | _idempotency())

@@ -18,7 +18,7 @@ from gateway.auth.roles import Role
 from gateway.ledger.journal import check_invariants
 from gateway.services import SERVICES
 from gateway.wallets.ids import is_valid_wallet_id, luhn_check_digit
-from tests.api.support import approve_as_second_person
+from tests.api.support import approve_as_second_person, approve_opened_tier
 from tests.conftest import Gateway, login
 
 pytestmark = pytest.mark.softhsm
@@ -32,7 +32,7 @@ async def open_wallet(gw: Gateway, tier: int = 4, **extra: Any) -> str:
     body = {"holder_name": "Li Lei", "phone": "13800138000", "tier": tier, "kind": "personal", **extra}
     response = await gw.client.post("/v1/wallets", json=body, headers=gw.auth(Role.TELLER))
     assert response.status == 201, await response.text()
-    wallet_id: str = (await response.json())["wallet_id"]
+    wallet_id: str = (await approve_opened_tier(gw, await response.json()))["wallet_id"]
     return wallet_id
 
 

@@ -19,6 +19,7 @@ from gateway.device.simulator import SimulatedDevice
 from gateway.ledger.journal import check_invariants
 from gateway.offline.engine import check_offline_entries
 from gateway.services import SERVICES
+from tests.api.support import approve_opened_tier
 from tests.conftest import Gateway
 
 CBOR = {"Content-Type": "application/cbor"}
@@ -45,7 +46,7 @@ async def open_wallet(gw: Gateway, tier: int = 1, cash: int = 0) -> str:
     body = {"holder_name": "Offline Test", "phone": "13800138000", "tier": tier, "kind": "personal"}
     response = await gw.client.post("/v1/wallets", json=body, headers=gw.auth(Role.TELLER))
     assert response.status == 201, await response.text()
-    wallet_id: str = (await response.json())["wallet_id"]
+    wallet_id: str = (await approve_opened_tier(gw, await response.json()))["wallet_id"]
     if cash:
         response = await gw.client.post(f"/v1/wallets/{wallet_id}/cash-in", json={"amount_fen": cash},
                                         headers={**gw.auth(Role.TELLER), **idem()})

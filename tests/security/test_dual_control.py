@@ -44,7 +44,11 @@ pytestmark = pytest.mark.softhsm
 
 CASH_THRESHOLD = 5_000_000  # ¥50,000 (the default of cash_in_threshold_fen and cash_out_threshold_fen)
 LOAD_THRESHOLD = 1_000_000  # ¥10,000: below a tier-1 device's ¥50,000 offline balance cap
+LOAD_DAILY_THRESHOLD = 2 * LOAD_THRESHOLD  # the default ratio (daily = 2 × single), reachable below the device cap
+CASH_DAILY_THRESHOLD = 10_000_000  # ¥100,000 (the default of cash_in/cash_out_daily_threshold_fen)
 TELLER2_PASSWORD = "teller-password-2"
+SUPERVISOR3_PASSWORD = "supervisor-password-3"
+ALIAS_PASSWORD = "supervisor1-alias-password"
 START = 20_000_000  # what the wallets of the cash tests hold first
 
 
@@ -55,17 +59,21 @@ def idem() -> dict[str, str]:
 @pytest_asyncio.fixture(scope="module", params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
 async def gw(request: pytest.FixtureRequest, softhsm_token: Token,
              tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Gateway]:
-    """A gateway with the default cash thresholds (¥50,000), a ¥10,000 device-load threshold, `ecny`,
-    `audit` and `voucher` keys, and a second teller (teller2)."""
+    """A gateway with the default cash thresholds (¥50,000 each, ¥100,000 a day), a ¥10,000 device-load
+    threshold (¥20,000 a day), `ecny`, `audit` and `voucher` keys, a second teller (teller2), a third
+    supervisor (supervisor3) and a second supervisor identity of supervisor1 (supervisor1.alias)."""
     if request.param == "sqlite":
         dsn = f"sqlite:///{tmp_path_factory.mktemp('dual-control') / 'gateway.db'}"
     else:
         server: PostgresServer = request.getfixturevalue("postgres_server")
         dsn = server.create_database()
-    settings = make_settings(softhsm_token, dsn, approvals={"device_load_threshold_fen": LOAD_THRESHOLD})
+    settings = make_settings(softhsm_token, dsn, approvals={"device_load_threshold_fen": LOAD_THRESHOLD,
+                                                            "device_load_daily_threshold_fen": LOAD_DAILY_THRESHOLD})
     started = await start_gateway(settings)
     assert started.settings.approvals.cash_out_threshold_fen == CASH_THRESHOLD
     assert started.settings.approvals.cash_in_threshold_fen == CASH_THRESHOLD
+    assert started.settings.approvals.cash_out_daily_threshold_fen == CASH_DAILY_THRESHOLD
+    assert started.settings.approvals.cash_in_daily_threshold_fen == CASH_DAILY_THRESHOLD
     for usage in ("ecny", "audit", "voucher"):
         response = await started.client.post(
             "/v1/keys", json={"label": f"dual-{usage}-{request.param}", "algorithm": "ecdsa-p256", "usage": [usage]},
@@ -75,6 +83,12 @@ async def gw(request: pytest.FixtureRequest, softhsm_token: Token,
     hasher = PasswordHasher()
     await services(started).database.write(lambda tx: add_user(tx, hasher, "teller2", Role.TELLER, TELLER2_PASSWORD))
     started.passwords["teller2"] = TELLER2_PASSWORD
+    await services(started).database.write(
+        lambda tx: add_user(tx, hasher, "supervisor3", Role.SUPERVISOR, SUPERVISOR3_PASSWORD))
+    started.passwords["supervisor3"] = SUPERVISOR3_PASSWORD
+    await services(started).database.write(
+        lambda tx: add_user(tx, hasher, "supervisor1.alias", Role.SUPERVISOR, ALIAS_PASSWORD, owner="supervisor1"))
+    started.passwords["supervisor1.alias"] = ALIAS_PASSWORD
     yield started
     await started.client.close()
 
@@ -113,11 +127,14 @@ async def pending(response: ClientResponse, kind: str) -> dict[str, Any]:
 
 
 async def funded_wallet(gw: Gateway, amount: int, tier: int = 1) -> str:
-    """A wallet holding ``amount`` fen, cashed in below the threshold (several cash-ins if needed)."""
+    """A wallet holding ``amount`` fen, cashed in below the threshold (several cash-ins if needed; once
+    the day's cash-ins pass the daily threshold, supervisor1 approves each)."""
     wallet_id = await open_wallet(gw, tier)
     while amount:
         part = min(amount, CASH_THRESHOLD)
         response = await cash(gw, "cash-in", wallet_id, part, gw.auth(Role.TELLER))
+        if response.status == 202:
+            response = await decide(gw, await pending(response, "cash_in"), gw.auth(Role.SUPERVISOR))
         assert response.status == 200, await response.text()
         amount -= part
     return wallet_id
@@ -322,7 +339,8 @@ async def test_large_cash_waits_for_a_second_person_and_happens_once(gw: Gateway
     assert replay.status == 202
     assert (await wallet(gw, wallet_id))["balance_fen"] == START + sign * 6_000_000
     executed = [e for e in await audit_entries(gw) if e["action"] == f"wallets.{direction.replace('-', '_')}"
-                and e["decision"] == "approved" and e["result"].get("wallet_id") == wallet_id]
+                and e["decision"] == "approved" and e["result"].get("wallet_id") == wallet_id
+                and e["result"].get("amount_fen") == 6_000_000]  # not the funding's approved cash-ins
     assert len(executed) == 1 and executed[0]["actor"] == "user:teller1"
 
     # Rejected: nothing moves.
@@ -331,10 +349,13 @@ async def test_large_cash_waits_for_a_second_person_and_happens_once(gw: Gateway
     assert response.status == 200 and (await response.json())["status"] == "rejected"
     assert (await wallet(gw, wallet_id))["balance_fen"] == START + sign * 6_000_000
 
-    # Positive control: at the threshold it goes straight through.
-    response = await cash(gw, direction, wallet_id, CASH_THRESHOLD, teller)
+    # Positive control: at the threshold it goes straight through (on a wallet with no such movement
+    # today yet: on this one, the ¥60,000 already counts towards the daily aggregate).
+    other = await funded_wallet(gw, START) if direction == "cash-out" else await open_wallet(gw)
+    before = (await wallet(gw, other))["balance_fen"]
+    response = await cash(gw, direction, other, CASH_THRESHOLD, teller)
     assert response.status == 200, await response.text()
-    assert (await wallet(gw, wallet_id))["balance_fen"] == START + sign * (6_000_000 + CASH_THRESHOLD)
+    assert (await wallet(gw, other))["balance_fen"] == before + sign * CASH_THRESHOLD
     assert await ledger_problems(gw) == []
 
 
@@ -372,10 +393,14 @@ async def test_large_device_load_waits_for_a_second_person_and_happens_once(gw: 
     assert response.status == 200 and (await response.json())["status"] == "rejected"
     assert (await device_doc(gw, device_id))["issued_fen"] == 1_500_000
 
-    # Positive control: at the threshold the load is signed at once.
-    response = await gw.client.post(url, json={"amount_fen": LOAD_THRESHOLD}, headers={**teller, **idem()})
+    # Positive control: at the threshold the load is signed at once (on a wallet with no load today yet:
+    # on this one, the ¥15,000 already counts towards the daily aggregate).
+    other = await supervisor_device(gw, await funded_wallet(gw, 4_000_000), teller)
+    response = await gw.client.post(f"/v1/devices/{other.state.device_id}/loads", json={"amount_fen": LOAD_THRESHOLD},
+                                    headers={**teller, **idem()})
     assert response.status == 201, await response.text()
-    assert (await device_doc(gw, device_id))["issued_fen"] == 1_500_000 + LOAD_THRESHOLD
+    assert (await device_doc(gw, other.state.device_id))["issued_fen"] == LOAD_THRESHOLD
+    assert (await device_doc(gw, device_id))["issued_fen"] == 1_500_000
     assert await ledger_problems(gw) == []
 
 
@@ -567,3 +592,150 @@ async def test_existing_identities_and_approvals_get_their_own_name_as_owner(sto
         assert await database.read(owners) == ("old.supervisor", "old:client", "old:client")
     finally:
         await database.close()
+
+
+# --- gaps: tier 1 at opening, interested parties, split operations ----------------------------------
+
+
+async def test_wallet_opened_at_tier_1_waits_for_a_second_person(gw: Gateway) -> None:
+    """Limits lifted at opening: a teller opens a wallet directly at tier 1 (no limits), sidestepping
+    the second person an upgrade to tier 1 needs."""
+    teller, supervisor2 = gw.auth(Role.TELLER), await login(gw, "supervisor2")
+    body = {"holder_name": "Tier One", "phone": "13800138000", "tier": 1, "kind": "personal"}
+    key = idem()
+    response = await gw.client.post("/v1/wallets", json=body, headers={**teller, **key})
+    assert response.status == 201, await response.text()
+    opened = await response.json()
+    wallet_id = opened["wallet_id"]
+    assert opened["tier"] == 2  # what the wallet really is until the upgrade is approved
+    approval = opened["tier_approval"]
+    assert approval["kind"] == "wallet_tier" and approval["status"] == "pending"
+    assert approval["payload"] == {"kind": "wallet_tier", "wallet_id": wallet_id, "from_tier": 2, "tier": 1}
+    assert approval["requested_by"] == "user:teller1"
+    assert (await wallet(gw, wallet_id))["tier"] == 2
+    # The retry with the same Idempotency-Key answers the same wallet and the same pending approval.
+    replay = await gw.client.post("/v1/wallets", json=body, headers={**teller, **key})
+    assert replay.status == 201 and replay.headers.get("Idempotent-Replayed") == "true"
+    assert await replay.json() == opened
+    count = await services(gw).database.read(lambda tx: tx.fetchone(
+        "SELECT COUNT(*) AS n FROM approvals WHERE kind = 'wallet_tier' AND payload LIKE ?", (f"%{wallet_id}%",)))
+    assert count is not None and int(count["n"]) == 1
+    # The opener decides nothing; the wallet stays at tier 2 with its tier-2 limits.
+    await assert_problem(await decide(gw, approval, teller), 403, "forbidden")
+    above_tier_2_cap = 50_000_001  # tier 2 holds at most ¥500,000
+    problem = await assert_problem(await cash(gw, "cash-in", wallet_id, above_tier_2_cap, teller), 422)
+    assert problem["reasons"] == ["balance-cap-exceeded"]
+    audited = [e for e in await audit_entries(gw) if e["result"].get("wallet_id") == wallet_id
+               and e["action"] in ("wallets.open", "wallets.tier")]
+    assert {(e["action"], e["decision"]) for e in audited} == {("wallets.open", "allowed"),
+                                                               ("wallets.tier", "pending_approval")}
+    assert next(e for e in audited if e["action"] == "wallets.open")["result"]["requested_tier"] == 1
+
+    # Positive control: a second person approves; the wallet is tier 1, with no balance cap (the large
+    # cash-in is now only a request for approval, as any above ¥50,000).
+    response = await decide(gw, approval, supervisor2)
+    assert response.status == 200, await response.text()
+    assert (await response.json())["result"] == {"wallet_id": wallet_id, "tier": 1}
+    assert (await wallet(gw, wallet_id))["tier"] == 1
+    await pending(await cash(gw, "cash-in", wallet_id, above_tier_2_cap, teller), "cash_in")
+    # Positive control: other tiers open at once, with no approval.
+    response = await gw.client.post("/v1/wallets", json={**body, "tier": 3}, headers=teller)
+    assert response.status == 201
+    other = await response.json()
+    assert other["tier"] == 3 and other.get("tier_approval") is None
+
+
+async def test_device_registrar_cannot_approve_an_honour_someone_else_requested(gw: Gateway) -> None:
+    """An interested party approves: the supervisor who registered the device (and may hold its key)
+    lets a colleague request the honour of its overspend and approves it themselves."""
+    supervisor1, supervisor2 = gw.auth(Role.SUPERVISOR), await login(gw, "supervisor2")
+    alias, supervisor3 = await login(gw, "supervisor1.alias"), await login(gw, "supervisor3")
+    discrepancy, payee_wallet, _ = await overspent_discrepancy(gw, supervisor1, 6_000, misbehave="overspend")
+    before_payee, before_suspense = (await wallet(gw, payee_wallet))["balance_fen"], await suspense(gw)
+    response = await gw.client.post(resolve_url(discrepancy), json={"resolution": "honour", "note": "pay it"},
+                                    headers=supervisor2)
+    approval = await pending(response, "offline_honour")
+    assert approval["requested_owner"] == "supervisor2" and approval["interested_owners"] == ["supervisor1"]
+    # The registrar, under either of their identities, decides nothing.
+    for identity in (supervisor1, alias):
+        for verb in ("approve", "reject"):
+            await assert_problem(await decide(gw, approval, identity, verb), 403, "interested-party")
+    assert (await wallet(gw, payee_wallet))["balance_fen"] == before_payee and await suspense(gw) == before_suspense
+
+    # Positive control: a third supervisor, with no stake in it, approves; paid exactly once.
+    response = await decide(gw, approval, supervisor3)
+    assert response.status == 200, await response.text()
+    assert (await response.json())["status"] == "executed"
+    assert (await wallet(gw, payee_wallet))["balance_fen"] == before_payee + 6_000
+    assert await suspense(gw) == before_suspense - 6_000
+    assert await ledger_problems(gw) == []
+
+
+async def test_device_registrar_cannot_approve_a_large_load_onto_it(gw: Gateway) -> None:
+    """An interested party approves: the supervisor who registered a device (and may hold its key)
+    approves a large load onto it that a teller requested."""
+    teller, supervisor1, supervisor2 = gw.auth(Role.TELLER), gw.auth(Role.SUPERVISOR), await login(gw, "supervisor2")
+    wallet_id = await funded_wallet(gw, 4_000_000)
+    device = await supervisor_device(gw, wallet_id, supervisor1)
+    device_id = device.state.device_id
+    url = f"/v1/devices/{device_id}/loads"
+    approval = await pending(await gw.client.post(url, json={"amount_fen": 1_500_000}, headers={**teller, **idem()}),
+                             "device_load")
+    assert approval["requested_owner"] == "teller1" and approval["interested_owners"] == ["supervisor1"]
+    await assert_problem(await decide(gw, approval, supervisor1), 403, "interested-party")
+    assert (await device_doc(gw, device_id))["issued_fen"] == 0
+
+    # Positive control: a supervisor who did not register the device approves it.
+    response = await decide(gw, approval, supervisor2)
+    assert response.status == 200, await response.text()
+    device.load(base64.b64decode((await response.json())["result"]["voucher"]))
+    assert device.balance == 1_500_000 and (await device_doc(gw, device_id))["issued_fen"] == 1_500_000
+    assert await ledger_problems(gw) == []
+
+
+@pytest.mark.parametrize("direction", ["cash-out", "cash-in"])
+async def test_cash_split_below_the_threshold_waits_once_the_day_adds_up(gw: Gateway, direction: str) -> None:
+    """Operations split below the threshold: three ¥49,999 cash-outs (or cash-ins) on one wallet in a
+    business day, each under the ¥50,000 single threshold, move ¥149,997 on one person's word."""
+    teller, supervisor2 = gw.auth(Role.TELLER), await login(gw, "supervisor2")
+    kind, part = direction.replace("-", "_"), 4_999_900
+    sign = -1 if direction == "cash-out" else 1
+    wallet_id = await funded_wallet(gw, START) if direction == "cash-out" else await open_wallet(gw)
+    start = (await wallet(gw, wallet_id))["balance_fen"]
+    # Positive control: below the daily aggregate each part goes straight through.
+    for _ in range(2):
+        response = await cash(gw, direction, wallet_id, part, teller)
+        assert response.status == 200, await response.text()
+    assert (await wallet(gw, wallet_id))["balance_fen"] == start + sign * 2 * part
+    # The part that takes the day past ¥100,000 waits for a second person.
+    approval = await pending(await cash(gw, direction, wallet_id, part, teller), kind)
+    assert approval["payload"] == {"kind": kind, "wallet_id": wallet_id, "amount_fen": part,
+                                   "day_total_fen": 3 * part}
+    assert (await wallet(gw, wallet_id))["balance_fen"] == start + sign * 2 * part
+    response = await decide(gw, approval, supervisor2)
+    assert response.status == 200 and (await response.json())["status"] == "executed"
+    assert (await wallet(gw, wallet_id))["balance_fen"] == start + sign * 3 * part
+    # And so does every further one today, however small.
+    await pending(await cash(gw, direction, wallet_id, 100, teller), kind)
+    # Positive control: the aggregate is per wallet: another wallet's first part goes through.
+    other = await funded_wallet(gw, part) if direction == "cash-out" else await open_wallet(gw)
+    assert (await cash(gw, direction, other, part, teller)).status == 200
+    assert await ledger_problems(gw) == []
+
+
+async def test_device_loads_split_below_the_threshold_wait_once_the_day_adds_up(gw: Gateway) -> None:
+    """Operations split below the threshold: loads just under the device-load threshold onto a device
+    add up, in one business day, to more than the daily aggregate on one person's word."""
+    teller = gw.auth(Role.TELLER)
+    wallet_id = await funded_wallet(gw, 4_000_000)
+    device = await supervisor_device(gw, wallet_id, teller)
+    url = f"/v1/devices/{device.state.device_id}/loads"
+    part = LOAD_THRESHOLD - 1
+    for _ in range(2):  # positive control: ¥19,999.98 today, under the ¥20,000 daily aggregate
+        response = await gw.client.post(url, json={"amount_fen": part}, headers={**teller, **idem()})
+        assert response.status == 201, await response.text()
+    approval = await pending(await gw.client.post(url, json={"amount_fen": part}, headers={**teller, **idem()}),
+                             "device_load")
+    assert approval["payload"]["day_total_fen"] == 3 * part
+    assert (await device_doc(gw, device.state.device_id))["issued_fen"] == 2 * part
+    assert await ledger_problems(gw) == []

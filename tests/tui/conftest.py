@@ -129,7 +129,9 @@ async def api(gateway: Gateway, method: str, path: str, role: Role = Role.TELLER
 async def new_wallet(gateway: Gateway, holder: str = "Wang Fang", tier: int = 4, cash: int = 0) -> str:
     document = await api(gateway, "POST", "/v1/wallets",
                          json={"holder_name": holder, "phone": "13900139000", "tier": tier, "kind": "personal"})
-    wallet_id: str = document["wallet_id"]
+    from tests.api.support import approve_opened_tier
+
+    wallet_id: str = (await approve_opened_tier(gateway, document))["wallet_id"]
     if cash > gateway.settings.approvals.cash_in_threshold_fen:  # dual control: a second person approves it
         from tests.api.support import approve_as_second_person
 

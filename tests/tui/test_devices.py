@@ -137,3 +137,50 @@ async def test_a_supervisor_resolves_a_discrepancy_in_the_ui(tui_gateway: Gatewa
     assert resolved["discrepancy_id"] == found["discrepancy_id"]
     assert resolved["resolution"] == "reject" and resolved["note"] == "checked with the branch: no such device"
     assert await discrepancies(tui_gateway, payer.state.device_id) == []
+
+
+async def test_a_load_over_the_daily_aggregate_shows_pending_approval(tui_gateway: Gateway) -> None:
+    """A 202 shown as a success or an error: a load that takes the wallet's loads today above the daily
+    threshold waits for a second person, and the teller must not write a voucher or retry."""
+    from tests.device.flows import load, register
+
+    wallet_id = await new_wallet(tui_gateway, "Daily Loads", tier=1, cash=15_000_000)
+    for index in range(2):  # ¥100,000 loaded today through two other devices: the daily threshold, not above
+        other = SimulatedDevice.create(device_id=f"sim-tui-daily-{index}")
+        await register(tui_gateway, other, wallet_id)
+        await load(tui_gateway, other, 5_000_000)
+    device = SimulatedDevice.create(device_id="sim-tui-pending")
+    path, stop, thread = start_in_thread(device)
+    try:
+        app = teller_app(tui_gateway)
+        async with app.run_test(size=(80, 24)) as pilot:
+            await login(pilot, "teller1")
+            await pilot.press("h")
+            await wait_for(pilot, lambda: isinstance(app.screen, DevicesScreen))
+            app.screen.query_one("#port-path").focus()
+            await type_text(pilot, path)
+            await pilot.press("enter")
+            await wait_for(pilot, lambda: "sim-tui-pending" in screen_text(app), what="device info")
+            app.screen.query_one("#ports-table").focus()
+            await pilot.press("g")
+            await wait_for(pilot, lambda: app.screen.query("#field-wallet_id"))
+            await type_text(pilot, grouped(wallet_id))
+            await pilot.press("enter", "enter")
+            await wait_for(pilot, lambda: "Register this hard wallet?" in screen_text(app))
+            await pilot.press("y")
+            await wait_for(pilot, lambda: has_notification(app, "Registered sim-tui-pending"), what="registration")
+
+            await pilot.press("l")
+            await wait_for(pilot, lambda: app.screen.query("#field-amount"))
+            await type_text(pilot, "100")
+            await pilot.press("enter")
+            await wait_for(pilot, lambda: "Load ¥100.00?" in screen_text(app))
+            await pilot.press("y")
+            await wait_for(pilot, lambda: has_notification(app, "pending approval a_"), what="pending approval")
+            assert not has_notification(app, "Loaded ¥100.00")
+            assert device.balance == 0  # no voucher was written
+        wallet = await api(tui_gateway, "GET", f"/v1/wallets/{wallet_id}")
+        assert wallet["balance_fen"] == 5_000_000 and wallet["offline_reserve_fen"] == 10_000_000
+    finally:
+        stop.set()
+        thread.join(timeout=5)

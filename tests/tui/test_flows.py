@@ -451,3 +451,71 @@ async def test_an_expired_session_returns_to_login_with_a_message(tui_gateway: G
         await login(pilot, "teller1")  # and a new login works, with fresh screens
         await pilot.press("w")
         await wait_for(pilot, lambda: isinstance(app.screen, WalletsScreen))
+
+
+async def test_a_large_cash_out_shows_pending_approval_and_moves_nothing(tui_gateway: Gateway) -> None:
+    """A 202 shown as a success or an error: the teller believes a ¥60,000 cash-out above the approval
+    threshold was paid (and hands over the cash) or failed (and retries)."""
+    wallet_id = await new_wallet(tui_gateway, "Large Cash Out", tier=2, cash=7_000_000)
+    app = teller_app(tui_gateway)
+    async with app.run_test(size=(80, 24)) as pilot:
+        await login(pilot, "teller1")
+        await open_filtered(pilot, "w", WalletsScreen, "Large Cash")
+        await wait_for(pilot, lambda: [r[1] for r in cell_texts(app, "#wallets-table")] == ["Large Cash Out"],
+                       what="search result")
+        await pilot.press("enter", "enter")  # from the filter to the table, then open the wallet
+        await wait_for(pilot, lambda: "Available ¥70,000.00" in screen_text(app), what="the wallet")
+        await pilot.press("o")
+        await wait_for(pilot, lambda: app.screen.query("#field-amount"))
+        await type_text(pilot, "60000")
+        await pilot.press("enter")
+        await wait_for(pilot, lambda: "Cash out ¥60,000.00?" in screen_text(app))
+        await pilot.press("y")
+        await wait_for(pilot, lambda: has_notification(app, "pending approval a_"), what="pending approval")
+        listed = await api(tui_gateway, "GET", "/v1/approvals", params={"status": "pending"})
+        mine = [a for a in listed["approvals"] if a["kind"] == "cash_out" and a["payload"]["wallet_id"] == wallet_id]
+        assert len(mine) == 1 and has_notification(app, f"pending approval {mine[0]['approval_id']}")
+        assert not has_notification(app, "Cashed out") and not has_notification(app, "failed")
+        await pilot.pause(0.3)
+        assert "Available ¥70,000.00" in screen_text(app)
+        document = await api(tui_gateway, "GET", f"/v1/wallets/{wallet_id}")
+        assert document["balance_fen"] == 7_000_000
+
+        # Positive control: below the threshold the cash-out is posted and shown as such.
+        await pilot.press("o")
+        await wait_for(pilot, lambda: app.screen.query("#field-amount"))
+        await type_text(pilot, "100")
+        await pilot.press("enter")
+        await wait_for(pilot, lambda: "Cash out ¥100.00?" in screen_text(app))
+        await pilot.press("y")
+        await wait_for(pilot, lambda: "Available ¥69,900.00" in screen_text(app), what="new balance")
+        assert has_notification(app, "Cashed out ¥100.00")
+
+
+async def test_a_wallet_opened_at_tier_1_shows_its_upgrade_pending(tui_gateway: Gateway) -> None:
+    """Limits lifted at opening: the teller asks for tier 1 and believes the wallet has no limits;
+    it is tier 2 until a second person approves, and the screen says so."""
+    app = teller_app(tui_gateway)
+    async with app.run_test(size=(80, 24)) as pilot:
+        await login(pilot, "teller1")
+        await pilot.press("w")
+        await wait_for(pilot, lambda: isinstance(app.screen, WalletsScreen))
+        await pilot.press("n")
+        await wait_for(pilot, lambda: app.screen.query("#field-holder_name"), what="new wallet form")
+        await type_text(pilot, "Tier One Teller")
+        await pilot.press("enter")
+        await type_text(pilot, "13800138000")
+        await pilot.press("enter", "enter")  # no identity number
+        await pilot.press("backspace", "1", "enter", "enter")  # tier 1, kind personal
+        await wait_for(pilot, lambda: "Open this wallet?" in screen_text(app), what="confirmation")
+        await pilot.press("y")
+        await wait_for(pilot, lambda: isinstance(app.screen, WalletDetailScreen), what="the new wallet")
+        screen = app.screen
+        assert isinstance(screen, WalletDetailScreen)
+        await wait_for(pilot, lambda: has_notification(app, "tier 1 is pending approval a_"), what="pending upgrade")
+        document = await api(tui_gateway, "GET", f"/v1/wallets/{screen.wallet_id}")
+        assert document["tier"] == 2
+        listed = await api(tui_gateway, "GET", "/v1/approvals", params={"status": "pending"})
+        upgrade = [a for a in listed["approvals"]
+                   if a["kind"] == "wallet_tier" and a["payload"]["wallet_id"] == screen.wallet_id]
+        assert len(upgrade) == 1 and has_notification(app, upgrade[0]["approval_id"])

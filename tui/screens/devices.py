@@ -17,7 +17,7 @@ from textual.message import Message
 from textual.widgets import DataTable, Input, Label, ProgressBar, Static
 
 from tui.base import ActionModal, ActionResult, FieldSpec, TellerScreen
-from tui.client import ApiError, DeviceRecord, new_idempotency_key
+from tui.client import ApiError, Approval, DeviceRecord, new_idempotency_key
 from tui.device import DeviceInfo, DeviceSession, PortInfo, list_ports
 from tui.format import grouped, is_wallet_id, money, normalise_wallet_id, parse_money
 
@@ -291,6 +291,10 @@ class DevicesScreen(TellerScreen):
         except Exception as error:
             self.keep_for_retry(f"Load {money(amount)}", lambda: self.load(amount, idempotency_key), error)
             raise
+        if isinstance(voucher, Approval):  # above a threshold: requested, nothing moved, no voucher yet
+            self.post_message(self.Done(f"Load of {money(amount)} onto {info.device_id} is pending approval "
+                                        f"{voucher.approval_id}: nothing moved yet; a supervisor decides it."))
+            return
         self._stage("Writing the voucher to the device…", 70)
         try:
             await device.load(voucher.voucher)

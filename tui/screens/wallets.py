@@ -18,7 +18,7 @@ from textual.message import Message
 from textual.widgets import DataTable, Input, Label, Static
 
 from tui.base import ActionModal, ActionResult, FieldSpec, TellerScreen, teller
-from tui.client import CashResult, TransactionPage, Wallet, new_idempotency_key
+from tui.client import Approval, CashResult, TransactionPage, Wallet, new_idempotency_key
 from tui.format import grouped, money, parse_money, short_time, tier_summary
 
 SEARCH_DELAY = 0.25  # seconds of quiet typing before the search goes to the gateway
@@ -171,6 +171,10 @@ class WalletsScreen(TellerScreen):
     def on_wallets_screen_opened(self, event: Opened) -> None:
         self.notify(f"Wallet {grouped(event.wallet.wallet_id)} opened for {event.wallet.holder_name}.",
                     title="Wallet opened", markup=False)
+        upgrade = event.wallet.tier_approval
+        if upgrade is not None:
+            self.notify(f"It is tier {event.wallet.tier} for now: tier 1 is pending approval {upgrade.approval_id} "
+                        "(a supervisor decides it).", title="Pending approval", markup=False, timeout=15)
         self.app.push_screen(WalletDetailScreen(event.wallet.wallet_id))
 
 
@@ -206,10 +210,16 @@ class WalletDetailScreen(TellerScreen):
             self.index = index
 
     class CashPosted(Message):
-        def __init__(self, direction: str, result: CashResult) -> None:
+        def __init__(self, direction: str, result: CashResult | Approval) -> None:
             super().__init__()
             self.direction = direction
             self.result = result
+
+    class TierPending(Message):
+        def __init__(self, approval: Approval, tier: int) -> None:
+            super().__init__()
+            self.approval = approval
+            self.tier = tier
 
     class WalletChanged(Message):
         def __init__(self, wallet: Wallet, what: str) -> None:
@@ -350,9 +360,17 @@ class WalletDetailScreen(TellerScreen):
         self.post_message(self.CashPosted(direction, result))
 
     def on_wallet_detail_screen_cash_posted(self, event: CashPosted) -> None:
-        verb = "Cashed in" if event.direction == "in" else "Cashed out"
-        self.notify(f"{verb} {money(event.result.amount_fen)}. New balance {money(event.result.balance_fen)}.",
-                    title="Posted", markup=False)
+        result = event.result
+        if isinstance(result, Approval):  # above a threshold: requested, not carried out
+            verb = "Cash in" if event.direction == "in" else "Cash out"
+            amount = result.payload.get("amount_fen")
+            self.notify(f"{verb} {money(amount) if isinstance(amount, int) else ''} is pending approval "
+                        f"{result.approval_id}: nothing moved yet; a supervisor decides it.",
+                        title="Pending approval", markup=False, timeout=15)
+        else:
+            verb = "Cashed in" if event.direction == "in" else "Cashed out"
+            self.notify(f"{verb} {money(result.amount_fen)}. New balance {money(result.balance_fen)}.",
+                        title="Posted", markup=False)
         self.pending = None
         self.refresh_bindings()
         self.reload()
@@ -414,7 +432,14 @@ class WalletDetailScreen(TellerScreen):
     @work(exclusive=True, exit_on_error=False, group="tier", name="Change tier")
     async def change_tier(self, tier: int, idempotency_key: str) -> None:
         wallet = await self.client.set_tier(self.wallet_id, tier, idempotency_key)
-        self.post_message(self.WalletChanged(wallet, f"moved to tier {tier}"))
+        if isinstance(wallet, Approval):  # an upgrade to tier 1 waits for a second person
+            self.post_message(self.TierPending(wallet, tier))
+        else:
+            self.post_message(self.WalletChanged(wallet, f"moved to tier {tier}"))
+
+    def on_wallet_detail_screen_tier_pending(self, event: TierPending) -> None:
+        self.notify(f"Tier {event.tier} is pending approval {event.approval.approval_id}: the wallet keeps its "
+                    "tier until a supervisor approves it.", title="Pending approval", markup=False, timeout=15)
 
     def on_wallet_detail_screen_wallet_changed(self, event: WalletChanged) -> None:
         self.notify(f"Wallet {grouped(event.wallet.wallet_id)} {event.what}.", title="Done", markup=False)

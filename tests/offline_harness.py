@@ -3,7 +3,8 @@
 A SQLite store driven through the same transaction functions the API uses
 (:meth:`Devices.register_in`, :meth:`Devices.load_in`, :func:`reconcile_in`), with a `cryptography`
 P-256 key standing in for the HSM's ``voucher`` key (certificates, vouchers and acknowledgements
-are then signed in software). Never used by the gateway itself.
+are then signed in software). Never used by the gateway itself: its users are the device and security
+tests and bench/reconcile.py (which imports it from here, as it imports tests/pg.py).
 """
 
 from __future__ import annotations

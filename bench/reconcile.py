@@ -37,7 +37,7 @@ sys.path.insert(0, str(ROOT))
 
 from bench.common import NCPU, machine, machine_busy_seconds  # noqa: E402
 from gateway.ledger.journal import check_invariants  # noqa: E402
-from gateway.offline.engine import check_offline_entries  # noqa: E402
+from gateway.offline.invariants import check_offline_entries  # noqa: E402
 from gateway.offline.settings import OfflineSettings  # noqa: E402
 from gateway.offline.verify import InlineVerifier, PoolVerifier, Verifier  # noqa: E402
 from tests.offline_harness import OfflineHarness  # noqa: E402

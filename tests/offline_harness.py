@@ -28,16 +28,9 @@ from gateway.ledger.sqlite import SqliteTx, _connect
 from gateway.ledger.store import Tx
 from gateway.offline.bulk import select_in
 from gateway.offline.devices import DAY_MS, Devices, LoadResult
-from gateway.offline.engine import (
-    Record,
-    Upload,
-    apply_checks,
-    hashes_to_check,
-    plan_checks,
-    read_uploads,
-    reconcile_in,
-)
+from gateway.offline.reconcile import reconcile_in
 from gateway.offline.settings import OfflineSettings
+from gateway.offline.upload import Record, Upload, apply_checks, hashes_to_check, plan_checks, read_uploads
 from gateway.offline.verify import InlineVerifier, Job, PoolVerifier, Verifier
 from gateway.schemes import offline
 from gateway.wallets.ids import new_wallet_id

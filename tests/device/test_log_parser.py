@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 from gateway.device.simulator import SimulatedDevice
 from gateway.errors import InvalidDeviceSignature, OfflineFormatError
 from gateway.ledger.journal import check_invariants
-from gateway.offline.engine import read_upload
+from gateway.offline.upload import read_upload
 from gateway.schemes import offline
 from tests.offline_harness import OfflineHarness
 

@@ -8,7 +8,7 @@ device logs, on SQLite. Not a test: CI runs none of this (docs/spec.md §12).
 Generation (not timed): N/per-device simulated hard wallets in a ring, device i paying device i+1
 ``per-device`` times (1–5,000 fen), each payee receiving; every device's signed log export then holds
 its payments and its receipts. Reconciliation (timed), through the gateway's own code with the
-HSM replaced by a software issuer key (:mod:`gateway.offline.harness`): exports in batches of
+HSM replaced by a software issuer key (:mod:`tests.offline_harness`): exports in batches of
 ``batch`` devices — read and parsed, signatures checked (outside the transaction; ``each``: every
 payment's own signature once, in a pool of ``workers`` spawned processes, the next batch's while
 this one is reconciled; ``endorsed``: one signature per export, see docs/device-protocol.md, and the
@@ -37,10 +37,10 @@ sys.path.insert(0, str(ROOT))
 
 from bench.common import NCPU, machine, machine_busy_seconds  # noqa: E402
 from gateway.ledger.journal import check_invariants  # noqa: E402
-from gateway.offline.engine import check_offline_entries  # noqa: E402
-from gateway.offline.harness import OfflineHarness  # noqa: E402
+from gateway.offline.invariants import check_offline_entries  # noqa: E402
 from gateway.offline.settings import OfflineSettings  # noqa: E402
 from gateway.offline.verify import InlineVerifier, PoolVerifier, Verifier  # noqa: E402
+from tests.offline_harness import OfflineHarness  # noqa: E402
 
 
 def generate(harness: OfflineHarness, payments: int, per_device: int, seed: int) -> tuple[list[tuple[str, bytes]], int]:

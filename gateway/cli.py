@@ -366,7 +366,7 @@ def cmd_audit_verify(args: argparse.Namespace) -> int:
 
 def cmd_ledger_check(args: argparse.Namespace) -> int:
     from gateway.ledger.journal import check_invariants
-    from gateway.offline.engine import check_offline_entries
+    from gateway.offline.invariants import check_offline_entries
 
     settings = _settings(args)
     problems = asyncio.run(_with_database(settings, lambda db: db.read(

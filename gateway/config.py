@@ -269,7 +269,7 @@ def _base_units(value: Any) -> Any:
 def _evm_address(value: Any) -> str:
     """An address in EIP-55 form; a mixed-case address with a wrong checksum is refused."""
     from gateway.errors import InvalidAddress
-    from gateway.schemes.evm import checksum, parse_address
+    from gateway.schemes.evm.values import checksum, parse_address
 
     try:
         return checksum(parse_address(value))

@@ -30,7 +30,7 @@ from gateway.errors import (
 )
 from gateway.hsm.profile import Algorithm
 from gateway.ledger.store import Tx
-from gateway.schemes.evm import checksum
+from gateway.schemes.evm.values import checksum
 
 
 class Usage(StrEnum):

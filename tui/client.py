@@ -1,10 +1,10 @@
 """The teller UI's only way into the system: an async HTTP client of the gateway's API.
 
-Every call returns a typed, immutable result or raises one error type, :class:`ApiError`, which
-carries the RFC 9457 problem document the gateway sent (or one this client made up when there was
-no answer at all). Two subclasses matter to the UI: :class:`SessionExpired` (a 401 on a call made
-with a session token: the UI goes back to the login screen) and :class:`GatewayUnreachable`
-(no connection, or no answer in time).
+Every call returns a typed, immutable result (:mod:`tui.models`, built here from the gateway's JSON) or
+raises one error type, :class:`ApiError`, which carries the RFC 9457 problem document the gateway sent
+(or one this client made up when there was no answer at all). Two subclasses matter to the UI:
+:class:`SessionExpired` (a 401 on a call made with a session token: the UI goes back to the login
+screen) and :class:`GatewayUnreachable` (no connection, or no answer in time).
 
 Money-moving calls take an ``idempotency_key``: the caller makes one per confirmed action and sends
 the same one again when it retries that action, so a retry never moves money twice.
@@ -14,15 +14,32 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import hashlib
 import json
 import re
 import uuid
 from collections.abc import Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import Any
 
 import aiohttp
+
+from tui.models import (
+    Approval,
+    AuditEntry,
+    AuditPage,
+    AuditVerification,
+    CashResult,
+    DeviceRecord,
+    Discrepancy,
+    LoadVoucher,
+    MetricsSample,
+    Readiness,
+    Registration,
+    Session,
+    Transaction,
+    TransactionPage,
+    Wallet,
+)
 
 PROBLEM_BASE = "https://ecny-gateway.dev/problems/"
 DEFAULT_GATEWAY = "http://127.0.0.1:8700"
@@ -102,182 +119,6 @@ class GatewayUnreachable(ApiError):
     def __init__(self, detail: str) -> None:
         super().__init__(0, {"type": PROBLEM_BASE + "unreachable", "title": "Gateway unreachable", "status": 0,
                              "detail": detail})
-
-
-# --- typed results -----------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Session:
-    username: str
-    token: str
-    role: str
-    expires_at: str
-
-
-@dataclass(frozen=True)
-class Readiness:
-    ready: bool
-    hsm_ready: bool
-    hsm_workers: int
-    hsm_workers_up: int
-    hsm_detail: str
-    store_ready: bool
-
-
-@dataclass(frozen=True)
-class MetricsSample:
-    """The counters the dashboard turns into rates."""
-
-    signatures_total: float
-    requests_total: float
-    refusals_total: float
-
-
-@dataclass(frozen=True)
-class Wallet:
-    wallet_id: str
-    holder_name: str
-    id_number: str | None
-    phone: str
-    tier: int
-    kind: str
-    status: str
-    status_reason: str
-    balance_fen: int
-    offline_reserve_fen: int
-    created_at: str
-    updated_at: str
-    tier_approval: "Approval | None" = None
-    """Opened with tier 1 asked for: the wallet is tier 2 and this upgrade waits for a second person."""
-
-
-@dataclass(frozen=True)
-class Transaction:
-    posting_id: int
-    entry_id: str
-    kind: str
-    reference: str
-    memo: str
-    account: str
-    amount_fen: int
-    business_day: str
-    created_at: str
-
-
-@dataclass(frozen=True)
-class TransactionPage:
-    transactions: tuple[Transaction, ...]
-    next_cursor: str | None
-
-
-@dataclass(frozen=True)
-class CashResult:
-    entry_id: str
-    wallet_id: str
-    amount_fen: int
-    balance_fen: int
-
-
-def canonical_json(value: Any) -> str:
-    """The gateway's canonical JSON (sorted keys, no spaces, UTF-8): what an approval's hash covers."""
-    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
-
-
-@dataclass(frozen=True)
-class Approval:
-    approval_id: str
-    kind: str
-    payload: dict[str, Any]
-    payload_hash: str
-    requested_by: str
-    status: str
-    decided_by: str | None
-    decided_at: str | None
-    note: str
-    result: dict[str, Any] | None
-    created_at: str
-    expires_at: str
-
-    def shown_hash(self) -> str:
-        """SHA-256 of the payload as decoded and shown here. The decision is sent with this hash, so
-        the gateway executes only what the supervisor saw (it refuses if it differs from the pending one)."""
-        return hashlib.sha256(canonical_json(self.payload).encode()).hexdigest()
-
-    @property
-    def hash_matches(self) -> bool:
-        return self.shown_hash() == self.payload_hash
-
-
-@dataclass(frozen=True)
-class AuditEntry:
-    seq: int
-    ts: str
-    actor: str
-    role: str
-    action: str
-    decision: str
-    reasons: tuple[str, ...]
-    payload_hash: str
-    key_id: str
-    result: dict[str, Any]
-    request_id: str
-    entry_hash: str
-
-
-@dataclass(frozen=True)
-class AuditPage:
-    entries: tuple[AuditEntry, ...]
-    next_after_seq: int | None
-
-
-@dataclass(frozen=True)
-class AuditVerification:
-    ok: bool
-    entries: int
-    checkpoints: int
-    head_seq: int
-    first_bad_seq: int | None
-    problem: str
-    warnings: tuple[str, ...]
-
-
-@dataclass(frozen=True)
-class Discrepancy:
-    """A reconciliation flag. The gateway's document is kept whole in ``document`` (evidence and all)."""
-
-    discrepancy_id: str
-    kind: str
-    status: str
-    device_id: str
-    wallet_id: str
-    amount_fen: int | None
-    evidence: dict[str, Any]
-    created_at: str
-    document: dict[str, Any] = field(repr=False, compare=False)
-
-
-@dataclass(frozen=True)
-class DeviceRecord:
-    device_id: str
-    wallet_id: str
-    status: str
-    model: str
-    document: dict[str, Any] = field(repr=False, compare=False)
-
-
-@dataclass(frozen=True)
-class Registration:
-    certificate: bytes
-    issuer_key_pem: str
-    document: dict[str, Any] = field(repr=False, compare=False)
-
-
-@dataclass(frozen=True)
-class LoadVoucher:
-    voucher: bytes
-    load_seq: int
-    document: dict[str, Any] = field(repr=False, compare=False)
 
 
 # --- parsing -------------------------------------------------------------------------------------------------

@@ -32,17 +32,10 @@ from gateway.evm.typed_data import TypedDataDraft, TypedDataService, typed_data_
 from gateway.keyring import KeyRecord, Usage
 from gateway.ledger.store import Tx
 from gateway.policy import evm as policy
-from gateway.schemes.evm import (
-    Erc20Call,
-    UnsignedTransaction,
-    check_fees,
-    checksum,
-    erc20_calldata,
-    parse_address,
-    parse_amount,
-    parse_data,
-    parse_typed_data,
-)
+from gateway.schemes.evm.eip712 import parse_typed_data
+from gateway.schemes.evm.erc20 import Erc20Call, erc20_calldata
+from gateway.schemes.evm.transactions import UnsignedTransaction, check_fees, parse_data
+from gateway.schemes.evm.values import checksum, parse_address, parse_amount
 
 EVM_SERVICE = web.AppKey("evm_service", EvmService)
 TYPED_DATA_SERVICE = web.AppKey("evm_typed_data_service", TypedDataService)

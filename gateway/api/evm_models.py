@@ -7,7 +7,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, RootModel, StringConstraints
 
-from gateway.schemes.evm import MAX_NONCE
+from gateway.schemes.evm.transactions import MAX_NONCE
 
 KeyId = Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{32}$")]
 ChainId = Annotated[int, Field(ge=1, le=2**53, description="EIP-155 chain id of a chain in the registry")]

@@ -2,7 +2,7 @@
 
 One request (``POST /v1/evm/transactions``):
 
-1. The body is parsed into an :class:`~gateway.schemes.evm.UnsignedTransaction` minus its nonce, and
+1. The body is parsed into an :class:`~gateway.schemes.evm.transactions.UnsignedTransaction` minus its nonce, and
    its decoded :class:`~gateway.policy.evm.Intent` (pure, no store).
 2. One write transaction, holding the lock of the (chain, address): expire stale approvals and free
    their nonces; read the day's spend; evaluate the policy (the fee caps, and the most the fees can
@@ -46,7 +46,7 @@ from gateway.keyring import KeyDirectory, KeyRecord, evm_address
 from gateway.ledger.store import Database, Tx
 from gateway.policy import evm as policy
 from gateway.policy.evm import Intent
-from gateway.schemes.evm import MAX_NONCE, Fees, UnsignedTransaction, finish_transaction
+from gateway.schemes.evm.transactions import MAX_NONCE, Fees, UnsignedTransaction, finish_transaction
 from gateway.wallets.service import Wallets
 
 APPROVAL_KIND = "evm_transaction"

@@ -33,7 +33,8 @@ from gateway.hsm.signer import Signer
 from gateway.keyring import KeyDirectory, KeyRecord, evm_address
 from gateway.ledger.store import Database, Tx
 from gateway.policy import evm as policy
-from gateway.schemes.evm import TypedData, parse_typed_data, recover_signature
+from gateway.schemes.evm.eip712 import TypedData, parse_typed_data
+from gateway.schemes.evm.signatures import recover_signature
 from gateway.wallets.service import Wallets
 
 APPROVAL_KIND = "evm_typed_data"

@@ -7,7 +7,7 @@ the cap (discrepancy ``payee-balance-cap``) instead of posting it: never silentl
 lost. A supervisor then posts it once the wallet has room (after a cash-out or a tier upgrade),
 honours it under the same check, or rejects it (the value goes back to the payer).
 
-Every crediting path — a matched payment in :mod:`gateway.offline.engine`, a supervisor's ``post`` or
+Every crediting path — a matched payment in :mod:`gateway.offline.rules`, a supervisor's ``post`` or
 ``honour`` in :mod:`gateway.offline.devices` — counts the credits it has made so far in the same
 transaction with :class:`PayeeCredits`.
 """

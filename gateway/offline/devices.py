@@ -52,17 +52,11 @@ from gateway.ledger import journal
 from gateway.ledger.store import Database, Row, Tx
 from gateway.offline.bulk import Transfer, post_offline, select_in
 from gateway.offline.caps import PayeeCredits, wallet_limits
-from gateway.offline.engine import (
-    KINDS,
-    apply_checks,
-    hashes_to_check,
-    offline_entry_id,
-    plan_checks,
-    read_upload,
-    reconcile_in,
-    record_refused_export,
-)
+from gateway.offline.invariants import offline_entry_id
+from gateway.offline.reconcile import reconcile_in, record_refused_export
+from gateway.offline.rules import KINDS
 from gateway.offline.settings import OfflineSettings, offline_settings
+from gateway.offline.upload import apply_checks, hashes_to_check, plan_checks, read_upload
 from gateway.offline.verify import InlineVerifier, Verifier
 from gateway.schemes import offline
 from gateway.schemes.cose import sign1
@@ -527,7 +521,7 @@ def discrepancy_in(tx: Tx, discrepancy_id: str) -> dict[str, Any]:
 
 def _flag(tx: Tx, kind: str, key: str, device_id: str, evidence: dict[str, Any], amount: int) -> str:
     """Raise a discrepancy outside a reconciliation (once per key); returns its id."""
-    from gateway.offline.engine import Reconciliation
+    from gateway.offline.rules import Reconciliation
 
     reconciliation = Reconciliation(tx, OfflineSettings(), "")
     discrepancy_id = reconciliation.flag(kind, key, device_id, evidence, amount)

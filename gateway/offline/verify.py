@@ -110,7 +110,7 @@ class PoolVerifier:
 
     def submit(self, fn: Callable[..., T], *args: Any) -> Future[T]:
         """Run another pure function in the workers (reading log exports ahead:
-        :func:`gateway.offline.engine.read_uploads`); ``fn`` must be importable by a spawned process."""
+        :func:`gateway.offline.upload.read_uploads`); ``fn`` must be importable by a spawned process."""
         return self._pool.submit(fn, *args)
 
     def close(self) -> None:

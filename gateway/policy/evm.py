@@ -40,15 +40,10 @@ from gateway.errors import (
     UnknownToken,
 )
 from gateway.policy.limits import Decision
-from gateway.schemes.evm import (
-    UINT256_MAX,
-    Erc20Call,
-    Fees,
-    TypedData,
-    checksum,
-    decode_erc20_calldata,
-    parse_address,
-)
+from gateway.schemes.evm.eip712 import TypedData
+from gateway.schemes.evm.erc20 import Erc20Call, decode_erc20_calldata
+from gateway.schemes.evm.transactions import Fees
+from gateway.schemes.evm.values import UINT256_MAX, checksum, parse_address
 
 NATIVE = "native"
 

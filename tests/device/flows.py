@@ -17,7 +17,7 @@ from pycose.messages import Sign1Message
 from gateway.auth.roles import Role
 from gateway.device.simulator import SimulatedDevice
 from gateway.ledger.journal import check_invariants
-from gateway.offline.engine import check_offline_entries
+from gateway.offline.invariants import check_offline_entries
 from gateway.services import SERVICES
 from tests.api.support import approve_opened_tier
 from tests.conftest import Gateway

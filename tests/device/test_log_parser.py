@@ -16,9 +16,9 @@ from hypothesis import strategies as st
 from gateway.device.simulator import SimulatedDevice
 from gateway.errors import InvalidDeviceSignature, OfflineFormatError
 from gateway.ledger.journal import check_invariants
-from gateway.offline.engine import read_upload
-from gateway.offline.harness import OfflineHarness
+from gateway.offline.upload import read_upload
 from gateway.schemes import offline
+from tests.offline_harness import OfflineHarness
 
 FUZZ = settings(max_examples=300, deadline=2000, suppress_health_check=[HealthCheck.too_slow,
                                                                            HealthCheck.function_scoped_fixture])

@@ -14,11 +14,12 @@ import pytest
 from gateway.device.simulator import SimulatedDevice
 from gateway.errors import GatewayError
 from gateway.ledger.journal import check_invariants
-from gateway.offline.engine import check_offline_entries, offline_entry_id, read_uploads
-from gateway.offline.harness import OfflineHarness
+from gateway.offline.invariants import check_offline_entries, offline_entry_id
 from gateway.offline.settings import OfflineSettings
+from gateway.offline.upload import read_uploads
 from gateway.offline.verify import PoolVerifier
 from gateway.schemes import offline
+from tests.offline_harness import OfflineHarness
 
 
 def world(path: Path, settings: OfflineSettings | None = None,

@@ -29,8 +29,7 @@ from gateway.auth.roles import Role
 from gateway.device.simulator import SimulatedDevice
 from gateway.errors import GatewayError
 from gateway.offline.devices import RESOLUTIONS
-from gateway.offline.engine import KINDS
-from gateway.offline.harness import OfflineHarness
+from gateway.offline.rules import KINDS
 from gateway.schemes import offline
 from gateway.services import SERVICES
 from tests.api.support import assert_problem
@@ -50,6 +49,7 @@ from tests.device.flows import (
     sync,
     wallet,
 )
+from tests.offline_harness import OfflineHarness
 
 pytestmark = pytest.mark.softhsm
 

@@ -7,7 +7,8 @@ import json
 from collections.abc import Mapping
 from typing import Any
 
-from tui.client import GatewayClient, Response, Session
+from tui.client import GatewayClient, Response
+from tui.models import Session
 
 WALLET = {
     "wallet_id": "8123456789012344", "holder_name": "Li Lei", "id_number": "1101****1234", "phone": "13800138000",
@@ -75,7 +76,7 @@ ecny_signatures_total{algorithm="ecdsa-p256",usage="ecny"} 34.0
 def _with_hashes(approvals: list[dict[str, Any]]) -> list[dict[str, Any]]:
     import hashlib
 
-    from tui.client import canonical_json
+    from tui.models import canonical_json
 
     return [{**a, "payload_hash": hashlib.sha256(canonical_json(a["payload"]).encode()).hexdigest()}
             for a in approvals]

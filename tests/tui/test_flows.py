@@ -274,7 +274,7 @@ async def test_supervisor_approves_an_erc20_transfer_shown_as_the_gateway_decode
     from eth_account.typed_transactions.typed_transaction import TypedTransaction
     from hexbytes import HexBytes
 
-    from gateway.schemes.evm import checksum
+    from gateway.schemes.evm.values import checksum
 
     key = await api(tui_gateway, "POST", "/v1/keys", role=Role.ADMIN,
                     json={"label": f"tui-evm-{os.urandom(3).hex()}", "algorithm": "ecdsa-secp256k1",

@@ -42,27 +42,11 @@ from gateway.errors import (
 )
 from gateway.keyring import evm_address
 from gateway.policy import evm as policy
-from gateway.schemes.evm import (
-    ERC20_METHODS,
-    HALF_N,
-    MAX_TYPED_DEPTH,
-    SECP256K1_N,
-    Erc20Call,
-    Fees,
-    UnsignedTransaction,
-    check_fees,
-    checksum,
-    decode_erc20_calldata,
-    dependencies,
-    erc20_calldata,
-    finish_transaction,
-    low_s,
-    parse_address,
-    parse_amount,
-    parse_data,
-    parse_typed_data,
-    recover_signature,
-)
+from gateway.schemes.evm.eip712 import MAX_TYPED_DEPTH, dependencies, parse_typed_data
+from gateway.schemes.evm.erc20 import ERC20_METHODS, Erc20Call, decode_erc20_calldata, erc20_calldata
+from gateway.schemes.evm.signatures import HALF_N, SECP256K1_N, low_s, recover_signature
+from gateway.schemes.evm.transactions import Fees, UnsignedTransaction, check_fees, finish_transaction, parse_data
+from gateway.schemes.evm.values import checksum, parse_address, parse_amount
 
 
 class SoftKey:

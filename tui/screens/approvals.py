@@ -19,8 +19,9 @@ from textual.message import Message
 from textual.widgets import DataTable, Input, Label, Static
 
 from tui.base import ActionModal, ActionResult, FieldSpec, TellerScreen, teller
-from tui.client import Approval, new_idempotency_key
+from tui.client import new_idempotency_key
 from tui.format import describe_payload, payload_summary, short_time
+from tui.models import Approval
 
 STATUSES = ("pending", "all")
 

@@ -14,7 +14,7 @@ from textual.message import Message
 from textual.widgets import DataTable, Input, Label, Static
 
 from tui.base import TellerScreen
-from tui.client import AuditPage, AuditVerification
+from tui.models import AuditPage, AuditVerification
 
 PAGE = 100
 

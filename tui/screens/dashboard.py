@@ -18,7 +18,8 @@ from textual.message import Message
 from textual.widgets import Label, Sparkline, Static
 
 from tui.base import TellerScreen, teller
-from tui.client import ApiError, MetricsSample, Readiness, gather_results
+from tui.client import ApiError, gather_results
+from tui.models import MetricsSample, Readiness
 
 HISTORY = 60  # samples kept for the sparkline
 

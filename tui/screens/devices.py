@@ -17,9 +17,10 @@ from textual.message import Message
 from textual.widgets import DataTable, Input, Label, ProgressBar, Static
 
 from tui.base import ActionModal, ActionResult, FieldSpec, TellerScreen
-from tui.client import ApiError, Approval, DeviceRecord, new_idempotency_key
+from tui.client import ApiError, new_idempotency_key
 from tui.device import DeviceInfo, DeviceSession, PortInfo, list_ports
 from tui.format import grouped, is_wallet_id, money, normalise_wallet_id, parse_money
+from tui.models import Approval, DeviceRecord
 
 
 def _check_wallet(text: str) -> str | None:

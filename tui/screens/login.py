@@ -14,7 +14,8 @@ from textual.widgets import Button, Footer, Input, Label, Static
 from textual.worker import Worker, WorkerState
 
 from tui.base import teller
-from tui.client import ApiError, Session
+from tui.client import ApiError
+from tui.models import Session
 
 
 class LoginScreen(Screen[None]):

@@ -15,8 +15,9 @@ from textual.message import Message
 from textual.widgets import DataTable, Input, Label, Static
 
 from tui.base import ActionModal, ActionResult, FieldSpec, TellerScreen
-from tui.client import Discrepancy, new_idempotency_key
+from tui.client import new_idempotency_key
 from tui.format import grouped, money, short_time
+from tui.models import Discrepancy
 
 RESOLUTIONS = ("post", "honour", "reject", "acknowledge")  # the gateway's ResolveRequest.resolution
 

@@ -18,8 +18,9 @@ from textual.message import Message
 from textual.widgets import DataTable, Input, Label, Static
 
 from tui.base import ActionModal, ActionResult, FieldSpec, TellerScreen, teller
-from tui.client import Approval, CashResult, TransactionPage, Wallet, new_idempotency_key
+from tui.client import new_idempotency_key
 from tui.format import grouped, money, parse_money, short_time, tier_summary
+from tui.models import Approval, CashResult, TransactionPage, Wallet
 
 SEARCH_DELAY = 0.25  # seconds of quiet typing before the search goes to the gateway
 

@@ -3,7 +3,8 @@
 A SQLite store driven through the same transaction functions the API uses
 (:meth:`Devices.register_in`, :meth:`Devices.load_in`, :func:`reconcile_in`), with a `cryptography`
 P-256 key standing in for the HSM's ``voucher`` key (certificates, vouchers and acknowledgements
-are then signed in software). Never used by the gateway itself.
+are then signed in software). Never used by the gateway itself: its users are the device and security
+tests and bench/reconcile.py (which imports it from here, as it imports tests/pg.py).
 """
 
 from __future__ import annotations
@@ -27,16 +28,9 @@ from gateway.ledger.sqlite import SqliteTx, _connect
 from gateway.ledger.store import Tx
 from gateway.offline.bulk import select_in
 from gateway.offline.devices import DAY_MS, Devices, LoadResult
-from gateway.offline.engine import (
-    Record,
-    Upload,
-    apply_checks,
-    hashes_to_check,
-    plan_checks,
-    read_uploads,
-    reconcile_in,
-)
+from gateway.offline.reconcile import reconcile_in
 from gateway.offline.settings import OfflineSettings
+from gateway.offline.upload import Record, Upload, apply_checks, hashes_to_check, plan_checks, read_uploads
 from gateway.offline.verify import InlineVerifier, Job, PoolVerifier, Verifier
 from gateway.schemes import offline
 from gateway.wallets.ids import new_wallet_id

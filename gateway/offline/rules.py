@@ -1,57 +1,39 @@
-"""Reconciliation of hard-wallet logs with the ledger (docs/spec.md §8, docs/device-protocol.md).
+"""The reconciliation rules: one batch of checked uploads applied inside one write transaction.
 
-A device's log export holds the payments it made (signed by itself, in counter order, each naming
-the hash of the one before) and the payments it received. Reconciling it:
-
-1. :func:`read_upload` takes the device-signed export apart (no trust yet);
-   :func:`plan_checks` lists the signatures to check and :func:`apply_checks` records the results
-   of a :class:`~gateway.offline.verify.Verifier` — both outside any transaction, so verification
-   can run in a process pool and never holds a lock.
-2. :func:`reconcile_in` applies the rules inside one write transaction, under the locks of the
-   devices and wallets involved, and writes everything set-at-a-time (:mod:`gateway.offline.bulk`).
+:class:`Reconciliation` takes the devices and wallets involved under their locks, applies the rules to
+each payer's log and each payee's log (:func:`gateway.offline.reconcile.reconcile_in` drives it), and
+writes everything it decided set-at-a-time (:mod:`gateway.offline.bulk`).
 
 A payment is posted — payer's offline reserve → payee's wallet, one journal entry whose id derives
 from the payment's hash, so it can never post twice — when it is authentic, passes every rule, and
 both its payer's record and its payee's record have arrived. A payment that fails a rule is *held*
 and gets a discrepancy (kind, evidence, device, amount) for a supervisor; a record that cannot be a
 payment at all (malformed, bad signature, unknown payer) becomes a discrepancy with the record as
-evidence. Nothing is dropped. The same export uploaded again changes nothing (its hash is
-recorded), and so does an export that repeats payments already reconciled.
+evidence. Nothing is dropped, and payments already reconciled change nothing when they come again.
 
 Rules, in the order that names a held payment's discrepancy (every failed rule is in its evidence):
-:data:`HOLD_ORDER`.
+:data:`HOLD_ORDER`; every kind of discrepancy: :data:`KINDS`.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import secrets
 from collections import defaultdict
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
 from gateway import clock
-from gateway.audit.chain import AuditEntry, append
-from gateway.errors import InvalidDeviceSignature, OfflineFormatError
 from gateway.ledger.journal import LedgerInvariantBroken, reserve_account, wallet_account
 from gateway.ledger.store import Tx
 from gateway.offline.bulk import Transfer, insert_many, post_offline, select_in, update_in
 from gateway.offline.caps import PayeeCredits, WalletLimits, default_limits
+from gateway.offline.invariants import offline_entry_id, outstanding_problem
+from gateway.offline.report import Report, SideCounts
 from gateway.offline.settings import OfflineSettings
-from gateway.offline.verify import Job
-from gateway.schemes.offline import (
-    ES256,
-    Envelope,
-    LogExport,
-    Payment,
-    open_envelope,
-    parse_export,
-    parse_payment,
-    record_hash,
-)
+from gateway.offline.upload import Record, Upload
+from gateway.schemes.offline import Payment
 
 KINDS: dict[str, str] = {
     "malformed-record": "a log entry that is not a payment (or not the device's own, or not to it)",
@@ -91,340 +73,6 @@ AUTO_RESOLVED = frozenset({"unmatched-payer-record"})
 NONE: frozenset[bytes] = frozenset()
 """No other payment at the same payer and counter (shared: the usual case, one per payment)."""
 
-
-def offline_entry_id(payment_hash: bytes) -> str:
-    """The journal entry id of a payment: derived from its hash (96 bits of it, as long as the ledger's
-    other entry ids), so it can only ever post once. The entry's reference is the full hash."""
-    return "off_" + payment_hash[:12].hex()
-
-
-def check_offline_entries(tx: Tx) -> list[str]:
-    """Offline payments against the journal (``ecny-gateway ledger check`` covers the journal itself): every
-    posted or honoured payment names the journal entry that moved it, and every such entry credits exactly
-    the sum of the payments naming it. Returns the problems found (none: sound)."""
-    problems = []
-    for row in tx.fetchall("SELECT payment_hash, status FROM offline_payments "
-                           "WHERE status IN ('posted', 'honoured') AND entry_id IS NULL"):
-        # Recorded before payments named their entry: then each had its own, offline_entry_id(hash).
-        digest = bytes(row["payment_hash"])
-        if tx.fetchone("SELECT 1 FROM journal WHERE entry_id = ?", (offline_entry_id(digest),)) is None:
-            problems.append(f"offline payment {digest.hex()} is {row['status']} but has no journal entry")
-    for row in tx.fetchall(
-            "SELECT p.entry_id, p.paid, (SELECT COALESCE(SUM(amount), 0) FROM postings "
-            "WHERE postings.entry_id = p.entry_id AND amount > 0) AS credited FROM (SELECT entry_id, SUM(amount) "
-            "AS paid FROM offline_payments WHERE entry_id IS NOT NULL GROUP BY entry_id) p"):
-        if int(row["paid"]) != int(row["credited"]):
-            problems.append(f"journal entry {row['entry_id']} credits {row['credited']} for offline payments of "
-                            f"{row['paid']}")
-    return problems + check_offline_reserves(tx)
-
-
-def outstanding_problem(device: Any) -> str:
-    """What is wrong with a device's figures (empty: nothing): its payments within the loaded value
-    (``spent_fen``) and the value returned at unload never add up to more than was loaded (``issued_fen``),
-    so its outstanding value (issued - spent - returned) is never negative."""
-    issued, spent, returned = int(device["issued_fen"]), int(device["spent_fen"]), int(device["returned_fen"])
-    if spent < 0 or returned < 0 or spent + returned > issued:
-        return (f"device {device['device_id']}: spent {spent} + returned {returned} fen exceed the {issued} fen "
-                f"loaded (outstanding {issued - spent - returned})")
-    return ""
-
-
-def check_offline_reserves(tx: Tx) -> list[str]:
-    """Hard wallets against the ledger: no device's outstanding value is negative, and every wallet's offline
-    reserve holds exactly its devices' outstanding value plus the payments within their loaded value that are
-    not settled yet (awaiting a record or held). Returns the problems found (none: sound)."""
-    problems = [outstanding_problem(row) for row in tx.fetchall(
-        "SELECT device_id, issued_fen, spent_fen, returned_fen FROM devices "
-        "WHERE spent_fen < 0 OR returned_fen < 0 OR spent_fen + returned_fen > issued_fen")]
-    # Three grouped scans (a store of millions of payments is checked in linear time), compared here.
-    expected: dict[str, int] = defaultdict(int)
-    held: dict[str, int] = defaultdict(int)
-    for row in tx.fetchall("SELECT wallet_id, SUM(issued_fen - spent_fen - returned_fen) AS outstanding "
-                           "FROM devices GROUP BY wallet_id"):
-        expected[reserve_account(row["wallet_id"])] += int(row["outstanding"])
-    for row in tx.fetchall("SELECT d.wallet_id, SUM(p.amount) AS unsettled FROM offline_payments p JOIN devices d "
-                           "ON d.device_id = p.payer_device WHERE p.in_budget = 1 "
-                           "AND p.status NOT IN ('posted', 'honoured', 'rejected') GROUP BY d.wallet_id"):
-        expected[reserve_account(row["wallet_id"])] += int(row["unsettled"])
-        held[reserve_account(row["wallet_id"])] = int(row["unsettled"])
-    reserves = {row["account_id"]: int(row["balance"]) for row in tx.fetchall(
-        "SELECT account_id, balance FROM accounts WHERE kind = 'reserve'")}
-    for account_id in sorted(set(reserves) | set(expected)):
-        balance, want = reserves.get(account_id, 0), expected.get(account_id, 0)
-        if balance != want:
-            wallet_id = account_id.removeprefix(reserve_account(""))
-            problems.append(f"wallet {wallet_id}: offline reserve {balance} fen, but its devices hold "
-                            f"{want - held[account_id]} and {held[account_id]} awaits settlement")
-    return problems
-
-
-def tbs_digest(message: Envelope) -> bytes:
-    """SHA-256 of a COSE_Sign1's Sig_structure: what an ES256 signature signs."""
-    return message.to_be_signed()
-
-
-# --- reading uploads (no trust yet) -----------------------------------------------------------------
-
-
-@dataclass(slots=True)
-class Record:
-    """One signed payment from a log, parsed — or the reason it could not be.
-
-    Read in another process (:func:`read_uploads`), records cross over in columns with their upload
-    (:meth:`Upload.__reduce__`), without their ``message`` (see :meth:`envelope_message`): fewer
-    objects to pickle and rebuild."""
-
-    envelope: bytes
-    index: int
-    message: Envelope | None = None
-    payment: Payment | None = None
-    hash: bytes = b""
-    error: str = ""
-    alg: int = 0  # the envelope's COSE alg (when it parsed)
-    authentic: bool | None = None  # None: not checked (yet)
-    endorsed_by: Upload | None = None  # its payer's export vouches for it (settings: endorsed)
-
-    def envelope_message(self) -> Envelope:
-        """The parsed COSE_Sign1 (parsed again if the record came from another process). Only for records
-        that parsed (``payment`` is not None)."""
-        return self.message if self.message is not None else open_envelope(self.envelope)
-
-
-Columns = tuple[list[bytes], list[Payment | None], list[bytes], list[str], list[int], list[bool | None]]
-"""Records as they cross between processes: envelopes, payments, hashes, errors, algs, authentic flags
-(a record's index is its position)."""
-
-
-def _columns(records: list[Record]) -> Columns:
-    return ([r.envelope for r in records], [r.payment for r in records], [r.hash for r in records],
-            [r.error for r in records], [r.alg for r in records], [r.authentic for r in records])
-
-
-def _from_columns(columns: Columns) -> list[Record]:
-    envelopes, payments, hashes, errors, algs, authentic = columns
-    return [Record(envelope, index, None, payment, digest, error, alg, ok) for index, (envelope, payment, digest, error,
-            alg, ok) in enumerate(zip(envelopes, payments, hashes, errors, algs, authentic, strict=True))]
-
-
-@dataclass
-class Upload:
-    """One device's log export, read but not yet trusted.
-
-    ``signed`` is what checking the export's own signature needs — (SHA-256 of its Sig_structure, the
-    signature) — rather than the export's COSE_Sign1, which holds the whole export a second time.
-    Pickled (:func:`read_uploads`), its ``export`` crosses over without the raw ``payments`` and
-    ``receipts`` lists (they are in :attr:`payments` and :attr:`receipts`, parsed), and its records in
-    columns (:data:`Columns`)."""
-
-    device_id: str
-    export_hash: bytes
-    export: LogExport
-    signed: tuple[bytes, bytes]
-    payments: list[Record]
-    receipts: list[Record]
-    export_ok: bool | None = None
-
-    def __reduce__(self) -> tuple[Any, ...]:
-        export = dataclasses.replace(self.export, payments=[], receipts=[])
-        return _upload, (self.device_id, self.export_hash, export, self.signed, _columns(self.payments),
-                         _columns(self.receipts), self.export_ok)
-
-
-def _upload(device_id: str, export_hash: bytes, export: LogExport, signed: tuple[bytes, bytes], payments: Columns,
-            receipts: Columns, export_ok: bool | None) -> Upload:
-    return Upload(device_id, export_hash, export, signed, _from_columns(payments), _from_columns(receipts), export_ok)
-
-
-Parsed = tuple[Envelope | None, Payment | None, bytes, str, bytes]
-"""An envelope taken apart: (message, payment, payment hash, error, the envelope)."""
-
-
-def _parse(envelope: bytes) -> Parsed:
-    try:
-        message = open_envelope(envelope)
-        payment = parse_payment(message.payload)
-    except OfflineFormatError as exc:
-        return None, None, b"", exc.detail, envelope
-    return message, payment, record_hash(message.payload), "", envelope
-
-
-def _records(envelopes: list[bytes], cache: dict[bytes, Parsed] | None) -> list[Record]:
-    records = []
-    for index, envelope in enumerate(envelopes):
-        parsed = cache.get(envelope) if cache is not None else None
-        if parsed is None:
-            parsed = _parse(envelope)
-            if cache is not None:
-                cache[envelope] = parsed
-        message, payment, digest, error, first = parsed
-        # ``first``: the same bytes object on both sides of a payment, so that it pickles once.
-        records.append(Record(first, index, message, payment, digest, error, message.alg if message is not None else 0))
-    return records
-
-
-def read_upload(device_id: str, blob: bytes, cache: dict[bytes, Parsed] | None = None) -> Upload:
-    """Take a device's signed log export apart.
-
-    Args:
-        cache: shared by the uploads of one batch, so that a payment met on both sides (the same
-            envelope in its payer's and its payee's log) is parsed once.
-    Raises:
-        OfflineFormatError: not a signed export (malformed entries inside are kept, as records with an error).
-        InvalidDeviceSignature: the export names another device.
-    """
-    message = open_envelope(blob)
-    export = parse_export(message.payload)
-    if export.device_id != device_id:
-        raise InvalidDeviceSignature(f"the export is device {export.device_id}'s, not {device_id}'s",
-                                     ["export-for-another-device"])
-    return Upload(device_id, record_hash(message.payload), export, (tbs_digest(message), message.signature),
-                  _records(export.payments, cache), _records(export.receipts, cache))
-
-
-def read_uploads(exports: Sequence[tuple[str, bytes]]) -> list[Upload]:
-    """:func:`read_upload` for a batch of ``(device_id, export)`` (a payment in both its payer's and its payee's
-    log is parsed once). Pure: a worker process can run it (``PoolVerifier.submit``); its result pickles
-    compactly (see :class:`Record`, :class:`Upload`).
-
-    Raises:
-        OfflineFormatError, InvalidDeviceSignature: as :func:`read_upload`, for the first export that fails.
-    """
-    cache: dict[bytes, Parsed] = {}
-    return [read_upload(device_id, blob, cache) for device_id, blob in exports]
-
-
-def _own_payments(uploads: Sequence[Upload], mode: str) -> dict[bytes, Upload]:
-    """``endorsed`` mode: the payments inside their own payer's export in this batch, by hash."""
-    own: dict[bytes, Upload] = {}
-    if mode == "endorsed":
-        for upload in uploads:
-            for record in upload.payments:
-                if record.payment is not None and record.payment.payer == upload.device_id:
-                    own.setdefault(record.hash, upload)
-    return own
-
-
-def hashes_to_check(uploads: Sequence[Upload], mode: str) -> list[bytes]:
-    """The payment hashes :func:`plan_checks` needs to know about (reconciled already or not): every parsed
-    record's, except in ``endorsed`` mode the ES256 ones an export of the batch vouches for (reconciled
-    already or not, they need no check of their own, and the rules go by the recorded rows anyway)."""
-    own = _own_payments(uploads, mode)
-    return sorted({record.hash for upload in uploads for records in (upload.payments, upload.receipts)
-                   for record in records
-                   if record.payment is not None and (record.hash not in own or record.alg != ES256)})
-
-
-def plan_checks(uploads: Sequence[Upload], points: dict[str, bytes], known: set[bytes],
-                mode: str) -> tuple[list[Job], list[list[Record | Upload]]]:
-    """The signatures to verify, each once: every export's, and every payment's not already reconciled
-    (``known``: those of :func:`hashes_to_check` already recorded) — except, in ``endorsed`` mode, payments
-    whose payer's own export in this batch holds the same payload (that export's signature vouches for them,
-    on either side).
-
-    Args:
-        points: public points of the devices concerned (uploaders and payers of receipts).
-    Returns:
-        (jobs, targets): ``targets[i]`` are the uploads and records that ``jobs[i]`` decides.
-    """
-    jobs: list[Job] = []
-    targets: list[list[Record | Upload]] = []
-    index: dict[Job, int] = {}
-
-    def add(job: Job, target: Record | Upload) -> None:
-        position = index.get(job)
-        if position is None:
-            index[job] = position = len(jobs)
-            jobs.append(job)
-            targets.append([])
-        targets[position].append(target)
-
-    own = _own_payments(uploads, mode)
-    for upload in uploads:
-        point = points.get(upload.device_id, b"")
-        add((point, *upload.signed), upload)
-        for records in (upload.payments, upload.receipts):
-            for record in records:
-                if record.payment is None:
-                    continue
-                if record.hash in known:
-                    record.authentic = True
-                    continue
-                payer_point = points.get(record.payment.payer)
-                if payer_point is None or record.alg != ES256:
-                    record.authentic = False if payer_point is not None else None
-                    continue
-                endorser = own.get(record.hash)
-                if endorser is not None:  # its payer's export in this batch vouches for the same payload
-                    record.endorsed_by = endorser
-                    continue
-                message = record.envelope_message()
-                add((payer_point, tbs_digest(message), message.signature), record)
-    return jobs, targets
-
-
-def apply_checks(uploads: Sequence[Upload], targets: list[list[Record | Upload]], results: Sequence[bool]) -> None:
-    for group, ok in zip(targets, results, strict=True):
-        for target in group:
-            if isinstance(target, Upload):
-                target.export_ok = ok
-            else:
-                target.authentic = ok
-    for upload in uploads:
-        for records in (upload.payments, upload.receipts):
-            for record in records:
-                if record.endorsed_by is not None:
-                    record.authentic = bool(record.endorsed_by.export_ok)
-                    record.endorsed_by = None  # applied: no reference cycle left (an upload holds its records)
-
-
-# --- reports -------------------------------------------------------------------------------------
-
-
-@dataclass
-class SideCounts:
-    """Every record received is exactly one of new, known (reconciled before) or invalid."""
-
-    received: int = 0
-    new: int = 0
-    known: int = 0
-    posted: int = 0
-    awaiting: int = 0
-    held: int = 0
-    invalid: int = 0
-
-
-@dataclass
-class Report:
-    sync_id: str
-    device_id: str
-    export_hash: bytes
-    counter: int
-    rx: int
-    payments: SideCounts = field(default_factory=SideCounts)
-    receipts: SideCounts = field(default_factory=SideCounts)
-    posted_fen: int = 0
-    held_fen: int = 0
-    discrepancies: list[dict[str, Any]] = field(default_factory=list)
-
-    def document(self, device: dict[str, Any]) -> dict[str, Any]:
-        def side(counts: SideCounts, awaiting: str) -> dict[str, int]:
-            return {"received": counts.received, "new": counts.new, "known": counts.known, "posted": counts.posted,
-                    awaiting: counts.awaiting, "held": counts.held, "invalid": counts.invalid}
-
-        return {
-            "sync_id": self.sync_id, "device_id": self.device_id, "export_hash": self.export_hash.hex(),
-            "replayed": False, "counter": self.counter, "rx": self.rx,
-            "payments": side(self.payments, "awaiting_payee"), "receipts": side(self.receipts, "awaiting_payer"),
-            "posted_fen": self.posted_fen, "held_fen": self.held_fen, "discrepancies": self.discrepancies,
-            "device": {"status": device["status"], "chain_counter": int(device["chain_counter"]),
-                       "spent_fen": int(device["spent_fen"]),
-                       "outstanding_fen": int(device["issued_fen"]) - int(device["spent_fen"])
-                       - int(device["returned_fen"])},
-        }
-
-
-# --- the rules, inside one transaction ----------------------------------------------------------------
 
 PAYMENT_COLUMNS = ("payment_hash", "payer_device", "counter", "payee_device", "amount", "ts", "prev", "envelope",
                    "status", "payer_seen", "payee_seen", "in_budget", "discrepancy_id", "entry_id", "first_seen_at",
@@ -991,74 +639,3 @@ def _json_default(value: Any) -> Any:
     if isinstance(value, bytes):
         return value.hex()
     raise TypeError(f"not JSON serialisable: {type(value).__name__}")
-
-
-def record_refused_export(tx: Tx, device_id: str, blob: bytes, reason: str) -> str:
-    """Keep a log export whose signature does not verify as a discrepancy (evidence: the export). Returns its id."""
-    reconciliation = Reconciliation(tx, OfflineSettings(), "")
-    discrepancy_id = reconciliation.flag("invalid-export-signature", hashlib.sha256(blob).hexdigest(), device_id,
-                                         {"reason": reason, "export": blob[:65536].hex(), "bytes": len(blob)})
-    reconciliation.write()
-    return discrepancy_id
-
-
-def reconcile_in(tx: Tx, uploads: Sequence[Upload], settings: OfflineSettings, actor: str,
-                 entries: Sequence[AuditEntry] = (), limits: WalletLimits = default_limits) -> list[dict[str, Any]]:
-    """Reconcile checked uploads (:func:`apply_checks` done) in one transaction.
-
-    Uploads whose export signature did not verify must have been refused before. Payers' logs are
-    applied before payees' so that a batch holding both sides of a payment posts it at once.
-
-    Args:
-        entries: audit entries, one per upload (their ``result`` is filled in here); none in benchmarks.
-        limits: wallet tier limits (the payee's balance cap, :mod:`gateway.offline.caps`).
-    Returns:
-        One report document per upload, in order (a replayed export's stored report, ``replayed: true``).
-    """
-    reconciliation = Reconciliation(tx, settings, actor, limits)
-    reports: list[dict[str, Any] | None] = [None] * len(uploads)
-    fresh: list[tuple[int, Upload, Report]] = []
-    seen: set[tuple[str, bytes]] = set()
-    for device_id in sorted({upload.device_id for upload in uploads}):
-        tx.lock(f"device:{device_id}")  # before the replay check: the same export twice at once runs once
-    for position, upload in enumerate(uploads):
-        if upload.export_ok is not True:
-            raise InvalidDeviceSignature(f"the log export of {upload.device_id} is not verified", ["invalid-signature"])
-        stored = tx.fetchone("SELECT report FROM device_syncs WHERE device_id = ? AND export_hash = ?",
-                             (upload.device_id, upload.export_hash))
-        if stored is not None or (upload.device_id, upload.export_hash) in seen:
-            reports[position] = {**json.loads(stored["report"]), "replayed": True} if stored is not None else None
-            continue
-        seen.add((upload.device_id, upload.export_hash))
-        fresh.append((position, upload, Report("s_" + secrets.token_hex(12), upload.device_id, upload.export_hash,
-                                               upload.export.counter, upload.export.rx)))
-    reconciliation.load([upload for _, upload, _ in fresh])
-    for _, upload, report in fresh:
-        reconciliation.report, reconciliation.sync_id = report, report.sync_id
-        reconciliation.payer_side(upload, report)
-    for _, upload, report in fresh:
-        reconciliation.report, reconciliation.sync_id = report, report.sync_id
-        reconciliation.payee_side(upload, report)
-    for _, upload, report in fresh:
-        reconciliation.report, reconciliation.sync_id = report, report.sync_id
-        reconciliation.unmatched(upload)
-    reconciliation.write()
-    rows = []
-    for position, upload, report in fresh:
-        document = report.document(reconciliation.devices[upload.device_id])
-        reports[position] = document
-        rows.append((report.sync_id, upload.device_id, upload.export_hash, json.dumps(document, sort_keys=True),
-                     reconciliation.now_iso, actor))
-    insert_many(tx, "device_syncs", ("sync_id", "device_id", "export_hash", "report", "created_at", "created_by"), rows)
-    for position, upload in enumerate(uploads):  # an export repeated inside the batch: the first one's report
-        if reports[position] is None:
-            first = next(r for r in reports if r is not None and r["export_hash"] == upload.export_hash.hex())
-            reports[position] = {**first, "replayed": True}
-    documents = [r for r in reports if r is not None]
-    for entry, document in zip(entries, documents, strict=False):
-        entry.result = {key: document[key] for key in ("sync_id", "device_id", "export_hash", "replayed", "payments",
-                                                       "receipts", "posted_fen", "held_fen")}
-        entry.result["discrepancies"] = [d["discrepancy_id"] for d in document["discrepancies"]]
-    if entries:
-        append(tx, list(entries))
-    return documents

@@ -39,6 +39,7 @@ from gateway.keyring import Usage, get_key, list_keys
 from gateway.ledger.engines import open_database
 from gateway.ledger.journal import check_invariants
 from gateway.ledger.store import Database, Tx
+from gateway.offline.invariants import check_offline_entries
 from gateway.signing import Algorithm
 
 EXIT_ERROR = 2
@@ -361,8 +362,6 @@ def cmd_audit_verify(args: argparse.Namespace) -> int:
 
 
 def cmd_ledger_check(args: argparse.Namespace) -> int:
-    from gateway.offline.invariants import check_offline_entries  # start-up cost: only `ledger check`
-
     settings = _settings(args)
     problems = asyncio.run(_with_database(settings, lambda db: db.read(
         lambda tx: check_invariants(tx) + check_offline_entries(tx))))

@@ -31,7 +31,6 @@ DEFERRED_ON_PURPOSE: dict[tuple[str, str], str] = {
     ("gateway.cli", "gateway.app"): "start-up cost: the HTTP API loads only for `serve` and the HSM commands",
     ("gateway.cli", "gateway.devinit"): "start-up cost: dev-init loads the HTTP API for the signer pool",
     ("gateway.cli", "gateway.supervisor"): "start-up cost: only `serve` with processes > 1",
-    ("gateway.cli", "gateway.offline.invariants"): "start-up cost: only `ledger check`",
     ("gateway.ledger.engines", "gateway.ledger.postgres"): "psycopg loads only for a PostgreSQL DSN",
     ("tui.device", "gateway.device.link"): "pyserial loads only when a teller opens a hard wallet",
     # Redundant (the module is imported at the top already) and no circle; left to the branch that

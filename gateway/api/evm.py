@@ -13,8 +13,9 @@ import orjson
 from aiohttp import web
 
 from gateway.api import idempotency
+from gateway.api.call import Call
 from gateway.api.codecs import JSON, json_response
-from gateway.api.endpoints import Call, Endpoint
+from gateway.api.endpoints import Endpoint
 from gateway.api.evm_models import (
     ChainList,
     EvmTransactionDocument,
@@ -25,13 +26,13 @@ from gateway.api.evm_models import (
     TypedDataSignature,
 )
 from gateway.auth.roles import Permission
-from gateway.config import EvmChainSettings
 from gateway.errors import InvalidEvmTransaction, NonceConflict, ValidationFailed
 from gateway.evm.service import Draft, EvmService, Recorded, transaction_document
 from gateway.evm.typed_data import TypedDataDraft, TypedDataService, typed_data_document
 from gateway.keyring import KeyRecord, Usage
 from gateway.ledger.store import Tx
 from gateway.policy import evm as policy
+from gateway.policy.chains import EvmChainSettings
 from gateway.schemes.evm.eip712 import parse_typed_data
 from gateway.schemes.evm.erc20 import Erc20Call, erc20_calldata
 from gateway.schemes.evm.transactions import UnsignedTransaction, check_fees, parse_data

@@ -15,18 +15,16 @@ from __future__ import annotations
 import asyncio
 import hashlib
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import orjson
 from aiohttp import web
 
 from gateway import clock
+from gateway.api.call import Call
 from gateway.api.codecs import JSON as JSON_TYPE
-from gateway.errors import AlreadyExists, IdempotencyConflict, IdempotencyRaced
+from gateway.errors import AlreadyExists, IdempotencyConflict, IdempotencyRaced, ValidationFailed
 from gateway.ledger.store import Tx
-
-if TYPE_CHECKING:
-    from gateway.api.endpoints import Call
 
 MAX_KEY_LENGTH = 255
 
@@ -41,8 +39,6 @@ class InFlight:
 def check_key(key: str) -> str:
     """Raises ValidationFailed unless ``key`` is 1–255 visible ASCII characters (as documented)."""
     if not 0 < len(key) <= MAX_KEY_LENGTH or not all("!" <= char <= "~" for char in key):
-        from gateway.errors import ValidationFailed
-
         raise ValidationFailed(f"Idempotency-Key must be 1–{MAX_KEY_LENGTH} visible ASCII characters")
     return key
 

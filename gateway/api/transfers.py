@@ -9,8 +9,9 @@ import orjson
 from aiohttp import web
 
 from gateway.api import idempotency
+from gateway.api.call import Call
 from gateway.api.codecs import JSON, json_response
-from gateway.api.endpoints import Call, Endpoint
+from gateway.api.endpoints import Endpoint
 from gateway.api.wallet_models import TransferDocument, TransferRequest
 from gateway.auth.roles import Permission
 from gateway.ledger.store import Tx

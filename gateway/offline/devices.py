@@ -46,8 +46,8 @@ from gateway.errors import (
     WalletNotActive,
 )
 from gateway.hsm.profile import HsmProfile
-from gateway.hsm.signer import Signer
 from gateway.keyring import KeyDirectory, KeyRecord, Usage, key_for_usage, public_key_pem
+from gateway.keyring import sign1_with_profile as sign1
 from gateway.ledger import journal
 from gateway.ledger.store import Database, Row, Tx
 from gateway.offline.bulk import Transfer, post_offline, select_in
@@ -59,7 +59,7 @@ from gateway.offline.settings import OfflineSettings, offline_settings
 from gateway.offline.upload import apply_checks, hashes_to_check, plan_checks, read_upload
 from gateway.offline.verify import InlineVerifier, Verifier
 from gateway.schemes import offline
-from gateway.schemes.cose import sign1
+from gateway.signing import Signer
 from gateway.wallets.service import load_wallet
 
 RESOLUTIONS: dict[str, str] = {

@@ -1,7 +1,8 @@
 """The aiohttp application: ``make_app(settings)``.
 
-Everything the application holds is created in one cleanup context (store, signer pool, audit
-log) and reached through typed ``AppKey``s: there is no module-level state.
+Each resource the application holds (store, signer pool, audit log, refusal tally) is opened in
+a cleanup context of its own and reached through a typed ``AppKey``; ``app[SERVICES]`` puts them
+together for the endpoints. There is no module-level state.
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ from gateway.hsm.profile import HsmProfile, load_named_profile
 from gateway.hsm.signer import CountedSigner
 from gateway.keyring import Usage, flag_raw_not_exclusive, raw_not_exclusive_keys
 from gateway.ledger.engines import open_database
+from gateway.ledger.store import Database
 from gateway.metrics import Metrics
 from gateway.offline.devices import Devices, register_offline_approvals
 from gateway.services import SERVICES, Services
@@ -86,67 +88,126 @@ def password_check_slots(settings: Settings) -> int:
     return max(1, total // settings.server.processes)
 
 
-def services_context(
-    settings: Settings, process_index: int = 0
-) -> Callable[[web.Application], AsyncIterator[None]]:
+STORE = web.AppKey("store", Database)
+"""The store, open and migrated (``store_context``)."""
+HSM_PROFILE = web.AppKey("hsm_profile", HsmProfile)
+"""The HSM family profile the signer pool was started with (``signer_context``)."""
+SIGNER_POOL = web.AppKey("signer_pool", SignerPool)
+"""This HTTP process's signer workers (``signer_context``)."""
+AUDIT_LOG = web.AppKey("audit_log", AuditLog)
+"""The audit log with its checkpoint ticker (``audit_context``)."""
+REFUSAL_TALLY = web.AppKey("refusal_tally", RefusalTally)
+"""The counted anonymous refusals (``refusal_context``)."""
+METRICS = web.AppKey("metrics", Metrics)
+"""This application's Prometheus registry (made with the application: nothing to close)."""
+
+Context = Callable[[web.Application], AsyncIterator[None]]
+
+
+def store_context(settings: Settings) -> Context:
+    """Open and migrate the store; flag keys whose records were written around the gateway."""
+
     async def context(app: web.Application) -> AsyncIterator[None]:
-        profile = load_named_profile(settings.hsm.profile)
         database = await open_database(settings.store.dsn, settings.store.pool_size)
-        pool: SignerPool | None = None
-        audit: AuditLog | None = None
-        refusals: RefusalTally | None = None
         try:
             await database.migrate()
             for record in await database.read(raw_not_exclusive_keys):
                 flag_raw_not_exclusive(record)
-            pool = await SignerPool.start(profile, pool_settings(settings, profile, process_index))
-            metrics = Metrics()
-            audit = AuditLog(
-                database, CountedSigner(pool, metrics.signatures, Usage.AUDIT), settings.audit.checkpoint_every,
-                settings.audit.flush_max, settings.audit.key_id, settings.audit.checkpoint_seconds,
-                on_head=metrics.audit_head.set,
-                witness_file=witness_path(settings.audit.witness_file, settings.store.dsn),
-            )
-            await audit.start()
-            approvals = Approvals(settings.approvals)
-            refusals = RefusalTally(audit, settings.audit.refusal_window_seconds)
-            refusals.start()
-            app[SERVICES] = Services(
-                settings=settings,
-                profile=profile,
-                database=database,
-                signer=pool,
-                authenticator=Authenticator(
-                    database, settings.auth.session_ttl_seconds, settings.auth.credential_cache_seconds,
-                    LoginThrottle(settings.auth.login_max_attempts, settings.auth.login_lockout_seconds,
-                                  settings.auth.login_lockout_max_seconds, settings.auth.login_window_seconds),
-                    PasswordCheckGate(password_check_slots(settings), settings.auth.password_checks_waiting_max),
-                ),
-                audit=audit,
-                metrics=metrics,
-                wallets=Wallets(database, CountedSigner(pool, metrics.signatures, Usage.ECNY), profile, settings,
-                                approvals),
-                approvals=approvals,
-                refusals=refusals,
-            )
-            services = app[SERVICES]
-            evm = EvmService(database, services.signer_for(Usage.EVM), settings, services.keys, services.wallets)
-            approvals.register(EVM_APPROVAL_KIND, evm)
-            register_offline_approvals(approvals, Devices.of(services))
-            app[evm_api.EVM_SERVICE] = evm
-            typed_data = TypedDataService(database, services.signer_for(Usage.EVM), settings, services.keys,
-                                          services.wallets, evm)
-            approvals.register(TYPED_DATA_APPROVAL_KIND, typed_data)
-            app[evm_api.TYPED_DATA_SERVICE] = typed_data
+            app[STORE] = database
             yield
         finally:
-            if refusals is not None:  # before the audit log closes: no counted refusal is lost
-                await refusals.close()
-            if audit is not None:
-                await audit.close()
-            if pool is not None:
-                await pool.close()
             await database.close()
+
+    return context
+
+
+def signer_context(settings: Settings, process_index: int) -> Context:
+    """Load the HSM profile and start this process's share of the signer workers."""
+
+    async def context(app: web.Application) -> AsyncIterator[None]:
+        profile = load_named_profile(settings.hsm.profile)
+        pool = await SignerPool.start(profile, pool_settings(settings, profile, process_index))
+        try:
+            app[HSM_PROFILE] = profile
+            app[SIGNER_POOL] = pool
+            yield
+        finally:
+            await pool.close()
+
+    return context
+
+
+def audit_context(settings: Settings) -> Context:
+    """The audit log: grouped entries and signed, witnessed checkpoints (a last one at shutdown)."""
+
+    async def context(app: web.Application) -> AsyncIterator[None]:
+        metrics = app[METRICS]
+        audit = AuditLog(
+            app[STORE], CountedSigner(app[SIGNER_POOL], metrics.signatures, Usage.AUDIT),
+            settings.audit.checkpoint_every, settings.audit.flush_max, settings.audit.key_id,
+            settings.audit.checkpoint_seconds, on_head=metrics.audit_head.set,
+            witness_file=witness_path(settings.audit.witness_file, settings.store.dsn),
+        )
+        await audit.start()
+        try:
+            app[AUDIT_LOG] = audit
+            yield
+        finally:
+            await audit.close()
+
+    return context
+
+
+def refusal_context(settings: Settings) -> Context:
+    """Count anonymous refusals; what is counted is written before the audit log closes (contexts
+    close in reverse order)."""
+
+    async def context(app: web.Application) -> AsyncIterator[None]:
+        refusals = RefusalTally(app[AUDIT_LOG], settings.audit.refusal_window_seconds)
+        refusals.start()
+        try:
+            app[REFUSAL_TALLY] = refusals
+            yield
+        finally:
+            await refusals.close()
+
+    return context
+
+
+def services_context(settings: Settings) -> Context:
+    """Put together what the endpoints reach through ``app[SERVICES]`` (nothing of its own to close)."""
+
+    async def context(app: web.Application) -> AsyncIterator[None]:
+        database, profile, pool, metrics = app[STORE], app[HSM_PROFILE], app[SIGNER_POOL], app[METRICS]
+        approvals = Approvals(settings.approvals)
+        services = Services(
+            settings=settings,
+            profile=profile,
+            database=database,
+            signer=pool,
+            authenticator=Authenticator(
+                database, settings.auth.session_ttl_seconds, settings.auth.credential_cache_seconds,
+                LoginThrottle(settings.auth.login_max_attempts, settings.auth.login_lockout_seconds,
+                              settings.auth.login_lockout_max_seconds, settings.auth.login_window_seconds),
+                PasswordCheckGate(password_check_slots(settings), settings.auth.password_checks_waiting_max),
+            ),
+            audit=app[AUDIT_LOG],
+            metrics=metrics,
+            wallets=Wallets(database, CountedSigner(pool, metrics.signatures, Usage.ECNY), profile, settings,
+                            approvals),
+            approvals=approvals,
+            refusals=app[REFUSAL_TALLY],
+        )
+        app[SERVICES] = services
+        evm = EvmService(database, services.signer_for(Usage.EVM), settings, services.keys, services.wallets)
+        approvals.register(EVM_APPROVAL_KIND, evm)
+        register_offline_approvals(approvals, Devices.of(services))
+        app[evm_api.EVM_SERVICE] = evm
+        typed_data = TypedDataService(database, services.signer_for(Usage.EVM), settings, services.keys,
+                                      services.wallets, evm)
+        approvals.register(TYPED_DATA_APPROVAL_KIND, typed_data)
+        app[evm_api.TYPED_DATA_SERVICE] = typed_data
+        yield
 
     return context
 
@@ -164,7 +225,17 @@ def make_app(settings: Settings, process_index: int = 0) -> web.Application:
     app[IDEMPOTENCY] = InFlight()
     for endpoint in endpoints:
         app.router.add_route(endpoint.method, endpoint.path, guarded(endpoint))
-    app.cleanup_ctx.append(services_context(settings, process_index))
+    # One cleanup context per resource, in dependency order: one that fails to start is not closed,
+    # and those started before it close in reverse (the refusal tally before the audit log, the audit
+    # log's last checkpoint before the signer pool, the pool before the store).
+    app[METRICS] = Metrics()
+    app.cleanup_ctx.extend([
+        store_context(settings),
+        signer_context(settings, process_index),
+        audit_context(settings),
+        refusal_context(settings),
+        services_context(settings),
+    ])
     return app
 
 

@@ -25,6 +25,7 @@ from gateway.audit.chain import AuditEntry
 from gateway.auth.credentials import Principal
 from gateway.auth.roles import Permission, allows
 from gateway.errors import Forbidden, GatewayError, IdempotencyKeyRequired, RateLimited, Unauthenticated
+from gateway.operations.idempotency import IdempotentRequest
 from gateway.services import SERVICES, Services
 
 Handler = Callable[["Call"], Awaitable[web.StreamResponse]]
@@ -41,7 +42,7 @@ class Call:
     raw_body: bytes
     request_id: str
     idempotency_key: str | None
-    recorded_in_transaction: bool = False
+    idempotent: IdempotentRequest | None = None  # its Idempotency-Key, set by idempotency.run
 
     @property
     def actor(self) -> Principal:

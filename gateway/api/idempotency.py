@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
-from gateway.errors import ValidationFailed
+from gateway.errors import IdempotencyRaced, ValidationFailed
 from gateway.ledger.store import Tx
 from gateway.operations import idempotency as records
 from gateway.operations.idempotency import Answer, IdempotentRequest, InFlight, Recorded
@@ -80,14 +80,33 @@ async def run(
     handler: Callable[[Call], Awaitable[web.StreamResponse]],
     resume: Callable[[Call, str], Awaitable[web.StreamResponse]] | None = None,
 ) -> web.StreamResponse:
-    """Run ``handler`` once for the request's key (see :func:`gateway.operations.idempotency.once`)."""
+    """Run ``handler`` once for the request's key: or replay the recorded answer, or (a reference record,
+    and the endpoint has ``resume``) finish the recorded work as the first request would have."""
     assert call.principal is not None and call.idempotency_key is not None
     request = IdempotentRequest(call.principal.scope, call.idempotency_key, request_hash(call))
     call.idempotent = request
+    database = call.services.database
 
-    async def resumed(reference: str) -> web.StreamResponse:
-        assert resume is not None
-        return await resume(call, reference)
+    async def answer(recorded: Recorded) -> web.StreamResponse:
+        if recorded.content_type == records.REFERENCE and resume is not None:
+            return await resume(call, recorded.body.decode())
+        return _replayed(recorded)
 
-    return await records.once(inflight, call.services.database, request, lambda: handler(call),
-                              resumed if resume is not None else None, _replayed, _recordable)
+    async with records.claimed(inflight, request):
+        found = await records.find(database, request)
+        if found is not None:
+            return await answer(found)
+        try:
+            response = await handler(call)
+        except IdempotencyRaced:
+            # Another process committed this key while the handler ran; its work rolled back.
+            found = await records.find(database, request)
+            if found is None:
+                raise
+            return await answer(found)
+        recordable = None if request.recorded_in_transaction else _recordable(response)
+        if recordable is not None:
+            earlier = await records.record_unless_present(database, request, recordable)
+            if earlier is not None:  # another instance won the race: answer as it did
+                return await answer(earlier)
+        return response

@@ -14,16 +14,18 @@ commit) is recorded as a *reference* (status 0, media type :data:`REFERENCE`, th
 was recorded) and completed by :func:`complete_in` in the transaction that stores the signature; a
 replay meeting a reference finishes the work as the first request would have (``resume``).
 
-``gateway/api/idempotency.py`` reads the header and renders answers; everything else is here.
+``gateway/api/idempotency.py`` reads the header, runs the handler under :func:`claimed` and renders
+answers; what a record holds and how it is read and written is here.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from functools import cached_property
-from typing import Any, TypeVar
+from typing import Any
 
 import orjson
 
@@ -34,9 +36,6 @@ from gateway.ledger.store import Database, Tx
 JSON = "application/json"
 REFERENCE = "application/x-ecny-reference"
 """The media type of a record that is not final yet: its body is a reference to the recorded work."""
-
-R = TypeVar("R")
-
 
 @dataclass
 class IdempotentRequest:
@@ -131,32 +130,40 @@ def complete_in(tx: Tx, request: IdempotentRequest | None, answer: Answer) -> No
     )
 
 
-def _replay(row: Any, request: IdempotentRequest) -> Recorded | str:
-    """The recorded answer, or the reference of work to finish. Raises IdempotencyConflict."""
+def _recorded(row: Any, request: IdempotentRequest) -> Recorded:
     if bytes(row["request_hash"]) != request.request_hash:
         raise IdempotencyConflict(f"Idempotency-Key {request.key!r} was used with a different request")
-    if row["content_type"] == REFERENCE:
-        return bytes(row["body"]).decode()
     return Recorded(int(row["status"]), row["content_type"], bytes(row["body"]))
 
 
-async def once(
-    inflight: InFlight,
-    database: Database,
-    request: IdempotentRequest,
-    work: Callable[[], Awaitable[R]],
-    resume: Callable[[str], Awaitable[R]] | None,
-    replay: Callable[[Recorded], R],
-    recordable: Callable[[R], Recorded | None],
-) -> R:
-    """Do ``work`` once per key: or replay the recorded answer, or finish recorded work (``resume``).
+async def find(database: Database, request: IdempotentRequest) -> Recorded | None:
+    """The answer recorded for ``request``'s key — a reference (:data:`REFERENCE`) when the work it
+    names is not finished — or None.
 
-    Args:
-        work: the operation; it may record its answer in its own transaction (:func:`record_in`).
-        resume: finishes the work a reference record names; None: a reference is replayed as it is.
-        replay: renders a recorded answer.
-        recordable: the answer ``work`` gave, to record after it, or None (a 5xx: not kept).
+    Raises:
+        IdempotencyConflict: the key was used with another request.
     """
+    row = await database.read(lambda tx: lookup_in(tx, request))
+    return None if row is None else _recorded(row, request)
+
+
+async def record_unless_present(database: Database, request: IdempotentRequest, answer: Recorded) -> Recorded | None:
+    """Record the answer of work that did not record its own (in a transaction of its own); if another
+    instance recorded one for the key meanwhile, keep that one and return it (answer as it did)."""
+
+    def record(tx: Tx) -> Any:
+        existing = lookup_in(tx, request)
+        if existing is None:
+            _insert(tx, request, answer.status, answer.content_type, answer.body)
+        return existing
+
+    earlier = await database.write(record)
+    return None if earlier is None else _recorded(earlier, request)
+
+
+@asynccontextmanager
+async def claimed(inflight: InFlight, request: IdempotentRequest) -> AsyncIterator[None]:
+    """Hold ``request``'s key in this process: a request with the same key waits until this one is done."""
     slot = (request.scope, request.key)
     while (running := inflight.running.get(slot)) is not None:
         await asyncio.shield(running)
@@ -164,39 +171,8 @@ async def once(
     # must wait for it, not run the work too.
     done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
     inflight.running[slot] = done
-
-    async def answer_from(row: Any) -> R:
-        recorded = _replay(row, request)
-        if isinstance(recorded, Recorded):
-            return replay(recorded)
-        if resume is not None:
-            return await resume(recorded)
-        return replay(Recorded(int(row["status"]), row["content_type"], bytes(row["body"])))
-
     try:
-        row = await database.read(lambda tx: lookup_in(tx, request))
-        if row is not None:
-            return await answer_from(row)
-        try:
-            result = await work()
-        except IdempotencyRaced:
-            # Another process committed this key while the work ran; its work rolled back.
-            row = await database.read(lambda tx: lookup_in(tx, request))
-            if row is None:
-                raise
-            return await answer_from(row)
-        answer = None if request.recorded_in_transaction else recordable(result)
-        if answer is not None:
-            def record(tx: Tx) -> Any:
-                existing = lookup_in(tx, request)
-                if existing is None:
-                    _insert(tx, request, answer.status, answer.content_type, answer.body)
-                return existing
-
-            earlier = await database.write(record)
-            if earlier is not None:  # another instance won the race: answer as it did
-                return await answer_from(earlier)
-        return result
+        yield
     finally:
         inflight.running.pop(slot, None)
         done.set_result(None)

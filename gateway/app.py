@@ -7,6 +7,7 @@ log) and reached through typed ``AppKey``s: there is no module-level state.
 from __future__ import annotations
 
 import os
+import ssl
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -38,10 +39,10 @@ from gateway.evm.service import EvmService
 from gateway.evm.typed_data import APPROVAL_KIND as TYPED_DATA_APPROVAL_KIND
 from gateway.evm.typed_data import TypedDataService
 from gateway.hsm.pool import PoolSettings, SignerPool
-from gateway.hsm.profile import HsmProfile
+from gateway.hsm.profile import HsmProfile, load_named_profile
 from gateway.hsm.signer import CountedSigner
 from gateway.keyring import Usage, flag_raw_not_exclusive, raw_not_exclusive_keys
-from gateway.ledger.store import open_database
+from gateway.ledger.engines import open_database
 from gateway.metrics import Metrics
 from gateway.offline.devices import Devices, register_offline_approvals
 from gateway.services import SERVICES, Services
@@ -89,7 +90,7 @@ def services_context(
     settings: Settings, process_index: int = 0
 ) -> Callable[[web.Application], AsyncIterator[None]]:
     async def context(app: web.Application) -> AsyncIterator[None]:
-        profile = settings.hsm.load_profile()
+        profile = load_named_profile(settings.hsm.profile)
         database = await open_database(settings.store.dsn, settings.store.pool_size)
         pool: SignerPool | None = None
         audit: AuditLog | None = None
@@ -172,8 +173,6 @@ def ssl_context(settings: Settings) -> Any:
     server = settings.server
     if server.tls_cert is None:
         return None
-    import ssl
-
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     context.minimum_version = ssl.TLSVersion.TLSv1_2
     context.load_cert_chain(server.tls_cert, server.tls_key)

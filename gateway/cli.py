@@ -20,15 +20,27 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
-from gateway import __version__
+from argon2 import PasswordHasher
+
+from gateway import __version__, logs
+from gateway.audit import witness
 from gateway.audit.chain import AuditEntry, append
+from gateway.audit.verify import TRUST_PINNED, pinned_key, verify_chain
 from gateway.auth.credentials import add_client, add_user, list_clients, revoke_client
 from gateway.auth.roles import Role
+from gateway.auth.users import disable_user, enable_user, end_sessions, set_role
 from gateway.config import Settings, load_settings
+from gateway.device.simulator import add_command as add_device_sim  # `device-sim` (issue 4)
 from gateway.errors import ConfigError, GatewayError, ValidationFailed
-from gateway.hsm.profile import Algorithm
+from gateway.hsm.pool import SignerPool
+from gateway.hsm.profile import load_named_profile
+from gateway.keymgmt import generate_key
 from gateway.keyring import Usage, get_key, list_keys
-from gateway.ledger.store import Database, Tx, open_database
+from gateway.ledger.engines import open_database
+from gateway.ledger.journal import check_invariants
+from gateway.ledger.store import Database, Tx
+from gateway.offline.invariants import check_offline_entries
+from gateway.signing import Algorithm
 
 EXIT_ERROR = 2
 EXIT_AUDIT_BROKEN = 1
@@ -57,10 +69,9 @@ async def _with_database(settings: Settings, work: Callable[[Database], Awaitabl
 
 
 async def _with_pool(settings: Settings, work: Callable[[Any, Any], Awaitable[Any]]) -> Any:
-    from gateway.app import pool_settings
-    from gateway.hsm.pool import SignerPool
+    from gateway.app import pool_settings  # start-up cost: the whole HTTP API (~0.35 s) only when the HSM is used
 
-    profile = settings.hsm.load_profile()
+    profile = load_named_profile(settings.hsm.profile)
     options = pool_settings(settings, profile)
     options.workers = 1
     pool = await SignerPool.start(profile, options)
@@ -78,9 +89,9 @@ def _print_json(value: Any) -> None:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    # Start-up cost: aiohttp and the whole HTTP API (~0.35 s) load only for `serve`, not every command.
     from aiohttp import web
 
-    from gateway import logs
     from gateway.app import make_app, ssl_context
 
     settings = _settings(args)
@@ -90,7 +101,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if args.child is None and server.processes > 1:
         return _supervise(args, settings, scheme)
     try:
-        import uvloop
+        import uvloop  # optional: the faster event loop where it is installed
 
         uvloop.install()
     except ImportError:
@@ -112,6 +123,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def _supervise(args: argparse.Namespace, settings: Settings, scheme: str) -> int:
     """``[server] processes > 1``: migrate once, bind once, run the HTTP processes (gateway.supervisor)."""
+    # Start-up cost: only `serve` with processes > 1 needs it.
     from gateway.supervisor import Supervisor, child_command, reserve_port
 
     asyncio.run(_migrate(settings))
@@ -144,8 +156,6 @@ def cmd_migrate(args: argparse.Namespace) -> int:
 
 
 def cmd_keys_generate(args: argparse.Namespace) -> int:
-    from gateway.keymgmt import generate_key
-
     settings = _settings(args)
     try:
         algorithm = Algorithm(args.algorithm)
@@ -245,8 +255,6 @@ def _read_new_password(from_stdin: bool) -> str:
 
 
 def cmd_users_add(args: argparse.Namespace) -> int:
-    from argon2 import PasswordHasher
-
     settings = _settings(args)
     role = _role(args.role)
     if role is Role.BACKEND:
@@ -284,8 +292,6 @@ def _administer_user(username: str, args: argparse.Namespace, action: str,
 
 
 def cmd_users_disable(args: argparse.Namespace) -> int:
-    from gateway.auth.users import disable_user
-
     result = _administer_user(args.username, args, "users.disable",
                               lambda tx, name: {"sessions_ended": disable_user(tx, name)})
     print(f"disabled {args.username}; {result['sessions_ended']} session(s) ended")
@@ -293,8 +299,6 @@ def cmd_users_disable(args: argparse.Namespace) -> int:
 
 
 def cmd_users_enable(args: argparse.Namespace) -> int:
-    from gateway.auth.users import enable_user
-
     def change(tx: Tx, name: str) -> dict[str, Any]:
         enable_user(tx, name)
         return {}
@@ -305,8 +309,6 @@ def cmd_users_enable(args: argparse.Namespace) -> int:
 
 
 def cmd_users_set_role(args: argparse.Namespace) -> int:
-    from gateway.auth.users import set_role
-
     role = _role(args.role)
     _administer_user(args.username, args, "users.set_role",
                      lambda tx, name: {"previous_role": set_role(tx, name, role), "role": role.value})
@@ -315,8 +317,6 @@ def cmd_users_set_role(args: argparse.Namespace) -> int:
 
 
 def cmd_sessions_end(args: argparse.Namespace) -> int:
-    from gateway.auth.users import end_sessions
-
     result = _administer_user(args.user, args, "users.end_sessions",
                               lambda tx, name: {"sessions_ended": end_sessions(tx, name)})
     print(f"ended {result['sessions_ended']} session(s) of {args.user}")
@@ -325,9 +325,6 @@ def cmd_sessions_end(args: argparse.Namespace) -> int:
 
 def cmd_audit_verify(args: argparse.Namespace) -> int:
     """Exit 0 only when every entry and checkpoint verifies against the trusted keys (and the witness)."""
-    from gateway.audit import witness
-    from gateway.audit.verify import TRUST_PINNED, pinned_key, verify_chain
-
     settings = _settings(args)
     pinned = [pinned_key(spec) for spec in args.public_key or []]
     witnessed = None
@@ -365,9 +362,6 @@ def cmd_audit_verify(args: argparse.Namespace) -> int:
 
 
 def cmd_ledger_check(args: argparse.Namespace) -> int:
-    from gateway.ledger.journal import check_invariants
-    from gateway.offline.invariants import check_offline_entries
-
     settings = _settings(args)
     problems = asyncio.run(_with_database(settings, lambda db: db.read(
         lambda tx: check_invariants(tx) + check_offline_entries(tx))))
@@ -382,7 +376,7 @@ def cmd_ledger_check(args: argparse.Namespace) -> int:
 
 
 def cmd_dev_init(args: argparse.Namespace) -> int:
-    from gateway.devinit import dev_init
+    from gateway.devinit import dev_init  # start-up cost: it loads the HTTP API (~0.3 s) for the signer pool
 
     return dev_init(Path(args.var))
 
@@ -477,7 +471,6 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--db", help="store DSN (default: the configured store)")
     check.set_defaults(run=cmd_ledger_check)
 
-    from gateway.device.simulator import add_command as add_device_sim  # `device-sim` (issue 4)
 
     add_device_sim(commands)
 

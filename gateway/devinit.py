@@ -16,13 +16,18 @@ from typing import Any
 
 from argon2 import PasswordHasher
 
+from gateway.app import pool_settings
 from gateway.audit.chain import AuditEntry, append
 from gateway.auth.credentials import add_client, add_user
 from gateway.auth.roles import Role
 from gateway.config import load_settings
-from gateway.hsm.profile import Algorithm
+from gateway.hsm.pool import SignerPool
+from gateway.hsm.profile import load_named_profile
+from gateway.keymgmt import generate_key
 from gateway.keyring import Usage, list_keys
-from gateway.ledger.store import Tx, open_database
+from gateway.ledger.engines import open_database
+from gateway.ledger.store import Tx
+from gateway.signing import Algorithm
 
 DEV_KEYS = [
     ("ecny-transfers", Algorithm.ECDSA_P256, {Usage.ECNY}),
@@ -72,10 +77,6 @@ def write_config(var: Path) -> Path:
 
 
 async def _setup(var: Path) -> dict[str, Any]:
-    from gateway.app import pool_settings
-    from gateway.hsm.pool import SignerPool
-    from gateway.keymgmt import generate_key
-
     settings = load_settings(write_config(var))
     database = await open_database(settings.store.dsn)
     created: dict[str, Any] = {"keys": [], "credentials": False}
@@ -84,7 +85,7 @@ async def _setup(var: Path) -> dict[str, Any]:
         existing = {record.label for record in await database.read(list_keys)}
         missing = [spec for spec in DEV_KEYS if spec[0] not in existing]
         if missing:
-            profile = settings.hsm.load_profile()
+            profile = load_named_profile(settings.hsm.profile)
             options = pool_settings(settings, profile)
             options.workers = 1
             pool = await SignerPool.start(profile, options)

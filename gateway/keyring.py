@@ -13,9 +13,7 @@ from enum import StrEnum
 from typing import Any
 
 import structlog
-from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec, ed25519, utils
+from cryptography.hazmat.primitives import serialization
 from eth_hash.auto import keccak
 
 from gateway import clock
@@ -28,9 +26,11 @@ from gateway.errors import (
     RawUsageNotExclusive,
     ValidationFailed,
 )
-from gateway.hsm.profile import Algorithm
+from gateway.hsm.profile import HsmProfile
 from gateway.ledger.store import Tx
+from gateway.schemes import cose
 from gateway.schemes.evm.values import checksum
+from gateway.signing import Algorithm, Signer, cryptography_public_key
 
 
 class Usage(StrEnum):
@@ -218,22 +218,12 @@ def make_record(
     return KeyRecord(key_id, label, algorithm, usages, public_key, clock.now_iso(), actor)
 
 
-# --- public keys and signatures (verification uses `cryptography`, never the HSM) --------------
-
-
-def _cryptography_key(algorithm: Algorithm, public_key: bytes) -> Any:
-    if algorithm is Algorithm.ED25519:
-        return ed25519.Ed25519PublicKey.from_public_bytes(public_key)
-    if algorithm is Algorithm.ECDSA_P256:
-        return ec.EllipticCurvePublicKey.from_encoded_point(ec.SECP256R1(), public_key)
-    if algorithm is Algorithm.ECDSA_SECP256K1:
-        return ec.EllipticCurvePublicKey.from_encoded_point(ec.SECP256K1(), public_key)
-    return None
+# --- public keys (verification is in gateway.signing, with `cryptography`, never the HSM) ------------
 
 
 def public_key_pem(algorithm: Algorithm, public_key: bytes) -> str:
     """SubjectPublicKeyInfo PEM; for SM2 (no support in `cryptography`) a hex point in a PEM-like block."""
-    key = _cryptography_key(algorithm, public_key)
+    key = cryptography_public_key(algorithm, public_key)
     if key is None:
         body = public_key.hex()
         return f"-----BEGIN SM2 PUBLIC KEY POINT-----\n{body}\n-----END SM2 PUBLIC KEY POINT-----\n"
@@ -246,45 +236,11 @@ def evm_address(public_key: bytes) -> str:
     return checksum(keccak(public_key[1:])[-20:])
 
 
-def der_from_raw(signature: bytes) -> bytes:
-    half = len(signature) // 2
-    return bytes(
-        utils.encode_dss_signature(int.from_bytes(signature[:half], "big"), int.from_bytes(signature[half:], "big"))
-    )
-
-
-def verify(algorithm: Algorithm, public_key: bytes, data: bytes, signature: bytes) -> bool:
-    """Verify what the HSM produced: ``data`` is the digest for ECDSA, the message for Ed25519.
-
-    Returns False (never raises) for a bad signature; SM2 cannot be verified here and returns False.
-    """
-    key = _cryptography_key(algorithm, public_key)
-    try:
-        if algorithm is Algorithm.ED25519:
-            key.verify(signature, data)
-        elif key is not None:
-            key.verify(der_from_raw(signature), data, ec.ECDSA(utils.Prehashed(_prehash_algorithm(len(data)))))
-        else:
-            return False
-    except (InvalidSignature, ValueError):
-        return False
-    return True
-
-
-def _prehash_algorithm(size: int) -> hashes.HashAlgorithm:
-    return {32: hashes.SHA256(), 48: hashes.SHA384(), 64: hashes.SHA512()}.get(size, hashes.SHA256())
-
-
-def signing_input(algorithm: Algorithm, message: bytes) -> bytes:
-    """What to hand the HSM to sign ``message`` the COSE/audit way: SHA-256 digest for ECDSA P-256,
-    the message itself for Ed25519 and SM2-with-SM3 (the HSM hashes)."""
-    if algorithm is Algorithm.ECDSA_P256:
-        import hashlib
-
-        return hashlib.sha256(message).digest()
-    if algorithm is Algorithm.ECDSA_SECP256K1:
-        return bytes(keccak(message))
-    return message
+async def sign1_with_profile(signer: Signer, profile: HsmProfile, key: KeyRecord, payload: bytes) -> bytes:
+    """A tagged COSE_Sign1 over ``payload`` signed by ``key`` in the HSM, with the COSE algorithm number
+    ``profile`` gives the key's algorithm (:func:`gateway.schemes.cose.sign1` takes only the number)."""
+    alg = cose.cose_alg(key.algorithm, profile.cose_alg(key.algorithm))
+    return await cose.sign1(signer, alg, key.key_id, key.algorithm, payload)
 
 
 class KeyDirectory:

@@ -13,10 +13,11 @@ from gateway.audit.refusals import RefusalTally
 from gateway.auth.credentials import Authenticator
 from gateway.config import Settings
 from gateway.hsm.profile import HsmProfile
-from gateway.hsm.signer import CountedSigner, Signer
+from gateway.hsm.signer import CountedSigner
 from gateway.keyring import KeyDirectory, Usage
 from gateway.ledger.store import Database
 from gateway.metrics import Metrics
+from gateway.signing import Signer
 from gateway.wallets.service import Wallets
 
 

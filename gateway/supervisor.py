@@ -38,6 +38,7 @@ from dataclasses import dataclass, field
 from types import FrameType
 
 import structlog
+from prometheus_client import multiprocess
 
 from gateway.metrics import METRICS_DIR_ENV
 
@@ -130,8 +131,6 @@ class Supervisor:
 
 def _mark_dead(pid: int, metrics_dir: str) -> None:
     """Drop a dead child's live gauges from the shared metrics."""
-    from prometheus_client import multiprocess
-
     with contextlib.suppress(OSError):
         multiprocess.mark_process_dead(pid, metrics_dir)  # type: ignore[no-untyped-call]
 

@@ -26,7 +26,7 @@ from gateway.audit.chain import AuditEntry, append
 from gateway.auth.credentials import add_client, add_user
 from gateway.auth.roles import Role
 from gateway.config import Settings, load_settings
-from gateway.ledger.store import open_database
+from gateway.ledger.engines import open_database
 from tests.pg import PostgresServer, PostgresUnavailable
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -64,6 +64,15 @@ EXPLAINED = {
 log = structlog.get_logger("tui")
 
 
+class LoginPrompt(Screen[None]):
+    """What a logged-out teller sees (:class:`tui.screens.login.LoginScreen`). Declared here, where
+    :class:`TellerBase` finds it on the screen stack, because the screens import this module."""
+
+    def reset(self, message: str) -> None:
+        """Back here after a logout or an expired session: show ``message`` on an empty form."""
+        raise NotImplementedError
+
+
 class TellerBase(App[None]):
     """The parts of the app that screens rely on (see :class:`tui.app.TellerApp`)."""
 
@@ -151,8 +160,6 @@ class TellerBase(App[None]):
         await self._back_to_login("Logged out.", "information")
 
     async def _back_to_login(self, message: str, severity: str) -> None:
-        from tui.screens.login import LoginScreen  # the screens import this module
-
         self.client.forget_session()
         if self.current_mode != "login":
             await self.switch_mode("login")
@@ -161,10 +168,10 @@ class TellerBase(App[None]):
                 await self.remove_mode(mode)
                 self.add_mode(mode, factory)
         screen = self.screen
-        while not isinstance(screen, LoginScreen) and len(self.screen_stack) > 1:
+        while not isinstance(screen, LoginPrompt) and len(self.screen_stack) > 1:
             self.pop_screen()
             screen = self.screen_stack[-1]
-        if isinstance(screen, LoginScreen):
+        if isinstance(screen, LoginPrompt):
             screen.reset(message)
         self.notify(message, title="Session", severity="warning" if severity == "warning" else "information",
                     timeout=6)

@@ -45,7 +45,7 @@ class DeviceInfo:
 def list_ports() -> list[PortInfo]:
     """The system's serial ports (pyserial's ``list_ports``); empty if there are none or listing fails."""
     try:
-        from serial.tools import list_ports as tools
+        from serial.tools import list_ports as tools  # pyserial is optional for the teller: no ports without it
     except ImportError:
         return []
     try:
@@ -73,6 +73,7 @@ class Link(Protocol):
 
 
 def _open_link(path: str) -> Link:
+    # pyserial (through the link) loads only when a teller opens a hard wallet; without it the rest of the UI works.
     from gateway.device.link import open_link
 
     return open_link(path)

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from aiohttp import web
 
+from gateway.api.call import Call
 from gateway.api.codecs import json_response
-from gateway.api.endpoints import Call, Endpoint
+from gateway.api.endpoints import Endpoint
 from gateway.api.wallet_models import ApprovalDocument, ApprovalList, DecisionRequest
 from gateway.approvals.service import STATUSES
 from gateway.auth.roles import Permission

@@ -10,6 +10,7 @@ import orjson
 from aiohttp import web
 
 from gateway.api import idempotency
+from gateway.api.call import Call
 from gateway.api.codecs import CBOR, json_response
 from gateway.api.device_models import (
     DeviceDocument,
@@ -24,7 +25,7 @@ from gateway.api.device_models import (
     UnloadRequest,
     UnloadResult,
 )
-from gateway.api.endpoints import Call, Endpoint
+from gateway.api.endpoints import Endpoint
 from gateway.api.wallet_models import ApprovalDocument
 from gateway.approvals.service import is_pending_document
 from gateway.auth.roles import Permission

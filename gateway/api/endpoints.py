@@ -8,7 +8,6 @@ Every handler receives a :class:`Call`: the request, the authenticated principal
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -19,48 +18,13 @@ from aiohttp import web
 from pydantic import BaseModel
 
 from gateway.api import idempotency
+from gateway.api.call import Call, Handler
 from gateway.api.codecs import decode_body, parse_model
 from gateway.api.middleware import REQUEST_ID
-from gateway.audit.chain import AuditEntry
 from gateway.auth.credentials import Principal
 from gateway.auth.roles import Permission, allows
 from gateway.errors import Forbidden, GatewayError, IdempotencyKeyRequired, RateLimited, Unauthenticated
-from gateway.operations.idempotency import IdempotentRequest
 from gateway.services import SERVICES, Services
-
-Handler = Callable[["Call"], Awaitable[web.StreamResponse]]
-
-
-@dataclass
-class Call:
-    """One authenticated request, as a handler sees it."""
-
-    request: web.Request
-    services: Services
-    principal: Principal | None
-    body: Any  # the validated request model, or None
-    raw_body: bytes
-    request_id: str
-    idempotency_key: str | None
-    idempotent: IdempotentRequest | None = None  # its Idempotency-Key, set by idempotency.run
-
-    @property
-    def actor(self) -> Principal:
-        assert self.principal is not None, "public endpoints have no actor"
-        return self.principal
-
-    def payload_hash(self) -> str:
-        return hashlib.sha256(self.raw_body).hexdigest()
-
-    def audit_entry(self, action: str, **fields: Any) -> AuditEntry:
-        principal = self.principal
-        return AuditEntry(
-            actor=principal.scope if principal else "anonymous",
-            role=principal.role.value if principal else "",
-            action=action,
-            request_id=self.request_id,
-            **fields,
-        )
 
 
 @dataclass(frozen=True)

@@ -12,8 +12,9 @@ from typing import Any
 from aiohttp import web
 
 from gateway.api import idempotency
+from gateway.api.call import Call
 from gateway.api.codecs import json_response
-from gateway.api.endpoints import Call, Endpoint
+from gateway.api.endpoints import Endpoint
 from gateway.api.evm_models import (
     ChainList,
     EvmTransactionDocument,
@@ -24,12 +25,12 @@ from gateway.api.evm_models import (
     TypedDataSignature,
 )
 from gateway.auth.roles import Permission
-from gateway.config import EvmChainSettings
 from gateway.errors import InvalidEvmTransaction, ValidationFailed
 from gateway.evm.service import Draft, EvmService
 from gateway.evm.typed_data import TypedDataDraft, TypedDataService
 from gateway.keyring import KeyRecord, Usage
 from gateway.policy import evm as policy
+from gateway.policy.chains import EvmChainSettings
 from gateway.schemes.evm.eip712 import parse_typed_data
 from gateway.schemes.evm.erc20 import Erc20Call, erc20_calldata
 from gateway.schemes.evm.transactions import UnsignedTransaction, check_fees, parse_data

@@ -10,17 +10,15 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from aiohttp import web
 
+from gateway.api.call import Call
 from gateway.errors import IdempotencyRaced, ValidationFailed
 from gateway.ledger.store import Tx
 from gateway.operations import idempotency as records
 from gateway.operations.idempotency import Answer, IdempotentRequest, InFlight, Recorded
-
-if TYPE_CHECKING:
-    from gateway.api.endpoints import Call
 
 __all__ = ["InFlight", "check_key", "json_body", "render", "respond_in", "run"]
 

@@ -6,8 +6,9 @@ import hashlib
 
 from aiohttp import web
 
+from gateway.api.call import Call
 from gateway.api.codecs import json_response
-from gateway.api.endpoints import Call, Endpoint
+from gateway.api.endpoints import Endpoint
 from gateway.api.models import (
     BatchSignRequest,
     BatchSignResponse,
@@ -18,10 +19,10 @@ from gateway.api.models import (
     SignResponse,
 )
 from gateway.auth.roles import Permission
-from gateway.errors import PayloadTooLarge, ValidationFailed
-from gateway.hsm.profile import Algorithm
+from gateway.errors import KeyNotFound, PayloadTooLarge, ValidationFailed
 from gateway.keymgmt import generate_key
-from gateway.keyring import KeyRecord, Usage, der_from_raw, list_keys
+from gateway.keyring import KeyRecord, Usage, list_keys
+from gateway.signing import Algorithm, der_from_raw
 
 MAX_BATCH = 1000
 ECDSA = (Algorithm.ECDSA_P256, Algorithm.ECDSA_SECP256K1)
@@ -30,8 +31,6 @@ ECDSA = (Algorithm.ECDSA_P256, Algorithm.ECDSA_SECP256K1)
 def _key_id(call: Call) -> str:
     key_id = call.request.match_info["key_id"]
     if len(key_id) != 32 or any(c not in "0123456789abcdef" for c in key_id):
-        from gateway.errors import KeyNotFound
-
         raise KeyNotFound(f"no key {key_id[:40]!r}: key ids are 32 lower-case hex digits")
     return key_id
 

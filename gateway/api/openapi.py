@@ -15,6 +15,8 @@ from pydantic import BaseModel
 from gateway import __version__
 from gateway.api.endpoints import Endpoint
 from gateway.errors import PROBLEM_BASE
+from gateway.keyring import allowed_usages
+from gateway.services import SERVICES
 
 ENDPOINTS_KEY = web.AppKey("endpoints", list)
 
@@ -155,9 +157,6 @@ def build(endpoints: list[Endpoint]) -> dict[str, Any]:
 
 def document(app: web.Application) -> dict[str, Any]:
     """The document for this server: key algorithms narrowed to what its HSM profile supports."""
-    from gateway.keyring import allowed_usages
-    from gateway.services import SERVICES
-
     doc = build(app[ENDPOINTS_KEY])
     services = app.get(SERVICES)
     key_request = doc["components"]["schemas"].get("KeyCreateRequest")

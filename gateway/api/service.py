@@ -9,19 +9,21 @@ from __future__ import annotations
 
 from aiohttp import web
 
+from gateway.api.call import Call
 from gateway.api.codecs import json_response
-from gateway.api.endpoints import Call, Endpoint
+from gateway.api.endpoints import Endpoint
 from gateway.api.models import Health, Readiness, ServiceStatus
+from gateway.api.openapi import document
 from gateway.auth.roles import Permission
 from gateway.errors import ServiceUnavailable
-from gateway.hsm.signer import HsmHealth
+from gateway.signing import SignerHealth
 
 
 async def healthz(call: Call) -> web.Response:
     return json_response({"status": "ok"})
 
 
-async def _probe(call: Call) -> tuple[HsmHealth, bool]:
+async def _probe(call: Call) -> tuple[SignerHealth, bool]:
     """The HSM's health and whether the store answers (and the HSM gauges of /metrics updated)."""
     services = call.services
     hsm = services.signer.health()
@@ -59,8 +61,6 @@ async def metrics(call: Call) -> web.Response:
 
 
 async def openapi(call: Call) -> web.Response:
-    from gateway.api.openapi import document
-
     return json_response(document(call.request.app))
 
 

@@ -10,8 +10,9 @@ from __future__ import annotations
 
 from aiohttp import web
 
+from gateway.api.call import Call
 from gateway.api.codecs import json_response
-from gateway.api.endpoints import LOGIN_LIMITER, Call, Endpoint, bearer_token
+from gateway.api.endpoints import LOGIN_LIMITER, Endpoint, bearer_token
 from gateway.api.models import SessionEnded, SessionRequest, SessionResponse
 from gateway.audit.chain import append
 from gateway.auth.credentials import SESSION_TOKEN_PREFIX

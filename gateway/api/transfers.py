@@ -6,8 +6,9 @@ from __future__ import annotations
 from aiohttp import web
 
 from gateway.api import idempotency
+from gateway.api.call import Call
 from gateway.api.codecs import json_response
-from gateway.api.endpoints import Call, Endpoint
+from gateway.api.endpoints import Endpoint
 from gateway.api.wallet_models import TransferDocument, TransferRequest
 from gateway.auth.roles import Permission
 from gateway.wallets.service import TransferIntent, require_wallet_id

@@ -12,8 +12,9 @@ from typing import Any
 
 from aiohttp import web
 
+from gateway.api.call import Call
 from gateway.api.codecs import json_response
-from gateway.api.endpoints import Call, Endpoint
+from gateway.api.endpoints import Endpoint
 from gateway.api.models import UserDocument, UserRoleRequest
 from gateway.audit.chain import append
 from gateway.auth import users

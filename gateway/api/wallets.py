@@ -7,8 +7,9 @@ from typing import Any
 from aiohttp import web
 
 from gateway.api import idempotency
+from gateway.api.call import Call
 from gateway.api.codecs import json_response
-from gateway.api.endpoints import Call, Endpoint
+from gateway.api.endpoints import Endpoint
 from gateway.api.wallet_models import (
     AmountRequest,
     ApprovalDocument,

@@ -38,9 +38,9 @@ import structlog
 from gateway import clock
 from gateway.audit import witness
 from gateway.errors import GatewayError
-from gateway.hsm.signer import Signer
-from gateway.keyring import KeyRecord, Usage, key_for_usage, keys_with_usage, signing_input
+from gateway.keyring import KeyRecord, Usage, key_for_usage, keys_with_usage
 from gateway.ledger.store import Database, Tx
+from gateway.signing import Signer, signing_input
 
 GENESIS = bytes(32)
 CHECKPOINT_CONTEXT = "ecny-audit-checkpoint-v1"

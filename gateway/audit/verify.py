@@ -37,9 +37,9 @@ from gateway.audit import sm2
 from gateway.audit.chain import GENESIS, checkpoint_message, entry_hash
 from gateway.audit.witness import WitnessRecord
 from gateway.errors import ValidationFailed
-from gateway.hsm.profile import Algorithm
-from gateway.keyring import Usage, signing_input, verify
+from gateway.keyring import Usage
 from gateway.ledger.store import Tx
+from gateway.signing import Algorithm, signing_input, verify
 
 PAGE = 5000
 

@@ -33,20 +33,21 @@ from typing import Any
 from gateway import clock
 from gateway.approvals.service import canonical_json
 from gateway.audit.chain import AuditEntry, append
-from gateway.config import EvmChainSettings, Settings
+from gateway.config import Settings
 from gateway.errors import (
     ApprovalPayloadMismatch,
     InvalidEvmTransaction,
     NonceConflict,
     NotFound,
     PolicyRefused,
+    UnknownToken,
 )
-from gateway.hsm.signer import Signer
 from gateway.keyring import KeyDirectory, KeyRecord, evm_address
 from gateway.ledger.store import Database, Tx
 from gateway.operations.idempotency import Answer, IdempotentRequest
 from gateway.operations.signed import SignedOperation, ToSign
 from gateway.policy import evm as policy
+from gateway.policy.chains import EvmChainSettings
 from gateway.policy.evm import Intent
 from gateway.schemes.evm.transactions import (
     MAX_NONCE,
@@ -55,6 +56,7 @@ from gateway.schemes.evm.transactions import (
     UnsignedTransaction,
     finish_transaction,
 )
+from gateway.signing import Signer
 from gateway.wallets.service import Wallets
 
 APPROVAL_KIND = "evm_transaction"
@@ -496,8 +498,6 @@ def _intent_from_document(chain: EvmChainSettings, document: dict[str, Any]) -> 
     """Rebuild an intent recorded earlier, against the registry as configured now."""
     asset = document["asset"]
     if asset != policy.NATIVE and chain.token(asset) is None:
-        from gateway.errors import UnknownToken
-
         raise UnknownToken(f"token {asset} is no longer registered on chain {chain.chain_id}", ["unknown-token"])
     return Intent(chain.chain_id, asset, document["symbol"], int(document["decimals"]), document["method"],
                   document["recipient"], int(document["amount"]))

@@ -26,17 +26,18 @@ from typing import Any
 from gateway import clock
 from gateway.approvals.service import canonical_json
 from gateway.audit.chain import AuditEntry, append
-from gateway.config import EvmChainSettings, Settings
+from gateway.config import Settings
 from gateway.errors import ApprovalPayloadMismatch, NotFound, PolicyRefused
 from gateway.evm.service import ALGORITHM, EvmService, business_day, lock_name
-from gateway.hsm.signer import Signer
 from gateway.keyring import KeyDirectory, KeyRecord, evm_address
 from gateway.ledger.store import Database, Tx
 from gateway.operations.idempotency import Answer, IdempotentRequest
 from gateway.operations.signed import SignedOperation, ToSign
 from gateway.policy import evm as policy
+from gateway.policy.chains import EvmChainSettings
 from gateway.schemes.evm.eip712 import TypedData, parse_typed_data
 from gateway.schemes.evm.signatures import recover_signature
+from gateway.signing import Signer
 from gateway.wallets.service import Wallets
 
 APPROVAL_KIND = "evm_typed_data"

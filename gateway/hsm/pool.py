@@ -32,8 +32,8 @@ from typing import Any
 
 from gateway.errors import AmbiguousKey, GatewayError, HsmError, HsmLoginFailed, HsmUnavailable, KeyNotFound
 from gateway.hsm.profile import HsmProfile
-from gateway.hsm.signer import HsmHealth
 from gateway.hsm.worker import AlgorithmSpec, WorkerConfig, worker_main
+from gateway.signing import SignerHealth
 
 
 @dataclass
@@ -214,10 +214,10 @@ class SignerPool:
         """Process ids of the live workers (for operators' tools and fault tests)."""
         return [w.process.pid for w in self._workers if w.alive]
 
-    def health(self) -> HsmHealth:
+    def health(self) -> SignerHealth:
         up = sum(1 for w in self._workers if w.up and w.alive)
         details = "; ".join(w.last_detail for w in self._workers if not (w.up and w.alive) and w.last_detail)
-        return HsmHealth(ready=up > 0, workers=len(self._workers), workers_up=up, detail=details)
+        return SignerHealth(ready=up > 0, workers=len(self._workers), workers_up=up, detail=details)
 
     # --- dispatch ---------------------------------------------------------------------------
 

@@ -10,23 +10,14 @@ message naming the file and the key.
 from __future__ import annotations
 
 import tomllib
-from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Literal
+from urllib.parse import unquote
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from gateway.errors import ConfigError
-
-
-class Algorithm(StrEnum):
-    """Signature algorithms the gateway knows. A profile says which of them its HSM supports."""
-
-    ECDSA_P256 = "ecdsa-p256"
-    ECDSA_SECP256K1 = "ecdsa-secp256k1"
-    ED25519 = "ed25519"
-    SM2 = "sm2"
-
+from gateway.signing import Algorithm
 
 #: Curve object identifiers each algorithm must use; a profile that names another is contradictory.
 CURVE_OIDS: dict[Algorithm, str] = {
@@ -92,8 +83,6 @@ class TokenSection(_Strict):
         if self.label:
             return self.label
         assert self.uri is not None
-        from urllib.parse import unquote
-
         for part in self.uri.removeprefix("pkcs11:").split(";"):
             name, _, value = part.partition("=")
             if name == "token":
@@ -211,6 +200,12 @@ class HsmProfile(_Strict):
                 raise ValueError(f"algorithms.{algorithm}.key_type must be EC or vendor-defined")
         return self
 
+    def cose_alg(self, algorithm: Algorithm) -> int | None:
+        """The COSE algorithm number this profile gives ``algorithm`` (SM2's private-use value), or None
+        where the registered one applies (:func:`gateway.schemes.cose.cose_alg`)."""
+        section = self.algorithms.get(algorithm)
+        return section.cose_alg if section is not None else None
+
 
 def _format_location(error: dict[str, object]) -> str:
     return ".".join(str(part) for part in error["loc"])  # type: ignore[attr-defined]
@@ -241,3 +236,18 @@ def load_profile(path: Path) -> HsmProfile:
 def profiles_dir() -> Path:
     """The repository's ``hsm_profiles/`` folder."""
     return Path(__file__).resolve().parents[2] / "hsm_profiles"
+
+
+def load_named_profile(name: str) -> HsmProfile:
+    """The profile ``hsm.profile`` names: a name in ``hsm_profiles/`` (``softhsm`` → ``softhsm.toml``)
+    or a path to a profile file.
+
+    Raises:
+        ConfigError: no such file, or the profile is invalid (:func:`load_profile`).
+    """
+    candidate = Path(name)
+    if candidate.suffix != ".toml":
+        candidate = profiles_dir() / f"{name}.toml"
+    if not candidate.is_file():
+        raise ConfigError(f"hsm.profile: no profile file {candidate}")
+    return load_profile(candidate)

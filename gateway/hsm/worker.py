@@ -97,7 +97,7 @@ class Worker:
     """One PKCS#11 session and its key-handle cache, driven from a single thread."""
 
     def __init__(self, config: WorkerConfig) -> None:
-        import pkcs11
+        import pkcs11  # only in the worker process: the HTTP process never loads the PKCS#11 library
 
         self._pkcs11 = pkcs11
         self.config = config
@@ -234,7 +234,7 @@ class Worker:
             key = self._private_key(key_id)
             signatures = [key.sign(item, mechanism=mechanism) for item in items]
             if spec.der_signatures:
-                from pkcs11.util.ec import decode_ecdsa_signature
+                from pkcs11.util.ec import decode_ecdsa_signature  # worker process only (see __init__)
 
                 return [decode_ecdsa_signature(sig) for sig in signatures]
             return [bytes(sig) for sig in signatures]
@@ -244,7 +244,7 @@ class Worker:
 
     def generate(self, key_id: str, label: str, algorithm: str) -> bytes:
         pkcs11 = self._pkcs11
-        from pkcs11.util.ec import encode_named_curve_parameters
+        from pkcs11.util.ec import encode_named_curve_parameters  # worker process only (see __init__)
 
         spec = self._spec(algorithm)
 

@@ -4,7 +4,8 @@ Everything the gateway records — keys, clients, users, sessions, idempotency r
 chain (and, later, the ledger) — is written by plain functions that take a :class:`Tx`. A
 function runs inside one transaction: the check and the record it allows commit together or not
 at all. SQL is written once with ``?`` placeholders in the subset both engines share; each
-implementation adapts placeholders and supplies its own locking.
+implementation adapts placeholders and supplies its own locking. :func:`gateway.ledger.engines.open_database`
+opens the one a DSN names.
 """
 
 from __future__ import annotations
@@ -89,32 +90,3 @@ class Database(Protocol):
     async def close(self) -> None:
         """Close every connection."""
         ...
-
-
-async def open_database(dsn: str, pool_size: int | None = None) -> Database:
-    """Open the store a DSN names: ``sqlite:///path`` or ``postgresql://…``.
-
-    ``pool_size``: PostgreSQL connections (and threads running transactions); None = the store's
-    default. SQLite has one writer and one reader connection whatever it says.
-
-    Raises:
-        ConfigError: an unknown scheme.
-        StoreUnavailable: the database cannot be opened.
-    """
-    from gateway.errors import ConfigError
-
-    if dsn.startswith("sqlite://"):
-        from gateway.ledger.sqlite import SqliteDatabase
-
-        return await SqliteDatabase.open(dsn)
-    if dsn.startswith(("postgresql://", "postgres://")):
-        try:
-            from gateway.ledger.postgres import (  # type: ignore[import-not-found,unused-ignore]
-                POOL_SIZE,
-                PostgresDatabase,
-            )
-        except ImportError as exc:
-            raise ConfigError(f"PostgreSQL store not available: {exc}") from exc
-        database: Database = await PostgresDatabase.open(dsn, size=POOL_SIZE if pool_size is None else pool_size)
-        return database
-    raise ConfigError(f"store.dsn {dsn!r}: use sqlite:///path or postgresql://...")

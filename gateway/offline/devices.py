@@ -45,8 +45,8 @@ from gateway.errors import (
     WalletNotActive,
 )
 from gateway.hsm.profile import HsmProfile
-from gateway.hsm.signer import Signer
 from gateway.keyring import KeyDirectory, KeyRecord, Usage, key_for_usage, public_key_pem
+from gateway.keyring import sign1_with_profile as sign1
 from gateway.ledger import journal
 from gateway.ledger.store import Database, Row, Tx
 from gateway.offline.bulk import Transfer, post_offline, select_in
@@ -60,7 +60,7 @@ from gateway.offline.verify import InlineVerifier, Verifier
 from gateway.operations.idempotency import Answer, IdempotentRequest
 from gateway.operations.signed import SignedOperation, ToSign
 from gateway.schemes import offline
-from gateway.schemes.cose import sign1
+from gateway.signing import Signer
 from gateway.wallets.service import load_wallet
 
 RESOLUTIONS: dict[str, str] = {

@@ -26,7 +26,6 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal, NoReturn
 
-from gateway.config import EvmChainSettings, EvmSettings
 from gateway.errors import (
     EvmCapExceeded,
     EvmFeeCapExceeded,
@@ -39,6 +38,7 @@ from gateway.errors import (
     UnknownContract,
     UnknownToken,
 )
+from gateway.policy.chains import EvmChainSettings, EvmSettings
 from gateway.policy.limits import Decision
 from gateway.schemes.evm.eip712 import TypedData
 from gateway.schemes.evm.erc20 import Erc20Call, decode_erc20_calldata

@@ -19,9 +19,7 @@ from typing import Any
 import cbor2
 
 from gateway.errors import ValidationFailed
-from gateway.hsm.profile import Algorithm, HsmProfile
-from gateway.hsm.signer import Signer
-from gateway.keyring import KeyRecord, signing_input, verify
+from gateway.signing import Algorithm, Signer, signing_input, verify
 
 COSE_SIGN1_TAG = 18
 HEADER_ALG = 1
@@ -31,10 +29,11 @@ HEADER_KID = 4
 DEFAULT_ALGS: dict[Algorithm, int] = {Algorithm.ECDSA_P256: -7, Algorithm.ED25519: -8}
 
 
-def cose_alg(profile: HsmProfile, algorithm: Algorithm) -> int:
-    section = profile.algorithms.get(algorithm)
-    if section is not None and section.cose_alg is not None:
-        return section.cose_alg
+def cose_alg(algorithm: Algorithm, configured: int | None = None) -> int:
+    """The COSE algorithm number of ``algorithm``: ``configured`` (an HSM profile's ``cose_alg``) when
+    given, else the registered RFC 9053 value. Raises ValidationFailed when there is neither (SM2)."""
+    if configured is not None:
+        return configured
     if algorithm in DEFAULT_ALGS:
         return DEFAULT_ALGS[algorithm]
     raise ValidationFailed(f"no COSE algorithm for {algorithm.value}; the profile must give cose_alg")
@@ -52,11 +51,13 @@ def assemble(protected: bytes, payload: bytes, signature: bytes) -> bytes:
     return cbor2.dumps(cbor2.CBORTag(COSE_SIGN1_TAG, [protected, {}, payload, signature]))
 
 
-async def sign1(signer: Signer, profile: HsmProfile, key: KeyRecord, payload: bytes) -> bytes:
-    """A tagged COSE_Sign1 over ``payload`` (CBOR bytes) signed by ``key`` in the HSM; kid = key id."""
-    protected = protected_header(cose_alg(profile, key.algorithm), key.key_id.encode())
+async def sign1(signer: Signer, alg: int, key_id: str, algorithm: Algorithm, payload: bytes) -> bytes:
+    """A tagged COSE_Sign1 over ``payload`` (CBOR bytes) signed by ``signer`` with key ``key_id`` of
+    ``algorithm``; ``alg`` is the COSE algorithm number put in the protected header (:func:`cose_alg`),
+    kid = the key id."""
+    protected = protected_header(alg, key_id.encode())
     to_be_signed = sig_structure(protected, payload)
-    signature = await signer.sign(key.key_id, key.algorithm.value, signing_input(key.algorithm, to_be_signed))
+    signature = await signer.sign(key_id, algorithm.value, signing_input(algorithm, to_be_signed))
     return assemble(protected, payload, signature)
 
 

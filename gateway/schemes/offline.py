@@ -35,9 +35,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, utils
 
 from gateway.errors import OfflineFormatError
-from gateway.hsm.profile import Algorithm
-from gateway.keyring import verify
 from gateway.schemes.cose import COSE_SIGN1_TAG, HEADER_ALG, HEADER_KID, assemble, protected_header, sig_structure
+from gateway.signing import Algorithm, verify
 
 FORMAT_VERSION = 1
 GENESIS = bytes(32)

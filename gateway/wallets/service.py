@@ -42,14 +42,14 @@ from gateway.errors import (
     WalletNotFound,
 )
 from gateway.hsm.profile import HsmProfile
-from gateway.hsm.signer import Signer
 from gateway.keyring import KeyRecord, Usage, key_for_usage
+from gateway.keyring import sign1_with_profile as sign1
 from gateway.ledger import journal
 from gateway.ledger.store import Database, Row, Tx
 from gateway.operations.idempotency import Answer, IdempotentRequest
 from gateway.operations.signed import SignedOperation, ToSign
 from gateway.policy.limits import Decision, check_payment, check_receipt, check_status
-from gateway.schemes.cose import sign1
+from gateway.signing import Signer
 from gateway.wallets.ids import is_valid_wallet_id, new_wallet_id
 
 

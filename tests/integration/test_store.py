@@ -20,9 +20,10 @@ from gateway.audit.chain import AuditEntry, append
 from gateway.audit.verify import verify_chain
 from gateway.config import load_settings
 from gateway.errors import AlreadyExists, ConfigError, StoreUnavailable
+from gateway.ledger.engines import open_database
 from gateway.ledger.migrate import migration_files
 from gateway.ledger.postgres import PostgresDatabase, lock_key
-from gateway.ledger.store import Database, Tx, open_database
+from gateway.ledger.store import Database, Tx
 from gateway.services import SERVICES
 from tests.conftest import Token, make_settings, start_gateway
 from tests.pg import PostgresServer, free_port

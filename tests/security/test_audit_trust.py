@@ -32,9 +32,9 @@ from gateway.audit import sm2, witness
 from gateway.audit.chain import GENESIS, checkpoint_message, entry_hash
 from gateway.auth.roles import Role
 from gateway.errors import ConfigError
-from gateway.hsm.profile import Algorithm
 from gateway.keyring import public_key_pem
 from gateway.services import SERVICES
+from gateway.signing import Algorithm
 from tests.api.support import assert_problem
 from tests.conftest import Gateway
 

@@ -554,8 +554,9 @@ async def test_existing_identities_and_approvals_get_their_own_name_as_owner(sto
     """An upgrade that locks everyone out, or lets anyone approve anything: the owner migration gives
     every existing user, client and pending approval the owner it had implicitly (its own name)."""
     from gateway import clock
+    from gateway.ledger.engines import open_database
     from gateway.ledger.migrate import _statements, migration_files
-    from gateway.ledger.store import Tx, open_database
+    from gateway.ledger.store import Tx
 
     database = await open_database(store_dsn)
     dialect = "sqlite" if store_dsn.startswith("sqlite") else "postgresql"

@@ -40,9 +40,9 @@ from gateway.auth.roles import Role
 from gateway.config import HsmSettings, load_settings
 from gateway.devinit import _write_private
 from gateway.errors import ConfigError, StoreUnavailable
-from gateway.keyring import der_from_raw
-from gateway.ledger.store import open_database
+from gateway.ledger.engines import open_database
 from gateway.services import SERVICES
+from gateway.signing import der_from_raw
 from tests.conftest import ROOT, Gateway, Token, make_settings, start_gateway
 from tests.pg import PostgresServer
 from tests.procs import GatewayProcess

@@ -28,7 +28,7 @@ from gateway.app import make_app
 from gateway.auth.credentials import add_user
 from gateway.auth.roles import Role
 from gateway.config import Settings
-from gateway.ledger.store import open_database
+from gateway.ledger.engines import open_database
 from tests.api.support import assert_problem, audit_entries, audit_head, services
 from tests.conftest import PASSWORDS, Gateway, Token, make_settings, provision, start_gateway
 from tests.pg import PostgresServer

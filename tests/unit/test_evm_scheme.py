@@ -27,7 +27,6 @@ from hypothesis import given
 from hypothesis import strategies as st
 from pydantic import ValidationError
 
-from gateway.config import EvmChainSettings, EvmNativeSettings, EvmTokenSettings, TypedDataDomainSettings
 from gateway.errors import (
     InvalidAddress,
     InvalidEvmAmount,
@@ -42,6 +41,7 @@ from gateway.errors import (
 )
 from gateway.keyring import evm_address
 from gateway.policy import evm as policy
+from gateway.policy.chains import EvmChainSettings, EvmNativeSettings, EvmTokenSettings, TypedDataDomainSettings
 from gateway.schemes.evm.eip712 import MAX_TYPED_DEPTH, dependencies, parse_typed_data
 from gateway.schemes.evm.erc20 import ERC20_METHODS, Erc20Call, decode_erc20_calldata, erc20_calldata
 from gateway.schemes.evm.signatures import HALF_N, SECP256K1_N, low_s, recover_signature

@@ -14,7 +14,8 @@ from typing import Any
 import pytest
 
 from gateway.errors import ConfigError
-from gateway.hsm.profile import Algorithm, HsmProfile, TokenSection, load_profile, profiles_dir
+from gateway.hsm.profile import HsmProfile, TokenSection, load_profile, profiles_dir
+from gateway.signing import Algorithm
 
 PROFILES_DIR = profiles_dir()
 PROFILE_FILES = sorted(PROFILES_DIR.glob("*.toml"))

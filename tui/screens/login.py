@@ -9,16 +9,15 @@ from textual.app import ComposeResult
 from textual.binding import Binding, BindingType
 from textual.containers import Center, Vertical
 from textual.message import Message
-from textual.screen import Screen
 from textual.widgets import Button, Footer, Input, Label, Static
 from textual.worker import Worker, WorkerState
 
-from tui.base import teller
+from tui.base import LoginPrompt, teller
 from tui.client import ApiError
 from tui.models import Session
 
 
-class LoginScreen(Screen[None]):
+class LoginScreen(LoginPrompt):
     BINDINGS: ClassVar[list[BindingType]] = [Binding("ctrl+q", "app.quit", "Quit")]
 
     class LoggedIn(Message):

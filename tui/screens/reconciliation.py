@@ -15,7 +15,7 @@ from textual.message import Message
 from textual.widgets import DataTable, Input, Label, Static
 
 from tui.base import ActionModal, ActionResult, FieldSpec, TellerScreen
-from tui.client import new_idempotency_key
+from tui.client import ApiError, new_idempotency_key
 from tui.format import grouped, money, short_time
 from tui.models import Discrepancy
 
@@ -73,8 +73,6 @@ class ReconciliationScreen(TellerScreen):
         self.post_message(self.Loaded(await self.client.discrepancies("open")))
 
     def worker_failed(self, name: str, error: BaseException) -> None:
-        from tui.client import ApiError
-
         if name == "Discrepancies" and isinstance(error, ApiError) and error.kind == "not-available":
             self.available = False
             self.query_one("#reconciliation-status", Label).update(

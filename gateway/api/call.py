@@ -14,6 +14,7 @@ from aiohttp import web
 
 from gateway.audit.chain import AuditEntry
 from gateway.auth.credentials import Principal
+from gateway.operations.idempotency import IdempotentRequest
 from gateway.services import Services
 
 Handler = Callable[["Call"], Awaitable[web.StreamResponse]]
@@ -30,7 +31,7 @@ class Call:
     raw_body: bytes
     request_id: str
     idempotency_key: str | None
-    recorded_in_transaction: bool = False
+    idempotent: IdempotentRequest | None = None  # its Idempotency-Key, set by idempotency.run
 
     @property
     def actor(self) -> Principal:

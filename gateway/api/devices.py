@@ -11,7 +11,7 @@ from aiohttp import web
 
 from gateway.api import idempotency
 from gateway.api.call import Call
-from gateway.api.codecs import CBOR, JSON, json_response
+from gateway.api.codecs import CBOR, json_response
 from gateway.api.device_models import (
     DeviceDocument,
     DeviceRegisterRequest,
@@ -33,7 +33,6 @@ from gateway.errors import BadRequest, UnsupportedMediaType, ValidationFailed
 from gateway.ledger.store import Tx
 from gateway.offline.devices import (
     Devices,
-    LoadResult,
     device_document,
     device_row,
     discrepancy_document,
@@ -71,39 +70,16 @@ async def show(call: Call) -> web.Response:
     return json_response(device_document(row, await Devices.of(call.services).issuer_pem(row["kid"])))
 
 
-async def _final_load(call: Call, device_id: str, load_seq: int) -> web.Response:
-    """Sign the voucher if needed and complete the idempotency record in the same transaction."""
-
-    def finish(tx: Tx, document: dict[str, Any]) -> None:
-        idempotency.complete_in(tx, call, 201, JSON, orjson.dumps(document))
-
-    document = await Devices.of(call.services).seal_voucher(device_id, load_seq, finish)
-    return idempotency.json_body(orjson.dumps(document), 201)
-
-
 async def load(call: Call) -> web.Response:
-    device_id = _device_id(call)
     devices = Devices.of(call.services)
     amount = call.services.wallets.check_amount(call.body.amount_fen)
     entry = call.audit_entry("devices.load", decision="allowed", payload_hash=call.payload_hash())
-
-    def work(tx: Tx) -> tuple[int, bytes]:
-        result = devices.load_in(tx, device_id, amount, entry)
-        if not isinstance(result, LoadResult):  # above the threshold: the pending approval, answered now
-            return 0, idempotency.respond_in(tx, call, result, 202)
-        idempotency.record_in(tx, call, 0, idempotency.REFERENCE, f"{device_id}#{result.load_seq}".encode())
-        return result.load_seq, b""
-
-    load_seq, pending = await call.services.database.write(work)
-    if pending:
-        return idempotency.json_body(pending, 202)
-    return await _final_load(call, device_id, load_seq)
+    return idempotency.render(await devices.load(call.idempotent, _device_id(call), amount, entry))
 
 
 async def resume_load(call: Call, reference: str) -> web.Response:
     """Replay of a load whose voucher was not signed when the first request ended."""
-    device_id, _, load_seq = reference.rpartition("#")
-    return await _final_load(call, device_id, int(load_seq))
+    return idempotency.render(await Devices.of(call.services).signed_loads.resume(reference, call.idempotent))
 
 
 async def sync(call: Call) -> web.Response:

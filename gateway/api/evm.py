@@ -9,12 +9,11 @@ from __future__ import annotations
 
 from typing import Any
 
-import orjson
 from aiohttp import web
 
 from gateway.api import idempotency
 from gateway.api.call import Call
-from gateway.api.codecs import JSON, json_response
+from gateway.api.codecs import json_response
 from gateway.api.endpoints import Endpoint
 from gateway.api.evm_models import (
     ChainList,
@@ -26,11 +25,10 @@ from gateway.api.evm_models import (
     TypedDataSignature,
 )
 from gateway.auth.roles import Permission
-from gateway.errors import InvalidEvmTransaction, NonceConflict, ValidationFailed
-from gateway.evm.service import Draft, EvmService, Recorded, transaction_document
-from gateway.evm.typed_data import TypedDataDraft, TypedDataService, typed_data_document
+from gateway.errors import InvalidEvmTransaction, ValidationFailed
+from gateway.evm.service import Draft, EvmService
+from gateway.evm.typed_data import TypedDataDraft, TypedDataService
 from gateway.keyring import KeyRecord, Usage
-from gateway.ledger.store import Tx
 from gateway.policy import evm as policy
 from gateway.policy.chains import EvmChainSettings
 from gateway.schemes.evm.eip712 import parse_typed_data
@@ -95,54 +93,20 @@ def draft_of(body: EvmTransactionRequest, key: KeyRecord, chain: EvmChainSetting
     return Draft(key, chain, unsigned, intent, body.nonce)
 
 
-async def _signed_response(call: Call, transaction_id: str, recorded: Recorded | None = None,
-                           key: KeyRecord | None = None) -> web.Response:
-    """Sign (unless signed already) and answer; the idempotency record is completed in the transaction
-    that stores the signature."""
-    service = _service(call)
-
-    def finish(tx: Tx, document: dict[str, Any]) -> None:
-        if document["status"] == "signed":
-            idempotency.complete_in(tx, call, 200, JSON, orjson.dumps(document))
-
-    if recorded is not None and key is not None:
-        document = await service.sign_recorded(transaction_id, recorded.unsigned, key, finish)
-    else:
-        document = await service.seal(transaction_id, finish)
-    if document["status"] != "signed":
-        raise NonceConflict(f"transaction {transaction_id} is {document['status']} and will not be signed",
-                            transaction_id=transaction_id)
-    return web.Response(body=orjson.dumps(document), status=200, content_type=JSON)
-
-
 async def create_transaction(call: Call) -> web.Response:
     body: EvmTransactionRequest = call.body
     key = await _evm_key(call, body.key_id)
     chain = policy.require_chain(call.services.settings.evm, body.chain_id)
     draft = draft_of(body, key, chain)
-    service = _service(call)
     entry = call.audit_entry("evm.transactions.create", decision="allowed", payload_hash=call.payload_hash())
-
-    def work(tx: Tx) -> tuple[Recorded, bytes | None]:
-        recorded = service.record_in(tx, draft, entry)
-        if recorded.status == "pending_approval":
-            pending = orjson.dumps(transaction_document(service.row_in(tx, recorded.transaction_id)))
-            idempotency.record_in(tx, call, 202, JSON, pending)
-            return recorded, pending
-        idempotency.record_in(tx, call, 0, idempotency.REFERENCE, recorded.transaction_id.encode())
-        return recorded, None
-
-    recorded, pending = await call.services.database.write(work)
-    if pending is not None:
-        return web.Response(body=pending, status=202, content_type=JSON)
-    return await _signed_response(call, recorded.transaction_id, recorded, key)
+    return idempotency.render(await _service(call).transact(call.idempotent, draft, entry))
 
 
 async def resume_transaction(call: Call, transaction_id: str) -> web.Response:
     """Replay of a request whose transaction was recorded but whose response was not final (a crash
     between commit and signing): sign the same transaction now — same nonce — and answer as the first
     request would have."""
-    return await _signed_response(call, transaction_id)
+    return idempotency.render(await _service(call).resume(transaction_id, call.idempotent))
 
 
 async def sign_typed_data(call: Call) -> web.Response:
@@ -151,19 +115,13 @@ async def sign_typed_data(call: Call) -> web.Response:
     key = await _evm_key(call, body.key_id)
     chain = policy.require_chain(call.services.settings.evm, body.chain_id)
     draft = TypedDataDraft(key, chain, body.typed_data, parse_typed_data(body.typed_data))
-    service = call.request.app[TYPED_DATA_SERVICE]
     entry = call.audit_entry("evm.typed_data.sign", decision="allowed", payload_hash=call.payload_hash())
+    return idempotency.render(await call.request.app[TYPED_DATA_SERVICE].request(call.idempotent, draft, entry))
 
-    def work(tx: Tx) -> tuple[dict[str, Any], bytes | None]:
-        document = typed_data_document(service.record_in(tx, draft, entry))
-        if document["status"] == "pending_approval":
-            return document, idempotency.respond_in(tx, call, document, 202)
-        return document, None
 
-    document, pending = await call.services.database.write(work)
-    if pending is not None:
-        return idempotency.json_body(pending, 202)
-    return json_response(await service.seal(document["request_id"]))
+async def resume_typed_data(call: Call, request_id: str) -> web.Response:
+    """Replay of an EIP-712 request recorded but not signed when the first request ended: sign it now."""
+    return idempotency.render(await call.request.app[TYPED_DATA_SERVICE].signed.resume(request_id, call.idempotent))
 
 
 async def set_next_nonce(call: Call) -> web.Response:
@@ -224,7 +182,8 @@ ENDPOINTS = [
     Endpoint("POST", "/v1/evm/typed-data", sign_typed_data,
              "Sign EIP-712 typed data: a decoded permit or authorisation within the token's caps, or a listed type "
              "after approval", Permission.EVM_SIGN, "evm", request_model=TypedDataRequest,
-             response_model=TypedDataSignature, idempotency="optional", audited_action="evm.typed_data.sign",
+             response_model=TypedDataSignature, idempotency="optional", resume=resume_typed_data,
+             audited_action="evm.typed_data.sign",
              responses={202: "Pending a supervisor's approval (status pending_approval, approval_id)",
                         400: "Not EIP-712, or a type graph too large or too deep (typed-data-too-complex)",
                         422: "Domain or type not allowed; a cap, daily cap or recipient list refuses the intent"}),

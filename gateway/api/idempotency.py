@@ -1,39 +1,28 @@
-"""Idempotency-Key handling (docs/spec.md §5).
+"""The Idempotency-Key header (docs/spec.md §5): read it, and render recorded answers.
 
-The same key and body return the first response again without doing the work twice; the same key
-with another body is 409. Keys are scoped to the calling principal. Responses with a status below
-500 are kept; a 5xx is not, so a retry after an outage does the work.
-
-Two requests with one key racing in the same process: the second waits for the first and replays
-it. Across processes and instances the store's primary key decides: operations that change the
-ledger record their response inside their own transaction (:func:`record_in`), so the duplicate
-that loses rolls back whole — and then answers with the winner's record, as a replay.
+What a key means — records, replays, references completed after signing, races between requests and
+between processes — is :mod:`gateway.operations.idempotency`, below the API, where the operations that
+record their answer inside their own transaction reach it. This module turns a request into an
+:class:`~gateway.operations.idempotency.IdempotentRequest` and answers into responses.
 """
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-import orjson
 from aiohttp import web
 
-from gateway import clock
 from gateway.api.call import Call
-from gateway.api.codecs import JSON as JSON_TYPE
-from gateway.errors import AlreadyExists, IdempotencyConflict, IdempotencyRaced, ValidationFailed
+from gateway.errors import IdempotencyRaced, ValidationFailed
 from gateway.ledger.store import Tx
+from gateway.operations import idempotency as records
+from gateway.operations.idempotency import Answer, IdempotentRequest, InFlight, Recorded
+
+__all__ = ["InFlight", "check_key", "json_body", "render", "respond_in", "run"]
 
 MAX_KEY_LENGTH = 255
-
-
-class InFlight:
-    """Requests under way per (principal, key) in this process."""
-
-    def __init__(self) -> None:
-        self.running: dict[tuple[str, str], asyncio.Future[None]] = {}
 
 
 def check_key(key: str) -> str:
@@ -51,86 +40,36 @@ def request_hash(call: Call) -> bytes:
     return digest.digest()
 
 
-def _lookup(tx: Tx, scope: str, key: str) -> Any:
-    return tx.fetchone(
-        "SELECT request_hash, status, content_type, body FROM idempotency WHERE principal = ? AND idem_key = ?",
-        (scope, key),
-    )
+def render(answer: Answer | Recorded) -> web.Response:
+    """An operation's answer, or a recorded one, as a response (the body serialised once)."""
+    return web.Response(body=answer.body, status=answer.status, content_type=answer.content_type)
 
 
-def _replay(row: Any, expected_hash: bytes, key: str) -> web.Response:
-    if bytes(row["request_hash"]) != expected_hash:
-        raise IdempotencyConflict(f"Idempotency-Key {key!r} was used with a different request")
-    response = web.Response(body=bytes(row["body"]), status=int(row["status"]))
-    response.headers["Content-Type"] = row["content_type"]
+def _replayed(recorded: Recorded) -> web.Response:
+    response = web.Response(body=recorded.body, status=recorded.status)
+    response.headers["Content-Type"] = recorded.content_type
     response.headers["Idempotent-Replayed"] = "true"
     return response
 
 
-REFERENCE = "application/x-ecny-reference"
-
-
-def record_in(tx: Tx, call: Call, status: int, content_type: str, body: bytes) -> None:
-    """Record the response inside the operation's own transaction (for ledger-changing handlers).
-    Does nothing for a request without an Idempotency-Key.
-
-    A response that is not final yet (a transfer whose envelope is signed after commit) is
-    recorded as a reference (``status`` 0, ``content_type`` :data:`REFERENCE`, ``body`` the
-    resource id) and completed by :func:`complete`; a replay meeting a reference rebuilds the
-    response through the endpoint's ``resume``.
-
-    Raises:
-        IdempotencyConflict: another request with this key committed first (the transaction rolls back).
-    """
-    if call.principal is None or call.idempotency_key is None:
-        return
-    try:
-        tx.execute(
-            "INSERT INTO idempotency (principal, idem_key, request_hash, status, content_type, body, created_at) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?)",
-            (call.principal.scope, call.idempotency_key, request_hash(call), status, content_type, body,
-             clock.now_iso()),
-        )
-    except AlreadyExists as exc:
-        raise IdempotencyRaced(f"Idempotency-Key {call.idempotency_key!r} is already being used") from exc
-    call.recorded_in_transaction = True
-
-
 def respond_in(tx: Tx, call: Call, document: Any, status: int = 200) -> bytes:
-    """Serialise ``document`` and record it as this request's response inside ``tx`` (no-op without
-    an Idempotency-Key). Returns the body, for :func:`json_body`."""
-    body = orjson.dumps(document)
-    record_in(tx, call, status, JSON_TYPE, body)
-    return body
+    """Serialise ``document`` and record it as this request's answer inside ``tx`` (no-op without an
+    Idempotency-Key). Returns the body, for :func:`json_body`."""
+    answer = Answer(status, document)
+    records.answer_in(tx, call.idempotent, answer)
+    return answer.body
 
 
 def json_body(body: bytes, status: int = 200) -> web.Response:
-    return web.Response(body=body, status=status, content_type=JSON_TYPE)
+    return web.Response(body=body, status=status, content_type=records.JSON)
 
 
-def complete_in(tx: Tx, call: Call, status: int, content_type: str, body: bytes) -> None:
-    """Replace a reference record with the final response, inside the caller's transaction."""
-    if call.principal is None or call.idempotency_key is None:
-        return
-    tx.queue(
-        "UPDATE idempotency SET status = ?, content_type = ?, body = ? WHERE principal = ? AND idem_key = ? "
-        "AND status = 0",
-        (status, content_type, body, call.principal.scope, call.idempotency_key),
-    )
-
-
-async def _answer_from(
-    row: Any, call: Call, expected: bytes, resume: Callable[[Call, str], Awaitable[web.StreamResponse]] | None
-) -> web.StreamResponse:
-    """The answer to a request whose key is recorded already: a replay of the recorded response —
-    or, for a reference record (the first request committed its work but not its final response,
-    e.g. it died between posting and signing), the work finished now as the first would have."""
-    key = call.idempotency_key or ""
-    if row["content_type"] == REFERENCE and resume is not None:
-        if bytes(row["request_hash"]) != expected:
-            raise IdempotencyConflict(f"Idempotency-Key {key!r} was used with a different request")
-        return await resume(call, bytes(row["body"]).decode())
-    return _replay(row, expected, key)
+def _recordable(response: web.StreamResponse) -> Recorded | None:
+    if response.status >= 500:
+        return None
+    assert isinstance(response, web.Response)
+    body = bytes(response.body) if response.body is not None else b""  # type: ignore[arg-type]
+    return Recorded(response.status, response.headers.get("Content-Type", response.content_type), body)
 
 
 async def run(
@@ -139,50 +78,33 @@ async def run(
     handler: Callable[[Call], Awaitable[web.StreamResponse]],
     resume: Callable[[Call, str], Awaitable[web.StreamResponse]] | None = None,
 ) -> web.StreamResponse:
+    """Run ``handler`` once for the request's key: or replay the recorded answer, or (a reference record,
+    and the endpoint has ``resume``) finish the recorded work as the first request would have."""
     assert call.principal is not None and call.idempotency_key is not None
-    key = call.idempotency_key
-    scope = call.principal.scope
-    expected = request_hash(call)
+    request = IdempotentRequest(call.principal.scope, call.idempotency_key, request_hash(call))
+    call.idempotent = request
     database = call.services.database
-    slot = (scope, key)
-    while (running := inflight.running.get(slot)) is not None:
-        await asyncio.shield(running)
-    # Claim the slot before the first await: a request arriving while this one looks up the store
-    # must wait for it, not run the handler too.
-    done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-    inflight.running[slot] = done
-    try:
-        row = await database.read(lambda tx: _lookup(tx, scope, key))
-        if row is not None:
-            return await _answer_from(row, call, expected, resume)
+
+    async def answer(recorded: Recorded) -> web.StreamResponse:
+        if recorded.content_type == records.REFERENCE and resume is not None:
+            return await resume(call, recorded.body.decode())
+        return _replayed(recorded)
+
+    async with records.claimed(inflight, request):
+        found = await records.find(database, request)
+        if found is not None:
+            return await answer(found)
         try:
             response = await handler(call)
         except IdempotencyRaced:
             # Another process committed this key while the handler ran; its work rolled back.
-            row = await database.read(lambda tx: _lookup(tx, scope, key))
-            if row is None:
+            found = await records.find(database, request)
+            if found is None:
                 raise
-            return await _answer_from(row, call, expected, resume)
-        if response.status < 500 and not call.recorded_in_transaction:
-            assert isinstance(response, web.Response)
-            body = bytes(response.body) if response.body is not None else b""  # type: ignore[arg-type]
-            content_type = response.headers.get("Content-Type", response.content_type)
-
-            def record(tx: Tx) -> Any:
-                existing = _lookup(tx, scope, key)
-                if existing is not None:
-                    return existing
-                tx.execute(
-                    "INSERT INTO idempotency (principal, idem_key, request_hash, status, content_type, body, "
-                    "created_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
-                    (scope, key, expected, response.status, content_type, body, clock.now_iso()),
-                )
-                return None
-
-            earlier = await database.write(record)
+            return await answer(found)
+        recordable = None if request.recorded_in_transaction else _recordable(response)
+        if recordable is not None:
+            earlier = await records.record_unless_present(database, request, recordable)
             if earlier is not None:  # another instance won the race: answer as it did
-                return _replay(earlier, expected, key)
+                return await answer(earlier)
         return response
-    finally:
-        inflight.running.pop(slot, None)
-        done.set_result(None)

@@ -3,33 +3,15 @@
 
 from __future__ import annotations
 
-from typing import Any
-
-import orjson
 from aiohttp import web
 
 from gateway.api import idempotency
 from gateway.api.call import Call
-from gateway.api.codecs import JSON, json_response
+from gateway.api.codecs import json_response
 from gateway.api.endpoints import Endpoint
 from gateway.api.wallet_models import TransferDocument, TransferRequest
 from gateway.auth.roles import Permission
-from gateway.ledger.store import Tx
 from gateway.wallets.service import TransferIntent, require_wallet_id
-
-
-async def _final_response(call: Call, transfer_id: str, row: Any = None) -> web.Response:
-    """Sign the envelope if needed and complete the idempotency record in the same transaction."""
-
-    def finish(tx: Tx, document: dict[str, Any]) -> None:
-        idempotency.complete_in(tx, call, _status(document), JSON, orjson.dumps(document))
-
-    document = await call.services.wallets.seal(transfer_id, finish, row)
-    return web.Response(body=orjson.dumps(document), status=_status(document), content_type=JSON)
-
-
-def _status(document: dict[str, Any]) -> int:
-    return 201 if document["status"] == "posted" else 202
 
 
 async def create_transfer(call: Call) -> web.Response:
@@ -38,25 +20,18 @@ async def create_transfer(call: Call) -> web.Response:
     intent = TransferIntent(require_wallet_id(body.from_wallet), require_wallet_id(body.to_wallet),
                             wallets.check_amount(body.amount_fen), body.memo)
     entry = call.audit_entry("transfers.create", decision="allowed", payload_hash=call.payload_hash())
-
-    def work(tx: Tx) -> dict[str, Any]:
-        row = wallets.transfer_in(tx, intent, entry)
-        idempotency.record_in(tx, call, 0, idempotency.REFERENCE, row["transfer_id"].encode())
-        return row
-
-    row = await call.services.database.write(work)
-    return await _final_response(call, row["transfer_id"], row)
+    return idempotency.render(await wallets.transfer(call.idempotent, intent, entry))
 
 
 async def resume_transfer(call: Call, transfer_id: str) -> web.Response:
     """Replay of a transfer whose response was not final when the first request ended (e.g. a crash
     between posting and signing): sign the envelope now and answer as the first request would have."""
-    return await _final_response(call, transfer_id)
+    return idempotency.render(await call.services.wallets.signed_transfers.resume(transfer_id, call.idempotent))
 
 
 async def show_transfer(call: Call) -> web.Response:
     transfer_id = call.request.match_info["transfer_id"]
-    return json_response(await call.services.wallets.seal(transfer_id))
+    return json_response(await call.services.wallets.signed_transfer(transfer_id))
 
 
 ENDPOINTS = [

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import json
 import secrets
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -44,16 +44,22 @@ from gateway.errors import (
 )
 from gateway.keyring import KeyDirectory, KeyRecord, evm_address
 from gateway.ledger.store import Database, Tx
+from gateway.operations.idempotency import Answer, IdempotentRequest
+from gateway.operations.signed import SignedOperation, ToSign
 from gateway.policy import evm as policy
 from gateway.policy.chains import EvmChainSettings
 from gateway.policy.evm import Intent
-from gateway.schemes.evm.transactions import MAX_NONCE, Fees, UnsignedTransaction, finish_transaction
+from gateway.schemes.evm.transactions import (
+    MAX_NONCE,
+    Fees,
+    SignedTransaction,
+    UnsignedTransaction,
+    finish_transaction,
+)
 from gateway.signing import Signer
 from gateway.wallets.service import Wallets
 
 APPROVAL_KIND = "evm_transaction"
-Finish = Callable[[Tx, dict[str, Any]], None]
-"""Work done in the transaction that stores a signature, given the transaction's document."""
 ALGORITHM = "ecdsa-secp256k1"
 LIVE = ("unsigned", "signed", "pending_approval")
 
@@ -116,6 +122,64 @@ def transaction_document(row: Any) -> dict[str, Any]:
     return document
 
 
+@dataclass(frozen=True)
+class ToSignTransaction:
+    """A transaction recorded and committed, as the signing step sees it; ``document`` when it is not
+    ``unsigned`` any more (signed already, pending, superseded...): nothing to sign."""
+
+    transaction_id: str
+    unsigned: UnsignedTransaction | None
+    key: KeyRecord | None
+    document: dict[str, Any] | None = None
+
+
+def _transaction_answer(document: dict[str, Any]) -> Answer:
+    # Only a signed transaction is an answer to record: any other status is answered 409, not kept.
+    return Answer(200, document, final=document["status"] == "signed")
+
+
+def _require_signed(answer: Answer) -> Answer:
+    """Raises NonceConflict for a transaction that will not be signed (e.g. superseded meanwhile)."""
+    if answer.status == 200 and not answer.final:
+        transaction_id = answer.document["transaction_id"]
+        raise NonceConflict(f"transaction {transaction_id} is {answer.document['status']} and will not be signed",
+                            transaction_id=transaction_id)
+    return answer
+
+
+class TransactionSigning:
+    """The :class:`~gateway.operations.signed.SigningStep` of EVM transactions. Before a recorded
+    transaction is signed, its stored signing hash must be the hash of its stored fields; the signature
+    must recover to the key's public key."""
+
+    def __init__(self, service: EvmService) -> None:
+        self.service = service
+
+    async def load(self, reference: str) -> ToSignTransaction:
+        service = self.service
+        row = await service.database.read(lambda tx: service.row_in(tx, reference))
+        if row["status"] != "unsigned":
+            return ToSignTransaction(reference, None, None, transaction_document(row))
+        unsigned = UnsignedTransaction.from_json(json.loads(row["unsigned_tx"]))
+        if unsigned.signing_hash().hex() != row["signing_hash"]:
+            raise InvalidEvmTransaction(f"transaction {reference}: stored fields do not match the signing hash")
+        return ToSignTransaction(reference, unsigned, await service.keys.get(service.database, row["key_id"]))
+
+    def answered(self, subject: ToSignTransaction) -> Answer | None:
+        return None if subject.document is None else _transaction_answer(subject.document)
+
+    async def sign(self, subject: ToSignTransaction) -> SignedTransaction:
+        assert subject.unsigned is not None and subject.key is not None
+        return await self.service.sign_recorded(subject.transaction_id, subject.unsigned, subject.key)
+
+    def store_in(self, tx: Tx, subject: ToSignTransaction, signed: SignedTransaction) -> Answer:
+        tx.execute("UPDATE evm_transactions SET status = 'signed', raw_transaction = ?, tx_hash = ?, signed_at = ? "
+                   "WHERE transaction_id = ? AND status = 'unsigned'",
+                   (signed.raw, "0x" + signed.tx_hash.hex(), clock.now_iso(), subject.transaction_id))
+        # A concurrent finisher may have stored its signature first: answer with the stored one.
+        return _transaction_answer(transaction_document(self.service.row_in(tx, subject.transaction_id)))
+
+
 class EvmService:
     """EVM signing for one gateway process; also the approval handler of kind ``evm_transaction``."""
 
@@ -126,6 +190,7 @@ class EvmService:
         self.settings = settings
         self.keys = keys
         self.wallets = wallets
+        self.signed = SignedOperation(database, TransactionSigning(self))
 
     # --- nonces ----------------------------------------------------------------------------
 
@@ -333,42 +398,40 @@ class EvmService:
             raise NotFound(f"no EVM transaction {transaction_id[:40]}")
         return row
 
-    async def seal(self, transaction_id: str, finish: Finish | None = None) -> dict[str, Any]:
-        """Sign a recorded transaction if it is not signed yet; return its document.
+    async def transact(self, request: IdempotentRequest | None, draft: Draft, entry: AuditEntry) -> Answer:
+        """A transaction as one signed operation: checked and recorded with its nonce (or parked for a
+        supervisor: 202), committed, signed and stored with the answer (200).
 
-        The signature is checked twice before it leaves: the stored signing hash must be the hash of the
-        stored fields, and the signature must recover to the key's public key. ``finish`` runs in the
-        transaction that stores the signature (e.g. to complete the idempotency record); it is not run
-        when the transaction was signed already.
+        Raises:
+            PolicyRefused (and subclasses), NonceConflict (also when the recorded transaction was
+            superseded before it could be signed).
         """
-        row = await self.database.read(lambda tx: self.row_in(tx, transaction_id))
-        if row["status"] != "unsigned":
-            return transaction_document(row)
-        unsigned = UnsignedTransaction.from_json(json.loads(row["unsigned_tx"]))
-        if unsigned.signing_hash().hex() != row["signing_hash"]:
-            raise InvalidEvmTransaction(f"transaction {transaction_id}: stored fields do not match the signing hash")
-        key = await self.keys.get(self.database, row["key_id"])
-        return await self.sign_recorded(transaction_id, unsigned, key, finish)
 
-    async def sign_recorded(self, transaction_id: str, unsigned: UnsignedTransaction, key: KeyRecord,
-                            finish: Finish | None = None) -> dict[str, Any]:
-        """Sign a transaction just recorded as ``unsigned`` (the caller still holds what it recorded, so the
-        store is not read first) and store the signature unless another seal stored one first."""
-        digest = unsigned.signing_hash()
-        signature = await self.signer.sign(key.key_id, ALGORITHM, digest)
-        signed = finish_transaction(unsigned, signature, key.public_key)
+        def record(tx: Tx) -> Answer | ToSign[ToSignTransaction]:
+            recorded = self.record_in(tx, draft, entry)
+            if recorded.status == "pending_approval":
+                return Answer(202, transaction_document(self.row_in(tx, recorded.transaction_id)))
+            return ToSign(recorded.transaction_id,
+                          ToSignTransaction(recorded.transaction_id, recorded.unsigned, draft.key))
 
-        def store(tx: Tx) -> dict[str, Any]:
-            tx.execute("UPDATE evm_transactions SET status = 'signed', raw_transaction = ?, tx_hash = ?, signed_at = ? "
-                       "WHERE transaction_id = ? AND status = 'unsigned'",
-                       (signed.raw, "0x" + signed.tx_hash.hex(), clock.now_iso(), transaction_id))
-            # A concurrent seal may have stored its signature first: answer with the stored one.
-            document = transaction_document(self.row_in(tx, transaction_id))
-            if finish is not None:
-                finish(tx, document)
-            return document
+        return _require_signed(await self.signed.run(request, record))
 
-        return await self.database.write(store)
+    async def resume(self, reference: str, request: IdempotentRequest | None) -> Answer:
+        """A replay meeting a transaction recorded but not signed (a crash between commit and signing):
+        sign that same transaction — same nonce — and answer as the first request would have."""
+        return _require_signed(await self.signed.resume(reference, request))
+
+    async def seal(self, transaction_id: str) -> dict[str, Any]:
+        """Sign a recorded transaction if it is not signed yet; return its document (an approval, a test)."""
+        document: dict[str, Any] = (await self.signed.reference(transaction_id)).document
+        return document
+
+    async def sign_recorded(self, transaction_id: str, unsigned: UnsignedTransaction,
+                            key: KeyRecord) -> SignedTransaction:
+        """Step 3 of a transaction: the HSM signs the signing hash; the signature is normalised to low-S
+        and must recover to the key's public key (``finish_transaction``)."""
+        signature = await self.signer.sign(key.key_id, ALGORITHM, unsigned.signing_hash())
+        return finish_transaction(unsigned, signature, key.public_key)
 
     # --- approvals (ApprovalHandler) -----------------------------------------------------------
 

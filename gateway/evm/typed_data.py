@@ -31,6 +31,8 @@ from gateway.errors import ApprovalPayloadMismatch, NotFound, PolicyRefused
 from gateway.evm.service import ALGORITHM, EvmService, business_day, lock_name
 from gateway.keyring import KeyDirectory, KeyRecord, evm_address
 from gateway.ledger.store import Database, Tx
+from gateway.operations.idempotency import Answer, IdempotentRequest
+from gateway.operations.signed import SignedOperation, ToSign
 from gateway.policy import evm as policy
 from gateway.policy.chains import EvmChainSettings
 from gateway.schemes.evm.eip712 import TypedData, parse_typed_data
@@ -54,6 +56,37 @@ class TypedDataDraft:
     def __post_init__(self) -> None:
         if not self.address:
             object.__setattr__(self, "address", evm_address(self.key.public_key))
+
+
+class TypedDataSigning:
+    """The :class:`~gateway.operations.signed.SigningStep` of EIP-712 requests (the subject is the stored
+    row). The stored digest must be the digest of the stored document, and the signature must recover
+    to the key's public key."""
+
+    def __init__(self, service: TypedDataService) -> None:
+        self.service = service
+
+    async def load(self, reference: str) -> Any:
+        return await self.service.database.read(lambda tx: TypedDataService.row_in(tx, reference))
+
+    def answered(self, row: Any) -> Answer | None:
+        return None if row["status"] == "unsigned" else Answer(200, typed_data_document(row))
+
+    async def sign(self, row: Any) -> str:
+        service = self.service
+        typed = parse_typed_data(json.loads(row["document"]))
+        if typed.digest.hex() != row["digest"]:
+            raise ApprovalPayloadMismatch(f"request {row['request_id']}: the stored document does not hash to "
+                                          "its digest")
+        key = await service.keys.get(service.database, row["key_id"])
+        raw = await service.signer.sign(key.key_id, ALGORITHM, typed.digest)
+        return "0x" + recover_signature(typed.digest, raw, key.public_key).rsv().hex()
+
+    def store_in(self, tx: Tx, row: Any, rsv: str) -> Answer:
+        # A concurrent finisher may have stored its signature first: answer with the stored one.
+        tx.execute("UPDATE evm_typed_data SET status = 'signed', signature = ?, signed_at = ? "
+                   "WHERE request_id = ? AND status = 'unsigned'", (rsv, clock.now_iso(), row["request_id"]))
+        return Answer(200, typed_data_document(TypedDataService.row_in(tx, row["request_id"])))
 
 
 def typed_data_document(row: Any) -> dict[str, Any]:
@@ -86,6 +119,7 @@ class TypedDataService:
         self.keys = keys
         self.wallets = wallets
         self.transactions = transactions  # its daily spend, shared: a permit and a transfer count together
+        self.signed = SignedOperation(database, TypedDataSigning(self))
 
     @staticmethod
     def row_in(tx: Tx, request_id: str) -> Any:
@@ -143,27 +177,22 @@ class TypedDataService:
         append(tx, [entry])
         return self.row_in(tx, request_id)
 
+    async def request(self, request: IdempotentRequest | None, draft: TypedDataDraft, entry: AuditEntry) -> Answer:
+        """An EIP-712 request as one signed operation: read, checked and recorded (or parked for a
+        supervisor: 202), committed, signed and stored with the answer (200)."""
+
+        def record(tx: Tx) -> Answer | ToSign[Any]:
+            row = self.record_in(tx, draft, entry)
+            if row["status"] == "pending_approval":
+                return Answer(202, typed_data_document(row))
+            return ToSign(row["request_id"], row)
+
+        return await self.signed.run(request, record)
+
     async def seal(self, request_id: str) -> dict[str, Any]:
-        """Sign a recorded request unless it is signed already (or waits, or was refused); return its document.
-        The stored digest must be the digest of the stored document, and the signature must recover to
-        the key's public key."""
-        row = await self.database.read(lambda tx: self.row_in(tx, request_id))
-        if row["status"] != "unsigned":
-            return typed_data_document(row)
-        typed = parse_typed_data(json.loads(row["document"]))
-        if typed.digest.hex() != row["digest"]:
-            raise ApprovalPayloadMismatch(f"request {request_id}: the stored document does not hash to its digest")
-        key = await self.keys.get(self.database, row["key_id"])
-        raw = await self.signer.sign(key.key_id, ALGORITHM, typed.digest)
-        rsv = "0x" + recover_signature(typed.digest, raw, key.public_key).rsv().hex()
-
-        def store(tx: Tx) -> dict[str, Any]:
-            # A concurrent seal may have stored its signature first: answer with the stored one.
-            tx.execute("UPDATE evm_typed_data SET status = 'signed', signature = ?, signed_at = ? "
-                       "WHERE request_id = ? AND status = 'unsigned'", (rsv, clock.now_iso(), request_id))
-            return typed_data_document(self.row_in(tx, request_id))
-
-        return await self.database.write(store)
+        """Sign a recorded request unless it is signed already (or waits, or was refused); return its document."""
+        document: dict[str, Any] = (await self.signed.reference(request_id)).document
+        return document
 
     # --- approvals (ApprovalHandler) -----------------------------------------------------------
 

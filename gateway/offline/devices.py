@@ -20,7 +20,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -58,6 +57,8 @@ from gateway.offline.rules import KINDS
 from gateway.offline.settings import OfflineSettings, offline_settings
 from gateway.offline.upload import apply_checks, hashes_to_check, plan_checks, read_upload
 from gateway.offline.verify import InlineVerifier, Verifier
+from gateway.operations.idempotency import Answer, IdempotentRequest
+from gateway.operations.signed import SignedOperation, ToSign
 from gateway.schemes import offline
 from gateway.signing import Signer
 from gateway.wallets.service import load_wallet
@@ -124,6 +125,12 @@ class LoadResult:
     load_seq: int
     amount: int
     entry_id: str
+    payload: bytes = b""  # the voucher's payload, to sign
+
+    @property
+    def reference(self) -> str:
+        """What the idempotency record refers to until the voucher is signed."""
+        return f"{self.device_id}#{self.load_seq}"
 
 
 class Devices:
@@ -141,6 +148,7 @@ class Devices:
         self.verifier = verifier or InlineVerifier()
         self.approvals = approvals if approvals is not None else Approvals(
             getattr(settings, "approvals", None) or ApprovalSettings())
+        self.signed_loads = SignedOperation(database, VoucherSigning(self))
 
     @classmethod
     def of(cls, services: Any) -> Devices:
@@ -265,35 +273,26 @@ class Devices:
         entry.result = {"device_id": device_id, "wallet_id": wallet["wallet_id"], "load_seq": load_seq,
                         "amount_fen": amount, "entry_id": entry_id}
         append(tx, [entry])
-        return LoadResult(device_id, load_seq, amount, entry_id)
+        return LoadResult(device_id, load_seq, amount, entry_id, voucher.payload())
 
-    async def seal_voucher(self, device_id: str, load_seq: int,
-                           finish: Callable[[Tx, dict[str, Any]], None] | None = None) -> dict[str, Any]:
-        """The load document, signing its voucher first if it has none yet.
+    async def load(self, request: IdempotentRequest | None, device_id: str, amount: int,
+                   entry: AuditEntry) -> Answer:
+        """A load as one signed operation: checked, posted and recorded (or parked for a supervisor: the
+        pending approval, 202), committed, its voucher signed and stored with the answer (201)."""
 
-        Args:
-            finish: run with the final document in the transaction that stores the voucher (the
-                idempotency record is completed there, so the two commit together).
-        """
-        row = await self.database.read(lambda tx: self._load_row(tx, device_id, load_seq))
-        envelope: bytes | None = None
-        kid = ""
-        if row["voucher"] is None:
-            envelope, kid = await self.sign(bytes(row["payload"]))
+        def record(tx: Tx) -> Answer | ToSign[Any]:
+            result = self.load_in(tx, device_id, amount, entry)
+            if not isinstance(result, LoadResult):  # above the threshold: the pending approval, answered now
+                return Answer(202, result)
+            return ToSign(result.reference, {"device_id": result.device_id, "load_seq": result.load_seq,
+                                             "payload": result.payload, "voucher": None})
 
-        def store(tx: Tx) -> dict[str, Any]:
-            if envelope is not None:
-                tx.execute("UPDATE device_loads SET voucher = ?, kid = ? WHERE device_id = ? AND load_seq = ? "
-                           "AND voucher IS NULL", (envelope, kid, device_id, load_seq))
-            final = load_document(self._load_row(tx, device_id, load_seq))
-            if finish is not None:
-                finish(tx, final)
-            return final
+        return await self.signed_loads.run(request, record)
 
-        if envelope is None and finish is None:
-            return load_document(row)
-        result: dict[str, Any] = await self.database.write(store)
-        return result
+    async def seal_voucher(self, device_id: str, load_seq: int) -> dict[str, Any]:
+        """The load document, signing its voucher first if it has none yet (an approval, a read)."""
+        document: dict[str, Any] = (await self.signed_loads.reference(f"{device_id}#{load_seq}")).document
+        return document
 
     @staticmethod
     def _load_row(tx: Tx, device_id: str, load_seq: int) -> Any:
@@ -599,6 +598,33 @@ class OfflineApprovals:
             result = document["result"]
             return await self.devices.seal_voucher(result["device_id"], int(result["load_seq"]))
         return None
+
+
+class VoucherSigning:
+    """The :class:`~gateway.operations.signed.SigningStep` of loads: a COSE_Sign1 voucher over the payload
+    fixed at posting, with the voucher key. The subject is the load's row (``device_id``, ``load_seq``,
+    ``payload``, ``voucher`` at least); a reference is ``<device_id>#<load_seq>``."""
+
+    def __init__(self, devices: Devices) -> None:
+        self.devices = devices
+
+    async def load(self, reference: str) -> Any:
+        device_id, _, load_seq = reference.rpartition("#")
+        return await self.devices.database.read(lambda tx: Devices._load_row(tx, device_id, int(load_seq)))
+
+    def answered(self, row: Any) -> Answer | None:
+        return None if row["voucher"] is None else Answer(201, load_document(row))
+
+    async def sign(self, row: Any) -> tuple[bytes, str]:
+        return await self.devices.sign(bytes(row["payload"]))
+
+    def store_in(self, tx: Tx, row: Any, signature: tuple[bytes, str]) -> Answer:
+        envelope, kid = signature
+        device_id, load_seq = row["device_id"], int(row["load_seq"])
+        tx.execute("UPDATE device_loads SET voucher = ?, kid = ? WHERE device_id = ? AND load_seq = ? "
+                   "AND voucher IS NULL", (envelope, kid, device_id, load_seq))
+        # Read back: another finisher may have stored its voucher first; the answer carries the stored one.
+        return Answer(201, load_document(Devices._load_row(tx, device_id, load_seq)))
 
 
 def register_offline_approvals(approvals: Approvals, devices: Devices) -> None:

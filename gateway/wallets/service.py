@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import base64
 import secrets
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -47,6 +46,8 @@ from gateway.keyring import KeyRecord, Usage, key_for_usage
 from gateway.keyring import sign1_with_profile as sign1
 from gateway.ledger import journal
 from gateway.ledger.store import Database, Row, Tx
+from gateway.operations.idempotency import Answer, IdempotentRequest
+from gateway.operations.signed import SignedOperation, ToSign
 from gateway.policy.limits import Decision, check_payment, check_receipt, check_status
 from gateway.signing import Signer
 from gateway.wallets.ids import is_valid_wallet_id, new_wallet_id
@@ -131,6 +132,7 @@ class Wallets:
         self.settings = settings
         self._ecny_key: KeyRecord | None = None
         self.approvals = approvals if approvals is not None else Approvals(settings.approvals)
+        self.signed_transfers = SignedOperation(database, TransferSigning(self))
         handler = WalletApprovals(self)
         for kind in WALLET_APPROVAL_KINDS:
             self.approvals.register(kind, handler)
@@ -351,40 +353,29 @@ class Wallets:
                 lambda tx: key_for_usage(tx, Usage.ECNY, configured, "ecny.key_id"))
         return self._ecny_key
 
-    async def seal(
-        self, transfer_id: str, finish: Callable[[Tx, dict[str, Any]], None] | None = None, row: Any = None
-    ) -> dict[str, Any]:
-        """Sign the envelope of a posted transfer if it has none yet; return the transfer document.
+    async def transfer(self, request: IdempotentRequest | None, intent: TransferIntent,
+                       entry: AuditEntry) -> Answer:
+        """A transfer as one signed operation: checked, posted and recorded (or parked for a supervisor:
+        202), committed, its envelope signed and stored with the answer (201)."""
 
-        Args:
-            transfer_id: the transfer.
-            finish: run in the transaction that stores the envelope, with the final document
-                (the idempotency record is completed there, so the two commit together).
-            row: the transfer's row if the caller has it (saves a read).
-        """
-        if row is None:
-            row = await self.database.read(lambda tx: self._transfer_row(tx, transfer_id))
-        document = transfer_document(row)
-        if row["status"] == "posted" and row["envelope"] is None:
-            key = await self.ecny_key()
-            envelope = await sign1(self.signer, self.profile, key, bytes(row["payload"]))
-            signed = {**document, "envelope": base64.b64encode(envelope).decode(), "kid": key.key_id}
+        def record(tx: Tx) -> Answer | ToSign[Any]:
+            row = self.transfer_in(tx, intent, entry)
+            if row["status"] != "posted":
+                return Answer(transfer_status(row["status"]), transfer_document(row))
+            return ToSign(row["transfer_id"], row)
 
-            def store(tx: Tx) -> dict[str, Any]:
-                changed = tx.execute(
-                    "UPDATE transfers SET envelope = ?, kid = ? WHERE transfer_id = ? AND envelope IS NULL",
-                    (envelope, key.key_id, transfer_id),
-                )
-                final = signed if changed else transfer_document(self._transfer_row(tx, transfer_id))
-                if finish is not None:
-                    finish(tx, final)
-                return final
+        return await self.signed_transfers.run(request, record)
 
-            result: dict[str, Any] = await self.database.write(store)
-            return result
-        if finish is not None:
-            await self.database.write(lambda tx: finish(tx, document))
+    async def signed_transfer(self, transfer_id: str) -> dict[str, Any]:
+        """The transfer's document, its envelope signed first if it has none yet (a read, an approval)."""
+        answer = await self.signed_transfers.reference(transfer_id)
+        document: dict[str, Any] = answer.document
         return document
+
+    async def seal(self, transfer_id: str, payload: bytes) -> tuple[bytes, str]:
+        """Step 3 of a transfer: the COSE_Sign1 envelope over its payload, with the e-CNY key, and the key's id."""
+        key = await self.ecny_key()
+        return await sign1(self.signer, self.profile, key, payload), key.key_id
 
     @staticmethod
     def _transfer_row(tx: Tx, transfer_id: str) -> Any:
@@ -392,6 +383,41 @@ class Wallets:
         if row is None:
             raise NotFound(f"no transfer {transfer_id[:40]}")
         return row
+
+def transfer_status(status: str) -> int:
+    """The HTTP-like status of a transfer's answer: 201 once posted, 202 while it waits for a supervisor."""
+    return 201 if status == "posted" else 202
+
+
+class TransferSigning:
+    """The :class:`~gateway.operations.signed.SigningStep` of transfers: a COSE_Sign1 envelope over the
+    payload fixed at posting, with the e-CNY key. The subject is the transfer's row."""
+
+    def __init__(self, wallets: Wallets) -> None:
+        self.wallets = wallets
+
+    async def load(self, reference: str) -> Any:
+        return await self.wallets.database.read(lambda tx: Wallets._transfer_row(tx, reference))
+
+    def answered(self, row: Any) -> Answer | None:
+        if row["status"] == "posted" and row["envelope"] is None:
+            return None
+        return Answer(transfer_status(row["status"]), transfer_document(row))
+
+    async def sign(self, row: Any) -> tuple[bytes, str]:
+        return await self.wallets.seal(row["transfer_id"], bytes(row["payload"]))
+
+    def store_in(self, tx: Tx, row: Any, signature: tuple[bytes, str]) -> Answer:
+        envelope, kid = signature
+        transfer_id = row["transfer_id"]
+        changed = tx.execute("UPDATE transfers SET envelope = ?, kid = ? WHERE transfer_id = ? AND envelope IS NULL",
+                             (envelope, kid, transfer_id))
+        if changed:
+            document = {**transfer_document(row), "envelope": base64.b64encode(envelope).decode(), "kid": kid}
+        else:  # another finisher stored its envelope first: answer with that one
+            document = transfer_document(Wallets._transfer_row(tx, transfer_id))
+        return Answer(transfer_status(document["status"]), document)
+
 
 def transfer_document(row: Any) -> dict[str, Any]:
     document: dict[str, Any] = {
@@ -463,5 +489,5 @@ class WalletApprovals:
 
     async def finish(self, document: dict[str, Any]) -> dict[str, Any] | None:
         if document["kind"] == "transfer":
-            return await self.wallets.seal(document["payload"]["transfer_id"])
+            return await self.wallets.signed_transfer(document["payload"]["transfer_id"])
         return None

@@ -1,0 +1,119 @@
+"""The two-phase signed operation: every decision commits before the HSM is asked.
+
+1. **Check and record**, in one store transaction: the kind's checks, postings and audit entry, and
+   the Idempotency-Key record — the final answer when there is nothing to sign (a pending approval),
+   else a *reference* to what was recorded;
+2. **commit**;
+3. **sign** through the HSM (never holding a ledger lock);
+4. **store** the signature and the final answer (completing the idempotency record) in one transaction.
+
+A crash between 2 and 4 leaves recorded work without its signature: the next replay of the same
+Idempotency-Key (:meth:`SignedOperation.resume`), a read of the resource or the approval that carries
+it out (:meth:`SignedOperation.finish`) signs exactly what was recorded, once — the store step only
+writes a signature where none is stored, so two finishers racing answer with the same one.
+
+What differs per kind (a transfer's COSE envelope, a voucher, an EVM transaction, an EIP-712 digest)
+is a :class:`SigningStep`; the order of the steps, the idempotency record and the transactions are
+here, written once.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Generic, Protocol, TypeVar
+
+from gateway.ledger.store import Database, Tx
+from gateway.operations import idempotency
+from gateway.operations.idempotency import Answer, IdempotentRequest
+
+Subject = TypeVar("Subject")
+Signature = TypeVar("Signature")
+SubjectT = TypeVar("SubjectT")
+
+
+@dataclass(frozen=True)
+class ToSign(Generic[SubjectT]):
+    """Step 1's outcome when there is something to sign: the idempotency record refers to ``reference``
+    until the answer is final; ``subject`` is what the signing step needs (as recorded: not read back)."""
+
+    reference: str
+    subject: SubjectT
+
+
+class SigningStep(Protocol[Subject, Signature]):
+    """The kind-specific half of a signed operation: what to sign, how, and how to store it."""
+
+    async def load(self, reference: str) -> Subject:
+        """The recorded work a reference names, read from the store (a replay, a read, an approval)."""
+        ...
+
+    def answered(self, subject: Subject) -> Answer | None:
+        """The answer when there is nothing (more) to sign — signed already, pending, or never to be
+        signed; None when the subject waits for its signature."""
+        ...
+
+    async def sign(self, subject: Subject) -> Signature:
+        """Step 3: the HSM's signature over the recorded payload (no store write)."""
+        ...
+
+    def store_in(self, tx: Tx, subject: Subject, signature: Signature) -> Answer:
+        """Step 4: store the signature unless another finisher stored one first; the final answer."""
+        ...
+
+
+class SignedOperation(Generic[Subject, Signature]):
+    """Runs the four steps of one kind of signed operation (see the module's docstring)."""
+
+    def __init__(self, database: Database, step: SigningStep[Subject, Signature]) -> None:
+        self.database = database
+        self.step = step
+
+    async def run(self, request: IdempotentRequest | None,
+                  record: Callable[[Tx], Answer | ToSign[Subject]]) -> Answer:
+        """Steps 1–4 for a new request. ``record`` checks and records (in the transaction it is given)
+        and returns the final answer (nothing to sign) or what to sign.
+
+        Raises:
+            whatever ``record`` raises (nothing is written); IdempotencyRaced (another request with
+            this key committed first: nothing of this one is written).
+        """
+
+        def check_and_record(tx: Tx) -> Answer | ToSign[Subject]:
+            outcome = record(tx)
+            if isinstance(outcome, ToSign):
+                idempotency.refer_in(tx, request, outcome.reference)
+            else:
+                idempotency.answer_in(tx, request, outcome)
+            return outcome
+
+        outcome = await self.database.write(check_and_record)  # steps 1 and 2
+        if isinstance(outcome, ToSign):
+            return await self.finish(outcome.subject, request)
+        return outcome
+
+    async def resume(self, reference: str, request: IdempotentRequest | None = None) -> Answer:
+        """A replay meeting a reference record: finish the recorded work as the first request would have."""
+        return await self.finish(await self.step.load(reference), request)
+
+    async def reference(self, reference: str) -> Answer:
+        """The answer for recorded work, signing it first if it waits for its signature (a read, an approval)."""
+        return await self.finish(await self.step.load(reference))
+
+    async def finish(self, subject: Subject, request: IdempotentRequest | None = None) -> Answer:
+        """Steps 3 and 4 for recorded, committed work; the idempotency record (if any) is completed in
+        the transaction that stores the signature — or, when the work was signed already, on its own."""
+        answer = self.step.answered(subject)
+        if answer is not None:
+            if request is not None and answer.final:
+                await self.database.write(lambda tx: idempotency.complete_in(tx, request, answer))
+            return answer
+        signature = await self.step.sign(subject)  # step 3
+
+        def store(tx: Tx) -> Answer:  # step 4
+            final = self.step.store_in(tx, subject, signature)
+            if final.final:
+                idempotency.complete_in(tx, request, final)
+            return final
+
+        return await self.database.write(store)

@@ -216,6 +216,15 @@ class Wallets:
         append(tx, [entry])
         return wallet_document(load_wallet(tx, wallet_id))
 
+    def _park_if_large(self, tx: Tx, kind: str, wallet_id: str, amount: int, single: int, daily: int,
+                       entry: AuditEntry) -> dict[str, Any] | None:
+        """The pending approval of a cash movement above ``single``, or above ``daily`` with what the
+        wallet moved of that kind today; None when it may go through on one person's word."""
+        why = needs_approval(amount, single, journal.moved_today(tx, wallet_id, kind, journal.business_day()), daily)
+        if why is None:
+            return None
+        return self.approvals.park_in(tx, kind, {"wallet_id": wallet_id, "amount_fen": amount, **why}, entry)
+
     def cash_in(self, tx: Tx, wallet_id: str, amount: int, actor: str, entry: AuditEntry,
                 approved: bool = False) -> dict[str, Any]:
         """Credit a wallet against issuance — or, above ``cash_in_threshold_fen``, request an approval
@@ -227,12 +236,10 @@ class Wallets:
                f"cash-in of {amount} fen to {wallet_id} refused")
         if not approved:
             settings = self.settings.approvals
-            why = needs_approval(amount, settings.cash_in_threshold_fen,
-                                 journal.moved_today(tx, wallet_id, "cash_in", journal.business_day()),
-                                 settings.cash_in_daily_threshold_fen)
-            if why is not None:
-                return self.approvals.park_in(tx, "cash_in", {"wallet_id": wallet_id, "amount_fen": amount, **why},
-                                              entry)
+            pending = self._park_if_large(tx, "cash_in", wallet_id, amount, settings.cash_in_threshold_fen,
+                                          settings.cash_in_daily_threshold_fen, entry)
+            if pending is not None:
+                return pending
         entry_id = journal.post(tx, "cash_in", wallet_id, [(journal.wallet_account(wallet_id), amount),
                                                          (journal.ISSUANCE, -amount)], actor)
         return self._cash_result(tx, wallet_id, entry_id, amount, entry)
@@ -249,12 +256,10 @@ class Wallets:
         refuse(decisions, f"cash-out of {amount} fen from {wallet_id} refused")
         if not approved:
             settings = self.settings.approvals
-            why = needs_approval(amount, settings.cash_out_threshold_fen,
-                                 journal.moved_today(tx, wallet_id, "cash_out", journal.business_day()),
-                                 settings.cash_out_daily_threshold_fen)
-            if why is not None:
-                return self.approvals.park_in(tx, "cash_out", {"wallet_id": wallet_id, "amount_fen": amount, **why},
-                                              entry)
+            pending = self._park_if_large(tx, "cash_out", wallet_id, amount, settings.cash_out_threshold_fen,
+                                          settings.cash_out_daily_threshold_fen, entry)
+            if pending is not None:
+                return pending
         entry_id = journal.post(tx, "cash_out", wallet_id, [(journal.wallet_account(wallet_id), -amount),
                                                           (journal.ISSUANCE, amount)], actor)
         return self._cash_result(tx, wallet_id, entry_id, amount, entry)

@@ -70,7 +70,7 @@ class LoginPrompt(Screen[None]):
 
     def reset(self, message: str) -> None:
         """Back here after a logout or an expired session: show ``message`` on an empty form."""
-        raise NotImplementedError
+        raise NotImplementedError  # every login screen overrides it (LoginScreen does); not a stub
 
 
 class TellerBase(App[None]):

@@ -100,20 +100,26 @@ async def test_login_refuses_a_wrong_password_then_shows_the_dashboard(tui_gatew
         assert sparkline.data and max(sparkline.data) > 0
 
 
+async def fill_new_wallet_form(app: Any, pilot: Any, holder_name: str, *, tier: int) -> None:
+    """From the wallets section, fill the new-wallet form (no identity number, kind personal) up to
+    its confirmation."""
+    await pilot.press("w")
+    await wait_for(pilot, lambda: isinstance(app.screen, WalletsScreen))
+    await pilot.press("n")
+    await wait_for(pilot, lambda: app.screen.query("#field-holder_name"), what="new wallet form")
+    await type_text(pilot, holder_name)
+    await pilot.press("enter")
+    await type_text(pilot, "13800138000")
+    await pilot.press("enter", "enter")  # no identity number
+    await pilot.press("backspace", str(tier), "enter", "enter")  # the tier, kind personal
+    await wait_for(pilot, lambda: "Open this wallet?" in screen_text(app), what="confirmation")
+
+
 async def test_open_a_wallet_cash_in_and_out_with_confirmations(tui_gateway: Gateway) -> None:
     app = teller_app(tui_gateway)
     async with app.run_test(size=(80, 24)) as pilot:
         await login(pilot, "teller1")
-        await pilot.press("w")
-        await wait_for(pilot, lambda: isinstance(app.screen, WalletsScreen))
-        await pilot.press("n")
-        await wait_for(pilot, lambda: app.screen.query("#field-holder_name"), what="new wallet form")
-        await type_text(pilot, "Zhang San")
-        await pilot.press("enter")
-        await type_text(pilot, "13800138000")
-        await pilot.press("enter", "enter")  # no identity number
-        await pilot.press("backspace", "3", "enter", "enter")  # tier 3, kind personal
-        await wait_for(pilot, lambda: "Open this wallet?" in screen_text(app), what="confirmation")
+        await fill_new_wallet_form(app, pilot, "Zhang San", tier=3)
         text = screen_text(app)
         assert "Zhang San" in text and "tier 3" in text and "¥0.00" in text
         await pilot.press("y")
@@ -498,16 +504,7 @@ async def test_a_wallet_opened_at_tier_1_shows_its_upgrade_pending(tui_gateway: 
     app = teller_app(tui_gateway)
     async with app.run_test(size=(80, 24)) as pilot:
         await login(pilot, "teller1")
-        await pilot.press("w")
-        await wait_for(pilot, lambda: isinstance(app.screen, WalletsScreen))
-        await pilot.press("n")
-        await wait_for(pilot, lambda: app.screen.query("#field-holder_name"), what="new wallet form")
-        await type_text(pilot, "Tier One Teller")
-        await pilot.press("enter")
-        await type_text(pilot, "13800138000")
-        await pilot.press("enter", "enter")  # no identity number
-        await pilot.press("backspace", "1", "enter", "enter")  # tier 1, kind personal
-        await wait_for(pilot, lambda: "Open this wallet?" in screen_text(app), what="confirmation")
+        await fill_new_wallet_form(app, pilot, "Tier One Teller", tier=1)
         await pilot.press("y")
         await wait_for(pilot, lambda: isinstance(app.screen, WalletDetailScreen), what="the new wallet")
         screen = app.screen

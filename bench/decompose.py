@@ -32,8 +32,8 @@ sys.path.insert(0, str(ROOT / "bench"))
 from common import machine, start_gateway, versions  # noqa: E402
 from openbao import GATEWAY_LUA, run_wrk  # noqa: E402
 
-SIGN_CALL = "    signature = await services.signer_for(Usage.RAW).sign(record.key_id, record.algorithm.value, data)\n"
-AUDIT_CALL = "    await services.audit.record(\n"
+SIGN_CALL = "    signature = await runtime.signer_for(Usage.RAW).sign(record.key_id, record.algorithm.value, data)\n"
+AUDIT_CALL = "    await runtime.audit.record(\n"
 PATCHED = (
     "    import os as _os\n"
     "    _skip = _os.environ.get('BENCH_SKIP', '')\n"
@@ -42,7 +42,7 @@ PATCHED = (
     "    else:\n"
     "    " + SIGN_CALL +
     "    if 'audit' not in _skip:\n"
-    "      await services.audit.record(\n"
+    "      await runtime.audit.record(\n"
 )
 VARIANTS = {"full": "", "no-hsm": "sign", "no-audit": "audit", "neither": "sign,audit"}
 

@@ -1,7 +1,7 @@
 """The aiohttp application: ``make_app(settings)``.
 
 Each resource the application holds (store, signer pool, audit log, refusal tally) is opened in
-a cleanup context of its own and reached through a typed ``AppKey``; ``app[SERVICES]`` puts them
+a cleanup context of its own and reached through a typed ``AppKey``; ``app[RUNTIME]`` puts them
 together for the endpoints. There is no module-level state.
 """
 
@@ -19,7 +19,7 @@ from gateway.api import audit as audit_api
 from gateway.api import devices as devices_api
 from gateway.api import evm as evm_api
 from gateway.api import keys as keys_api
-from gateway.api import service as service_api
+from gateway.api import probes as probes_api
 from gateway.api import sessions as sessions_api
 from gateway.api import transfers as transfers_api
 from gateway.api import users as users_api
@@ -28,32 +28,32 @@ from gateway.api.endpoints import IDEMPOTENCY, LOGIN_LIMITER, RATE_LIMITER, Endp
 from gateway.api.idempotency import InFlight
 from gateway.api.middleware import problem_middleware
 from gateway.api.openapi import ENDPOINTS_KEY
-from gateway.approvals.service import Approvals
+from gateway.approvals.workflow import Approvals
 from gateway.audit.chain import AuditLog
 from gateway.audit.refusals import RefusalTally
 from gateway.audit.witness import witness_path
 from gateway.auth.credentials import Authenticator
 from gateway.auth.throttle import LoginThrottle, PasswordCheckGate
 from gateway.config import Settings
-from gateway.evm.service import APPROVAL_KIND as EVM_APPROVAL_KIND
-from gateway.evm.service import EvmService
+from gateway.evm.transactions import APPROVAL_KIND as EVM_APPROVAL_KIND
+from gateway.evm.transactions import EvmTransactions
 from gateway.evm.typed_data import APPROVAL_KIND as TYPED_DATA_APPROVAL_KIND
-from gateway.evm.typed_data import TypedDataService
+from gateway.evm.typed_data import EvmTypedData
 from gateway.hsm.pool import PoolSettings, SignerPool
 from gateway.hsm.profile import HsmProfile, load_named_profile
 from gateway.hsm.signer import CountedSigner
-from gateway.keyring import Usage, flag_raw_not_exclusive, raw_not_exclusive_keys
+from gateway.keys import KeyDirectory, Usage, flag_raw_not_exclusive, raw_not_exclusive_keys
 from gateway.ledger.engines import open_database
 from gateway.ledger.store import Database
 from gateway.metrics import Metrics
 from gateway.offline.devices import Devices, register_offline_approvals
-from gateway.services import SERVICES, Services
-from gateway.wallets.service import Wallets
+from gateway.runtime import RUNTIME, Runtime
+from gateway.wallets.accounts import Wallets
 
 
 def all_endpoints() -> list[Endpoint]:
     return [
-        *service_api.ENDPOINTS,
+        *probes_api.ENDPOINTS,
         *sessions_api.ENDPOINTS,
         *users_api.ENDPOINTS,
         *keys_api.ENDPOINTS,
@@ -174,13 +174,18 @@ def refusal_context(settings: Settings) -> Context:
     return context
 
 
-def services_context(settings: Settings) -> Context:
-    """Put together what the endpoints reach through ``app[SERVICES]`` (nothing of its own to close)."""
+def runtime_context(settings: Settings) -> Context:
+    """Put together what the endpoints reach through ``app[RUNTIME]`` (nothing of its own to close)."""
 
     async def context(app: web.Application) -> AsyncIterator[None]:
         database, profile, pool, metrics = app[STORE], app[HSM_PROFILE], app[SIGNER_POOL], app[METRICS]
         approvals = Approvals(settings.approvals)
-        services = Services(
+        keys = KeyDirectory()
+        wallets = Wallets(database, CountedSigner(pool, metrics.signatures, Usage.ECNY), profile, settings, approvals)
+        evm_signer = CountedSigner(pool, metrics.signatures, Usage.EVM)
+        evm = EvmTransactions(database, evm_signer, settings, keys, wallets)
+        typed_data = EvmTypedData(database, evm_signer, settings, keys, wallets, evm)
+        runtime = Runtime(
             settings=settings,
             profile=profile,
             database=database,
@@ -193,20 +198,17 @@ def services_context(settings: Settings) -> Context:
             ),
             audit=app[AUDIT_LOG],
             metrics=metrics,
-            wallets=Wallets(database, CountedSigner(pool, metrics.signatures, Usage.ECNY), profile, settings,
-                            approvals),
+            wallets=wallets,
+            evm=evm,
+            typed_data=typed_data,
             approvals=approvals,
             refusals=app[REFUSAL_TALLY],
+            keys=keys,
         )
-        app[SERVICES] = services
-        evm = EvmService(database, services.signer_for(Usage.EVM), settings, services.keys, services.wallets)
         approvals.register(EVM_APPROVAL_KIND, evm)
-        register_offline_approvals(approvals, Devices.of(services))
-        app[evm_api.EVM_SERVICE] = evm
-        typed_data = TypedDataService(database, services.signer_for(Usage.EVM), settings, services.keys,
-                                      services.wallets, evm)
         approvals.register(TYPED_DATA_APPROVAL_KIND, typed_data)
-        app[evm_api.TYPED_DATA_SERVICE] = typed_data
+        register_offline_approvals(approvals, Devices.of(runtime))
+        app[RUNTIME] = runtime
         yield
 
     return context
@@ -234,7 +236,7 @@ def make_app(settings: Settings, process_index: int = 0) -> web.Application:
         signer_context(settings, process_index),
         audit_context(settings),
         refusal_context(settings),
-        services_context(settings),
+        runtime_context(settings),
     ])
     return app
 

@@ -30,12 +30,12 @@ from gateway.auth.credentials import add_client, add_user, list_clients, revoke_
 from gateway.auth.roles import Role
 from gateway.auth.users import disable_user, enable_user, end_sessions, set_role
 from gateway.config import Settings, load_settings
-from gateway.device.simulator import add_command as add_device_sim  # `device-sim` (issue 4)
 from gateway.errors import ConfigError, GatewayError, ValidationFailed
+from gateway.hardwallet.simulator import add_command as add_device_sim  # `device-sim` (issue 4)
 from gateway.hsm.pool import SignerPool
 from gateway.hsm.profile import load_named_profile
-from gateway.keymgmt import generate_key
-from gateway.keyring import Usage, get_key, list_keys
+from gateway.key_lifecycle import generate_key
+from gateway.keys import Usage, get_key, list_keys
 from gateway.ledger.engines import open_database
 from gateway.ledger.journal import check_invariants
 from gateway.ledger.store import Database, Tx

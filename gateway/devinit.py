@@ -23,8 +23,8 @@ from gateway.auth.roles import Role
 from gateway.config import load_settings
 from gateway.hsm.pool import SignerPool
 from gateway.hsm.profile import load_named_profile
-from gateway.keymgmt import generate_key
-from gateway.keyring import Usage, list_keys
+from gateway.key_lifecycle import generate_key
+from gateway.keys import Usage, list_keys
 from gateway.ledger.engines import open_database
 from gateway.ledger.store import Tx
 from gateway.signing import Algorithm

@@ -559,7 +559,7 @@ class EvmFeeCapExceeded(PolicyRefused):
 
 
 class DeviceProtocolError(GatewayError):
-    """The serial link to a hard wallet failed. Raised by ``gateway.device`` (the teller's side of the
+    """The serial link to a hard wallet failed. Raised by ``gateway.hardwallet`` (the teller's side of the
     link and the simulator), never by an HTTP handler."""
 
     code = "device-protocol-error"

@@ -21,7 +21,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from gateway import clock
 from gateway.audit.chain import AuditEntry
-from gateway.device.simulator import SimulatedDevice
+from gateway.hardwallet.simulator import SimulatedDevice
 from gateway.ledger import journal
 from gateway.ledger.migrate import apply_migrations
 from gateway.ledger.sqlite import SqliteTx, _connect

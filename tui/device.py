@@ -4,7 +4,7 @@ The screens see only :class:`DeviceSession` (async methods, typed results, one e
 :class:`DeviceError`) and :func:`list_ports`. Blocking pyserial I/O runs in a thread so the UI
 never waits on the line.
 
-The serial link itself is ``gateway.device.link`` (framing, request ids, timeouts and
+The serial link itself is ``gateway.hardwallet.link`` (framing, request ids, timeouts and
 resynchronisation live there, see docs/device-protocol.md); this module only moves its blocking
 calls off the UI's event loop and turns its exceptions into :class:`DeviceError`.
 """
@@ -55,7 +55,7 @@ def list_ports() -> list[PortInfo]:
 
 
 class Link(Protocol):
-    """What the adapter uses of ``gateway.device.link.DeviceLink`` (blocking calls)."""
+    """What the adapter uses of ``gateway.hardwallet.link.DeviceLink`` (blocking calls)."""
 
     def info(self) -> dict[str, Any]: ...
 
@@ -74,7 +74,7 @@ class Link(Protocol):
 
 def _open_link(path: str) -> Link:
     # pyserial (through the link) loads only when a teller opens a hard wallet; without it the rest of the UI works.
-    from gateway.device.link import open_link
+    from gateway.hardwallet.link import open_link
 
     return open_link(path)
 

@@ -130,7 +130,7 @@ def describe_payload(kind: str, payload: dict[str, Any]) -> list[tuple[str, str]
                  ("Digest", str(payload.get("digest", "?")))]
         return rows
     if kind.startswith("evm"):
-        # What the gateway stores for an EVM approval (gateway.evm.service.record_in): the decoded
+        # What the gateway stores for an EVM approval (gateway.evm.transactions.record_in): the decoded
         # intent — what policy checked: asset, method, the real recipient (for ERC-20 the one in
         # the calldata, not the token contract the transaction goes to), amount — beside the
         # unsigned transaction and the signing hash the approval is bound to.

@@ -8,21 +8,21 @@ from gateway.api.call import Call
 from gateway.api.codecs import json_response
 from gateway.api.endpoints import Endpoint
 from gateway.api.wallet_models import ApprovalDocument, ApprovalList, DecisionRequest
-from gateway.approvals.service import STATUSES
+from gateway.approvals.workflow import STATUSES
 from gateway.auth.roles import Permission
 
 
 async def list_approvals(call: Call) -> web.Response:
     status = call.request.query.get("status", "pending")
-    reader, approvals = call.actor, call.services.approvals
-    documents = await call.services.database.read(lambda tx: approvals.list_in(tx, reader, status))
+    reader, approvals = call.actor, call.runtime.approvals
+    documents = await call.runtime.database.read(lambda tx: approvals.list_in(tx, reader, status))
     return json_response({"approvals": documents})
 
 
 async def show_approval(call: Call) -> web.Response:
     approval_id = call.request.match_info["approval_id"]
-    reader, approvals = call.actor, call.services.approvals
-    document = await call.services.database.read(lambda tx: approvals.read_in(tx, reader, approval_id))
+    reader, approvals = call.actor, call.runtime.approvals
+    document = await call.runtime.database.read(lambda tx: approvals.read_in(tx, reader, approval_id))
     return json_response(await approvals.finish(document))
 
 
@@ -32,8 +32,8 @@ def _decide(approve: bool) -> object:
         body: DecisionRequest = call.body
         action = "approvals.approve" if approve else "approvals.reject"
         entry = call.audit_entry(action, decision="allowed", payload_hash=body.payload_hash)
-        decider, approvals = call.actor, call.services.approvals
-        document, failure = await call.services.database.write(
+        decider, approvals = call.actor, call.runtime.approvals
+        document, failure = await call.runtime.database.write(
             lambda tx: approvals.decide_in(tx, approval_id, approve, body.payload_hash, body.note, decider, entry))
         if failure is not None:
             raise failure

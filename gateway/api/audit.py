@@ -52,7 +52,7 @@ def _document(row: Any) -> dict[str, Any]:
 async def read_page(call: Call) -> web.Response:
     after = _int_query(call, "after_seq", 0, 0, 10**18)
     limit = _int_query(call, "limit", 100, 1, MAX_LIMIT)
-    rows = await call.services.database.read(
+    rows = await call.runtime.database.read(
         lambda tx: tx.fetchall("SELECT * FROM audit_log WHERE seq > ? ORDER BY seq LIMIT ?", (after, limit))
     )
     entries = [_document(row) for row in rows]
@@ -64,7 +64,7 @@ async def checkpoints_page(call: Call) -> web.Response:
     """Signed checkpoints after ``after`` in witness form, for collectors that keep a copy off this host."""
     after = _int_query(call, "after", 0, 0, 10**18)
     limit = _int_query(call, "limit", 100, 1, MAX_LIMIT)
-    rows = await call.services.database.read(
+    rows = await call.runtime.database.read(
         lambda tx: tx.fetchall("SELECT * FROM audit_checkpoints WHERE seq > ? ORDER BY seq LIMIT ?", (after, limit))
     )
     documents = [WitnessRecord.from_row(row).document() for row in rows]
@@ -73,7 +73,7 @@ async def checkpoints_page(call: Call) -> web.Response:
 
 
 async def verify(call: Call) -> web.Response:
-    report = await call.services.database.read(verify_chain)
+    report = await call.runtime.database.read(verify_chain)
     return json_response(report.document())
 
 

@@ -15,7 +15,7 @@ from aiohttp import web
 from gateway.audit.chain import AuditEntry
 from gateway.auth.credentials import Principal
 from gateway.operations.idempotency import IdempotentRequest
-from gateway.services import Services
+from gateway.runtime import Runtime
 
 Handler = Callable[["Call"], Awaitable[web.StreamResponse]]
 
@@ -25,7 +25,7 @@ class Call:
     """One authenticated request, as a handler sees it."""
 
     request: web.Request
-    services: Services
+    runtime: Runtime
     principal: Principal | None
     body: Any  # the validated request model, or None
     raw_body: bytes

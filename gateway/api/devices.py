@@ -27,7 +27,7 @@ from gateway.api.device_models import (
 )
 from gateway.api.endpoints import Endpoint
 from gateway.api.wallet_models import ApprovalDocument
-from gateway.approvals.service import is_pending_document
+from gateway.approvals.workflow import is_pending_document
 from gateway.auth.roles import Permission
 from gateway.errors import BadRequest, UnsupportedMediaType, ValidationFailed
 from gateway.ledger.store import Tx
@@ -52,7 +52,7 @@ def _device_id(call: Call) -> str:
 
 async def register(call: Call) -> web.Response:
     body: DeviceRegisterRequest = call.body
-    devices = Devices.of(call.services)
+    devices = Devices.of(call.runtime)
     certificate, envelope, kid = await devices.certificate_for(body.device_id, body.wallet_id, body.public_key_pem)
     issuer = await devices.issuer_pem(kid)
     entry = call.audit_entry("devices.register", decision="allowed", payload_hash=call.payload_hash())
@@ -61,25 +61,25 @@ async def register(call: Call) -> web.Response:
         row = devices.register_in(tx, certificate, envelope, kid, body.model, entry)
         return idempotency.respond_in(tx, call, device_document(row, issuer), 201)
 
-    return idempotency.json_body(await call.services.database.write(work), 201)
+    return idempotency.json_body(await call.runtime.database.write(work), 201)
 
 
 async def show(call: Call) -> web.Response:
     device_id = _device_id(call)
-    row = await call.services.database.read(lambda tx: device_row(tx, device_id))
-    return json_response(device_document(row, await Devices.of(call.services).issuer_pem(row["kid"])))
+    row = await call.runtime.database.read(lambda tx: device_row(tx, device_id))
+    return json_response(device_document(row, await Devices.of(call.runtime).issuer_pem(row["kid"])))
 
 
 async def load(call: Call) -> web.Response:
-    devices = Devices.of(call.services)
-    amount = call.services.wallets.check_amount(call.body.amount_fen)
+    devices = Devices.of(call.runtime)
+    amount = call.runtime.wallets.check_amount(call.body.amount_fen)
     entry = call.audit_entry("devices.load", decision="allowed", payload_hash=call.payload_hash())
     return idempotency.render(await devices.load(call.idempotent, _device_id(call), amount, entry))
 
 
 async def resume_load(call: Call, reference: str) -> web.Response:
     """Replay of a load whose voucher was not signed when the first request ended."""
-    return idempotency.render(await Devices.of(call.services).signed_loads.resume(reference, call.idempotent))
+    return idempotency.render(await Devices.of(call.runtime).signed_loads.resume(reference, call.idempotent))
 
 
 async def sync(call: Call) -> web.Response:
@@ -88,7 +88,7 @@ async def sync(call: Call) -> web.Response:
     if not call.raw_body:
         raise BadRequest("the body must be the device's log export")
     entry = call.audit_entry("devices.sync", decision="allowed", payload_hash=call.payload_hash())
-    report = await Devices.of(call.services).sync(_device_id(call), call.raw_body, entry)
+    report = await Devices.of(call.runtime).sync(_device_id(call), call.raw_body, entry)
     return json_response(report)
 
 
@@ -99,19 +99,19 @@ async def unload(call: Call) -> web.Response:
         statement = base64.b64decode(body.statement, validate=True)
     except (binascii.Error, ValueError):
         raise ValidationFailed("statement must be base64") from None
-    devices = Devices.of(call.services)
+    devices = Devices.of(call.runtime)
     entry = call.audit_entry("devices.unload", decision="allowed", payload_hash=call.payload_hash())
 
     def work(tx: Tx) -> bytes:
         return idempotency.respond_in(tx, call, devices.unload_in(tx, device_id, statement, entry))
 
-    return idempotency.json_body(await call.services.database.write(work))
+    return idempotency.json_body(await call.runtime.database.write(work))
 
 
 async def revoke(call: Call) -> web.Response:
     device_id = _device_id(call)
     reason = call.body.reason
-    devices = Devices.of(call.services)
+    devices = Devices.of(call.runtime)
     issuer = None
     entry = call.audit_entry("devices.revoke", decision="allowed", payload_hash=call.payload_hash())
 
@@ -119,7 +119,7 @@ async def revoke(call: Call) -> web.Response:
         document = device_document(devices.revoke_in(tx, device_id, reason, entry), issuer)
         return idempotency.respond_in(tx, call, document)
 
-    body = await call.services.database.write(work)
+    body = await call.runtime.database.write(work)
     document = orjson.loads(body)
     document["issuer_public_key_pem"] = await devices.issuer_pem(document["kid"])
     return json_response(document)
@@ -154,18 +154,18 @@ async def list_discrepancies(call: Call) -> web.Response:
                 held.setdefault(row["discrepancy_id"], []).append(bytes(row["payment_hash"]).hex())
         return [discrepancy_document(r, held.get(r["discrepancy_id"])) for r in rows]
 
-    return json_response({"discrepancies": await call.services.database.read(find)})
+    return json_response({"discrepancies": await call.runtime.database.read(find)})
 
 
 async def show_discrepancy(call: Call) -> web.Response:
     discrepancy_id = call.request.match_info["discrepancy_id"]
-    return json_response(await call.services.database.read(lambda tx: discrepancy_in(tx, discrepancy_id)))
+    return json_response(await call.runtime.database.read(lambda tx: discrepancy_in(tx, discrepancy_id)))
 
 
 async def resolve(call: Call) -> web.Response:
     discrepancy_id = call.request.match_info["discrepancy_id"]
     body: ResolveRequest = call.body
-    devices = Devices.of(call.services)
+    devices = Devices.of(call.runtime)
     entry = call.audit_entry("reconciliation.resolve", decision="allowed", payload_hash=call.payload_hash())
 
     def work(tx: Tx) -> tuple[bytes, int]:
@@ -173,7 +173,7 @@ async def resolve(call: Call) -> web.Response:
         status = 202 if is_pending_document(resolved) else 200  # honour: the approval it waits for
         return idempotency.respond_in(tx, call, resolved, status), status
 
-    return idempotency.json_body(*await call.services.database.write(work))
+    return idempotency.json_body(*await call.runtime.database.write(work))
 
 
 ENDPOINTS = [

@@ -24,7 +24,7 @@ from gateway.api.middleware import REQUEST_ID
 from gateway.auth.credentials import Principal
 from gateway.auth.roles import Permission, allows
 from gateway.errors import Forbidden, GatewayError, IdempotencyKeyRequired, RateLimited, Unauthenticated
-from gateway.services import SERVICES, Services
+from gateway.runtime import RUNTIME, Runtime
 
 
 @dataclass(frozen=True)
@@ -104,20 +104,20 @@ def bearer_token(request: web.Request) -> str | None:
     return token.strip()
 
 
-async def authenticate(request: web.Request, services: Services) -> Principal:
+async def authenticate(request: web.Request, runtime: Runtime) -> Principal:
     """The caller: a bearer API key or session token, or an mTLS client certificate mapped to a client."""
     token = bearer_token(request)
     if token is not None:
-        return await services.authenticator.authenticate(token)
-    principal = await mtls_principal(request, services)
+        return await runtime.authenticator.authenticate(token)
+    principal = await mtls_principal(request, runtime)
     if principal is not None:
         return principal
     raise Unauthenticated("send Authorization: Bearer <api key or session token>")
 
 
-async def mtls_principal(request: web.Request, services: Services) -> Principal | None:
+async def mtls_principal(request: web.Request, runtime: Runtime) -> Principal | None:
     transport = request.transport
-    if transport is None or not services.settings.server.mtls_identities:
+    if transport is None or not runtime.settings.server.mtls_identities:
         return None
     certificate = transport.get_extra_info("peercert")
     if not certificate:
@@ -125,10 +125,10 @@ async def mtls_principal(request: web.Request, services: Services) -> Principal 
     common_name = next(
         (value for rdn in certificate.get("subject", ()) for (key, value) in rdn if key == "commonName"), None
     )
-    client = services.settings.server.mtls_identities.get(common_name or "")
+    client = runtime.settings.server.mtls_identities.get(common_name or "")
     if client is None:
         raise Unauthenticated(f"client certificate {common_name!r} is not mapped to an API client")
-    return await services.authenticator.client_by_name(client)
+    return await runtime.authenticator.client_by_name(client)
 
 
 def guarded(endpoint: Endpoint) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
@@ -136,14 +136,14 @@ def guarded(endpoint: Endpoint) -> Callable[[web.Request], Awaitable[web.StreamR
     idempotency and the auditing of refusals."""
 
     async def handle(request: web.Request) -> web.StreamResponse:
-        services = request.app[SERVICES]
+        runtime = request.app[RUNTIME]
         request_id = request[REQUEST_ID]
-        call = Call(request, services, None, None, b"", request_id, None)
+        call = Call(request, runtime, None, None, b"", request_id, None)
         started = time.perf_counter()
         status = 500
         try:
             if endpoint.permission is not None:
-                call.principal = await authenticate(request, services)
+                call.principal = await authenticate(request, runtime)
                 if not allows(call.principal.role, endpoint.permission):
                     raise Forbidden(
                         f"role {call.principal.role.value!r} may not {endpoint.permission.value}"
@@ -167,15 +167,15 @@ def guarded(endpoint: Endpoint) -> Callable[[web.Request], Awaitable[web.StreamR
             return response
         except GatewayError as error:
             status = error.http_status
-            services.metrics.refusals.labels(error.code).inc()
+            runtime.metrics.refusals.labels(error.code).inc()
             if endpoint.permission is not None and call.principal is None and isinstance(error, Unauthenticated):
                 # Anonymous: counted, one audit entry per window and cause (gateway/audit/refusals.py).
-                services.refusals.count(error.code, endpoint.audited_action or endpoint.name)
+                runtime.refusals.count(error.code, endpoint.audited_action or endpoint.name)
             elif 400 <= error.http_status < 500 and endpoint.audited_action is not None:
                 await _audit_refusal(call, endpoint.audited_action, error)
             raise
         finally:
-            services.metrics.request_done(endpoint.name, status, time.perf_counter() - started)
+            runtime.metrics.request_done(endpoint.name, status, time.perf_counter() - started)
 
     handle.__name__ = endpoint.handler.__name__
     return handle
@@ -193,7 +193,7 @@ async def _audit_refusal(call: Call, action: str, error: GatewayError) -> None:
         result={"status": error.http_status, "detail": error.detail[:500]},
     )
     try:
-        await call.services.audit.record(entry)
+        await call.runtime.audit.record(entry)
     except GatewayError as exc:  # the refusal stands even if its audit entry cannot be written
         structlog.get_logger("gateway.audit").error("refusal not audited", error=exc.detail, action=action)
 

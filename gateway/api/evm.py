@@ -1,7 +1,7 @@
 """Stablecoins: the chain registry, EVM transactions, EIP-712 typed data and the admin's next nonce.
 
 A transaction is checked and recorded with its nonce in one store transaction and signed after
-commit (see :mod:`gateway.evm.service`); the Idempotency-Key record points at the transaction until
+commit (see :mod:`gateway.evm.transactions`); the Idempotency-Key record points at the transaction until
 the signature is stored, so a retry after a crash signs the same transaction, never a new nonce.
 """
 
@@ -25,103 +25,60 @@ from gateway.api.evm_models import (
     TypedDataSignature,
 )
 from gateway.auth.roles import Permission
-from gateway.errors import InvalidEvmTransaction, ValidationFailed
-from gateway.evm.service import Draft, EvmService
-from gateway.evm.typed_data import TypedDataDraft, TypedDataService
-from gateway.keyring import KeyRecord, Usage
+from gateway.errors import ValidationFailed
+from gateway.evm.drafts import Erc20Fields, TransactionFields, draft_of
+from gateway.evm.typed_data import TypedDataDraft
+from gateway.keys import KeyRecord, Usage
 from gateway.policy import evm as policy
 from gateway.policy.chains import EvmChainSettings
 from gateway.schemes.evm.eip712 import parse_typed_data
-from gateway.schemes.evm.erc20 import Erc20Call, erc20_calldata
-from gateway.schemes.evm.transactions import UnsignedTransaction, check_fees, parse_data
-from gateway.schemes.evm.values import checksum, parse_address, parse_amount
-
-EVM_SERVICE = web.AppKey("evm_service", EvmService)
-TYPED_DATA_SERVICE = web.AppKey("evm_typed_data_service", TypedDataService)
-
-
-def _service(call: Call) -> EvmService:
-    return call.request.app[EVM_SERVICE]
-
-
-def _optional_amount(text: str | None, field: str) -> int | None:
-    return None if text is None else parse_amount(text, field)
+from gateway.schemes.evm.values import checksum, parse_address
 
 
 async def _evm_key(call: Call, key_id: str) -> KeyRecord:
-    record = await call.services.keys.get(call.services.database, key_id)
+    record = await call.runtime.keys.get(call.runtime.database, key_id)
     record.require(Usage.EVM)
     return record
 
 
-def draft_of(body: EvmTransactionRequest, key: KeyRecord, chain: EvmChainSettings) -> Draft:
-    """Parse and decode a request into a draft transaction (no store access).
-
-    Raises:
-        InvalidAddress, InvalidEvmAmount, InvalidGasFields, InvalidEvmTransaction (400);
-        UnknownToken, UnknownContract (422).
-    """
-    fees = check_fees(body.type, body.gas_limit, _optional_amount(body.max_fee_per_gas, "max_fee_per_gas"),
-                      _optional_amount(body.max_priority_fee_per_gas, "max_priority_fee_per_gas"),
-                      _optional_amount(body.gas_price, "gas_price"))
-    raw_fields = (body.to, body.value, body.data)
-    if body.erc20 is not None:
-        if any(field is not None for field in raw_fields):
-            raise InvalidEvmTransaction("give either erc20 or to/value/data, not both")
-        intent_body = body.erc20
-        token = parse_address(intent_body.token, "erc20.token")
-        amount = parse_amount(intent_body.amount, "erc20.amount")
-        if intent_body.method == "burn":
-            if intent_body.to is not None:
-                raise InvalidEvmTransaction("erc20.to: burn takes no recipient")
-            recipient = None
-        elif intent_body.to is None:
-            raise InvalidEvmTransaction(f"erc20.to is required for {intent_body.method}")
-        else:
-            recipient = parse_address(intent_body.to, "erc20.to")
-        erc20_call = Erc20Call(intent_body.method, recipient, amount)
-        intent = policy.erc20_intent(chain, token, erc20_call)
-        to, value, data = token, 0, erc20_calldata(erc20_call)
-    else:
-        if body.to is None:
-            raise InvalidEvmTransaction("to is required (or an erc20 intent); contract creation is not signed")
-        to = parse_address(body.to, "to")
-        value = parse_amount(body.value or "0", "value")
-        data = parse_data(body.data)
-        intent = policy.decode_intent(chain, to, value, data)
-    unsigned = UnsignedTransaction(body.type, chain.chain_id, 0, fees, to, value, data)
-    return Draft(key, chain, unsigned, intent, body.nonce)
+def transaction_fields(body: EvmTransactionRequest) -> TransactionFields:
+    erc20 = body.erc20
+    return TransactionFields(
+        body.type, body.nonce, body.gas_limit, body.max_fee_per_gas, body.max_priority_fee_per_gas, body.gas_price,
+        body.to, body.value, body.data,
+        None if erc20 is None else Erc20Fields(erc20.token, erc20.method, erc20.to, erc20.amount),
+    )
 
 
 async def create_transaction(call: Call) -> web.Response:
     body: EvmTransactionRequest = call.body
     key = await _evm_key(call, body.key_id)
-    chain = policy.require_chain(call.services.settings.evm, body.chain_id)
-    draft = draft_of(body, key, chain)
+    chain = policy.require_chain(call.runtime.settings.evm, body.chain_id)
+    draft = draft_of(transaction_fields(body), key, chain)
     entry = call.audit_entry("evm.transactions.create", decision="allowed", payload_hash=call.payload_hash())
-    return idempotency.render(await _service(call).transact(call.idempotent, draft, entry))
+    return idempotency.render(await call.runtime.evm.transact(call.idempotent, draft, entry))
 
 
 async def resume_transaction(call: Call, transaction_id: str) -> web.Response:
     """Replay of a request whose transaction was recorded but whose response was not final (a crash
     between commit and signing): sign the same transaction now — same nonce — and answer as the first
     request would have."""
-    return idempotency.render(await _service(call).resume(transaction_id, call.idempotent))
+    return idempotency.render(await call.runtime.evm.resume(transaction_id, call.idempotent))
 
 
 async def sign_typed_data(call: Call) -> web.Response:
     """Read, check and record an EIP-712 request; sign it now (200) or park it for a supervisor (202)."""
     body: TypedDataRequest = call.body
     key = await _evm_key(call, body.key_id)
-    chain = policy.require_chain(call.services.settings.evm, body.chain_id)
+    chain = policy.require_chain(call.runtime.settings.evm, body.chain_id)
     draft = TypedDataDraft(key, chain, body.typed_data, parse_typed_data(body.typed_data))
     entry = call.audit_entry("evm.typed_data.sign", decision="allowed", payload_hash=call.payload_hash())
-    return idempotency.render(await call.request.app[TYPED_DATA_SERVICE].request(call.idempotent, draft, entry))
+    return idempotency.render(await call.runtime.typed_data.request(call.idempotent, draft, entry))
 
 
 async def resume_typed_data(call: Call, request_id: str) -> web.Response:
     """Replay of an EIP-712 request recorded but not signed when the first request ended: sign it now."""
-    return idempotency.render(await call.request.app[TYPED_DATA_SERVICE].signed.resume(request_id, call.idempotent))
+    return idempotency.render(await call.runtime.typed_data.signed.resume(request_id, call.idempotent))
 
 
 async def set_next_nonce(call: Call) -> web.Response:
@@ -129,13 +86,13 @@ async def set_next_nonce(call: Call) -> web.Response:
         chain_id = int(call.request.match_info["chain_id"])
     except ValueError:
         raise ValidationFailed("chain_id must be a decimal integer") from None
-    chain = policy.require_chain(call.services.settings.evm, chain_id)
+    chain = policy.require_chain(call.runtime.settings.evm, chain_id)
     address = checksum(parse_address(call.request.match_info["address"], "address"))
     body: NonceRequest = call.body
     entry = call.audit_entry("evm.nonces.set", decision="allowed", payload_hash=call.payload_hash())
-    service = _service(call)
-    result = await call.services.database.write(
-        lambda tx: service.set_next_nonce_in(tx, chain.chain_id, address, body.next_nonce, entry))
+    transactions = call.runtime.evm
+    result = await call.runtime.database.write(
+        lambda tx: transactions.set_next_nonce_in(tx, chain.chain_id, address, body.next_nonce, entry))
     return json_response(result)
 
 
@@ -166,7 +123,7 @@ def chain_document(chain: EvmChainSettings) -> dict[str, Any]:
 
 
 async def list_chains(call: Call) -> web.Response:
-    return json_response([chain_document(chain) for chain in call.services.settings.evm.chains])
+    return json_response([chain_document(chain) for chain in call.runtime.settings.evm.chains])
 
 
 ENDPOINTS = [

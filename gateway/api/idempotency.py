@@ -83,7 +83,7 @@ async def run(
     assert call.principal is not None and call.idempotency_key is not None
     request = IdempotentRequest(call.principal.scope, call.idempotency_key, request_hash(call))
     call.idempotent = request
-    database = call.services.database
+    database = call.runtime.database
 
     async def answer(recorded: Recorded) -> web.StreamResponse:
         if recorded.content_type == records.REFERENCE and resume is not None:

@@ -20,8 +20,8 @@ from gateway.api.models import (
 )
 from gateway.auth.roles import Permission
 from gateway.errors import KeyNotFound, PayloadTooLarge, ValidationFailed
-from gateway.keymgmt import generate_key
-from gateway.keyring import KeyRecord, Usage, list_keys
+from gateway.key_lifecycle import generate_key
+from gateway.keys import KeyRecord, Usage, list_keys
 from gateway.signing import Algorithm, der_from_raw
 
 MAX_BATCH = 1000
@@ -39,19 +39,19 @@ async def create_key(call: Call) -> web.Response:
     body: KeyCreateRequest = call.body
     entry = call.audit_entry("keys.create", decision="allowed", payload_hash=call.payload_hash())
     record = await generate_key(
-        call.services.database, call.services.signer, call.services.profile,
+        call.runtime.database, call.runtime.signer, call.runtime.profile,
         body.label, body.algorithm, frozenset(body.usage), entry,
     )
     return json_response(record.document(), status=201)
 
 
 async def list_all(call: Call) -> web.Response:
-    records = await call.services.database.read(list_keys)
+    records = await call.runtime.database.read(list_keys)
     return json_response({"keys": [record.document() for record in records]})
 
 
 async def show(call: Call) -> web.Response:
-    record = await call.services.keys.get(call.services.database, _key_id(call))
+    record = await call.runtime.keys.get(call.runtime.database, _key_id(call))
     return json_response(record.document())
 
 
@@ -72,13 +72,13 @@ def _signature_document(record: KeyRecord, signature: bytes) -> dict[str, str]:
 
 
 async def sign(call: Call) -> web.Response:
-    services = call.services
-    record = await services.keys.get(services.database, _key_id(call))
+    runtime = call.runtime
+    record = await runtime.keys.get(runtime.database, _key_id(call))
     record.require(Usage.RAW)
     body: SignRequest = call.body
     data = _signing_input(record, body.digest)
-    signature = await services.signer_for(Usage.RAW).sign(record.key_id, record.algorithm.value, data)
-    await services.audit.record(
+    signature = await runtime.signer_for(Usage.RAW).sign(record.key_id, record.algorithm.value, data)
+    await runtime.audit.record(
         call.audit_entry(
             "keys.sign", decision="allowed", key_id=record.key_id,
             payload_hash=hashlib.sha256(data).hexdigest(),
@@ -89,15 +89,15 @@ async def sign(call: Call) -> web.Response:
 
 
 async def sign_batch(call: Call) -> web.Response:
-    services = call.services
+    runtime = call.runtime
     body: BatchSignRequest = call.body
     if len(body.digests) > MAX_BATCH:
         raise PayloadTooLarge(f"at most {MAX_BATCH} digests per batch; got {len(body.digests)}")
-    record = await services.keys.get(services.database, body.key_id)
+    record = await runtime.keys.get(runtime.database, body.key_id)
     record.require(Usage.RAW)
     items = [_signing_input(record, digest) for digest in body.digests]
-    signatures = await services.signer_for(Usage.RAW).sign_many(record.key_id, record.algorithm.value, items)
-    await services.audit.record(
+    signatures = await runtime.signer_for(Usage.RAW).sign_many(record.key_id, record.algorithm.value, items)
+    await runtime.audit.record(
         call.audit_entry(
             "keys.sign_batch", decision="allowed", key_id=record.key_id,
             payload_hash=hashlib.sha256(b"".join(items)).hexdigest(),

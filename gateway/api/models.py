@@ -6,7 +6,7 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, Strict, StringConstraints
 
-from gateway.keyring import Usage
+from gateway.keys import Usage
 from gateway.signing import Algorithm
 
 Hex = Annotated[str, StringConstraints(pattern=r"^(?:[0-9a-fA-F]{2})+$", max_length=131072)]

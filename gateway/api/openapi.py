@@ -15,8 +15,8 @@ from pydantic import BaseModel
 from gateway import __version__
 from gateway.api.endpoints import Endpoint
 from gateway.errors import PROBLEM_BASE
-from gateway.keyring import allowed_usages
-from gateway.services import SERVICES
+from gateway.keys import allowed_usages
+from gateway.runtime import RUNTIME
 
 ENDPOINTS_KEY = web.AppKey("endpoints", list)
 
@@ -158,10 +158,10 @@ def build(endpoints: list[Endpoint]) -> dict[str, Any]:
 def document(app: web.Application) -> dict[str, Any]:
     """The document for this server: key algorithms narrowed to what its HSM profile supports."""
     doc = build(app[ENDPOINTS_KEY])
-    services = app.get(SERVICES)
+    runtime = app.get(RUNTIME)
     key_request = doc["components"]["schemas"].get("KeyCreateRequest")
-    if services is not None and key_request is not None:
-        supported = sorted(algorithm.value for algorithm in services.profile.algorithms)
+    if runtime is not None and key_request is not None:
+        supported = sorted(algorithm.value for algorithm in runtime.profile.algorithms)
         key_request["properties"]["algorithm"] = {"type": "string", "enum": supported}
         key_request["allOf"] = [
             {

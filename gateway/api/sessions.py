@@ -26,16 +26,16 @@ LOGIN = "sessions.create"
 
 async def create_session(call: Call) -> web.Response:
     body: SessionRequest = call.body
-    refusals = call.services.refusals
+    refusals = call.runtime.refusals
     if not call.request.app[LOGIN_LIMITER].allow(f"address:{call.request.remote}"):
         refusals.count(LoginRateLimited.code, LOGIN, body.username)
         raise LoginRateLimited("too many logins from this address; try again shortly", retry_after=1)
     try:
-        token, principal, expires_at = await call.services.authenticator.login(body.username, body.password)
+        token, principal, expires_at = await call.runtime.authenticator.login(body.username, body.password)
     except (Unauthenticated, LoginThrottled, LoginBusy) as error:
         refusals.count("bad-credentials" if isinstance(error, Unauthenticated) else error.code, LOGIN, body.username)
         raise
-    await call.services.audit.record(
+    await call.runtime.audit.record(
         call.audit_entry(LOGIN, decision="allowed", result={"username": principal.name,
                                                             "role": principal.role.value})
     )
@@ -55,7 +55,7 @@ async def end_session(call: Call) -> web.Response:
                                      result={"username": principal.name, "ended": ended})])
         return ended
 
-    ended = await call.services.database.write(work)
+    ended = await call.runtime.database.write(work)
     return json_response({"username": principal.name, "ended": ended})
 
 

@@ -11,12 +11,12 @@ from gateway.api.codecs import json_response
 from gateway.api.endpoints import Endpoint
 from gateway.api.wallet_models import TransferDocument, TransferRequest
 from gateway.auth.roles import Permission
-from gateway.wallets.service import TransferIntent, require_wallet_id
+from gateway.wallets.accounts import TransferIntent, require_wallet_id
 
 
 async def create_transfer(call: Call) -> web.Response:
     body: TransferRequest = call.body
-    wallets = call.services.wallets
+    wallets = call.runtime.wallets
     intent = TransferIntent(require_wallet_id(body.from_wallet), require_wallet_id(body.to_wallet),
                             wallets.check_amount(body.amount_fen), body.memo)
     entry = call.audit_entry("transfers.create", decision="allowed", payload_hash=call.payload_hash())
@@ -26,12 +26,12 @@ async def create_transfer(call: Call) -> web.Response:
 async def resume_transfer(call: Call, transfer_id: str) -> web.Response:
     """Replay of a transfer whose response was not final when the first request ended (e.g. a crash
     between posting and signing): sign the envelope now and answer as the first request would have."""
-    return idempotency.render(await call.services.wallets.signed_transfers.resume(transfer_id, call.idempotent))
+    return idempotency.render(await call.runtime.wallets.signed_transfers.resume(transfer_id, call.idempotent))
 
 
 async def show_transfer(call: Call) -> web.Response:
     transfer_id = call.request.match_info["transfer_id"]
-    return json_response(await call.services.wallets.signed_transfer(transfer_id))
+    return json_response(await call.runtime.wallets.signed_transfer(transfer_id))
 
 
 ENDPOINTS = [

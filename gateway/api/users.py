@@ -40,7 +40,7 @@ async def _administer(call: Call, action: str, change: Callable[[Tx, str], dict[
         append(tx, [call.audit_entry(action, decision="allowed", result={"username": username, **result})])
         return users.user_document(tx, username) | {"sessions_ended": result.get("sessions_ended", 0)}
 
-    return json_response(await call.services.database.write(work))
+    return json_response(await call.runtime.database.write(work))
 
 
 async def disable(call: Call) -> web.Response:

@@ -22,11 +22,11 @@ from gateway.api.wallet_models import (
     WalletOpened,
     WalletOpenRequest,
 )
-from gateway.approvals.service import is_pending_document
+from gateway.approvals.workflow import is_pending_document
 from gateway.auth.roles import Permission, allows
 from gateway.errors import ValidationFailed
 from gateway.ledger.store import Tx
-from gateway.wallets.service import WALLET_SELECT, load_wallet, require_wallet_id, wallet_document
+from gateway.wallets.accounts import WALLET_SELECT, load_wallet, require_wallet_id, wallet_document
 
 PAGE_SIZE = 50
 PENDING = "Above the approval threshold (tier: an upgrade to tier 1): the pending approval, nothing moved yet"
@@ -42,17 +42,17 @@ def _wallet_id(call: Call) -> str:
 async def open_wallet(call: Call) -> web.Response:
     fields = call.body.model_dump()
     entry = call.audit_entry("wallets.open", decision="allowed", payload_hash=call.payload_hash())
-    wallets = call.services.wallets
+    wallets = call.runtime.wallets
 
     def work(tx: Tx) -> bytes:
         return idempotency.respond_in(tx, call, wallets.open_in(tx, fields, entry), 201)
 
-    return idempotency.json_body(await call.services.database.write(work), 201)
+    return idempotency.json_body(await call.runtime.database.write(work), 201)
 
 
 async def show(call: Call) -> web.Response:
     wallet_id = _wallet_id(call)
-    row = await call.services.database.read(lambda tx: load_wallet(tx, wallet_id))
+    row = await call.runtime.database.read(lambda tx: load_wallet(tx, wallet_id))
     return json_response(wallet_document(row))
 
 
@@ -72,7 +72,7 @@ async def search(call: Call) -> web.Response:
             (digits + "%", pattern, digits + "%" if digits.isdigit() else pattern, PAGE_SIZE),
         )
 
-    rows = await call.services.database.read(find)
+    rows = await call.runtime.database.read(find)
     return json_response({"wallets": [wallet_document(row) for row in rows]})
 
 
@@ -82,25 +82,25 @@ async def set_status(call: Call) -> web.Response:
     actor = call.actor
     may_unfreeze = allows(actor.role, Permission.WALLETS_UNFREEZE)
     entry = call.audit_entry("wallets.status", decision="allowed", payload_hash=call.payload_hash())
-    wallets = call.services.wallets
+    wallets = call.runtime.wallets
 
     def work(tx: Tx) -> bytes:
         document = wallets.set_status_in(tx, wallet_id, body.status, body.reason, may_unfreeze, entry)
         return idempotency.respond_in(tx, call, document)
 
-    return idempotency.json_body(await call.services.database.write(work))
+    return idempotency.json_body(await call.runtime.database.write(work))
 
 
 async def set_tier(call: Call) -> web.Response:
     wallet_id = _wallet_id(call)
     tier = call.body.tier
     entry = call.audit_entry("wallets.tier", decision="allowed", payload_hash=call.payload_hash())
-    wallets = call.services.wallets
+    wallets = call.runtime.wallets
 
     def work(tx: Tx) -> tuple[bytes, int]:
         return _respond_in(tx, call, wallets.set_tier_in(tx, wallet_id, tier, entry))
 
-    return idempotency.json_body(*await call.services.database.write(work))
+    return idempotency.json_body(*await call.runtime.database.write(work))
 
 
 def _respond_in(tx: Tx, call: Call, document: dict[str, Any]) -> tuple[bytes, int]:
@@ -112,7 +112,7 @@ def _respond_in(tx: Tx, call: Call, document: dict[str, Any]) -> tuple[bytes, in
 def _cash(direction: str) -> Any:
     async def handler(call: Call) -> web.Response:
         wallet_id = _wallet_id(call)
-        wallets = call.services.wallets
+        wallets = call.runtime.wallets
         amount = wallets.check_amount(call.body.amount_fen)
         entry = call.audit_entry(f"wallets.{direction}", decision="allowed", payload_hash=call.payload_hash())
         operation = wallets.cash_in if direction == "cash_in" else wallets.cash_out
@@ -120,7 +120,7 @@ def _cash(direction: str) -> Any:
         def work(tx: Tx) -> tuple[bytes, int]:
             return _respond_in(tx, call, operation(tx, wallet_id, amount, call.actor.scope, entry))
 
-        return idempotency.json_body(*await call.services.database.write(work))
+        return idempotency.json_body(*await call.runtime.database.write(work))
 
     handler.__name__ = direction
     return handler
@@ -143,7 +143,7 @@ async def transactions(call: Call) -> web.Response:
             (f"w:{wallet_id}", f"r:{wallet_id}", cursor, PAGE_SIZE),
         )
 
-    rows = await call.services.database.read(page)
+    rows = await call.runtime.database.read(page)
     items = [
         {
             "posting_id": int(row["posting_id"]), "entry_id": row["entry_id"], "kind": row["kind"],

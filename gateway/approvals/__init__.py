@@ -1,1 +1,1 @@
-"""Maker-checker approvals (dual control): request, list and read, decide, expire; see :mod:`.service`."""
+"""Maker-checker approvals (dual control): request, list and read, decide, expire; see :mod:`.workflow`."""

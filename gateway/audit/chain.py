@@ -38,7 +38,7 @@ import structlog
 from gateway import clock
 from gateway.audit import witness
 from gateway.errors import GatewayError
-from gateway.keyring import KeyRecord, Usage, key_for_usage, keys_with_usage
+from gateway.keys import KeyRecord, Usage, key_for_usage, keys_with_usage
 from gateway.ledger.store import Database, Tx
 from gateway.signing import Signer, signing_input
 

@@ -37,13 +37,13 @@ from gateway.audit import sm2
 from gateway.audit.chain import GENESIS, checkpoint_message, entry_hash
 from gateway.audit.witness import WitnessRecord
 from gateway.errors import ValidationFailed
-from gateway.keyring import Usage
+from gateway.keys import Usage
 from gateway.ledger.store import Tx
 from gateway.signing import Algorithm, signing_input, verify
 
 PAGE = 5000
 
-#: Algorithms an audit key can have (``gateway.keyring``: secp256k1 keys are for EVM only).
+#: Algorithms an audit key can have (``gateway.keys``: secp256k1 keys are for EVM only).
 AUDIT_ALGORITHMS = frozenset({Algorithm.ECDSA_P256, Algorithm.ED25519, Algorithm.SM2})
 
 TRUST_PINNED = "pinned"

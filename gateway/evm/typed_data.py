@@ -24,12 +24,12 @@ from dataclasses import dataclass
 from typing import Any
 
 from gateway import clock
-from gateway.approvals.service import canonical_json
+from gateway.approvals.workflow import canonical_json
 from gateway.audit.chain import AuditEntry, append
 from gateway.config import Settings
 from gateway.errors import ApprovalPayloadMismatch, NotFound, PolicyRefused
-from gateway.evm.service import ALGORITHM, EvmService, business_day, lock_name
-from gateway.keyring import KeyDirectory, KeyRecord, evm_address
+from gateway.evm.transactions import ALGORITHM, EvmTransactions, business_day, lock_name
+from gateway.keys import KeyDirectory, KeyRecord, evm_address
 from gateway.ledger.store import Database, Tx
 from gateway.operations.idempotency import Answer, IdempotentRequest
 from gateway.operations.signed import SignedOperation, ToSign
@@ -38,7 +38,7 @@ from gateway.policy.chains import EvmChainSettings
 from gateway.schemes.evm.eip712 import TypedData, parse_typed_data
 from gateway.schemes.evm.signatures import recover_signature
 from gateway.signing import Signer
-from gateway.wallets.service import Wallets
+from gateway.wallets.accounts import Wallets
 
 APPROVAL_KIND = "evm_typed_data"
 
@@ -63,30 +63,30 @@ class TypedDataSigning:
     row). The stored digest must be the digest of the stored document, and the signature must recover
     to the key's public key."""
 
-    def __init__(self, service: TypedDataService) -> None:
-        self.service = service
+    def __init__(self, typed_data: EvmTypedData) -> None:
+        self.typed_data = typed_data
 
     async def load(self, reference: str) -> Any:
-        return await self.service.database.read(lambda tx: TypedDataService.row_in(tx, reference))
+        return await self.typed_data.database.read(lambda tx: EvmTypedData.row_in(tx, reference))
 
     def answered(self, row: Any) -> Answer | None:
         return None if row["status"] == "unsigned" else Answer(200, typed_data_document(row))
 
     async def sign(self, row: Any) -> str:
-        service = self.service
+        typed_data = self.typed_data
         typed = parse_typed_data(json.loads(row["document"]))
         if typed.digest.hex() != row["digest"]:
             raise ApprovalPayloadMismatch(f"request {row['request_id']}: the stored document does not hash to "
                                           "its digest")
-        key = await service.keys.get(service.database, row["key_id"])
-        raw = await service.signer.sign(key.key_id, ALGORITHM, typed.digest)
+        key = await typed_data.keys.get(typed_data.database, row["key_id"])
+        raw = await typed_data.signer.sign(key.key_id, ALGORITHM, typed.digest)
         return "0x" + recover_signature(typed.digest, raw, key.public_key).rsv().hex()
 
     def store_in(self, tx: Tx, row: Any, rsv: str) -> Answer:
         # A concurrent finisher may have stored its signature first: answer with the stored one.
         tx.execute("UPDATE evm_typed_data SET status = 'signed', signature = ?, signed_at = ? "
                    "WHERE request_id = ? AND status = 'unsigned'", (rsv, clock.now_iso(), row["request_id"]))
-        return Answer(200, typed_data_document(TypedDataService.row_in(tx, row["request_id"])))
+        return Answer(200, typed_data_document(EvmTypedData.row_in(tx, row["request_id"])))
 
 
 def typed_data_document(row: Any) -> dict[str, Any]:
@@ -108,11 +108,11 @@ def typed_data_document(row: Any) -> dict[str, Any]:
     }
 
 
-class TypedDataService:
+class EvmTypedData:
     """EIP-712 requests of one gateway process; the approval handler of kind ``evm_typed_data``."""
 
     def __init__(self, database: Database, signer: Signer, settings: Settings, keys: KeyDirectory,
-                 wallets: Wallets, transactions: EvmService) -> None:
+                 wallets: Wallets, transactions: EvmTransactions) -> None:
         self.database = database
         self.signer = signer
         self.settings = settings

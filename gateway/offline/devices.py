@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from gateway import clock
-from gateway.approvals.service import Approvals, execution_entry, needs_approval
+from gateway.approvals.workflow import Approvals, execution_entry, needs_approval
 from gateway.audit.chain import AuditEntry, append
 from gateway.config import ApprovalSettings
 from gateway.errors import (
@@ -45,8 +45,8 @@ from gateway.errors import (
     WalletNotActive,
 )
 from gateway.hsm.profile import HsmProfile
-from gateway.keyring import KeyDirectory, KeyRecord, Usage, key_for_usage, public_key_pem
-from gateway.keyring import sign1_with_profile as sign1
+from gateway.keys import KeyDirectory, KeyRecord, Usage, key_for_usage, public_key_pem
+from gateway.keys import sign1_with_profile as sign1
 from gateway.ledger import journal
 from gateway.ledger.store import Database, Row, Tx
 from gateway.offline.bulk import Transfer, post_offline, select_in
@@ -61,7 +61,7 @@ from gateway.operations.idempotency import Answer, IdempotentRequest
 from gateway.operations.signed import SignedOperation, ToSign
 from gateway.schemes import offline
 from gateway.signing import Signer
-from gateway.wallets.service import load_wallet
+from gateway.wallets.accounts import load_wallet
 
 RESOLUTIONS: dict[str, str] = {
     "post": "post the held payments from the payer's offline reserve (only value within what was loaded)",
@@ -151,9 +151,9 @@ class Devices:
         self.signed_loads = SignedOperation(database, VoucherSigning(self))
 
     @classmethod
-    def of(cls, services: Any) -> Devices:
-        return cls(services.database, services.signer_for(Usage.VOUCHER), services.profile, services.settings,
-                   services.keys, approvals=services.approvals)
+    def of(cls, runtime: Any) -> Devices:
+        return cls(runtime.database, runtime.signer_for(Usage.VOUCHER), runtime.profile, runtime.settings,
+                   runtime.keys, approvals=runtime.approvals)
 
     # --- the voucher key -----------------------------------------------------------------------
 
@@ -556,7 +556,7 @@ def honour_payload(discrepancy: Row, held: list[dict[str, Any]], note: str) -> d
 
 
 class OfflineApprovals:
-    """The :class:`~gateway.approvals.service.ApprovalHandler` of honours and device loads."""
+    """The :class:`~gateway.approvals.workflow.ApprovalHandler` of honours and device loads."""
 
     def __init__(self, devices: Devices) -> None:
         self.devices = devices

@@ -14,14 +14,14 @@ from gateway.auth.credentials import add_client
 from gateway.auth.roles import Role
 from gateway.config import Settings
 from gateway.errors import PROBLEM_BASE
-from gateway.services import SERVICES, Services
+from gateway.runtime import RUNTIME, Runtime
 from tests.conftest import Gateway, provision
 
 PROBLEM_FIELDS = ("type", "title", "status", "detail", "request_id")
 
 
-def services(gateway: Gateway) -> Services:
-    return gateway.client.server.app[SERVICES]
+def runtime(gateway: Gateway) -> Runtime:
+    return gateway.client.server.app[RUNTIME]
 
 
 async def assert_problem(response: ClientResponse, status: int, code: str | None = None) -> dict[str, Any]:
@@ -73,7 +73,7 @@ def signed(entries: list[dict[str, Any]]) -> list[dict[str, Any]]:
 async def new_client(gateway: Gateway, role: Role, stem: str = "client") -> tuple[str, dict[str, str]]:
     """A fresh API client with ``role``: its name and its Authorization header."""
     name = f"{stem}-{secrets.token_hex(4)}"
-    key = await services(gateway).database.write(lambda tx: add_client(tx, name, role))
+    key = await runtime(gateway).database.write(lambda tx: add_client(tx, name, role))
     return name, {"Authorization": f"Bearer {key}"}
 
 

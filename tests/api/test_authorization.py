@@ -26,8 +26,8 @@ from gateway import clock
 from gateway.app import all_endpoints
 from gateway.auth.credentials import add_user, revoke_client
 from gateway.auth.roles import Role, allows
-from gateway.device.simulator import SimulatedDevice
-from tests.api.support import approve_as_second_person, approve_opened_tier, assert_problem, new_client, services
+from gateway.hardwallet.simulator import SimulatedDevice
+from tests.api.support import approve_as_second_person, approve_opened_tier, assert_problem, new_client, runtime
 from tests.conftest import PASSWORDS, Gateway, login
 from tests.device.flows import discrepancies, ensure_voucher_key, pay, register
 from tests.device.flows import load as device_load
@@ -229,7 +229,7 @@ async def _register_case(ctx: Context) -> Case:
 async def _new_user(ctx: Context) -> str:
     """A fresh teller for the user administration endpoints to act on."""
     username = f"authz-{secrets.token_hex(4)}"
-    await services(ctx.gateway).database.write(
+    await runtime(ctx.gateway).database.write(
         lambda tx: add_user(tx, PasswordHasher(), username, Role.TELLER, "authz-user-password"))
     return username
 
@@ -344,7 +344,7 @@ def test_every_role_is_walked() -> None:
 
 
 async def _refusals(gateway: Gateway, request_id: str) -> list[dict[str, Any]]:
-    rows = await services(gateway).database.read(
+    rows = await runtime(gateway).database.read(
         lambda tx: tx.fetchall("SELECT actor, action, decision, reasons FROM audit_log WHERE request_id = ?",
                                (request_id,))
     )
@@ -411,7 +411,7 @@ async def test_revoked_api_client_is_unauthenticated(gateway: Gateway) -> None:
     response = await gateway.client.get("/v1/keys", headers=headers)
     assert response.status == 200, await response.text()
 
-    await services(gateway).database.write(lambda tx: revoke_client(tx, name))
+    await runtime(gateway).database.write(lambda tx: revoke_client(tx, name))
     response = await gateway.client.get("/v1/keys", headers=headers)
     await assert_problem(response, 401, "unauthenticated")
     assert "WWW-Authenticate" in response.headers
@@ -456,7 +456,7 @@ async def test_expired_session_is_unauthenticated(gateway: Gateway) -> None:
     assert response.status == 200, await response.text()
 
     past = clock.after(-60)
-    changed = await services(gateway).database.write(
+    changed = await runtime(gateway).database.write(
         lambda tx: tx.execute(
             "UPDATE user_sessions SET expires_at = ? WHERE token_hash = ?",
             (past, hashlib.sha256(token.encode()).digest()),
@@ -471,11 +471,11 @@ async def test_expired_session_is_unauthenticated(gateway: Gateway) -> None:
 async def test_session_of_disabled_user_is_unauthenticated(gateway: Gateway) -> None:
     username, password = f"teller-{secrets.token_hex(4)}", "a-long-enough-password"
     hasher = PasswordHasher()
-    await services(gateway).database.write(lambda tx: add_user(tx, hasher, username, Role.TELLER, password))
+    await runtime(gateway).database.write(lambda tx: add_user(tx, hasher, username, Role.TELLER, password))
     headers = {"Authorization": f"Bearer {await _login(gateway, username, password)}"}
     assert (await gateway.client.get("/v1/keys", headers=headers)).status == 200
 
-    await services(gateway).database.write(
+    await runtime(gateway).database.write(
         lambda tx: tx.execute("UPDATE users SET disabled_at = ? WHERE username = ?", (clock.now_iso(), username))
     )
     await assert_problem(await gateway.client.get("/v1/keys", headers=headers), 401, "unauthenticated")

@@ -17,8 +17,8 @@ import pytest
 import pytest_asyncio
 
 from gateway.auth.roles import Role
-from gateway.device.simulator import SimulatedDevice
 from gateway.errors import DeviceRefused
+from gateway.hardwallet.simulator import SimulatedDevice
 from gateway.schemes import offline
 from tests.api.support import approve_as_second_person, assert_problem, audit_entries
 from tests.conftest import Gateway

@@ -20,11 +20,10 @@ from eth_account.typed_transactions.typed_transaction import TypedTransaction
 from eth_utils.crypto import keccak
 from hexbytes import HexBytes
 
-from gateway.api.evm import EVM_SERVICE
 from gateway.auth.roles import Role
 from gateway.errors import HsmUnavailable
-from gateway.evm.service import EvmService
-from tests.api.support import assert_problem, audit_entries, services
+from gateway.evm.transactions import EvmTransactions
+from tests.api.support import assert_problem, audit_entries, runtime
 from tests.conftest import (
     EVM_CAPPED_TOKEN,
     EVM_DENIED,
@@ -243,7 +242,7 @@ async def test_200_concurrent_requests_get_nonces_0_to_199(evm_gateway: Gateway)
 
 
 async def _count(gw: Gateway, key: dict[str, Any]) -> int:
-    row = await services(gw).database.read(lambda tx: tx.fetchone(
+    row = await runtime(gw).database.read(lambda tx: tx.fetchone(
         "SELECT COUNT(*) AS n FROM evm_transactions WHERE key_id = ?", (key["key_id"],)))
     assert row is not None
     return int(row["n"])
@@ -401,16 +400,16 @@ async def test_a_crash_between_commit_and_signing_is_signed_by_the_retry(
     that same transaction — same nonce — and no other nonce is consumed."""
     gw = evm_gateway
     key = await new_evm_key(gw, f"evm-crash-{secrets.token_hex(3)}")
-    real_sign = EvmService.sign_recorded
+    real_sign = EvmTransactions.sign_recorded
     calls = {"n": 0}
 
-    async def failing_once(self: EvmService, transaction_id: str, *args: Any) -> dict[str, Any]:
+    async def failing_once(self: EvmTransactions, transaction_id: str, *args: Any) -> dict[str, Any]:
         calls["n"] += 1
         if calls["n"] == 1:
             raise HsmUnavailable("simulated crash after commit")
         return await real_sign(self, transaction_id, *args)
 
-    monkeypatch.setattr(EvmService, "sign_recorded", failing_once)
+    monkeypatch.setattr(EvmTransactions, "sign_recorded", failing_once)
     body, headers = native(key), idem()
     await assert_problem(await sign(gw, body, headers), 503, "hsm-unavailable")
     assert await _count(gw, key) == 1
@@ -430,18 +429,19 @@ async def test_an_unsigned_transaction_is_signed_once_with_its_own_nonce(evm_gat
     returns the stored signature, and concurrent seals store one."""
     gw = evm_gateway
     key = await new_evm_key(gw, f"evm-seal-{secrets.token_hex(3)}")
-    service = gw.client.server.app[EVM_SERVICE]
-    from gateway.api.evm import draft_of
+    service = runtime(gw).evm
+    from gateway.api.evm import transaction_fields
     from gateway.api.evm_models import EvmTransactionRequest
     from gateway.audit.chain import AuditEntry
+    from gateway.evm.drafts import draft_of
     from gateway.policy.evm import require_chain
 
-    record = await services(gw).keys.get(services(gw).database, key["key_id"])
-    chain = require_chain(services(gw).settings.evm, EVM_TEST_CHAIN_ID)
+    record = await runtime(gw).keys.get(runtime(gw).database, key["key_id"])
+    chain = require_chain(runtime(gw).settings.evm, EVM_TEST_CHAIN_ID)
     body = native(key)
-    draft = draft_of(EvmTransactionRequest.model_validate(body), record, chain)
+    draft = draft_of(transaction_fields(EvmTransactionRequest.model_validate(body)), record, chain)
     entry = AuditEntry("test", "backend", "evm.transactions.create", "allowed")
-    recorded = await services(gw).database.write(lambda tx: service.record_in(tx, draft, entry))
+    recorded = await runtime(gw).database.write(lambda tx: service.record_in(tx, draft, entry))
     assert (recorded.status, recorded.nonce) == ("unsigned", 0)
     assert (await signed(gw, native(key)))["nonce"] == 1  # the unsigned one keeps nonce 0
     first, second = await asyncio.gather(service.seal(recorded.transaction_id), service.seal(recorded.transaction_id))

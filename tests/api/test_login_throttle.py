@@ -19,7 +19,7 @@ from gateway import clock
 from gateway.auth.credentials import add_user
 from gateway.auth.roles import Role
 from gateway.auth.throttle import LoginThrottle
-from tests.api.support import assert_problem, audit_entries, audit_head, services
+from tests.api.support import assert_problem, audit_entries, audit_head, runtime
 from tests.conftest import Gateway
 
 pytestmark = pytest.mark.softhsm
@@ -35,7 +35,7 @@ async def gw(ledger_gateway: Gateway) -> AsyncIterator[Gateway]:
 
 async def new_teller(gw: Gateway) -> str:
     username = f"throttle-{secrets.token_hex(4)}"
-    await services(gw).database.write(lambda tx: add_user(tx, PasswordHasher(), username, Role.TELLER, PASSWORD))
+    await runtime(gw).database.write(lambda tx: add_user(tx, PasswordHasher(), username, Role.TELLER, PASSWORD))
     return username
 
 
@@ -47,7 +47,7 @@ async def attempt(gw: Gateway, username: str, password: str) -> tuple[int, dict[
 async def unlock_early(gw: Gateway, username: str) -> None:
     """Move the lock's end into the past, as if the lockout had been waited out."""
     past = clock.iso(clock.now() - timedelta(seconds=1))
-    changed = await services(gw).database.write(lambda tx: tx.execute(
+    changed = await runtime(gw).database.write(lambda tx: tx.execute(
         "UPDATE login_throttle SET locked_until = ? WHERE username = ?", (past, username)))
     assert changed == 1
 
@@ -60,7 +60,7 @@ def test_lockout_doubles_up_to_the_maximum() -> None:
 
 async def test_the_limit_holds_and_a_locked_username_is_refused_even_with_its_password(gw: Gateway) -> None:
     username = await new_teller(gw)
-    await services(gw).refusals.flush()  # what earlier tests counted is written before `head`
+    await runtime(gw).refusals.flush()  # what earlier tests counted is written before `head`
     head = await audit_head(gw)
     for _ in range(LIMIT):
         status, _, problem = await attempt(gw, username, "a-wrong-password")
@@ -69,7 +69,7 @@ async def test_the_limit_holds_and_a_locked_username_is_refused_even_with_its_pa
     assert status == 429, problem
     assert str(problem["type"]).endswith("/login-throttled")
     assert 1 <= int(headers["Retry-After"]) <= 30
-    await services(gw).refusals.flush()
+    await runtime(gw).refusals.flush()
     entries = [e for e in await audit_entries(gw, head) if e["action"] == "refusals.anonymous"]
     counted = {cause: sum(e["result"]["usernames"].get(username, 0) for e in entries if e["reasons"] == [cause])
                for cause in ("bad-credentials", "login-throttled")}

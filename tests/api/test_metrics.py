@@ -12,8 +12,8 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from gateway.auth.roles import Role
-from gateway.device.simulator import SimulatedDevice
-from tests.api.support import services
+from gateway.hardwallet.simulator import SimulatedDevice
+from tests.api.support import runtime
 from tests.conftest import EVM_TEST_CHAIN_ID, Gateway, new_evm_key
 from tests.device.flows import ensure_voucher_key, load, open_wallet, register
 
@@ -40,7 +40,7 @@ def grown(before: dict[tuple[str, str], float], after: dict[tuple[str, str], flo
 
 
 async def checkpoints(gw: Gateway) -> int:
-    row = await services(gw).database.read(lambda tx: tx.fetchone("SELECT COUNT(*) AS n FROM audit_checkpoints"))
+    row = await runtime(gw).database.read(lambda tx: tx.fetchone("SELECT COUNT(*) AS n FROM audit_checkpoints"))
     return int(row["n"])
 
 
@@ -95,7 +95,7 @@ async def test_audit_checkpoints_are_counted(gateway: Gateway, raw_keys: dict[st
     assert response.status == 200, await response.text()
     # Sign the head now, or wait for the checkpoint the count of entries may just have started
     # (it holds the same lock); either way the new entry ends up checkpointed, and signed once.
-    await services(gateway).audit.checkpoint()
+    await runtime(gateway).audit.checkpoint()
     after = await signatures(gateway)
     made = after[("ecdsa-p256", "audit")] - before.get(("ecdsa-p256", "audit"), 0.0)
     assert made == await checkpoints(gateway) - stored_before >= 1

@@ -230,15 +230,15 @@ async def test_bearer_key_over_mtls_takes_precedence(tls: Tls) -> None:
 
 async def test_revoked_client_loses_its_certificate_identity(tls: Tls) -> None:
     from gateway.auth.credentials import revoke_client
-    from gateway.services import SERVICES
+    from gateway.runtime import RUNTIME
 
-    services = tls.served.runner.app[SERVICES]
+    runtime = tls.served.runner.app[RUNTIME]
     assert (await tls.get("/v1/keys", tls.mapped()))[0] == 200
-    await services.database.write(lambda tx: revoke_client(tx, "test-backend"))
+    await runtime.database.write(lambda tx: revoke_client(tx, "test-backend"))
     try:
         status, _, body = await tls.get("/v1/keys", tls.mapped())
         assert status == 401, body
     finally:  # the module's other tests use this client
-        await services.database.write(
+        await runtime.database.write(
             lambda tx: tx.execute("UPDATE clients SET revoked_at = NULL WHERE name = ?", ("test-backend",))
         )

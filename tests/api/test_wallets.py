@@ -16,7 +16,7 @@ from pycose.messages import Sign1Message
 
 from gateway.auth.roles import Role
 from gateway.ledger.journal import check_invariants
-from gateway.services import SERVICES
+from gateway.runtime import RUNTIME
 from gateway.wallets.ids import is_valid_wallet_id, luhn_check_digit
 from tests.api.support import approve_as_second_person, approve_opened_tier
 from tests.conftest import Gateway, login
@@ -62,7 +62,7 @@ async def transfer(
 
 
 async def ledger_problems(gw: Gateway) -> list[str]:
-    problems: list[str] = await gw.client.server.app[SERVICES].database.read(check_invariants)
+    problems: list[str] = await gw.client.server.app[RUNTIME].database.read(check_invariants)
     return problems
 
 
@@ -356,7 +356,7 @@ async def test_expired_approval_cannot_be_approved(ledger_gateway: Gateway) -> N
     payer, payee = await open_wallet(gw, tier=1), await open_wallet(gw, tier=1)
     await cash_in(gw, payer, 10_000_000)
     pending = await (await transfer(gw, payer, payee, 6_000_000)).json()
-    database = gw.client.server.app[SERVICES].database
+    database = gw.client.server.app[RUNTIME].database
     await database.write(
         lambda tx: tx.execute(
             "UPDATE approvals SET expires_at = ? WHERE approval_id = ?",
@@ -410,7 +410,7 @@ async def test_a_failure_between_posting_and_signing_is_finished_by_the_retry(
     unavailable; a crash looks the same), the retry with the same Idempotency-Key signs that same
     transfer and answers as the first request would have: posted once, one envelope."""
     from gateway.errors import HsmUnavailable
-    from gateway.wallets.service import Wallets
+    from gateway.wallets.accounts import Wallets
 
     gw = ledger_gateway
     payer, payee = await open_wallet(gw), await open_wallet(gw)

@@ -15,10 +15,10 @@ from pycose.keys import EC2Key
 from pycose.messages import Sign1Message
 
 from gateway.auth.roles import Role
-from gateway.device.simulator import SimulatedDevice
+from gateway.hardwallet.simulator import SimulatedDevice
 from gateway.ledger.journal import check_invariants
 from gateway.offline.invariants import check_offline_entries
-from gateway.services import SERVICES
+from gateway.runtime import RUNTIME
 from tests.api.support import approve_opened_tier
 from tests.conftest import Gateway
 
@@ -132,7 +132,7 @@ async def discrepancies(gw: Gateway, device_id: str | None = None, status: str =
 
 
 async def ledger_problems(gw: Gateway) -> list[str]:
-    database = gw.client.server.app[SERVICES].database
+    database = gw.client.server.app[RUNTIME].database
     problems: list[str] = await database.read(check_invariants)
     return problems + await database.read(check_offline_entries)
 

@@ -11,7 +11,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from gateway.device.frames import (
+from gateway.errors import FrameError
+from gateway.hardwallet.frames import (
     DELIMITER,
     MAX_FRAME_BYTES,
     FrameDecoder,
@@ -19,15 +20,14 @@ from gateway.device.frames import (
     encode_frame,
     encoded_limit,
 )
-from gateway.device.protocol import (
+from gateway.hardwallet.protocol import (
     answer_message,
     parse_request,
     parse_response,
     refusal_message,
     request_message,
 )
-from gateway.device.simulator import SimulatedDevice
-from gateway.errors import FrameError
+from gateway.hardwallet.simulator import SimulatedDevice
 
 FUZZ = settings(max_examples=400, deadline=1000, suppress_health_check=[HealthCheck.too_slow])
 

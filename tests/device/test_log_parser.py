@@ -13,8 +13,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from gateway.device.simulator import SimulatedDevice
 from gateway.errors import InvalidDeviceSignature, OfflineFormatError
+from gateway.hardwallet.simulator import SimulatedDevice
 from gateway.ledger.journal import check_invariants
 from gateway.offline.upload import read_upload
 from gateway.schemes import offline

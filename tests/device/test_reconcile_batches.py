@@ -11,8 +11,8 @@ from typing import Any
 
 import pytest
 
-from gateway.device.simulator import SimulatedDevice
 from gateway.errors import GatewayError
+from gateway.hardwallet.simulator import SimulatedDevice
 from gateway.ledger.journal import check_invariants
 from gateway.offline.invariants import check_offline_entries, offline_entry_id
 from gateway.offline.settings import OfflineSettings

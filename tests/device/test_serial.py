@@ -18,12 +18,12 @@ import pytest
 import pytest_asyncio
 
 from gateway.auth.roles import Role
-from gateway.device.frames import encode_frame
-from gateway.device.link import DeviceLink, open_link, open_port
-from gateway.device.protocol import MAX_REQUEST_ID, answer_message
-from gateway.device.simulator import PtyPort, SimulatedDevice, serve, start_in_thread
 from gateway.errors import DeviceRefused, DeviceTimeout
-from gateway.services import SERVICES
+from gateway.hardwallet.frames import encode_frame
+from gateway.hardwallet.link import DeviceLink, open_link, open_port
+from gateway.hardwallet.protocol import MAX_REQUEST_ID, answer_message
+from gateway.hardwallet.simulator import PtyPort, SimulatedDevice, serve, start_in_thread
+from gateway.runtime import RUNTIME
 from tests.conftest import Gateway
 from tests.device.flows import (
     device_doc,
@@ -127,7 +127,7 @@ async def test_pay_offline_between_two_devices_over_pseudo_terminals(
     offline_entries = [t for t in transactions["transactions"] if t["kind"] == "offline"]
     assert [(t["amount_fen"], t["reference"]) for t in offline_entries] == [(sum(amounts), second["sync_id"])]
     assert "3 payments" in offline_entries[0]["memo"]
-    named = await gw.client.server.app[SERVICES].database.read(lambda tx: tx.fetchall(
+    named = await gw.client.server.app[RUNTIME].database.read(lambda tx: tx.fetchall(
         "SELECT entry_id, amount FROM offline_payments WHERE payer_device = ? ORDER BY counter",
         (payer.state.device_id,)))
     assert [(row["entry_id"], row["amount"]) for row in named] == [(offline_entries[0]["entry_id"], a) for a in amounts]

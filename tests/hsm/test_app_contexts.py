@@ -11,7 +11,7 @@ from pydantic import SecretStr
 
 from gateway.app import AUDIT_LOG, SIGNER_POOL, STORE, make_app
 from gateway.errors import GatewayError
-from gateway.services import SERVICES
+from gateway.runtime import RUNTIME
 from tests.conftest import Token, make_settings
 
 
@@ -42,6 +42,6 @@ async def test_every_resource_is_reachable_by_its_key_once_started(softhsm_token
     try:
         assert (await app[STORE].read(lambda tx: tx.fetchone("SELECT 1 AS one")))["one"] == 1  # type: ignore[index]
         assert app[SIGNER_POOL].health().ready
-        assert app[AUDIT_LOG] is app[SERVICES].audit
+        assert app[AUDIT_LOG] is app[RUNTIME].audit
     finally:
         await server.close()

@@ -17,7 +17,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from gateway.audit.chain import GENESIS, entry_hash
 from gateway.auth.roles import Role
-from gateway.services import SERVICES
+from gateway.runtime import RUNTIME
 from tests.conftest import Gateway, make_settings, start_gateway
 
 pytestmark = pytest.mark.softhsm
@@ -34,7 +34,7 @@ async def _activity(gateway: Gateway, raw_keys: dict[str, Any], count: int = 12)
 
 async def _snapshot(gateway: Gateway, raw_keys: dict[str, Any], target: Path) -> Path:
     await _activity(gateway, raw_keys)
-    seq = await gateway.client.server.app[SERVICES].audit.checkpoint()
+    seq = await gateway.client.server.app[RUNTIME].audit.checkpoint()
     assert seq is None or seq > 0
     await _activity(gateway, raw_keys, 3)  # a tail after the last checkpoint
     source = sqlite3.connect(gateway.settings.store.dsn.removeprefix("sqlite:///"))
@@ -65,7 +65,7 @@ async def snapshot(gateway: Gateway, raw_keys: dict[str, Any], tmp_path: Path) -
 
 async def test_api_verify_reports_intact_chain(gateway: Gateway, raw_keys: dict[str, Any]) -> None:
     await _activity(gateway, raw_keys)
-    await gateway.client.server.app[SERVICES].audit.checkpoint()
+    await gateway.client.server.app[RUNTIME].audit.checkpoint()
     response = await gateway.client.get("/v1/audit/verify", headers=gateway.auth(Role.AUDITOR))
     report = await response.json()
     assert response.status == 200
@@ -165,7 +165,7 @@ async def test_the_head_is_checkpointed_and_reported_by_time(softhsm_token: Any,
                                                                   "tier": 4, "kind": "personal"},
                                              headers=gateway.auth(Role.TELLER))
         assert response.status == 201, await response.text()
-        database = gateway.client.server.app[SERVICES].database
+        database = gateway.client.server.app[RUNTIME].database
         head = (await database.read(lambda tx: tx.fetchone("SELECT MAX(seq) AS seq FROM audit_log")))["seq"]
 
         async def checkpointed() -> int:

@@ -17,7 +17,7 @@ import pytest
 import pytest_asyncio
 
 from gateway.auth.roles import Role
-from gateway.services import SERVICES
+from gateway.runtime import RUNTIME
 from tests.conftest import ROOT, Gateway, Token, make_settings, start_gateway
 
 pytestmark = [pytest.mark.softhsm, pytest.mark.slow]
@@ -106,7 +106,7 @@ async def test_token_taken_away_then_back(own_gateway: Gateway) -> None:
 async def test_killed_worker_processes_are_respawned(own_gateway: Gateway) -> None:
     gateway = own_gateway
     key_id = await _raw_key(gateway)
-    pool = gateway.client.server.app[SERVICES].signer
+    pool = gateway.client.server.app[RUNTIME].signer
     before = pool.worker_pids()  # type: ignore[attr-defined]
     assert len(before) == 2
     for pid in before:

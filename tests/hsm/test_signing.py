@@ -97,9 +97,9 @@ async def test_batch_signatures_in_request_order(gateway: Gateway, raw_keys: dic
 
 
 async def test_private_keys_are_sensitive_and_not_extractable(gateway: Gateway, raw_keys: dict[str, Any]) -> None:
-    from gateway.services import SERVICES
+    from gateway.runtime import RUNTIME
 
-    signer = gateway.client.server.app[SERVICES].signer
+    signer = gateway.client.server.app[RUNTIME].signer
     for key in raw_keys.values():
         attributes = await signer.key_attributes(key["key_id"])
         assert attributes["sensitive"] is True

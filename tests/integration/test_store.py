@@ -24,7 +24,7 @@ from gateway.ledger.engines import open_database
 from gateway.ledger.migrate import migration_files
 from gateway.ledger.postgres import PostgresDatabase, lock_key
 from gateway.ledger.store import Database, Tx
-from gateway.services import SERVICES
+from gateway.runtime import RUNTIME
 from tests.conftest import Token, make_settings, start_gateway
 from tests.pg import PostgresServer, free_port
 
@@ -449,7 +449,7 @@ async def test_the_gateway_opens_its_store_with_the_configured_pool_size(
     gateway = await start_gateway(make_settings(softhsm_token, postgres_server.create_database(),
                                                 store={"pool_size": 2}))
     try:
-        database = gateway.client.server.app[SERVICES].database
+        database = gateway.client.server.app[RUNTIME].database
         assert isinstance(database, PostgresDatabase) and database.size == 2
     finally:
         await gateway.client.close()

@@ -32,8 +32,8 @@ from gateway.audit import sm2, witness
 from gateway.audit.chain import GENESIS, checkpoint_message, entry_hash
 from gateway.auth.roles import Role
 from gateway.errors import ConfigError
-from gateway.keyring import public_key_pem
-from gateway.services import SERVICES
+from gateway.keys import public_key_pem
+from gateway.runtime import RUNTIME
 from gateway.signing import Algorithm
 from tests.api.support import assert_problem
 from tests.conftest import Gateway
@@ -78,7 +78,7 @@ def _witness_of(gateway: Gateway) -> Path:
 
 async def _copy(gateway: Gateway, raw_keys: dict[str, Any], target: Path) -> Copy:
     """Three signed checkpoints at least, a short unsigned tail, then the copies."""
-    audit = gateway.client.server.app[SERVICES].audit
+    audit = gateway.client.server.app[RUNTIME].audit
     for _ in range(3):
         await _activity(gateway, raw_keys, 4)
         await audit.checkpoint()  # None when a checkpoint by count already signed this head

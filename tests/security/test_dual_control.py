@@ -24,9 +24,9 @@ from argon2 import PasswordHasher
 
 from gateway.auth.credentials import add_client, add_user
 from gateway.auth.roles import Role
-from gateway.device.simulator import SimulatedDevice
+from gateway.hardwallet.simulator import SimulatedDevice
 from gateway.ledger import journal
-from tests.api.support import assert_problem, audit_entries, services
+from tests.api.support import assert_problem, audit_entries, runtime
 from tests.conftest import Gateway, Token, login, make_settings, start_gateway
 from tests.device.flows import (
     device_doc,
@@ -81,12 +81,12 @@ async def gw(request: pytest.FixtureRequest, softhsm_token: Token,
         assert response.status == 201, await response.text()
     await ensure_voucher_key(started)
     hasher = PasswordHasher()
-    await services(started).database.write(lambda tx: add_user(tx, hasher, "teller2", Role.TELLER, TELLER2_PASSWORD))
+    await runtime(started).database.write(lambda tx: add_user(tx, hasher, "teller2", Role.TELLER, TELLER2_PASSWORD))
     started.passwords["teller2"] = TELLER2_PASSWORD
-    await services(started).database.write(
+    await runtime(started).database.write(
         lambda tx: add_user(tx, hasher, "supervisor3", Role.SUPERVISOR, SUPERVISOR3_PASSWORD))
     started.passwords["supervisor3"] = SUPERVISOR3_PASSWORD
-    await services(started).database.write(
+    await runtime(started).database.write(
         lambda tx: add_user(tx, hasher, "supervisor1.alias", Role.SUPERVISOR, ALIAS_PASSWORD, owner="supervisor1"))
     started.passwords["supervisor1.alias"] = ALIAS_PASSWORD
     yield started
@@ -96,13 +96,13 @@ async def gw(request: pytest.FixtureRequest, softhsm_token: Token,
 async def client_of(gw: Gateway, role: Role, owner: str | None = None) -> tuple[str, dict[str, str]]:
     """A fresh API client with ``role`` (and ``owner``): its name and its Authorization header."""
     name = f"dual-{role.value}-{secrets.token_hex(4)}"
-    key = await services(gw).database.write(lambda tx: add_client(tx, name, role, owner))
+    key = await runtime(gw).database.write(lambda tx: add_client(tx, name, role, owner))
     return name, {"Authorization": f"Bearer {key}"}
 
 
 async def suspense(gw: Gateway) -> int:
     """The balance of bank:suspense, where honours beyond the loaded value are paid from."""
-    return await services(gw).database.read(lambda tx: journal.balance(tx, journal.SUSPENSE))
+    return await runtime(gw).database.read(lambda tx: journal.balance(tx, journal.SUSPENSE))
 
 
 async def cash(gw: Gateway, direction: str, wallet_id: str, amount: int, headers: dict[str, str],
@@ -470,10 +470,10 @@ async def test_the_owner_is_recorded_and_defaults_to_the_name(gw: Gateway) -> No
     wallet_id = await funded_wallet(gw, 7_000_000)
     approval = await pending(await cash(gw, "cash-out", wallet_id, 6_000_000, teller), "cash_out")
     assert approval["requested_owner"] == "teller1"
-    row = await services(gw).database.read(lambda tx: tx.fetchone(
+    row = await runtime(gw).database.read(lambda tx: tx.fetchone(
         "SELECT requested_by, requested_owner FROM approvals WHERE approval_id = ?", (approval["approval_id"],)))
     assert row is not None and dict(row) == {"requested_by": "user:teller1", "requested_owner": "teller1"}
-    owners = await services(gw).database.read(lambda tx: {
+    owners = await runtime(gw).database.read(lambda tx: {
         r["username"]: r["owner"] for r in tx.fetchall("SELECT username, owner FROM users")})
     assert owners["supervisor1"] == "supervisor1" and owners["teller2"] == "teller2"
     response = await decide(gw, approval, gw.auth(Role.SUPERVISOR), "reject")  # supervisor1 ≠ teller1
@@ -618,7 +618,7 @@ async def test_wallet_opened_at_tier_1_waits_for_a_second_person(gw: Gateway) ->
     replay = await gw.client.post("/v1/wallets", json=body, headers={**teller, **key})
     assert replay.status == 201 and replay.headers.get("Idempotent-Replayed") == "true"
     assert await replay.json() == opened
-    count = await services(gw).database.read(lambda tx: tx.fetchone(
+    count = await runtime(gw).database.read(lambda tx: tx.fetchone(
         "SELECT COUNT(*) AS n FROM approvals WHERE kind = 'wallet_tier' AND payload LIKE ?", (f"%{wallet_id}%",)))
     assert count is not None and int(count["n"]) == 1
     # The opener decides nothing; the wallet stays at tier 2 with its tier-2 limits.

@@ -20,7 +20,7 @@ from eth_account import Account
 from eth_account.messages import encode_typed_data
 
 from gateway.auth.roles import Role
-from tests.api.support import assert_problem, services
+from tests.api.support import assert_problem, runtime
 from tests.conftest import Gateway, Token, login, make_settings, new_evm_key, start_gateway
 from tests.pg import PostgresServer
 
@@ -141,7 +141,7 @@ def recovers(document: dict[str, Any], result: dict[str, Any], key: dict[str, An
 
 
 async def typed_rows(gw: Gateway, key: dict[str, Any]) -> list[Any]:
-    return list(await services(gw).database.read(lambda tx: tx.fetchall(
+    return list(await runtime(gw).database.read(lambda tx: tx.fetchall(
         "SELECT status, signature FROM evm_typed_data WHERE key_id = ? ORDER BY created_at", (key["key_id"],))))
 
 

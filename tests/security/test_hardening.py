@@ -41,7 +41,7 @@ from gateway.config import HsmSettings, load_settings
 from gateway.devinit import _write_private
 from gateway.errors import ConfigError, StoreUnavailable
 from gateway.ledger.engines import open_database
-from gateway.services import SERVICES
+from gateway.runtime import RUNTIME
 from gateway.signing import der_from_raw
 from tests.conftest import ROOT, Gateway, Token, make_settings, start_gateway
 from tests.pg import PostgresServer
@@ -485,7 +485,7 @@ async def test_readyz_when_the_store_is_down_says_only_which_part(
     """Threat: a failing `/readyz` hands anyone PostgreSQL's error text and the HSM's worker details."""
     dbname = pg_gateway_dsn.rsplit("/", 1)[1]
     gateway = await start_gateway(make_settings(softhsm_token, pg_gateway_dsn))
-    gateway.client.server.app[SERVICES].database.acquire_timeout = 1.0  # type: ignore[attr-defined]
+    gateway.client.server.app[RUNTIME].database.acquire_timeout = 1.0  # type: ignore[attr-defined]
     admin = psycopg.connect(postgres_server.dsn(), autocommit=True)
     try:
         admin.execute(f'ALTER DATABASE "{dbname}" ALLOW_CONNECTIONS false')

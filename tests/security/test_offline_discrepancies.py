@@ -26,12 +26,12 @@ import pytest_asyncio
 
 from gateway import cli
 from gateway.auth.roles import Role
-from gateway.device.simulator import SimulatedDevice
 from gateway.errors import GatewayError
+from gateway.hardwallet.simulator import SimulatedDevice
 from gateway.offline.devices import RESOLUTIONS
 from gateway.offline.rules import KINDS
+from gateway.runtime import RUNTIME
 from gateway.schemes import offline
-from gateway.services import SERVICES
 from tests.api.support import assert_problem
 from tests.conftest import Gateway
 from tests.device.flows import (
@@ -174,7 +174,7 @@ async def test_held_payment_rejected_after_unload_goes_back_to_the_wallet(gw: Ga
 async def test_outstanding_cannot_go_negative_in_the_store(gw: Gateway) -> None:
     """A code path that would write spent + returned above issued (negative outstanding) is refused by the store."""
     payer, _, _, _ = await pair(gw, loaded=10_000)
-    database = gw.client.server.app[SERVICES].database
+    database = gw.client.server.app[RUNTIME].database
     with pytest.raises(GatewayError):
         await database.write(lambda tx: tx.execute(
             "UPDATE devices SET spent_fen = 6000, returned_fen = 5000 WHERE device_id = ?", (payer.state.device_id,)))

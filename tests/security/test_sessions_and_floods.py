@@ -29,7 +29,7 @@ from gateway.auth.credentials import add_user
 from gateway.auth.roles import Role
 from gateway.config import Settings
 from gateway.ledger.engines import open_database
-from tests.api.support import assert_problem, audit_entries, audit_head, services
+from tests.api.support import assert_problem, audit_entries, audit_head, runtime
 from tests.conftest import PASSWORDS, Gateway, Token, make_settings, provision, start_gateway
 from tests.pg import PostgresServer
 
@@ -62,7 +62,7 @@ async def gw(request: pytest.FixtureRequest, softhsm_token: Token,
 
 async def new_user(gw: Gateway, role: Role) -> tuple[str, str]:
     username, password = f"{role.value}-{secrets.token_hex(4)}", f"pw-{secrets.token_hex(8)}"
-    await services(gw).database.write(lambda tx: add_user(tx, PasswordHasher(), username, role, password))
+    await runtime(gw).database.write(lambda tx: add_user(tx, PasswordHasher(), username, role, password))
     return username, password
 
 
@@ -134,7 +134,7 @@ async def test_disabling_a_user_kills_their_live_session_and_their_logins(
         await assert_problem(await gw.client.get("/v1/keys", headers=headers), 401, "unauthenticated")
     # The right password of a disabled user gets exactly what a wrong password gets, at the same
     # cost (one argon2 check each, counted on the real verifier): no oracle.
-    authenticator = services(gw).authenticator
+    authenticator = runtime(gw).authenticator
     checks: list[bool] = []
     verify = authenticator._verify
 
@@ -271,7 +271,7 @@ async def test_only_an_administrator_administers_users_and_not_their_own_account
 
 async def test_anonymous_refusals_are_counted_into_a_few_audit_entries(gw: Gateway) -> None:
     """An anonymous flood writes one audit row (a store write) per request."""
-    refusals = services(gw).refusals
+    refusals = runtime(gw).refusals
     await refusals.flush()
     head = await audit_head(gw)
     credentials = [{}, {"Authorization": "Bearer ecnys_" + "B" * 43},
@@ -323,7 +323,7 @@ async def flood_gw(softhsm_token: Token, tmp_path_factory: pytest.TempPathFactor
 
 async def _throttle_rows(gw: Gateway, usernames: list[str]) -> int:
     marks = ", ".join("?" * len(usernames))
-    row = await services(gw).database.read(lambda tx: tx.fetchone(
+    row = await runtime(gw).database.read(lambda tx: tx.fetchone(
         f"SELECT COUNT(*) AS n FROM login_throttle WHERE username IN ({marks})", tuple(usernames)))
     assert row is not None
     return int(row["n"])
@@ -332,7 +332,7 @@ async def _throttle_rows(gw: Gateway, usernames: list[str]) -> int:
 async def test_a_login_flood_runs_few_password_checks_and_writes_almost_nothing(flood_gw: Gateway) -> None:
     """A login flood runs a 64 MiB argon2 check, a store write and an audit row per attempt."""
     gw = flood_gw
-    refusals = services(gw).refusals
+    refusals = runtime(gw).refusals
     await refusals.flush()
     head = await audit_head(gw)
     usernames = [f"flood-{secrets.token_hex(4)}" for _ in range(50)]

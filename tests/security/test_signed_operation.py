@@ -20,10 +20,9 @@ import pytest
 from eth_account import Account
 from eth_account.messages import encode_typed_data
 
-from gateway.api.evm import TYPED_DATA_SERVICE
 from gateway.auth.roles import Role
 from gateway.errors import HsmUnavailable
-from tests.api.support import assert_problem, audit_entries, services
+from tests.api.support import assert_problem, audit_entries, runtime
 from tests.api.test_evm import permit_document
 from tests.api.test_wallets import cash_in, open_wallet, verify_with_pycose, wallet
 from tests.conftest import EVM_TEST_CHAIN_ID, Gateway, new_evm_key
@@ -58,7 +57,7 @@ async def test_typed_data_retried_after_a_crash_is_signed_once_and_counted_once(
     permit's amount counts once against the day; no second request is recorded."""
     gw = evm_gateway
     key = await new_evm_key(gw, f"so-712-{uuid.uuid4().hex[:6]}")
-    service = gw.client.server.app[TYPED_DATA_SERVICE]
+    service = runtime(gw).typed_data
     failing = FailingOnce(service.signer)
     monkeypatch.setattr(service, "signer", failing)
     document = permit_document(key["address"], "1000000")
@@ -68,7 +67,7 @@ async def test_typed_data_retried_after_a_crash_is_signed_once_and_counted_once(
 
     await assert_problem(await gw.client.post("/v1/evm/typed-data", json=body, headers=headers), 503,
                          "hsm-unavailable")
-    database = services(gw).database
+    database = runtime(gw).database
 
     def stored(tx: Any) -> list[Any]:
         return tx.fetchall("SELECT request_id, status FROM evm_typed_data WHERE signer = ?", (key["address"],))
@@ -105,7 +104,7 @@ async def test_transfer_retried_after_an_hsm_outage_has_one_posting_one_audit_en
     gw = ledger_gateway
     payer, payee = await open_wallet(gw), await open_wallet(gw)
     await cash_in(gw, payer, 1_000)
-    wallets = services(gw).wallets
+    wallets = runtime(gw).wallets
     failing = FailingOnce(wallets.signer)
     monkeypatch.setattr(wallets, "signer", failing)
     headers = {**gw.auth(Role.BACKEND), "Idempotency-Key": uuid.uuid4().hex}
@@ -128,8 +127,8 @@ def test_the_operations_below_the_api_load_without_it() -> None:
     """A flow below the API calling back into HTTP code: the signed operation, the idempotency records
     and every flow that uses them import in a fresh interpreter without loading any ``gateway.api``
     module (import-linter checks the same statically; this catches what a deferred import would hide)."""
-    modules = ["gateway.operations.signed", "gateway.operations.idempotency", "gateway.wallets.service",
-               "gateway.offline.devices", "gateway.evm.service", "gateway.evm.typed_data"]
+    modules = ["gateway.operations.signed", "gateway.operations.idempotency", "gateway.wallets.accounts",
+               "gateway.offline.devices", "gateway.evm.transactions", "gateway.evm.typed_data"]
     script = ("import importlib, json, sys\n"
               f"for name in {modules!r}: importlib.import_module(name)\n"
               "print(json.dumps(sorted(m for m in sys.modules if m.startswith('gateway'))))")

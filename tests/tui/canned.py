@@ -35,7 +35,7 @@ APPROVALS = [
      "decided_at": None, "note": "", "result": None, "created_at": "2025-01-03T10:00:00Z",
      "expires_at": "2025-01-04T10:00:00Z"},
     {"approval_id": "a_0002", "kind": "evm_transaction",
-     # The shape gateway.evm.service.record_in stores (checked against a real gateway in test_flows).
+     # The shape gateway.evm.transactions.record_in stores (checked against a real gateway in test_flows).
      "payload": {"transaction_id": "etx_0001", "key_id": "k_hot", "chain_id": 1, "chain": "Ethereum",
                  "from": "0x9aF1b2c3D4e5F60718293a4B5c6D7e8F90a1B2c3",
                  "signing_hash": "0x" + "5e" * 32,

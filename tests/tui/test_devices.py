@@ -1,4 +1,4 @@
-"""Hard wallets and reconciliation through the UI: a simulated device (gateway.device.simulator)
+"""Hard wallets and reconciliation through the UI: a simulated device (gateway.hardwallet.simulator)
 served on a real pseudo-terminal, reached by typing its path, registered, loaded, synced, unloaded."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import pytest
 from textual.widgets import ProgressBar
 
 from gateway.auth.roles import Role
-from gateway.device.simulator import SimulatedDevice, start_in_thread
+from gateway.hardwallet.simulator import SimulatedDevice, start_in_thread
 from tests.conftest import Gateway
 from tests.tui.conftest import (
     api,

@@ -14,7 +14,7 @@ from textual.command import CommandPalette
 from textual.widgets import Sparkline, Static
 
 from gateway.auth.roles import Role
-from gateway.services import SERVICES
+from gateway.runtime import RUNTIME
 from tests.conftest import Gateway
 from tests.tui.conftest import (
     api,
@@ -42,7 +42,7 @@ from tui.screens.wallets import WalletDetailScreen, WalletsScreen
 pytestmark = pytest.mark.softhsm
 
 
-def services_app(gateway: Gateway) -> web.Application:
+def runtime_app(gateway: Gateway) -> web.Application:
     server = gateway.client.server
     assert isinstance(server, TestServer)
     return server.app
@@ -443,7 +443,7 @@ async def test_an_expired_session_returns_to_login_with_a_message(tui_gateway: G
         await login(pilot, "teller1")
         await pilot.press("w")
         await wait_for(pilot, lambda: isinstance(app.screen, WalletsScreen))
-        database = services_app(tui_gateway)[SERVICES].database
+        database = runtime_app(tui_gateway)[RUNTIME].database
         assert app.client.session is not None
         # Expire this app's session only: the other tests share teller1's own session.
         token_hash = hashlib.sha256(app.client.session.token.encode()).digest()

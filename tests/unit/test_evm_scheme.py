@@ -39,7 +39,7 @@ from gateway.errors import (
     UnknownContract,
     UnknownToken,
 )
-from gateway.keyring import evm_address
+from gateway.keys import evm_address
 from gateway.policy import evm as policy
 from gateway.policy.chains import EvmChainSettings, EvmNativeSettings, EvmTokenSettings, TypedDataDomainSettings
 from gateway.schemes.evm.eip712 import MAX_TYPED_DEPTH, dependencies, parse_typed_data

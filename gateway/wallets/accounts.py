@@ -25,7 +25,7 @@ from typing import Any
 import cbor2
 
 from gateway import clock
-from gateway.approvals.service import Approvals, execution_entry, needs_approval
+from gateway.approvals.workflow import Approvals, execution_entry, needs_approval
 from gateway.audit.chain import AuditEntry, append
 from gateway.config import Settings
 from gateway.errors import (
@@ -42,8 +42,8 @@ from gateway.errors import (
     WalletNotFound,
 )
 from gateway.hsm.profile import HsmProfile
-from gateway.keyring import KeyRecord, Usage, key_for_usage
-from gateway.keyring import sign1_with_profile as sign1
+from gateway.keys import KeyRecord, Usage, key_for_usage
+from gateway.keys import sign1_with_profile as sign1
 from gateway.ledger import journal
 from gateway.ledger.store import Database, Row, Tx
 from gateway.operations.idempotency import Answer, IdempotentRequest
@@ -122,7 +122,7 @@ class TransferIntent:
 
 
 class Wallets:
-    """The wallet service of one gateway process."""
+    """The wallets of one gateway process: opening, tiers, cash, transfers and their approvals."""
 
     def __init__(self, database: Database, signer: Signer, profile: HsmProfile, settings: Settings,
                  approvals: Approvals | None = None) -> None:
@@ -448,7 +448,7 @@ WALLET_APPROVAL_KINDS = ("transfer", "cash_in", "cash_out", "wallet_tier")
 
 
 class WalletApprovals:
-    """The :class:`~gateway.approvals.service.ApprovalHandler` of transfers, cash-ins, cash-outs and
+    """The :class:`~gateway.approvals.workflow.ApprovalHandler` of transfers, cash-ins, cash-outs and
     tier upgrades: each is checked again against the policy as it stands and carried out as requested."""
 
     def __init__(self, wallets: Wallets) -> None:

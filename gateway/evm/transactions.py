@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from gateway import clock
-from gateway.approvals.service import canonical_json
+from gateway.approvals.workflow import canonical_json
 from gateway.audit.chain import AuditEntry, append
 from gateway.config import Settings
 from gateway.errors import (
@@ -42,7 +42,7 @@ from gateway.errors import (
     PolicyRefused,
     UnknownToken,
 )
-from gateway.keyring import KeyDirectory, KeyRecord, evm_address
+from gateway.keys import KeyDirectory, KeyRecord, evm_address
 from gateway.ledger.store import Database, Tx
 from gateway.operations.idempotency import Answer, IdempotentRequest
 from gateway.operations.signed import SignedOperation, ToSign
@@ -57,7 +57,7 @@ from gateway.schemes.evm.transactions import (
     finish_transaction,
 )
 from gateway.signing import Signer
-from gateway.wallets.service import Wallets
+from gateway.wallets.accounts import Wallets
 
 APPROVAL_KIND = "evm_transaction"
 ALGORITHM = "ecdsa-secp256k1"
@@ -152,35 +152,35 @@ class TransactionSigning:
     transaction is signed, its stored signing hash must be the hash of its stored fields; the signature
     must recover to the key's public key."""
 
-    def __init__(self, service: EvmService) -> None:
-        self.service = service
+    def __init__(self, transactions: EvmTransactions) -> None:
+        self.transactions = transactions
 
     async def load(self, reference: str) -> ToSignTransaction:
-        service = self.service
-        row = await service.database.read(lambda tx: service.row_in(tx, reference))
+        transactions = self.transactions
+        row = await transactions.database.read(lambda tx: transactions.row_in(tx, reference))
         if row["status"] != "unsigned":
             return ToSignTransaction(reference, None, None, transaction_document(row))
         unsigned = UnsignedTransaction.from_json(json.loads(row["unsigned_tx"]))
         if unsigned.signing_hash().hex() != row["signing_hash"]:
             raise InvalidEvmTransaction(f"transaction {reference}: stored fields do not match the signing hash")
-        return ToSignTransaction(reference, unsigned, await service.keys.get(service.database, row["key_id"]))
+        return ToSignTransaction(reference, unsigned, await transactions.keys.get(transactions.database, row["key_id"]))
 
     def answered(self, subject: ToSignTransaction) -> Answer | None:
         return None if subject.document is None else _transaction_answer(subject.document)
 
     async def sign(self, subject: ToSignTransaction) -> SignedTransaction:
         assert subject.unsigned is not None and subject.key is not None
-        return await self.service.sign_recorded(subject.transaction_id, subject.unsigned, subject.key)
+        return await self.transactions.sign_recorded(subject.transaction_id, subject.unsigned, subject.key)
 
     def store_in(self, tx: Tx, subject: ToSignTransaction, signed: SignedTransaction) -> Answer:
         tx.execute("UPDATE evm_transactions SET status = 'signed', raw_transaction = ?, tx_hash = ?, signed_at = ? "
                    "WHERE transaction_id = ? AND status = 'unsigned'",
                    (signed.raw, "0x" + signed.tx_hash.hex(), clock.now_iso(), subject.transaction_id))
         # A concurrent finisher may have stored its signature first: answer with the stored one.
-        return _transaction_answer(transaction_document(self.service.row_in(tx, subject.transaction_id)))
+        return _transaction_answer(transaction_document(self.transactions.row_in(tx, subject.transaction_id)))
 
 
-class EvmService:
+class EvmTransactions:
     """EVM signing for one gateway process; also the approval handler of kind ``evm_transaction``."""
 
     def __init__(self, database: Database, signer: Signer, settings: Settings, keys: KeyDirectory,

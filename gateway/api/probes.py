@@ -25,11 +25,11 @@ async def healthz(call: Call) -> web.Response:
 
 async def _probe(call: Call) -> tuple[SignerHealth, bool]:
     """The HSM's health and whether the store answers (and the HSM gauges of /metrics updated)."""
-    services = call.services
-    hsm = services.signer.health()
-    store_ok = await services.database.ping()
-    services.metrics.hsm_ready.set(1 if hsm.ready else 0)
-    services.metrics.hsm_workers_up.set(hsm.workers_up)
+    runtime = call.runtime
+    hsm = runtime.signer.health()
+    store_ok = await runtime.database.ping()
+    runtime.metrics.hsm_ready.set(1 if hsm.ready else 0)
+    runtime.metrics.hsm_workers_up.set(hsm.workers_up)
     return hsm, store_ok
 
 
@@ -54,10 +54,10 @@ async def status(call: Call) -> web.Response:
 
 
 async def metrics(call: Call) -> web.Response:
-    health = call.services.signer.health()
-    call.services.metrics.hsm_ready.set(1 if health.ready else 0)
-    call.services.metrics.hsm_workers_up.set(health.workers_up)
-    return web.Response(body=call.services.metrics.render(), content_type="text/plain", charset="utf-8")
+    health = call.runtime.signer.health()
+    call.runtime.metrics.hsm_ready.set(1 if health.ready else 0)
+    call.runtime.metrics.hsm_workers_up.set(health.workers_up)
+    return web.Response(body=call.runtime.metrics.render(), content_type="text/plain", charset="utf-8")
 
 
 async def openapi(call: Call) -> web.Response:

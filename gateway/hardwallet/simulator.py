@@ -36,9 +36,10 @@ from typing import Any
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from gateway.device.frames import DELIMITER, FrameDecoder, encode_frame
-from gateway.device.link import Port, open_port
-from gateway.device.protocol import (
+from gateway.errors import DeviceProtocolError, DeviceRefused, FrameError, GatewayError, OfflineFormatError
+from gateway.hardwallet.frames import DELIMITER, FrameDecoder, encode_frame
+from gateway.hardwallet.link import Port, open_port
+from gateway.hardwallet.protocol import (
     EXPORT_CHUNK_BYTES,
     OPERATIONS,
     PROTOCOL_VERSION,
@@ -47,7 +48,6 @@ from gateway.device.protocol import (
     parse_request,
     refusal_message,
 )
-from gateway.errors import DeviceProtocolError, DeviceRefused, FrameError, GatewayError, OfflineFormatError
 from gateway.schemes import offline
 
 MISBEHAVIOURS: dict[str, str] = {

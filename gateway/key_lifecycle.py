@@ -5,7 +5,7 @@ from __future__ import annotations
 from gateway.audit.chain import AuditEntry, append
 from gateway.errors import AlreadyExists, ValidationFailed
 from gateway.hsm.profile import HsmProfile
-from gateway.keyring import KeyRecord, Usage, check_usages, insert_key, label_taken, make_record, new_key_id
+from gateway.keys import KeyRecord, Usage, check_usages, insert_key, label_taken, make_record, new_key_id
 from gateway.ledger.store import Database, Tx
 from gateway.signing import Algorithm, Signer
 

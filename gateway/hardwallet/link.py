@@ -25,14 +25,14 @@ from typing import Any, Protocol
 
 import serial
 
-from gateway.device.frames import DELIMITER, MAX_FRAME_BYTES, FrameDecoder, encode_frame
-from gateway.device.protocol import (
+from gateway.errors import DevicePortError, DeviceProtocolError, DeviceRefused, DeviceTimeout, FrameError
+from gateway.hardwallet.frames import DELIMITER, MAX_FRAME_BYTES, FrameDecoder, encode_frame
+from gateway.hardwallet.protocol import (
     MAX_REQUEST_ID,
     parse_response,
     request_message,
     timeout_for,
 )
-from gateway.errors import DevicePortError, DeviceProtocolError, DeviceRefused, DeviceTimeout, FrameError
 
 DEFAULT_BAUDRATE = 115_200
 READ_SLICE_S = 0.05
@@ -85,7 +85,7 @@ class DeviceLink:
         """Send ``op`` with ``arguments`` and return the answer's result fields.
 
         Args:
-            op: the operation (see :data:`gateway.device.protocol.OPERATIONS`).
+            op: the operation (see :data:`gateway.hardwallet.protocol.OPERATIONS`).
             timeout: seconds to wait for the answer; default: the link's, else the operation's.
         Raises:
             DeviceTimeout, DeviceRefused, DevicePortError, FrameError.

@@ -1,4 +1,4 @@
-"""What a running gateway holds: one instance per application, reached through ``app[SERVICES]``."""
+"""What a running gateway holds: one instance per application, reached through ``app[RUNTIME]``."""
 
 from __future__ import annotations
 
@@ -7,22 +7,24 @@ from dataclasses import dataclass, field
 
 from aiohttp import web
 
-from gateway.approvals.service import Approvals
+from gateway.approvals.workflow import Approvals
 from gateway.audit.chain import AuditLog
 from gateway.audit.refusals import RefusalTally
 from gateway.auth.credentials import Authenticator
 from gateway.config import Settings
+from gateway.evm.transactions import EvmTransactions
+from gateway.evm.typed_data import EvmTypedData
 from gateway.hsm.profile import HsmProfile
 from gateway.hsm.signer import CountedSigner
-from gateway.keyring import KeyDirectory, Usage
+from gateway.keys import KeyDirectory, Usage
 from gateway.ledger.store import Database
 from gateway.metrics import Metrics
 from gateway.signing import Signer
-from gateway.wallets.service import Wallets
+from gateway.wallets.accounts import Wallets
 
 
 @dataclass
-class Services:
+class Runtime:
     settings: Settings
     profile: HsmProfile
     database: Database
@@ -31,6 +33,8 @@ class Services:
     audit: AuditLog
     metrics: Metrics
     wallets: Wallets
+    evm: EvmTransactions
+    typed_data: EvmTypedData
     approvals: Approvals
     refusals: RefusalTally  # anonymous refusals, written as one audit entry per window and cause
     keys: KeyDirectory = field(default_factory=KeyDirectory)
@@ -41,4 +45,4 @@ class Services:
         return CountedSigner(self.signer, self.metrics.signatures, usage)
 
 
-SERVICES = web.AppKey("services", Services)
+RUNTIME = web.AppKey("runtime", Runtime)

@@ -1,6 +1,6 @@
 """Messages of the hard-wallet protocol (docs/spec.md §9, docs/device-protocol.md).
 
-Every message is a CBOR map carried in one frame (:mod:`gateway.device.frames`)::
+Every message is a CBOR map carried in one frame (:mod:`gateway.hardwallet.frames`)::
 
     request   {"v": 1, "id": uint, "op": text, ...arguments}
     answer    {"v": 1, "id": the request's id, "ok": true, ...result}

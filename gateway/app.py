@@ -15,6 +15,7 @@ from typing import Any
 from aiohttp import web
 
 from gateway.api import approvals as approvals_api
+from gateway.api import attestations as attestations_api
 from gateway.api import audit as audit_api
 from gateway.api import devices as devices_api
 from gateway.api import evm as evm_api
@@ -29,6 +30,8 @@ from gateway.api.idempotency import InFlight
 from gateway.api.middleware import problem_middleware
 from gateway.api.openapi import ENDPOINTS_KEY
 from gateway.approvals.workflow import Approvals
+from gateway.attest.alliance import AllianceSync
+from gateway.attest.attestations import Attestations
 from gateway.audit.chain import AuditLog
 from gateway.audit.refusals import RefusalTally
 from gateway.audit.witness import witness_path
@@ -63,6 +66,7 @@ def all_endpoints() -> list[Endpoint]:
         *devices_api.ENDPOINTS,
         *evm_api.ENDPOINTS,
         *audit_api.ENDPOINTS,
+        *attestations_api.ENDPOINTS,
     ]
 
 
@@ -203,6 +207,8 @@ def runtime_context(settings: Settings) -> Context:
             typed_data=typed_data,
             approvals=approvals,
             refusals=app[REFUSAL_TALLY],
+            attestations=Attestations(database, CountedSigner(pool, metrics.signatures, Usage.ATTEST), pool, profile,
+                                      settings.alliance, keys),
             keys=keys,
         )
         approvals.register(EVM_APPROVAL_KIND, evm)
@@ -210,6 +216,22 @@ def runtime_context(settings: Settings) -> Context:
         register_offline_approvals(approvals, Devices.of(runtime))
         app[RUNTIME] = runtime
         yield
+
+    return context
+
+
+def alliance_context(settings: Settings, process_index: int) -> Context:
+    """Pull the alliance peers' fingerprints on a schedule, in the first HTTP process only (one puller is
+    enough; storing is idempotent should two ever run)."""
+
+    async def context(app: web.Application) -> AsyncIterator[None]:
+        sync = AllianceSync(app[STORE], settings.alliance, app[METRICS])
+        if process_index == 0:
+            sync.start()
+        try:
+            yield
+        finally:
+            await sync.close()
 
     return context
 
@@ -237,6 +259,7 @@ def make_app(settings: Settings, process_index: int = 0) -> web.Application:
         audit_context(settings),
         refusal_context(settings),
         runtime_context(settings),
+        alliance_context(settings, process_index),
     ])
     return app
 

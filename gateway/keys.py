@@ -39,6 +39,7 @@ class Usage(StrEnum):
     EVM = "evm"
     AUDIT = "audit"
     RAW = "raw"
+    ATTEST = "attest"
 
 
 #: Algorithms the gateway can generate and use (SM2 only on a GM HSM profile that lists it).
@@ -46,9 +47,9 @@ GENERATABLE = (Algorithm.ECDSA_P256, Algorithm.ECDSA_SECP256K1, Algorithm.ED2551
 
 #: Usages that make sense per algorithm: EVM needs secp256k1; COSE signing needs P-256, Ed25519 or SM2.
 _USAGES: dict[Algorithm, frozenset[Usage]] = {
-    Algorithm.ECDSA_P256: frozenset({Usage.ECNY, Usage.VOUCHER, Usage.AUDIT, Usage.RAW}),
-    Algorithm.ED25519: frozenset({Usage.ECNY, Usage.VOUCHER, Usage.AUDIT, Usage.RAW}),
-    Algorithm.SM2: frozenset({Usage.ECNY, Usage.VOUCHER, Usage.AUDIT, Usage.RAW}),
+    Algorithm.ECDSA_P256: frozenset({Usage.ECNY, Usage.VOUCHER, Usage.AUDIT, Usage.RAW, Usage.ATTEST}),
+    Algorithm.ED25519: frozenset({Usage.ECNY, Usage.VOUCHER, Usage.AUDIT, Usage.RAW, Usage.ATTEST}),
+    Algorithm.SM2: frozenset({Usage.ECNY, Usage.VOUCHER, Usage.AUDIT, Usage.RAW, Usage.ATTEST}),
     Algorithm.ECDSA_SECP256K1: frozenset({Usage.EVM, Usage.RAW}),
 }
 

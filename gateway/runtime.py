@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from aiohttp import web
 
 from gateway.approvals.workflow import Approvals
+from gateway.attest.attestations import Attestations
 from gateway.audit.chain import AuditLog
 from gateway.audit.refusals import RefusalTally
 from gateway.auth.credentials import Authenticator
@@ -37,6 +38,7 @@ class Runtime:
     typed_data: EvmTypedData
     approvals: Approvals
     refusals: RefusalTally  # anonymous refusals, written as one audit entry per window and cause
+    attestations: Attestations  # trade-finance attestations and the alliance feed (gateway.attest)
     keys: KeyDirectory = field(default_factory=KeyDirectory)
     started_at: float = field(default_factory=time.monotonic)
 

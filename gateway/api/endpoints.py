@@ -46,6 +46,7 @@ class Endpoint:
     query: tuple[tuple[str, dict[str, Any], str], ...] = ()  # (name, JSON schema, description)
     responses: dict[int, str] = field(default_factory=dict)  # extra documented statuses
     accepted_model: type[BaseModel] | None = None  # the 202 body, when it is not response_model's (an approval)
+    response_media: str | None = None  # a success body that is not JSON (e.g. application/cbor), documented binary
 
     @property
     def name(self) -> str:
@@ -171,7 +172,8 @@ def guarded(endpoint: Endpoint) -> Callable[[web.Request], Awaitable[web.StreamR
             if endpoint.permission is not None and call.principal is None and isinstance(error, Unauthenticated):
                 # Anonymous: counted, one audit entry per window and cause (gateway/audit/refusals.py).
                 runtime.refusals.count(error.code, endpoint.audited_action or endpoint.name)
-            elif 400 <= error.http_status < 500 and endpoint.audited_action is not None:
+            elif (400 <= error.http_status < 500 and endpoint.audited_action is not None
+                  and not error.audited_in_transaction):
                 await _audit_refusal(call, endpoint.audited_action, error)
             raise
         finally:

@@ -15,6 +15,7 @@ class Role(StrEnum):
     SUPERVISOR = "supervisor"
     AUDITOR = "auditor"
     ADMIN = "admin"
+    PEER = "peer"  # an alliance member's gateway (API clients only): pulls this bank's fingerprint feed
 
 
 class Permission(StrEnum):
@@ -45,6 +46,9 @@ class Permission(StrEnum):
     EVM_SIGN = "evm.sign"
     EVM_NONCES = "evm.nonces"
     SESSIONS_END = "sessions.end"  # log out: every role a person can hold (backend is for API clients only)
+    ATTESTATIONS_CREATE = "attestations.create"  # attest trade documents (finance, notice)
+    ATTESTATIONS_READ = "attestations.read"  # read, search, verify attestations; hits; alliance status
+    ALLIANCE_FEED = "alliance.feed"  # GET /v1/alliance/fingerprints: peers only
 
 
 _READ_ALL = frozenset(p for p in Permission if p.value.endswith(".read"))
@@ -65,6 +69,8 @@ _TELLER = frozenset(
         Permission.RECONCILIATION_READ,
         Permission.APPROVALS_READ,
         Permission.SESSIONS_END,
+        Permission.ATTESTATIONS_CREATE,
+        Permission.ATTESTATIONS_READ,
     }
 )
 
@@ -80,6 +86,8 @@ GRANTS: dict[Role, frozenset[Permission]] = {
             Permission.EVM_SIGN,
             Permission.WALLETS_READ,
             Permission.APPROVALS_READ,
+            Permission.ATTESTATIONS_CREATE,
+            Permission.ATTESTATIONS_READ,
         }
     ),
     Role.TELLER: _TELLER,
@@ -105,7 +113,11 @@ GRANTS: dict[Role, frozenset[Permission]] = {
             Permission.SESSIONS_END,
         }
     ),
+    Role.PEER: frozenset({Permission.ALLIANCE_FEED}),
 }
+
+#: Roles only API clients hold, never a person's user account.
+CLIENT_ONLY_ROLES = frozenset({Role.BACKEND, Role.PEER})
 
 
 def allows(role: Role, permission: Permission) -> bool:

@@ -19,6 +19,7 @@ import subprocess
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
+from datetime import date
 from pathlib import Path
 from typing import Any
 
@@ -77,7 +78,8 @@ def cli(config: Path, *args: str, stdin: str | None = None) -> subprocess.Comple
                           capture_output=True, text=True, timeout=120, env={**os.environ, "PYTHONPATH": str(ROOT)})
 
 
-async def open_bank(base: Token, folder: Path, member_id: str, dsn: str, peers: list[AlliancePeer]) -> Bank:
+async def open_bank(base: Token, folder: Path, member_id: str, dsn: str, peers: list[AlliancePeer],
+                    sync_interval: float = 0.0) -> Bank:
     token = new_token(base, f"attest-{member_id.lower()}-{secrets.token_hex(3)}")
     folder.mkdir(parents=True, exist_ok=True)
     config = write_config(folder / "gateway.toml", token, dsn, member_id)
@@ -87,7 +89,7 @@ async def open_bank(base: Token, folder: Path, member_id: str, dsn: str, peers: 
     imported = await asyncio.to_thread(cli, config, "alliance", "import-key", "--from-file", str(key_file))
     assert imported.returncode == 0, imported.stderr
     settings = make_settings(token, dsn, alliance={"member_id": member_id, "peers": peers,
-                                                   "sync_interval_seconds": 0.0})
+                                                   "sync_interval_seconds": sync_interval})
     gateway = await start_gateway(settings)
     response = await gateway.client.post("/v1/keys", json={"label": f"attest-{member_id}", "algorithm": "ecdsa-p256",
                                                            "usage": ["attest"]}, headers=gateway.auth(Role.ADMIN))
@@ -539,3 +541,80 @@ async def test_cli_sync_pulls_and_reports_a_refusal(banks: tuple[Bank, Bank], tm
     status = await bank_b.gateway.client.get("/v1/alliance/status", headers=bank_b.gateway.auth(Role.AUDITOR))
     document_ = await status.json()
     assert document_["peers"][0]["cursor"] == head and document_["peers"][0]["lag_seconds"] is not None
+
+
+async def test_scheduled_pull_keeps_a_third_bank_current(banks: tuple[Bank, Bank], softhsm_token: Token,
+                                                         tmp_path: Path) -> None:
+    """Stale alliance copy (a bank that only syncs by hand): with `sync_interval_seconds` set, the gateway
+    pulls its peers by itself, refuses the second financing without any command, and reports its lag."""
+    bank_a, _ = banks
+    status, financed = await attest(bank_a, document())
+    assert status == 201
+    bank_c = await open_bank(softhsm_token, tmp_path / "c", "BANK-C", f"sqlite:///{tmp_path / 'c.db'}",
+                             [peer_of(bank_a)], sync_interval=0.2)
+    try:
+        head = (await rows(bank_a, "SELECT MAX(publication_seq) AS n FROM attestations"))[0]["n"]
+        for _ in range(100):
+            if (await state_of(bank_c, "BANK-A"))[0] >= head:
+                break
+            await asyncio.sleep(0.1)
+        assert (await state_of(bank_c, "BANK-A"))[0] >= head
+        status, problem = await attest(bank_c, {**document(), "fields": financed["fields"],
+                                                "document_sha256": financed["document_sha256"]})
+        assert status == 409 and problem["member"] == "BANK-A", problem
+        metrics = await bank_c.gateway.client.get("/metrics", headers=bank_c.gateway.auth(Role.AUDITOR))
+        text = await metrics.text()
+        assert 'ecny_alliance_sync_lag_seconds{member="BANK-A"}' in text
+        assert 'ecny_alliance_batches_total{member="BANK-A",outcome="accepted"}' in text
+    finally:
+        await bank_c.gateway.client.close()
+
+
+async def test_a_finance_recorded_before_a_crash_is_signed_on_read_and_never_financed_twice(
+        banks: tuple[Bank, Bank]) -> None:
+    """Crash between commit and signing: the finance is recorded (and published) before the HSM is asked; the
+    attestation is signed when it is read, and the document cannot be financed again meanwhile."""
+    from gateway.attest.attestations import AttestationRequest, Attestations
+    from gateway.attest.documents import DocumentType, Party, Purpose, normalise
+    from gateway.audit.chain import AuditEntry
+    from gateway.errors import HsmUnavailable
+
+    bank_a, _ = banks
+    live = runtime(bank_a.gateway)
+
+    class HsmDown:
+        async def sign(self, key_id: str, algorithm: str, data: bytes) -> bytes:
+            raise HsmUnavailable("the HSM went away after commit")
+
+    flow = Attestations(live.database, HsmDown(), live.signer, live.profile,  # type: ignore[arg-type]
+                        bank_a.gateway.settings.alliance, live.keys)
+    number = f"CRASH{secrets.token_hex(4).upper()}"
+    fields = normalise(DocumentType.INVOICE, Party(SELLER["name"], SELLER["tax_id"]), number, "2026-11-30", 777,
+                       "CNY", Party(SELLER["name"], SELLER["tax_id"]), Party(BUYER["name"], BUYER["tax_id"]), [],
+                       date(2026, 12, 5))
+    with pytest.raises(HsmUnavailable):
+        await flow.attest(None, AttestationRequest(DocumentType.INVOICE, Purpose.FINANCE, bytes(32), fields),
+                          AuditEntry("test", "backend", "attestations.create", "allowed"))
+    unsigned = await rows(bank_a, "SELECT attestation_id, envelope FROM attestations WHERE document_number = ?",
+                          (number,))
+    assert len(unsigned) == 1 and unsigned[0]["envelope"] is None
+    status, problem = await attest(bank_a, document(number=number, amount=777))
+    assert status == 409 and problem["member"] == "BANK-A"
+    response = await bank_a.gateway.client.get(f"/v1/attestations/{unsigned[0]['attestation_id']}",
+                                               headers=bank_a.gateway.auth(Role.AUDITOR))
+    signed = await response.json()
+    assert response.status == 200 and signed["status"] == "signed", signed
+    claims = pycose_verifies(signed["attestation"], bank_a.attest_key["public_key_pem"])
+    assert claims["fields"]["number"] == number
+
+
+async def test_idempotent_replay_returns_the_same_attestation(banks: tuple[Bank, Bank]) -> None:
+    """A retried finance (same Idempotency-Key) is the first answer again, not a 409 against itself."""
+    bank_a, _ = banks
+    body = document()
+    headers = bank_a.gateway.auth(Role.BACKEND) | {"Idempotency-Key": f"attest-{secrets.token_hex(8)}"}
+    first = await bank_a.gateway.client.post("/v1/attestations", json=body, headers=headers)
+    again = await bank_a.gateway.client.post("/v1/attestations", json=body, headers=headers)
+    assert first.status == again.status == 201
+    assert again.headers.get("Idempotent-Replayed") == "true"
+    assert (await first.json())["attestation"] == (await again.json())["attestation"]

@@ -14,7 +14,9 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
 
 from gateway.errors import ConfigError
 from gateway.policy.chains import EvmSettings
@@ -302,6 +304,18 @@ class AlliancePeer(BaseModel):
     api_key_file: Path | None = None
     """File (mode 0600) holding the API key of the ``peer`` client the member made for this bank, sent as a
     bearer token; none = the request goes without credentials."""
+
+    @field_validator("public_key_pem")
+    @classmethod
+    def _p256_or_ed25519(cls, value: str) -> str:
+        try:
+            key = serialization.load_pem_public_key(value.encode())
+        except (ValueError, TypeError):
+            raise ValueError("not a PEM public key") from None
+        if not (isinstance(key, ed25519.Ed25519PublicKey)
+                or (isinstance(key, ec.EllipticCurvePublicKey) and isinstance(key.curve, ec.SECP256R1))):
+            raise ValueError("the member's attest key must be P-256 or Ed25519")
+        return value
 
 
 class AllianceSettings(_Section):

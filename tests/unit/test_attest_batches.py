@@ -4,6 +4,7 @@ a software P-256 key standing in for a member's HSM key (the real HSM path is te
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import Sequence
 from datetime import date
 from typing import Any
@@ -188,3 +189,21 @@ def test_a_float_amount_is_refused_below_the_api_too() -> None:
     with pytest.raises(InvalidTradeDocument):
         normalise(DocumentType.INVOICE, SELLER, "INV0001", "2026-11-30", 100.0, "CNY",  # type: ignore[arg-type]
                   SELLER, BUYER, [], date(2026, 12, 5))
+
+
+def test_a_peer_with_a_bad_key_is_refused_at_start(bank_a: SoftwareSigner) -> None:
+    """Misconfigured peer key: refused when the settings load, naming the key, not at the first sync."""
+    from gateway.config import load_settings
+
+    good = bank_a.member("BANK-A").pem
+    settings = load_settings(None, environ={"ECNY_ALLIANCE__PEERS": json.dumps(
+        [{"member_id": "BANK-A", "url": "https://a.example", "public_key_pem": good}])})
+    assert settings.alliance.peers[0].member_id == "BANK-A"
+    for bad in ("not a key", ec.generate_private_key(ec.SECP256K1()).public_key().public_bytes(
+            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo).decode()):
+        with pytest.raises(ConfigError, match=r"alliance\.peers\.0\.public_key_pem"):
+            load_settings(None, environ={"ECNY_ALLIANCE__PEERS": json.dumps(
+                [{"member_id": "BANK-A", "url": "https://a.example", "public_key_pem": bad}])})
+    with pytest.raises(ConfigError, match="own member_id"):
+        load_settings(None, environ={"ECNY_ALLIANCE__MEMBER_ID": "BANK-A", "ECNY_ALLIANCE__PEERS": json.dumps(
+            [{"member_id": "BANK-A", "url": "https://a.example", "public_key_pem": good}])})

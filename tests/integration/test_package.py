@@ -135,6 +135,9 @@ def test_wheel_installs_offline_and_serves_against_softhsm(tmp_path: Path) -> No
     env = {**env, "SOFTHSM2_CONF": conf.stdout.strip(), "ECNY_SERVER__PORT": str(free_port())}
     provisioned = _run([str(venv / "bin" / "ecny-gateway"), "dev-init", "--var", str(var)], env, tmp_path)
     assert provisioned.returncode == 0, provisioned.stderr[-3000:]
+    doctor = _run([str(venv / "bin" / "ecny-gateway"), "hsm", "doctor", "--config", str(var / "gateway.toml")],
+                  env, tmp_path)
+    assert doctor.returncode == 0 and "HSM matches the profile" in doctor.stdout, doctor.stdout + doctor.stderr
     log = tmp_path / "serve.log"
     with log.open("wb") as output:
         process = subprocess.Popen([str(venv / "bin" / "ecny-gateway"), "serve", "--config", str(var / "gateway.toml")],

@@ -11,7 +11,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
-SYSTEM_PACKAGES := softhsm2 p11-kit postgresql python3-venv tmux
+SYSTEM_PACKAGES := softhsm2 p11-kit postgresql python3-venv tmux systemd
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | sha256sum | cut -c1-12)
 WHEELHOUSE := var/wheelhouse
 WHEELHOUSE_STAMP := $(WHEELHOUSE)/.built-$(shell cat pyproject.toml | sha256sum | cut -c1-12)
@@ -24,6 +24,7 @@ system:
 	command -v p11-kit >/dev/null || missing="$$missing p11-kit"; \
 	ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || missing="$$missing postgresql"; \
 	command -v tmux >/dev/null || missing="$$missing tmux"; \
+	command -v systemd-analyze >/dev/null || missing="$$missing systemd"; \
 	$(PYTHON) -c 'import ensurepip, venv' 2>/dev/null || missing="$$missing python3-venv"; \
 	if [ -n "$$missing" ]; then \
 	  echo "installing system packages:$$missing"; \

@@ -11,7 +11,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
-SYSTEM_PACKAGES := softhsm2 p11-kit postgresql python3-venv tmux systemd
+SYSTEM_PACKAGES := softhsm2 p11-kit postgresql python3-venv tmux systemd curl jq
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | sha256sum | cut -c1-12)
 WHEELHOUSE := var/wheelhouse
 WHEELHOUSE_STAMP := $(WHEELHOUSE)/.built-$(shell cat pyproject.toml | sha256sum | cut -c1-12)
@@ -25,6 +25,8 @@ system:
 	ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || missing="$$missing postgresql"; \
 	command -v tmux >/dev/null || missing="$$missing tmux"; \
 	command -v systemd-analyze >/dev/null || missing="$$missing systemd"; \
+	command -v curl >/dev/null || missing="$$missing curl"; \
+	command -v jq >/dev/null || missing="$$missing jq"; \
 	$(PYTHON) -c 'import ensurepip, venv' 2>/dev/null || missing="$$missing python3-venv"; \
 	if [ -n "$$missing" ]; then \
 	  echo "installing system packages:$$missing"; \
@@ -57,7 +59,7 @@ test: venv
 	$(BIN)/pytest -q -p no:cacheprovider -m "not package"
 
 lint: venv
-	$(BIN)/ruff check gateway tests
+	$(BIN)/ruff check gateway tests examples
 	$(BIN)/mypy
 	$(BIN)/lint-imports
 

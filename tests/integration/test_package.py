@@ -71,6 +71,7 @@ def _check_wheel_contents(wheel: Path) -> None:
     for dialect in ("sqlite", "postgresql"):
         migrations = {p.name for p in (ROOT / "gateway" / "ledger" / "migrations" / dialect).glob("*.sql")}
         assert migrations and {f"gateway/ledger/migrations/{dialect}/{m}" for m in migrations} <= names
+    assert "gateway/api/static/docs.js" in names
     assert any(n.endswith(".dist-info/licenses/LICENSE") for n in names)
     assert metadata["License-Expression"] == "Apache-2.0"
     assert {"tui", "postgres", "serial", "dev"} <= set(metadata.get_all("Provides-Extra") or [])
@@ -144,6 +145,10 @@ def test_wheel_installs_offline_and_serves_against_softhsm(tmp_path: Path) -> No
                                    env=env, cwd=tmp_path, stdout=output, stderr=output, start_new_session=True)
     try:
         _wait_ready(f"http://127.0.0.1:{env['ECNY_SERVER__PORT']}", process, log)
+        # The API reference page's files are package data too (gateway/api/static, the Swagger UI package).
+        for path in ("/docs", "/docs/assets/docs.js", "/docs/assets/swagger-ui-bundle.js"):
+            with urllib.request.urlopen(f"http://127.0.0.1:{env['ECNY_SERVER__PORT']}{path}", timeout=10) as answer:
+                assert answer.status == 200 and answer.read(), path
     finally:
         process.terminate()
         process.wait(timeout=30)

@@ -1,4 +1,5 @@
-"""HSM family profiles (``hsm_profiles/*.toml``).
+"""HSM family profiles (``gateway/hsm/profiles/*.toml``, shipped in the wheel; ``hsm_profiles/`` in a
+checkout is a link to them).
 
 A profile says how to drive one family of HSM through PKCS#11: where the module is, how to find
 the token, which algorithms it signs and with which mechanism, how signatures come back, how
@@ -10,6 +11,8 @@ message naming the file and the key.
 from __future__ import annotations
 
 import tomllib
+from importlib import resources
+from importlib.resources.abc import Traversable
 from pathlib import Path
 from typing import Annotated, Literal
 from urllib.parse import unquote
@@ -211,11 +214,11 @@ def _format_location(error: dict[str, object]) -> str:
     return ".".join(str(part) for part in error["loc"])  # type: ignore[attr-defined]
 
 
-def load_profile(path: Path) -> HsmProfile:
+def load_profile(path: Traversable) -> HsmProfile:
     """Read and validate one profile.
 
     Args:
-        path: the TOML file.
+        path: the TOML file (a path, or a file inside the installed package).
     Returns:
         The validated profile.
     Raises:
@@ -233,21 +236,27 @@ def load_profile(path: Path) -> HsmProfile:
         raise ConfigError(f"{path}: {problems}") from exc
 
 
+def shipped_profiles() -> Traversable:
+    """The profiles shipped with the package (``gateway/hsm/profiles``), found through
+    :mod:`importlib.resources` so that an installed wheel finds them as a checkout does."""
+    return resources.files("gateway.hsm") / "profiles"
+
+
 def profiles_dir() -> Path:
-    """The repository's ``hsm_profiles/`` folder."""
-    return Path(__file__).resolve().parents[2] / "hsm_profiles"
+    """:func:`shipped_profiles` as a directory on disk (the package is installed as files, never zipped)."""
+    return Path(str(shipped_profiles()))
 
 
 def load_named_profile(name: str) -> HsmProfile:
-    """The profile ``hsm.profile`` names: a name in ``hsm_profiles/`` (``softhsm`` → ``softhsm.toml``)
+    """The profile ``hsm.profile`` names: a shipped profile's name (``softhsm`` → ``softhsm.toml``)
     or a path to a profile file.
 
     Raises:
         ConfigError: no such file, or the profile is invalid (:func:`load_profile`).
     """
-    candidate = Path(name)
-    if candidate.suffix != ".toml":
-        candidate = profiles_dir() / f"{name}.toml"
+    candidate: Traversable = Path(name)
+    if Path(name).suffix != ".toml":
+        candidate = shipped_profiles() / f"{name}.toml"
     if not candidate.is_file():
         raise ConfigError(f"hsm.profile: no profile file {candidate}")
     return load_profile(candidate)

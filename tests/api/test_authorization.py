@@ -264,6 +264,8 @@ CASES: dict[str, tuple[frozenset[Role] | None, Builder]] = {
     "GET /readyz": (PUBLIC, _fixed(Case("/readyz"))),
     "GET /metrics": (EVERY_ROLE, _fixed(Case("/metrics"))),
     "GET /openapi.json": (EVERY_ROLE, _fixed(Case("/openapi.json"))),
+    "GET /docs": (PUBLIC, _fixed(Case("/docs"))),
+    "GET /docs/assets/{name}": (PUBLIC, _fixed(Case("/docs/assets/docs.js"))),
     "GET /v1/status": (EVERY_ROLE, _fixed(Case("/v1/status"))),
     "POST /v1/sessions": (PUBLIC, _fixed(Case("/v1/sessions", {"username": "auditor1",
                                                                "password": PASSWORDS["auditor1"]}))),

@@ -26,7 +26,6 @@ from gateway.auth.roles import Permission
 from gateway.errors import KeyNotFound, PayloadTooLarge, ValidationFailed
 from gateway.key_lifecycle import disable_key, generate_key, rotate_key
 from gateway.keys import KeyRecord, Usage, get_key, list_keys, public_key_pem, verify_with_key
-from gateway.schemes import cose
 from gateway.schemes.public_keys import cose_key, jwk
 from gateway.signing import Algorithm, der_from_raw
 
@@ -100,9 +99,8 @@ async def public(call: Call) -> web.Response:
     if wanted == "jwk":
         document["jwk"] = jwk(record.algorithm, record.public_key, record.key_id)
     elif wanted == "cose":
-        alg = call.runtime.profile.cose_alg(record.algorithm)
         document["cose_key"] = cose_key(record.algorithm, record.public_key, record.key_id.encode(),
-                                        alg if alg is not None else cose.DEFAULT_ALGS.get(record.algorithm))
+                                        call.runtime.profile.cose_alg(record.algorithm)).hex()
     else:
         document["public_key_pem"] = public_key_pem(record.algorithm, record.public_key)
     return json_response(document)

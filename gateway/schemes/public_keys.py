@@ -26,11 +26,12 @@ _JWK: dict[Algorithm, tuple[str, str, str]] = {  # kty, crv, alg
 COSE_KTY, COSE_KID, COSE_ALG = 1, 2, 3
 COSE_CRV, COSE_X, COSE_Y = -1, -2, -3
 KTY_OKP, KTY_EC2 = 1, 2
-#: COSE kty, crv and default alg per algorithm (P-256 = 1, secp256k1 = 8, Ed25519 = 6; ES256 = -7,
-#: ES256K = -47, EdDSA = -8).
-_COSE: dict[Algorithm, tuple[int, int, int]] = {
+#: COSE kty, crv and alg per algorithm (P-256 = 1, secp256k1 = 8, Ed25519 = 6; ES256 = -7, EdDSA = -8).
+#: secp256k1 keys sign EVM transactions and raw digests, never COSE: their COSE_Key names no ``alg``
+#: (it is optional, RFC 9052 §7.1) rather than claim ES256K (-47, RFC 8812) for a key that never uses it.
+_COSE: dict[Algorithm, tuple[int, int, int | None]] = {
     Algorithm.ECDSA_P256: (KTY_EC2, 1, -7),
-    Algorithm.ECDSA_SECP256K1: (KTY_EC2, 8, -47),
+    Algorithm.ECDSA_SECP256K1: (KTY_EC2, 8, None),
     Algorithm.ED25519: (KTY_OKP, 6, -8),
 }
 
@@ -67,12 +68,14 @@ def jwk(algorithm: Algorithm, public_key: bytes, kid: str) -> dict[str, Any]:
 
 def cose_key(algorithm: Algorithm, public_key: bytes, kid: bytes, alg: int | None = None) -> bytes:
     """The COSE_Key (CBOR map) of a public key; ``kid`` as in the key's COSE_Sign1 headers, ``alg`` the
-    COSE algorithm it signs with (the registered one when None)."""
+    COSE algorithm it signs with (the registered one when None; none for secp256k1)."""
     if algorithm not in _COSE:
         raise _unsupported(algorithm, "COSE_Key")
     kty, crv, default_alg = _COSE[algorithm]
-    key: dict[int, Any] = {COSE_KTY: kty, COSE_KID: kid, COSE_ALG: alg if alg is not None else default_alg,
-                           COSE_CRV: crv}
+    key: dict[int, Any] = {COSE_KTY: kty, COSE_KID: kid, COSE_CRV: crv}
+    chosen = alg if alg is not None else default_alg
+    if chosen is not None:
+        key[COSE_ALG] = chosen
     if kty == KTY_OKP:
         key[COSE_X] = public_key
     else:

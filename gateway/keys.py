@@ -195,10 +195,10 @@ def insert_key(tx: Tx, record: KeyRecord) -> dict[str, str | None]:
     Raises:
         AlreadyExists: the label or the key id is taken.
     """
-    if tx.fetchone("SELECT 1 FROM keys WHERE label = ?", (record.label,)):
-        raise AlreadyExists(f"a key labelled {record.label!r} exists")
     if tx.fetchone("SELECT 1 FROM keys WHERE key_id = ?", (record.key_id,)):
         raise AlreadyExists(f"key {record.key_id} is registered already")
+    if tx.fetchone("SELECT 1 FROM keys WHERE label = ?", (record.label,)):
+        raise AlreadyExists(f"a key labelled {record.label!r} exists")
     tx.execute(
         "INSERT INTO keys (key_id, label, algorithm, usages, public_key, created_at, created_by, family_id, version, "
         "status, status_changed_at, origin) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",

@@ -332,3 +332,49 @@ async def test_an_envelope_verifies_with_the_published_cose_key_alone(gw: Gatewa
     other = await make_key(gw, ["raw"])
     assert not verify_sign1_with_cose_key(envelope, bytes.fromhex((await public(gw, other["key_id"], "cose"))[
         "cose_key"]))
+
+
+# --- an existing database -------------------------------------------------------------------------------
+
+
+async def test_a_database_with_two_voucher_keys_upgrades_to_one_active_key(store_dsn: str) -> None:
+    """Threat: a database where an admin already made a second `voucher` key stays broken after the upgrade
+    (every registration 409 `ambiguous-key`), or the upgrade silently picks the older key."""
+    from gateway.keys import KeyStatus, Usage, key_for_usage
+    from gateway.ledger.engines import open_database
+    from gateway.ledger.migrate import _statements, migration_files
+
+    database = await open_database(store_dsn)
+    try:
+        def before_key_versions(tx: Any) -> None:  # the schema as it was before 0013
+            tx.execute("CREATE TABLE schema_migrations (name TEXT PRIMARY KEY, applied_at TEXT NOT NULL)")
+            for name, sql in migration_files("postgresql" if store_dsn.startswith("postgresql") else "sqlite"):
+                if name >= "0013":
+                    break
+                for statement in _statements(sql):
+                    tx.execute(statement)
+                tx.execute("INSERT INTO schema_migrations (name, applied_at) VALUES (?, ?)", (name, "2026-01-01"))
+            for key_id, label, usages, created in (("a" * 32, "voucher-2025", "voucher", "2025-01-01T00:00:00Z"),
+                                                   ("b" * 32, "voucher-2026", "voucher", "2026-01-01T00:00:00Z"),
+                                                   ("c" * 32, "ecny-2025", "ecny", "2025-01-01T00:00:00Z")):
+                tx.execute("INSERT INTO keys (key_id, label, algorithm, usages, public_key, created_at, created_by) "
+                           "VALUES (?, ?, 'ecdsa-p256', ?, ?, ?, 'admin')", (key_id, label, usages, b"\x04" * 65,
+                                                                              created))
+
+        await database.write(before_key_versions)
+        applied = await database.migrate()
+        assert applied == [name for name, _ in migration_files("sqlite") if name >= "0013"]
+
+        def state(tx: Any) -> tuple[dict[str, str], Any, Any, Any]:
+            active = {row["usage"]: row["key_id"] for row in tx.fetchall("SELECT usage, key_id FROM key_usage_active")}
+            return (active, key_for_usage(tx, Usage.VOUCHER, None, "offline.key_id"),
+                    key_for_usage(tx, Usage.VOUCHER, "a" * 32, "offline.key_id"),
+                    key_for_usage(tx, Usage.ECNY, None, "ecny.key_id"))
+
+        active, voucher, pinned, ecny = await database.read(state)
+        assert active == {"voucher": "b" * 32, "ecny": "c" * 32}  # the newest key of each usage
+        assert voucher.key_id == "b" * 32 and voucher.family == "b" * 32 and voucher.version == 1
+        assert pinned.key_id == "a" * 32 and pinned.status is KeyStatus.ACTIVE  # a configured key id still wins
+        assert ecny.key_id == "c" * 32
+    finally:
+        await database.close()

@@ -305,10 +305,6 @@ def flag_raw_not_exclusive(record: KeyRecord) -> None:
     )
 
 
-def keys_with_usage(tx: Tx, usage: Usage) -> list[KeyRecord]:
-    return [key for key in list_keys(tx) if usage in key.usages]
-
-
 def key_for_usage(tx: Tx, usage: Usage, configured: str | None, setting: str) -> KeyRecord:
     """The key that signs ``usage`` for the institution: the newest version of the configured key's
     family, else the usage's one active key (a second key of a usage takes it over: never "the first

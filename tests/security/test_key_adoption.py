@@ -186,3 +186,20 @@ def test_an_adoption_uri_with_a_pin_or_for_another_token_is_refused(operator: Ga
     _refused(operator.cli("keys", "adopt", "--uri", "pkcs11:object=no-such-key", "--usage", "raw"), "no private key")
     _refused(operator.cli("keys", "adopt", "--uri", key.uri(), "--usage", "evm"), "evm")  # P-256 cannot sign EVM
     assert key.key_id.hex() not in _registered(operator)
+
+
+def test_rotate_and_disable_from_the_command_line(operator: GatewayProcess) -> None:
+    """Positive control of `keys rotate` and `keys disable`, and their errors: one line, exit 2, no traceback."""
+    made = operator.cli("keys", "generate", "--label", "cli-lifecycle", "--algorithm", "ecdsa-p256", "--usage", "audit")
+    assert made.returncode == 0, made.stderr
+    first = json.loads(made.stdout)
+    rotated = operator.cli("keys", "rotate", first["key_id"])
+    assert rotated.returncode == 0, rotated.stderr
+    second = json.loads(rotated.stdout)
+    assert (second["family_id"], second["version"], second["label"]) == (first["key_id"], 2, "cli-lifecycle.v2")
+    assert second["usage"] == ["audit"] and second["status"] == "active"
+    disabled = operator.cli("keys", "disable", second["key_id"])
+    assert disabled.returncode == 0, disabled.stderr
+    assert json.loads(disabled.stdout)["status"] == "disabled"
+    _refused(operator.cli("keys", "rotate", "0" * 32), "no key")
+    _refused(operator.cli("keys", "disable", "0" * 32), "no key")

@@ -7,7 +7,7 @@ Each change is recorded with its audit entry in one store transaction. A key of 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
 from gateway.audit.chain import AuditEntry, append
@@ -71,14 +71,21 @@ async def generate_key(
     entry.key_id = key_id
     entry.result = {"key_id": key_id, "label": label, "algorithm": algorithm.value, "usage": sorted(usages)}
 
-    def store(tx: Tx) -> None:
-        taken = insert_key(tx, record)
-        if taken:
-            entry.result["takes_over"] = taken
-        append(tx, [entry])
+    await database.write(lambda tx: _store_new(tx, record, entry))
+    return _signing_now(record, entry)
 
-    await database.write(store)
-    return record
+
+def _store_new(tx: Tx, record: KeyRecord, entry: AuditEntry) -> None:
+    """Insert a new key and its audit entry; ``takes_over`` in the entry names the usages it took over."""
+    taken = insert_key(tx, record)
+    if taken:
+        entry.result["takes_over"] = taken
+    append(tx, [entry])
+
+
+def _signing_now(record: KeyRecord, entry: AuditEntry) -> KeyRecord:
+    """``record`` with the usages it took over (recorded in ``entry``) as ``active_for``."""
+    return replace(record, active_for=frozenset(Usage(u) for u in entry.result.get("takes_over", {})))
 
 
 def version_label(family_label: str, version: int) -> str:
@@ -129,14 +136,11 @@ async def rotate_key(database: Database, signer: Signer, profile: HsmProfile, ke
             if older.status is KeyStatus.ACTIVE:
                 set_status(tx, older.key_id, KeyStatus.RETIRED, only_from=KeyStatus.ACTIVE)
                 retired.append(older.key_id)
-        taken = insert_key(tx, record)
         entry.result["retired"] = retired
-        if taken:
-            entry.result["takes_over"] = taken
-        append(tx, [entry])
+        _store_new(tx, record, entry)
 
     await database.write(store)
-    return record
+    return _signing_now(record, entry)
 
 
 async def disable_key(database: Database, key_id: str, entry: AuditEntry) -> KeyRecord:
@@ -283,11 +287,5 @@ async def adopt_key(database: Database, inspector: KeyInspector, profile: HsmPro
                     "attributes": {name: facts.get(name) for name in ("private", "sensitive", "extractable",
                                                                      "always_sensitive", "never_extractable")}}
 
-    def store(tx: Tx) -> None:
-        taken = insert_key(tx, record)
-        if taken:
-            entry.result["takes_over"] = taken
-        append(tx, [entry])
-
-    await database.write(store)
-    return record
+    await database.write(lambda tx: _store_new(tx, record, entry))
+    return _signing_now(record, entry)

@@ -10,7 +10,9 @@ version keeps its row, so its kid keeps resolving and its signatures keep verify
 ``active`` version signs (``retired``: superseded; ``disabled``: stopped by an administrator).
 For the usages the gateway picks a key for itself (``ecny``, ``voucher``, ``audit``) exactly one key
 is active per usage (table ``key_usage_active``): a new key of such a usage takes it over — a
-rotation, never an ambiguity.
+rotation, never an ambiguity. The key it took it from keeps its status, but no path signs that usage
+with it any more (unless a ``*.key_id`` setting pins its family): ``active_for`` says which usages a
+key signs now.
 """
 
 from __future__ import annotations
@@ -90,6 +92,8 @@ class KeyRecord:
     status_changed_at: str | None = None
     origin: str = "generated"
     """``generated`` inside the HSM by the gateway, or ``adopted`` (an existing HSM key, by URI)."""
+    active_for: frozenset[Usage] = frozenset()
+    """The single-active usages this key is the active key of when it was read (``key_usage_active``)."""
 
     @property
     def family(self) -> str:
@@ -137,6 +141,7 @@ class KeyRecord:
             "status": self.status.value,
             "status_changed_at": self.status_changed_at,
             "origin": self.origin,
+            "active_for": sorted(u.value for u in self.active_for),
         }
         if self.algorithm is Algorithm.ECDSA_SECP256K1:
             doc["address"] = evm_address(self.public_key)
@@ -170,7 +175,7 @@ def check_usages(algorithm: Algorithm, usages: frozenset[Usage]) -> None:
         )
 
 
-def _record(row: Any) -> KeyRecord:
+def _record(row: Any, active_for: frozenset[Usage] = frozenset()) -> KeyRecord:
     return KeyRecord(
         key_id=row["key_id"],
         label=row["label"],
@@ -184,6 +189,7 @@ def _record(row: Any) -> KeyRecord:
         status=KeyStatus(row["status"]),
         status_changed_at=row["status_changed_at"],
         origin=row["origin"],
+        active_for=active_for,
     )
 
 
@@ -221,7 +227,9 @@ def insert_key(tx: Tx, record: KeyRecord) -> dict[str, str | None]:
 
 
 def _take_over_usages(tx: Tx, record: KeyRecord) -> dict[str, str | None]:
-    """Point each single-active usage of ``record`` at it; a key left holding no usage is retired."""
+    """Point each single-active usage of ``record`` at it. The key it was taken from keeps its status:
+    nothing signs that usage with it any more unless a setting pins it (retiring it would stop a
+    gateway whose ``*.key_id`` names it — the outage this rule exists to prevent)."""
     taken: dict[str, str | None] = {}
     for usage in sorted(record.usages & SINGLE_ACTIVE_USAGES):
         tx.lock(f"key-usage:{usage.value}")
@@ -233,10 +241,6 @@ def _take_over_usages(tx: Tx, record: KeyRecord) -> dict[str, str | None]:
             (usage.value, record.key_id, record.created_at),
         )
         taken[usage.value] = previous
-    for previous in {key_id for key_id in taken.values() if key_id and key_id != record.key_id}:
-        still_holds = tx.fetchone("SELECT 1 FROM key_usage_active WHERE key_id = ?", (previous,))
-        if still_holds is None:
-            set_status(tx, previous, KeyStatus.RETIRED, only_from=KeyStatus.ACTIVE)
     return taken
 
 
@@ -281,11 +285,15 @@ def get_key(tx: Tx, key_id: str) -> KeyRecord:
     row = tx.fetchone("SELECT * FROM keys WHERE key_id = ?", (key_id,))
     if row is None:
         raise KeyNotFound(f"no key {key_id}")
-    return _record(row)
+    return _record(row, frozenset(Usage(u) for u in active_usages(tx, key_id)))
 
 
 def list_keys(tx: Tx) -> list[KeyRecord]:
-    return [_record(row) for row in tx.fetchall("SELECT * FROM keys ORDER BY created_at, key_id")]
+    active: dict[str, set[Usage]] = {}
+    for pointer in tx.fetchall("SELECT usage, key_id FROM key_usage_active"):
+        active.setdefault(str(pointer["key_id"]), set()).add(Usage(pointer["usage"]))
+    return [_record(row, frozenset(active.get(row["key_id"], ())))
+            for row in tx.fetchall("SELECT * FROM keys ORDER BY created_at, key_id")]
 
 
 def raw_not_exclusive_keys(tx: Tx) -> list[KeyRecord]:

@@ -49,6 +49,8 @@ class KeyDocument(_Body):
         description="active: signs; retired: superseded, verifies only; disabled: stopped, verifies only")
     status_changed_at: str | None
     origin: Literal["generated", "adopted"]
+    active_for: list[str] = Field(description="The usages among ecny, voucher and audit this key signs now (each "
+                                              "has exactly one such key)")
 
 
 class KeyList(_Body):

@@ -122,7 +122,8 @@ async def test_a_second_voucher_key_is_a_rotation_not_an_outage(gw: Gateway) -> 
 
     entry = [e for e in await audit_entries(gw, head) if e["action"] == "keys.create"][-1]
     assert entry["result"]["takes_over"] == {"voucher": first["key_id"]}
-    assert (await key_doc(gw, first["key_id"]))["status"] == "retired"
+    assert second["active_for"] == ["voucher"]
+    assert (await key_doc(gw, first["key_id"]))["active_for"] == []  # it signs the usage no more
     # Device registration keeps working, with the active key.
     new_device = SimulatedDevice.create()
     document = await register(gw, new_device, wallet_b)  # asserts 201
@@ -140,7 +141,7 @@ async def test_a_second_voucher_key_is_a_rotation_not_an_outage(gw: Gateway) -> 
     claims = verify_with_pycose(envelope, first["public_key_pem"])
     assert claims["amount"] == 1_000
     response = await verify(gw, kid.decode(), signature, message=to_be_signed)
-    assert (await response.json())["valid"] is True and (await response.json())["status"] == "retired"
+    assert (await response.json())["valid"] is True
 
 
 async def test_rotation_moves_the_ecny_key_and_old_envelopes_still_verify(gw: Gateway) -> None:
@@ -169,6 +170,22 @@ async def test_rotation_moves_the_ecny_key_and_old_envelopes_still_verify(gw: Ga
     third = await rotate(gw, old["key_id"])
     assert third["version"] == new["version"] + 1 and (await key_doc(gw, new["key_id"]))["status"] == "retired"
     assert (await transfer(gw, payer, payee, 300))["kid"] == third["key_id"]
+
+
+async def test_a_pinned_ecny_key_keeps_signing_when_a_new_key_takes_the_usage(gw: Gateway) -> None:
+    """Threat: with `ecny.key_id` set, an admin's new `ecny` key stops every transfer."""
+    payer, payee = await open_wallet(gw, 1, 100_000), await open_wallet(gw, 1)
+    pinned = await make_key(gw, ["ecny"])
+    gw.settings.ecny.key_id = pinned["key_id"]
+    try:
+        newer = await make_key(gw, ["ecny"])  # takes the usage over
+        assert newer["active_for"] == ["ecny"] and (await key_doc(gw, pinned["key_id"]))["status"] == "active"
+        assert (await transfer(gw, payer, payee, 10))["kid"] == pinned["key_id"]  # the setting still decides
+        rotated = await rotate(gw, pinned["key_id"])  # the pin names the family: its new version signs
+        assert (await transfer(gw, payer, payee, 20))["kid"] == rotated["key_id"]
+    finally:
+        gw.settings.ecny.key_id = None
+    assert (await transfer(gw, payer, payee, 30))["kid"] == rotated["key_id"]  # the rotation took the usage over
 
 
 async def test_a_retired_version_is_refused_for_signing(gw: Gateway) -> None:

@@ -264,6 +264,32 @@ async def test_rotation_of_an_unknown_key_is_a_problem_not_a_crash(gw: Gateway) 
     await assert_problem(response, 404, "key-not-found")
 
 
+async def _checkpoints_by(gw: Gateway, key_id: str) -> list[dict[str, Any]]:
+    """Sign raw digests (each an audit entry) until the audit log has a checkpoint signed by ``key_id``."""
+    raw = await make_key(gw, ["raw"])
+    for _ in range(100):
+        response = await gw.client.get("/v1/audit/checkpoints", params={"after": "0", "limit": "1000"},
+                                       headers=gw.auth(Role.AUDITOR))
+        found = [c for c in (await response.json())["checkpoints"] if c["key_id"] == key_id]
+        if found:
+            return found
+        assert (await sign_raw(gw, raw["key_id"], secrets.token_bytes(32))).status == 200
+    raise AssertionError(f"no checkpoint signed by {key_id}")
+
+
+async def test_audit_checkpoints_signed_before_a_rotation_still_verify(gw: Gateway) -> None:
+    """Threat: rotating the audit key orphans the checkpoints it signed, and the chain stops verifying."""
+    keys = (await (await gw.client.get("/v1/keys", headers=gw.auth(Role.ADMIN))).json())["keys"]
+    old = next(key for key in keys if "audit" in key["active_for"])
+    assert await _checkpoints_by(gw, old["key_id"])
+    new = await rotate(gw, old["key_id"])
+    assert new["active_for"] == ["audit"]
+    assert await _checkpoints_by(gw, new["key_id"])
+    report = await (await gw.client.get("/v1/audit/verify", headers=gw.auth(Role.AUDITOR))).json()
+    assert report["ok"] is True and report["problem"] == "" and report["first_bad_seq"] is None, report
+    assert report["checkpoints"] >= 2
+
+
 # --- verify ----------------------------------------------------------------------------------------------
 
 

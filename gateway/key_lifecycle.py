@@ -10,6 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
+from cryptography.hazmat.primitives import serialization
+
 from gateway.audit.chain import AuditEntry, append
 from gateway.errors import AlreadyExists, Conflict, KeyNotAdoptable, ValidationFailed
 from gateway.hsm.profile import HsmProfile
@@ -29,7 +31,7 @@ from gateway.keys import (
     set_status,
 )
 from gateway.ledger.store import Database, Tx
-from gateway.signing import Algorithm, Signer
+from gateway.signing import Algorithm, Signer, cryptography_public_key
 
 #: Bytes of a gateway key id, which is also the key's CKA_ID in the token.
 KEY_ID_BYTES = 16
@@ -249,6 +251,22 @@ def adoption_refusals(profile: HsmProfile, uri: Pkcs11Uri, facts: dict[str, Any]
     return refusals
 
 
+def _normalised_public_key(algorithm: Algorithm, point: bytes) -> bytes | None:
+    """The public key as the gateway stores it (an uncompressed SEC1 point; Ed25519's 32 bytes), from what
+    the token holds (a compressed point is possible); None if it is no key of ``algorithm``. SM2 points
+    are kept as they are (no SM2 support in `cryptography`)."""
+    try:
+        key = cryptography_public_key(algorithm, point)
+    except ValueError:
+        return None
+    if key is None:
+        return point if len(point) == 65 and point[0] == 0x04 else None
+    if algorithm is Algorithm.ED25519:
+        return point
+    encoded: bytes = key.public_bytes(serialization.Encoding.X962, serialization.PublicFormat.UncompressedPoint)
+    return encoded
+
+
 async def adopt_key(database: Database, inspector: KeyInspector, profile: HsmProfile, request: AdoptionRequest,
                     entry: AuditEntry) -> KeyRecord:
     """Register an existing HSM key (made in a ceremony, say) after checking in the token that it is
@@ -274,12 +292,17 @@ async def adopt_key(database: Database, inspector: KeyInspector, profile: HsmPro
         if mechanism not in facts["mechanisms"]:
             refusals.append(f"the token does not offer the signing mechanism 0x{mechanism:x} the profile gives "
                             f"{algorithm.value}")
+    public_key = None
+    if algorithm is not None and facts.get("public_key") is not None:
+        public_key = _normalised_public_key(algorithm, facts["public_key"])
+        if public_key is None:
+            refusals.append(f"its public key object does not hold a {algorithm.value} public key")
     if refusals:
         raise KeyNotAdoptable("cannot adopt the key: " + "; ".join(refusals))
-    assert algorithm is not None
+    assert algorithm is not None and public_key is not None
     check_usages(algorithm, request.usages)
     record = make_record(facts["id"], facts["label"] or f"adopted-{facts['id'][:8]}", algorithm, request.usages,
-                         facts["public_key"], entry.actor, origin="adopted")
+                         public_key, entry.actor, origin="adopted")
     entry.key_id = record.key_id
     located = Pkcs11Uri(path=uri.path, object_id=uri.object_id)  # the query (PIN source, module) stays out
     entry.result = {"key_id": record.key_id, "label": record.label, "algorithm": algorithm.value,

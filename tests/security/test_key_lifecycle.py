@@ -323,8 +323,9 @@ async def test_verify_accepts_only_the_keys_own_signature(gw: Gateway) -> None:
     await assert_problem(both, 400, "validation-failed")
     short = await verify(gw, p256["key_id"], p256_signature, digest=b"\x00" * 20)
     await assert_problem(short, 400, "validation-failed")
-    garbage = await verify(gw, p256["key_id"], b"\x30\x02\x00", digest=hashlib.sha256(message).digest())
-    assert (await garbage.json())["valid"] is False
+    for garbage in (b"\x30\x02\x00", bytes.fromhex("30060201ff020101"), b"\x00" * 10):  # torn DER, r = -1, short
+        response = await verify(gw, p256["key_id"], garbage, digest=hashlib.sha256(message).digest())
+        assert response.status == 200 and (await response.json())["valid"] is False
 
 
 # --- public keys as JWK and COSE_Key -------------------------------------------------------------------

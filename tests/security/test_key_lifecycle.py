@@ -257,6 +257,7 @@ async def test_rotate_and_disable_need_the_key_admin(gw: Gateway) -> None:
 
 
 async def test_rotation_of_an_unknown_key_is_a_problem_not_a_crash(gw: Gateway) -> None:
+    """Threat: a rotate or disable of an unknown or malformed key id ends in a 500 or a traceback."""
     for path in ("rotate", "disable"):
         response = await gw.client.post(f"/v1/keys/{'0' * 32}/{path}", headers=gw.auth(Role.ADMIN))
         await assert_problem(response, 404, "key-not-found")

@@ -24,6 +24,7 @@ GOOD: dict[str, Any] = {
 
 
 def test_a_key_made_as_required_has_no_refusal() -> None:
+    """Positive control: a private, sensitive, non-extractable key on the gateway's token is adoptable."""
     profile = load_named_profile("softhsm")
     assert adoption_refusals(profile, parse("pkcs11:token=ecny;serial=0123;library-version=2;id=%11"), GOOD) == []
 
@@ -45,6 +46,7 @@ def test_each_rule_refuses(change: dict[str, Any], reason: str) -> None:
 
 
 def test_every_reason_is_listed_at_once() -> None:
+    """An operator sees every reason at once, not one per attempt."""
     facts = GOOD | {"private": False, "sensitive": False, "extractable": True}
     assert len(adoption_refusals(load_named_profile("softhsm"), parse("pkcs11:token=other"), facts)) == 4
 
@@ -57,5 +59,6 @@ def test_every_reason_is_listed_at_once() -> None:
     ("pkcs11:object=k%", "percent-encoding"),
 ])
 def test_adoption_uris_that_are_refused(uri: str, message: str) -> None:
+    """Threat: a URI names no single private key, or carries the PIN."""
     with pytest.raises(ValidationFailed, match=message):
         adoption_uri(uri)

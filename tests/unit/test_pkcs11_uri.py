@@ -98,6 +98,7 @@ def test_malformed_uris_are_refused(text: str, message: str) -> None:
 
 
 def test_binary_id_and_reserved_characters_round_trip() -> None:
+    """Threat: a CKA_ID or label with reserved characters is written back as another URI."""
     uri = Pkcs11Uri(path={"token": "a;b?c&d%e", "object": "key/1"}, object_id=bytes(range(16)),
                     query={"module-path": "/usr/lib/x.so"})
     text = format_uri(uri)
@@ -131,6 +132,7 @@ def test_unknown_path_attribute_matches_nothing() -> None:
     ("pkcs11:token=ecny;slot-id=7?module-path=/usr/lib/softhsm/libsofthsm2.so", "ecny", {"slot-id": "7"}),
 ])
 def test_profile_token_by_uri(uri: str, label: str, attributes: dict[str, str]) -> None:
+    """Positive control: every token attribute of a profile's URI is kept for matching."""
     token = TokenSection(uri=uri)
     assert token.resolved_label() == label
     assert token.match_attributes() == attributes

@@ -81,6 +81,7 @@ def pool_settings(settings: Settings, profile: HsmProfile, process_index: int = 
         pin=hsm.read_pin(),
         workers=max(1, share),
         max_batch=hsm.max_batch,
+        token_attributes={} if hsm.token_label else profile.token.match_attributes(),
     )
 
 

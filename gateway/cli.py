@@ -44,7 +44,7 @@ from gateway.hardwallet.simulator import add_command as add_device_sim  # `devic
 from gateway.hsm.doctor import diagnose
 from gateway.hsm.pool import SignerPool
 from gateway.hsm.profile import load_named_profile
-from gateway.key_lifecycle import generate_key
+from gateway.key_lifecycle import AdoptionRequest, adopt_key, adoption_uri, disable_key, generate_key, rotate_key
 from gateway.keys import Usage, get_key, list_keys
 from gateway.ledger.engines import open_database
 from gateway.ledger.journal import check_invariants
@@ -242,6 +242,65 @@ def cmd_keys_show(args: argparse.Namespace) -> int:
         print(f"address: {document['address']}")
     print(f"key_id: {record.key_id}\nlabel: {record.label}\nalgorithm: {record.algorithm.value}\n"
           f"usage: {','.join(sorted(record.usages))}")
+    return 0
+
+
+def _usages(text: str) -> frozenset[Usage]:
+    try:
+        return frozenset(Usage(u.strip()) for u in text.split(",") if u.strip())
+    except ValueError as exc:
+        raise ValidationFailed(f"--usage: {exc}; use {','.join(u.value for u in Usage)}") from exc
+
+
+def _key_entry(action: str) -> AuditEntry:
+    entry = _actor()
+    entry.action = action
+    return entry
+
+
+def cmd_keys_rotate(args: argparse.Namespace) -> int:
+    settings = _settings(args)
+
+    async def work(database: Database) -> dict[str, Any]:
+        async def with_pool(pool: Any, profile: Any) -> dict[str, Any]:
+            record = await rotate_key(database, pool, profile, args.key_id, _key_entry("keys.rotate"))
+            return record.document()
+
+        result: dict[str, Any] = await _with_pool(settings, with_pool)
+        return result
+
+    _print_json(asyncio.run(_with_database(settings, work)))
+    return 0
+
+
+def cmd_keys_disable(args: argparse.Namespace) -> int:
+    settings = _settings(args)
+
+    async def work(database: Database) -> dict[str, Any]:
+        record = await disable_key(database, args.key_id, _key_entry("keys.disable"))
+        return record.document()
+
+    _print_json(asyncio.run(_with_database(settings, work)))
+    return 0
+
+
+def cmd_keys_adopt(args: argparse.Namespace) -> int:
+    settings = _settings(args)
+    request = AdoptionRequest(args.uri, _usages(args.usage))
+    uri = adoption_uri(request.uri)  # a bad URI fails before the HSM is opened
+    if uri.pin_source is not None or uri.module_path is not None or uri.module_name is not None:
+        print("ecny-gateway: note: pin-source, module-name and module-path in --uri are ignored; the key is looked "
+              "for in the configured token with the configured module and PIN", file=sys.stderr)
+
+    async def work(database: Database) -> dict[str, Any]:
+        async def with_pool(pool: Any, profile: Any) -> dict[str, Any]:
+            record = await adopt_key(database, pool, profile, request, _key_entry("keys.adopt"))
+            return record.document()
+
+        result: dict[str, Any] = await _with_pool(settings, with_pool)
+        return result
+
+    _print_json(asyncio.run(_with_database(settings, work)))
     return 0
 
 
@@ -546,6 +605,20 @@ def build_parser() -> argparse.ArgumentParser:
     show = keys.add_parser("show", parents=[common, as_json], help="public key PEM (and EVM address)")
     show.add_argument("key_id")
     show.set_defaults(run=cmd_keys_show)
+    rotate = keys.add_parser("rotate", parents=[common], help="make the next version of a key (inside the HSM) "
+                             "the active one; older versions only verify")
+    rotate.add_argument("key_id", help="any version of the key family")
+    rotate.set_defaults(run=cmd_keys_rotate)
+    disable = keys.add_parser("disable", parents=[common], help="stop a key version: it signs nothing; its "
+                              "signatures still verify")
+    disable.add_argument("key_id")
+    disable.set_defaults(run=cmd_keys_disable)
+    adopt = keys.add_parser("adopt", parents=[common], help="register an existing private key of the token, after "
+                            "checking it is private, sensitive and not extractable")
+    adopt.add_argument("--uri", required=True, help="RFC 7512 URI of the key, e.g. 'pkcs11:token=T;object=L;id=%%01…' "
+                       "(no pin-value: the PIN comes from hsm.pin_file or ECNY_HSM__PIN)")
+    adopt.add_argument("--usage", required=True, help="comma-separated: " + ",".join(u.value for u in Usage))
+    adopt.set_defaults(run=cmd_keys_adopt)
 
     clients = commands.add_parser("clients", help="API clients").add_subparsers(dest="clients_command", required=True)
     add = clients.add_parser("add", parents=[common], help="create a client; prints its API key once")

@@ -329,7 +329,8 @@ class AllianceSettings(_Section):
     """CKA_LABEL of the alliance's HMAC-SHA256 secret key in the HSM (``ecny-gateway alliance import-key``);
     every member holds the same key under its own HSM."""
     key_id: str | None = None
-    """Key that signs attestations and fingerprint batches; by default the one key with usage ``attest``."""
+    """Key family that signs attestations and fingerprint batches (its newest version); by default the active
+    ``attest`` key."""
     peers: list[AlliancePeer] = []
     """The other members: id, URL, public key and credential of each."""
     sync_interval_seconds: Annotated[float, Field(ge=0)] = 60.0

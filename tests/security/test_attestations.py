@@ -619,3 +619,29 @@ async def test_idempotent_replay_returns_the_same_attestation(banks: tuple[Bank,
     assert first.status == again.status == 201
     assert again.headers.get("Idempotent-Replayed") == "true"
     assert (await first.json())["attestation"] == (await again.json())["attestation"]
+
+
+async def test_rotated_attest_key_old_attestations_verify_and_peers_must_be_told(banks: tuple[Bank, Bank]) -> None:
+    """Attest key rotated without telling the alliance: attestations signed before still verify at home, new
+    ones carry the new kid, and a peer still pinning the old key refuses the new batches (never trusts a key it
+    was not given). Runs last in this module: it changes bank A's key."""
+    bank_a, bank_b = banks
+    status, before = await attest(bank_a, document())
+    assert status == 201
+    response = await bank_a.gateway.client.post(f"/v1/keys/{bank_a.attest_key['key_id']}/rotate",
+                                                headers=bank_a.gateway.auth(Role.ADMIN))
+    assert response.status in (200, 201), await response.text()
+    rotated = await response.json()
+    status, after = await attest(bank_a, document())
+    assert status == 201 and after["kid"] == rotated["key_id"] != before["kid"]
+    pycose_verifies(after["attestation"], rotated["public_key_pem"])
+    verdict = await (await bank_a.gateway.client.post("/v1/attestations/verify",
+                                                      json={"attestation": before["attestation"]},
+                                                      headers=bank_a.gateway.auth(Role.AUDITOR))).json()
+    assert verdict["valid"] is True and verdict["key"]["kid"] == before["kid"], verdict
+    reports = await sync(bank_b)
+    assert not reports[0].ok and "signature does not verify" in reports[0].error
+    told = await sync(bank_b, [AlliancePeer(member_id="BANK-A", url=bank_a.url,
+                                            public_key_pem=rotated["public_key_pem"],
+                                            api_key_file=bank_a.peer_key_file)])
+    assert told[0].ok, told

@@ -99,6 +99,8 @@ def _operation(endpoint: Endpoint, schemas: dict[str, Any]) -> dict[str, Any]:
     success: dict[str, Any] = {"description": "Success"}
     if endpoint.response_model is not None:
         success["content"] = {"application/json": {"schema": _schema_ref(endpoint.response_model, schemas)}}
+    elif endpoint.response_media is not None:
+        success["content"] = {endpoint.response_media: {"schema": {"type": "string", "format": "binary"}}}
     elif endpoint.path == "/metrics":
         success["content"] = {"text/plain": {"schema": {"type": "string"}}}
     else:

@@ -255,11 +255,11 @@ def make_app(settings: Settings, process_index: int = 0) -> web.Application:
     app[METRICS] = Metrics()
     app.cleanup_ctx.extend([
         store_context(settings),
+        webhook_delivery_context(settings),  # needs the store only; a bad secret stops the start before the HSM
         signer_context(settings, process_index),
         audit_context(settings),
         refusal_context(settings),
         runtime_context(settings),
-        webhook_delivery_context(settings),
     ])
     return app
 

@@ -412,6 +412,26 @@ def test_webhook_names_are_unique() -> None:
         Settings.model_validate({"risk_webhooks": [{"name": "twin", **hook}, {"name": "twin", **hook}]})
 
 
+async def test_a_gateway_with_a_missing_webhook_secret_does_not_start(softhsm_token: Token, tmp_path: Path) -> None:
+    """Unsigned (or weakly signed) risk webhooks: a webhook whose secret variable is unset stops the start with
+    a ConfigError naming the setting — before the HSM is opened — and the store is closed again."""
+    from aiohttp.test_utils import TestServer
+
+    from gateway.app import SIGNER_POOL, STORE, WEBHOOK_DELIVERY, make_app
+
+    settings = make_settings(softhsm_token, f"sqlite:///{tmp_path / 'gateway.db'}")
+    settings.risk_webhooks = [webhook("regulator", "https://risk.regulator.example/ingest",
+                                      secret_env="RISK_TEST_NEVER_SET")]
+    app = make_app(settings)
+    server = TestServer(app)
+    with pytest.raises(ConfigError, match=r"risk_webhooks\.regulator\.secret_env"):
+        await server.start_server()
+    await server.close()
+    assert STORE in app and WEBHOOK_DELIVERY not in app and SIGNER_POOL not in app
+    with pytest.raises(RuntimeError, match="after shutdown"):
+        await app[STORE].read(lambda tx: tx.fetchone("SELECT 1 AS one"))
+
+
 CHILD = """
 import asyncio, sys
 from gateway.config import RiskDeliverySettings, RiskWebhookSettings

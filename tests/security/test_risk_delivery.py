@@ -323,6 +323,23 @@ async def test_dead_letter_after_max_attempts_read_and_replayed_by_an_admin(risk
     assert json.loads(mine[0]["result"])["last_error"] == "HTTP 500"
 
 
+async def test_replay_to_an_endpoint_no_longer_configured_waits_for_it(risk_gw: Gateway) -> None:
+    """A dead letter of a removed endpoint: the replay is accepted but says `configured: false`, and nothing
+    is sent anywhere else — the delivery waits, pending, for an endpoint of that name."""
+    event = await add_event(risk_gw, "structuring", "medium")
+    await runtime(risk_gw).database.write(lambda tx: tx.execute(
+        "INSERT INTO risk_deliveries (event_id, endpoint, status, attempts, next_attempt_at, last_error) "
+        "VALUES (?, 'retired-hook', 'dead', 4, ?, 'HTTP 500')", (event.event_id, clock.now_iso())))
+    response = await risk_gw.client.post(f"/v1/risk/deliveries/{event.event_id}/retired-hook/replay",
+                                         headers=risk_gw.auth(Role.ADMIN))
+    assert response.status == 200, await response.text()
+    document = await response.json()
+    assert (document["status"], document["attempts"], document["configured"]) == ("pending", 0, False)
+    await asyncio.sleep(0.5)  # ten rounds of the loop
+    row = await delivery_row(risk_gw, event.event_id, "retired-hook")
+    assert row is not None and (row["status"], row["attempts"]) == ("pending", 0)
+
+
 async def test_deliveries_list_pages_and_refuses_bad_queries(risk_gw: Gateway) -> None:
     """Malformed dead-letter queries get problem+json, never a 500; the cursor pages without gaps."""
     admin = risk_gw.auth(Role.ADMIN)

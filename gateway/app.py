@@ -225,7 +225,9 @@ def webhook_delivery_context(settings: Settings) -> Context:
 
     async def context(app: web.Application) -> AsyncIterator[None]:
         endpoints = [WebhookEndpoint.from_settings(webhook) for webhook in settings.risk_webhooks]
-        delivery = WebhookDelivery(app[STORE], endpoints, settings.risk_delivery)
+        attempts = app[METRICS].risk_webhook_attempts
+        delivery = WebhookDelivery(app[STORE], endpoints, settings.risk_delivery,
+                                   on_outcome=lambda endpoint, outcome: attempts.labels(endpoint, outcome).inc())
         delivery.start()
         try:
             app[WEBHOOK_DELIVERY] = delivery

@@ -28,7 +28,7 @@ import asyncio
 import hashlib
 import hmac
 import random
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any, Protocol
@@ -317,11 +317,13 @@ class WebhookDelivery:
     """The delivery loop of one HTTP process (started by ``gateway.app``). Without endpoints it does nothing."""
 
     def __init__(self, database: Database, endpoints: Sequence[WebhookEndpoint], settings: RiskDeliverySettings,
-                 transport: Transport | None = None) -> None:
+                 transport: Transport | None = None, on_outcome: Callable[[str, str], None] | None = None) -> None:
+        """``on_outcome(endpoint, outcome)`` is told of every attempt: delivered, retry, dead or superseded."""
         self.database = database
         self.endpoints = list(endpoints)
         self.settings = settings
         self.transport: Transport = transport or AiohttpTransport()
+        self.on_outcome = on_outcome
         self._enqueued_up_to: dict[str, int] = {}  # per endpoint: the highest event seq enqueued (this process)
         self._task: asyncio.Task[None] | None = None
 
@@ -389,6 +391,9 @@ class WebhookDelivery:
         error = await self.send(endpoint, claim.event)
         now = clock.now()
         status = await self.database.write(lambda tx: record_outcome_in(tx, claim, endpoint, error, now))
+        if self.on_outcome is not None:
+            outcome = "superseded" if status is None else "retry" if status == "pending" else status
+            self.on_outcome(endpoint.name, outcome)
         if status == "dead":
             log.error("risk webhook delivery dead", endpoint=endpoint.name, event_id=claim.event_id,
                       attempts=claim.attempt, error=error)

@@ -321,6 +321,10 @@ async def test_dead_letter_after_max_attempts_read_and_replayed_by_an_admin(risk
     mine = [row for row in audited if json.loads(row["result"]).get("event_id") == event.event_id]
     assert len(mine) == 1 and mine[0]["actor"] == "client:test-admin" and mine[0]["decision"] == "allowed"
     assert json.loads(mine[0]["result"])["last_error"] == "HTTP 500"
+    metrics = await (await risk_gw.client.get("/metrics", headers=admin)).text()
+    for outcome in ("delivered", "retry", "dead"):
+        assert re.search(rf'ecny_risk_webhook_attempts_total{{endpoint="regulator",outcome="{outcome}"}} [1-9]',
+                         metrics), outcome
 
 
 async def test_replay_to_an_endpoint_no_longer_configured_waits_for_it(risk_gw: Gateway) -> None:

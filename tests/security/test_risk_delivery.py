@@ -565,6 +565,35 @@ async def test_two_processes_never_send_one_delivery_at_once(store_dsn: str, rec
     assert sorted(ids) == sorted(e.event_id for e in events)  # each exactly once
 
 
+async def test_a_late_outcome_of_an_expired_claim_changes_nothing(store_dsn: str) -> None:
+    """A slow sender's stale verdict: a process whose claim ran out (another process claimed the delivery
+    since) records nothing — neither "delivered" for an attempt it does not own nor a retry over a delivery
+    the other made; the attempt number fences every outcome."""
+    from gateway.monitor.webhooks import claim_in, enqueue_in, record_outcome_in
+
+    database = await open_database(store_dsn)
+    try:
+        await database.migrate()
+        event = await add_event(database, "velocity", "low")
+        endpoint = WebhookEndpoint("fenced", "https://h.example/", 1.0, 5, 0.05, 0.1, b"k" * 32)
+        now = clock.now()
+        past, later = clock.iso(now - timedelta(seconds=1)), clock.iso(now + timedelta(seconds=60))
+        await database.write(lambda tx: enqueue_in(tx, "fenced", 0, past))
+        (slow,) = await database.write(lambda tx: claim_in(tx, "fenced", clock.iso(now), past, 10))  # expired at once
+        (fast,) = await database.write(lambda tx: claim_in(tx, "fenced", clock.iso(now), later, 10))
+        assert (slow.attempt, fast.attempt) == (1, 2) and slow.event_id == fast.event_id == event.event_id
+        assert await database.write(lambda tx: record_outcome_in(tx, slow, endpoint, None, now)) is None
+        assert await database.write(lambda tx: record_outcome_in(tx, fast, endpoint, None, now)) == "delivered"
+        assert await database.write(lambda tx: record_outcome_in(tx, slow, endpoint, "HTTP 500", now)) is None
+        row = await database.read(lambda tx: tx.fetchone(
+            "SELECT status, attempts, last_error FROM risk_deliveries WHERE endpoint = 'fenced'"))
+        assert row is not None and (row["status"], row["attempts"], row["last_error"]) == ("delivered", 2, "")
+        # Nothing is due any more: a delivered row is never claimed again.
+        assert await database.write(lambda tx: claim_in(tx, "fenced", later, later, 10)) == []
+    finally:
+        await database.close()
+
+
 # --- the signed daily report -------------------------------------------------------------------------
 
 

@@ -113,8 +113,8 @@ async def daily_report(call: Call) -> web.Response:
 
 async def hourly_chart(call: Call) -> web.Response:
     today = clock.now().date()
-    text = call.request.query.get("date", "")
-    day = report.parse_day(text, today) if text else today
+    text = call.request.query.get("date")  # absent: today; present, even empty, it must be a day
+    day = report.parse_day(text, today) if text is not None else today
     png = await chart.chart_png(call.runtime.database, day)
     return web.Response(body=png, content_type=CHART_MEDIA, headers={"Cache-Control": "no-store"})
 

@@ -561,8 +561,9 @@ async def test_two_processes_never_send_one_delivery_at_once(store_dsn: str, rec
             await loop.close()
         await first.close()
         await second.close()
-    ids = [r["id"] for r in receiver.requests if r["endpoint"] == "racy"]
-    assert sorted(ids) == sorted(e.event_id for e in events)  # each exactly once
+    wanted = {e.event_id for e in events}  # (the receiver also saw the other store's run)
+    ids = [r["id"] for r in receiver.requests if r["endpoint"] == "racy" and r["id"] in wanted]
+    assert sorted(ids) == sorted(wanted)  # each exactly once
 
 
 async def test_a_late_outcome_of_an_expired_claim_changes_nothing(store_dsn: str) -> None:

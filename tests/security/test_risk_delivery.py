@@ -28,6 +28,7 @@ from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import cbor2
 import pytest
 import pytest_asyncio
@@ -41,6 +42,7 @@ from gateway import clock
 from gateway.auth.roles import Role
 from gateway.config import RiskDeliverySettings, RiskWebhookSettings, Settings
 from gateway.errors import ConfigError
+from gateway.keys import Usage, allowed_usages
 from gateway.ledger.engines import open_database
 from gateway.ledger.store import Database
 from gateway.monitor.webhooks import SIGNATURE_HEADER, WebhookDelivery, WebhookEndpoint, verify_signature
@@ -254,8 +256,6 @@ async def test_forged_altered_or_replayed_webhook_is_refused_by_the_receiver(ris
         assert not receiver_accepts(secret, candidate_header, candidate_body, at)
         assert not verify_signature(secret, candidate_header, candidate_body, at)  # the documented check agrees
     # Sent to the receiver, the altered body is refused and never processed.
-    import aiohttp
-
     async with aiohttp.ClientSession() as session, session.post(
             f"{receiver.url}/hooks/regulator", data=lowered,
             headers={"Content-Type": "application/cloudevents+json", SIGNATURE_HEADER: header}) as answer:
@@ -722,10 +722,8 @@ async def test_report_is_never_signed_with_another_usage_key(risk_gw: Gateway) -
         settings.report_key_id = None
 
 
-async def test_a_report_key_has_only_signing_usages() -> None:
+def test_a_report_key_has_only_signing_usages() -> None:
     """A `report` key made for EVM (secp256k1) would sign a COSE report no verifier expects: refused."""
-    from gateway.keys import Usage, allowed_usages
-
     assert Usage.REPORT.value in allowed_usages("ecdsa-p256") and Usage.REPORT.value in allowed_usages("ed25519")
     assert Usage.REPORT.value not in allowed_usages("ecdsa-secp256k1")
 

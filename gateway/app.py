@@ -21,6 +21,7 @@ from gateway.api import docs as docs_api
 from gateway.api import evm as evm_api
 from gateway.api import keys as keys_api
 from gateway.api import probes as probes_api
+from gateway.api import risk_delivery as risk_delivery_api
 from gateway.api import sessions as sessions_api
 from gateway.api import transfers as transfers_api
 from gateway.api import users as users_api
@@ -47,6 +48,7 @@ from gateway.keys import KeyDirectory, Usage, flag_raw_not_exclusive, raw_not_ex
 from gateway.ledger.engines import open_database
 from gateway.ledger.store import Database
 from gateway.metrics import Metrics
+from gateway.monitor.webhooks import WebhookDelivery, WebhookEndpoint
 from gateway.offline.devices import Devices, register_offline_approvals
 from gateway.runtime import RUNTIME, Runtime
 from gateway.wallets.accounts import Wallets
@@ -65,6 +67,7 @@ def all_endpoints() -> list[Endpoint]:
         *evm_api.ENDPOINTS,
         *audit_api.ENDPOINTS,
         *docs_api.ENDPOINTS,
+        *risk_delivery_api.ENDPOINTS,
     ]
 
 
@@ -103,6 +106,8 @@ REFUSAL_TALLY = web.AppKey("refusal_tally", RefusalTally)
 """The counted anonymous refusals (``refusal_context``)."""
 METRICS = web.AppKey("metrics", Metrics)
 """This application's Prometheus registry (made with the application: nothing to close)."""
+WEBHOOK_DELIVERY = web.AppKey("webhook_delivery", WebhookDelivery)
+"""This process's loop delivering risk events to ``[[risk_webhooks]]`` (``webhook_delivery_context``)."""
 
 Context = Callable[[web.Application], AsyncIterator[None]]
 
@@ -217,6 +222,25 @@ def runtime_context(settings: Settings) -> Context:
     return context
 
 
+def webhook_delivery_context(settings: Settings) -> Context:
+    """Deliver risk events to the configured webhooks. Every secret is read first: a missing or weak one
+    stops the start (ConfigError naming the setting), before anything is sent."""
+
+    async def context(app: web.Application) -> AsyncIterator[None]:
+        endpoints = [WebhookEndpoint.from_settings(webhook) for webhook in settings.risk_webhooks]
+        attempts = app[METRICS].risk_webhook_attempts
+        delivery = WebhookDelivery(app[STORE], endpoints, settings.risk_delivery,
+                                   on_outcome=lambda endpoint, outcome: attempts.labels(endpoint, outcome).inc())
+        delivery.start()
+        try:
+            app[WEBHOOK_DELIVERY] = delivery
+            yield
+        finally:
+            await delivery.close()
+
+    return context
+
+
 def make_app(settings: Settings, process_index: int = 0) -> web.Application:
     """Build the application; the HSM pool and store open when it starts.
 
@@ -236,6 +260,7 @@ def make_app(settings: Settings, process_index: int = 0) -> web.Application:
     app[METRICS] = Metrics()
     app.cleanup_ctx.extend([
         store_context(settings),
+        webhook_delivery_context(settings),  # needs the store only; a bad secret stops the start before the HSM
         signer_context(settings, process_index),
         audit_context(settings),
         refusal_context(settings),

@@ -7,14 +7,16 @@ Errors name the file (or variable) and the key.
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
 
 from gateway.errors import ConfigError
 from gateway.policy.chains import EvmSettings
@@ -284,6 +286,96 @@ class LoggingSettings(_Section):
     """Lowest level written (JSON lines on stderr)."""
 
 
+class RiskDeliverySettings(_Section):
+    """How risk events leave the gateway (``[risk_delivery]``): read by gateway.monitor.webhooks and
+    gateway.monitor.report."""
+
+    source: Annotated[str, Field(min_length=1, max_length=200, pattern=r"^[!-~]+$")] = "urn:ecny-gateway"
+    """The CloudEvents ``source`` attribute of every webhook (a URI-reference naming this gateway or
+    institution, e.g. ``https://gateway.bank.example/``); also written into the daily report."""
+    poll_seconds: Annotated[float, Field(gt=0, le=60)] = 1.0
+    """How often each HTTP process looks for new risk events and for deliveries that are due."""
+    batch: Annotated[int, Field(ge=1, le=1000)] = 50
+    """Most deliveries one process claims per endpoint and round (sent concurrently)."""
+    claim_seconds: Annotated[float, Field(gt=0, le=3600)] = 60.0
+    """A claimed delivery is reserved to the process that claimed it for this long; if that process dies
+    before it records the outcome, another sends it again afterwards (at least once, same event id). Must
+    exceed every webhook's ``timeout_seconds``."""
+    report_key_id: str | None = None
+    """Key that signs the daily risk report (``GET /v1/risk/reports/{date}``); by default the one key
+    whose usages include ``report``."""
+
+
+def _loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+class RiskWebhookSettings(_Section):
+    """One receiver of risk events (``[[risk_webhooks]]``): CloudEvents 1.0 JSON, HMAC-SHA256 signed
+    (docs/risk-delivery.md). The secret is never in this file: ``secret_file`` or ``secret_env``."""
+
+    name: Annotated[str, Field(pattern=r"^[a-z0-9][a-z0-9_-]{0,62}$")]
+    """The endpoint's name: the ``endpoint`` of its deliveries (``/v1/risk/deliveries``); keep it when
+    the URL changes, or pending deliveries wait for a name that is gone."""
+    url: Annotated[str, Field(max_length=2000)]
+    """Where events are POSTed: ``https://…``, or ``http://`` to a loopback address only (a sidecar)."""
+    secret_file: Path | None = None
+    """File holding the HMAC key (mode 0600, at least 32 characters)."""
+    secret_env: Annotated[str, Field(pattern=r"^[A-Z_][A-Z0-9_]{0,127}$")] | None = None
+    """Name of the environment variable holding the HMAC key (at least 32 characters); used when
+    ``secret_file`` is not set."""
+    timeout_seconds: Annotated[float, Field(gt=0, le=120)] = 10.0
+    """An attempt that has no answer within this long failed."""
+    max_attempts: Annotated[int, Field(ge=1, le=100)] = 10
+    """Attempts before a delivery is dead (an admin can replay it: ``POST /v1/risk/deliveries/…/replay``)."""
+    backoff_seconds: Annotated[float, Field(gt=0, le=3600)] = 5.0
+    """Wait after the first failed attempt; each further failure doubles it (up to ``backoff_max_seconds``)."""
+    backoff_max_seconds: Annotated[float, Field(gt=0, le=86_400)] = 3600.0
+    """Longest wait between two attempts."""
+
+    @model_validator(mode="after")
+    def _check(self) -> RiskWebhookSettings:
+        parts = urlsplit(self.url)
+        if parts.scheme not in ("https", "http") or not parts.hostname:
+            raise ValueError(f"risk_webhooks {self.name}: url must be an http(s) URL")
+        if parts.scheme == "http" and not _loopback(parts.hostname):
+            raise ValueError(f"risk_webhooks {self.name}: plain http only to a loopback address; use https")
+        if parts.username or parts.password:
+            raise ValueError(f"risk_webhooks {self.name}: no credentials in the url (they would be logged)")
+        if (self.secret_file is None) == (self.secret_env is None):
+            raise ValueError(f"risk_webhooks {self.name}: set exactly one of secret_file and secret_env")
+        return self
+
+    def read_secret(self, environ: Mapping[str, str] | None = None) -> bytes:
+        """The HMAC key. Raises ConfigError (naming the setting, never the value) when it is missing,
+        readable by others or shorter than 32 characters."""
+        setting = f"risk_webhooks.{self.name}"
+        if self.secret_file is not None:
+            secret = read_private_file(self.secret_file, f"{setting}.secret_file")
+        else:
+            assert self.secret_env is not None
+            secret = (os.environ if environ is None else environ).get(self.secret_env, "").strip()
+            if not secret:
+                raise ConfigError(f"{setting}.secret_env: environment variable {self.secret_env} is not set")
+        if len(secret) < 32:
+            raise ConfigError(f"{setting}: the secret is shorter than 32 characters; use a random one "
+                              "(e.g. `openssl rand -hex 32`)")
+        return secret.encode()
+
+
+def _unique_names(webhooks: list[RiskWebhookSettings]) -> list[RiskWebhookSettings]:
+    names = [webhook.name for webhook in webhooks]
+    duplicates = sorted({name for name in names if names.count(name) > 1})
+    if duplicates:
+        raise ValueError(f"risk_webhooks: names must be unique; repeated: {', '.join(duplicates)}")
+    return webhooks
+
+
 class Settings(_Section):
     """The whole configuration."""
 
@@ -298,6 +390,9 @@ class Settings(_Section):
     ecny: EcnySettings = EcnySettings()
     offline: OfflineSettings = OfflineSettings()
     evm: EvmSettings = EvmSettings()
+    risk_delivery: RiskDeliverySettings = RiskDeliverySettings()
+    risk_webhooks: Annotated[list[RiskWebhookSettings], AfterValidator(_unique_names)] = []
+    """Receivers of risk events as signed CloudEvents (``[[risk_webhooks]]``, one table each)."""
 
 
 def _env_overrides(environ: Mapping[str, str]) -> dict[str, dict[str, Any]]:
@@ -336,7 +431,11 @@ def load_settings(path: Path | None = None, environ: Mapping[str, str] | None = 
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"{path}: {exc}") from exc
     for section, values in _env_overrides(environ).items():
-        data.setdefault(section, {}).update(values)
+        current = data.setdefault(section, {})
+        if not isinstance(current, dict):  # a list of tables ([[risk_webhooks]]) has no KEY to override
+            raise ConfigError(f"{section}: a list of tables; set it in the file, not with "
+                              f"{ENV_PREFIX}{section.upper()}__*")
+        current.update(values)
     try:
         return Settings.model_validate(data)
     except ValidationError as exc:

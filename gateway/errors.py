@@ -677,3 +677,28 @@ class ResolutionRefused(PolicyRefused):
 
     code = "resolution-refused"
     title = "Resolution refused"
+
+
+# --- risk monitoring: delivery of risk events, reports ---------------------------------------------
+
+
+class RiskDeliveryNotFound(NotFound):
+    """No webhook delivery of that event to that endpoint is recorded."""
+
+    code = "risk-delivery-not-found"
+    title = "Risk event delivery not found"
+
+
+class RiskDeliveryNotDead(Conflict):
+    """Only a dead delivery (every attempt failed) can be replayed; a pending one is still being tried
+    and a delivered one has reached its receiver."""
+
+    code = "risk-delivery-not-dead"
+    title = "Delivery is not dead"
+
+
+class InvalidReportDate(ValidationFailed):
+    """A report or chart date that is not a UTC calendar day ``YYYY-MM-DD``, or is in the future."""
+
+    code = "invalid-report-date"
+    title = "Invalid report date"

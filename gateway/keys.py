@@ -52,6 +52,7 @@ class Usage(StrEnum):
     EVM = "evm"
     AUDIT = "audit"
     RAW = "raw"
+    REPORT = "report"  # signed daily risk reports for a regulator (gateway.monitor.report)
 
 
 class KeyStatus(StrEnum):
@@ -62,16 +63,17 @@ class KeyStatus(StrEnum):
 
 #: Usages the gateway picks the key for itself (transfer envelopes, device certificates and vouchers,
 #: audit checkpoints): exactly one active key each. ``evm`` and ``raw`` keys are named by the request.
-SINGLE_ACTIVE_USAGES: frozenset[Usage] = frozenset({Usage.ECNY, Usage.VOUCHER, Usage.AUDIT})
+SINGLE_ACTIVE_USAGES: frozenset[Usage] = frozenset({Usage.ECNY, Usage.VOUCHER, Usage.AUDIT, Usage.REPORT})
 
 #: Algorithms the gateway can generate and use (SM2 only on a GM HSM profile that lists it).
 GENERATABLE = (Algorithm.ECDSA_P256, Algorithm.ECDSA_SECP256K1, Algorithm.ED25519, Algorithm.SM2)
 
-#: Usages that make sense per algorithm: EVM needs secp256k1; COSE signing needs P-256, Ed25519 or SM2.
+#: Usages that make sense per algorithm: EVM needs secp256k1; COSE signing (envelopes, vouchers,
+#: checkpoints, risk reports) needs P-256, Ed25519 or SM2.
 _USAGES: dict[Algorithm, frozenset[Usage]] = {
-    Algorithm.ECDSA_P256: frozenset({Usage.ECNY, Usage.VOUCHER, Usage.AUDIT, Usage.RAW}),
-    Algorithm.ED25519: frozenset({Usage.ECNY, Usage.VOUCHER, Usage.AUDIT, Usage.RAW}),
-    Algorithm.SM2: frozenset({Usage.ECNY, Usage.VOUCHER, Usage.AUDIT, Usage.RAW}),
+    Algorithm.ECDSA_P256: frozenset({Usage.ECNY, Usage.VOUCHER, Usage.AUDIT, Usage.RAW, Usage.REPORT}),
+    Algorithm.ED25519: frozenset({Usage.ECNY, Usage.VOUCHER, Usage.AUDIT, Usage.RAW, Usage.REPORT}),
+    Algorithm.SM2: frozenset({Usage.ECNY, Usage.VOUCHER, Usage.AUDIT, Usage.RAW, Usage.REPORT}),
     Algorithm.ECDSA_SECP256K1: frozenset({Usage.EVM, Usage.RAW}),
 }
 

@@ -55,6 +55,13 @@ class Metrics:
             registry=self.registry,
             multiprocess_mode="max",
         )
+        self.risk_webhook_attempts = Counter(
+            "ecny_risk_webhook_attempts_total",
+            "Attempts to deliver risk events to webhooks, by endpoint and outcome (delivered, retry, dead, "
+            "superseded: the claim had run out and another process owns the delivery)",
+            ["endpoint", "outcome"],
+            registry=self.registry,
+        )
 
     def request_done(self, endpoint: str, status: int, seconds: float) -> None:
         """Count one answered request and its latency (the labelled children are looked up once)."""

@@ -45,6 +45,9 @@ class Permission(StrEnum):
     EVM_SIGN = "evm.sign"
     EVM_NONCES = "evm.nonces"
     SESSIONS_END = "sessions.end"  # log out: every role a person can hold (backend is for API clients only)
+    RISK_REPORTS_READ = "risk_reports.read"  # the signed daily risk report and the risk chart (whole institution)
+    RISK_DELIVERIES_READ = "risk_deliveries.read"  # webhook deliveries of risk events, the dead letters
+    RISK_DELIVERIES_REPLAY = "risk_deliveries.replay"  # send a dead delivery again
 
 
 _READ_ALL = frozenset(p for p in Permission if p.value.endswith(".read"))
@@ -90,6 +93,7 @@ GRANTS: dict[Role, frozenset[Permission]] = {
         Permission.APPROVALS_READ_ALL,
         Permission.RECONCILIATION_RESOLVE,
         Permission.DEVICES_REVOKE,
+        Permission.RISK_REPORTS_READ,
     },
     Role.AUDITOR: _READ_ALL | {Permission.APPROVALS_READ_ALL, Permission.SESSIONS_END},
     Role.ADMIN: frozenset(
@@ -103,6 +107,8 @@ GRANTS: dict[Role, frozenset[Permission]] = {
             Permission.EVM_NONCES,
             Permission.AUDIT_READ,
             Permission.SESSIONS_END,
+            Permission.RISK_DELIVERIES_READ,
+            Permission.RISK_DELIVERIES_REPLAY,
         }
     ),
 }

@@ -16,6 +16,7 @@ import os
 import secrets
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from datetime import timedelta
 from typing import Any
 
 import pytest
@@ -27,6 +28,7 @@ from gateway.app import all_endpoints
 from gateway.auth.credentials import add_user, revoke_client
 from gateway.auth.roles import Role, allows
 from gateway.hardwallet.simulator import SimulatedDevice
+from gateway.risk.events import RiskEvent, insert_event_in
 from tests.api.support import approve_as_second_person, approve_opened_tier, assert_problem, new_client, runtime
 from tests.conftest import PASSWORDS, Gateway, login
 from tests.device.flows import discrepancies, ensure_voucher_key, pay, register
@@ -242,6 +244,29 @@ async def _new_user(ctx: Context) -> str:
     return username
 
 
+async def _dead_delivery(ctx: Context) -> Case:
+    """A risk event whose delivery to a webhook is dead (written as the delivery loop leaves it)."""
+    event = RiskEvent("structuring", 1, "high", 80, "8123456789012344", {"transfer_ids": ["t_authz"]})
+
+    def work(tx: Any) -> None:
+        insert_event_in(tx, event)
+        tx.execute("INSERT INTO risk_deliveries (event_id, endpoint, status, attempts, next_attempt_at, last_error) "
+                   "VALUES (?, 'authz-hook', 'dead', 3, ?, 'HTTP 500')", (event.event_id, clock.now_iso()))
+
+    await runtime(ctx.gateway).database.write(work)
+    return Case(f"/v1/risk/deliveries/{event.event_id}/authz-hook/replay")
+
+
+async def _report_case(ctx: Context) -> Case:
+    """Yesterday's risk report, with a `report` key made once for the session's gateway."""
+    gw = ctx.gateway
+    keys = await _ok(await gw.client.get("/v1/keys", headers=gw.auth(Role.ADMIN)))
+    if not any("report" in key["usage"] for key in keys["keys"]):
+        await _ok(await gw.client.post("/v1/keys", json={"label": "authz-risk-report", "algorithm": "ecdsa-p256",
+                                                         "usage": ["report"]}, headers=gw.auth(Role.ADMIN)), 201)
+    return Case(f"/v1/risk/reports/{(clock.now().date() - timedelta(days=1)).isoformat()}")
+
+
 # The users behind each role that people hold (tests/conftest.py provisions them).
 USER_OF_ROLE = {Role.TELLER: "teller1", Role.SUPERVISOR: "supervisor1", Role.AUDITOR: "auditor1",
                 Role.ADMIN: "admin1"}
@@ -261,6 +286,10 @@ SUPERVISOR = frozenset({Role.SUPERVISOR})
 DEVICE_READERS = frozenset({Role.TELLER, Role.SUPERVISOR, Role.AUDITOR})
 PEOPLE = frozenset({Role.TELLER, Role.SUPERVISOR, Role.AUDITOR, Role.ADMIN})  # roles a user can hold: log out
 ADMIN = frozenset({Role.ADMIN})
+# Risk: the institution-wide report and chart for supervisors and auditors; webhook deliveries for the admin
+# who runs them (and the auditor, who reads everything).
+RISK_REPORT_READERS = frozenset({Role.SUPERVISOR, Role.AUDITOR})
+DELIVERY_READERS = frozenset({Role.AUDITOR, Role.ADMIN})
 
 Builder = Callable[[Context], Awaitable[Case]]
 
@@ -344,6 +373,10 @@ CASES: dict[str, tuple[frozenset[Role] | None, Builder]] = {
     "POST /v1/evm/typed-data": (frozenset({Role.BACKEND}), _evm_typed_data),
     "POST /v1/evm/nonces/{chain_id}/{address}": (frozenset({Role.ADMIN}), _sync(lambda ctx: Case(
         f"/v1/evm/nonces/{SEPOLIA}/0x{secrets.token_hex(20)}", {"next_nonce": 0}))),
+    "GET /v1/risk/deliveries": (DELIVERY_READERS, _fixed(Case("/v1/risk/deliveries", params={"status": "dead"}))),
+    "POST /v1/risk/deliveries/{event_id}/{endpoint}/replay": (ADMIN, _dead_delivery),
+    "GET /v1/risk/reports/{date}": (RISK_REPORT_READERS, _report_case),
+    "GET /v1/risk/chart.png": (RISK_REPORT_READERS, _fixed(Case("/v1/risk/chart.png"))),
 }
 
 ENDPOINTS = {endpoint.name: endpoint for endpoint in all_endpoints()}
@@ -395,7 +428,7 @@ async def test_endpoint_for_caller(
     response = await gateway.client.request(
         endpoint.method, case.path, json=case.json, data=case.data, params=case.params, headers=headers
     )
-    text = await response.text()
+    text = (await response.read()).decode("utf-8", "replace")  # some successes are binary (PNG, COSE)
     assert response.headers["X-Request-Id"] == request_id
 
     if endpoint.permission is None or (isinstance(caller, Role) and allows(caller, endpoint.permission)):

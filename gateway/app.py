@@ -20,6 +20,7 @@ from gateway.api import devices as devices_api
 from gateway.api import evm as evm_api
 from gateway.api import keys as keys_api
 from gateway.api import probes as probes_api
+from gateway.api import risk as risk_api
 from gateway.api import sessions as sessions_api
 from gateway.api import transfers as transfers_api
 from gateway.api import users as users_api
@@ -46,6 +47,7 @@ from gateway.keys import KeyDirectory, Usage, flag_raw_not_exclusive, raw_not_ex
 from gateway.ledger.engines import open_database
 from gateway.ledger.store import Database
 from gateway.metrics import Metrics
+from gateway.monitor.worker import RiskMonitor
 from gateway.offline.devices import Devices, register_offline_approvals
 from gateway.runtime import RUNTIME, Runtime
 from gateway.wallets.accounts import Wallets
@@ -63,6 +65,7 @@ def all_endpoints() -> list[Endpoint]:
         *devices_api.ENDPOINTS,
         *evm_api.ENDPOINTS,
         *audit_api.ENDPOINTS,
+        *risk_api.ENDPOINTS,
     ]
 
 
@@ -100,6 +103,8 @@ REFUSAL_TALLY = web.AppKey("refusal_tally", RefusalTally)
 """The counted anonymous refusals (``refusal_context``)."""
 METRICS = web.AppKey("metrics", Metrics)
 """This application's Prometheus registry (made with the application: nothing to close)."""
+RISK_MONITOR = web.AppKey("risk_monitor", RiskMonitor)
+"""The risk rules' evaluator of this process (``monitor_context``)."""
 
 Context = Callable[[web.Application], AsyncIterator[None]]
 
@@ -174,6 +179,22 @@ def refusal_context(settings: Settings) -> Context:
     return context
 
 
+def monitor_context(settings: Settings) -> Context:
+    """The risk monitor: evaluates committed signals off the request path (docs/risk.md); stopped before
+    the signer pool and the store close."""
+
+    async def context(app: web.Application) -> AsyncIterator[None]:
+        monitor = RiskMonitor(app[STORE], settings, app[METRICS], app[SIGNER_POOL])
+        monitor.start()
+        try:
+            app[RISK_MONITOR] = monitor
+            yield
+        finally:
+            await monitor.close()
+
+    return context
+
+
 def runtime_context(settings: Settings) -> Context:
     """Put together what the endpoints reach through ``app[RUNTIME]`` (nothing of its own to close)."""
 
@@ -203,6 +224,7 @@ def runtime_context(settings: Settings) -> Context:
             typed_data=typed_data,
             approvals=approvals,
             refusals=app[REFUSAL_TALLY],
+            monitor=app[RISK_MONITOR],
             keys=keys,
         )
         approvals.register(EVM_APPROVAL_KIND, evm)
@@ -212,6 +234,12 @@ def runtime_context(settings: Settings) -> Context:
         yield
 
     return context
+
+
+async def _end_risk_streams(app: web.Application) -> None:
+    monitor = app.get(RISK_MONITOR)
+    if monitor is not None:
+        await monitor.end_streams()
 
 
 def make_app(settings: Settings, process_index: int = 0) -> web.Application:
@@ -231,11 +259,13 @@ def make_app(settings: Settings, process_index: int = 0) -> web.Application:
     # and those started before it close in reverse (the refusal tally before the audit log, the audit
     # log's last checkpoint before the signer pool, the pool before the store).
     app[METRICS] = Metrics()
+    app.on_shutdown.append(_end_risk_streams)
     app.cleanup_ctx.extend([
         store_context(settings),
         signer_context(settings, process_index),
         audit_context(settings),
         refusal_context(settings),
+        monitor_context(settings),
         runtime_context(settings),
     ])
     return app

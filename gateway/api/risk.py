@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import time
+from functools import partial
 
 from aiohttp import web
 
@@ -72,8 +73,8 @@ async def stream(call: Call) -> web.StreamResponse:
     try:
         await response.write(b"retry: 1000\n: stream open\n\n")
         while not runtime.monitor.closing:
-            page = await runtime.database.read(
-                lambda tx, after=cursor: triage.page_in(tx, reader, after, severity, rule, STREAM_PAGE))
+            page = await runtime.database.read(partial(triage.page_in, reader=reader, after=cursor,
+                                                       severity=severity, rule=rule, limit=STREAM_PAGE))
             for event in page["events"]:
                 cursor = event["seq"]
                 data = json.dumps(event, sort_keys=True, separators=(",", ":"))

@@ -66,7 +66,8 @@ async def stream(call: Call) -> web.StreamResponse:
     if cursor is None:  # live from now on
         cursor = await runtime.monitor.head()
     response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-store",
-                                           "X-Accel-Buffering": "no"})
+                                           "X-Accel-Buffering": "no",  # sent now: the middleware adds it too late
+                                           "X-Request-Id": call.request_id})
     await response.prepare(call.request)
     risk = runtime.settings.risk
     beat = time.monotonic()

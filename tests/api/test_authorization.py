@@ -27,6 +27,7 @@ from gateway.app import all_endpoints
 from gateway.auth.credentials import add_user, revoke_client
 from gateway.auth.roles import Role, allows
 from gateway.hardwallet.simulator import SimulatedDevice
+from gateway.risk.events import RiskEvent, insert_event_in
 from tests.api.support import approve_as_second_person, approve_opened_tier, assert_problem, new_client, runtime
 from tests.conftest import PASSWORDS, Gateway, login
 from tests.device.flows import discrepancies, ensure_voucher_key, pay, register
@@ -234,6 +235,14 @@ async def _new_user(ctx: Context) -> str:
     return username
 
 
+async def _risk_event(ctx: Context) -> str:
+    """A fresh open risk event that names the backend test client (so that client may read it), nobody else."""
+    event = RiskEvent("notable", 1, "low", 25, "authz", {"first_seq": 0, "last_seq": 0},
+                      parties=("client:test-backend",))
+    await runtime(ctx.gateway).database.write(lambda tx: insert_event_in(tx, event))
+    return event.event_id
+
+
 # The users behind each role that people hold (tests/conftest.py provisions them).
 USER_OF_ROLE = {Role.TELLER: "teller1", Role.SUPERVISOR: "supervisor1", Role.AUDITOR: "auditor1",
                 Role.ADMIN: "admin1"}
@@ -253,6 +262,8 @@ SUPERVISOR = frozenset({Role.SUPERVISOR})
 DEVICE_READERS = frozenset({Role.TELLER, Role.SUPERVISOR, Role.AUDITOR})
 PEOPLE = frozenset({Role.TELLER, Role.SUPERVISOR, Role.AUDITOR, Role.ADMIN})  # roles a user can hold: log out
 ADMIN = frozenset({Role.ADMIN})
+RISK_READERS = frozenset({Role.BACKEND, Role.SUPERVISOR, Role.AUDITOR})  # the backend: events naming it
+RISK_TRIAGERS = frozenset({Role.SUPERVISOR, Role.AUDITOR})
 
 Builder = Callable[[Context], Awaitable[Case]]
 
@@ -326,6 +337,15 @@ CASES: dict[str, tuple[frozenset[Role] | None, Builder]] = {
     "POST /v1/evm/typed-data": (frozenset({Role.BACKEND}), _evm_typed_data),
     "POST /v1/evm/nonces/{chain_id}/{address}": (frozenset({Role.ADMIN}), _sync(lambda ctx: Case(
         f"/v1/evm/nonces/{SEPOLIA}/0x{secrets.token_hex(20)}", {"next_nonce": 0}))),
+    "GET /v1/risk/events": (RISK_READERS, _fixed(Case("/v1/risk/events", params={"limit": "5"}))),
+    "GET /v1/risk/events/{event_id}": (RISK_READERS, lambda ctx: _built(ctx, "/v1/risk/events/{}", _risk_event)),
+    "GET /v1/risk/stream": (RISK_READERS, _fixed(Case("/v1/risk/stream"))),
+    "POST /v1/risk/events/{event_id}/acknowledge": (RISK_TRIAGERS, lambda ctx: _built(
+        ctx, "/v1/risk/events/{}/acknowledge", _risk_event, {"note": "seen"})),
+    "POST /v1/risk/events/{event_id}/assign": (RISK_TRIAGERS, lambda ctx: _built(
+        ctx, "/v1/risk/events/{}/assign", _risk_event, {"assignee": "auditor1"})),
+    "POST /v1/risk/events/{event_id}/close": (RISK_TRIAGERS, lambda ctx: _built(
+        ctx, "/v1/risk/events/{}/close", _risk_event, {"note": "checked"})),
 }
 
 ENDPOINTS = {endpoint.name: endpoint for endpoint in all_endpoints()}
@@ -377,7 +397,11 @@ async def test_endpoint_for_caller(
     response = await gateway.client.request(
         endpoint.method, case.path, json=case.json, data=case.data, params=case.params, headers=headers
     )
-    text = await response.text()
+    if response.content_type == "text/event-stream":  # a live stream never ends: its status says it all
+        text = ""
+        response.close()
+    else:
+        text = await response.text()
     assert response.headers["X-Request-Id"] == request_id
 
     if endpoint.permission is None or (isinstance(caller, Role) and allows(caller, endpoint.permission)):

@@ -11,7 +11,6 @@ import asyncio
 import json
 import secrets
 from collections.abc import AsyncIterator
-from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -176,11 +175,11 @@ async def test_cursor_pages_and_filters(gw: Gateway) -> None:
     assert structuring and all(e["rule"] == "structuring" for e in structuring)
 
 
-@pytest.mark.parametrize(("query", "header"), [
-    ({"after": "abc"}, None), ({"after": "-1"}, None), ({"after": "²"}, None), ({"limit": "0"}, None),
-    ({"limit": "1001"}, None), ({"severity": "urgent"}, None), ({"rule": "nope"}, None),
+@pytest.mark.parametrize("query", [
+    {"after": "abc"}, {"after": "-1"}, {"after": "²"}, {"after": "9" * 30}, {"limit": "0"}, {"limit": "1001"},
+    {"severity": "urgent"}, {"rule": "nope"},
 ])
-async def test_bad_cursors_and_filters_are_problems(gw: Gateway, query: dict[str, str], header: None) -> None:
+async def test_bad_cursors_and_filters_are_problems(gw: Gateway, query: dict[str, str]) -> None:
     """Bad input to the event feed gets a problem document, never a 500."""
     response = await gw.client.get("/v1/risk/events", params=query, headers=gw.auth(Role.AUDITOR))
     await assert_problem(response, 400, "validation-failed")
@@ -290,7 +289,7 @@ async def test_the_metric_counts_events_by_rule_and_severity(gw: Gateway) -> Non
     assert 'ecny_risk_events_total{rule="velocity",severity="medium"}' in text
 
 
-async def test_every_signal_is_evaluated_once_and_no_event_is_stored_twice(gw: Gateway, tmp_path: Path) -> None:
+async def test_every_signal_is_evaluated_once_and_no_event_is_stored_twice(gw: Gateway) -> None:
     """The outbox drains: nothing pending, no event id twice, no finding reported twice."""
     events = await events_where(gw, lambda e: True)
     assert len({e["event_id"] for e in events}) == len(events)

@@ -97,7 +97,7 @@ async def test_tellers_and_backend_clients_cannot_triage(gw: Gateway) -> None:
 
 async def test_a_backend_client_reads_only_the_events_that_name_it(gw: Gateway) -> None:
     """A backend client reads the bank's alarms about others (tellers, other clients)."""
-    name, headers = await new_client(gw, Role.BACKEND, "reader")
+    _, headers = await new_client(gw, Role.BACKEND, "reader")
     everything = await events_where(gw, lambda e: True)
     assert everything
     assert await all_events(gw, headers) == []

@@ -308,12 +308,15 @@ class VelocityRule(_RiskRule):
     severity: Severity = "medium"
     """Severity of its events."""
     window_seconds: Annotated[int, Field(ge=10)] = 600
-    """The window every count below is taken over."""
+    """The window of the wallet, device and EVM address counts."""
     wallet_max: Annotated[int, Field(ge=2)] = 60
     """Transfers and cash-outs from one wallet within the window that raise an event."""
-    client_max: Annotated[int, Field(ge=2)] = 100_000
-    """Transfers and EVM transactions made by one API client or user within the window (set it near the
-    busiest client's normal volume: a runaway or stolen key shows as a burst above it)."""
+    client_window_seconds: Annotated[int, Field(ge=1)] = 60
+    """The window of the per-client count (short: counting costs up to ``client_max`` index entries)."""
+    client_max: Annotated[int, Field(ge=2)] = 20_000
+    """Transfers and EVM transactions made by one API client or user within ``client_window_seconds`` that
+    raise an event (set it near the busiest client's normal volume: a runaway or stolen key shows as a
+    burst above it)."""
     device_max: Annotated[int, Field(ge=2)] = 6
     """Loads of one hard wallet within the window."""
     evm_address_max: Annotated[int, Field(ge=2)] = 100
@@ -381,7 +384,7 @@ class RiskSettings(_Section):
     poll_seconds: Annotated[float, Field(gt=0, le=60)] = 1.0
     """How often the monitor looks for signals committed by other processes or instances (its own
     process's commits wake it at once)."""
-    settle_seconds: Annotated[float, Field(ge=0, le=5)] = 0.05
+    settle_seconds: Annotated[float, Field(ge=0, le=5)] = 0.2
     """After a wake-up the monitor waits this long, so that a burst is evaluated in one batch."""
     batch_max: Annotated[int, Field(ge=1, le=10_000)] = 1000
     """Most signals evaluated in one transaction."""

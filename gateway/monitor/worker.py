@@ -29,7 +29,7 @@ import os
 import socket
 import uuid
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
 
@@ -58,13 +58,46 @@ LEASE = "evaluator"
 MARK_CHUNK = 500
 
 
-class StoreWindow:
-    """The rules' :class:`~gateway.monitor.rules.Window` over ``risk_signals`` and ``risk_events``, read by index."""
+@dataclass
+class WindowMemo:
+    """What the monitor keeps between batches, so that a busy wallet or client costs no scan of its window per
+    batch: an upper bound of each velocity window's count, and when each payer last paid each payee. Kept
+    only while this process evaluates — every signal then passes it, once, in seq order — and cleared
+    whenever a batch is not stored. A bound only grows (by the key's signals in each batch) until the rule
+    needs the exact count, which resets it; the rules never report a bound."""
 
-    def __init__(self, tx: Tx) -> None:
+    counts: dict[tuple[Any, ...], int] = field(default_factory=dict)
+    paid: dict[tuple[str, str], str | None] = field(default_factory=dict)
+
+    MAX_ENTRIES = 200_000  # beyond it the memo starts again (it is a cache: nothing depends on its content)
+
+    def update(self, other: WindowMemo) -> None:
+        if len(self.counts) + len(other.counts) > self.MAX_ENTRIES or len(self.paid) + len(other.paid) > \
+                self.MAX_ENTRIES:
+            self.counts.clear()
+            self.paid.clear()
+        self.counts.update(other.counts)
+        self.paid.update(other.paid)
+
+
+class StoreWindow:
+    """The rules' :class:`~gateway.monitor.rules.Window` over ``risk_signals`` and ``risk_events``, read by index.
+
+    ``memo``: what earlier batches left (read only); what this batch learns goes to ``learned``, which the
+    monitor keeps once the batch is stored."""
+
+    def __init__(self, tx: Tx, batch: Sequence[SignalRecord] = (), memo: WindowMemo | None = None) -> None:
         self.tx = tx
-        self.found: dict[tuple[str, str], int] = {}
-        """``last_seq`` of the events found in this batch (not stored yet), by rule and subject."""
+        self.memo = memo or WindowMemo()
+        self.learned = WindowMemo()
+        self.found: dict[tuple[str, str], tuple[int, str]] = {}
+        """``last_seq`` and ``last_ts`` of the events found in this batch (not stored yet), by rule and subject."""
+        self.batch = batch
+        self.batch_start = batch[0].seq if batch else 0
+        self.batch_payments: dict[tuple[str, str], list[SignalRecord]] = {}
+        for signal in batch:
+            if signal.kind == TRANSFER:
+                self.batch_payments.setdefault((signal.subject, signal.counterparty), []).append(signal)
 
     @staticmethod
     def _where(query: WindowQuery) -> tuple[str, list[Any]]:
@@ -87,22 +120,62 @@ class StoreWindow:
                                [*params, cap])
         return 0 if row is None else int(row["n"])
 
+    def _count_all(self, query: WindowQuery) -> int:
+        where, params = self._where(query)
+        row = self.tx.fetchone(f"SELECT COUNT(*) AS n FROM risk_signals WHERE {where}", params)
+        return 0 if row is None else int(row["n"])
+
+    def window_count(self, query: WindowQuery, cap: int) -> int:
+        key = (query.kinds, query.column, query.value)
+        if key in self.learned.counts:
+            return self.learned.counts[key]
+        known = self.memo.counts.get(key)
+        if known is not None:  # the bound grows by this key's signals in the batch
+            assert query.column is not None
+            bound = known + sum(1 for s in self.batch if s.kind in query.kinds and s.seq <= query.upto_seq
+                                and getattr(s, query.column) == query.value)
+            if bound < cap:
+                self.learned.counts[key] = bound
+                return bound
+        count = self.count(query, cap)
+        self.learned.counts[key] = count
+        return count
+
     def signals(self, query: WindowQuery, newest: int) -> list[SignalRecord]:
         where, params = self._where(query)
         rows = self.tx.fetchall(f"SELECT * FROM risk_signals WHERE {where} ORDER BY seq DESC LIMIT ?",
                                 [*params, newest])
         return [SignalRecord.from_row(row) for row in reversed(rows)]
 
-    def reported_upto(self, rule: str, subject: str) -> int:
+    def reported_upto(self, rule: str, subject: str) -> tuple[int, str]:
         if (rule, subject) in self.found:
             return self.found[(rule, subject)]
         row = self.tx.fetchone("SELECT evidence FROM risk_events WHERE rule = ? AND subject = ? "
                                "ORDER BY seq DESC LIMIT 1", (rule, subject))
-        return 0 if row is None else int(json.loads(row["evidence"]).get("last_seq", 0))
+        if row is None:
+            return 0, ""
+        evidence = json.loads(row["evidence"])
+        return int(evidence.get("last_seq", 0)), str(evidence.get("last_ts", ""))
 
     def paid_before(self, payer: str, payee: str, before: str) -> bool:
         return self.tx.fetchone("SELECT 1 FROM risk_signals WHERE kind = ? AND counterparty = ? AND subject = ? "
                                 "AND ts < ? LIMIT 1", (TRANSFER, payee, payer, before)) is not None
+
+    def last_paid(self, payer: str, payee: str, before_seq: int) -> str | None:
+        pair = (payer, payee)
+        earlier = [s.ts for s in self.batch_payments.get(pair, ()) if s.seq < before_seq]
+        if earlier:
+            return max(earlier)
+        if pair in self.memo.paid:
+            return self.memo.paid[pair]
+        row = self.tx.fetchone("SELECT MAX(ts) AS ts FROM risk_signals WHERE kind = ? AND counterparty = ? "
+                               "AND subject = ? AND seq < ?", (TRANSFER, payee, payer, self.batch_start))
+        return None if row is None or row["ts"] is None else str(row["ts"])
+
+    def remember_payments(self) -> None:
+        """After the batch: each pair's last payment, for the next batches."""
+        for pair, payments in self.batch_payments.items():
+            self.learned.paid[pair] = max(s.ts for s in payments)
 
     def last_movement(self, wallet: str, before_seq: int) -> str | None:
         moments = []
@@ -125,27 +198,31 @@ class StoreWindow:
 
 @dataclass(frozen=True)
 class Evaluation:
-    """One batch evaluated: the signals (by seq) and the events they gave rise to."""
+    """One batch evaluated: the signals (by seq), the events they gave rise to, and what the monitor may
+    remember of it once it is stored."""
 
     seqs: list[int]
     events: list[RiskEvent]
+    learned: WindowMemo = field(default_factory=WindowMemo)
 
 
-def evaluate_batch_in(tx: Tx, rules: Sequence[Rule], batch_max: int) -> Evaluation:
+def evaluate_batch_in(tx: Tx, rules: Sequence[Rule], batch_max: int, memo: WindowMemo | None = None) -> Evaluation:
     """Read the oldest unevaluated signals and evaluate every rule over them (reads only)."""
     rows = tx.fetchall("SELECT * FROM risk_signals WHERE evaluated = 0 ORDER BY seq LIMIT ?", (batch_max,))
     batch = [SignalRecord.from_row(row) for row in rows]
-    window = StoreWindow(tx)
+    window = StoreWindow(tx, batch, memo)
     events: list[RiskEvent] = []
     for rule in rules:
         for signal in triggers(rule, batch):
             for finding in rule.evaluate(signal, window):
-                window.found[(rule.name, finding.subject)] = int(finding.evidence["last_seq"])
+                window.found[(rule.name, finding.subject)] = (int(finding.evidence["last_seq"]),
+                                                              str(finding.evidence["last_ts"]))
                 events.append(RiskEvent(
                     rule.name, rule.version, finding.severity or rule.severity, finding.score, finding.subject,
                     finding.evidence, deterministic_event_id(rule.name, rule.version, finding.subject, signal.seq),
                     parties=finding.parties))
-    return Evaluation([signal.seq for signal in batch], events)
+    window.remember_payments()
+    return Evaluation([signal.seq for signal in batch], events, window.learned)
 
 
 class LeaseLost(Exception):
@@ -203,6 +280,7 @@ class RiskMonitor:
         self._task: asyncio.Task[None] | None = None
         self._lease_until = ""  # when this process's lease ends, as far as it knows
         self._hsm_ready: bool | None = None
+        self._memo = WindowMemo()
         self.closing = False
         """Set at shutdown: the live streams end (``GET /v1/risk/stream``)."""
         self._log = structlog.get_logger("gateway.monitor")
@@ -270,16 +348,19 @@ class RiskMonitor:
             if not await self.database.write(lambda tx: take_lease_in(tx, self.holder, risk.lease_seconds)):
                 return 0
             self._lease_until = clock.iso(clock.now() + timedelta(seconds=risk.lease_seconds / 2))
-        rules = self.rules
-        evaluation = await self.database.read(lambda tx: evaluate_batch_in(tx, rules, risk.batch_max))
+        rules, memo = self.rules, self._memo
+        evaluation = await self.database.read(lambda tx: evaluate_batch_in(tx, rules, risk.batch_max, memo))
         if not evaluation.seqs:
             return 0
         try:
             stored = await self.database.write(
                 lambda tx: store_evaluation_in(tx, evaluation, self.holder, risk.lease_seconds))
-        except LeaseLost:
-            self._lease_until = ""
+        except BaseException as exc:
+            self._memo = WindowMemo()  # what the batch taught is not so: forget everything
+            if isinstance(exc, LeaseLost):
+                self._lease_until = ""
             raise
+        self._memo.update(evaluation.learned)
         self._lease_until = clock.iso(clock.now() + timedelta(seconds=risk.lease_seconds / 2))
         for event in stored:
             self.metrics.risk_events.labels(event.rule, event.severity).inc()

@@ -18,11 +18,13 @@ import pytest
 import pytest_asyncio
 
 from gateway.auth.roles import Role
+from gateway.hardwallet.simulator import SimulatedDevice
 from gateway.runtime import RUNTIME
 from tests.api.support import assert_problem, audit_entries, new_client
 from tests.api.test_evm import erc20, sign
 from tests.api.test_wallets import cash_in, open_wallet, transfer
 from tests.conftest import Gateway, Token, login, new_evm_key
+from tests.device.flows import ensure_voucher_key, load, pay, register, sync
 from tests.risk_support import JUST_UNDER, STRUCTURING_COUNT, all_events, events_where, idem, start_risk_gateway
 
 pytestmark = pytest.mark.softhsm
@@ -155,6 +157,32 @@ async def test_repeated_refusals_for_one_client_and_it_reads_only_its_own_events
     assert [e["event_id"] for e in own] == [found[0]["event_id"]]
     shown = await gw.client.get(f"/v1/risk/events/{found[0]['event_id']}", headers=headers)
     assert shown.status == 200 and (await shown.json())["parties"] == [f"client:{name}"]
+
+
+async def test_one_payee_receiving_from_several_frozen_devices(gw: Gateway) -> None:
+    """Frozen devices' payee: one hard wallet collecting from several double-spending (cloned) ones."""
+    await ensure_voucher_key(gw)
+    collector = SimulatedDevice.create()
+    await register(gw, collector, await funded(gw, 10_000))
+    payers = []
+    for _ in range(2):
+        payer = SimulatedDevice.create()
+        await register(gw, payer, await funded(gw, 10_000))
+        await load(gw, payer, 5_000)
+        pay(payer, collector, 1_000)
+        pay(payer, collector, 2_000, misbehave="reuse-counter")  # a double spend: the sync freezes the payer
+        await sync(gw, payer)
+        payers.append(payer.state.device_id)
+    payee = collector.state.device_id
+    found = await events_where(gw, lambda e: e["rule"] == "frozen_devices_payee" and e["subject"] == payee)
+    assert len(found) == 1, found
+    assert found[0]["evidence"]["devices"] == sorted(payers) and found[0]["severity"] == "high"
+    frozen = await events_where(gw, lambda e: e["rule"] == "notable" and e["evidence"]["kind"] == "device.frozen"
+                                and e["subject"] in payers)
+    assert sorted(e["subject"] for e in frozen) == sorted(payers)
+    raised = await events_where(gw, lambda e: e["rule"] == "notable" and e["evidence"]["kind"] == "discrepancy.raised"
+                                and e["subject"] in payers)
+    assert raised and all(e["evidence"]["detail"]["discrepancy_kind"] for e in raised)
 
 
 # --- pages, filters, one event ----------------------------------------------------------------------

@@ -38,7 +38,7 @@ class ListWindow:
     """A :class:`~gateway.monitor.rules.Window` over a list of signals (and the events reported so far)."""
 
     signals_: list[SignalRecord]
-    reported: dict[tuple[str, str], int] = field(default_factory=dict)
+    reported: dict[tuple[str, str], tuple[int, str]] = field(default_factory=dict)
 
     def _match(self, query: WindowQuery) -> list[SignalRecord]:
         return [s for s in self.signals_ if s.kind in query.kinds
@@ -50,15 +50,22 @@ class ListWindow:
     def count(self, query: WindowQuery, cap: int) -> int:
         return min(cap, len(self._match(query)))
 
+    def window_count(self, query: WindowQuery, cap: int) -> int:
+        return len(self._match(query))
+
     def signals(self, query: WindowQuery, newest: int) -> list[SignalRecord]:
         return self._match(query)[-newest:]
 
-    def reported_upto(self, rule: str, subject: str) -> int:
-        return self.reported.get((rule, subject), 0)
+    def reported_upto(self, rule: str, subject: str) -> tuple[int, str]:
+        return self.reported.get((rule, subject), (0, ""))
 
     def paid_before(self, payer: str, payee: str, before: str) -> bool:
         return any(s.kind == TRANSFER and s.subject == payer and s.counterparty == payee and s.ts < before
                    for s in self.signals_)
+
+    def last_paid(self, payer: str, payee: str, before_seq: int) -> str | None:
+        return max((s.ts for s in self.signals_ if s.kind == TRANSFER and s.subject == payer
+                    and s.counterparty == payee and s.seq < before_seq), default=None)
 
     def last_movement(self, wallet: str, before_seq: int) -> str | None:
         return None
@@ -93,7 +100,7 @@ def test_structuring_outside_the_window_and_after_a_report_does_not_count() -> N
     rule = structuring()
     window = ListWindow([transfer(1, 4_900_000, 0), transfer(2, 4_900_000, 11), transfer(3, 4_900_000, 12)])
     assert rule.evaluate(window.signals_[2], window) == []  # the first is 12 minutes old: outside 600 s
-    window = ListWindow([transfer(i, 4_900_000, i) for i in range(1, 7)], {("structuring", "W1"): 3})
+    window = ListWindow([transfer(i, 4_900_000, i) for i in range(1, 7)], {("structuring", "W1"): (3, at(3))})
     [finding] = rule.evaluate(window.signals_[5], window)
     assert finding.evidence["ids"] == ["t_4", "t_5", "t_6"]  # never the three reported already
 

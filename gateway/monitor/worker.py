@@ -323,8 +323,11 @@ class RiskMonitor:
     async def _run(self) -> None:
         risk = self.settings.risk
         while True:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), risk.poll_seconds)
+            if risk.monitor:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wake.wait(), risk.poll_seconds)
+            else:  # nothing to evaluate here: only the signer is watched
+                await asyncio.sleep(risk.poll_seconds)
             self._wake.clear()
             try:
                 await self._watch_signer()

@@ -7,7 +7,6 @@ import asyncio
 import time
 import uuid
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 from gateway.auth.roles import Role
@@ -30,9 +29,8 @@ def risk_settings() -> RiskSettings:
     )
 
 
-async def start_risk_gateway(token: Token, directory: Path) -> Gateway:
-    settings = make_settings(token, f"sqlite:///{directory / 'gateway.db'}",
-                             evm={"chains": [*EvmSettings().chains, evm_test_chain()]})
+async def start_risk_gateway(token: Token, dsn: str) -> Gateway:
+    settings = make_settings(token, dsn, evm={"chains": [*EvmSettings().chains, evm_test_chain()]})
     settings.risk = risk_settings()
     gateway = await start_gateway(settings)
     for label, usage in (("ecny-risk", "ecny"), ("audit-risk", "audit")):

@@ -25,14 +25,22 @@ from tests.api.test_evm import erc20, sign
 from tests.api.test_wallets import cash_in, open_wallet, transfer
 from tests.conftest import Gateway, Token, login, new_evm_key
 from tests.device.flows import ensure_voucher_key, load, pay, register, sync
+from tests.pg import PostgresServer
 from tests.risk_support import JUST_UNDER, STRUCTURING_COUNT, all_events, events_where, idem, start_risk_gateway
 
 pytestmark = pytest.mark.softhsm
 
 
-@pytest_asyncio.fixture(scope="module")
-async def gw(softhsm_token: Token, tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Gateway]:
-    gateway = await start_risk_gateway(softhsm_token, tmp_path_factory.mktemp("risk"))
+@pytest_asyncio.fixture(scope="module", params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
+async def gw(request: pytest.FixtureRequest, softhsm_token: Token,
+             tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Gateway]:
+    """A gateway with small rule thresholds, once on SQLite and once on PostgreSQL."""
+    if request.param == "sqlite":
+        dsn = f"sqlite:///{tmp_path_factory.mktemp('risk') / 'gateway.db'}"
+    else:
+        server: PostgresServer = request.getfixturevalue("postgres_server")
+        dsn = server.create_database()
+    gateway = await start_risk_gateway(softhsm_token, dsn)
     yield gateway
     await gateway.client.close()
 

@@ -24,7 +24,7 @@ pytestmark = pytest.mark.softhsm
 
 @pytest_asyncio.fixture(scope="module")
 async def gw(softhsm_token: Token, tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Gateway]:
-    gateway = await start_risk_gateway(softhsm_token, tmp_path_factory.mktemp("risk-security"))
+    gateway = await start_risk_gateway(softhsm_token, f"sqlite:///{tmp_path_factory.mktemp('risk-security') / 'gw.db'}")
     yield gateway
     await gateway.client.close()
 

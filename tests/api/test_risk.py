@@ -331,3 +331,22 @@ async def test_every_signal_is_evaluated_once_and_no_event_is_stored_twice(gw: G
     assert len({e["event_id"] for e in events}) == len(events)
     keys = [(e["rule"], e["subject"], e["evidence"]["last_seq"]) for e in events]
     assert len(set(keys)) == len(keys)
+
+
+async def test_lockouts_and_nonce_changes_are_notable_events(gw: Gateway) -> None:
+    """A password-guessing run and an admin rewinding an address's nonces reach the risk feed."""
+    username = f"ghost-{secrets.token_hex(3)}"
+    for _ in range(gw.settings.auth.login_max_attempts):
+        response = await gw.client.post("/v1/sessions", json={"username": username, "password": "wrong-password-1"})
+        assert response.status == 401, await response.text()
+    address = "0x" + secrets.token_hex(20)
+    response = await gw.client.post(f"/v1/evm/nonces/11155111/{address}", json={"next_nonce": 7},
+                                    headers=gw.auth(Role.ADMIN))
+    assert response.status == 200, await response.text()
+    found = await events_where(gw, lambda e: e["rule"] == "notable"
+                               and e["subject"].lower() in (f"user:{username}", address))  # the address as EIP-55
+    kinds = {e["evidence"]["kind"]: e for e in found}
+    assert set(kinds) == {"login.locked", "evm.nonce_set"}, found
+    assert kinds["login.locked"]["severity"] == "low"
+    assert kinds["evm.nonce_set"]["evidence"]["detail"]["next_nonce"] == 7
+    assert kinds["evm.nonce_set"]["evidence"]["actor"] == "client:test-admin"

@@ -106,3 +106,21 @@ async def test_a_backend_client_reads_only_the_events_that_name_it(gw: Gateway) 
         await assert_problem(response, 404, "risk-event-not-found")
     response = await gw.client.get("/v1/risk/events", params={"rule": "structuring"}, headers=headers)
     assert (await response.json())["events"] == []
+
+
+async def test_a_failed_audit_verification_is_a_critical_event(gw: Gateway) -> None:
+    """Someone rewrites an audit entry: the next verification fails, and the failure reaches the risk feed."""
+    database = gw.client.server.app[RUNTIME].database
+    original = await database.read(lambda tx: tx.fetchone("SELECT result FROM audit_log WHERE seq = 1"))
+    assert original is not None
+    await database.write(lambda tx: tx.execute("UPDATE audit_log SET result = '{\"forged\":true}' WHERE seq = 1"))
+    try:
+        report = await (await gw.client.get("/v1/audit/verify", headers=gw.auth(Role.AUDITOR))).json()
+        assert report["ok"] is False and report["first_bad_seq"] == 1
+        found = await events_where(gw, lambda e: e["rule"] == "notable"
+                                   and e["evidence"]["kind"] == "audit.verify_failed")
+        assert len(found) == 1 and found[0]["severity"] == "critical", found
+        assert found[0]["evidence"]["detail"]["first_bad_seq"] == 1
+    finally:  # the rest of the module's gateway keeps a sound chain
+        await database.write(lambda tx: tx.execute("UPDATE audit_log SET result = ? WHERE seq = 1",
+                                                   (original["result"],)))

@@ -21,6 +21,7 @@ from gateway.api import docs as docs_api
 from gateway.api import evm as evm_api
 from gateway.api import keys as keys_api
 from gateway.api import probes as probes_api
+from gateway.api import risk as risk_api
 from gateway.api import risk_delivery as risk_delivery_api
 from gateway.api import sessions as sessions_api
 from gateway.api import transfers as transfers_api
@@ -49,6 +50,7 @@ from gateway.ledger.engines import open_database
 from gateway.ledger.store import Database
 from gateway.metrics import Metrics
 from gateway.monitor.webhooks import WebhookDelivery, WebhookEndpoint
+from gateway.monitor.worker import RiskMonitor
 from gateway.offline.devices import Devices, register_offline_approvals
 from gateway.runtime import RUNTIME, Runtime
 from gateway.wallets.accounts import Wallets
@@ -68,6 +70,7 @@ def all_endpoints() -> list[Endpoint]:
         *audit_api.ENDPOINTS,
         *docs_api.ENDPOINTS,
         *risk_delivery_api.ENDPOINTS,
+        *risk_api.ENDPOINTS,
     ]
 
 
@@ -108,6 +111,8 @@ METRICS = web.AppKey("metrics", Metrics)
 """This application's Prometheus registry (made with the application: nothing to close)."""
 WEBHOOK_DELIVERY = web.AppKey("webhook_delivery", WebhookDelivery)
 """This process's loop delivering risk events to ``[[risk_webhooks]]`` (``webhook_delivery_context``)."""
+RISK_MONITOR = web.AppKey("risk_monitor", RiskMonitor)
+"""The risk rules' evaluator of this process (``monitor_context``)."""
 
 Context = Callable[[web.Application], AsyncIterator[None]]
 
@@ -182,6 +187,22 @@ def refusal_context(settings: Settings) -> Context:
     return context
 
 
+def monitor_context(settings: Settings) -> Context:
+    """The risk monitor: evaluates committed signals off the request path (docs/risk.md); stopped before
+    the signer pool and the store close."""
+
+    async def context(app: web.Application) -> AsyncIterator[None]:
+        monitor = RiskMonitor(app[STORE], settings, app[METRICS], app[SIGNER_POOL])
+        monitor.start()
+        try:
+            app[RISK_MONITOR] = monitor
+            yield
+        finally:
+            await monitor.close()
+
+    return context
+
+
 def runtime_context(settings: Settings) -> Context:
     """Put together what the endpoints reach through ``app[RUNTIME]`` (nothing of its own to close)."""
 
@@ -211,6 +232,7 @@ def runtime_context(settings: Settings) -> Context:
             typed_data=typed_data,
             approvals=approvals,
             refusals=app[REFUSAL_TALLY],
+            monitor=app[RISK_MONITOR],
             keys=keys,
         )
         approvals.register(EVM_APPROVAL_KIND, evm)
@@ -241,6 +263,12 @@ def webhook_delivery_context(settings: Settings) -> Context:
     return context
 
 
+async def _end_risk_streams(app: web.Application) -> None:
+    monitor = app.get(RISK_MONITOR)
+    if monitor is not None:
+        await monitor.end_streams()
+
+
 def make_app(settings: Settings, process_index: int = 0) -> web.Application:
     """Build the application; the HSM pool and store open when it starts.
 
@@ -258,12 +286,14 @@ def make_app(settings: Settings, process_index: int = 0) -> web.Application:
     # and those started before it close in reverse (the refusal tally before the audit log, the audit
     # log's last checkpoint before the signer pool, the pool before the store).
     app[METRICS] = Metrics()
+    app.on_shutdown.append(_end_risk_streams)
     app.cleanup_ctx.extend([
         store_context(settings),
         webhook_delivery_context(settings),  # needs the store only; a bad secret stops the start before the HSM
         signer_context(settings, process_index),
         audit_context(settings),
         refusal_context(settings),
+        monitor_context(settings),
         runtime_context(settings),
     ])
     return app

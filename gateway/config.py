@@ -21,6 +21,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, SecretStr, Va
 from gateway.errors import ConfigError
 from gateway.policy.chains import EvmSettings
 from gateway.policy.limits import DEFAULT_TIERS, TierLimits
+from gateway.risk.events import Severity
 
 ENV_PREFIX = "ECNY_"
 
@@ -376,6 +377,135 @@ def _unique_names(webhooks: list[RiskWebhookSettings]) -> list[RiskWebhookSettin
     return webhooks
 
 
+class _RiskRule(_Section):
+    enabled: bool = True
+    """Evaluate this rule (its signals are written either way)."""
+
+
+class StructuringRule(_RiskRule):
+    severity: Severity = "high"
+    """Severity of its events."""
+    min_count: Annotated[int, Field(ge=2)] = 3
+    """Transfers or cash-outs just under their approval threshold (``[approvals] transfer_threshold_fen``,
+    ``cash_out_threshold_fen``) from one wallet, or made by one teller across several wallets, that raise
+    an event."""
+    window_seconds: Annotated[int, Field(ge=60)] = 24 * 3600
+    """Within this long."""
+    band_percent: Annotated[int, Field(ge=1, le=50)] = 10
+    """"Just under": at most the threshold and more than this percentage below it (10: ¥45,000–¥50,000
+    for the ¥50,000 default)."""
+
+
+class VelocityRule(_RiskRule):
+    severity: Severity = "medium"
+    """Severity of its events."""
+    window_seconds: Annotated[int, Field(ge=10)] = 600
+    """The window of the wallet, device and EVM address counts."""
+    wallet_max: Annotated[int, Field(ge=2)] = 60
+    """Transfers and cash-outs from one wallet within the window that raise an event."""
+    client_window_seconds: Annotated[int, Field(ge=1)] = 60
+    """The window of the per-client count (short: counting costs up to ``client_max`` index entries)."""
+    client_max: Annotated[int, Field(ge=2)] = 20_000
+    """Transfers and EVM transactions made by one API client or user within ``client_window_seconds`` that
+    raise an event (set it near the busiest client's normal volume: a runaway or stolen key shows as a
+    burst above it)."""
+    device_max: Annotated[int, Field(ge=2)] = 6
+    """Loads of one hard wallet within the window."""
+    evm_address_max: Annotated[int, Field(ge=2)] = 100
+    """EVM transactions signed for one address (per chain) within the window."""
+
+
+class FanRule(_RiskRule):
+    severity: Severity = "medium"
+    """Severity of its events."""
+    window_seconds: Annotated[int, Field(ge=60)] = 3600
+    """Within this long."""
+    out_payees: Annotated[int, Field(ge=2)] = 10
+    """Fan-out: distinct payees, none of them paid by the wallet before the window, that one wallet pays."""
+    in_payers: Annotated[int, Field(ge=2)] = 20
+    """Fan-in: distinct wallets paying one wallet."""
+
+
+class DormantRule(_RiskRule):
+    severity: Severity = "medium"
+    """Severity of its events."""
+    idle_days: Annotated[int, Field(ge=1)] = 180
+    """A wallet with no transfer, cash-in or cash-out for this long is dormant."""
+    min_fen: Annotated[int, Field(ge=1)] = 1_000_000
+    """A transfer out or cash-out of at least this much (¥10,000) from a dormant wallet raises an event."""
+
+
+class EvmRecipientRule(_RiskRule):
+    severity: Severity = "medium"
+    """Severity of its events."""
+    min_units: Annotated[int, Field(ge=0)] = 10_000
+    """A transaction of at least this many whole tokens or coins (the amount in base units over
+    10^decimals) to a recipient the gateway has never signed a transaction for raises an event."""
+
+
+class RefusalsRule(_RiskRule):
+    severity: Severity = "medium"
+    """Severity of its events."""
+    min_count: Annotated[int, Field(ge=2)] = 5
+    """Permission or policy refusals (403, 422) of one API client or user that raise an event."""
+    window_seconds: Annotated[int, Field(ge=10)] = 600
+    """Within this long."""
+
+
+class FrozenPayeeRule(_RiskRule):
+    severity: Severity = "high"
+    """Severity of its events."""
+    min_devices: Annotated[int, Field(ge=2)] = 2
+    """Distinct hard wallets frozen by reconciliation that paid one payee device, raising an event."""
+    window_seconds: Annotated[int, Field(ge=60)] = 7 * 24 * 3600
+    """Freezes within this long."""
+
+
+def _default_notable() -> dict[str, Severity]:
+    return {"hsm.outage": "high", "audit.verify_failed": "critical", "evm.nonce_set": "medium",
+            "discrepancy.raised": "medium", "device.frozen": "medium", "device.revoked": "low",
+            "login.locked": "low", "approval.rejected": "low"}
+
+
+class RiskSettings(_Section):
+    """Risk monitoring and early warning (``[risk]``, docs/risk.md): the monitor and its rules."""
+
+    monitor: bool = True
+    """Run the rules in this process (off the request path, one evaluator at a time across processes and
+    instances); signals are written with their decisions either way."""
+    poll_seconds: Annotated[float, Field(gt=0, le=60)] = 1.0
+    """How often the monitor looks for signals committed by other processes or instances (its own
+    process's commits wake it at once)."""
+    settle_seconds: Annotated[float, Field(ge=0, le=5)] = 0.2
+    """After a wake-up the monitor waits this long, so that a burst is evaluated in one batch."""
+    batch_max: Annotated[int, Field(ge=1, le=10_000)] = 1000
+    """Most signals evaluated in one transaction."""
+    lease_seconds: Annotated[float, Field(ge=1, le=600)] = 10.0
+    """The evaluator's lease (``risk_monitor_lease``): one process of all instances evaluates; if it dies,
+    another takes over once this long has passed without a renewal."""
+    heartbeat_seconds: Annotated[float, Field(gt=0, le=300)] = 15.0
+    """``GET /v1/risk/stream`` sends a comment line this often when there is no event, so that proxies keep
+    the connection and clients notice a dead one."""
+    structuring: StructuringRule = StructuringRule()
+    """Amounts split to stay just under an approval threshold."""
+    velocity: VelocityRule = VelocityRule()
+    """Bursts per wallet, API client or user, hard wallet and EVM address."""
+    fan: FanRule = FanRule()
+    """One wallet paying many new payees, or many wallets paying one."""
+    dormant: DormantRule = DormantRule()
+    """A large movement out of a long-idle wallet."""
+    evm_recipient: EvmRecipientRule = EvmRecipientRule()
+    """A large EVM transaction to a recipient never paid before."""
+    refusals: RefusalsRule = RefusalsRule()
+    """Repeated permission or policy refusals for one API client or user."""
+    frozen_payee: FrozenPayeeRule = FrozenPayeeRule()
+    """One payee receiving from several hard wallets frozen by reconciliation."""
+    notable: dict[str, Severity] = Field(default_factory=_default_notable)
+    """Signal kinds that are an event by themselves (rule ``notable``), with their severity: an HSM outage,
+    an audit verify failure, an admin nonce change, a discrepancy, a freeze or revocation, a login lockout,
+    a rejected approval. Remove a kind to silence it."""
+
+
 class Settings(_Section):
     """The whole configuration."""
 
@@ -393,6 +523,7 @@ class Settings(_Section):
     risk_delivery: RiskDeliverySettings = RiskDeliverySettings()
     risk_webhooks: Annotated[list[RiskWebhookSettings], AfterValidator(_unique_names)] = []
     """Receivers of risk events as signed CloudEvents (``[[risk_webhooks]]``, one table each)."""
+    risk: RiskSettings = RiskSettings()
 
 
 def _env_overrides(environ: Mapping[str, str]) -> dict[str, dict[str, Any]]:

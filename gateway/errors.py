@@ -702,3 +702,29 @@ class InvalidReportDate(ValidationFailed):
 
     code = "invalid-report-date"
     title = "Invalid report date"
+
+
+# --- risk monitoring and early warning: events and triage ------------------------------------------
+
+
+class RiskEventNotFound(NotFound):
+    """No risk event with this id — or one the caller may not read (a backend client reads only the events
+    that name it)."""
+
+    code = "risk-event-not-found"
+    title = "Risk event not found"
+
+
+class RiskTriageOwnEvent(Forbidden):
+    """The event names the caller (under any of their identities) as one whose decisions are its
+    evidence, or the assignee is such a person: someone else triages it."""
+
+    code = "risk-triage-own-event"
+    title = "You cannot triage an event about yourself"
+
+
+class RiskEventClosed(Conflict):
+    """The event is closed: closed events stay closed (a new finding is a new event)."""
+
+    code = "risk-event-closed"
+    title = "Risk event is closed"

@@ -62,6 +62,10 @@ class Metrics:
             ["endpoint", "outcome"],
             registry=self.registry,
         )
+        self.risk_events = Counter(
+            "ecny_risk_events_total", "Risk events stored by the monitor, by rule and severity (docs/risk.md)",
+            ["rule", "severity"], registry=self.registry,
+        )
 
     def request_done(self, endpoint: str, status: int, seconds: float) -> None:
         """Count one answered request and its latency (the labelled children are looked up once)."""

@@ -19,6 +19,7 @@ from gateway.hsm.signer import CountedSigner
 from gateway.keys import KeyDirectory, Usage
 from gateway.ledger.store import Database
 from gateway.metrics import Metrics
+from gateway.monitor.worker import RiskMonitor
 from gateway.signing import Signer
 from gateway.wallets.accounts import Wallets
 
@@ -37,6 +38,7 @@ class Runtime:
     typed_data: EvmTypedData
     approvals: Approvals
     refusals: RefusalTally  # anonymous refusals, written as one audit entry per window and cause
+    monitor: RiskMonitor  # the risk rules, after commit (nudged after every write request)
     keys: KeyDirectory = field(default_factory=KeyDirectory)
     started_at: float = field(default_factory=time.monotonic)
 

@@ -267,6 +267,14 @@ async def _report_case(ctx: Context) -> Case:
     return Case(f"/v1/risk/reports/{(clock.now().date() - timedelta(days=1)).isoformat()}")
 
 
+async def _risk_event(ctx: Context) -> str:
+    """A fresh open risk event that names the backend test client (so that client may read it), nobody else."""
+    event = RiskEvent("notable", 1, "low", 25, "authz", {"first_seq": 0, "last_seq": 0},
+                      parties=("client:test-backend",))
+    await runtime(ctx.gateway).database.write(lambda tx: insert_event_in(tx, event))
+    return event.event_id
+
+
 # The users behind each role that people hold (tests/conftest.py provisions them).
 USER_OF_ROLE = {Role.TELLER: "teller1", Role.SUPERVISOR: "supervisor1", Role.AUDITOR: "auditor1",
                 Role.ADMIN: "admin1"}
@@ -290,6 +298,8 @@ ADMIN = frozenset({Role.ADMIN})
 # who runs them (and the auditor, who reads everything).
 RISK_REPORT_READERS = frozenset({Role.SUPERVISOR, Role.AUDITOR})
 DELIVERY_READERS = frozenset({Role.AUDITOR, Role.ADMIN})
+RISK_READERS = frozenset({Role.BACKEND, Role.SUPERVISOR, Role.AUDITOR})  # the backend: events naming it
+RISK_TRIAGERS = frozenset({Role.SUPERVISOR, Role.AUDITOR})
 
 Builder = Callable[[Context], Awaitable[Case]]
 
@@ -377,6 +387,15 @@ CASES: dict[str, tuple[frozenset[Role] | None, Builder]] = {
     "POST /v1/risk/deliveries/{event_id}/{endpoint}/replay": (ADMIN, _dead_delivery),
     "GET /v1/risk/reports/{date}": (RISK_REPORT_READERS, _report_case),
     "GET /v1/risk/chart.png": (RISK_REPORT_READERS, _fixed(Case("/v1/risk/chart.png"))),
+    "GET /v1/risk/events": (RISK_READERS, _fixed(Case("/v1/risk/events", params={"limit": "5"}))),
+    "GET /v1/risk/events/{event_id}": (RISK_READERS, lambda ctx: _built(ctx, "/v1/risk/events/{}", _risk_event)),
+    "GET /v1/risk/stream": (RISK_READERS, _fixed(Case("/v1/risk/stream"))),
+    "POST /v1/risk/events/{event_id}/acknowledge": (RISK_TRIAGERS, lambda ctx: _built(
+        ctx, "/v1/risk/events/{}/acknowledge", _risk_event, {"note": "seen"})),
+    "POST /v1/risk/events/{event_id}/assign": (RISK_TRIAGERS, lambda ctx: _built(
+        ctx, "/v1/risk/events/{}/assign", _risk_event, {"assignee": "auditor1"})),
+    "POST /v1/risk/events/{event_id}/close": (RISK_TRIAGERS, lambda ctx: _built(
+        ctx, "/v1/risk/events/{}/close", _risk_event, {"note": "checked"})),
 }
 
 ENDPOINTS = {endpoint.name: endpoint for endpoint in all_endpoints()}
@@ -428,7 +447,11 @@ async def test_endpoint_for_caller(
     response = await gateway.client.request(
         endpoint.method, case.path, json=case.json, data=case.data, params=case.params, headers=headers
     )
-    text = (await response.read()).decode("utf-8", "replace")  # some successes are binary (PNG, COSE)
+    if response.content_type == "text/event-stream":  # a live stream never ends: its status says it all
+        text = ""
+        response.close()
+    else:
+        text = (await response.read()).decode("utf-8", "replace")  # some successes are binary (PNG, COSE)
     assert response.headers["X-Request-Id"] == request_id
 
     if endpoint.permission is None or (isinstance(caller, Role) and allows(caller, endpoint.permission)):

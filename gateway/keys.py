@@ -39,17 +39,19 @@ class Usage(StrEnum):
     EVM = "evm"
     AUDIT = "audit"
     RAW = "raw"
+    MESSAGE = "message"  # EIP-191 personal messages (personal_sign, eth_sign); secp256k1 only
 
 
 #: Algorithms the gateway can generate and use (SM2 only on a GM HSM profile that lists it).
 GENERATABLE = (Algorithm.ECDSA_P256, Algorithm.ECDSA_SECP256K1, Algorithm.ED25519, Algorithm.SM2)
 
-#: Usages that make sense per algorithm: EVM needs secp256k1; COSE signing needs P-256, Ed25519 or SM2.
+#: Usages that make sense per algorithm: EVM and EIP-191 messages need secp256k1; COSE signing needs P-256,
+#: Ed25519 or SM2.
 _USAGES: dict[Algorithm, frozenset[Usage]] = {
     Algorithm.ECDSA_P256: frozenset({Usage.ECNY, Usage.VOUCHER, Usage.AUDIT, Usage.RAW}),
     Algorithm.ED25519: frozenset({Usage.ECNY, Usage.VOUCHER, Usage.AUDIT, Usage.RAW}),
     Algorithm.SM2: frozenset({Usage.ECNY, Usage.VOUCHER, Usage.AUDIT, Usage.RAW}),
-    Algorithm.ECDSA_SECP256K1: frozenset({Usage.EVM, Usage.RAW}),
+    Algorithm.ECDSA_SECP256K1: frozenset({Usage.EVM, Usage.RAW, Usage.MESSAGE}),
 }
 
 

@@ -55,6 +55,14 @@ class Metrics:
             registry=self.registry,
             multiprocess_mode="max",
         )
+        self.evm_nonce_drift = Gauge(
+            "ecny_evm_nonce_drift",
+            "The upstream node's pending transaction count of an address minus the gateway's next nonce, "
+            "read before eth_sendTransaction (above 0: the local nonce is behind the chain)",
+            ["chain_id", "address"],
+            registry=self.registry,
+            multiprocess_mode="mostrecent",
+        )
 
     def request_done(self, endpoint: str, status: int, seconds: float) -> None:
         """Count one answered request and its latency (the labelled children are looked up once)."""

@@ -464,6 +464,7 @@ class EvmRpc:
         default = self.settings.evm_rpc.default_chain_id
         if chain.chain_id != default:
             raise InvalidRpcParams(f"eth_sendTransaction sends to the node of chain {default}, not {chain.chain_id}")
+        await self.account(read.sender, Usage.EVM)  # before the node hears of the address
         node_chain = await self.upstream.chain_id()
         if node_chain != chain.chain_id:
             raise EvmUpstreamFailed(f"the upstream node serves chain {node_chain}, not {chain.chain_id}")
@@ -485,10 +486,7 @@ class EvmRpc:
         minus the local next nonce. Behind the chain (drift > 0), nothing is signed: the next nonce would
         already be used, so an error is logged, a ``evm.nonce_behind_chain`` risk signal written, and
         the call refused (EvmNonceBehindChain) until an admin sets the next nonce.
-
-        A sender's key must exist before the node is asked (no probing of addresses through the gateway).
         """
-        await self.account(address, Usage.EVM)
         assert self.upstream is not None
         on_chain = await self.upstream.transaction_count(address)
         local = await self.database.read(lambda tx: self.transactions.next_nonce_in(tx, chain_id, address))

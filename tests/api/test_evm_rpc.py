@@ -23,16 +23,14 @@ from web3 import HTTPProvider, Web3
 from gateway.auth.roles import Role
 from tests.api.support import runtime
 from tests.api.test_evm import decode, permit_document
-from tests.conftest import EVM_DENIED, EVM_TEST_CHAIN_ID, EVM_TEST_TOKEN, Gateway
-from tests.evm_node import EthTesterNode, eth_node  # noqa: F401 (fixture)
+from tests.conftest import EVM_DENIED, EVM_TEST_CHAIN_ID, Gateway
+from tests.evm_node import EthTesterNode
 from tests.evm_rpc_support import (
     GWEI,
     RECIPIENT,
     eip1559,
     legacy,
     new_key,
-    rpc,
-    rpc_gateway,  # noqa: F401 (fixture)
 )
 
 pytestmark = pytest.mark.softhsm

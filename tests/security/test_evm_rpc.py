@@ -23,14 +23,13 @@ from gateway.schemes.evm.transactions import UnsignedTransaction
 from tests.api.support import assert_problem, audit_entries, runtime
 from tests.api.test_evm import decode
 from tests.conftest import EVM_DENIED, EVM_TEST_CHAIN_ID, Gateway
-from tests.evm_node import EthTesterNode, eth_node  # noqa: F401 (fixture)
+from tests.evm_node import EthTesterNode
 from tests.evm_rpc_support import (
     eip1559,
     error_of,
     legacy,
     new_key,
     rpc,
-    rpc_gateway,  # noqa: F401 (fixture)
 )
 
 pytestmark = pytest.mark.softhsm

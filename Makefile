@@ -11,7 +11,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
-SYSTEM_PACKAGES := softhsm2 p11-kit postgresql python3-venv tmux
+SYSTEM_PACKAGES := softhsm2 p11-kit postgresql python3-venv tmux nodejs npm
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | sha256sum | cut -c1-12)
 
 .PHONY: run test lint bench proof system venv clean teller
@@ -22,6 +22,8 @@ system:
 	command -v p11-kit >/dev/null || missing="$$missing p11-kit"; \
 	ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || missing="$$missing postgresql"; \
 	command -v tmux >/dev/null || missing="$$missing tmux"; \
+	command -v node >/dev/null || missing="$$missing nodejs"; \
+	command -v npm >/dev/null || missing="$$missing npm"; \
 	$(PYTHON) -c 'import ensurepip, venv' 2>/dev/null || missing="$$missing python3-venv"; \
 	if [ -n "$$missing" ]; then \
 	  echo "installing system packages:$$missing"; \
@@ -34,6 +36,15 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q -e '.[dev]'
 	@rm -f $(VENV)/.installed-*; touch $@
 
+# ethers v6, the JSON-RPC client of tests/api/test_evm_rpc.py: exactly the committed lock, installed
+# before the tests run (nothing is downloaded while they run).
+ETHERS := tests/ethers
+ETHERS_STAMP := $(ETHERS)/node_modules/.installed-$(shell cat $(ETHERS)/package-lock.json | sha256sum | cut -c1-12)
+
+$(ETHERS_STAMP): $(ETHERS)/package-lock.json
+	cd $(ETHERS) && npm ci --no-audit --no-fund --loglevel=error
+	@rm -f $(ETHERS)/node_modules/.installed-*; touch $@
+
 venv: system $(STAMP)
 
 run: venv
@@ -41,7 +52,7 @@ run: venv
 	@SOFTHSM2_CONF=$(CURDIR)/var/hsm/softhsm2.conf $(BIN)/ecny-gateway dev-init --var var
 	SOFTHSM2_CONF=$(CURDIR)/var/hsm/softhsm2.conf exec $(BIN)/ecny-gateway serve --config var/gateway.toml
 
-test: venv
+test: venv $(ETHERS_STAMP)
 	$(BIN)/pytest -q -p no:cacheprovider
 
 lint: venv

@@ -180,11 +180,11 @@ def read_transaction(value: Any) -> RpcTransaction:
     else:
         tx_type = "legacy" if "gasPrice" in value else "eip1559"
     data, calldata = value.get("data"), value.get("input")
+    if any(field is not None and not isinstance(field, str) for field in (data, calldata)):
+        raise InvalidRpcParams("transaction.data / transaction.input: expected 0x-hex bytes")
     if data is not None and calldata is not None and data.lower() != calldata.lower():
         raise InvalidRpcParams("transaction.data and transaction.input differ")
     data = data if data is not None else calldata
-    if data is not None and not isinstance(data, str):
-        raise InvalidRpcParams("transaction.data: expected 0x-hex bytes")
     to = value.get("to")
     if to is not None and not isinstance(to, str):
         raise InvalidRpcParams("transaction.to: expected an address")

@@ -17,8 +17,12 @@ from eth_account.messages import encode_defunct
 from eth_keys import keys as eth_keys
 from eth_utils.crypto import keccak
 from hexbytes import HexBytes
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from gateway.auth.roles import Role
+from gateway.errors import GatewayError
+from gateway.evm.rpc import read_message, read_transaction, read_typed_data_param, typed_data_chain
 from gateway.schemes.evm.transactions import UnsignedTransaction
 from tests.api.support import assert_problem, audit_entries, runtime
 from tests.api.test_evm import decode
@@ -309,4 +313,53 @@ async def test_send_transaction_only_to_the_nodes_chain(rpc_gateway: Gateway, et
              "invalid-rpc-params")
     error_of(await rpc(gw, "eth_sendTransaction", [legacy("0x" + "44" * 20)]), -32004, "evm-account-not-found")
     assert eth_node.calls[calls:] == []  # the node was asked nothing, about the unknown account least of all
+    assert await _transactions(gw, key) == []
+
+
+_JSON = st.recursive(st.none() | st.booleans() | st.integers(-2**300, 2**300) | st.text(max_size=80)
+                     | st.sampled_from(["0x", "0x0", "0x00", "0x2", "0x5208", "0x" + "11" * 20, "0xzz", "-0x1"]),
+                     lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=12), inner,
+                                                                                    max_size=4), max_leaves=12)
+_TX = st.fixed_dictionaries({}, optional={name: _JSON for name in (
+    "from", "to", "gas", "gasPrice", "maxFeePerGas", "maxPriorityFeePerGas", "value", "data", "input", "nonce",
+    "chainId", "type", "accessList")})
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.one_of(_JSON, _TX))
+def test_hostile_params_are_refused_as_problems_never_crashes(value: Any) -> None:
+    """A hostile or broken client's params (wrong types, huge numbers, nested junk) reaching the
+    readers of transaction objects, typed data and messages as an unhandled exception (a 500)."""
+    readers: list[Any] = [read_transaction, read_typed_data_param, read_message]
+    if isinstance(value, dict):  # typed_data_chain reads a document read_typed_data_param returned
+        readers.append(typed_data_chain)
+    for reader in readers:
+        try:
+            reader(value)
+        except GatewayError as error:
+            assert error.http_status == 400, error
+
+
+async def test_hostile_params_over_http_are_json_rpc_errors(rpc_gateway: Gateway) -> None:
+    """The same junk sent to every method over HTTP: each answer is a JSON-RPC error naming a client
+    problem, never an internal error, and nothing is signed."""
+    gw = rpc_gateway
+    key = await new_key(gw, f"rpc-junk-{secrets.token_hex(3)}", "evm")
+    junk: list[Any] = [None, 1, "x", {}, [], [[]], [{}], [None, None], ["0x", {}], [key["address"], 7],
+                       [key["address"], {"types": "x"}], [{"from": key["address"], "gas": 2**80}],
+                       [{"from": key["address"], "to": key["address"], "data": ["0x00"]}],
+                       [{"from": key["address"], "to": "0x" + "11" * 20, "gas": "0x5208", "value": "0x" + "f" * 65}],
+                       [key["address"], '{"types": {}, "primaryType": "X", "domain": {"chainId": true}}']]
+    methods = ["eth_accounts", "eth_chainId", "eth_signTransaction", "eth_sendTransaction", "eth_signTypedData_v4",
+               "eth_signTypedData", "personal_sign", "eth_sign"]
+    for method in methods:
+        for params in junk:
+            response = await gw.client.post("/v1/evm/rpc", json={"jsonrpc": "2.0", "id": 1, "method": method,
+                                                                  "params": params}, headers=gw.auth(Role.BACKEND))
+            assert response.status == 200, await response.text()
+            answer = await response.json()
+            if "result" in answer:  # eth_accounts / eth_chainId with empty params
+                assert method in ("eth_accounts", "eth_chainId") and params in (None, []), answer
+                continue
+            assert answer["error"]["code"] in (-32600, -32602, -32004, -32022), (method, params, answer)
     assert await _transactions(gw, key) == []

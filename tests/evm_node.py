@@ -27,6 +27,7 @@ class EthTesterNode:
     def __init__(self) -> None:
         self.chain = EthereumTester(PyEVMBackend())
         self.calls: list[str] = []
+        self.chain_id = EVM_TEST_CHAIN_ID  # what eth_chainId answers (a test may make it another chain's node)
         self.server: TestServer | None = None
 
     @property
@@ -39,11 +40,12 @@ class EthTesterNode:
         state = {to_canonical_address(address): get_default_account_state({"balance": balance})
                  for address, balance in funded.items()}
         self.chain = EthereumTester(PyEVMBackend(genesis_state=state))
+        self.chain_id = EVM_TEST_CHAIN_ID
         self.calls.clear()
 
     def _result(self, method: str, params: list[Any]) -> Any:
         if method == "eth_chainId":
-            return hex(EVM_TEST_CHAIN_ID)
+            return hex(self.chain_id)
         if method == "eth_getTransactionCount":
             return hex(self.chain.get_nonce(params[0], "pending"))
         if method == "eth_sendRawTransaction":

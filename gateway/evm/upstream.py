@@ -31,6 +31,17 @@ def hex_quantity(value: Any, what: str) -> int:
         raise EvmUpstreamFailed(f"the upstream node answered {what} with a malformed quantity") from None
 
 
+async def _read_at_most(stream: aiohttp.StreamReader, limit: int) -> bytes:
+    """The body, or its first ``limit`` bytes (``read(n)`` returns what is buffered, maybe less)."""
+    body = bytearray()
+    while len(body) < limit:
+        chunk = await stream.read(limit - len(body))
+        if not chunk:
+            break
+        body += chunk
+    return bytes(body)
+
+
 class UpstreamNode:
     """A JSON-RPC client of one Ethereum node; the HTTP session opens on first use and closes with the
     application (:meth:`close`)."""
@@ -58,7 +69,7 @@ class UpstreamNode:
         body = orjson.dumps({"jsonrpc": "2.0", "id": request_id, "method": method, "params": params})
         try:
             async with self._session.post(self.url, data=body, headers={"Content-Type": "application/json"}) as reply:
-                raw = await reply.content.read(MAX_ANSWER_BYTES + 1)
+                raw = await _read_at_most(reply.content, MAX_ANSWER_BYTES + 1)
                 status = reply.status
         except (aiohttp.ClientError, TimeoutError) as exc:
             raise EvmUpstreamFailed(f"{method}: the upstream node did not answer ({type(exc).__name__})") from None

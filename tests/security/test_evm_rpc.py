@@ -12,6 +12,8 @@ import secrets
 from typing import Any
 
 import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestServer
 from eth_account import Account
 from eth_account.messages import encode_defunct
 from eth_keys import keys as eth_keys
@@ -21,8 +23,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from gateway.auth.roles import Role
-from gateway.errors import GatewayError
+from gateway.errors import EvmUpstreamFailed, GatewayError
 from gateway.evm.rpc import read_message, read_transaction, read_typed_data_param, typed_data_chain
+from gateway.evm.upstream import UpstreamNode
 from gateway.schemes.evm.transactions import UnsignedTransaction
 from tests.api.support import assert_problem, audit_entries, runtime
 from tests.api.test_evm import decode
@@ -363,3 +366,64 @@ async def test_hostile_params_over_http_are_json_rpc_errors(rpc_gateway: Gateway
                 continue
             assert answer["error"]["code"] in (-32600, -32602, -32004, -32022), (method, params, answer)
     assert await _transactions(gw, key) == []
+
+
+async def test_a_failing_or_foreign_node_is_reported_not_trusted(rpc_gateway: Gateway, eth_node: EthTesterNode) -> None:
+    """eth_sendTransaction through a node of another chain (a transaction handed to the wrong network),
+    or a node that refuses the transaction reported as success."""
+    gw = rpc_gateway
+    key = await new_key(gw, f"rpc-node-{secrets.token_hex(3)}", "evm")
+    eth_node.reset({})  # the key's address holds nothing on this chain
+    eth_node.chain_id = 1
+    error = error_of(await rpc(gw, "eth_sendTransaction", [legacy(key["address"])]), -32052, "evm-upstream-failed")
+    assert error["data"]["status"] == 502 and "request id" in error["message"]
+    assert await _transactions(gw, key) == []  # nothing signed for the wrong network
+    eth_node.chain_id = EVM_TEST_CHAIN_ID
+    error = error_of(await rpc(gw, "eth_sendTransaction", [legacy(key["address"])]), -32052, "evm-upstream-failed")
+    data = error["data"]
+    assert data["upstream_error"]["code"] == -32000 and data["upstream_error"]["message"]
+    assert Account.recover_transaction(data["raw_transaction"]) == key["address"]  # signed, refused by the node
+    assert data["tx_hash"] == "0x" + keccak(HexBytes(data["raw_transaction"])).hex()
+
+
+@pytest.fixture
+async def odd_node() -> Any:
+    """A JSON-RPC "node" on 127.0.0.1 whose answers a test chooses."""
+    replies: list[bytes] = []
+
+    async def handle(request: web.Request) -> web.Response:
+        return web.Response(body=replies.pop(0), content_type="application/json")
+
+    app = web.Application()
+    app.router.add_post("/", handle)
+    server = TestServer(app, host="127.0.0.1")
+    await server.start_server()
+    yield str(server.make_url("/")), replies
+    await server.close()
+
+
+async def test_upstream_answers_are_untrusted_input(odd_node: Any) -> None:
+    """A broken or hostile node (no answer, not JSON, another call's answer, a huge body, a malformed
+    quantity) making the gateway crash, hang or believe a wrong nonce count."""
+    url, replies = odd_node
+    closed = UpstreamNode("http://127.0.0.1:9/", 2.0)  # the discard port: nothing listens
+    with pytest.raises(EvmUpstreamFailed, match="did not answer"):
+        await closed.chain_id()
+    await closed.close()
+    node = UpstreamNode(url, 5.0)
+    try:
+        for call_id, (reply, problem) in enumerate((
+            (b"<html>bad gateway</html>", "without JSON"),
+            (b'{"jsonrpc": "2.0", "id": 999, "result": "0x1"}', "not the JSON-RPC response"),
+            (b'{"jsonrpc": "2.0", "id": %d, "result": "0x" }', "hex quantity"),
+            (b'{"jsonrpc": "2.0", "id": %d, "result": 12}', "hex quantity"),
+            (b'{"jsonrpc": "2.0", "id": %d, "result": "0x' + b"f" * 70 + b'"}', "hex quantity"),
+            (b'{"jsonrpc": "2.0", "id": %d, "error": {"code": -32000, "message": "boom"}}', "refused: boom"),
+            (b'{"jsonrpc": "2.0", "id": %d}', "neither result nor error"),
+            (b'{"jsonrpc": "2.0", "id": %d, "result": "' + b"0" * (1 << 20) + b'"}', "larger than"),
+        ), start=1):  # the node's client numbers its calls 1, 2, …
+            replies.append(reply.replace(b"%d", str(call_id).encode()))
+            with pytest.raises(EvmUpstreamFailed, match=problem):
+                await node.transaction_count("0x" + "11" * 20)
+    finally:
+        await node.close()

@@ -24,6 +24,7 @@ from gateway.api import idempotency
 from gateway.api.call import Call
 from gateway.api.codecs import json_response
 from gateway.api.endpoints import IDEMPOTENCY, RATE_LIMITER, Endpoint
+from gateway.api.evm_models import RpcAnswer
 from gateway.auth.roles import Permission
 from gateway.errors import GatewayError, InvalidJson, InvalidRpcRequest
 from gateway.evm.rpc import RpcCall, RpcCaller, rpc_error
@@ -126,5 +127,5 @@ ENDPOINTS = [
              "Ethereum JSON-RPC 2.0 signer (Web3Signer-style): eth_accounts, eth_chainId, eth_signTransaction, "
              "eth_sendTransaction, eth_signTypedData(_v4), personal_sign, eth_sign; errors are JSON-RPC errors "
              "with the problem type in data", Permission.EVM_READ, "evm", raw_body="application/json",
-             responses={204: "Only notifications: nothing to answer"}),
+             response_model=RpcAnswer, responses={204: "Only notifications: nothing to answer"}),
 ]

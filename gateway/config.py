@@ -300,6 +300,12 @@ class EvmRpcSettings(_Section):
     max_batch: Annotated[int, Field(ge=1, le=1000)] = 20
     """Most calls in one JSON-RPC batch; a larger batch is refused whole (-32600)."""
 
+    @model_validator(mode="after")
+    def _node_has_a_chain(self) -> EvmRpcSettings:
+        if self.upstream_url is not None and self.default_chain_id is None:
+            raise ValueError("upstream_url needs default_chain_id: the chain its node serves")
+        return self
+
 
 class Settings(_Section):
     """The whole configuration."""

@@ -22,8 +22,10 @@ from hexbytes import HexBytes
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from gateway.api.endpoints import RATE_LIMITER
 from gateway.auth.roles import Role
-from gateway.errors import EvmUpstreamFailed, GatewayError
+from gateway.config import load_settings
+from gateway.errors import ConfigError, EvmUpstreamFailed, GatewayError
 from gateway.evm.rpc import read_message, read_transaction, read_typed_data_param, typed_data_chain
 from gateway.evm.upstream import UpstreamNode
 from gateway.schemes.evm.transactions import UnsignedTransaction
@@ -427,3 +429,33 @@ async def test_upstream_answers_are_untrusted_input(odd_node: Any) -> None:
                 await node.transaction_count("0x" + "11" * 20)
     finally:
         await node.close()
+
+
+async def test_a_batch_is_charged_per_call(rpc_gateway: Gateway) -> None:
+    """A batch used to get past the per-principal rate limit: twenty signing calls for the price of one
+    HTTP request."""
+    gw = rpc_gateway
+    limiter = gw.client.server.app[RATE_LIMITER]
+    rate, burst = limiter.rate, limiter.burst
+    limiter.rate, limiter.burst = 0.01, 2.0  # refills one token in 100 s: none during the test
+    try:
+        calls = [{"jsonrpc": "2.0", "id": n, "method": "eth_chainId"} for n in range(6)]
+        response = await gw.client.post("/v1/evm/rpc", json=calls, headers=gw.auth(Role.BACKEND))
+        assert response.status == 200, await response.text()
+        codes = [answer.get("error", {}).get("code") for answer in await response.json()]
+    finally:
+        limiter.rate, limiter.burst = rate, burst
+    assert codes[:2] == [None, None]  # the request's own token, then the second of the burst
+    assert codes[2:] == [-32029] * 4
+
+
+def test_upstream_node_needs_its_chain() -> None:
+    """An upstream node configured without saying which chain it serves (transactions of any chain
+    would be broadcast to it)."""
+    with pytest.raises(ConfigError, match="upstream_url needs default_chain_id"):
+        load_settings(None, environ={"ECNY_EVM_RPC__UPSTREAM_URL": "http://127.0.0.1:8545"})
+    with pytest.raises(ConfigError, match="not in"):
+        load_settings(None, environ={"ECNY_EVM_RPC__DEFAULT_CHAIN_ID": "424242"})
+    settings = load_settings(None, environ={"ECNY_EVM_RPC__DEFAULT_CHAIN_ID": "11155111",
+                                            "ECNY_EVM_RPC__UPSTREAM_URL": "http://127.0.0.1:8545"})
+    assert settings.evm_rpc.default_chain_id == 11155111

@@ -3,8 +3,8 @@
 What each method does is :mod:`gateway.evm.rpc`. Here: Bearer authentication (the endpoint table), the
 envelope — a request object, or a batch of them — and the answers. Every JSON-RPC error is HTTP 200 as
 the JSON-RPC over HTTP convention has it; only a missing or wrong credential (401), a role without
-``evm.read`` (403), a body over the size limit (413) and the rate limit (429) answer as problem+json
-before any call is read.
+``evm.read`` (403), no body at all (400), a body over the size limit (413) or not JSON (415) and the
+rate limit (429) answer as problem+json before any call is read.
 
 Batches are read in order, one call after the other, each charged against the caller's rate limit;
 at most ``evm_rpc.max_batch`` calls. An ``Idempotency-Key`` header names one call, so it comes with a
@@ -22,11 +22,11 @@ from aiohttp import web
 
 from gateway.api import idempotency
 from gateway.api.call import Call
-from gateway.api.codecs import json_response
+from gateway.api.codecs import JSON, json_response
 from gateway.api.endpoints import IDEMPOTENCY, RATE_LIMITER, Endpoint
 from gateway.api.evm_models import RpcAnswer
 from gateway.auth.roles import Permission
-from gateway.errors import GatewayError, InvalidJson, InvalidRpcRequest
+from gateway.errors import GatewayError, InvalidJson, InvalidRpcRequest, UnsupportedMediaType, ValidationFailed
 from gateway.evm.rpc import RpcCall, RpcCaller, rpc_error
 
 MAX_ID_LENGTH = 256
@@ -97,7 +97,18 @@ def _render(answer: Any) -> web.Response:
 
 
 async def rpc(call: Call) -> web.Response:
-    """One JSON-RPC request or batch."""
+    """One JSON-RPC request or batch.
+
+    Raises:
+        ValidationFailed: no body at all (400 problem, as every endpoint with a required body answers).
+        UnsupportedMediaType: a body of another media type than ``application/json`` (415 problem).
+    """
+    if not call.raw_body.strip():
+        raise ValidationFailed("a JSON-RPC request or batch is required", errors=[])
+    media_type = call.request.content_type
+    # No Content-Type at all is read as JSON: web3.py sends none when a provider is given its own headers.
+    if "Content-Type" in call.request.headers and media_type != JSON and not media_type.endswith("+json"):
+        raise UnsupportedMediaType(f"send {JSON}, not {media_type}")
     try:
         document = orjson.loads(call.raw_body)
     except orjson.JSONDecodeError as exc:
@@ -127,5 +138,6 @@ ENDPOINTS = [
              "Ethereum JSON-RPC 2.0 signer (Web3Signer-style): eth_accounts, eth_chainId, eth_signTransaction, "
              "eth_sendTransaction, eth_signTypedData(_v4), personal_sign, eth_sign; errors are JSON-RPC errors "
              "with the problem type in data", Permission.EVM_READ, "evm", raw_body="application/json",
-             response_model=RpcAnswer, responses={204: "Only notifications: nothing to answer"}),
+             response_model=RpcAnswer, responses={204: "Only notifications: nothing to answer",
+                                                  400: "No body (every JSON-RPC error is a 200 answer)"}),
 ]

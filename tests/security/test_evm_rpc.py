@@ -238,6 +238,9 @@ async def test_envelope_errors_are_json_rpc_errors(rpc_gateway: Gateway) -> None
         assert response.status == 200, await response.text()
         return await response.json()
 
+    await assert_problem(await gw.client.post("/v1/evm/rpc", data=b"", headers=headers), 400, "validation-failed")
+    await assert_problem(await gw.client.post("/v1/evm/rpc", data=b'{"jsonrpc": "2.0"}', headers={
+        **gw.auth(Role.BACKEND), "Content-Type": "text/plain"}), 415, "unsupported-media-type")
     answer = await post(b'{"jsonrpc": "2.0", "id": 1, "method": ')
     assert answer["id"] is None and answer["error"]["code"] == -32700
     for envelope in ('{"jsonrpc": "1.0", "id": 1, "method": "eth_chainId"}', '{"jsonrpc": "2.0", "id": 1}',

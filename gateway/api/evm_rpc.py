@@ -138,6 +138,7 @@ ENDPOINTS = [
              "Ethereum JSON-RPC 2.0 signer (Web3Signer-style): eth_accounts, eth_chainId, eth_signTransaction, "
              "eth_sendTransaction, eth_signTypedData(_v4), personal_sign, eth_sign; errors are JSON-RPC errors "
              "with the problem type in data", Permission.EVM_READ, "evm", raw_body="application/json",
-             response_model=RpcAnswer, responses={204: "Only notifications: nothing to answer",
-                                                  400: "No body (every JSON-RPC error is a 200 answer)"}),
+             response_model=RpcAnswer, audited_action="evm.rpc",
+             responses={204: "Only notifications: nothing to answer",
+                        400: "No body (every JSON-RPC error is a 200 answer)"}),
 ]

@@ -294,7 +294,7 @@ class EvmRpcSettings(_Section):
     upstream_url: Annotated[str, Field(pattern=r"^https?://[^\s]+$")] | None = None
     """JSON-RPC URL of an Ethereum node of ``default_chain_id``. Set: ``eth_sendTransaction`` signs and
     sends with ``eth_sendRawTransaction`` there, after a read-only ``eth_getTransactionCount`` check of
-    the local nonce. Unset: ``eth_sendTransaction`` is refused. No credentials in the URL: it is logged."""
+    the local nonce. Unset: ``eth_sendTransaction`` is refused. Put no credentials in the URL (it is no secret)."""
     upstream_timeout_seconds: Annotated[float, Field(gt=0, le=120)] = 10.0
     """Longest wait for one answer of the upstream node."""
     max_batch: Annotated[int, Field(ge=1, le=1000)] = 20

@@ -19,6 +19,7 @@ from gateway.api import audit as audit_api
 from gateway.api import devices as devices_api
 from gateway.api import docs as docs_api
 from gateway.api import evm as evm_api
+from gateway.api import evm_rpc as evm_rpc_api
 from gateway.api import keys as keys_api
 from gateway.api import probes as probes_api
 from gateway.api import risk as risk_api
@@ -38,6 +39,8 @@ from gateway.audit.witness import witness_path
 from gateway.auth.credentials import Authenticator
 from gateway.auth.throttle import LoginThrottle, PasswordCheckGate
 from gateway.config import Settings
+from gateway.evm.messages import EvmMessages
+from gateway.evm.rpc import EvmRpc
 from gateway.evm.transactions import APPROVAL_KIND as EVM_APPROVAL_KIND
 from gateway.evm.transactions import EvmTransactions
 from gateway.evm.typed_data import APPROVAL_KIND as TYPED_DATA_APPROVAL_KIND
@@ -67,6 +70,7 @@ def all_endpoints() -> list[Endpoint]:
         *approvals_api.ENDPOINTS,
         *devices_api.ENDPOINTS,
         *evm_api.ENDPOINTS,
+        *evm_rpc_api.ENDPOINTS,
         *audit_api.ENDPOINTS,
         *docs_api.ENDPOINTS,
         *risk_delivery_api.ENDPOINTS,
@@ -214,6 +218,8 @@ def runtime_context(settings: Settings) -> Context:
         evm_signer = CountedSigner(pool, metrics.signatures, Usage.EVM)
         evm = EvmTransactions(database, evm_signer, settings, keys, wallets)
         typed_data = EvmTypedData(database, evm_signer, settings, keys, wallets, evm)
+        messages = EvmMessages(database, CountedSigner(pool, metrics.signatures, Usage.MESSAGE), keys)
+        evm_rpc = EvmRpc(settings, database, keys, evm, typed_data, messages, app[AUDIT_LOG], metrics)
         runtime = Runtime(
             settings=settings,
             profile=profile,
@@ -233,13 +239,17 @@ def runtime_context(settings: Settings) -> Context:
             approvals=approvals,
             refusals=app[REFUSAL_TALLY],
             monitor=app[RISK_MONITOR],
+            evm_rpc=evm_rpc,
             keys=keys,
         )
         approvals.register(EVM_APPROVAL_KIND, evm)
         approvals.register(TYPED_DATA_APPROVAL_KIND, typed_data)
         register_offline_approvals(approvals, Devices.of(runtime))
         app[RUNTIME] = runtime
-        yield
+        try:
+            yield
+        finally:
+            await evm_rpc.close()  # the upstream node's HTTP session, if one was opened
 
     return context
 

@@ -506,6 +506,29 @@ class RiskSettings(_Section):
     a rejected approval. Remove a kind to silence it."""
 
 
+class EvmRpcSettings(_Section):
+    """The Ethereum JSON-RPC signer (``POST /v1/evm/rpc``, docs/evm.md)."""
+
+    default_chain_id: Annotated[int, Field(ge=1, le=2**53)] | None = None
+    """The chain ``eth_chainId`` answers, and the chain of a call that names none (a transaction without
+    ``chainId``, typed data whose domain has no ``chainId``); it must be in ``[[evm.chains]]``. Unset:
+    ``eth_chainId`` and such calls are refused (``evm-rpc-no-default-chain``)."""
+    upstream_url: Annotated[str, Field(pattern=r"^https?://[^\s]+$")] | None = None
+    """JSON-RPC URL of an Ethereum node of ``default_chain_id``. Set: ``eth_sendTransaction`` signs and
+    sends with ``eth_sendRawTransaction`` there, after a read-only ``eth_getTransactionCount`` check of
+    the local nonce. Unset: ``eth_sendTransaction`` is refused. Put no credentials in the URL (it is no secret)."""
+    upstream_timeout_seconds: Annotated[float, Field(gt=0, le=120)] = 10.0
+    """Longest wait for one answer of the upstream node."""
+    max_batch: Annotated[int, Field(ge=1, le=1000)] = 20
+    """Most calls in one JSON-RPC batch; a larger batch is refused whole (-32600)."""
+
+    @model_validator(mode="after")
+    def _node_has_a_chain(self) -> EvmRpcSettings:
+        if self.upstream_url is not None and self.default_chain_id is None:
+            raise ValueError("upstream_url needs default_chain_id: the chain its node serves")
+        return self
+
+
 class Settings(_Section):
     """The whole configuration."""
 
@@ -524,6 +547,14 @@ class Settings(_Section):
     risk_webhooks: Annotated[list[RiskWebhookSettings], AfterValidator(_unique_names)] = []
     """Receivers of risk events as signed CloudEvents (``[[risk_webhooks]]``, one table each)."""
     risk: RiskSettings = RiskSettings()
+    evm_rpc: EvmRpcSettings = EvmRpcSettings()
+
+    @model_validator(mode="after")
+    def _rpc_chain_registered(self) -> Settings:
+        chain_id = self.evm_rpc.default_chain_id
+        if chain_id is not None and self.evm.chain(chain_id) is None:
+            raise ValueError(f"evm_rpc.default_chain_id {chain_id} is not in [[evm.chains]]")
+        return self
 
 
 def _env_overrides(environ: Mapping[str, str]) -> dict[str, dict[str, Any]]:

@@ -12,6 +12,7 @@ from gateway.audit.chain import AuditLog
 from gateway.audit.refusals import RefusalTally
 from gateway.auth.credentials import Authenticator
 from gateway.config import Settings
+from gateway.evm.rpc import EvmRpc
 from gateway.evm.transactions import EvmTransactions
 from gateway.evm.typed_data import EvmTypedData
 from gateway.hsm.profile import HsmProfile
@@ -39,6 +40,7 @@ class Runtime:
     approvals: Approvals
     refusals: RefusalTally  # anonymous refusals, written as one audit entry per window and cause
     monitor: RiskMonitor  # the risk rules, after commit (nudged after every write request)
+    evm_rpc: EvmRpc  # the Ethereum JSON-RPC signer (POST /v1/evm/rpc)
     keys: KeyDirectory = field(default_factory=KeyDirectory)
     started_at: float = field(default_factory=time.monotonic)
 

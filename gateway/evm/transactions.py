@@ -243,6 +243,15 @@ class EvmTransactions:
             self._store_next(tx, chain_id, address, nonce + 1, stored is not None)
         return nonce
 
+    def next_nonce_in(self, tx: Tx, chain_id: int, address: str) -> int:
+        """The nonce the next transaction of ``address`` would get now (the lowest freed one, else the
+        next): what a node's transaction count is compared with (read only)."""
+        row = tx.fetchone("SELECT MIN(nonce) AS nonce FROM evm_free_nonces WHERE chain_id = ? AND address = ?",
+                          (chain_id, address))
+        if row is not None and row["nonce"] is not None:
+            return int(row["nonce"])
+        return self._next_nonce(tx, chain_id, address) or 0
+
     @staticmethod
     def _free_nonce(tx: Tx, chain_id: int, address: str, nonce: int) -> None:
         tx.execute("INSERT INTO evm_free_nonces (chain_id, address, nonce) VALUES (?, ?, ?)",

@@ -381,6 +381,8 @@ CASES: dict[str, tuple[frozenset[Role] | None, Builder]] = {
     "GET /v1/evm/chains": (frozenset({Role.BACKEND, Role.AUDITOR, Role.ADMIN}), _fixed(Case("/v1/evm/chains"))),
     "POST /v1/evm/transactions": (frozenset({Role.BACKEND}), _evm_transaction),
     "POST /v1/evm/typed-data": (frozenset({Role.BACKEND}), _evm_typed_data),
+    "POST /v1/evm/rpc": (frozenset({Role.BACKEND, Role.AUDITOR, Role.ADMIN}), _fixed(Case(
+        "/v1/evm/rpc", {"jsonrpc": "2.0", "id": 1, "method": "eth_accounts", "params": []}))),
     "POST /v1/evm/nonces/{chain_id}/{address}": (frozenset({Role.ADMIN}), _sync(lambda ctx: Case(
         f"/v1/evm/nonces/{SEPOLIA}/0x{secrets.token_hex(20)}", {"next_nonce": 0}))),
     "GET /v1/risk/deliveries": (DELIVERY_READERS, _fixed(Case("/v1/risk/deliveries", params={"status": "dead"}))),

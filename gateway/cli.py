@@ -27,7 +27,7 @@ from gateway import __version__, logs
 from gateway.attest.alliance import AllianceSync
 from gateway.audit import witness
 from gateway.audit.chain import AuditEntry, append
-from gateway.audit.verify import TRUST_PINNED, pinned_key, verify_chain
+from gateway.audit.verify import TRUST_PINNED, pinned_key, verify_store
 from gateway.auth.credentials import add_client, add_user, list_clients, revoke_client, rotate_client
 from gateway.auth.roles import CLIENT_ONLY_ROLES, Role
 from gateway.auth.users import (
@@ -493,7 +493,7 @@ def cmd_audit_verify(args: argparse.Namespace) -> int:
     async def run(progress: Callable[[int, int], None]) -> Any:
         database = await open_database(settings.store.dsn)
         try:
-            return await database.read(lambda tx: verify_chain(tx, pinned, witnessed, progress))
+            return await verify_store(database, "cli:audit-verify", pinned, witnessed, progress)
         finally:
             await database.close()
 

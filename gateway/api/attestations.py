@@ -132,7 +132,7 @@ ENDPOINTS = [
              responses={400: "Not base64, or not a COSE_Sign1 (invalid-cose)"}),
     Endpoint("GET", "/v1/alliance/fingerprints", fingerprints,
              "This bank's financed fingerprints after a seq: a COSE_Sign1-signed CBOR batch, no document data",
-             Permission.ALLIANCE_FEED, "alliance", response_media_type=BATCH_MEDIA_TYPE,
+             Permission.ALLIANCE_FEED, "alliance", response_media=BATCH_MEDIA_TYPE,
              audited_action="alliance.fingerprints",
              query=(("after", {"type": "integer", "minimum": 0}, "The puller's cursor (last seq it stored)"),
                     ("nonce", {"type": "string", "pattern": "^([0-9a-f]{2}){16,64}$"},

@@ -235,7 +235,8 @@ class Attestations:
                         "number": fields.number, "issuer_tax_id": fields.issuer.tax_id,
                         "financed_by": first.member_id, "financed_at": first.financed_at}
         append(tx, [entry])
-        record_signal_in(tx, SIGNAL_ALREADY_FINANCED, fields.issuer.tax_id, None, fingerprint=fingerprint,
+        record_signal_in(tx, SIGNAL_ALREADY_FINANCED, fields.issuer.tax_id, None, actor=entry.actor,
+                         counterparty=first.member_id, fingerprint=fingerprint,
                          document_type=wanted.document_type.value, number=fields.number,
                          amount_minor=str(fields.amount_minor), currency=fields.currency,
                          financed_by=first.member_id, financed_at=first.financed_at, requested_by=entry.actor)

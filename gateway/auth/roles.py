@@ -46,6 +46,12 @@ class Permission(StrEnum):
     EVM_SIGN = "evm.sign"
     EVM_NONCES = "evm.nonces"
     SESSIONS_END = "sessions.end"  # log out: every role a person can hold (backend is for API clients only)
+    RISK_REPORTS_READ = "risk_reports.read"  # the signed daily risk report and the risk chart (whole institution)
+    RISK_DELIVERIES_READ = "risk_deliveries.read"  # webhook deliveries of risk events, the dead letters
+    RISK_DELIVERIES_REPLAY = "risk_deliveries.replay"  # send a dead delivery again
+    RISK_READ = "risk.read"  # risk events: a backend client only those that name it
+    RISK_READ_ALL = "risk.read_all"  # every risk event
+    RISK_TRIAGE = "risk.triage"  # acknowledge, assign, close (never an event that names you)
     ATTESTATIONS_CREATE = "attestations.create"  # attest trade documents (finance, notice)
     ATTESTATIONS_READ = "attestations.read"  # read, search, verify attestations; hits; alliance status
     ALLIANCE_FEED = "alliance.feed"  # GET /v1/alliance/fingerprints: peers only
@@ -86,6 +92,7 @@ GRANTS: dict[Role, frozenset[Permission]] = {
             Permission.EVM_SIGN,
             Permission.WALLETS_READ,
             Permission.APPROVALS_READ,
+            Permission.RISK_READ,
             Permission.ATTESTATIONS_CREATE,
             Permission.ATTESTATIONS_READ,
         }
@@ -98,8 +105,13 @@ GRANTS: dict[Role, frozenset[Permission]] = {
         Permission.APPROVALS_READ_ALL,
         Permission.RECONCILIATION_RESOLVE,
         Permission.DEVICES_REVOKE,
+        Permission.RISK_REPORTS_READ,
+        Permission.RISK_READ,
+        Permission.RISK_READ_ALL,
+        Permission.RISK_TRIAGE,
     },
-    Role.AUDITOR: _READ_ALL | {Permission.APPROVALS_READ_ALL, Permission.SESSIONS_END},
+    Role.AUDITOR: _READ_ALL | {Permission.APPROVALS_READ_ALL, Permission.SESSIONS_END, Permission.RISK_READ_ALL,
+                               Permission.RISK_TRIAGE},
     Role.ADMIN: frozenset(
         {
             Permission.SERVICE_READ,
@@ -111,6 +123,8 @@ GRANTS: dict[Role, frozenset[Permission]] = {
             Permission.EVM_NONCES,
             Permission.AUDIT_READ,
             Permission.SESSIONS_END,
+            Permission.RISK_DELIVERIES_READ,
+            Permission.RISK_DELIVERIES_REPLAY,
         }
     ),
     Role.PEER: frozenset({Permission.ALLIANCE_FEED}),

@@ -15,6 +15,7 @@ from typing import Any
 from aiohttp import web
 
 from gateway.api import approvals as approvals_api
+from gateway.api import attestations as attestations_api
 from gateway.api import audit as audit_api
 from gateway.api import devices as devices_api
 from gateway.api import docs as docs_api
@@ -33,6 +34,8 @@ from gateway.api.idempotency import InFlight
 from gateway.api.middleware import problem_middleware
 from gateway.api.openapi import ENDPOINTS_KEY
 from gateway.approvals.workflow import Approvals
+from gateway.attest.alliance import AllianceSync
+from gateway.attest.attestations import Attestations
 from gateway.audit.chain import AuditLog
 from gateway.audit.refusals import RefusalTally
 from gateway.audit.witness import witness_path
@@ -72,6 +75,7 @@ def all_endpoints() -> list[Endpoint]:
         *evm_api.ENDPOINTS,
         *evm_rpc_api.ENDPOINTS,
         *audit_api.ENDPOINTS,
+        *attestations_api.ENDPOINTS,
         *docs_api.ENDPOINTS,
         *risk_delivery_api.ENDPOINTS,
         *risk_api.ENDPOINTS,
@@ -238,6 +242,8 @@ def runtime_context(settings: Settings) -> Context:
             typed_data=typed_data,
             approvals=approvals,
             refusals=app[REFUSAL_TALLY],
+            attestations=Attestations(database, CountedSigner(pool, metrics.signatures, Usage.ATTEST), pool, profile,
+                                      settings.alliance, keys),
             monitor=app[RISK_MONITOR],
             evm_rpc=evm_rpc,
             keys=keys,
@@ -250,6 +256,22 @@ def runtime_context(settings: Settings) -> Context:
             yield
         finally:
             await evm_rpc.close()  # the upstream node's HTTP session, if one was opened
+
+    return context
+
+
+def alliance_context(settings: Settings, process_index: int) -> Context:
+    """Pull the alliance peers' fingerprints on a schedule, in the first HTTP process only (one puller is
+    enough; storing is idempotent should two ever run)."""
+
+    async def context(app: web.Application) -> AsyncIterator[None]:
+        sync = AllianceSync(app[STORE], settings.alliance, app[METRICS])
+        if process_index == 0:
+            sync.start()
+        try:
+            yield
+        finally:
+            await sync.close()
 
     return context
 
@@ -305,6 +327,7 @@ def make_app(settings: Settings, process_index: int = 0) -> web.Application:
         refusal_context(settings),
         monitor_context(settings),
         runtime_context(settings),
+        alliance_context(settings, process_index),
     ])
     return app
 

@@ -16,7 +16,18 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from gateway.errors import ConfigError
 from gateway.policy.chains import EvmSettings
@@ -529,6 +540,73 @@ class EvmRpcSettings(_Section):
         return self
 
 
+MEMBER_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
+
+
+class AlliancePeer(BaseModel):
+    """One alliance member this gateway pulls fingerprints from (``[[alliance.peers]]``)."""
+
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
+
+    member_id: Annotated[str, Field(pattern=MEMBER_ID_PATTERN)]
+    """The member's id, as its attestations and fingerprint batches name it."""
+    url: Annotated[str, Field(pattern=r"^https?://[^\s]+$")]
+    """Base URL of the member's gateway; the sync pulls ``{url}/v1/alliance/fingerprints``."""
+    public_key_pem: str
+    """The member's ``attest`` public key (PEM, P-256 or Ed25519), exchanged at the key ceremony: the only
+    key its batches and attestations are verified with."""
+    api_key_file: Path | None = None
+    """File (mode 0600) holding the API key of the ``peer`` client the member made for this bank, sent as a
+    bearer token; none = the request goes without credentials."""
+
+    @field_validator("public_key_pem")
+    @classmethod
+    def _p256_or_ed25519(cls, value: str) -> str:
+        try:
+            key = serialization.load_pem_public_key(value.encode())
+        except (ValueError, TypeError):
+            raise ValueError("not a PEM public key") from None
+        if not (isinstance(key, ed25519.Ed25519PublicKey)
+                or (isinstance(key, ec.EllipticCurvePublicKey) and isinstance(key.curve, ec.SECP256R1))):
+            raise ValueError("the member's attest key must be P-256 or Ed25519")
+        return value
+
+
+class AllianceSettings(_Section):
+    """Trade-finance attestations and the alliance's double-financing check (``[alliance]``,
+    docs/trade-finance.md)."""
+
+    member_id: Annotated[str, Field(pattern=MEMBER_ID_PATTERN)] | None = None
+    """This bank's member id in the alliance, signed into every attestation and batch; attestations are
+    refused (503 ``alliance-not-configured``) until it is set."""
+    hmac_key_label: Annotated[str, Field(min_length=1, max_length=64)] = "ecny-alliance-fingerprint"
+    """CKA_LABEL of the alliance's HMAC-SHA256 secret key in the HSM (``ecny-gateway alliance import-key``);
+    every member holds the same key under its own HSM."""
+    key_id: str | None = None
+    """Key family that signs attestations and fingerprint batches (its newest version); by default the active
+    ``attest`` key."""
+    peers: list[AlliancePeer] = []
+    """The other members: id, URL, public key and credential of each."""
+    sync_interval_seconds: Annotated[float, Field(ge=0)] = 60.0
+    """Pull every peer this often (0: only ``ecny-gateway alliance sync``). A double financing across two
+    banks can slip through for up to this long plus a peer's downtime (docs/trade-finance.md)."""
+    batch_limit: Annotated[int, Field(ge=1, le=10_000)] = 1000
+    """Most fingerprints one published batch carries (a sync pulls batches until it has the peer's head)."""
+    batch_max_age_seconds: Annotated[int, Field(ge=1, le=3600)] = 120
+    """A batch issued longer ago than this (or this far in the future) is refused as stale."""
+    request_timeout_seconds: Annotated[float, Field(gt=0, le=300)] = 10.0
+    """Longest wait for one peer's answer."""
+
+    @model_validator(mode="after")
+    def _peers_distinct(self) -> AllianceSettings:
+        ids = [peer.member_id for peer in self.peers]
+        if len(set(ids)) != len(ids):
+            raise ValueError("alliance.peers: each member_id at most once")
+        if self.member_id is not None and self.member_id in ids:
+            raise ValueError("alliance.peers: this bank's own member_id is not a peer")
+        return self
+
+
 class Settings(_Section):
     """The whole configuration."""
 
@@ -548,6 +626,7 @@ class Settings(_Section):
     """Receivers of risk events as signed CloudEvents (``[[risk_webhooks]]``, one table each)."""
     risk: RiskSettings = RiskSettings()
     evm_rpc: EvmRpcSettings = EvmRpcSettings()
+    alliance: AllianceSettings = AllianceSettings()
 
     @model_validator(mode="after")
     def _rpc_chain_registered(self) -> Settings:

@@ -25,6 +25,7 @@ class GatewayError(Exception):
     code: ClassVar[str] = "internal-error"
     http_status: ClassVar[int] = 500
     title: ClassVar[str] = "Internal error"
+    audited_in_transaction: ClassVar[bool] = False  # its audit entry committed with the refusal: no second one
 
     def __init__(self, detail: str = "", **extra: Any) -> None:
         super().__init__(detail or self.title)
@@ -797,3 +798,51 @@ class RiskEventClosed(Conflict):
 
     code = "risk-event-closed"
     title = "Risk event is closed"
+# --- trade-finance attestations and the alliance -------------------------------------------------
+
+
+class InvalidTradeDocument(ValidationFailed):
+    """A trade document's fields break its type's rules (number format, date, currency, amount)."""
+
+    code = "invalid-trade-document"
+    title = "The document's fields do not fit its type"
+
+
+class AttestationNotFound(NotFound):
+    """No attestation with this id."""
+
+    code = "attestation-not-found"
+
+
+class AlreadyFinanced(Conflict):
+    """A ``finance`` attestation of a document (same fingerprint) that this bank or an alliance member
+    financed already; ``member`` and ``financed_at`` name the first. The refusal, its audit entry and its
+    risk signal were committed together (``audited_in_transaction``)."""
+
+    code = "already-financed"
+    title = "This document has been financed already"
+    audited_in_transaction = True
+
+
+class AllianceNotConfigured(ServiceUnavailable):
+    """Attestations need ``[alliance] member_id`` and the alliance HMAC key in the HSM (key ceremony)."""
+
+    code = "alliance-not-configured"
+    title = "The alliance is not configured"
+
+
+class AllianceBatchRefused(GatewayError):
+    """A peer's fingerprint batch failed verification (signature, member, nonce, cursor, age, order) and
+    nothing of it was stored. Raised by the sync (CLI, scheduler), never by an endpoint."""
+
+    code = "alliance-batch-refused"
+    http_status = 502
+    title = "A peer's fingerprint batch was refused"
+
+
+class AlliancePeerUnavailable(GatewayError):
+    """A peer did not answer the sync with a batch (unreachable, timeout, an HTTP error)."""
+
+    code = "alliance-peer-unavailable"
+    http_status = 502
+    title = "An alliance peer is unavailable"

@@ -54,6 +54,7 @@ class Usage(StrEnum):
     RAW = "raw"
     REPORT = "report"  # signed daily risk reports for a regulator (gateway.monitor.report)
     MESSAGE = "message"  # EIP-191 personal messages (personal_sign, eth_sign); secp256k1 only
+    ATTEST = "attest"
 
 
 class KeyStatus(StrEnum):
@@ -63,8 +64,10 @@ class KeyStatus(StrEnum):
 
 
 #: Usages the gateway picks the key for itself (transfer envelopes, device certificates and vouchers,
-#: audit checkpoints): exactly one active key each. ``evm`` and ``raw`` keys are named by the request.
-SINGLE_ACTIVE_USAGES: frozenset[Usage] = frozenset({Usage.ECNY, Usage.VOUCHER, Usage.AUDIT, Usage.REPORT})
+#: audit checkpoints, signed risk reports, trade-finance attestations and fingerprint batches): exactly one
+#: active key each. ``evm`` and ``raw`` keys are named by the request.
+SINGLE_ACTIVE_USAGES: frozenset[Usage] = frozenset({Usage.ECNY, Usage.VOUCHER, Usage.AUDIT, Usage.REPORT,
+                                                    Usage.ATTEST})
 
 #: Algorithms the gateway can generate and use (SM2 only on a GM HSM profile that lists it).
 GENERATABLE = (Algorithm.ECDSA_P256, Algorithm.ECDSA_SECP256K1, Algorithm.ED25519, Algorithm.SM2)
@@ -72,9 +75,12 @@ GENERATABLE = (Algorithm.ECDSA_P256, Algorithm.ECDSA_SECP256K1, Algorithm.ED2551
 #: Usages that make sense per algorithm: EVM and EIP-191 messages need secp256k1; COSE signing (envelopes,
 #: vouchers, checkpoints, risk reports) needs P-256, Ed25519 or SM2.
 _USAGES: dict[Algorithm, frozenset[Usage]] = {
-    Algorithm.ECDSA_P256: frozenset({Usage.ECNY, Usage.VOUCHER, Usage.AUDIT, Usage.RAW, Usage.REPORT}),
-    Algorithm.ED25519: frozenset({Usage.ECNY, Usage.VOUCHER, Usage.AUDIT, Usage.RAW, Usage.REPORT}),
-    Algorithm.SM2: frozenset({Usage.ECNY, Usage.VOUCHER, Usage.AUDIT, Usage.RAW, Usage.REPORT}),
+    Algorithm.ECDSA_P256: frozenset({Usage.ECNY, Usage.VOUCHER, Usage.AUDIT, Usage.RAW, Usage.REPORT,
+                                    Usage.ATTEST}),
+    Algorithm.ED25519: frozenset({Usage.ECNY, Usage.VOUCHER, Usage.AUDIT, Usage.RAW, Usage.REPORT,
+                                    Usage.ATTEST}),
+    Algorithm.SM2: frozenset({Usage.ECNY, Usage.VOUCHER, Usage.AUDIT, Usage.RAW, Usage.REPORT,
+                                    Usage.ATTEST}),
     Algorithm.ECDSA_SECP256K1: frozenset({Usage.EVM, Usage.RAW, Usage.MESSAGE}),
 }
 

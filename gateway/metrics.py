@@ -75,6 +75,17 @@ class Metrics:
             multiprocess_mode="mostrecent",
         )
 
+        self.alliance_sync_lag = Gauge(
+            "ecny_alliance_sync_lag_seconds",
+            "Seconds since each alliance peer's fingerprints were last pulled and accepted (+Inf: never); a "
+            "double financing across two banks can slip through for about this long (docs/trade-finance.md)",
+            ["member"], registry=self.registry, multiprocess_mode="min",
+        )
+        self.alliance_batches = Counter(
+            "ecny_alliance_batches_total", "Alliance peer syncs by outcome (accepted, refused, failed)",
+            ["member", "outcome"], registry=self.registry,
+        )
+
     def request_done(self, endpoint: str, status: int, seconds: float) -> None:
         """Count one answered request and its latency (the labelled children are looked up once)."""
         key = (endpoint, status)

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from aiohttp import web
 
 from gateway.approvals.workflow import Approvals
+from gateway.attest.attestations import Attestations
 from gateway.audit.chain import AuditLog
 from gateway.audit.refusals import RefusalTally
 from gateway.auth.credentials import Authenticator
@@ -41,6 +42,7 @@ class Runtime:
     refusals: RefusalTally  # anonymous refusals, written as one audit entry per window and cause
     monitor: RiskMonitor  # the risk rules, after commit (nudged after every write request)
     evm_rpc: EvmRpc  # the Ethereum JSON-RPC signer (POST /v1/evm/rpc)
+    attestations: Attestations  # trade-finance attestations and the alliance feed (gateway.attest)
     keys: KeyDirectory = field(default_factory=KeyDirectory)
     started_at: float = field(default_factory=time.monotonic)
 

@@ -25,12 +25,15 @@ import aiohttp
 
 from tui.models import (
     Approval,
+    Attestation,
+    AttestationVerdict,
     AuditEntry,
     AuditPage,
     AuditVerification,
     CashResult,
     DeviceRecord,
     Discrepancy,
+    FinancingHit,
     LoadVoucher,
     MetricsSample,
     Readiness,
@@ -149,6 +152,17 @@ def _optional_int(document: Mapping[str, Any], name: str) -> int | None:
 
 def _dict(value: Any) -> dict[str, Any]:
     return dict(value) if isinstance(value, Mapping) else {}
+
+
+def attestation_from(document: Mapping[str, Any]) -> Attestation:
+    fields = _dict(document.get("fields"))
+    fingerprint = document.get("fingerprint")
+    envelope = document.get("attestation")
+    return Attestation(
+        _str(document, "attestation_id"), _str(document, "document_type"), _str(document, "purpose"),
+        _str(document, "member_id"), _str(fields, "number"), _str(_dict(fields.get("issuer")), "tax_id"),
+        _int(fields, "amount_minor"), _str(fields, "currency"), fingerprint if isinstance(fingerprint, str) else None,
+        _str(document, "created_at"), envelope if isinstance(envelope, str) else None)
 
 
 def readiness_from(document: Mapping[str, Any]) -> Readiness:
@@ -479,6 +493,27 @@ class GatewayClient:
         return AuditVerification(bool(document.get("ok")), _int(document, "entries"), _int(document, "checkpoints"),
                                  _int(document, "head_seq"), _optional_int(document, "first_bad_seq"),
                                  _str(document, "problem"), tuple(str(w) for w in document.get("warnings") or ()))
+
+    # -- trade-finance attestations --
+
+    async def search_attestations(self, number: str = "", issuer_tax_id: str = "") -> list[Attestation]:
+        params = {key: value for key, value in (("number", number), ("issuer_tax_id", issuer_tax_id)) if value}
+        document = await self._json("GET", "/v1/attestations", params=params)
+        return [attestation_from(a) for a in document.get("attestations", []) if isinstance(a, dict)]
+
+    async def verify_attestation(self, attestation_b64: str) -> AttestationVerdict:
+        document = await self._json("POST", "/v1/attestations/verify", json_body={"attestation": attestation_b64})
+        key = _dict(document.get("key"))
+        return AttestationVerdict(bool(document.get("valid")), _str(document, "reason"),
+                                  document.get("issuer") if isinstance(document.get("issuer"), str) else None,
+                                  _str(key, "kid"), _dict(document.get("claims")))
+
+    async def financing_hits(self, limit: int = 100) -> list[FinancingHit]:
+        document = await self._json("GET", "/v1/attestations/hits", params={"limit": str(limit)})
+        return [FinancingHit(_str(h, "hit_id"), _str(h, "ts"), _str(h, "document_type"), _str(h, "document_number"),
+                             _str(h, "issuer_tax_id"), _str(h, "financed_by"), _str(h, "financed_at"),
+                             _str(h, "requested_by"))
+                for h in document.get("hits", []) if isinstance(h, dict)]
 
     # -- reconciliation --
 

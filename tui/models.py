@@ -207,3 +207,45 @@ class RiskPage:
     events: tuple[RiskEvent, ...]
     next_after: int | None
     """Pass as ``after`` for more; None when this page was the last one so far."""
+
+
+@dataclass(frozen=True)
+class Attestation:
+    """A trade-finance attestation as the gateway lists it (``attestation``: base64 COSE_Sign1)."""
+
+    attestation_id: str
+    document_type: str
+    purpose: str
+    member_id: str
+    number: str
+    issuer_tax_id: str
+    amount_minor: int
+    currency: str
+    fingerprint: str | None
+    created_at: str
+    attestation: str | None
+
+
+@dataclass(frozen=True)
+class AttestationVerdict:
+    """What ``POST /v1/attestations/verify`` said of an attestation file."""
+
+    valid: bool
+    reason: str
+    issuer: str | None
+    kid: str
+    claims: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class FinancingHit:
+    """A refused second financing (409 already-financed)."""
+
+    hit_id: str
+    ts: str
+    document_type: str
+    document_number: str
+    issuer_tax_id: str
+    financed_by: str
+    financed_at: str
+    requested_by: str

@@ -180,7 +180,8 @@ def guarded(endpoint: Endpoint) -> Callable[[web.Request], Awaitable[web.StreamR
             if endpoint.permission is not None and call.principal is None and isinstance(error, Unauthenticated):
                 # Anonymous: counted, one audit entry per window and cause (gateway/audit/refusals.py).
                 runtime.refusals.count(error.code, endpoint.audited_action or endpoint.name)
-            elif 400 <= error.http_status < 500 and endpoint.audited_action is not None:
+            elif (400 <= error.http_status < 500 and endpoint.audited_action is not None
+                  and not error.audited_in_transaction):
                 await _audit_refusal(call, endpoint.audited_action, error)
             raise
         finally:

@@ -15,6 +15,7 @@ class Role(StrEnum):
     SUPERVISOR = "supervisor"
     AUDITOR = "auditor"
     ADMIN = "admin"
+    PEER = "peer"  # an alliance member's gateway (API clients only): pulls this bank's fingerprint feed
 
 
 class Permission(StrEnum):
@@ -51,6 +52,9 @@ class Permission(StrEnum):
     RISK_READ = "risk.read"  # risk events: a backend client only those that name it
     RISK_READ_ALL = "risk.read_all"  # every risk event
     RISK_TRIAGE = "risk.triage"  # acknowledge, assign, close (never an event that names you)
+    ATTESTATIONS_CREATE = "attestations.create"  # attest trade documents (finance, notice)
+    ATTESTATIONS_READ = "attestations.read"  # read, search, verify attestations; hits; alliance status
+    ALLIANCE_FEED = "alliance.feed"  # GET /v1/alliance/fingerprints: peers only
 
 
 _READ_ALL = frozenset(p for p in Permission if p.value.endswith(".read"))
@@ -71,6 +75,8 @@ _TELLER = frozenset(
         Permission.RECONCILIATION_READ,
         Permission.APPROVALS_READ,
         Permission.SESSIONS_END,
+        Permission.ATTESTATIONS_CREATE,
+        Permission.ATTESTATIONS_READ,
     }
 )
 
@@ -87,6 +93,8 @@ GRANTS: dict[Role, frozenset[Permission]] = {
             Permission.WALLETS_READ,
             Permission.APPROVALS_READ,
             Permission.RISK_READ,
+            Permission.ATTESTATIONS_CREATE,
+            Permission.ATTESTATIONS_READ,
         }
     ),
     Role.TELLER: _TELLER,
@@ -119,7 +127,11 @@ GRANTS: dict[Role, frozenset[Permission]] = {
             Permission.RISK_DELIVERIES_REPLAY,
         }
     ),
+    Role.PEER: frozenset({Permission.ALLIANCE_FEED}),
 }
+
+#: Roles only API clients hold, never a person's user account.
+CLIENT_ONLY_ROLES = frozenset({Role.BACKEND, Role.PEER})
 
 
 def allows(role: Role, permission: Permission) -> bool:

@@ -27,6 +27,7 @@ from gateway import clock
 from gateway.app import all_endpoints
 from gateway.auth.credentials import add_user, revoke_client
 from gateway.auth.roles import Role, allows
+from gateway.errors import AmbiguousKey
 from gateway.hardwallet.simulator import SimulatedDevice
 from gateway.risk.events import RiskEvent, insert_event_in
 from tests.api.support import approve_as_second_person, approve_opened_tier, assert_problem, new_client, runtime
@@ -273,6 +274,53 @@ async def _risk_event(ctx: Context) -> str:
                       parties=("client:test-backend",))
     await runtime(ctx.gateway).database.write(lambda tx: insert_event_in(tx, event))
     return event.event_id
+AUTHZ_MEMBER = "AUTHZ-BANK"
+
+
+async def _alliance(ctx: Context) -> None:
+    """Make the shared gateway an alliance member: a member id, the alliance HMAC key in its token (the key
+    ceremony, through the signer pool) and an `attest` key — once."""
+    gw = ctx.gateway
+    if gw.settings.alliance.member_id == AUTHZ_MEMBER:
+        return
+    pool: Any = runtime(gw).signer
+    try:
+        await pool.import_secret(gw.settings.alliance.hmac_key_label, os.urandom(32))
+    except AmbiguousKey:  # imported by an earlier session on this token
+        pass
+    keys = (await _ok(await gw.client.get("/v1/keys", headers=gw.auth(Role.ADMIN))))["keys"]
+    if not any("attest" in key["usage"] for key in keys):
+        await _ok(await gw.client.post("/v1/keys", json={"label": "authz-attest", "algorithm": "ecdsa-p256",
+                                                         "usage": ["attest"]}, headers=gw.auth(Role.ADMIN)), 201)
+    gw.settings.alliance.member_id = AUTHZ_MEMBER
+
+
+def _trade_document(purpose: str = "finance") -> dict[str, Any]:
+    party = {"name": "Authz Trading Co.", "tax_id": "91310000MA1FL8XQ3X"}
+    return {"document_type": "invoice", "document_sha256": _digest(), "purpose": purpose,
+            "fields": {"issuer": party, "number": f"AUTHZ-{secrets.token_hex(6)}", "issue_date": "2026-01-15",
+                       "amount_minor": 100_000, "currency": "CNY", "seller": party,
+                       "buyer": {"name": "Authz Buyer Ltd.", "tax_id": "91110000600037341L"}}}
+
+
+async def _attestation_case(ctx: Context) -> Case:
+    await _alliance(ctx)
+    return Case("/v1/attestations", _trade_document())
+
+
+async def _attestation(ctx: Context) -> dict[str, Any]:
+    await _alliance(ctx)
+    return dict(await _ok(await ctx.gateway.client.post("/v1/attestations", json=_trade_document("notice"),
+                                                        headers=ctx.gateway.auth(Role.BACKEND)), 201))
+
+
+async def _verify_case(ctx: Context) -> Case:
+    return Case("/v1/attestations/verify", {"attestation": (await _attestation(ctx))["attestation"]})
+
+
+async def _feed_case(ctx: Context) -> Case:
+    await _alliance(ctx)
+    return Case("/v1/alliance/fingerprints", params={"after": "0", "nonce": secrets.token_hex(16)})
 
 
 # The users behind each role that people hold (tests/conftest.py provisions them).
@@ -280,7 +328,7 @@ USER_OF_ROLE = {Role.TELLER: "teller1", Role.SUPERVISOR: "supervisor1", Role.AUD
                 Role.ADMIN: "admin1"}
 
 PUBLIC = None  # no credentials needed
-EVERY_ROLE = frozenset(Role)
+EVERY_ROLE = frozenset(Role) - {Role.PEER}  # an alliance peer reads its fingerprint feed and nothing else
 KEY_READERS = frozenset({Role.BACKEND, Role.TELLER, Role.SUPERVISOR, Role.AUDITOR, Role.ADMIN})
 AUDIT_READERS = frozenset({Role.AUDITOR, Role.ADMIN})
 WALLET_READERS = frozenset({Role.BACKEND, Role.TELLER, Role.SUPERVISOR, Role.AUDITOR})
@@ -300,6 +348,9 @@ RISK_REPORT_READERS = frozenset({Role.SUPERVISOR, Role.AUDITOR})
 DELIVERY_READERS = frozenset({Role.AUDITOR, Role.ADMIN})
 RISK_READERS = frozenset({Role.BACKEND, Role.SUPERVISOR, Role.AUDITOR})  # the backend: events naming it
 RISK_TRIAGERS = frozenset({Role.SUPERVISOR, Role.AUDITOR})
+ATTESTERS = frozenset({Role.BACKEND, Role.TELLER, Role.SUPERVISOR})  # trade-finance attestations
+ATTESTATION_READERS = frozenset({Role.BACKEND, Role.TELLER, Role.SUPERVISOR, Role.AUDITOR})
+PEERS = frozenset({Role.PEER})  # alliance members' gateways: the fingerprint feed, nothing else
 
 Builder = Callable[[Context], Awaitable[Case]]
 
@@ -398,6 +449,14 @@ CASES: dict[str, tuple[frozenset[Role] | None, Builder]] = {
         ctx, "/v1/risk/events/{}/assign", _risk_event, {"assignee": "auditor1"})),
     "POST /v1/risk/events/{event_id}/close": (RISK_TRIAGERS, lambda ctx: _built(
         ctx, "/v1/risk/events/{}/close", _risk_event, {"note": "checked"})),
+    "POST /v1/attestations": (ATTESTERS, _attestation_case),
+    "GET /v1/attestations": (ATTESTATION_READERS, _fixed(Case("/v1/attestations", params={"number": "AUTHZ"}))),
+    "GET /v1/attestations/hits": (ATTESTATION_READERS, _fixed(Case("/v1/attestations/hits"))),
+    "GET /v1/attestations/{attestation_id}": (ATTESTATION_READERS, lambda ctx: _built(
+        ctx, "/v1/attestations/{}", lambda c: _id(_attestation(c), "attestation_id"))),
+    "POST /v1/attestations/verify": (ATTESTATION_READERS, _verify_case),
+    "GET /v1/alliance/fingerprints": (PEERS, _feed_case),
+    "GET /v1/alliance/status": (ATTESTATION_READERS, _fixed(Case("/v1/alliance/status"))),
 }
 
 ENDPOINTS = {endpoint.name: endpoint for endpoint in all_endpoints()}

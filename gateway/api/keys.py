@@ -1,11 +1,11 @@
-"""Keys: generate inside the HSM, list, show, and sign digests with ``raw`` keys."""
+"""Keys: generate inside the HSM, list, show, and sign digests with ``raw`` keys (the signing itself is
+:class:`gateway.operations.raw.RawSigning`: the routes parse and render)."""
 
 from __future__ import annotations
 
-import hashlib
-
 from aiohttp import web
 
+from gateway.api import idempotency
 from gateway.api.call import Call
 from gateway.api.codecs import json_response
 from gateway.api.endpoints import Endpoint
@@ -19,13 +19,10 @@ from gateway.api.models import (
     SignResponse,
 )
 from gateway.auth.roles import Permission
-from gateway.errors import KeyNotFound, PayloadTooLarge, ValidationFailed
+from gateway.errors import KeyNotFound
 from gateway.key_lifecycle import generate_key
-from gateway.keys import KeyRecord, Usage, list_keys
-from gateway.signing import Algorithm, der_from_raw
-
-MAX_BATCH = 1000
-ECDSA = (Algorithm.ECDSA_P256, Algorithm.ECDSA_SECP256K1)
+from gateway.keys import Usage, list_keys
+from gateway.operations.raw import RawRequest, RawSigning
 
 
 def _key_id(call: Call) -> str:
@@ -55,57 +52,23 @@ async def show(call: Call) -> web.Response:
     return json_response(record.document())
 
 
-def _signing_input(record: KeyRecord, hex_data: str) -> bytes:
-    data = bytes.fromhex(hex_data)
-    if record.algorithm in ECDSA and len(data) != 32:
-        raise ValidationFailed(f"an ECDSA digest is 32 bytes; got {len(data)}")
-    if record.algorithm is Algorithm.ED25519 and len(data) > 65536:
-        raise PayloadTooLarge("Ed25519 messages are limited to 64 KiB")
-    return data
-
-
-def _signature_document(record: KeyRecord, signature: bytes) -> dict[str, str]:
-    document = {"signature": signature.hex()}
-    if record.algorithm in ECDSA:
-        document["der"] = der_from_raw(signature).hex()
-    return document
+def _raw_signing(call: Call) -> RawSigning:
+    runtime = call.runtime
+    return RawSigning(runtime.database, runtime.keys, runtime.signer_for(Usage.RAW), runtime.audit)
 
 
 async def sign(call: Call) -> web.Response:
-    runtime = call.runtime
-    record = await runtime.keys.get(runtime.database, _key_id(call))
-    record.require(Usage.RAW)
     body: SignRequest = call.body
-    data = _signing_input(record, body.digest)
-    signature = await runtime.signer_for(Usage.RAW).sign(record.key_id, record.algorithm.value, data)
-    await runtime.audit.record(
-        call.audit_entry(
-            "keys.sign", decision="allowed", key_id=record.key_id,
-            payload_hash=hashlib.sha256(data).hexdigest(),
-            result={"signature_sha256": hashlib.sha256(signature).hexdigest()},
-        )
-    )
-    return json_response(_signature_document(record, signature))
+    raw = RawRequest(_key_id(call), (body.digest,))
+    entry = call.audit_entry("keys.sign", decision="allowed")
+    return idempotency.render(await _raw_signing(call).run(call.idempotent, raw, entry))
 
 
 async def sign_batch(call: Call) -> web.Response:
-    runtime = call.runtime
     body: BatchSignRequest = call.body
-    if len(body.digests) > MAX_BATCH:
-        raise PayloadTooLarge(f"at most {MAX_BATCH} digests per batch; got {len(body.digests)}")
-    record = await runtime.keys.get(runtime.database, body.key_id)
-    record.require(Usage.RAW)
-    items = [_signing_input(record, digest) for digest in body.digests]
-    signatures = await runtime.signer_for(Usage.RAW).sign_many(record.key_id, record.algorithm.value, items)
-    await runtime.audit.record(
-        call.audit_entry(
-            "keys.sign_batch", decision="allowed", key_id=record.key_id,
-            payload_hash=hashlib.sha256(b"".join(items)).hexdigest(),
-            result={"count": len(signatures),
-                    "signatures_sha256": hashlib.sha256(b"".join(signatures)).hexdigest()},
-        )
-    )
-    return json_response({"signatures": [signature.hex() for signature in signatures]})
+    raw = RawRequest(body.key_id, body.digests, batch=True)
+    entry = call.audit_entry("keys.sign_batch", decision="allowed")
+    return idempotency.render(await _raw_signing(call).run(call.idempotent, raw, entry))
 
 
 KEY_ID_PARAM = "/v1/keys/{key_id}"

@@ -17,7 +17,8 @@ together with the checkpoints after it.
 Entries are written either inside the transaction of the operation they describe
 (:func:`append`), or — for signing requests, which change nothing else — through
 :class:`AuditLog`, which groups the entries of concurrent requests into one commit and answers each
-request only once its entry is committed.
+request only once its entry is committed (:meth:`AuditLog.record_with` stores a write of the request's
+own, such as its Idempotency-Key answer, in that same commit).
 """
 
 from __future__ import annotations

@@ -1,14 +1,14 @@
 """Single-signature latency at low concurrency, two (or more) source trees alternating in one run.
 
     .venv/bin/python bench/latency.py --trees /tmp/before,. [--rounds 3] [--duration 5]
-                                      [--concurrency 1,4,16,64] [--processes 1] [--json FILE]
+                                      [--concurrency 1,4,16,64] [--processes 1] [--idempotency] [--json FILE]
 
 Each tree is a checkout of the gateway (a ``gateway/`` package and ``hsm_profiles/`` beside it, e.g.
 ``git archive main | tar -x -C /tmp/before``). For every round and every tree in turn: a fresh gateway
 (bench/common.py: own SoftHSM2 token, SQLite, ``ecny-gateway serve`` with that tree first on
-``PYTHONPATH``), one request that proves which tree answers is skipped (the trees only differ in speed),
-a 2 s warm-up, then ``wrk`` against ``POST /v1/keys/{id}/sign`` (the same Lua script as
-bench/openbao.py) at each concurrency. Alternating trees round by round spreads the load of other
+``PYTHONPATH``), a 2 s warm-up, then ``wrk`` against ``POST /v1/keys/{id}/sign`` (the same Lua script
+as bench/openbao.py; with ``--idempotency`` a fresh Idempotency-Key on every request) at each
+concurrency. Alternating trees round by round spreads the load of other
 users of a shared machine over both; the report gives the median of the rounds per tree and the
 ratio to the first tree, which is what to compare across runs.
 """
@@ -30,8 +30,31 @@ sys.path.insert(0, str(ROOT / "bench"))
 from common import exit_on_sigterm, machine, start_gateway, versions  # noqa: E402
 from openbao import GATEWAY_LUA, run_wrk  # noqa: E402
 
+IDEMPOTENT_LUA = """
+wrk.method = "POST"
+local hexdigits = "0123456789abcdef"
+local counter = 0
+math.randomseed(os.time())
+local prefix = tostring(math.random(1, 2000000000))
+local function hex(n)
+  local t = {}
+  for i = 1, n do local k = math.random(1, 16); t[i] = hexdigits:sub(k, k) end
+  return table.concat(t)
+end
+request = function()
+  counter = counter + 1
+  local headers = {["Content-Type"] = "application/json", ["Authorization"] = "Bearer %(api_key)s",
+                   ["Idempotency-Key"] = "bench-" .. prefix .. "-" .. counter .. "-" .. hex(8)}
+  return wrk.format(nil, "/v1/keys/%(key_id)s/sign", headers, '{"digest":"' .. hex(64) .. '"}')
+end
+done = function(summary, latency, requests)
+  io.write(string.format("PCT %%d %%d %%d\\n", latency:percentile(50), latency:percentile(99), latency.max))
+end
+"""
 
-def measure(tree: Path, concurrencies: list[int], duration: float, processes: int) -> list[dict[str, Any]]:
+
+def measure(tree: Path, concurrencies: list[int], duration: float, processes: int,
+            idempotent: bool = False) -> list[dict[str, Any]]:
     """One gateway built from ``tree``: a wrk row per concurrency."""
     saved = os.environ.get("PYTHONPATH")
     os.environ["PYTHONPATH"] = str(tree)
@@ -47,7 +70,8 @@ def measure(tree: Path, concurrencies: list[int], duration: float, processes: in
             os.environ["PYTHONPATH"] = saved
     rows = []
     try:
-        lua = GATEWAY_LUA % {"api_key": gateway.credentials["backend_api_key"], "key_id": gateway.keys["raw-p256"]}
+        lua = (IDEMPOTENT_LUA if idempotent else GATEWAY_LUA) % {
+            "api_key": gateway.credentials["backend_api_key"], "key_id": gateway.keys["raw-p256"]}
         run_wrk(gateway.url, lua, 4, 2)  # warm-up, not counted
         for connections in concurrencies:
             cpu0, wall0 = gateway.cpu_seconds(), time.monotonic()
@@ -67,6 +91,8 @@ def main() -> int:
     parser.add_argument("--duration", type=float, default=5)
     parser.add_argument("--concurrency", default="1,4,16,64")
     parser.add_argument("--processes", type=int, default=1, help="[server] processes of the gateway")
+    parser.add_argument("--idempotency", action="store_true",
+                        help="a fresh Idempotency-Key header on every request (each answer is recorded)")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     exit_on_sigterm()
@@ -75,7 +101,7 @@ def main() -> int:
     rows: list[dict[str, Any]] = []
     for round_ in range(args.rounds):
         for tree in trees:
-            for row in measure(tree, concurrencies, args.duration, args.processes):
+            for row in measure(tree, concurrencies, args.duration, args.processes, args.idempotency):
                 row["round"] = round_
                 rows.append(row)
                 print(f"round {round_} {tree.name:14} c{row['connections']:<3} {row['rate']:7.0f} req/s  "
@@ -92,7 +118,8 @@ def markdown(rows: list[dict[str, Any]], trees: list[Path], concurrencies: list[
     info, ver = machine(), versions()
     lines = [
         f"`.venv/bin/python bench/latency.py --rounds {args.rounds} --duration {args.duration:g} "
-        f"--concurrency {args.concurrency} --processes {args.processes}` on "
+        f"--concurrency {args.concurrency} --processes {args.processes}"
+        f"{' --idempotency' if args.idempotency else ''}` on "
         f"{time.strftime('%Y-%m-%d %H:%M', time.gmtime())} (UTC); {info['nproc']} CPUs, Python "
         f"{ver.get('python', '?')}; median of {args.rounds} rounds, trees alternating; ratio to `{trees[0].name}`.",
         "",

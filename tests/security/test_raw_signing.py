@@ -66,6 +66,15 @@ def _public_key(document: dict[str, Any]) -> ec.EllipticCurvePublicKey:
     return key
 
 
+async def _raw_key(gw: Gateway) -> dict[str, Any]:
+    """A fresh ECDSA P-256 key with usage raw, made through the API."""
+    response = await gw.client.post("/v1/keys", json={"label": f"raw-{uuid.uuid4().hex[:8]}", "algorithm":
+                                                      "ecdsa-p256", "usage": ["raw"]}, headers=gw.auth(Role.ADMIN))
+    assert response.status == 201, await response.text()
+    document: dict[str, Any] = await response.json()
+    return document
+
+
 async def _sign(gw: Gateway, key_id: str, digest: str, idem: str | None) -> tuple[int, bytes, Any]:
     headers = gw.auth(Role.BACKEND)
     if idem is not None:
@@ -75,13 +84,14 @@ async def _sign(gw: Gateway, key_id: str, digest: str, idem: str | None) -> tupl
 
 
 async def test_idempotent_raw_sign_retry_returns_the_same_signature_without_a_second_hsm_call(
-    gateway: Gateway, raw_keys: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+    ledger_gateway: Gateway, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Raw signature retried with the same Idempotency-Key signed twice: the retry gets the first
-    answer byte for byte, and the HSM is asked once (single and batch)."""
+    answer byte for byte, and the HSM is asked once (single and batch; SQLite and PostgreSQL)."""
+    gateway = ledger_gateway
+    key = await _raw_key(gateway)
     counting = CountingSigner(runtime(gateway).signer)
     monkeypatch.setattr(runtime(gateway), "signer", counting)
-    key = raw_keys["p256"]
     digest, idem = os.urandom(32).hex(), f"raw-{uuid.uuid4()}"
     status, first, _ = await _sign(gateway, key["key_id"], digest, idem)
     assert status == 200 and counting.calls == 1
@@ -100,13 +110,14 @@ async def test_idempotent_raw_sign_retry_returns_the_same_signature_without_a_se
 
 
 async def test_a_race_lost_to_another_instance_answers_as_it_did_and_still_audits_the_signature(
-    gateway: Gateway, raw_keys: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+    ledger_gateway: Gateway, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Two instances racing one Idempotency-Key: both answers leave, or a signature leaves unaudited.
     Another instance commits its answer for the key while this one signs; this one answers with that
-    answer (a replay), and the signature it made — never sent — still has its audit entry."""
-    gw = gateway
-    key_id = raw_keys["p256"]["key_id"]
+    answer (a replay), and the signature it made — never sent — still has its audit entry (SQLite and
+    PostgreSQL)."""
+    gw = ledger_gateway
+    key_id = (await _raw_key(gw))["key_id"]
     digest, idem = os.urandom(32).hex(), f"raw-race-{uuid.uuid4()}"
     path = f"/v1/keys/{key_id}/sign"
     body = json.dumps({"digest": digest}).encode()

@@ -40,10 +40,9 @@ VARIANTS = {"full": "", "no-hsm": "sign", "no-audit": "audit", "neither": "sign,
 
 
 def patched_copy(into: Path) -> Path:
-    """``gateway/`` and ``hsm_profiles/`` copied under ``into``, the single raw signature
+    """``gateway/`` (its HSM profiles included) copied under ``into``, the single raw signature
     (gateway/operations/raw.py) patched; returns the directory to put on PYTHONPATH."""
     shutil.copytree(ROOT / "gateway", into / "gateway", ignore=shutil.ignore_patterns("__pycache__"))
-    shutil.copytree(ROOT / "hsm_profiles", into / "hsm_profiles")  # found beside the package
     module = into / "gateway" / "operations" / "raw.py"
     lines = module.read_text(encoding="utf-8").splitlines(keepends=True)
     for call, (switch, instead) in SKIPPED.items():

@@ -3,7 +3,7 @@
     .venv/bin/python bench/latency.py --trees /tmp/before,. [--rounds 3] [--duration 5]
                                       [--concurrency 1,4,16,64] [--processes 1] [--idempotency] [--json FILE]
 
-Each tree is a checkout of the gateway (a ``gateway/`` package and ``hsm_profiles/`` beside it, e.g.
+Each tree is a checkout of the gateway (its ``gateway/`` package, e.g.
 ``git archive main | tar -x -C /tmp/before``). For every round and every tree in turn: a fresh gateway
 (bench/common.py: own SoftHSM2 token, SQLite, ``ecny-gateway serve`` with that tree first on
 ``PYTHONPATH``), a 2 s warm-up, then ``wrk`` against ``POST /v1/keys/{id}/sign`` (the same Lua script

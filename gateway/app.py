@@ -17,6 +17,7 @@ from aiohttp import web
 from gateway.api import approvals as approvals_api
 from gateway.api import audit as audit_api
 from gateway.api import devices as devices_api
+from gateway.api import docs as docs_api
 from gateway.api import evm as evm_api
 from gateway.api import keys as keys_api
 from gateway.api import probes as probes_api
@@ -63,6 +64,7 @@ def all_endpoints() -> list[Endpoint]:
         *devices_api.ENDPOINTS,
         *evm_api.ENDPOINTS,
         *audit_api.ENDPOINTS,
+        *docs_api.ENDPOINTS,
     ]
 
 
@@ -79,6 +81,7 @@ def pool_settings(settings: Settings, profile: HsmProfile, process_index: int = 
         pin=hsm.read_pin(),
         workers=max(1, share),
         max_batch=hsm.max_batch,
+        token_attributes={} if hsm.token_label else profile.token.match_attributes(),
     )
 
 

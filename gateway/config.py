@@ -67,7 +67,7 @@ class ServerSettings(_Section):
 
 class HsmSettings(_Section):
     profile: str = "softhsm"
-    """Profile name in ``hsm_profiles/`` (``softhsm`` → ``softhsm.toml``) or a path to a profile file."""
+    """A shipped profile's name (``gateway/hsm/profiles``: ``softhsm`` → ``softhsm.toml``) or a profile file."""
     module: str | None = None
     """Overrides the profile's PKCS#11 module path."""
     token_label: str | None = None

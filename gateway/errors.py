@@ -98,6 +98,14 @@ class UnsupportedMediaType(GatewayError):
     title = "Unsupported media type"
 
 
+class VerificationUnsupported(BadRequest):
+    """The gateway cannot check this key's signatures (or encode its public key in the asked format)
+    in software: SM2 has no implementation in `cryptography` and no registered JWK or COSE curve."""
+
+    code = "verification-unsupported"
+    title = "Not supported for this key's algorithm"
+
+
 # --- 401/403: who you are and what you may do ----------------------------------------------------
 
 
@@ -248,6 +256,30 @@ class UserNotFound(NotFound):
 
     code = "user-not-found"
     title = "User not found"
+
+
+class KeyRetired(Conflict):
+    """The key version was superseded by a rotation (or by a newer key of its usage): it still
+    verifies and its COSE kid still resolves, but it no longer signs."""
+
+    code = "key-retired"
+    title = "Key version retired: verify only"
+
+
+class KeyDisabled(Conflict):
+    """An administrator disabled the key version: it signs nothing (its signatures still verify).
+    For a usage whose active key is disabled: rotate it or generate a new key of that usage."""
+
+    code = "key-disabled"
+    title = "Key version disabled"
+
+
+class KeyNotAdoptable(Conflict):
+    """An existing HSM key cannot be adopted: it is extractable, not sensitive or not private, cannot
+    sign, is of an algorithm or mechanism the profile does not give, or its token is another one."""
+
+    code = "key-not-adoptable"
+    title = "The HSM key cannot be adopted"
 
 
 # --- 5xx: our dependencies -----------------------------------------------------------------------

@@ -46,6 +46,7 @@ class Endpoint:
     query: tuple[tuple[str, dict[str, Any], str], ...] = ()  # (name, JSON schema, description)
     responses: dict[int, str] = field(default_factory=dict)  # extra documented statuses
     accepted_model: type[BaseModel] | None = None  # the 202 body, when it is not response_model's (an approval)
+    response_media_type: str | None = None  # a success body that is not JSON, e.g. "text/html" for /docs
 
     @property
     def name(self) -> str:

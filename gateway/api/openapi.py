@@ -101,6 +101,8 @@ def _operation(endpoint: Endpoint, schemas: dict[str, Any]) -> dict[str, Any]:
         success["content"] = {"application/json": {"schema": _schema_ref(endpoint.response_model, schemas)}}
     elif endpoint.path == "/metrics":
         success["content"] = {"text/plain": {"schema": {"type": "string"}}}
+    elif endpoint.response_media_type is not None:
+        success["content"] = {endpoint.response_media_type: {"schema": {"type": "string"}}}
     else:
         success["content"] = {"application/json": {"schema": {"type": "object"}}}
     responses[str(endpoint.response_status)] = success

@@ -39,7 +39,7 @@ import structlog
 from gateway import clock
 from gateway.audit import witness
 from gateway.errors import GatewayError
-from gateway.keys import KeyRecord, Usage, key_for_usage, keys_with_usage
+from gateway.keys import KeyRecord, Usage, active_key_id, key_for_usage
 from gateway.ledger.store import Database, Tx
 from gateway.signing import Signer, signing_input
 
@@ -265,7 +265,7 @@ class AuditLog:
         """The audit key, or None while there is none yet (checkpoints start once it exists)."""
 
         def find(tx: Tx) -> KeyRecord | None:
-            if not self._key_id and not keys_with_usage(tx, Usage.AUDIT):
+            if not self._key_id and active_key_id(tx, Usage.AUDIT) is None:
                 return None
             return key_for_usage(tx, Usage.AUDIT, self._key_id, "audit.key_id")
 

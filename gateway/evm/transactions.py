@@ -42,7 +42,7 @@ from gateway.errors import (
     PolicyRefused,
     UnknownToken,
 )
-from gateway.keys import KeyDirectory, KeyRecord, evm_address
+from gateway.keys import KeyDirectory, KeyRecord, Usage, evm_address
 from gateway.ledger.store import Database, Tx
 from gateway.operations.idempotency import Answer, IdempotentRequest
 from gateway.operations.signed import SignedOperation, ToSign
@@ -163,7 +163,8 @@ class TransactionSigning:
         unsigned = UnsignedTransaction.from_json(json.loads(row["unsigned_tx"]))
         if unsigned.signing_hash().hex() != row["signing_hash"]:
             raise InvalidEvmTransaction(f"transaction {reference}: stored fields do not match the signing hash")
-        return ToSignTransaction(reference, unsigned, await transactions.keys.get(transactions.database, row["key_id"]))
+        return ToSignTransaction(reference, unsigned, await transactions.keys.for_signing(
+            transactions.database, row["key_id"], Usage.EVM))
 
     def answered(self, subject: ToSignTransaction) -> Answer | None:
         return None if subject.document is None else _transaction_answer(subject.document)

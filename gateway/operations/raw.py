@@ -5,8 +5,9 @@ record *before* the HSM is asked — the two-phase :class:`~gateway.operations.s
 would add a write transaction (and its fsync) to the hottest path and protect nothing. Its shape is
 the one-phase *signed record*:
 
-1. **check**: the key exists and has usage ``raw``; each input fits the key's algorithm (a 32-byte
-   digest for ECDSA, at most 64 KiB for Ed25519); at most :data:`MAX_BATCH` inputs;
+1. **check**: the key exists, has usage ``raw`` and may sign (read fresh: not retired or disabled);
+   each input fits the key's algorithm (a 32-byte digest for ECDSA, at most 64 KiB for Ed25519); at
+   most :data:`MAX_BATCH` inputs;
 2. **sign** through the HSM (a batch is shared between the signer workers);
 3. **one store write**: the audit entry (what was signed, the hash of the signatures) and the
    Idempotency-Key answer, in the audit log's group commit (:meth:`AuditLog.record_with`);
@@ -86,7 +87,8 @@ class RawSigning:
 
         Raises:
             PayloadTooLarge: more than :data:`MAX_BATCH` inputs, or an Ed25519 message above 64 KiB.
-            KeyNotFound, KeyUsageMismatch: no such key, or not a ``raw`` key.
+            KeyNotFound, KeyUsageNotAllowed, RawKeyNotExclusive, KeyRetired, KeyDisabled: no such key,
+                not a ``raw`` key, or one that may no longer sign.
             ValidationFailed: an input that does not fit the key's algorithm.
             HsmUnavailable, HsmError: the HSM did not sign (nothing is written).
             StoreUnavailable: the audit entry was not written (the signature does not leave).
@@ -94,8 +96,7 @@ class RawSigning:
         """
         if raw.batch and len(raw.inputs) > MAX_BATCH:
             raise PayloadTooLarge(f"at most {MAX_BATCH} digests per batch; got {len(raw.inputs)}")
-        record = await self.keys.get(self.database, raw.key_id)
-        record.require(Usage.RAW)
+        record = await self.keys.for_signing(self.database, raw.key_id, Usage.RAW)
         items = [signing_input(record, text) for text in raw.inputs]
         if raw.batch:
             signatures = await self.signer.sign_many(record.key_id, record.algorithm.value, items)

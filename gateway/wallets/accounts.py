@@ -130,7 +130,6 @@ class Wallets:
         self.signer = signer
         self.profile = profile
         self.settings = settings
-        self._ecny_key: KeyRecord | None = None
         self.approvals = approvals if approvals is not None else Approvals(settings.approvals)
         self.signed_transfers = SignedOperation(database, TransferSigning(self))
         handler = WalletApprovals(self)
@@ -352,11 +351,10 @@ class Wallets:
         return row  # what the table now holds, without reading it back
 
     async def ecny_key(self) -> KeyRecord:
-        if self._ecny_key is None:
-            configured = self.settings.ecny.key_id
-            self._ecny_key = await self.database.read(
-                lambda tx: key_for_usage(tx, Usage.ECNY, configured, "ecny.key_id"))
-        return self._ecny_key
+        """The key that signs envelopes now: read every time, since a rotation (in any process) moves it."""
+        configured = self.settings.ecny.key_id
+        key: KeyRecord = await self.database.read(lambda tx: key_for_usage(tx, Usage.ECNY, configured, "ecny.key_id"))
+        return key
 
     async def transfer(self, request: IdempotentRequest | None, intent: TransferIntent,
                        entry: AuditEntry) -> Answer:

@@ -153,6 +153,14 @@ async def _evm_key(ctx: Context) -> dict[str, Any]:
         headers=gw.auth(Role.ADMIN)), 201)
 
 
+async def _fresh_raw_key(ctx: Context) -> dict[str, Any]:
+    """A raw key of its own, so that rotating or disabling it changes no key other tests use."""
+    gw = ctx.gateway
+    return await _ok(await gw.client.post("/v1/keys", json={
+        "label": f"authz-lifecycle-{secrets.token_hex(4)}", "algorithm": "ecdsa-p256", "usage": ["raw"]},
+        headers=gw.auth(Role.ADMIN)), 201)
+
+
 async def _evm_transaction(ctx: Context) -> Case:
     key = await _evm_key(ctx)
     return Case("/v1/evm/transactions", {
@@ -264,6 +272,8 @@ CASES: dict[str, tuple[frozenset[Role] | None, Builder]] = {
     "GET /readyz": (PUBLIC, _fixed(Case("/readyz"))),
     "GET /metrics": (EVERY_ROLE, _fixed(Case("/metrics"))),
     "GET /openapi.json": (EVERY_ROLE, _fixed(Case("/openapi.json"))),
+    "GET /docs": (PUBLIC, _fixed(Case("/docs"))),
+    "GET /docs/assets/{name}": (PUBLIC, _fixed(Case("/docs/assets/docs.js"))),
     "GET /v1/status": (EVERY_ROLE, _fixed(Case("/v1/status"))),
     "POST /v1/sessions": (PUBLIC, _fixed(Case("/v1/sessions", {"username": "auditor1",
                                                                "password": PASSWORDS["auditor1"]}))),
@@ -277,6 +287,14 @@ CASES: dict[str, tuple[frozenset[Role] | None, Builder]] = {
         "/v1/keys", {"label": f"authz-{secrets.token_hex(6)}", "algorithm": "ecdsa-p256", "usage": ["raw"]}))),
     "GET /v1/keys": (KEY_READERS, _fixed(Case("/v1/keys"))),
     "GET /v1/keys/{key_id}": (KEY_READERS, _sync(lambda ctx: Case(f"/v1/keys/{ctx.keys['p256']['key_id']}"))),
+    "POST /v1/keys/{key_id}/rotate": (frozenset({Role.ADMIN}), lambda ctx: _built(
+        ctx, "/v1/keys/{}/rotate", lambda ctx: _id(_fresh_raw_key(ctx), "key_id"))),
+    "POST /v1/keys/{key_id}/disable": (frozenset({Role.ADMIN}), lambda ctx: _built(
+        ctx, "/v1/keys/{}/disable", lambda ctx: _id(_fresh_raw_key(ctx), "key_id"))),
+    "POST /v1/keys/{key_id}/verify": (KEY_READERS, _sync(lambda ctx: Case(
+        f"/v1/keys/{ctx.keys['p256']['key_id']}/verify", {"digest": _digest(), "signature": _digest() * 2}))),
+    "GET /v1/keys/{key_id}/public": (KEY_READERS, _sync(lambda ctx: Case(
+        f"/v1/keys/{ctx.keys['p256']['key_id']}/public", params={"format": "jwk"}))),
     "POST /v1/keys/{key_id}/sign": (frozenset({Role.BACKEND}), _sync(lambda ctx: Case(
         f"/v1/keys/{ctx.keys['p256']['key_id']}/sign", {"digest": _digest()}))),
     "POST /v1/sign/batch": (frozenset({Role.BACKEND}), _sync(lambda ctx: Case(

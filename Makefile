@@ -11,7 +11,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
-SYSTEM_PACKAGES := softhsm2 p11-kit postgresql python3-venv tmux systemd curl jq
+SYSTEM_PACKAGES := softhsm2 p11-kit postgresql python3-venv tmux systemd curl jq nodejs npm
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | sha256sum | cut -c1-12)
 WHEELHOUSE := var/wheelhouse
 WHEELHOUSE_STAMP := $(WHEELHOUSE)/.built-$(shell cat pyproject.toml | sha256sum | cut -c1-12)
@@ -27,6 +27,8 @@ system:
 	command -v systemd-analyze >/dev/null || missing="$$missing systemd"; \
 	command -v curl >/dev/null || missing="$$missing curl"; \
 	command -v jq >/dev/null || missing="$$missing jq"; \
+	command -v node >/dev/null || missing="$$missing nodejs"; \
+	command -v npm >/dev/null || missing="$$missing npm"; \
 	$(PYTHON) -c 'import ensurepip, venv' 2>/dev/null || missing="$$missing python3-venv"; \
 	if [ -n "$$missing" ]; then \
 	  echo "installing system packages:$$missing"; \
@@ -38,6 +40,15 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q -e '.[dev]'
 	@rm -f $(VENV)/.installed-*; touch $@
+
+# ethers v6, the JSON-RPC client of tests/api/test_evm_rpc.py: exactly the committed lock, installed
+# before the tests run (nothing is downloaded while they run).
+ETHERS := tests/ethers
+ETHERS_STAMP := $(ETHERS)/node_modules/.installed-$(shell cat $(ETHERS)/package-lock.json | sha256sum | cut -c1-12)
+
+$(ETHERS_STAMP): $(ETHERS)/package-lock.json
+	cd $(ETHERS) && npm ci --no-audit --no-fund --loglevel=error
+	@rm -f $(ETHERS)/node_modules/.installed-*; touch $@
 
 venv: system $(STAMP)
 
@@ -55,7 +66,7 @@ run: venv
 	SOFTHSM2_CONF=$(CURDIR)/var/hsm/softhsm2.conf exec $(BIN)/ecny-gateway serve --config var/gateway.toml
 
 # The package test (~25 s: build, fresh venv, offline install, serve) runs in `make proof`.
-test: venv
+test: venv $(ETHERS_STAMP)
 	$(BIN)/pytest -q -p no:cacheprovider -m "not package"
 
 lint: venv

@@ -24,11 +24,12 @@ from typing import Any
 from argon2 import PasswordHasher
 
 from gateway import __version__, logs
+from gateway.attest.alliance import AllianceSync
 from gateway.audit import witness
 from gateway.audit.chain import AuditEntry, append
-from gateway.audit.verify import TRUST_PINNED, pinned_key, verify_chain
+from gateway.audit.verify import TRUST_PINNED, pinned_key, verify_store
 from gateway.auth.credentials import add_client, add_user, list_clients, revoke_client, rotate_client
-from gateway.auth.roles import Role
+from gateway.auth.roles import CLIENT_ONLY_ROLES, Role
 from gateway.auth.users import (
     disable_user,
     enable_user,
@@ -38,7 +39,7 @@ from gateway.auth.users import (
     set_role,
     user_document,
 )
-from gateway.config import Settings, load_settings
+from gateway.config import Settings, load_settings, read_private_file
 from gateway.errors import ConfigError, GatewayError, ValidationFailed
 from gateway.hardwallet.simulator import add_command as add_device_sim  # `device-sim` (issue 4)
 from gateway.hsm.doctor import diagnose
@@ -385,8 +386,8 @@ def _read_new_password(from_stdin: bool) -> str:
 def cmd_users_add(args: argparse.Namespace) -> int:
     settings = _settings(args)
     role = _role(args.role)
-    if role is Role.BACKEND:
-        raise ValidationFailed("backend is a role for API clients; use 'clients add'")
+    if role in CLIENT_ONLY_ROLES:
+        raise ValidationFailed(f"{role.value} is a role for API clients; use 'clients add'")
     password = _read_new_password(args.password_stdin)
     hasher = PasswordHasher()
 
@@ -492,7 +493,7 @@ def cmd_audit_verify(args: argparse.Namespace) -> int:
     async def run(progress: Callable[[int, int], None]) -> Any:
         database = await open_database(settings.store.dsn)
         try:
-            return await database.read(lambda tx: verify_chain(tx, pinned, witnessed, progress))
+            return await verify_store(database, "cli:audit-verify", pinned, witnessed, progress)
         finally:
             await database.close()
 
@@ -544,6 +545,61 @@ def cmd_ledger_check(args: argparse.Namespace) -> int:
     print("ledger sound: every entry balances, balances equal postings, no wallet is negative, "
           "offline reserves match their devices")
     return 0
+
+
+MIN_ALLIANCE_KEY_BYTES = 32
+
+
+def _read_alliance_key(source: str | None) -> bytes:
+    """The alliance key's value, hex, from a 0600 file or standard input — never an argument."""
+    if source is not None and source != "-":
+        text = read_private_file(Path(source), "--from-file")
+    else:
+        text = sys.stdin.readline().strip()
+    try:
+        value = bytes.fromhex(text)
+    except ValueError:
+        raise ValidationFailed("the alliance key must be hex (e.g. `openssl rand -hex 32`)") from None
+    if len(value) < MIN_ALLIANCE_KEY_BYTES:
+        raise ValidationFailed(f"the alliance key must be at least {MIN_ALLIANCE_KEY_BYTES} bytes")
+    return value
+
+
+def cmd_alliance_import_key(args: argparse.Namespace) -> int:
+    """Key ceremony: store the alliance's HMAC key in this bank's HSM (sensitive, not extractable)."""
+    settings = _settings(args)
+    label = args.label or settings.alliance.hmac_key_label
+    value = _read_alliance_key(args.from_file)
+
+    async def work(database: Database) -> dict[str, bool]:
+        async def with_pool(pool: Any, _profile: Any) -> dict[str, bool]:
+            attributes: dict[str, bool] = await pool.import_secret(label, value)
+            return attributes
+
+        attributes: dict[str, bool] = await _with_pool(settings, with_pool)
+        entry = _actor()
+        entry.action, entry.result = "alliance.import_key", {"label": label, "attributes": attributes}
+        await database.write(lambda tx: append(tx, [entry]))
+        return attributes
+
+    attributes = asyncio.run(_with_database(settings, work))
+    print(f"imported the alliance key as {label!r}: " + ", ".join(f"{k}={v}" for k, v in sorted(attributes.items())))
+    return 0
+
+
+def cmd_alliance_sync(args: argparse.Namespace) -> int:
+    """Pull every configured peer's fingerprints once (or one peer's); exit 1 if any pull failed."""
+    settings = _settings(args)
+    if args.peer is not None and args.peer not in {peer.member_id for peer in settings.alliance.peers}:
+        raise ValidationFailed(f"no peer {args.peer!r} in [alliance] peers")
+    reports = asyncio.run(_with_database(settings, lambda db: AllianceSync(db, settings.alliance).sync_all(args.peer)))
+    for report in reports:
+        state = "ok" if report.ok else f"REFUSED ({report.code}): {report.error}"
+        print(f"{report.member_id}: {report.stored} new fingerprint(s), cursor {report.cursor}, head {report.head}; "
+              f"{state}")
+    if not reports:
+        print("no peers configured ([alliance] peers)")
+    return 0 if all(report.ok for report in reports) else EXIT_AUDIT_BROKEN
 
 
 def cmd_hsm_doctor(args: argparse.Namespace) -> int:
@@ -639,7 +695,7 @@ def build_parser() -> argparse.ArgumentParser:
                                                                                       required=True)
     user_add = users.add_parser("add", parents=[common], help="add a user (password from a prompt)")
     user_add.add_argument("--username", required=True)
-    user_add.add_argument("--role", required=True, choices=[r.value for r in Role if r is not Role.BACKEND])
+    user_add.add_argument("--role", required=True, choices=[r.value for r in Role if r not in CLIENT_ONLY_ROLES])
     user_add.add_argument("--password-stdin", action="store_true", help="read the password from standard input")
     user_add.add_argument("--owner", help=OWNER_HELP)
     user_add.set_defaults(run=cmd_users_add)
@@ -651,7 +707,7 @@ def build_parser() -> argparse.ArgumentParser:
     user_enable.set_defaults(run=cmd_users_enable)
     set_role = users.add_parser("set-role", parents=[common], help="change a user's role (live sessions at once)")
     set_role.add_argument("username")
-    set_role.add_argument("role", choices=[r.value for r in Role if r is not Role.BACKEND])
+    set_role.add_argument("role", choices=[r.value for r in Role if r not in CLIENT_ONLY_ROLES])
     set_role.set_defaults(run=cmd_users_set_role)
     users.add_parser("list", parents=[common, as_json], help="list users").set_defaults(run=cmd_users_list)
     passwd = users.add_parser("passwd", parents=[common],
@@ -698,6 +754,19 @@ def build_parser() -> argparse.ArgumentParser:
                         help="no PIN: skip the login and the key attribute checks")
     doctor.set_defaults(run=cmd_hsm_doctor)
 
+
+    alliance = commands.add_parser("alliance", help="trade-finance alliance").add_subparsers(
+        dest="alliance_command", required=True)
+    import_key = alliance.add_parser(
+        "import-key", parents=[common],
+        help="key ceremony: store the alliance HMAC key (hex, from --from-file or standard input) in the HSM")
+    import_key.add_argument("--from-file", metavar="FILE",
+                            help="file holding the key in hex (mode 0600); default or '-': standard input")
+    import_key.add_argument("--label", help="CKA_LABEL (default: [alliance] hmac_key_label)")
+    import_key.set_defaults(run=cmd_alliance_import_key)
+    alliance_sync = alliance.add_parser("sync", parents=[common], help="pull the peers' fingerprint batches now")
+    alliance_sync.add_argument("--peer", metavar="MEMBER_ID", help="only this peer")
+    alliance_sync.set_defaults(run=cmd_alliance_sync)
 
     add_device_sim(commands)
 

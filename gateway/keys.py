@@ -54,6 +54,9 @@ class Usage(StrEnum):
     EVM = "evm"
     AUDIT = "audit"
     RAW = "raw"
+    REPORT = "report"  # signed daily risk reports for a regulator (gateway.monitor.report)
+    MESSAGE = "message"  # EIP-191 personal messages (personal_sign, eth_sign); secp256k1 only
+    ATTEST = "attest"
 
 
 class KeyStatus(StrEnum):
@@ -63,18 +66,24 @@ class KeyStatus(StrEnum):
 
 
 #: Usages the gateway picks the key for itself (transfer envelopes, device certificates and vouchers,
-#: audit checkpoints): exactly one active key each. ``evm`` and ``raw`` keys are named by the request.
-SINGLE_ACTIVE_USAGES: frozenset[Usage] = frozenset({Usage.ECNY, Usage.VOUCHER, Usage.AUDIT})
+#: audit checkpoints, signed risk reports, trade-finance attestations and fingerprint batches): exactly one
+#: active key each. ``evm`` and ``raw`` keys are named by the request.
+SINGLE_ACTIVE_USAGES: frozenset[Usage] = frozenset({Usage.ECNY, Usage.VOUCHER, Usage.AUDIT, Usage.REPORT,
+                                                    Usage.ATTEST})
 
 #: Algorithms the gateway can generate and use (SM2 only on a GM HSM profile that lists it).
 GENERATABLE = (Algorithm.ECDSA_P256, Algorithm.ECDSA_SECP256K1, Algorithm.ED25519, Algorithm.SM2)
 
-#: Usages that make sense per algorithm: EVM needs secp256k1; COSE signing needs P-256, Ed25519 or SM2.
+#: Usages that make sense per algorithm: EVM and EIP-191 messages need secp256k1; COSE signing (envelopes,
+#: vouchers, checkpoints, risk reports) needs P-256, Ed25519 or SM2.
 _USAGES: dict[Algorithm, frozenset[Usage]] = {
-    Algorithm.ECDSA_P256: frozenset({Usage.ECNY, Usage.VOUCHER, Usage.AUDIT, Usage.RAW}),
-    Algorithm.ED25519: frozenset({Usage.ECNY, Usage.VOUCHER, Usage.AUDIT, Usage.RAW}),
-    Algorithm.SM2: frozenset({Usage.ECNY, Usage.VOUCHER, Usage.AUDIT, Usage.RAW}),
-    Algorithm.ECDSA_SECP256K1: frozenset({Usage.EVM, Usage.RAW}),
+    Algorithm.ECDSA_P256: frozenset({Usage.ECNY, Usage.VOUCHER, Usage.AUDIT, Usage.RAW, Usage.REPORT,
+                                    Usage.ATTEST}),
+    Algorithm.ED25519: frozenset({Usage.ECNY, Usage.VOUCHER, Usage.AUDIT, Usage.RAW, Usage.REPORT,
+                                    Usage.ATTEST}),
+    Algorithm.SM2: frozenset({Usage.ECNY, Usage.VOUCHER, Usage.AUDIT, Usage.RAW, Usage.REPORT,
+                                    Usage.ATTEST}),
+    Algorithm.ECDSA_SECP256K1: frozenset({Usage.EVM, Usage.RAW, Usage.MESSAGE}),
 }
 
 
@@ -288,6 +297,12 @@ def get_key(tx: Tx, key_id: str) -> KeyRecord:
     if row is None:
         raise KeyNotFound(f"no key {key_id}")
     return _record(row, frozenset(Usage(u) for u in active_usages(tx, key_id)))
+
+
+def signing_keys_with_usage(tx: Tx, usage: Usage) -> list[KeyRecord]:
+    """The keys of ``usage`` that may sign now (status active), oldest first: retired and disabled
+    versions are never offered (``eth_accounts``) nor chosen by address."""
+    return [key for key in list_keys(tx) if usage in key.usages and key.status is KeyStatus.ACTIVE]
 
 
 def list_keys(tx: Tx) -> list[KeyRecord]:

@@ -99,7 +99,8 @@ async def provision(dsn: str) -> dict[str, str]:
 
         def work(tx: Any) -> dict[str, str]:
             keys = {"backend": add_client(tx, "test-backend", Role.BACKEND),
-                    "admin": add_client(tx, "test-admin", Role.ADMIN)}
+                    "admin": add_client(tx, "test-admin", Role.ADMIN),
+                    "peer": add_client(tx, "test-peer", Role.PEER)}
             for username, role in (("teller1", Role.TELLER), ("supervisor1", Role.SUPERVISOR),
                                    ("supervisor2", Role.SUPERVISOR), ("auditor1", Role.AUDITOR),
                                    ("admin1", Role.ADMIN)):
@@ -117,7 +118,8 @@ async def start_gateway(settings: Settings) -> Gateway:
     client: TestClient[Any, Any] = TestClient(TestServer(make_app(settings)))
     await client.start_server()
     headers = {Role.BACKEND: {"Authorization": f"Bearer {keys['backend']}"},
-               Role.ADMIN: {"Authorization": f"Bearer {keys['admin']}"}}
+               Role.ADMIN: {"Authorization": f"Bearer {keys['admin']}"},
+               Role.PEER: {"Authorization": f"Bearer {keys['peer']}"}}
     for username, role in (("teller1", Role.TELLER), ("supervisor1", Role.SUPERVISOR), ("auditor1", Role.AUDITOR)):
         response = await client.post("/v1/sessions", json={"username": username, "password": PASSWORDS[username]})
         assert response.status == 201, await response.text()
@@ -267,3 +269,7 @@ async def evm_gateway(
     assert response.status == 201, await response.text()
     yield started
     await started.client.close()
+
+
+# The Ethereum JSON-RPC signer's upstream node and gateway (fixtures ``eth_node`` and ``rpc_gateway``).
+pytest_plugins = ["tests.evm_node", "tests.evm_rpc_support"]

@@ -19,14 +19,16 @@ from textual.binding import Binding, BindingType
 from textual.screen import Screen
 
 from tui import hangup
-from tui.base import SECTIONS, TellerBase
+from tui.base import MORE_SECTIONS, SECTIONS, TellerBase
 from tui.client import DEFAULT_GATEWAY, GatewayClient
 from tui.screens.approvals import ApprovalsScreen
+from tui.screens.attestations import AttestationsScreen
 from tui.screens.audit import AuditScreen
 from tui.screens.dashboard import DashboardScreen
 from tui.screens.devices import DevicesScreen
 from tui.screens.login import LoginScreen
 from tui.screens.reconciliation import ReconciliationScreen
+from tui.screens.risk import RiskScreen
 from tui.screens.wallets import WalletsScreen
 
 SECTION_SCREENS: dict[str, Callable[[], Screen[Any]]] = {
@@ -36,6 +38,8 @@ SECTION_SCREENS: dict[str, Callable[[], Screen[Any]]] = {
     "reconciliation": ReconciliationScreen,
     "approvals": ApprovalsScreen,
     "audit": AuditScreen,
+    "risk": RiskScreen,
+    "attestations": AttestationsScreen,
 }
 
 
@@ -47,7 +51,7 @@ class TellerApp(TellerBase):
     BINDINGS: ClassVar[list[BindingType]] = [
         Binding("colon", "command_palette", "Commands", key_display=":"),
         Binding("ctrl+q", "quit", "Quit", priority=True),
-        *(Binding(key, f"go('{mode}')", label, show=False) for mode, key, label in SECTIONS),
+        *(Binding(key, f"go('{mode}')", label, show=False) for mode, key, label in SECTIONS + MORE_SECTIONS),
     ]
 
     def on_mount(self) -> None:

@@ -34,6 +34,13 @@ SECTIONS: tuple[tuple[str, str, str], ...] = (
     ("reconciliation", "r", "Reconcile"),
     ("approvals", "a", "Approvals"),
     ("audit", "u", "Audit"),
+    ("risk", "k", "Risk"),
+)
+
+#: Sections reached by their key and the command palette but not (yet) on the top line: adding one there
+#: changes every screen's top line (and every snapshot). The bar shows it while it is the current one.
+MORE_SECTIONS: tuple[tuple[str, str, str], ...] = (
+    ("attestations", "b", "Attestations"),  # b: bills, invoices and the other trade documents
 )
 
 TITLES = {
@@ -131,7 +138,7 @@ class TellerBase(App[None]):
 
     def get_system_commands(self, screen: Screen[Any]) -> Iterable[SystemCommand]:
         if self.client.session is not None:
-            for mode, key, label in SECTIONS:
+            for mode, key, label in SECTIONS + MORE_SECTIONS:
                 yield SystemCommand(f"Go to {label}", f"Show the {label.lower()} screen (key {key})",
                                     self._go(mode))
             yield SystemCommand("Log out", "Forget this session and return to the login screen", self.action_logout)
@@ -190,13 +197,14 @@ class NavBar(Static):
 
     def on_mount(self) -> None:
         parts = []
-        for mode, key, label in SECTIONS:
-            style = "reverse bold" if mode == self.current else ""
+        shown = SECTIONS + tuple(section for section in MORE_SECTIONS if section[0] == self.current)
+        for mode, key, label in shown:
             text = f"[b]{key}[/b] {label}"
-            parts.append(f"[{style}] {text} [/]" if style else f" {text} ")
+            parts.append(f"[reverse bold]{text}[/]" if mode == self.current else text)
         user = teller(self).username
         who = f"[dim]{user}·{teller(self).role}[/]" if user else ""
-        self.update("".join(parts) + ("  " + who if who else ""))
+        # One space between sections: all seven fit in 80 columns.
+        self.update(" " + " ".join(parts) + ("  " + who if who else ""))
 
 
 @dataclass

@@ -25,16 +25,21 @@ import aiohttp
 
 from tui.models import (
     Approval,
+    Attestation,
+    AttestationVerdict,
     AuditEntry,
     AuditPage,
     AuditVerification,
     CashResult,
     DeviceRecord,
     Discrepancy,
+    FinancingHit,
     LoadVoucher,
     MetricsSample,
     Readiness,
     Registration,
+    RiskEvent,
+    RiskPage,
     Session,
     Transaction,
     TransactionPage,
@@ -149,6 +154,17 @@ def _dict(value: Any) -> dict[str, Any]:
     return dict(value) if isinstance(value, Mapping) else {}
 
 
+def attestation_from(document: Mapping[str, Any]) -> Attestation:
+    fields = _dict(document.get("fields"))
+    fingerprint = document.get("fingerprint")
+    envelope = document.get("attestation")
+    return Attestation(
+        _str(document, "attestation_id"), _str(document, "document_type"), _str(document, "purpose"),
+        _str(document, "member_id"), _str(fields, "number"), _str(_dict(fields.get("issuer")), "tax_id"),
+        _int(fields, "amount_minor"), _str(fields, "currency"), fingerprint if isinstance(fingerprint, str) else None,
+        _str(document, "created_at"), envelope if isinstance(envelope, str) else None)
+
+
 def readiness_from(document: Mapping[str, Any]) -> Readiness:
     """From ``/v1/status``, or from ``/readyz`` (which has only the ``ready`` flags)."""
     hsm, store = _dict(document.get("hsm")), _dict(document.get("store"))
@@ -199,6 +215,17 @@ def discrepancy_from(document: Mapping[str, Any]) -> Discrepancy:
         device_id=_str(document, "device_id"), wallet_id=_str(document, "wallet_id"), amount_fen=amount,
         evidence=_dict(evidence) if isinstance(evidence, Mapping) else ({"items": evidence} if evidence else {}),
         created_at=_str(document, "created_at"), document=dict(document),
+    )
+
+
+def risk_event_from(document: Mapping[str, Any]) -> RiskEvent:
+    assignee = document.get("assignee")
+    return RiskEvent(
+        seq=_int(document, "seq"), event_id=_str(document, "event_id"), ts=_str(document, "ts"),
+        rule=_str(document, "rule"), rule_version=_int(document, "rule_version"),
+        severity=_str(document, "severity"), score=_int(document, "score"), subject=_str(document, "subject"),
+        evidence=_dict(document.get("evidence")), status=_str(document, "status", "open"),
+        assignee=str(assignee) if assignee else None,
     )
 
 
@@ -467,6 +494,27 @@ class GatewayClient:
                                  _int(document, "head_seq"), _optional_int(document, "first_bad_seq"),
                                  _str(document, "problem"), tuple(str(w) for w in document.get("warnings") or ()))
 
+    # -- trade-finance attestations --
+
+    async def search_attestations(self, number: str = "", issuer_tax_id: str = "") -> list[Attestation]:
+        params = {key: value for key, value in (("number", number), ("issuer_tax_id", issuer_tax_id)) if value}
+        document = await self._json("GET", "/v1/attestations", params=params)
+        return [attestation_from(a) for a in document.get("attestations", []) if isinstance(a, dict)]
+
+    async def verify_attestation(self, attestation_b64: str) -> AttestationVerdict:
+        document = await self._json("POST", "/v1/attestations/verify", json_body={"attestation": attestation_b64})
+        key = _dict(document.get("key"))
+        return AttestationVerdict(bool(document.get("valid")), _str(document, "reason"),
+                                  document.get("issuer") if isinstance(document.get("issuer"), str) else None,
+                                  _str(key, "kid"), _dict(document.get("claims")))
+
+    async def financing_hits(self, limit: int = 100) -> list[FinancingHit]:
+        document = await self._json("GET", "/v1/attestations/hits", params={"limit": str(limit)})
+        return [FinancingHit(_str(h, "hit_id"), _str(h, "ts"), _str(h, "document_type"), _str(h, "document_number"),
+                             _str(h, "issuer_tax_id"), _str(h, "financed_by"), _str(h, "financed_at"),
+                             _str(h, "requested_by"))
+                for h in document.get("hits", []) if isinstance(h, dict)]
+
     # -- reconciliation --
 
     async def discrepancies(self, status: str = "open") -> list[Discrepancy]:
@@ -480,6 +528,27 @@ class GatewayClient:
                                     json_body={"resolution": resolution, "note": note},
                                     idempotency_key=idempotency_key)
         return discrepancy_from(document)
+
+    # -- risk events --
+
+    async def risk_events(self, after: int = 0, limit: int = 200, timeout: float | None = None) -> RiskPage:
+        """Risk events with ``seq`` above ``after``, oldest first (``GET /v1/risk/events?after=``)."""
+        document = await self._json("GET", "/v1/risk/events", params={"after": str(after), "limit": str(limit)},
+                                    timeout=timeout)
+        events = tuple(risk_event_from(e) for e in document.get("events", []) if isinstance(e, dict))
+        next_after = _optional_int(document, "next_after")
+        if next_after is None and len(events) >= limit:  # a gateway that gives no cursor: page on by seq
+            next_after = events[-1].seq
+        return RiskPage(events, next_after)
+
+    async def acknowledge_risk_event(self, event_id: str, note: str = "",
+                                     idempotency_key: str | None = None) -> RiskEvent | None:
+        """Acknowledge an event (supervisors and auditors); the event as it now stands, when the gateway
+        answers with it."""
+        response = await self.request("POST", f"/v1/risk/events/{event_id}/acknowledge",
+                                      json_body={"note": note} if note else {}, idempotency_key=idempotency_key)
+        document = response.json()
+        return risk_event_from(document) if isinstance(document, dict) and document.get("event_id") else None
 
     # -- hard wallets --
 

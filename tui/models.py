@@ -183,3 +183,69 @@ class LoadVoucher:
     voucher: bytes
     load_seq: int
     document: dict[str, Any] = field(repr=False, compare=False)
+
+
+@dataclass(frozen=True)
+class RiskEvent:
+    """What a risk rule found (``GET /v1/risk/events``); ``evidence`` holds ids, amounts and the window."""
+
+    seq: int
+    event_id: str
+    ts: str
+    rule: str
+    rule_version: int
+    severity: str
+    score: int
+    subject: str
+    evidence: dict[str, Any]
+    status: str
+    assignee: str | None
+
+
+@dataclass(frozen=True)
+class RiskPage:
+    events: tuple[RiskEvent, ...]
+    next_after: int | None
+    """Pass as ``after`` for more; None when this page was the last one so far."""
+
+
+@dataclass(frozen=True)
+class Attestation:
+    """A trade-finance attestation as the gateway lists it (``attestation``: base64 COSE_Sign1)."""
+
+    attestation_id: str
+    document_type: str
+    purpose: str
+    member_id: str
+    number: str
+    issuer_tax_id: str
+    amount_minor: int
+    currency: str
+    fingerprint: str | None
+    created_at: str
+    attestation: str | None
+
+
+@dataclass(frozen=True)
+class AttestationVerdict:
+    """What ``POST /v1/attestations/verify`` said of an attestation file."""
+
+    valid: bool
+    reason: str
+    issuer: str | None
+    kid: str
+    claims: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class FinancingHit:
+    """A refused second financing (409 already-financed)."""
+
+    hit_id: str
+    ts: str
+    document_type: str
+    document_number: str
+    issuer_tax_id: str
+    financed_by: str
+    financed_at: str
+    requested_by: str

@@ -11,7 +11,7 @@ from gateway.api.call import Call
 from gateway.api.codecs import json_response
 from gateway.api.endpoints import Endpoint
 from gateway.api.models import AuditCheckpointPage, AuditPage, AuditVerifyResponse
-from gateway.audit.verify import verify_chain
+from gateway.audit.verify import verify_store
 from gateway.audit.witness import WitnessRecord
 from gateway.auth.roles import Permission
 from gateway.errors import ValidationFailed
@@ -73,7 +73,7 @@ async def checkpoints_page(call: Call) -> web.Response:
 
 
 async def verify(call: Call) -> web.Response:
-    report = await call.runtime.database.read(verify_chain)
+    report = await verify_store(call.runtime.database, call.actor.scope)
     return json_response(report.document())
 
 

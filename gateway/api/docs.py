@@ -75,7 +75,7 @@ async def asset(call: Call) -> web.Response:
 
 ENDPOINTS = [
     Endpoint("GET", "/docs", page, "The API reference page (Swagger UI, served offline)", None, "service",
-             response_media_type="text/html"),
+             response_media="text/html"),
     Endpoint("GET", "/docs/assets/{name}", asset, "A file of the API reference page (fixed list)", None, "service",
-             response_media_type="*/*"),
+             response_media="*/*"),
 ]

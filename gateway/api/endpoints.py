@@ -23,7 +23,15 @@ from gateway.api.codecs import decode_body, parse_model
 from gateway.api.middleware import REQUEST_ID
 from gateway.auth.credentials import Principal
 from gateway.auth.roles import Permission, allows
-from gateway.errors import Forbidden, GatewayError, IdempotencyKeyRequired, RateLimited, Unauthenticated
+from gateway.errors import (
+    Forbidden,
+    GatewayError,
+    IdempotencyKeyRequired,
+    PolicyRefused,
+    RateLimited,
+    Unauthenticated,
+)
+from gateway.risk.signals import Signal
 from gateway.runtime import RUNTIME, Runtime
 
 
@@ -46,7 +54,7 @@ class Endpoint:
     query: tuple[tuple[str, dict[str, Any], str], ...] = ()  # (name, JSON schema, description)
     responses: dict[int, str] = field(default_factory=dict)  # extra documented statuses
     accepted_model: type[BaseModel] | None = None  # the 202 body, when it is not response_model's (an approval)
-    response_media_type: str | None = None  # a success body that is not JSON, e.g. "text/html" for /docs
+    response_media: str | None = None  # a success body that is not JSON: "text/html", "image/png", "application/cose"
 
     @property
     def name(self) -> str:
@@ -172,11 +180,14 @@ def guarded(endpoint: Endpoint) -> Callable[[web.Request], Awaitable[web.StreamR
             if endpoint.permission is not None and call.principal is None and isinstance(error, Unauthenticated):
                 # Anonymous: counted, one audit entry per window and cause (gateway/audit/refusals.py).
                 runtime.refusals.count(error.code, endpoint.audited_action or endpoint.name)
-            elif 400 <= error.http_status < 500 and endpoint.audited_action is not None:
+            elif (400 <= error.http_status < 500 and endpoint.audited_action is not None
+                  and not error.audited_in_transaction):
                 await _audit_refusal(call, endpoint.audited_action, error)
             raise
         finally:
             runtime.metrics.request_done(endpoint.name, status, time.perf_counter() - started)
+            if endpoint.method != "GET":  # it may have committed a risk signal: evaluate it now, not at the poll
+                runtime.monitor.nudge()
 
     handle.__name__ = endpoint.handler.__name__
     return handle
@@ -193,6 +204,9 @@ async def _audit_refusal(call: Call, action: str, error: GatewayError) -> None:
         payload_hash=call.payload_hash() if call.raw_body else "",
         result={"status": error.http_status, "detail": error.detail[:500]},
     )
+    if call.principal is not None and isinstance(error, (Forbidden, PolicyRefused)):  # repeated_refusals
+        entry.signals = [Signal("request.refused", call.principal.scope, actor=call.principal.scope,
+                                detail={"code": error.code, "action": action, "request_id": call.request_id})]
     try:
         await call.runtime.audit.record(entry)
     except GatewayError as exc:  # the refusal stands even if its audit entry cannot be written

@@ -41,6 +41,7 @@ from gateway.audit import witness
 from gateway.errors import GatewayError
 from gateway.keys import KeyRecord, Usage, active_key_id, key_for_usage
 from gateway.ledger.store import Database, Tx
+from gateway.risk.signals import Signal
 from gateway.signing import Signer, signing_input
 
 T = TypeVar("T")
@@ -62,6 +63,9 @@ class AuditEntry:
     key_id: str = ""
     result: dict[str, Any] = field(default_factory=dict)
     request_id: str = ""
+    signals: Sequence[Signal] = ()
+    """Risk signals of the audited decision, written with the entry (not part of it, nor of its hash): for
+    a decision audited on its own, such as a refusal, the entry's transaction is the decision's."""
 
 
 def _json(value: Any) -> str:
@@ -124,6 +128,8 @@ def append(tx: Tx, entries: Iterable[AuditEntry]) -> list[int]:
         )
         prev = digest
         numbers.append(seq)
+        for signal in entry.signals:
+            signal.record_in(tx)
     return numbers
 
 

@@ -38,7 +38,8 @@ from gateway.audit.chain import GENESIS, checkpoint_message, entry_hash
 from gateway.audit.witness import WitnessRecord
 from gateway.errors import ValidationFailed
 from gateway.keys import Usage
-from gateway.ledger.store import Tx
+from gateway.ledger.store import Database, Tx
+from gateway.risk.signals import record_signal_in
 from gateway.signing import Algorithm, signing_input, verify
 
 PAGE = 5000
@@ -330,4 +331,18 @@ def verify_chain(
         report.warnings.append(
             f"entries {report.last_checkpoint_seq + 1}..{report.head_seq} follow the last signed checkpoint"
         )
+    return report
+
+
+async def verify_store(database: Database, actor: str, pinned: Sequence[TrustedKey] | None = None,
+                       witnessed: Sequence[tuple[int, WitnessRecord]] | None = None,
+                       progress: Progress | None = None) -> VerifyReport:
+    """:func:`verify_chain` over a snapshot of ``database``; a failure is also a risk signal
+    (``audit.verify_failed``, by ``actor``), written in a transaction of its own — a verification
+    is a read and has none to share."""
+    report = await database.read(lambda tx: verify_chain(tx, pinned, witnessed, progress))
+    if not report.ok:
+        await database.write(lambda tx: record_signal_in(
+            tx, "audit.verify_failed", "audit", actor=actor, first_bad_seq=report.first_bad_seq,
+            problem=report.problem[:500], trust=report.trust))
     return report

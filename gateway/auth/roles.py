@@ -15,6 +15,7 @@ class Role(StrEnum):
     SUPERVISOR = "supervisor"
     AUDITOR = "auditor"
     ADMIN = "admin"
+    PEER = "peer"  # an alliance member's gateway (API clients only): pulls this bank's fingerprint feed
 
 
 class Permission(StrEnum):
@@ -45,6 +46,15 @@ class Permission(StrEnum):
     EVM_SIGN = "evm.sign"
     EVM_NONCES = "evm.nonces"
     SESSIONS_END = "sessions.end"  # log out: every role a person can hold (backend is for API clients only)
+    RISK_REPORTS_READ = "risk_reports.read"  # the signed daily risk report and the risk chart (whole institution)
+    RISK_DELIVERIES_READ = "risk_deliveries.read"  # webhook deliveries of risk events, the dead letters
+    RISK_DELIVERIES_REPLAY = "risk_deliveries.replay"  # send a dead delivery again
+    RISK_READ = "risk.read"  # risk events: a backend client only those that name it
+    RISK_READ_ALL = "risk.read_all"  # every risk event
+    RISK_TRIAGE = "risk.triage"  # acknowledge, assign, close (never an event that names you)
+    ATTESTATIONS_CREATE = "attestations.create"  # attest trade documents (finance, notice)
+    ATTESTATIONS_READ = "attestations.read"  # read, search, verify attestations; hits; alliance status
+    ALLIANCE_FEED = "alliance.feed"  # GET /v1/alliance/fingerprints: peers only
 
 
 _READ_ALL = frozenset(p for p in Permission if p.value.endswith(".read"))
@@ -65,6 +75,8 @@ _TELLER = frozenset(
         Permission.RECONCILIATION_READ,
         Permission.APPROVALS_READ,
         Permission.SESSIONS_END,
+        Permission.ATTESTATIONS_CREATE,
+        Permission.ATTESTATIONS_READ,
     }
 )
 
@@ -80,6 +92,9 @@ GRANTS: dict[Role, frozenset[Permission]] = {
             Permission.EVM_SIGN,
             Permission.WALLETS_READ,
             Permission.APPROVALS_READ,
+            Permission.RISK_READ,
+            Permission.ATTESTATIONS_CREATE,
+            Permission.ATTESTATIONS_READ,
         }
     ),
     Role.TELLER: _TELLER,
@@ -90,8 +105,13 @@ GRANTS: dict[Role, frozenset[Permission]] = {
         Permission.APPROVALS_READ_ALL,
         Permission.RECONCILIATION_RESOLVE,
         Permission.DEVICES_REVOKE,
+        Permission.RISK_REPORTS_READ,
+        Permission.RISK_READ,
+        Permission.RISK_READ_ALL,
+        Permission.RISK_TRIAGE,
     },
-    Role.AUDITOR: _READ_ALL | {Permission.APPROVALS_READ_ALL, Permission.SESSIONS_END},
+    Role.AUDITOR: _READ_ALL | {Permission.APPROVALS_READ_ALL, Permission.SESSIONS_END, Permission.RISK_READ_ALL,
+                               Permission.RISK_TRIAGE},
     Role.ADMIN: frozenset(
         {
             Permission.SERVICE_READ,
@@ -103,9 +123,15 @@ GRANTS: dict[Role, frozenset[Permission]] = {
             Permission.EVM_NONCES,
             Permission.AUDIT_READ,
             Permission.SESSIONS_END,
+            Permission.RISK_DELIVERIES_READ,
+            Permission.RISK_DELIVERIES_REPLAY,
         }
     ),
+    Role.PEER: frozenset({Permission.ALLIANCE_FEED}),
 }
+
+#: Roles only API clients hold, never a person's user account.
+CLIENT_ONLY_ROLES = frozenset({Role.BACKEND, Role.PEER})
 
 
 def allows(role: Role, permission: Permission) -> bool:

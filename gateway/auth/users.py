@@ -16,7 +16,7 @@ from typing import Any
 from argon2 import PasswordHasher
 
 from gateway import clock
-from gateway.auth.roles import Role
+from gateway.auth.roles import CLIENT_ONLY_ROLES, Role
 from gateway.errors import UserNotFound, ValidationFailed
 from gateway.ledger.store import Row, Tx
 
@@ -95,8 +95,8 @@ def set_role(tx: Tx, username: str, role: Role) -> str:
         UserNotFound: no such user.
         ValidationFailed: ``backend`` (a role for API clients only).
     """
-    if role is Role.BACKEND:
-        raise ValidationFailed("backend is a role for API clients, not for users")
+    if role in CLIENT_ONLY_ROLES:
+        raise ValidationFailed(f"{role.value} is a role for API clients, not for users")
     previous = str(_user(tx, username)["role"])
     tx.execute("UPDATE users SET role = ? WHERE username = ?", (role.value, username))
     return previous

@@ -280,6 +280,26 @@ class SignerPool:
         result: dict[str, bool] = await self._submit(("attributes", key_id))
         return result
 
+    async def hmac_sha256(self, label: str, items: Sequence[bytes]) -> list[bytes]:
+        """HMAC-SHA256 tags of ``items`` under the token's secret key ``label`` (the alliance key).
+
+        Raises:
+            KeyNotFound / AmbiguousKey: no / several secret keys with this label; else as :meth:`sign`.
+        """
+        result: list[bytes] = await self._submit(("hmac", label, list(items)))
+        return result
+
+    async def import_secret(self, label: str, value: bytes) -> dict[str, bool]:
+        """Store ``value`` in the token as a sensitive, non-extractable HMAC key labelled ``label`` (a key
+        ceremony); returns its protection attributes. Raises AmbiguousKey when the label is taken."""
+        result: dict[str, bool] = await self._submit(("import_secret", label, bytes(value)))
+        return result
+
+    async def secret_attributes(self, label: str) -> dict[str, bool]:
+        """The protection attributes of the secret key ``label`` as the token reports them."""
+        result: dict[str, bool] = await self._submit(("secret_attributes", label))
+        return result
+
     async def describe_key(self, id_hex: str | None, label: str | None) -> dict[str, Any]:
         """What the token says of one existing private key (by CKA_ID and/or CKA_LABEL), for adoption:
         see :meth:`gateway.hsm.worker.Worker.describe`. Raises KeyNotFound / AmbiguousKey."""

@@ -15,6 +15,9 @@ answers with a list of results in the same order. A job is a tuple whose first i
 - ``("generate", key_id, label, algorithm)`` → public key bytes (EC point / Ed25519 key)
 - ``("public_key", key_id, algorithm)`` → public key bytes
 - ``("attributes", key_id)`` → dict of the private key's protection attributes
+- ``("hmac", label, [data, ...])`` → list of HMAC-SHA256 tags under the secret key labelled ``label``
+- ``("import_secret", label, value)`` → the new secret key's protection attributes (key ceremony)
+- ``("secret_attributes", label)`` → dict of that secret key's protection attributes
 - ``("describe", id_hex, label)`` → what adoption checks of one existing private key (found by
   CKA_ID and/or CKA_LABEL): id, label, key type, curve, protection attributes, public key, the
   token's mechanisms and identity (see :meth:`Worker.describe`)
@@ -304,6 +307,64 @@ class Worker:
         result: dict[str, bool] = self._with_recovery(run, retry=True)
         return result
 
+    def _secret_key(self, label: str) -> Any:
+        cached = self.keys.get(f"secret:{label}")
+        if cached is not None:
+            return cached
+        pkcs11 = self._pkcs11
+        found = list(self.session.get_objects({pkcs11.Attribute.CLASS: pkcs11.ObjectClass.SECRET_KEY,
+                                               pkcs11.Attribute.LABEL: label}))
+        if not found:
+            raise _Failure("not_found", f"the token shows no secret key labelled {label!r}")
+        if len(found) > 1:
+            raise _Failure("ambiguous", f"{len(found)} secret keys are labelled {label!r}; refusing to guess")
+        self.keys[f"secret:{label}"] = found[0]
+        return found[0]
+
+    def hmac(self, label: str, items: list[bytes]) -> list[bytes]:
+        """HMAC-SHA256 (CKM_SHA256_HMAC) of each item under the secret key ``label``: the key never leaves
+        the token."""
+        mechanism = self._pkcs11.Mechanism.SHA256_HMAC
+
+        def run() -> list[bytes]:
+            key = self._secret_key(label)
+            return [bytes(key.sign(item, mechanism=mechanism)) for item in items]
+
+        result: list[bytes] = self._with_recovery(run, retry=True)
+        return result
+
+    def import_secret(self, label: str, value: bytes) -> dict[str, bool]:
+        """Create a token secret key from ``value`` (the key ceremony): sensitive, not extractable, for
+        signing (HMAC) and verifying only. Refused when a secret key has the label already."""
+        pkcs11 = self._pkcs11
+        attribute = pkcs11.Attribute
+
+        def run() -> dict[str, bool]:
+            existing = list(self.session.get_objects({attribute.CLASS: pkcs11.ObjectClass.SECRET_KEY,
+                                                      attribute.LABEL: label}))
+            if existing:
+                raise _Failure("ambiguous", f"a secret key labelled {label!r} exists already")
+            self.session.create_object({
+                attribute.CLASS: pkcs11.ObjectClass.SECRET_KEY, attribute.KEY_TYPE: pkcs11.KeyType.GENERIC_SECRET,
+                attribute.VALUE: value, attribute.LABEL: label, attribute.TOKEN: True, attribute.PRIVATE: True,
+                attribute.SENSITIVE: True, attribute.EXTRACTABLE: False, attribute.SIGN: True,
+                attribute.VERIFY: True, attribute.ENCRYPT: False, attribute.DECRYPT: False, attribute.WRAP: False,
+                attribute.UNWRAP: False, attribute.DERIVE: False,
+            })
+            return self._secret_protection(self._secret_key(label))
+
+        result: dict[str, bool] = self._with_recovery(run, retry=False)
+        return result
+
+    def secret_attributes(self, label: str) -> dict[str, bool]:
+        result: dict[str, bool] = self._with_recovery(
+            lambda: self._secret_protection(self._secret_key(label)), retry=True)
+        return result
+
+    def _secret_protection(self, key: Any) -> dict[str, bool]:
+        names = ("SENSITIVE", "EXTRACTABLE", "TOKEN", "PRIVATE", "SIGN", "ENCRYPT", "DECRYPT", "WRAP")
+        return {name.lower(): bool(key[getattr(self._pkcs11.Attribute, name)]) for name in names}
+
     def describe(self, id_hex: str | None, label: str | None) -> dict[str, Any]:
         """What adopting an existing key checks, as the token reports it: the one private key with CKA_ID
         ``id_hex`` and/or CKA_LABEL ``label`` (``not_found`` for none, ``ambiguous`` for several).
@@ -384,6 +445,12 @@ class Worker:
                     return (True, self.public_key(key_id))
                 case ("attributes", key_id):
                     return (True, self.attributes(key_id))
+                case ("hmac", label, items):
+                    return (True, self.hmac(label, items))
+                case ("import_secret", label, value):
+                    return (True, self.import_secret(label, value))
+                case ("secret_attributes", label):
+                    return (True, self.secret_attributes(label))
                 case ("describe", id_hex, label):
                     return (True, self.describe(id_hex, label))
                 case ("ping",):

@@ -49,6 +49,7 @@ from gateway.ledger.store import Database, Row, Tx
 from gateway.operations.idempotency import Answer, IdempotentRequest
 from gateway.operations.signed import SignedOperation, ToSign
 from gateway.policy.limits import Decision, check_payment, check_receipt, check_status
+from gateway.risk.signals import record_signal_in
 from gateway.signing import Signer
 from gateway.wallets.ids import is_valid_wallet_id, new_wallet_id
 
@@ -241,6 +242,7 @@ class Wallets:
                 return pending
         entry_id = journal.post(tx, "cash_in", wallet_id, [(journal.wallet_account(wallet_id), amount),
                                                          (journal.ISSUANCE, -amount)], actor)
+        record_signal_in(tx, "cash.in", wallet_id, amount, actor=actor, entry_id=entry_id)
         return self._cash_result(tx, wallet_id, entry_id, amount, entry)
 
     def cash_out(self, tx: Tx, wallet_id: str, amount: int, actor: str, entry: AuditEntry,
@@ -261,6 +263,7 @@ class Wallets:
                 return pending
         entry_id = journal.post(tx, "cash_out", wallet_id, [(journal.wallet_account(wallet_id), -amount),
                                                           (journal.ISSUANCE, amount)], actor)
+        record_signal_in(tx, "cash.out", wallet_id, amount, actor=actor, entry_id=entry_id)
         return self._cash_result(tx, wallet_id, entry_id, amount, entry)
 
     def _cash_result(self, tx: Tx, wallet_id: str, entry_id: str, amount: int, entry: AuditEntry) -> dict[str, Any]:
@@ -299,6 +302,8 @@ class Wallets:
             actor, intent.memo,
         )
         journal.add_spend(tx, intent.from_wallet, intent.amount, journal.business_day())
+        record_signal_in(tx, "transfer.posted", intent.from_wallet, intent.amount, actor=actor,
+                         counterparty=intent.to_wallet, transfer_id=transfer_id, entry_id=entry_id)
         seq = int(tx.fetchone(  # type: ignore[index]
             "UPDATE wallets SET out_seq = out_seq + 1 WHERE wallet_id = ? RETURNING out_seq", (intent.from_wallet,)
         )["out_seq"])

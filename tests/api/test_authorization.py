@@ -16,6 +16,7 @@ import os
 import secrets
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from datetime import timedelta
 from typing import Any
 
 import pytest
@@ -26,7 +27,9 @@ from gateway import clock
 from gateway.app import all_endpoints
 from gateway.auth.credentials import add_user, revoke_client
 from gateway.auth.roles import Role, allows
+from gateway.errors import AmbiguousKey
 from gateway.hardwallet.simulator import SimulatedDevice
+from gateway.risk.events import RiskEvent, insert_event_in
 from tests.api.support import approve_as_second_person, approve_opened_tier, assert_problem, new_client, runtime
 from tests.conftest import PASSWORDS, Gateway, login
 from tests.device.flows import discrepancies, ensure_voucher_key, pay, register
@@ -242,12 +245,90 @@ async def _new_user(ctx: Context) -> str:
     return username
 
 
+async def _dead_delivery(ctx: Context) -> Case:
+    """A risk event whose delivery to a webhook is dead (written as the delivery loop leaves it)."""
+    event = RiskEvent("structuring", 1, "high", 80, "8123456789012344", {"transfer_ids": ["t_authz"]})
+
+    def work(tx: Any) -> None:
+        insert_event_in(tx, event)
+        tx.execute("INSERT INTO risk_deliveries (event_id, endpoint, status, attempts, next_attempt_at, last_error) "
+                   "VALUES (?, 'authz-hook', 'dead', 3, ?, 'HTTP 500')", (event.event_id, clock.now_iso()))
+
+    await runtime(ctx.gateway).database.write(work)
+    return Case(f"/v1/risk/deliveries/{event.event_id}/authz-hook/replay")
+
+
+async def _report_case(ctx: Context) -> Case:
+    """Yesterday's risk report, with a `report` key made once for the session's gateway."""
+    gw = ctx.gateway
+    keys = await _ok(await gw.client.get("/v1/keys", headers=gw.auth(Role.ADMIN)))
+    if not any("report" in key["usage"] for key in keys["keys"]):
+        await _ok(await gw.client.post("/v1/keys", json={"label": "authz-risk-report", "algorithm": "ecdsa-p256",
+                                                         "usage": ["report"]}, headers=gw.auth(Role.ADMIN)), 201)
+    return Case(f"/v1/risk/reports/{(clock.now().date() - timedelta(days=1)).isoformat()}")
+
+
+async def _risk_event(ctx: Context) -> str:
+    """A fresh open risk event that names the backend test client (so that client may read it), nobody else."""
+    event = RiskEvent("notable", 1, "low", 25, "authz", {"first_seq": 0, "last_seq": 0},
+                      parties=("client:test-backend",))
+    await runtime(ctx.gateway).database.write(lambda tx: insert_event_in(tx, event))
+    return event.event_id
+AUTHZ_MEMBER = "AUTHZ-BANK"
+
+
+async def _alliance(ctx: Context) -> None:
+    """Make the shared gateway an alliance member: a member id, the alliance HMAC key in its token (the key
+    ceremony, through the signer pool) and an `attest` key — once."""
+    gw = ctx.gateway
+    if gw.settings.alliance.member_id == AUTHZ_MEMBER:
+        return
+    pool: Any = runtime(gw).signer
+    try:
+        await pool.import_secret(gw.settings.alliance.hmac_key_label, os.urandom(32))
+    except AmbiguousKey:  # imported by an earlier session on this token
+        pass
+    keys = (await _ok(await gw.client.get("/v1/keys", headers=gw.auth(Role.ADMIN))))["keys"]
+    if not any("attest" in key["usage"] for key in keys):
+        await _ok(await gw.client.post("/v1/keys", json={"label": "authz-attest", "algorithm": "ecdsa-p256",
+                                                         "usage": ["attest"]}, headers=gw.auth(Role.ADMIN)), 201)
+    gw.settings.alliance.member_id = AUTHZ_MEMBER
+
+
+def _trade_document(purpose: str = "finance") -> dict[str, Any]:
+    party = {"name": "Authz Trading Co.", "tax_id": "91310000MA1FL8XQ3X"}
+    return {"document_type": "invoice", "document_sha256": _digest(), "purpose": purpose,
+            "fields": {"issuer": party, "number": f"AUTHZ-{secrets.token_hex(6)}", "issue_date": "2026-01-15",
+                       "amount_minor": 100_000, "currency": "CNY", "seller": party,
+                       "buyer": {"name": "Authz Buyer Ltd.", "tax_id": "91110000600037341L"}}}
+
+
+async def _attestation_case(ctx: Context) -> Case:
+    await _alliance(ctx)
+    return Case("/v1/attestations", _trade_document())
+
+
+async def _attestation(ctx: Context) -> dict[str, Any]:
+    await _alliance(ctx)
+    return dict(await _ok(await ctx.gateway.client.post("/v1/attestations", json=_trade_document("notice"),
+                                                        headers=ctx.gateway.auth(Role.BACKEND)), 201))
+
+
+async def _verify_case(ctx: Context) -> Case:
+    return Case("/v1/attestations/verify", {"attestation": (await _attestation(ctx))["attestation"]})
+
+
+async def _feed_case(ctx: Context) -> Case:
+    await _alliance(ctx)
+    return Case("/v1/alliance/fingerprints", params={"after": "0", "nonce": secrets.token_hex(16)})
+
+
 # The users behind each role that people hold (tests/conftest.py provisions them).
 USER_OF_ROLE = {Role.TELLER: "teller1", Role.SUPERVISOR: "supervisor1", Role.AUDITOR: "auditor1",
                 Role.ADMIN: "admin1"}
 
 PUBLIC = None  # no credentials needed
-EVERY_ROLE = frozenset(Role)
+EVERY_ROLE = frozenset(Role) - {Role.PEER}  # an alliance peer reads its fingerprint feed and nothing else
 KEY_READERS = frozenset({Role.BACKEND, Role.TELLER, Role.SUPERVISOR, Role.AUDITOR, Role.ADMIN})
 AUDIT_READERS = frozenset({Role.AUDITOR, Role.ADMIN})
 WALLET_READERS = frozenset({Role.BACKEND, Role.TELLER, Role.SUPERVISOR, Role.AUDITOR})
@@ -261,6 +342,15 @@ SUPERVISOR = frozenset({Role.SUPERVISOR})
 DEVICE_READERS = frozenset({Role.TELLER, Role.SUPERVISOR, Role.AUDITOR})
 PEOPLE = frozenset({Role.TELLER, Role.SUPERVISOR, Role.AUDITOR, Role.ADMIN})  # roles a user can hold: log out
 ADMIN = frozenset({Role.ADMIN})
+# Risk: the institution-wide report and chart for supervisors and auditors; webhook deliveries for the admin
+# who runs them (and the auditor, who reads everything).
+RISK_REPORT_READERS = frozenset({Role.SUPERVISOR, Role.AUDITOR})
+DELIVERY_READERS = frozenset({Role.AUDITOR, Role.ADMIN})
+RISK_READERS = frozenset({Role.BACKEND, Role.SUPERVISOR, Role.AUDITOR})  # the backend: events naming it
+RISK_TRIAGERS = frozenset({Role.SUPERVISOR, Role.AUDITOR})
+ATTESTERS = frozenset({Role.BACKEND, Role.TELLER, Role.SUPERVISOR})  # trade-finance attestations
+ATTESTATION_READERS = frozenset({Role.BACKEND, Role.TELLER, Role.SUPERVISOR, Role.AUDITOR})
+PEERS = frozenset({Role.PEER})  # alliance members' gateways: the fingerprint feed, nothing else
 
 Builder = Callable[[Context], Awaitable[Case]]
 
@@ -342,8 +432,31 @@ CASES: dict[str, tuple[frozenset[Role] | None, Builder]] = {
     "GET /v1/evm/chains": (frozenset({Role.BACKEND, Role.AUDITOR, Role.ADMIN}), _fixed(Case("/v1/evm/chains"))),
     "POST /v1/evm/transactions": (frozenset({Role.BACKEND}), _evm_transaction),
     "POST /v1/evm/typed-data": (frozenset({Role.BACKEND}), _evm_typed_data),
+    "POST /v1/evm/rpc": (frozenset({Role.BACKEND, Role.AUDITOR, Role.ADMIN}), _fixed(Case(
+        "/v1/evm/rpc", {"jsonrpc": "2.0", "id": 1, "method": "eth_accounts", "params": []}))),
     "POST /v1/evm/nonces/{chain_id}/{address}": (frozenset({Role.ADMIN}), _sync(lambda ctx: Case(
         f"/v1/evm/nonces/{SEPOLIA}/0x{secrets.token_hex(20)}", {"next_nonce": 0}))),
+    "GET /v1/risk/deliveries": (DELIVERY_READERS, _fixed(Case("/v1/risk/deliveries", params={"status": "dead"}))),
+    "POST /v1/risk/deliveries/{event_id}/{endpoint}/replay": (ADMIN, _dead_delivery),
+    "GET /v1/risk/reports/{date}": (RISK_REPORT_READERS, _report_case),
+    "GET /v1/risk/chart.png": (RISK_REPORT_READERS, _fixed(Case("/v1/risk/chart.png"))),
+    "GET /v1/risk/events": (RISK_READERS, _fixed(Case("/v1/risk/events", params={"limit": "5"}))),
+    "GET /v1/risk/events/{event_id}": (RISK_READERS, lambda ctx: _built(ctx, "/v1/risk/events/{}", _risk_event)),
+    "GET /v1/risk/stream": (RISK_READERS, _fixed(Case("/v1/risk/stream"))),
+    "POST /v1/risk/events/{event_id}/acknowledge": (RISK_TRIAGERS, lambda ctx: _built(
+        ctx, "/v1/risk/events/{}/acknowledge", _risk_event, {"note": "seen"})),
+    "POST /v1/risk/events/{event_id}/assign": (RISK_TRIAGERS, lambda ctx: _built(
+        ctx, "/v1/risk/events/{}/assign", _risk_event, {"assignee": "auditor1"})),
+    "POST /v1/risk/events/{event_id}/close": (RISK_TRIAGERS, lambda ctx: _built(
+        ctx, "/v1/risk/events/{}/close", _risk_event, {"note": "checked"})),
+    "POST /v1/attestations": (ATTESTERS, _attestation_case),
+    "GET /v1/attestations": (ATTESTATION_READERS, _fixed(Case("/v1/attestations", params={"number": "AUTHZ"}))),
+    "GET /v1/attestations/hits": (ATTESTATION_READERS, _fixed(Case("/v1/attestations/hits"))),
+    "GET /v1/attestations/{attestation_id}": (ATTESTATION_READERS, lambda ctx: _built(
+        ctx, "/v1/attestations/{}", lambda c: _id(_attestation(c), "attestation_id"))),
+    "POST /v1/attestations/verify": (ATTESTATION_READERS, _verify_case),
+    "GET /v1/alliance/fingerprints": (PEERS, _feed_case),
+    "GET /v1/alliance/status": (ATTESTATION_READERS, _fixed(Case("/v1/alliance/status"))),
 }
 
 ENDPOINTS = {endpoint.name: endpoint for endpoint in all_endpoints()}
@@ -395,7 +508,11 @@ async def test_endpoint_for_caller(
     response = await gateway.client.request(
         endpoint.method, case.path, json=case.json, data=case.data, params=case.params, headers=headers
     )
-    text = await response.text()
+    if response.content_type == "text/event-stream":  # a live stream never ends: its status says it all
+        text = ""
+        response.close()
+    else:
+        text = (await response.read()).decode("utf-8", "replace")  # some successes are binary (PNG, COSE)
     assert response.headers["X-Request-Id"] == request_id
 
     if endpoint.permission is None or (isinstance(caller, Role) and allows(caller, endpoint.permission)):

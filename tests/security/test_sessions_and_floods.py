@@ -359,7 +359,7 @@ async def test_a_login_flood_runs_few_password_checks_and_writes_almost_nothing(
 async def test_logins_from_one_address_are_rate_limited_before_any_work(
         softhsm_token: Token, tmp_path: Path) -> None:
     """One address tries passwords (over many usernames) as fast as the gateway answers."""
-    settings = make_settings(softhsm_token, f"sqlite:///{tmp_path / 'gateway.db'}", auth={"login_rate_per_second": 1.0})
+    settings = make_settings(softhsm_token, f"sqlite:///{tmp_path / 'gateway.db'}", auth={"login_rate_per_second": 0.2})
     await provision(settings.store.dsn)
     client: TestClient[Any, Any] = TestClient(TestServer(make_app(settings)))
     await client.start_server()
@@ -373,9 +373,11 @@ async def test_logins_from_one_address_are_rate_limited_before_any_work(
             if response.status == 429:
                 await assert_problem(response, 429, "login-rate-limited")
                 assert response.headers["Retry-After"].isdigit()
-        assert statuses[:2] == [401, 401] and statuses.count(429) >= 7, statuses
+        # burst 1, then one token per 5 s: the refused ones answer at once, so a loaded machine that takes
+        # a second or two over the lot still sees every attempt after the first refused
+        assert statuses[0] == 401 and statuses.count(429) >= 8, statuses
         assert await _throttle_rows(gw, usernames) == statuses.count(401)  # refused ones wrote nothing
-        await asyncio.sleep(1.1)  # positive control: the bucket refills
+        await asyncio.sleep(5.2)  # positive control: the bucket refills
         assert (await gw.client.post("/v1/sessions", json={"username": "teller1",
                                                            "password": gw.passwords["teller1"]})).status == 201
     finally:

@@ -11,7 +11,7 @@ ALTER TABLE keys ADD COLUMN status_changed_at TEXT;
 ALTER TABLE keys ADD COLUMN origin TEXT NOT NULL DEFAULT 'generated';
 UPDATE keys SET family_id = key_id WHERE family_id IS NULL;
 CREATE UNIQUE INDEX keys_family_version ON keys (family_id, version);
--- The one key that signs each usage the gateway chooses a key for (ecny, voucher, audit). A new key
+-- The one key that signs each usage the gateway chooses a key for (ecny, voucher, audit, report). A new key
 -- with such a usage takes it over (a rotation, never an ambiguity). Existing databases: the newest
 -- key of each usage (a configured *.key_id still overrides it).
 CREATE TABLE key_usage_active (

@@ -4,11 +4,12 @@ entry taken out, same wrk client, same run.
     .venv/bin/python bench/decompose.py [--duration 5] [--concurrency 1,16,64] [--processes 2]
 
 A gateway that skips its audit entry must never exist, so the switch is not in the gateway: this
-script copies ``gateway/`` to a temporary directory, patches the copy's ``POST /v1/keys/{id}/sign``
-handler to read ``BENCH_SKIP`` (``sign``: answer 64 zero bytes instead of calling the signer;
-``audit``: do not record the entry), and runs ``ecny-gateway serve`` with the copy first on
-``PYTHONPATH``. Before each load it proves the copy is the one running: a skipped signature comes
-back as zeros, a skipped audit entry leaves ``audit_log`` as long as it was.
+script copies ``gateway/`` to a temporary directory, patches the copy's single raw signature
+(``gateway/operations/raw.py``, behind ``POST /v1/keys/{id}/sign``) to read ``BENCH_SKIP``
+(``sign``: answer 64 zero bytes instead of calling the signer; ``audit``: do not record the entry), and
+runs ``ecny-gateway serve`` with the copy first on ``PYTHONPATH``. Before each load it proves the copy
+is the one running: a skipped signature comes back as zeros, a skipped audit entry leaves ``audit_log``
+as long as it was.
 
 Four variants, each with its own token and database: ``full`` (what ships), ``no-hsm``,
 ``no-audit``, ``neither`` (HTTP, authentication, parsing, key look-up, metrics, the answer).
@@ -32,34 +33,26 @@ sys.path.insert(0, str(ROOT / "bench"))
 from common import machine, start_gateway, versions  # noqa: E402
 from openbao import GATEWAY_LUA, run_wrk  # noqa: E402
 
-SIGN_CALL = "    signature = await runtime.signer_for(Usage.RAW).sign(record.key_id, record.algorithm.value, data)\n"
-AUDIT_CALL = "    await runtime.audit.record(\n"
-PATCHED = (
-    "    import os as _os\n"
-    "    _skip = _os.environ.get('BENCH_SKIP', '')\n"
-    "    if 'sign' in _skip:\n"
-    "        signature = bytes(64)\n"
-    "    else:\n"
-    "    " + SIGN_CALL +
-    "    if 'audit' not in _skip:\n"
-    "      await runtime.audit.record(\n"
-)
+SIGN_CALL = "signature = await self.signer.sign(record.key_id, record.algorithm.value, item)"
+AUDIT_CALL = "_, recorded = await self.audit.record_with(entry, answer_in)"
+SKIPPED = {SIGN_CALL: ("sign", "signature = bytes(64)"), AUDIT_CALL: ("audit", "recorded = True")}
 VARIANTS = {"full": "", "no-hsm": "sign", "no-audit": "audit", "neither": "sign,audit"}
 
 
 def patched_copy(into: Path) -> Path:
-    """``gateway/`` (its HSM profiles included) copied under ``into``, the sign handler patched; returns
-    the directory to put on PYTHONPATH."""
+    """``gateway/`` (its HSM profiles included) copied under ``into``, the single raw signature
+    (gateway/operations/raw.py) patched; returns the directory to put on PYTHONPATH."""
     shutil.copytree(ROOT / "gateway", into / "gateway", ignore=shutil.ignore_patterns("__pycache__"))
-    handler = into / "gateway" / "api" / "keys.py"
-    text = handler.read_text(encoding="utf-8")
-    start = text.find("async def sign(call: Call)")
-    body_end = text.find("\nasync def ", start + 1)
-    body = text[start:body_end]
-    if body.count(SIGN_CALL + AUDIT_CALL) != 1 or body.count(SIGN_CALL) != 1:
-        raise SystemExit("gateway/api/keys.py: sign() no longer calls the signer and then the audit log as this "
-                         "script expects; update SIGN_CALL / AUDIT_CALL")
-    handler.write_text(text[:start] + body.replace(SIGN_CALL + AUDIT_CALL, PATCHED) + text[body_end:], encoding="utf-8")
+    module = into / "gateway" / "operations" / "raw.py"
+    lines = module.read_text(encoding="utf-8").splitlines(keepends=True)
+    for call, (switch, instead) in SKIPPED.items():
+        found = [i for i, line in enumerate(lines) if line.strip() == call]
+        if len(found) != 1:
+            raise SystemExit(f"gateway/operations/raw.py: expected the line {call!r} once; update decompose.py")
+        indent = lines[found[0]][: len(lines[found[0]]) - len(lines[found[0]].lstrip())]
+        lines[found[0]] = (f"{indent}if {switch!r} in __import__('os').environ.get('BENCH_SKIP', ''):\n"
+                           f"{indent}    {instead}\n{indent}else:\n{indent}    {call}\n")
+    module.write_text("".join(lines), encoding="utf-8")
     return into
 
 

@@ -193,8 +193,9 @@ class IdempotencyConflict(Conflict):
 
 class IdempotencyRaced(IdempotencyConflict):
     """Another request with this Idempotency-Key committed first while this one ran (another
-    process or instance): its transaction rolled back. Answered from the winner's record, so a
-    client sees this only if that record cannot be read back."""
+    process or instance): its transaction rolled back — or, for a raw signature, only its answer was
+    not recorded (the audit entry of the signature made stays). Answered from the winner's record, so
+    a client sees this only if that record cannot be read back."""
 
 
 class AlreadyExists(Conflict):

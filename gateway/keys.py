@@ -20,7 +20,7 @@ from __future__ import annotations
 import secrets
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import structlog
 from cryptography.hazmat.primitives import serialization
@@ -39,11 +39,13 @@ from gateway.errors import (
     ValidationFailed,
     VerificationUnsupported,
 )
-from gateway.hsm.profile import HsmProfile
 from gateway.ledger.store import Tx
 from gateway.schemes import cose
 from gateway.schemes.evm.values import checksum
 from gateway.signing import Algorithm, Signer, cryptography_public_key, signing_input, verify
+
+if TYPE_CHECKING:  # an annotation only: key records (and gateway.operations through them) load no HSM code
+    from gateway.hsm.profile import HsmProfile
 
 
 class Usage(StrEnum):

@@ -52,16 +52,10 @@ def _device_id(call: Call) -> str:
 
 async def register(call: Call) -> web.Response:
     body: DeviceRegisterRequest = call.body
-    devices = Devices.of(call.runtime)
-    certificate, envelope, kid = await devices.certificate_for(body.device_id, body.wallet_id, body.public_key_pem)
-    issuer = await devices.issuer_pem(kid)
     entry = call.audit_entry("devices.register", decision="allowed", payload_hash=call.payload_hash())
-
-    def work(tx: Tx) -> bytes:
-        row = devices.register_in(tx, certificate, envelope, kid, body.model, entry)
-        return idempotency.respond_in(tx, call, device_document(row, issuer), 201)
-
-    return idempotency.json_body(await call.runtime.database.write(work), 201)
+    answer = await Devices.of(call.runtime).register(call.idempotent, body.device_id, body.wallet_id,
+                                                     body.public_key_pem, body.model, entry)
+    return idempotency.render(answer)
 
 
 async def show(call: Call) -> web.Response:

@@ -1,12 +1,12 @@
 """Keys: generate inside the HSM, list, show, rotate, disable, verify, public keys as JWK or COSE_Key,
-and sign digests with ``raw`` keys."""
+and sign digests with ``raw`` keys (the signing itself is :class:`gateway.operations.raw.RawSigning`:
+the routes parse and render)."""
 
 from __future__ import annotations
 
-import hashlib
-
 from aiohttp import web
 
+from gateway.api import idempotency
 from gateway.api.call import Call
 from gateway.api.codecs import json_response
 from gateway.api.endpoints import Endpoint
@@ -23,14 +23,11 @@ from gateway.api.models import (
     SignResponse,
 )
 from gateway.auth.roles import Permission
-from gateway.errors import KeyNotFound, PayloadTooLarge, ValidationFailed
+from gateway.errors import KeyNotFound, ValidationFailed
 from gateway.key_lifecycle import disable_key, generate_key, rotate_key
-from gateway.keys import KeyRecord, Usage, get_key, list_keys, public_key_pem, verify_with_key
+from gateway.keys import Usage, get_key, list_keys, public_key_pem, verify_with_key
+from gateway.operations.raw import RawRequest, RawSigning
 from gateway.schemes.public_keys import cose_key, jwk
-from gateway.signing import Algorithm, der_from_raw
-
-MAX_BATCH = 1000
-ECDSA = (Algorithm.ECDSA_P256, Algorithm.ECDSA_SECP256K1)
 
 
 def _key_id(call: Call) -> str:
@@ -106,55 +103,23 @@ async def public(call: Call) -> web.Response:
     return json_response(document)
 
 
-def _signing_input(record: KeyRecord, hex_data: str) -> bytes:
-    data = bytes.fromhex(hex_data)
-    if record.algorithm in ECDSA and len(data) != 32:
-        raise ValidationFailed(f"an ECDSA digest is 32 bytes; got {len(data)}")
-    if record.algorithm is Algorithm.ED25519 and len(data) > 65536:
-        raise PayloadTooLarge("Ed25519 messages are limited to 64 KiB")
-    return data
-
-
-def _signature_document(record: KeyRecord, signature: bytes) -> dict[str, str]:
-    document = {"signature": signature.hex()}
-    if record.algorithm in ECDSA:
-        document["der"] = der_from_raw(signature).hex()
-    return document
+def _raw_signing(call: Call) -> RawSigning:
+    runtime = call.runtime
+    return RawSigning(runtime.database, runtime.keys, runtime.signer_for(Usage.RAW), runtime.audit)
 
 
 async def sign(call: Call) -> web.Response:
-    runtime = call.runtime
-    record = await runtime.keys.for_signing(runtime.database, _key_id(call), Usage.RAW)
     body: SignRequest = call.body
-    data = _signing_input(record, body.digest)
-    signature = await runtime.signer_for(Usage.RAW).sign(record.key_id, record.algorithm.value, data)
-    await runtime.audit.record(
-        call.audit_entry(
-            "keys.sign", decision="allowed", key_id=record.key_id,
-            payload_hash=hashlib.sha256(data).hexdigest(),
-            result={"signature_sha256": hashlib.sha256(signature).hexdigest()},
-        )
-    )
-    return json_response(_signature_document(record, signature))
+    raw = RawRequest(_key_id(call), (body.digest,))
+    entry = call.audit_entry("keys.sign", decision="allowed")
+    return idempotency.render(await _raw_signing(call).run(call.idempotent, raw, entry))
 
 
 async def sign_batch(call: Call) -> web.Response:
-    runtime = call.runtime
     body: BatchSignRequest = call.body
-    if len(body.digests) > MAX_BATCH:
-        raise PayloadTooLarge(f"at most {MAX_BATCH} digests per batch; got {len(body.digests)}")
-    record = await runtime.keys.for_signing(runtime.database, body.key_id, Usage.RAW)
-    items = [_signing_input(record, digest) for digest in body.digests]
-    signatures = await runtime.signer_for(Usage.RAW).sign_many(record.key_id, record.algorithm.value, items)
-    await runtime.audit.record(
-        call.audit_entry(
-            "keys.sign_batch", decision="allowed", key_id=record.key_id,
-            payload_hash=hashlib.sha256(b"".join(items)).hexdigest(),
-            result={"count": len(signatures),
-                    "signatures_sha256": hashlib.sha256(b"".join(signatures)).hexdigest()},
-        )
-    )
-    return json_response({"signatures": [signature.hex() for signature in signatures]})
+    raw = RawRequest(body.key_id, body.digests, batch=True)
+    entry = call.audit_entry("keys.sign_batch", decision="allowed")
+    return idempotency.render(await _raw_signing(call).run(call.idempotent, raw, entry))
 
 
 KEY_ID_PARAM = "/v1/keys/{key_id}"

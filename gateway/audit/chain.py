@@ -17,7 +17,8 @@ together with the checkpoints after it.
 Entries are written either inside the transaction of the operation they describe
 (:func:`append`), or — for signing requests, which change nothing else — through
 :class:`AuditLog`, which groups the entries of concurrent requests into one commit and answers each
-request only once its entry is committed.
+request only once its entry is committed (:meth:`AuditLog.record_with` stores a write of the request's
+own, such as its Idempotency-Key answer, in that same commit).
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ import json
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import cbor2
 import orjson
@@ -42,6 +43,8 @@ from gateway.keys import KeyRecord, Usage, active_key_id, key_for_usage
 from gateway.ledger.store import Database, Tx
 from gateway.risk.signals import Signal
 from gateway.signing import Signer, signing_input
+
+T = TypeVar("T")
 
 GENESIS = bytes(32)
 CHECKPOINT_CONTEXT = "ecny-audit-checkpoint-v1"
@@ -130,8 +133,18 @@ def append(tx: Tx, entries: Iterable[AuditEntry]) -> list[int]:
     return numbers
 
 
-def _appender(entries: list[AuditEntry]) -> Callable[[Tx], list[int]]:
-    return lambda tx: append(tx, entries)
+def _nothing_else(tx: Tx) -> None:
+    """The write that goes with an entry recorded on its own (:meth:`AuditLog.record`)."""
+
+
+def _appender(group: list[tuple[AuditEntry, Callable[[Tx], Any]]]) -> Callable[[Tx], tuple[list[int], list[Any]]]:
+    """Append the group's entries, then run what goes with each of them, in one transaction."""
+
+    def write(tx: Tx) -> tuple[list[int], list[Any]]:
+        numbers = append(tx, [entry for entry, _ in group])
+        return numbers, [also(tx) for _, also in group]
+
+    return write
 
 
 def checkpoint_message(seq: int, head_hash: bytes) -> bytes:
@@ -157,7 +170,7 @@ class AuditLog:
         self._ticker: asyncio.Task[None] | None = None
         self._flush_max = flush_max
         self._key_id = key_id
-        self._pending: list[tuple[AuditEntry, asyncio.Future[int]]] = []
+        self._pending: list[tuple[AuditEntry, Callable[[Tx], Any], asyncio.Future[tuple[int, Any]]]] = []
         self._flushing: asyncio.Task[None] | None = None
         self._checkpointing: asyncio.Task[None] | None = None
         self._checkpointed = 0
@@ -202,25 +215,42 @@ class AuditLog:
         Raises:
             StoreUnavailable: the entry could not be written (the caller must not report success).
         """
-        future: asyncio.Future[int] = asyncio.get_running_loop().create_future()
-        self._pending.append((entry, future))
+        seq, _ = await self.record_with(entry, _nothing_else)
+        return seq
+
+    async def record_with(self, entry: AuditEntry, also: Callable[[Tx], T]) -> tuple[int, T]:
+        """Append one entry and run ``also`` in the same transaction (after the group's entries), grouped
+        with other entries into one commit. Returns the entry's sequence number and what ``also``
+        returned, once committed: what ``also`` writes (an Idempotency-Key answer) is stored exactly
+        when the entry is.
+
+        ``also`` shares its transaction with the group's other entries, so it must not fail but for the
+        store itself (an insert that cannot collide, or an ``ON CONFLICT DO NOTHING``): if it raises,
+        no entry of the group is written and every one of them gets the exception.
+
+        Raises:
+            StoreUnavailable: the entry could not be written (the caller must not report success).
+        """
+        future: asyncio.Future[tuple[int, Any]] = asyncio.get_running_loop().create_future()
+        self._pending.append((entry, also, future))
         if self._flushing is None or self._flushing.done():
             self._flushing = asyncio.create_task(self._flush_loop())
-        return await future
+        seq, result = await future
+        return seq, result
 
     async def _flush_loop(self) -> None:
         while self._pending:
             batch, self._pending = self._pending[: self._flush_max], self._pending[self._flush_max :]
             try:
-                numbers = await self._database.write(_appender([entry for entry, _ in batch]))
+                numbers, results = await self._database.write(_appender([(entry, also) for entry, also, _ in batch]))
             except Exception as exc:
-                for _, future in batch:
+                for _, _, future in batch:
                     if not future.done():
                         future.set_exception(exc)
                 continue
-            for (_, future), seq in zip(batch, numbers, strict=True):
+            for (_, _, future), seq, result in zip(batch, numbers, results, strict=True):
                 if not future.done():
-                    future.set_result(seq)
+                    future.set_result((seq, result))
             self._report_head(numbers[-1])
             self.after_append(numbers[-1])
 

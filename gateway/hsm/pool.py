@@ -26,9 +26,9 @@ import struct
 import sys
 import time
 from collections import deque
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 from gateway.errors import AmbiguousKey, GatewayError, HsmError, HsmLoginFailed, HsmUnavailable, KeyNotFound
 from gateway.hsm.profile import HsmProfile
@@ -80,17 +80,85 @@ class _Job:
     future: asyncio.Future[Any]
 
 
+class _WorkerPipe(asyncio.Protocol):
+    """The event loop's end of one worker's socketpair: multiprocessing's framing (:func:`_frame`) read
+    as bytes arrive, each whole message handed to ``on_message`` in the same callback.
+
+    No reader task and no await per message: a result wakes the request waiting for it one turn of
+    the event loop sooner than a StreamReader and a task reading from it would (at one connection a
+    signature waits for each of those turns). Partial and coalesced reads are both framed here.
+    """
+
+    def __init__(self) -> None:
+        self.buffer = bytearray()
+        self.transport: asyncio.Transport | None = None
+        self.ready: asyncio.Future[Any] = asyncio.get_running_loop().create_future()  # the first message
+        self.on_message: Callable[[Any], None] = self._first
+        self.on_lost: Callable[[], None] = _nothing
+
+    def _first(self, message: Any) -> None:
+        if not self.ready.done():
+            self.ready.set_result(message)
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)  # uvloop's transports do not subclass asyncio's
+
+    def data_received(self, data: bytes) -> None:
+        buffer = self.buffer
+        buffer += data
+        while len(buffer) >= 4:
+            (size,) = struct.unpack_from("!i", buffer)
+            start = 4
+            if size == -1:
+                if len(buffer) < 12:
+                    return
+                (size,) = struct.unpack_from("!Q", buffer, 4)
+                start = 12
+            end = start + size
+            if len(buffer) < end:
+                return
+            try:
+                message = pickle.loads(buffer[start:end])
+            except (pickle.UnpicklingError, EOFError, ValueError) as exc:
+                self._lost(ConnectionError(f"unreadable message from the signer worker: {exc!r}"))
+                return
+            del buffer[:end]
+            self.on_message(message)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._lost(exc or ConnectionError("the signer worker closed its pipe"))
+
+    def _lost(self, exc: Exception) -> None:
+        if not self.ready.done():
+            self.ready.set_exception(exc)
+        if self.transport is not None:
+            self.transport.close()
+        self.on_lost()
+
+    def write(self, data: bytes) -> None:
+        """Raises ConnectionError once the pipe is closed."""
+        if self.transport is None or self.transport.is_closing():
+            raise ConnectionError("the signer worker's pipe is closed")
+        self.transport.write(data)
+
+    def close(self) -> None:
+        if self.transport is not None:
+            self.transport.close()
+
+
+def _nothing() -> None:
+    """What a pipe does when it is lost before its worker's handle exists."""
+
+
 @dataclass
 class _WorkerHandle:
     index: int
     process: Any
-    reader: asyncio.StreamReader
-    writer: asyncio.StreamWriter
+    pipe: _WorkerPipe
     up: bool = True
     alive: bool = True
     inflight: deque[list[_Job]] = field(default_factory=deque)
     last_detail: str = ""
-    reading: asyncio.Task[None] | None = None
 
 
 _FAILURES: dict[str, type[GatewayError]] = {
@@ -148,25 +216,24 @@ class SignerPool:
             process.start()
         child.close()
         # The worker speaks multiprocessing's framing over a socketpair with blocking calls; the
-        # event loop reads and writes the same framing through asyncio streams, which never block
-        # and cope with partial reads (a Connection.recv() on a non-blocking fd does not).
+        # event loop reads and writes the same framing through a non-blocking transport, which copes
+        # with partial reads (a Connection.recv() on a non-blocking fd does not).
         sock = socket.socket(fileno=os.dup(parent.fileno()))
         parent.close()
-        reader, writer = await asyncio.open_unix_connection(sock=sock, limit=2**24)
+        _, pipe = await asyncio.get_running_loop().create_unix_connection(_WorkerPipe, sock=sock)
         try:
-            status, kind, detail = await asyncio.wait_for(_read_message(reader), self.settings.start_timeout)
-        except (TimeoutError, asyncio.IncompleteReadError, OSError) as exc:
-            writer.close()
+            status, kind, detail = await asyncio.wait_for(pipe.ready, self.settings.start_timeout)
+        except (TimeoutError, ConnectionError, OSError) as exc:
+            pipe.close()
             process.kill()
             raise HsmUnavailable(f"signer worker {index} did not start: {exc!r}") from None
         if status == "fatal":
-            writer.close()
+            pipe.close()
             process.join(timeout=5)
             raise _FAILURES.get(kind, HsmError)(detail)
-        handle = _WorkerHandle(
-            index=index, process=process, reader=reader, writer=writer, up=kind is None, last_detail=detail
-        )
-        handle.reading = asyncio.create_task(self._read_results(handle))
+        handle = _WorkerHandle(index=index, process=process, pipe=pipe, up=kind is None, last_detail=detail)
+        pipe.on_message = lambda results: self._on_results(handle, results)
+        pipe.on_lost = lambda: self._retire(handle, f"signer worker {index} exited")
         return handle
 
     async def close(self) -> None:
@@ -288,7 +355,7 @@ class SignerPool:
 
     def _send(self, handle: _WorkerHandle, batch: list[_Job]) -> None:
         try:
-            handle.writer.write(_frame([job.payload for job in batch]))
+            handle.pipe.write(_frame([job.payload for job in batch]))
         except (ConnectionError, OSError, RuntimeError) as exc:
             for job in batch:
                 if not job.future.done():
@@ -296,15 +363,6 @@ class SignerPool:
             self._retire(handle, f"signer worker {handle.index} lost")
             return
         handle.inflight.append(batch)
-
-    async def _read_results(self, handle: _WorkerHandle) -> None:
-        while True:
-            try:
-                results = await _read_message(handle.reader)
-            except (asyncio.IncompleteReadError, ConnectionError, OSError, pickle.UnpicklingError):
-                self._retire(handle, f"signer worker {handle.index} exited")
-                return
-            self._on_results(handle, results)
 
     def _on_results(self, handle: _WorkerHandle, results: list[Any]) -> None:
         if not handle.inflight:
@@ -345,14 +403,12 @@ class SignerPool:
         handle.alive = False
         handle.up = False
         handle.last_detail = reason
-        if handle.reading is not None and handle.reading is not asyncio.current_task():
-            handle.reading.cancel()
         while handle.inflight:
             for job in handle.inflight.popleft():
                 if not job.future.done():
                     job.future.set_exception(HsmUnavailable(reason))
         with contextlib.suppress(Exception):
-            handle.writer.close()
+            handle.pipe.close()
         self._requeue_or_fail_queue()
 
     # --- health -----------------------------------------------------------------------------
@@ -420,13 +476,6 @@ def _frame(message: Any) -> bytes:
     if len(payload) > 0x7FFFFFFF:
         return struct.pack("!iQ", -1, len(payload)) + payload
     return struct.pack("!i", len(payload)) + payload
-
-
-async def _read_message(reader: asyncio.StreamReader) -> Any:
-    (size,) = struct.unpack("!i", await reader.readexactly(4))
-    if size == -1:
-        (size,) = struct.unpack("!Q", await reader.readexactly(8))
-    return pickle.loads(await reader.readexactly(size))
 
 
 def _consume(future: asyncio.Future[Any]) -> None:

@@ -57,6 +57,7 @@ from gateway.offline.rules import KINDS
 from gateway.offline.settings import OfflineSettings, offline_settings
 from gateway.offline.upload import apply_checks, hashes_to_check, plan_checks, read_upload
 from gateway.offline.verify import InlineVerifier, Verifier
+from gateway.operations import idempotency
 from gateway.operations.idempotency import Answer, IdempotentRequest
 from gateway.operations.signed import SignedOperation, ToSign
 from gateway.risk.signals import record_signal_in
@@ -192,6 +193,28 @@ class Devices:
                                           now, now + self.offline.certificate_days * DAY_MS)
         envelope, kid = await self.sign(certificate.payload())
         return certificate, envelope, kid
+
+    async def register(self, request: IdempotentRequest | None, device_id: str, wallet_id: str,
+                       public_key_pem_text: str, model: str, entry: AuditEntry) -> Answer:
+        """Registration as a signed record (the one-phase shape of :mod:`gateway.operations.raw`): check and
+        sign the certificate — nothing is recorded before, so a refused or failed signature leaves no
+        trace but its refusal — then one write: the device row, its audit entry and the answer (201),
+        rechecked under the device and wallet locks.
+
+        Raises:
+            see :meth:`certificate_for` and :meth:`register_in`; IdempotencyRaced (another request with
+            this key registered first: nothing of this one is written).
+        """
+        certificate, envelope, kid = await self.certificate_for(device_id, wallet_id, public_key_pem_text)
+        issuer = await self.issuer_pem(kid)
+
+        def record(tx: Tx) -> Answer:
+            row = self.register_in(tx, certificate, envelope, kid, model, entry)
+            answer = Answer(201, device_document(row, issuer))
+            idempotency.answer_in(tx, request, answer)
+            return answer
+
+        return await self.database.write(record)
 
     def register_in(self, tx: Tx, certificate: offline.Certificate, envelope: bytes, kid: str, model: str,
                     entry: AuditEntry) -> Any:

@@ -130,6 +130,28 @@ def complete_in(tx: Tx, request: IdempotentRequest | None, answer: Answer) -> No
     )
 
 
+def answer_unless_present_in(tx: Tx, request: IdempotentRequest | None, answer: Answer) -> bool:
+    """Record a final answer inside the caller's transaction, unless another request with this key
+    (another process or instance: in this one the request holds its key, :func:`claimed`) recorded one
+    first. Returns False in that case: nothing is written, the rest of the transaction stands, and the
+    caller answers as the earlier request did (raise IdempotencyRaced after commit).
+
+    For work that is kept whoever answers, such as the audit entry of a signature the HSM made: unlike
+    :func:`record_in`, a lost race must not roll the transaction back. True without an Idempotency-Key.
+    """
+    if request is None:
+        return True
+    inserted = tx.execute(
+        "INSERT INTO idempotency (principal, idem_key, request_hash, status, content_type, body, created_at) "
+        "VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (principal, idem_key) DO NOTHING",
+        (request.scope, request.key, request.request_hash, answer.status, answer.content_type, answer.body,
+         clock.now_iso()),
+    )
+    if inserted:
+        request.recorded_in_transaction = True
+    return inserted > 0
+
+
 def _recorded(row: Any, request: IdempotentRequest) -> Recorded:
     if bytes(row["request_hash"]) != request.request_hash:
         raise IdempotencyConflict(f"Idempotency-Key {request.key!r} was used with a different request")

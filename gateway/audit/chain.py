@@ -296,6 +296,17 @@ class AuditLog:
             if await self.chain_batch() is None:
                 await asyncio.sleep(CHAIN_IDLE_MAX_S)
 
+    async def _tick(self) -> None:
+        """Every ``checkpoint_seconds``: report the head (``on_head``: entries appended inside other
+        transactions or by other processes too) and checkpoint it if it has moved."""
+        while True:
+            await asyncio.sleep(self._checkpoint_seconds)
+            try:
+                self._report_head((await self._database.read(head))[0])
+                await self.checkpoint()
+            except Exception as exc:  # never let the ticker die: the next tick tries again
+                self._log.warning("periodic audit checkpoint failed", error=str(exc))
+
     def _report_head(self, seq: int) -> None:
         """Tell ``on_head`` of a higher head (a flush may finish after a tick read a later head)."""
         if seq > self._head_reported:

@@ -178,7 +178,8 @@ def chain_staged(tx: Tx, limit: int) -> list[int] | None:
     if not rows:
         return []
     seq, prev = head(tx)
-    numbers, values = [], []
+    numbers: list[int] = []
+    values: list[Any] = []
     for staged in sorted(rows, key=lambda row: int(row["staged_id"])):
         seq += 1
         row = {"seq": seq, **{name: staged[name] for name in FIELD_NAMES}}
@@ -289,10 +290,16 @@ class AuditLog:
         another instance's chainer if it holds the lock. For shutdown, and for readers that need them."""
         if not await self._database.read(lambda tx: tx.dialect == "postgresql"):
             return
-        row = await self._database.read(lambda tx: tx.fetchone("SELECT MAX(staged_id) AS last FROM audit_staged"))
-        last = int(row["last"]) if row is not None and row["last"] is not None else 0
-        while last and await self._database.read(lambda tx: tx.fetchone(
-                "SELECT 1 AS staged FROM audit_staged WHERE staged_id <= ? LIMIT 1", (last,))):
+
+        def last_staged(tx: Tx) -> int:
+            row = tx.fetchone("SELECT MAX(staged_id) AS last FROM audit_staged")
+            return int(row["last"]) if row is not None and row["last"] is not None else 0
+
+        def still_staged(tx: Tx) -> bool:
+            return tx.fetchone("SELECT 1 AS staged FROM audit_staged WHERE staged_id <= ? LIMIT 1", (last,)) is not None
+
+        last = await self._database.read(last_staged)
+        while last and await self._database.read(still_staged):
             if await self.chain_batch() is None:
                 await asyncio.sleep(CHAIN_IDLE_MAX_S)
 

@@ -30,7 +30,7 @@ from typing import Any
 import orjson
 
 from gateway import clock
-from gateway.errors import AlreadyExists, IdempotencyConflict, IdempotencyRaced
+from gateway.errors import IdempotencyConflict, IdempotencyRaced
 from gateway.ledger.store import Database, Tx
 
 JSON = "application/json"

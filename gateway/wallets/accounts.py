@@ -50,6 +50,7 @@ from gateway.ledger.store import Database, Row, Tx
 from gateway.operations.idempotency import Answer, IdempotentRequest
 from gateway.operations.signed import SignedOperation, ToSign
 from gateway.policy.limits import Decision, check_payment, check_receipt, check_status
+from gateway.schemes.canonical import map_around
 from gateway.signing import Signer
 from gateway.wallets.ids import is_valid_wallet_id, new_wallet_id
 
@@ -123,15 +124,9 @@ def transfer_payload(transfer_id: str, from_wallet: str, to_wallet: str, amount:
 def transfer_payload_parts(transfer_id: str, from_wallet: str, to_wallet: str, amount: int, ts: int
                            ) -> tuple[bytes, bytes]:
     """:func:`transfer_payload` around its ``seq``, which only the server knows when it posts:
-    ``head + CBOR(seq) + tail`` is the payload. Canonical CBOR orders a map's keys shortest first, then
-    bytewise: v, id, to, ts, ccy, seq, from, amount (tests/security/test_pg_scaling.py checks the equality)."""
-
-    def pair(key: str, value: object) -> bytes:
-        return cbor2.dumps(key) + cbor2.dumps(value, canonical=True)
-
-    head = b"\xa8" + pair("v", 1) + pair("id", transfer_id) + pair("to", to_wallet) + pair("ts", ts)
-    head += pair("ccy", "CNY") + cbor2.dumps("seq")
-    return head, pair("from", from_wallet) + pair("amount", amount)
+    ``head + CBOR(seq) + tail`` is the payload (:func:`gateway.schemes.canonical.map_around`)."""
+    return map_around({"v": 1, "id": transfer_id, "from": from_wallet, "to": to_wallet, "amount": amount,
+                       "ccy": "CNY", "ts": ts, "seq": 0}, "seq")
 
 
 @dataclass
@@ -250,6 +245,10 @@ class Wallets:
                 approved: bool = False) -> dict[str, Any]:
         """Credit a wallet against issuance — or, above ``cash_in_threshold_fen``, request an approval
         (``approved``: carried out by that approval). Returns the result, or the pending approval."""
+        if tx.dialect == "postgresql":
+            done = self._cash_on_server(tx, "cash_in", wallet_id, amount, actor, entry, approved)
+            if done is not None:
+                return done
         tx.lock(f"wallet:{wallet_id}")
         wallet = load_wallet(tx, wallet_id)
         limits = self.settings.wallets.limits(int(wallet["tier"]))
@@ -269,6 +268,10 @@ class Wallets:
                  approved: bool = False) -> dict[str, Any]:
         """Debit a wallet against issuance — or, above ``cash_out_threshold_fen``, request an approval
         (``approved``: carried out by that approval). Returns the result, or the pending approval."""
+        if tx.dialect == "postgresql":
+            done = self._cash_on_server(tx, "cash_out", wallet_id, amount, actor, entry, approved)
+            if done is not None:
+                return done
         tx.lock(f"wallet:{wallet_id}")
         wallet = load_wallet(tx, wallet_id)
         decisions = [check_status(wallet["status"], "payer")]
@@ -284,6 +287,41 @@ class Wallets:
         entry_id = journal.post(tx, "cash_out", wallet_id, [(journal.wallet_account(wallet_id), -amount),
                                                           (journal.ISSUANCE, amount)], actor)
         return self._cash_result(tx, wallet_id, entry_id, amount, entry)
+
+    def _cash_on_server(self, tx: Tx, kind: str, wallet_id: str, amount: int, actor: str, entry: AuditEntry,
+                        approved: bool) -> dict[str, Any] | None:
+        """PostgreSQL: a cash-in or cash-out's check and post as one server-side function,
+        ``ecny_post_cash`` (migration 0016), the audit entry travelling with the ``COMMIT``. Returns the
+        result, or None when the Python path must decide: an unconfigured tier, or an amount a second
+        person must approve (that path parks it; nothing was written).
+
+        Raises:
+            WalletNotFound, and the refusals of :func:`refuse` with the Python path's reasons.
+        """
+        arrays = self._tier_arrays()
+        if arrays is None:
+            return None
+        settings = self.settings.approvals
+        single, daily = ((settings.cash_in_threshold_fen, settings.cash_in_daily_threshold_fen) if kind == "cash_in"
+                         else (settings.cash_out_threshold_fen, settings.cash_out_daily_threshold_fen))
+        entry_id = secrets.token_hex(12)
+        outcome = tx.fetchone(
+            "SELECT reasons, missing, park, balance FROM ecny_post_cash(?, ?, ?::bigint, ?, ?, ?, ?, ?::bigint[], "
+            "?::bigint, ?::bigint)",
+            (kind, wallet_id, amount, entry_id, actor, journal.business_day(), clock.now_iso(), arrays[0],
+             None if approved else single, None if approved else daily))
+        assert outcome is not None  # a function call always answers one row
+        if outcome["missing"]:
+            raise WalletNotFound(f"no wallet {wallet_id}")
+        detail = (f"cash-in of {amount} fen to {wallet_id} refused" if kind == "cash_in"
+                  else f"cash-out of {amount} fen from {wallet_id} refused")
+        refuse([Decision(False, tuple(outcome["reasons"]))], detail)
+        if outcome["park"]:
+            return None
+        balance = int(outcome["balance"])
+        entry.result = {"wallet_id": wallet_id, "amount_fen": amount, "entry_id": entry_id, "balance_fen": balance}
+        append(tx, [entry])
+        return {"entry_id": entry_id, "wallet_id": wallet_id, "amount_fen": amount, "balance_fen": balance}
 
     def _cash_result(self, tx: Tx, wallet_id: str, entry_id: str, amount: int, entry: AuditEntry) -> dict[str, Any]:
         balance = journal.balance(tx, journal.wallet_account(wallet_id))

@@ -30,8 +30,10 @@ from gateway.errors import IdempotencyRaced, InsufficientFunds, LimitExceeded, W
 from gateway.ledger import journal
 from gateway.ledger.postgres import PostgresDatabase, lock_key
 from gateway.ledger.store import Tx
+from gateway.offline.devices import Devices, LoadResult
 from gateway.operations import idempotency
 from gateway.operations.idempotency import IdempotentRequest
+from gateway.schemes.offline import Voucher
 from gateway.wallets.accounts import TransferIntent, Wallets, transfer_payload, transfer_payload_parts
 from tests.pg import PostgresServer
 
@@ -186,6 +188,63 @@ async def test_a_transfer_costs_two_round_trips(postgres_server: PostgresServer)
         with pytest.raises(IdempotencyRaced):
             await database.write(check_and_record)
         assert await database.read(pending_count) == pending_before + 1  # the second one's entry rolled back
+    finally:
+        await database.close()
+        await proxy.close()
+
+
+def add_device(tx: Tx, device_id: str, wallet_id: str, cap_balance: int, exp_ms: int) -> None:
+    """A registered device, as registration leaves it (its certificate is not read by a load)."""
+    tx.execute(
+        "INSERT INTO devices (device_id, wallet_id, model, public_key, tier, cap_per_payment, cap_balance, "
+        "cap_payments_per_sync, cert_iat, cert_exp, certificate, kid, status, chain_hash, created_at, created_by, "
+        "updated_at) VALUES (?, ?, 'test', ?, 3, 1000, ?, 10, 0, ?, ?, 'kid', 'active', ?, 'now', 'registrar', 'now')",
+        (device_id, wallet_id, os.urandom(65), cap_balance, exp_ms, b"cert", b""),
+    )
+
+
+async def test_cash_and_a_load_cost_two_round_trips(postgres_server: PostgresServer) -> None:
+    """The same multiplication for cash-in, cash-out and a device load: at most 2 round trips each on the
+    wire, with their checks intact (a load above the device's offline cap is refused, nothing written)."""
+    dsn = postgres_server.create_database()
+    proxy = DelayProxy("127.0.0.1", postgres_server.port, DELAY_S)
+    port = await proxy.start()
+    database = await PostgresDatabase.open(dsn.replace(f":{postgres_server.port}/", f":{port}/"), size=1)
+    try:
+        await database.migrate()
+        settings = load_settings(None, environ={})
+        wallets = wallets_on(database)
+        devices = Devices(database, cast(Any, None), cast(Any, None), settings)
+        wallet_id = await database.write(lambda tx: open_wallet(wallets, tx, 3))
+        await database.write(lambda tx: add_device(tx, "dev-1", wallet_id, 50_000, journal.epoch_millis() + 86_400_000))
+        turns: dict[str, int] = {}
+
+        async def counted(name: str, fn: Any) -> Any:
+            before = proxy.turns
+            result = await database.write(fn)
+            turns[name] = proxy.turns - before
+            return result
+
+        cashed = await counted("cash_in", lambda tx: wallets.cash_in(tx, wallet_id, 100_000, "teller",
+                                                                     entry(1, "wallets.cash_in")))
+        assert cashed["balance_fen"] == 100_000
+        out = await counted("cash_out", lambda tx: wallets.cash_out(tx, wallet_id, 10_000, "teller",
+                                                                    entry(2, "wallets.cash_out")))
+        assert out["balance_fen"] == 90_000
+        loaded = await counted("load", lambda tx: devices.load_in(tx, "dev-1", 30_000, entry(3, "devices.load")))
+        assert isinstance(loaded, LoadResult) and loaded.load_seq == 1
+        assert max(turns.values()) <= 2, turns
+        stored = await database.read(lambda tx: tx.fetchone("SELECT * FROM device_loads WHERE device_id = 'dev-1'"))
+        assert stored is not None and bytes(stored["payload"]) == loaded.payload
+        assert loaded.payload == Voucher("dev-1", 1, 30_000, int(stored["iat"]), int(stored["exp"])).payload()
+        with pytest.raises(LimitExceeded) as cap:  # 30,000 loaded of a 50,000 cap
+            await database.write(lambda tx: devices.load_in(tx, "dev-1", 20_001, entry(4, "devices.load")))
+        assert cap.value.reasons == ["offline-balance-cap-exceeded"]
+        with pytest.raises(InsufficientFunds):
+            await database.write(lambda tx: wallets.cash_out(tx, wallet_id, 60_001, "teller", entry(5)))
+        assert await database.read(journal.check_invariants) == []
+        reserve = await database.read(lambda tx: journal.balance(tx, journal.reserve_account(wallet_id)))
+        assert reserve == 30_000
     finally:
         await database.close()
         await proxy.close()

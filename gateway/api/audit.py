@@ -54,6 +54,8 @@ def _document(row: Any) -> dict[str, Any]:
 async def read_page(call: Call) -> web.Response:
     after = _int_query(call, "after_seq", 0, 0, 10**18)
     limit = _int_query(call, "limit", 100, 1, MAX_LIMIT)
+    await call.runtime.audit.settle()  # PostgreSQL: chain what committed before this request
+
     def page(tx: Tx) -> tuple[list[Any], int]:
         rows = tx.fetchall("SELECT * FROM audit_log WHERE seq > ? ORDER BY seq LIMIT ?", (after, limit))
         return rows, pending_count(tx)
@@ -77,6 +79,7 @@ async def checkpoints_page(call: Call) -> web.Response:
 
 
 async def verify(call: Call) -> web.Response:
+    await call.runtime.audit.settle()
     report = await call.runtime.database.read(verify_chain)
     return json_response(report.document())
 

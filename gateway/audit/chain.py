@@ -211,10 +211,12 @@ def checkpoint_message(seq: int, head_hash: bytes) -> bytes:
 
 CHAIN_BATCH = 1000
 """Most staged entries one chaining transaction takes (PostgreSQL)."""
-CHAIN_IDLE_MIN_S = 0.001
+CHAIN_IDLE_MIN_S = 0.005
 CHAIN_IDLE_MAX_S = 0.05
-"""The chainer's pause when it found nothing staged: from the minimum, doubling while it keeps finding
-nothing, up to the maximum — so a pending entry waits at most about that long once the load stops."""
+"""The chainer's pause after a batch that did not fill up: the minimum after one that chained
+something (entries wait at most about that long under load, and each batch takes what accumulated
+meanwhile: a few polls a second per entry rate, not one per entry), doubling while it finds nothing,
+up to the maximum — so a pending entry waits at most about that long once the load stops."""
 CHAIN_FOLLOWER_S = 0.5
 """How often an instance that is not the chainer tries to become it: how soon a dead chainer is replaced."""
 
@@ -302,6 +304,15 @@ class AuditLog:
         while last and await self._database.read(still_staged):
             if await self.chain_batch() is None:
                 await asyncio.sleep(CHAIN_IDLE_MAX_S)
+
+    async def settle(self, timeout: float = CHAIN_FOLLOWER_S * 4) -> None:
+        """Before a listing or a verification: chain what was committed before it (PostgreSQL), so
+        that an auditor reads their own and everyone's decisions — waiting at most ``timeout``; what
+        is still pending then is reported as pending. Never raises: the listing goes on either way."""
+        try:
+            await asyncio.wait_for(self.chain_pending(), timeout)
+        except (GatewayError, TimeoutError) as exc:
+            self._log.warning("audit entries still pending", error=str(exc) or "timed out")
 
     async def _tick(self) -> None:
         """Every ``checkpoint_seconds``: report the head (``on_head``: entries appended inside other
@@ -434,10 +445,7 @@ class AuditLog:
             self._chainer = None
         while self._flushing is not None and not self._flushing.done():
             await self._flushing
-        try:
-            await asyncio.wait_for(self.chain_pending(), CHAIN_FOLLOWER_S * 4)
-        except (GatewayError, TimeoutError) as exc:  # another instance's chainer will chain them
-            self._log.warning("staged audit entries left for another chainer", error=str(exc))
+        await self.settle()  # what is left stays staged for another instance's chainer
         if self._checkpointing is not None and not self._checkpointing.done():
             await self._checkpointing
         try:

@@ -113,6 +113,8 @@ class PostgresTx:
         """Whether the server has answered anything yet (before that, nothing of this transaction ran)."""
         self.ended = False
         """Whether ``COMMIT`` (or ``ROLLBACK``) was sent."""
+        self.skipped = False
+        """Whether a failure made PostgreSQL skip statements sent behind it (see :meth:`_note_skipped`)."""
         self.queue(begin)
 
     def _send(self, sql: str, params: Params, cursor: psycopg.Cursor[dict[str, Any]] | None = None
@@ -125,7 +127,22 @@ class PostgresTx:
                 return self._connection.execute(_adapt(sql), tuple(params))
             return cursor.execute(_adapt(sql), tuple(params))
         except psycopg.Error as exc:
+            self._note_skipped(self._queued)
             _raise_attributed(exc, self._queued)
+
+    def _note_skipped(self, queued: list[_Queued]) -> None:
+        """After a failure: did PostgreSQL skip statements sent behind the failing one? psycopg (3.3)
+        then believes statements it prepared in that batch exist on the server ("prepared statement
+        _pg3_N does not exist" on the connection's next use), so the connection must not be reused."""
+        if any(item.cursor.pgresult is None for item in queued):
+            self.skipped = True
+
+    def _sync_checked(self, sync: Callable[[], None], queued: list[_Queued]) -> None:
+        try:
+            sync()
+        except psycopg.Error as exc:
+            self._note_skipped(queued)
+            _raise_attributed(exc, queued)
 
     def _run(self, sql: str, params: Params) -> psycopg.Cursor[dict[str, Any]]:
         """Send a statement and wait for its answer (and for everything queued before it). One
@@ -140,7 +157,7 @@ class PostgresTx:
     def _synchronise(self) -> None:
         queued, self._queued = self._queued, []
         self.round_trips += 1
-        _attributed(self._sync, queued)
+        self._sync_checked(self._sync, queued)
         self.answered = True
 
     def execute(self, sql: str, params: Params = ()) -> int:
@@ -181,7 +198,7 @@ class PostgresTx:
         if stack is not None:
             self._pipeline, self._queued = None, []
             self.round_trips += 1
-            _attributed(stack.close, queued)
+            self._sync_checked(stack.close, queued)
 
     def commit(self) -> None:
         """``COMMIT`` (see :meth:`end`)."""
@@ -202,14 +219,6 @@ class _Queued:
 
     cursor: psycopg.Cursor[dict[str, Any]]
     on_conflict: GatewayError | None = None
-
-
-def _attributed(sync: Callable[[], None], queued: list[_Queued]) -> None:
-    """Run ``sync`` (a pipeline Sync), translating a failure with :func:`_raise_attributed`."""
-    try:
-        sync()
-    except psycopg.Error as exc:
-        _raise_attributed(exc, queued)
 
 
 def _raise_attributed(exc: psycopg.Error, queued: list[_Queued]) -> NoReturn:
@@ -356,7 +365,9 @@ class PostgresDatabase:
                     raise
                 failure = exc  # a dead connection: nothing ran; try the next one
             finally:
-                # A broken connection is discarded here, and the pool makes a new one.
+                if tx is not None and tx.skipped:
+                    connection.close()
+                # A broken (or closed) connection is discarded here, and the pool makes a new one.
                 self._pool.putconn(connection)
         reason = " ".join(str(failure).split()) if failure is not None else "timed out"
         raise StoreUnavailable(f"no working PostgreSQL connection within {timeout:g} s: {reason}") from failure

@@ -31,6 +31,7 @@ from bench.common import (
     Gateway,
     LoadSpec,
     Postgres,
+    WaitSampler,
     cpu_seconds,
     exit_on_sigterm,
     open_wallets,
@@ -65,7 +66,7 @@ def checks(gateway: Gateway) -> dict[str, Any]:
 
 def run_config(postgres: Postgres, delay_ms: float, instances: int, clients: list[int], duration: float
                ) -> list[dict[str, Any]]:
-    dsn = postgres.new_database()
+    dsn = direct_dsn = postgres.new_database()
     proxy = None
     if delay_ms > 0:
         proxy, port = start_proxy(postgres.server.port, delay_ms)
@@ -81,7 +82,9 @@ def run_config(postgres: Postgres, delay_ms: float, instances: int, clients: lis
             spec = LoadSpec(url=gateway.url, kind="transfers", concurrency=count, duration=duration, warmup=0.5,
                             headers=gateway.backend(), pairs=pairs, amount_fen=1)
             proxy_cpu = cpu_seconds(proxy.pid) if proxy else 0.0
-            result = run_load(spec, gateway, extra_cpu=postgres.backend_cpu_seconds)
+            with WaitSampler(direct_dsn) as sampler:  # what the backends wait for (not through the proxy)
+                result = run_load(spec, gateway, extra_cpu=postgres.backend_cpu_seconds)
+            result["pg_waits"] = sampler.summary()
             received = _payee_total(gateway, payees) - before
             result.update({"delay_ms_each_way": delay_ms, "instances": instances, "clients": count,
                            "money_consistent": received == result["ok"] + result["warmup_ok"],
@@ -89,6 +92,7 @@ def run_config(postgres: Postgres, delay_ms: float, instances: int, clients: lis
             print(f"delay {delay_ms:3} ms ×{instances} clients {count:3}: {result['ok_rate']:7.0f}/s  "
                   f"p50 {result['p50_ms']:6.1f} ms  errors {result['statuses']}  "
                   f"server CPU {result['server_cpu_ms_per_request'] or 0:.2f} ms/req  "
+                  f"waits {result['pg_waits'].get('mean_backends_by_wait', {})}  "
                   f"money ok={result['money_consistent']}", flush=True)
             results.append(result)
         verdict = checks(gateway)

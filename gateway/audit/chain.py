@@ -213,10 +213,11 @@ CHAIN_BATCH = 1000
 """Most staged entries one chaining transaction takes (PostgreSQL)."""
 CHAIN_IDLE_MIN_S = 0.005
 CHAIN_IDLE_MAX_S = 0.05
-"""The chainer's pause after a batch that did not fill up: the minimum after one that chained
-something (entries wait at most about that long under load, and each batch takes what accumulated
-meanwhile: a few polls a second per entry rate, not one per entry), doubling while it finds nothing,
-up to the maximum — so a pending entry waits at most about that long once the load stops."""
+"""The chainer's pause after a batch that did not fill up: halved (down to the minimum) after a batch
+of at least :data:`CHAIN_FEW` entries, doubled (up to the maximum) after a smaller one — so under load
+each poll takes what accumulated meanwhile (a few dozen polls a second, not one per entry: every poll
+is a transaction), and a pending entry waits at most about the maximum."""
+CHAIN_FEW = 16
 CHAIN_FOLLOWER_S = 0.5
 """How often an instance that is not the chainer tries to become it: how soon a dead chainer is replaced."""
 
@@ -276,7 +277,7 @@ class AuditLog:
             if numbers is None:
                 await asyncio.sleep(CHAIN_FOLLOWER_S)
             elif len(numbers) < CHAIN_BATCH:
-                idle = CHAIN_IDLE_MIN_S if numbers else min(idle * 2, CHAIN_IDLE_MAX_S)
+                idle = max(idle / 2, CHAIN_IDLE_MIN_S) if len(numbers) >= CHAIN_FEW else min(idle * 2, CHAIN_IDLE_MAX_S)
                 await asyncio.sleep(idle)
 
     async def chain_batch(self) -> list[int] | None:

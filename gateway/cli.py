@@ -24,7 +24,7 @@ from argon2 import PasswordHasher
 
 from gateway import __version__, logs
 from gateway.audit import witness
-from gateway.audit.chain import AuditEntry, append
+from gateway.audit.chain import AuditEntry, append, chain_now
 from gateway.audit.verify import TRUST_PINNED, pinned_key, verify_chain
 from gateway.auth.credentials import add_client, add_user, list_clients, revoke_client
 from gateway.auth.roles import Role
@@ -63,7 +63,9 @@ async def _with_database(settings: Settings, work: Callable[[Database], Awaitabl
     database = await open_database(settings.store.dsn)
     try:
         await database.migrate()
-        return await work(database)
+        result = await work(database)
+        await chain_now(database)  # PostgreSQL: chain the audit entries the command staged
+        return result
     finally:
         await database.close()
 

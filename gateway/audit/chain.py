@@ -194,6 +194,18 @@ def chain_staged(tx: Tx, limit: int) -> list[int] | None:
     return numbers
 
 
+async def chain_now(database: Database) -> None:
+    """Chain what is staged now, if no other chainer holds the lock (PostgreSQL; nothing on SQLite): for
+    processes that audit but run no :class:`AuditLog` (the command line), so that their entries do not
+    wait for a gateway to start."""
+    if not await database.read(lambda tx: tx.dialect == "postgresql"):
+        return
+    while True:
+        numbers = await database.write(lambda tx: chain_staged(tx, CHAIN_BATCH))
+        if not numbers or len(numbers) < CHAIN_BATCH:
+            return
+
+
 def pending_count(tx: Tx) -> int:
     """How many entries are staged, committed but not chained yet (always 0 on SQLite)."""
     row = tx.fetchone("SELECT COUNT(*) AS pending FROM audit_staged")

@@ -371,3 +371,17 @@ async def test_a_chainer_killed_midway_loses_and_repeats_nothing(database: Postg
     assert sorted(row["request_id"] for row in rows) == sorted(f"r{n}" for n in range(total))
     report = await database.read(verify_chain)
     assert report.ok and report.entries == total and report.pending == 0, report.problem
+
+
+async def test_a_command_line_change_is_chained_without_a_running_gateway(database: PostgresDatabase) -> None:
+    """An administrative change made from the command line while no gateway runs stays pending (out of
+    the verified chain) until some gateway starts: the command chains what it staged itself."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "ECNY_STORE__DSN": database.dsn}
+    added = subprocess.run([sys.executable, "-m", "gateway.cli", "users", "add", "--username", "carol",
+                            "--role", "teller", "--password-stdin"], input="a long enough password 1",
+                           env=env, capture_output=True, text=True, timeout=120)
+    assert added.returncode == 0, added.stderr
+    assert await database.read(pending_count) == 0
+    rows = await database.read(lambda tx: tx.fetchall("SELECT action, result FROM audit_log"))
+    assert any(row["action"] == "users.add" and "carol" in row["result"] for row in rows), rows
+    assert (await database.read(verify_chain)).ok

@@ -114,14 +114,16 @@ def plot(results: list[dict[str, Any]], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    figure, axes = plt.subplots(figsize=(8, 5))
-    for delay in sorted({r["delay_ms_each_way"] for r in results}):
-        for instances in sorted({r["instances"] for r in results}):
-            points = sorted((r["clients"], r["ok_rate"]) for r in results
-                            if r["delay_ms_each_way"] == delay and r["instances"] == instances)
-            if points:
-                axes.plot([p[0] for p in points], [p[1] for p in points], marker="o",
-                          label=f"RTT {2 * delay:g} ms, {instances} instance{'s' if instances > 1 else ''}")
+    figure, axes = plt.subplots(figsize=(9, 5.5))
+    for tree in sorted({r.get("tree", "") for r in results}):  # "main": the code before, dashed
+        for delay in sorted({r["delay_ms_each_way"] for r in results}):
+            for instances in sorted({r["instances"] for r in results}):
+                points = sorted((r["clients"], r["ok_rate"]) for r in results if r.get("tree", "") == tree
+                                and r["delay_ms_each_way"] == delay and r["instances"] == instances)
+                if points:
+                    label = f"RTT {2 * delay:g} ms, {instances} instance{'s' if instances > 1 else ''}"
+                    axes.plot([p[0] for p in points], [p[1] for p in points], marker="o",
+                              linestyle="--" if tree else "-", label=f"{tree}: {label}" if tree else label)
     axes.set_xscale("log", base=2)
     axes.set_xlabel("clients (concurrent requests)")
     axes.set_ylabel("transfers/s (2xx)")

@@ -12,8 +12,12 @@ Unlike SQLite, PostgreSQL aborts the whole transaction when a statement fails: a
 catches :class:`~gateway.errors.AlreadyExists` must not run further statements in the same
 transaction; it can only raise (and so roll back) or return.
 
-Round trips: statements nobody reads the answer of (:meth:`PostgresTx.queue`, and the advisory
-locks) travel in pipeline mode with the next statement that is read, or with the ``COMMIT``.
+Round trips: a transaction runs in pipeline mode from ``BEGIN`` to ``COMMIT``; ``BEGIN`` and the
+statements nobody reads the answer of (:meth:`PostgresTx.queue`, and the advisory locks) travel with
+the next statement that is read, or with the ``COMMIT`` — one round trip per answer read, plus the
+``COMMIT``'s. The hot paths read one answer: a transfer, a cash-in or cash-out and a device load are
+checked and posted by one server-side function each (migration 0016), so their transaction costs two
+round trips (docs/scaling.md).
 """
 
 from __future__ import annotations

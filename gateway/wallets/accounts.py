@@ -4,6 +4,9 @@ Each operation that moves money does its policy check and its postings in one wr
 with the wallets it touches locked (SQLite: the ``BEGIN IMMEDIATE`` write lock; PostgreSQL:
 advisory locks taken in wallet-id order), so concurrent requests never overdraw a wallet or pass
 a limit twice. The audit entry and the idempotency record are written in the same transaction.
+On PostgreSQL the check and post of a transfer, a cash-in and a cash-out (below their approval
+thresholds) run as one server-side function each (``ecny_post_transfer``, ``ecny_post_cash``,
+migration 0016): the same locks, figures, reasons and rows, in one round trip (docs/scaling.md).
 
 A transfer's COSE_Sign1 envelope is signed *after* the posting commits (the HSM round trip does
 not hold the ledger lock); the payload is fixed at posting time, and a transfer whose envelope is

@@ -48,10 +48,9 @@ VARIANTS = {"full": "", "no-hsm": "sign", "no-audit": "audit", "neither": "sign,
 
 
 def patched_copy(into: Path) -> Path:
-    """``gateway/`` and ``hsm_profiles/`` copied under ``into``, the sign handler patched; returns
+    """``gateway/`` (its HSM profiles included) copied under ``into``, the sign handler patched; returns
     the directory to put on PYTHONPATH."""
     shutil.copytree(ROOT / "gateway", into / "gateway", ignore=shutil.ignore_patterns("__pycache__"))
-    shutil.copytree(ROOT / "hsm_profiles", into / "hsm_profiles")  # found beside the package
     handler = into / "gateway" / "api" / "keys.py"
     text = handler.read_text(encoding="utf-8")
     start = text.find("async def sign(call: Call)")

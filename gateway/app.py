@@ -17,9 +17,13 @@ from aiohttp import web
 from gateway.api import approvals as approvals_api
 from gateway.api import audit as audit_api
 from gateway.api import devices as devices_api
+from gateway.api import docs as docs_api
 from gateway.api import evm as evm_api
+from gateway.api import evm_rpc as evm_rpc_api
 from gateway.api import keys as keys_api
 from gateway.api import probes as probes_api
+from gateway.api import risk as risk_api
+from gateway.api import risk_delivery as risk_delivery_api
 from gateway.api import sessions as sessions_api
 from gateway.api import transfers as transfers_api
 from gateway.api import users as users_api
@@ -35,6 +39,8 @@ from gateway.audit.witness import witness_path
 from gateway.auth.credentials import Authenticator
 from gateway.auth.throttle import LoginThrottle, PasswordCheckGate
 from gateway.config import Settings
+from gateway.evm.messages import EvmMessages
+from gateway.evm.rpc import EvmRpc
 from gateway.evm.transactions import APPROVAL_KIND as EVM_APPROVAL_KIND
 from gateway.evm.transactions import EvmTransactions
 from gateway.evm.typed_data import APPROVAL_KIND as TYPED_DATA_APPROVAL_KIND
@@ -46,6 +52,8 @@ from gateway.keys import KeyDirectory, Usage, flag_raw_not_exclusive, raw_not_ex
 from gateway.ledger.engines import open_database
 from gateway.ledger.store import Database
 from gateway.metrics import Metrics
+from gateway.monitor.webhooks import WebhookDelivery, WebhookEndpoint
+from gateway.monitor.worker import RiskMonitor
 from gateway.offline.devices import Devices, register_offline_approvals
 from gateway.runtime import RUNTIME, Runtime
 from gateway.wallets.accounts import Wallets
@@ -62,7 +70,11 @@ def all_endpoints() -> list[Endpoint]:
         *approvals_api.ENDPOINTS,
         *devices_api.ENDPOINTS,
         *evm_api.ENDPOINTS,
+        *evm_rpc_api.ENDPOINTS,
         *audit_api.ENDPOINTS,
+        *docs_api.ENDPOINTS,
+        *risk_delivery_api.ENDPOINTS,
+        *risk_api.ENDPOINTS,
     ]
 
 
@@ -79,6 +91,7 @@ def pool_settings(settings: Settings, profile: HsmProfile, process_index: int = 
         pin=hsm.read_pin(),
         workers=max(1, share),
         max_batch=hsm.max_batch,
+        token_attributes={} if hsm.token_label else profile.token.match_attributes(),
     )
 
 
@@ -100,6 +113,10 @@ REFUSAL_TALLY = web.AppKey("refusal_tally", RefusalTally)
 """The counted anonymous refusals (``refusal_context``)."""
 METRICS = web.AppKey("metrics", Metrics)
 """This application's Prometheus registry (made with the application: nothing to close)."""
+WEBHOOK_DELIVERY = web.AppKey("webhook_delivery", WebhookDelivery)
+"""This process's loop delivering risk events to ``[[risk_webhooks]]`` (``webhook_delivery_context``)."""
+RISK_MONITOR = web.AppKey("risk_monitor", RiskMonitor)
+"""The risk rules' evaluator of this process (``monitor_context``)."""
 
 Context = Callable[[web.Application], AsyncIterator[None]]
 
@@ -174,6 +191,22 @@ def refusal_context(settings: Settings) -> Context:
     return context
 
 
+def monitor_context(settings: Settings) -> Context:
+    """The risk monitor: evaluates committed signals off the request path (docs/risk.md); stopped before
+    the signer pool and the store close."""
+
+    async def context(app: web.Application) -> AsyncIterator[None]:
+        monitor = RiskMonitor(app[STORE], settings, app[METRICS], app[SIGNER_POOL])
+        monitor.start()
+        try:
+            app[RISK_MONITOR] = monitor
+            yield
+        finally:
+            await monitor.close()
+
+    return context
+
+
 def runtime_context(settings: Settings) -> Context:
     """Put together what the endpoints reach through ``app[RUNTIME]`` (nothing of its own to close)."""
 
@@ -185,6 +218,8 @@ def runtime_context(settings: Settings) -> Context:
         evm_signer = CountedSigner(pool, metrics.signatures, Usage.EVM)
         evm = EvmTransactions(database, evm_signer, settings, keys, wallets)
         typed_data = EvmTypedData(database, evm_signer, settings, keys, wallets, evm)
+        messages = EvmMessages(database, CountedSigner(pool, metrics.signatures, Usage.MESSAGE), keys)
+        evm_rpc = EvmRpc(settings, database, keys, evm, typed_data, messages, app[AUDIT_LOG], metrics)
         runtime = Runtime(
             settings=settings,
             profile=profile,
@@ -203,15 +238,45 @@ def runtime_context(settings: Settings) -> Context:
             typed_data=typed_data,
             approvals=approvals,
             refusals=app[REFUSAL_TALLY],
+            monitor=app[RISK_MONITOR],
+            evm_rpc=evm_rpc,
             keys=keys,
         )
         approvals.register(EVM_APPROVAL_KIND, evm)
         approvals.register(TYPED_DATA_APPROVAL_KIND, typed_data)
         register_offline_approvals(approvals, Devices.of(runtime))
         app[RUNTIME] = runtime
-        yield
+        try:
+            yield
+        finally:
+            await evm_rpc.close()  # the upstream node's HTTP session, if one was opened
 
     return context
+
+
+def webhook_delivery_context(settings: Settings) -> Context:
+    """Deliver risk events to the configured webhooks. Every secret is read first: a missing or weak one
+    stops the start (ConfigError naming the setting), before anything is sent."""
+
+    async def context(app: web.Application) -> AsyncIterator[None]:
+        endpoints = [WebhookEndpoint.from_settings(webhook) for webhook in settings.risk_webhooks]
+        attempts = app[METRICS].risk_webhook_attempts
+        delivery = WebhookDelivery(app[STORE], endpoints, settings.risk_delivery,
+                                   on_outcome=lambda endpoint, outcome: attempts.labels(endpoint, outcome).inc())
+        delivery.start()
+        try:
+            app[WEBHOOK_DELIVERY] = delivery
+            yield
+        finally:
+            await delivery.close()
+
+    return context
+
+
+async def _end_risk_streams(app: web.Application) -> None:
+    monitor = app.get(RISK_MONITOR)
+    if monitor is not None:
+        await monitor.end_streams()
 
 
 def make_app(settings: Settings, process_index: int = 0) -> web.Application:
@@ -231,11 +296,14 @@ def make_app(settings: Settings, process_index: int = 0) -> web.Application:
     # and those started before it close in reverse (the refusal tally before the audit log, the audit
     # log's last checkpoint before the signer pool, the pool before the store).
     app[METRICS] = Metrics()
+    app.on_shutdown.append(_end_risk_streams)
     app.cleanup_ctx.extend([
         store_context(settings),
+        webhook_delivery_context(settings),  # needs the store only; a bad secret stops the start before the HSM
         signer_context(settings, process_index),
         audit_context(settings),
         refusal_context(settings),
+        monitor_context(settings),
         runtime_context(settings),
     ])
     return app

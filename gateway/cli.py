@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import getpass
 import json
 import logging
 import os
 import secrets
 import sys
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -25,16 +26,25 @@ from argon2 import PasswordHasher
 from gateway import __version__, logs
 from gateway.audit import witness
 from gateway.audit.chain import AuditEntry, append, chain_now
-from gateway.audit.verify import TRUST_PINNED, pinned_key, verify_chain
-from gateway.auth.credentials import add_client, add_user, list_clients, revoke_client
+from gateway.audit.verify import TRUST_PINNED, pinned_key, verify_store
+from gateway.auth.credentials import add_client, add_user, list_clients, revoke_client, rotate_client
 from gateway.auth.roles import Role
-from gateway.auth.users import disable_user, enable_user, end_sessions, set_role
+from gateway.auth.users import (
+    disable_user,
+    enable_user,
+    end_sessions,
+    list_users,
+    set_password,
+    set_role,
+    user_document,
+)
 from gateway.config import Settings, load_settings
 from gateway.errors import ConfigError, GatewayError, ValidationFailed
 from gateway.hardwallet.simulator import add_command as add_device_sim  # `device-sim` (issue 4)
+from gateway.hsm.doctor import diagnose
 from gateway.hsm.pool import SignerPool
 from gateway.hsm.profile import load_named_profile
-from gateway.key_lifecycle import generate_key
+from gateway.key_lifecycle import AdoptionRequest, adopt_key, adoption_uri, disable_key, generate_key, rotate_key
 from gateway.keys import Usage, get_key, list_keys
 from gateway.ledger.engines import open_database
 from gateway.ledger.journal import check_invariants
@@ -44,6 +54,8 @@ from gateway.signing import Algorithm
 
 EXIT_ERROR = 2
 EXIT_AUDIT_BROKEN = 1
+EXIT_INTERNAL = 70
+"""An unexpected exception: one line naming it (``ECNY_TRACEBACK=1`` re-raises it for a developer)."""
 
 
 def _actor() -> AuditEntry:
@@ -56,6 +68,17 @@ def _settings(args: argparse.Namespace) -> Settings:
     settings = load_settings(Path(path) if path else None)
     if getattr(args, "db", None):
         settings.store.dsn = args.db
+    return settings
+
+
+def _existing_store(settings: Settings) -> Settings:
+    """For the commands that check a store: a SQLite file that does not exist is refused, never created
+    (a mistyped path would otherwise be made, migrated, and reported sound)."""
+    dsn = settings.store.dsn
+    if dsn.startswith("sqlite:///") and dsn != "sqlite:///:memory:":
+        path = Path(dsn.removeprefix("sqlite:///"))
+        if not path.is_file():
+            raise ConfigError(f"store.dsn: no database at {path}")
     return settings
 
 
@@ -85,6 +108,22 @@ async def _with_pool(settings: Settings, work: Callable[[Any, Any], Awaitable[An
 
 def _print_json(value: Any) -> None:
     print(json.dumps(value, indent=2, sort_keys=True))
+
+
+@contextlib.contextmanager
+def _progress(args: argparse.Namespace, description: str) -> Iterator[Callable[[int, int], None]]:
+    """A rich progress bar on stderr, told (done, total); drawn only when stderr is a terminal and
+    the output is not ``--json`` (a pipe or a log gets no control characters)."""
+    if getattr(args, "json", False) or not sys.stderr.isatty():
+        yield lambda _done, _total: None
+        return
+    from rich.console import Console  # start-up cost: only commands that draw a bar load rich
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  console=Console(file=sys.stderr), transient=True) as bar:
+        task = bar.add_task(description, total=None)
+        yield lambda done, total: bar.update(task, completed=done, total=total)
 
 
 # --- commands -------------------------------------------------------------------------------
@@ -141,19 +180,22 @@ def _supervise(args: argparse.Namespace, settings: Settings, scheme: str) -> int
     return Supervisor(child_command(str(Path(config).resolve()) if config else None), server.processes, sock).run()
 
 
-async def _migrate(settings: Settings) -> list[str]:
+async def _migrate(settings: Settings, progress: Callable[[int, int], None] | None = None) -> list[str]:
     database = await open_database(settings.store.dsn)
     try:
-        return await database.migrate()
+        return await database.migrate(progress)
     finally:
         await database.close()
 
 
 def cmd_migrate(args: argparse.Namespace) -> int:
     settings = _settings(args)
-
-    applied = asyncio.run(_migrate(settings))
-    print(f"applied: {', '.join(applied)}" if applied else "schema is up to date")
+    with _progress(args, "migrating") as progress:
+        applied = asyncio.run(_migrate(settings, progress))
+    if args.json:
+        _print_json({"applied": applied})
+    else:
+        print(f"applied: {', '.join(applied)}" if applied else "schema is up to date")
     return 0
 
 
@@ -182,6 +224,9 @@ def cmd_keys_generate(args: argparse.Namespace) -> int:
 def cmd_keys_list(args: argparse.Namespace) -> int:
     settings = _settings(args)
     records = asyncio.run(_with_database(settings, lambda db: db.read(list_keys)))
+    if args.json:
+        _print_json({"keys": [record.document() for record in records]})
+        return 0
     for record in records:
         print(f"{record.key_id}  {record.algorithm.value:16} {','.join(sorted(record.usages)):20} {record.label}")
     return 0
@@ -191,11 +236,73 @@ def cmd_keys_show(args: argparse.Namespace) -> int:
     settings = _settings(args)
     record = asyncio.run(_with_database(settings, lambda db: db.read(lambda tx: get_key(tx, args.key_id))))
     document = record.document()
+    if args.json:
+        _print_json(document)
+        return 0
     print(document["public_key_pem"], end="")
     if "address" in document:
         print(f"address: {document['address']}")
     print(f"key_id: {record.key_id}\nlabel: {record.label}\nalgorithm: {record.algorithm.value}\n"
           f"usage: {','.join(sorted(record.usages))}")
+    return 0
+
+
+def _usages(text: str) -> frozenset[Usage]:
+    try:
+        return frozenset(Usage(u.strip()) for u in text.split(",") if u.strip())
+    except ValueError as exc:
+        raise ValidationFailed(f"--usage: {exc}; use {','.join(u.value for u in Usage)}") from exc
+
+
+def _key_entry(action: str) -> AuditEntry:
+    entry = _actor()
+    entry.action = action
+    return entry
+
+
+def cmd_keys_rotate(args: argparse.Namespace) -> int:
+    settings = _settings(args)
+
+    async def work(database: Database) -> dict[str, Any]:
+        async def with_pool(pool: Any, profile: Any) -> dict[str, Any]:
+            record = await rotate_key(database, pool, profile, args.key_id, _key_entry("keys.rotate"))
+            return record.document()
+
+        result: dict[str, Any] = await _with_pool(settings, with_pool)
+        return result
+
+    _print_json(asyncio.run(_with_database(settings, work)))
+    return 0
+
+
+def cmd_keys_disable(args: argparse.Namespace) -> int:
+    settings = _settings(args)
+
+    async def work(database: Database) -> dict[str, Any]:
+        record = await disable_key(database, args.key_id, _key_entry("keys.disable"))
+        return record.document()
+
+    _print_json(asyncio.run(_with_database(settings, work)))
+    return 0
+
+
+def cmd_keys_adopt(args: argparse.Namespace) -> int:
+    settings = _settings(args)
+    request = AdoptionRequest(args.uri, _usages(args.usage))
+    uri = adoption_uri(request.uri)  # a bad URI fails before the HSM is opened
+    if uri.pin_source is not None or uri.module_path is not None or uri.module_name is not None:
+        print("ecny-gateway: note: pin-source, module-name and module-path in --uri are ignored; the key is looked "
+              "for in the configured token with the configured module and PIN", file=sys.stderr)
+
+    async def work(database: Database) -> dict[str, Any]:
+        async def with_pool(pool: Any, profile: Any) -> dict[str, Any]:
+            record = await adopt_key(database, pool, profile, request, _key_entry("keys.adopt"))
+            return record.document()
+
+        result: dict[str, Any] = await _with_pool(settings, with_pool)
+        return result
+
+    _print_json(asyncio.run(_with_database(settings, work)))
     return 0
 
 
@@ -227,6 +334,9 @@ def cmd_clients_add(args: argparse.Namespace) -> int:
 def cmd_clients_list(args: argparse.Namespace) -> int:
     settings = _settings(args)
     rows = asyncio.run(_with_database(settings, lambda db: db.read(list_clients)))
+    if args.json:
+        _print_json({"clients": rows})
+        return 0
     for row in rows:
         state = f"revoked {row['revoked_at']}" if row["revoked_at"] else "active"
         print(f"{row['name']:24} {row['role']:10} {row['owner']:16} ecny_{row['key_prefix']}_…  {state}")
@@ -244,6 +354,24 @@ def cmd_clients_revoke(args: argparse.Namespace) -> int:
 
     asyncio.run(_with_database(settings, lambda db: db.write(work)))
     print(f"revoked {args.name}")
+    return 0
+
+
+def cmd_clients_rotate(args: argparse.Namespace) -> int:
+    """A new key for an active client, printed once on stdout; the old key is revoked in the same
+    transaction (only the new key's hash is stored)."""
+    settings = _settings(args)
+
+    def work(tx: Tx) -> str:
+        key = rotate_client(tx, args.name)
+        entry = _actor()
+        entry.action, entry.result = "clients.rotate", {"name": args.name, "key_prefix": key.split("_")[1]}
+        append(tx, [entry])
+        return key
+
+    key = asyncio.run(_with_database(settings, lambda db: db.write(work)))
+    print(f"new API key for {args.name} (shown once; the old key is revoked):", file=sys.stderr)
+    print(key)
     return 0
 
 
@@ -318,6 +446,31 @@ def cmd_users_set_role(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_users_list(args: argparse.Namespace) -> int:
+    settings = _settings(args)
+    rows = asyncio.run(_with_database(settings, lambda db: db.read(list_users)))
+    if args.json:
+        _print_json({"users": rows})
+        return 0
+    for row in rows:
+        state = f"disabled {row['disabled_at']}" if row["disabled_at"] else "active"
+        print(f"{row['username']:24} {row['role']:10} {row['owner']:16} {row['live_sessions']:3} session(s)  {state}")
+    return 0
+
+
+def cmd_users_passwd(args: argparse.Namespace) -> int:
+    """A new password (from a prompt, or one line of stdin with --password-stdin; never argv); the
+    user's sessions end."""
+    settings = _settings(args)
+    asyncio.run(_with_database(settings, lambda db: db.read(lambda tx: user_document(tx, args.username))))
+    password = _read_new_password(args.password_stdin)
+    hasher = PasswordHasher()
+    result = _administer_user(args.username, args, "users.passwd",
+                              lambda tx, name: {"sessions_ended": set_password(tx, hasher, name, password)})
+    print(f"password of {args.username} changed; {result['sessions_ended']} session(s) ended")
+    return 0
+
+
 def cmd_sessions_end(args: argparse.Namespace) -> int:
     result = _administer_user(args.user, args, "users.end_sessions",
                               lambda tx, name: {"sessions_ended": end_sessions(tx, name)})
@@ -327,7 +480,7 @@ def cmd_sessions_end(args: argparse.Namespace) -> int:
 
 def cmd_audit_verify(args: argparse.Namespace) -> int:
     """Exit 0 only when every entry and checkpoint verifies against the trusted keys (and the witness)."""
-    settings = _settings(args)
+    settings = _existing_store(_settings(args))
     pinned = [pinned_key(spec) for spec in args.public_key or []]
     witnessed = None
     if args.witness:
@@ -338,14 +491,19 @@ def cmd_audit_verify(args: argparse.Namespace) -> int:
         print("WARNING: no --public-key: trusting the key table of the database being verified. This is NOT an "
               "outsider-grade verification; pin the audit key with --public-key KEY_ID=PEM_FILE.", file=sys.stderr)
 
-    async def run() -> Any:
+    async def run(progress: Callable[[int, int], None]) -> Any:
         database = await open_database(settings.store.dsn)
         try:
-            return await database.read(lambda tx: verify_chain(tx, pinned, witnessed))
+            return await verify_store(database, "cli:audit-verify", pinned, witnessed, progress)
         finally:
             await database.close()
 
-    report = asyncio.run(run())
+    with _progress(args, "verifying the audit chain") as progress:
+        report = asyncio.run(run(progress))
+    if args.json:
+        _print_json({**report.document(), "witnessed": report.witnessed if witnessed is not None else None,
+                     "pinned_keys": sorted(key.key_id for key in pinned)})
+        return 0 if report.ok else EXIT_AUDIT_BROKEN
     for warning in report.warnings:
         print(f"warning: {warning}", file=sys.stderr)
     if witnessed is None:
@@ -364,9 +522,22 @@ def cmd_audit_verify(args: argparse.Namespace) -> int:
 
 
 def cmd_ledger_check(args: argparse.Namespace) -> int:
-    settings = _settings(args)
-    problems = asyncio.run(_with_database(settings, lambda db: db.read(
-        lambda tx: check_invariants(tx) + check_offline_entries(tx))))
+    settings = _existing_store(_settings(args))
+    checks = [check_invariants, check_offline_entries]
+
+    with _progress(args, "checking the ledger") as progress:
+        def run_checks(tx: Tx) -> list[str]:
+            found: list[str] = []
+            for done, check in enumerate(checks):
+                progress(done, len(checks))
+                found += check(tx)
+            progress(len(checks), len(checks))
+            return found
+
+        problems = asyncio.run(_with_database(settings, lambda db: db.read(run_checks)))
+    if args.json:
+        _print_json({"ok": not problems, "problems": problems})
+        return EXIT_AUDIT_BROKEN if problems else 0
     for problem in problems:
         print(problem)
     if problems:
@@ -375,6 +546,24 @@ def cmd_ledger_check(args: argparse.Namespace) -> int:
     print("ledger sound: every entry balances, balances equal postings, no wallet is negative, "
           "offline reserves match their devices")
     return 0
+
+
+def cmd_hsm_doctor(args: argparse.Namespace) -> int:
+    """The device against the profile (gateway/hsm/doctor.py); exit 1 when any check finds a problem."""
+    settings = _settings(args)
+    name = args.profile or settings.hsm.profile
+    profile = load_named_profile(name)
+    module_path = settings.hsm.module or profile.module.path
+    token_label = settings.hsm.token_label or profile.token.resolved_label()
+    report = diagnose(profile, module_path, token_label, None if args.no_login else settings.hsm.read_pin())
+    if args.json:
+        _print_json(report.document())
+    else:
+        print(f"profile {name} ({profile.name}), module {module_path}, token {token_label!r}")
+        for check in report.checks:
+            print(f"{check.status.upper():8} {check.check}: {check.detail}")
+        print("HSM matches the profile" if report.ok else "HSM does NOT match the profile")
+    return 0 if report.ok else EXIT_AUDIT_BROKEN
 
 
 def cmd_dev_init(args: argparse.Namespace) -> int:
@@ -386,6 +575,7 @@ def cmd_dev_init(args: argparse.Namespace) -> int:
 # --- parser ---------------------------------------------------------------------------------
 
 
+JSON_HELP = "print one JSON document on stdout (no progress bar, no table)"
 OWNER_HELP = ("the person behind the identity (default: its name); dual control treats identities with one "
               "owner as one person")
 
@@ -395,6 +585,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"ecny-gateway {__version__}")
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--config", help="TOML settings file (default: $ECNY_CONFIG)")
+    as_json = argparse.ArgumentParser(add_help=False)
+    as_json.add_argument("--json", action="store_true", help=JSON_HELP)
     commands = parser.add_subparsers(dest="command", required=True)
 
     serve = commands.add_parser("serve", parents=[common], help="run the gateway")
@@ -402,6 +594,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.set_defaults(run=cmd_serve)
     migrate = commands.add_parser("migrate", parents=[common], help="create or upgrade the schema")
     migrate.add_argument("--db", help="store DSN (sqlite:///path or postgresql://…)")
+    migrate.add_argument("--json", action="store_true", help=JSON_HELP)
     migrate.set_defaults(run=cmd_migrate)
 
     keys = commands.add_parser("keys", help="HSM keys").add_subparsers(dest="keys_command", required=True)
@@ -410,10 +603,24 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--algorithm", required=True, choices=[a.value for a in Algorithm])
     generate.add_argument("--usage", required=True, help="comma-separated: " + ",".join(u.value for u in Usage))
     generate.set_defaults(run=cmd_keys_generate)
-    keys.add_parser("list", parents=[common], help="list keys").set_defaults(run=cmd_keys_list)
-    show = keys.add_parser("show", parents=[common], help="public key PEM (and EVM address)")
+    keys.add_parser("list", parents=[common, as_json], help="list keys").set_defaults(run=cmd_keys_list)
+    show = keys.add_parser("show", parents=[common, as_json], help="public key PEM (and EVM address)")
     show.add_argument("key_id")
     show.set_defaults(run=cmd_keys_show)
+    rotate = keys.add_parser("rotate", parents=[common], help="make the next version of a key (inside the HSM) "
+                             "the active one; older versions only verify")
+    rotate.add_argument("key_id", help="any version of the key family")
+    rotate.set_defaults(run=cmd_keys_rotate)
+    disable = keys.add_parser("disable", parents=[common], help="stop a key version: it signs nothing; its "
+                              "signatures still verify")
+    disable.add_argument("key_id")
+    disable.set_defaults(run=cmd_keys_disable)
+    adopt = keys.add_parser("adopt", parents=[common], help="register an existing private key of the token, after "
+                            "checking it is private, sensitive and not extractable")
+    adopt.add_argument("--uri", required=True, help="RFC 7512 URI of the key, e.g. 'pkcs11:token=T;object=L;id=%%01…' "
+                       "(no pin-value: the PIN comes from hsm.pin_file or ECNY_HSM__PIN)")
+    adopt.add_argument("--usage", required=True, help="comma-separated: " + ",".join(u.value for u in Usage))
+    adopt.set_defaults(run=cmd_keys_adopt)
 
     clients = commands.add_parser("clients", help="API clients").add_subparsers(dest="clients_command", required=True)
     add = clients.add_parser("add", parents=[common], help="create a client; prints its API key once")
@@ -421,10 +628,14 @@ def build_parser() -> argparse.ArgumentParser:
     add.add_argument("--role", required=True, choices=[r.value for r in Role])
     add.add_argument("--owner", help=OWNER_HELP)
     add.set_defaults(run=cmd_clients_add)
-    clients.add_parser("list", parents=[common], help="list clients").set_defaults(run=cmd_clients_list)
+    clients.add_parser("list", parents=[common, as_json], help="list clients").set_defaults(run=cmd_clients_list)
     revoke = clients.add_parser("revoke", parents=[common], help="revoke a client's key")
     revoke.add_argument("name")
     revoke.set_defaults(run=cmd_clients_revoke)
+    rotate = clients.add_parser("rotate", parents=[common],
+                                help="a new key for a client, printed once; its old key is revoked")
+    rotate.add_argument("name")
+    rotate.set_defaults(run=cmd_clients_rotate)
 
     users = commands.add_parser("users", help="users of the teller UI").add_subparsers(dest="users_command",
                                                                                       required=True)
@@ -444,6 +655,12 @@ def build_parser() -> argparse.ArgumentParser:
     set_role.add_argument("username")
     set_role.add_argument("role", choices=[r.value for r in Role if r is not Role.BACKEND])
     set_role.set_defaults(run=cmd_users_set_role)
+    users.add_parser("list", parents=[common, as_json], help="list users").set_defaults(run=cmd_users_list)
+    passwd = users.add_parser("passwd", parents=[common],
+                              help="set a user's password (from a prompt or stdin) and end their sessions")
+    passwd.add_argument("username")
+    passwd.add_argument("--password-stdin", action="store_true", help="read the password from standard input")
+    passwd.set_defaults(run=cmd_users_passwd)
 
     sessions = commands.add_parser("sessions", help="teller UI sessions").add_subparsers(
         dest="sessions_command", required=True)
@@ -464,6 +681,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="checkpoint witness ([audit] witness_file, or a collector's copy of GET /v1/audit/checkpoints): "
              "fails when the chain ends before, or disagrees with, a witnessed checkpoint",
     )
+    verify.add_argument("--json", action="store_true", help=JSON_HELP)
     verify.set_defaults(run=cmd_audit_verify)
 
     ledger = commands.add_parser("ledger", help="the double-entry ledger").add_subparsers(
@@ -471,7 +689,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     check = ledger.add_parser("check", parents=[common], help="check the ledger's invariants")
     check.add_argument("--db", help="store DSN (default: the configured store)")
+    check.add_argument("--json", action="store_true", help=JSON_HELP)
     check.set_defaults(run=cmd_ledger_check)
+
+    hsm = commands.add_parser("hsm", help="the HSM").add_subparsers(dest="hsm_command", required=True)
+    doctor = hsm.add_parser("doctor", parents=[common, as_json],
+                            help="check slots, token, mechanisms and key attributes against the profile")
+    doctor.add_argument("--profile", help="profile name or file (default: hsm.profile)")
+    doctor.add_argument("--no-login", action="store_true",
+                        help="no PIN: skip the login and the key attribute checks")
+    doctor.set_defaults(run=cmd_hsm_doctor)
 
 
     add_device_sim(commands)
@@ -492,6 +719,19 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_ERROR
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:  # `… --json | head`: the reader has gone; nothing to say to it
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+    except OSError as error:  # a file named on the command line or in the settings
+        where = f": {error.filename}" if error.filename else ""
+        print(f"ecny-gateway: {error.strerror or error}{where}", file=sys.stderr)
+        return EXIT_ERROR
+    except Exception as error:  # a bug: one line, never a traceback (it may quote settings)
+        if os.environ.get("ECNY_TRACEBACK"):
+            raise
+        print(f"ecny-gateway: unexpected {type(error).__name__}: {error} (set ECNY_TRACEBACK=1 to see where)",
+              file=sys.stderr)
+        return EXIT_INTERNAL
 
 
 def random_password() -> str:

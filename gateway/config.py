@@ -7,18 +7,21 @@ Errors name the file (or variable) and the key.
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
 
 from gateway.errors import ConfigError
 from gateway.policy.chains import EvmSettings
 from gateway.policy.limits import DEFAULT_TIERS, TierLimits
+from gateway.risk.events import Severity
 
 ENV_PREFIX = "ECNY_"
 
@@ -67,7 +70,7 @@ class ServerSettings(_Section):
 
 class HsmSettings(_Section):
     profile: str = "softhsm"
-    """Profile name in ``hsm_profiles/`` (``softhsm`` → ``softhsm.toml``) or a path to a profile file."""
+    """A shipped profile's name (``gateway/hsm/profiles``: ``softhsm`` → ``softhsm.toml``) or a profile file."""
     module: str | None = None
     """Overrides the profile's PKCS#11 module path."""
     token_label: str | None = None
@@ -284,6 +287,248 @@ class LoggingSettings(_Section):
     """Lowest level written (JSON lines on stderr)."""
 
 
+class RiskDeliverySettings(_Section):
+    """How risk events leave the gateway (``[risk_delivery]``): read by gateway.monitor.webhooks and
+    gateway.monitor.report."""
+
+    source: Annotated[str, Field(min_length=1, max_length=200, pattern=r"^[!-~]+$")] = "urn:ecny-gateway"
+    """The CloudEvents ``source`` attribute of every webhook (a URI-reference naming this gateway or
+    institution, e.g. ``https://gateway.bank.example/``); also written into the daily report."""
+    poll_seconds: Annotated[float, Field(gt=0, le=60)] = 1.0
+    """How often each HTTP process looks for new risk events and for deliveries that are due."""
+    batch: Annotated[int, Field(ge=1, le=1000)] = 50
+    """Most deliveries one process claims per endpoint and round (sent concurrently)."""
+    claim_seconds: Annotated[float, Field(gt=0, le=3600)] = 60.0
+    """A claimed delivery is reserved to the process that claimed it for this long; if that process dies
+    before it records the outcome, another sends it again afterwards (at least once, same event id). Must
+    exceed every webhook's ``timeout_seconds``."""
+    report_key_id: str | None = None
+    """Key that signs the daily risk report (``GET /v1/risk/reports/{date}``); by default the one key
+    whose usages include ``report``."""
+
+
+def _loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+class RiskWebhookSettings(_Section):
+    """One receiver of risk events (``[[risk_webhooks]]``): CloudEvents 1.0 JSON, HMAC-SHA256 signed
+    (docs/risk-delivery.md). The secret is never in this file: ``secret_file`` or ``secret_env``."""
+
+    name: Annotated[str, Field(pattern=r"^[a-z0-9][a-z0-9_-]{0,62}$")]
+    """The endpoint's name: the ``endpoint`` of its deliveries (``/v1/risk/deliveries``); keep it when
+    the URL changes, or pending deliveries wait for a name that is gone."""
+    url: Annotated[str, Field(max_length=2000)]
+    """Where events are POSTed: ``https://…``, or ``http://`` to a loopback address only (a sidecar)."""
+    secret_file: Path | None = None
+    """File holding the HMAC key (mode 0600, at least 32 characters)."""
+    secret_env: Annotated[str, Field(pattern=r"^[A-Z_][A-Z0-9_]{0,127}$")] | None = None
+    """Name of the environment variable holding the HMAC key (at least 32 characters); used when
+    ``secret_file`` is not set."""
+    timeout_seconds: Annotated[float, Field(gt=0, le=120)] = 10.0
+    """An attempt that has no answer within this long failed."""
+    max_attempts: Annotated[int, Field(ge=1, le=100)] = 10
+    """Attempts before a delivery is dead (an admin can replay it: ``POST /v1/risk/deliveries/…/replay``)."""
+    backoff_seconds: Annotated[float, Field(gt=0, le=3600)] = 5.0
+    """Wait after the first failed attempt; each further failure doubles it (up to ``backoff_max_seconds``)."""
+    backoff_max_seconds: Annotated[float, Field(gt=0, le=86_400)] = 3600.0
+    """Longest wait between two attempts."""
+
+    @model_validator(mode="after")
+    def _check(self) -> RiskWebhookSettings:
+        parts = urlsplit(self.url)
+        if parts.scheme not in ("https", "http") or not parts.hostname:
+            raise ValueError(f"risk_webhooks {self.name}: url must be an http(s) URL")
+        if parts.scheme == "http" and not _loopback(parts.hostname):
+            raise ValueError(f"risk_webhooks {self.name}: plain http only to a loopback address; use https")
+        if parts.username or parts.password:
+            raise ValueError(f"risk_webhooks {self.name}: no credentials in the url (they would be logged)")
+        if (self.secret_file is None) == (self.secret_env is None):
+            raise ValueError(f"risk_webhooks {self.name}: set exactly one of secret_file and secret_env")
+        return self
+
+    def read_secret(self, environ: Mapping[str, str] | None = None) -> bytes:
+        """The HMAC key. Raises ConfigError (naming the setting, never the value) when it is missing,
+        readable by others or shorter than 32 characters."""
+        setting = f"risk_webhooks.{self.name}"
+        if self.secret_file is not None:
+            secret = read_private_file(self.secret_file, f"{setting}.secret_file")
+        else:
+            assert self.secret_env is not None
+            secret = (os.environ if environ is None else environ).get(self.secret_env, "").strip()
+            if not secret:
+                raise ConfigError(f"{setting}.secret_env: environment variable {self.secret_env} is not set")
+        if len(secret) < 32:
+            raise ConfigError(f"{setting}: the secret is shorter than 32 characters; use a random one "
+                              "(e.g. `openssl rand -hex 32`)")
+        return secret.encode()
+
+
+def _unique_names(webhooks: list[RiskWebhookSettings]) -> list[RiskWebhookSettings]:
+    names = [webhook.name for webhook in webhooks]
+    duplicates = sorted({name for name in names if names.count(name) > 1})
+    if duplicates:
+        raise ValueError(f"risk_webhooks: names must be unique; repeated: {', '.join(duplicates)}")
+    return webhooks
+
+
+class _RiskRule(_Section):
+    enabled: bool = True
+    """Evaluate this rule (its signals are written either way)."""
+
+
+class StructuringRule(_RiskRule):
+    severity: Severity = "high"
+    """Severity of its events."""
+    min_count: Annotated[int, Field(ge=2)] = 3
+    """Transfers or cash-outs just under their approval threshold (``[approvals] transfer_threshold_fen``,
+    ``cash_out_threshold_fen``) from one wallet, or made by one teller across several wallets, that raise
+    an event."""
+    window_seconds: Annotated[int, Field(ge=60)] = 24 * 3600
+    """Within this long."""
+    band_percent: Annotated[int, Field(ge=1, le=50)] = 10
+    """"Just under": at most the threshold and more than this percentage below it (10: ¥45,000–¥50,000
+    for the ¥50,000 default)."""
+
+
+class VelocityRule(_RiskRule):
+    severity: Severity = "medium"
+    """Severity of its events."""
+    window_seconds: Annotated[int, Field(ge=10)] = 600
+    """The window of the wallet, device and EVM address counts."""
+    wallet_max: Annotated[int, Field(ge=2)] = 60
+    """Transfers and cash-outs from one wallet within the window that raise an event."""
+    client_window_seconds: Annotated[int, Field(ge=1)] = 60
+    """The window of the per-client count (short: counting costs up to ``client_max`` index entries)."""
+    client_max: Annotated[int, Field(ge=2)] = 20_000
+    """Transfers and EVM transactions made by one API client or user within ``client_window_seconds`` that
+    raise an event (set it near the busiest client's normal volume: a runaway or stolen key shows as a
+    burst above it)."""
+    device_max: Annotated[int, Field(ge=2)] = 6
+    """Loads of one hard wallet within the window."""
+    evm_address_max: Annotated[int, Field(ge=2)] = 100
+    """EVM transactions signed for one address (per chain) within the window."""
+
+
+class FanRule(_RiskRule):
+    severity: Severity = "medium"
+    """Severity of its events."""
+    window_seconds: Annotated[int, Field(ge=60)] = 3600
+    """Within this long."""
+    out_payees: Annotated[int, Field(ge=2)] = 10
+    """Fan-out: distinct payees, none of them paid by the wallet before the window, that one wallet pays."""
+    in_payers: Annotated[int, Field(ge=2)] = 20
+    """Fan-in: distinct wallets paying one wallet."""
+
+
+class DormantRule(_RiskRule):
+    severity: Severity = "medium"
+    """Severity of its events."""
+    idle_days: Annotated[int, Field(ge=1)] = 180
+    """A wallet with no transfer, cash-in or cash-out for this long is dormant."""
+    min_fen: Annotated[int, Field(ge=1)] = 1_000_000
+    """A transfer out or cash-out of at least this much (¥10,000) from a dormant wallet raises an event."""
+
+
+class EvmRecipientRule(_RiskRule):
+    severity: Severity = "medium"
+    """Severity of its events."""
+    min_units: Annotated[int, Field(ge=0)] = 10_000
+    """A transaction of at least this many whole tokens or coins (the amount in base units over
+    10^decimals) to a recipient the gateway has never signed a transaction for raises an event."""
+
+
+class RefusalsRule(_RiskRule):
+    severity: Severity = "medium"
+    """Severity of its events."""
+    min_count: Annotated[int, Field(ge=2)] = 5
+    """Permission or policy refusals (403, 422) of one API client or user that raise an event."""
+    window_seconds: Annotated[int, Field(ge=10)] = 600
+    """Within this long."""
+
+
+class FrozenPayeeRule(_RiskRule):
+    severity: Severity = "high"
+    """Severity of its events."""
+    min_devices: Annotated[int, Field(ge=2)] = 2
+    """Distinct hard wallets frozen by reconciliation that paid one payee device, raising an event."""
+    window_seconds: Annotated[int, Field(ge=60)] = 7 * 24 * 3600
+    """Freezes within this long."""
+
+
+def _default_notable() -> dict[str, Severity]:
+    return {"hsm.outage": "high", "audit.verify_failed": "critical", "evm.nonce_set": "medium",
+            "discrepancy.raised": "medium", "device.frozen": "medium", "device.revoked": "low",
+            "login.locked": "low", "approval.rejected": "low"}
+
+
+class RiskSettings(_Section):
+    """Risk monitoring and early warning (``[risk]``, docs/risk.md): the monitor and its rules."""
+
+    monitor: bool = True
+    """Run the rules in this process (off the request path, one evaluator at a time across processes and
+    instances); signals are written with their decisions either way."""
+    poll_seconds: Annotated[float, Field(gt=0, le=60)] = 1.0
+    """How often the monitor looks for signals committed by other processes or instances (its own
+    process's commits wake it at once)."""
+    settle_seconds: Annotated[float, Field(ge=0, le=5)] = 0.2
+    """After a wake-up the monitor waits this long, so that a burst is evaluated in one batch."""
+    batch_max: Annotated[int, Field(ge=1, le=10_000)] = 1000
+    """Most signals evaluated in one transaction."""
+    lease_seconds: Annotated[float, Field(ge=1, le=600)] = 10.0
+    """The evaluator's lease (``risk_monitor_lease``): one process of all instances evaluates; if it dies,
+    another takes over once this long has passed without a renewal."""
+    heartbeat_seconds: Annotated[float, Field(gt=0, le=300)] = 15.0
+    """``GET /v1/risk/stream`` sends a comment line this often when there is no event, so that proxies keep
+    the connection and clients notice a dead one."""
+    structuring: StructuringRule = StructuringRule()
+    """Amounts split to stay just under an approval threshold."""
+    velocity: VelocityRule = VelocityRule()
+    """Bursts per wallet, API client or user, hard wallet and EVM address."""
+    fan: FanRule = FanRule()
+    """One wallet paying many new payees, or many wallets paying one."""
+    dormant: DormantRule = DormantRule()
+    """A large movement out of a long-idle wallet."""
+    evm_recipient: EvmRecipientRule = EvmRecipientRule()
+    """A large EVM transaction to a recipient never paid before."""
+    refusals: RefusalsRule = RefusalsRule()
+    """Repeated permission or policy refusals for one API client or user."""
+    frozen_payee: FrozenPayeeRule = FrozenPayeeRule()
+    """One payee receiving from several hard wallets frozen by reconciliation."""
+    notable: dict[str, Severity] = Field(default_factory=_default_notable)
+    """Signal kinds that are an event by themselves (rule ``notable``), with their severity: an HSM outage,
+    an audit verify failure, an admin nonce change, a discrepancy, a freeze or revocation, a login lockout,
+    a rejected approval. Remove a kind to silence it."""
+
+
+class EvmRpcSettings(_Section):
+    """The Ethereum JSON-RPC signer (``POST /v1/evm/rpc``, docs/evm.md)."""
+
+    default_chain_id: Annotated[int, Field(ge=1, le=2**53)] | None = None
+    """The chain ``eth_chainId`` answers, and the chain of a call that names none (a transaction without
+    ``chainId``, typed data whose domain has no ``chainId``); it must be in ``[[evm.chains]]``. Unset:
+    ``eth_chainId`` and such calls are refused (``evm-rpc-no-default-chain``)."""
+    upstream_url: Annotated[str, Field(pattern=r"^https?://[^\s]+$")] | None = None
+    """JSON-RPC URL of an Ethereum node of ``default_chain_id``. Set: ``eth_sendTransaction`` signs and
+    sends with ``eth_sendRawTransaction`` there, after a read-only ``eth_getTransactionCount`` check of
+    the local nonce. Unset: ``eth_sendTransaction`` is refused. Put no credentials in the URL (it is no secret)."""
+    upstream_timeout_seconds: Annotated[float, Field(gt=0, le=120)] = 10.0
+    """Longest wait for one answer of the upstream node."""
+    max_batch: Annotated[int, Field(ge=1, le=1000)] = 20
+    """Most calls in one JSON-RPC batch; a larger batch is refused whole (-32600)."""
+
+    @model_validator(mode="after")
+    def _node_has_a_chain(self) -> EvmRpcSettings:
+        if self.upstream_url is not None and self.default_chain_id is None:
+            raise ValueError("upstream_url needs default_chain_id: the chain its node serves")
+        return self
+
+
 class Settings(_Section):
     """The whole configuration."""
 
@@ -298,6 +543,18 @@ class Settings(_Section):
     ecny: EcnySettings = EcnySettings()
     offline: OfflineSettings = OfflineSettings()
     evm: EvmSettings = EvmSettings()
+    risk_delivery: RiskDeliverySettings = RiskDeliverySettings()
+    risk_webhooks: Annotated[list[RiskWebhookSettings], AfterValidator(_unique_names)] = []
+    """Receivers of risk events as signed CloudEvents (``[[risk_webhooks]]``, one table each)."""
+    risk: RiskSettings = RiskSettings()
+    evm_rpc: EvmRpcSettings = EvmRpcSettings()
+
+    @model_validator(mode="after")
+    def _rpc_chain_registered(self) -> Settings:
+        chain_id = self.evm_rpc.default_chain_id
+        if chain_id is not None and self.evm.chain(chain_id) is None:
+            raise ValueError(f"evm_rpc.default_chain_id {chain_id} is not in [[evm.chains]]")
+        return self
 
 
 def _env_overrides(environ: Mapping[str, str]) -> dict[str, dict[str, Any]]:
@@ -336,7 +593,11 @@ def load_settings(path: Path | None = None, environ: Mapping[str, str] | None = 
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"{path}: {exc}") from exc
     for section, values in _env_overrides(environ).items():
-        data.setdefault(section, {}).update(values)
+        current = data.setdefault(section, {})
+        if not isinstance(current, dict):  # a list of tables ([[risk_webhooks]]) has no KEY to override
+            raise ConfigError(f"{section}: a list of tables; set it in the file, not with "
+                              f"{ENV_PREFIX}{section.upper()}__*")
+        current.update(values)
     try:
         return Settings.model_validate(data)
     except ValidationError as exc:

@@ -34,6 +34,7 @@ DEV_KEYS = [
     ("ecny-vouchers", Algorithm.ECDSA_P256, {Usage.VOUCHER}),
     ("evm-hot-wallet", Algorithm.ECDSA_SECP256K1, {Usage.EVM}),
     ("audit-checkpoints", Algorithm.ECDSA_P256, {Usage.AUDIT}),
+    ("risk-reports", Algorithm.ECDSA_P256, {Usage.REPORT}),
     ("raw-p256", Algorithm.ECDSA_P256, {Usage.RAW}),
     ("raw-ed25519", Algorithm.ED25519, {Usage.RAW}),
 ]

@@ -98,6 +98,14 @@ class UnsupportedMediaType(GatewayError):
     title = "Unsupported media type"
 
 
+class VerificationUnsupported(BadRequest):
+    """The gateway cannot check this key's signatures (or encode its public key in the asked format)
+    in software: SM2 has no implementation in `cryptography` and no registered JWK or COSE curve."""
+
+    code = "verification-unsupported"
+    title = "Not supported for this key's algorithm"
+
+
 # --- 401/403: who you are and what you may do ----------------------------------------------------
 
 
@@ -247,6 +255,30 @@ class UserNotFound(NotFound):
 
     code = "user-not-found"
     title = "User not found"
+
+
+class KeyRetired(Conflict):
+    """The key version was superseded by a rotation (or by a newer key of its usage): it still
+    verifies and its COSE kid still resolves, but it no longer signs."""
+
+    code = "key-retired"
+    title = "Key version retired: verify only"
+
+
+class KeyDisabled(Conflict):
+    """An administrator disabled the key version: it signs nothing (its signatures still verify).
+    For a usage whose active key is disabled: rotate it or generate a new key of that usage."""
+
+    code = "key-disabled"
+    title = "Key version disabled"
+
+
+class KeyNotAdoptable(Conflict):
+    """An existing HSM key cannot be adopted: it is extractable, not sensitive or not private, cannot
+    sign, is of an algorithm or mechanism the profile does not give, or its token is another one."""
+
+    code = "key-not-adoptable"
+    title = "The HSM key cannot be adopted"
 
 
 # --- 5xx: our dependencies -----------------------------------------------------------------------
@@ -555,6 +587,75 @@ class EvmFeeCapExceeded(PolicyRefused):
     title = "EVM fee cap exceeded"
 
 
+class InvalidRpcRequest(BadRequest):
+    """``POST /v1/evm/rpc``: not a JSON-RPC 2.0 request object (no ``"jsonrpc": "2.0"``, a method that is
+    not a string, params neither an array nor an object, an empty or too large batch). JSON-RPC code -32600."""
+
+    code = "invalid-rpc-request"
+    title = "Invalid JSON-RPC request"
+
+
+class RpcMethodNotFound(NotFound):
+    """``POST /v1/evm/rpc``: a method the signer does not offer (a node's read methods are not proxied),
+    or ``eth_sendTransaction`` with no upstream node configured. JSON-RPC code -32601."""
+
+    code = "rpc-method-not-found"
+    title = "JSON-RPC method not found"
+
+
+class InvalidRpcParams(ValidationFailed):
+    """``POST /v1/evm/rpc``: the params of a known method are missing, of the wrong shape, or a hex
+    quantity is not canonical 0x-hex. JSON-RPC code -32602."""
+
+    code = "invalid-rpc-params"
+    title = "Invalid JSON-RPC params"
+
+
+class NoDefaultChain(BadRequest):
+    """A JSON-RPC call needs the default chain (``eth_chainId``, a transaction without ``chainId``) and
+    ``evm_rpc.default_chain_id`` is not set."""
+
+    code = "evm-rpc-no-default-chain"
+    title = "No default chain configured"
+
+
+class EvmAccountNotFound(KeyNotFound):
+    """A JSON-RPC ``from`` (or signer) address that is no key of the usage the method needs (``evm`` to
+    sign transactions and typed data, ``message`` for ``personal_sign``/``eth_sign``)."""
+
+    code = "evm-account-not-found"
+    title = "No key for this address"
+
+
+class EvmApprovalPending(GatewayError):
+    """JSON-RPC only: the transaction or typed data was recorded and waits for a supervisor (the HTTP
+    endpoints answer 202 instead). Its ``approval_id`` is in the error's data; once approved, the signed
+    result is read from ``GET /v1/approvals/{id}`` — a JSON-RPC retry with the same Idempotency-Key (or the
+    same body) answers this error again. JSON-RPC code -32010."""
+
+    code = "evm-approval-pending"
+    http_status = 202
+    title = "Waiting for a supervisor's approval"
+
+
+class EvmNonceBehindChain(Conflict):
+    """``eth_sendTransaction``: the upstream node counts more transactions of the address than the
+    gateway's next nonce (the address was used elsewhere, or nonces were reset). Nothing is signed; an
+    admin sets the next nonce (``POST /v1/evm/nonces/{chain_id}/{address}``)."""
+
+    code = "evm-nonce-behind-chain"
+    title = "Local nonce behind the chain"
+
+
+class EvmUpstreamFailed(GatewayError):
+    """The configured Ethereum node did not answer, answered something that is not JSON-RPC, serves
+    another chain, or refused the signed transaction (its error is in ``upstream_error``)."""
+
+    code = "evm-upstream-failed"
+    http_status = 502
+    title = "Upstream Ethereum node failed"
+
+
 # --- hard wallets: the serial link, offline formats and reconciliation ---------------------------
 
 
@@ -645,3 +746,54 @@ class ResolutionRefused(PolicyRefused):
 
     code = "resolution-refused"
     title = "Resolution refused"
+
+
+# --- risk monitoring: delivery of risk events, reports ---------------------------------------------
+
+
+class RiskDeliveryNotFound(NotFound):
+    """No webhook delivery of that event to that endpoint is recorded."""
+
+    code = "risk-delivery-not-found"
+    title = "Risk event delivery not found"
+
+
+class RiskDeliveryNotDead(Conflict):
+    """Only a dead delivery (every attempt failed) can be replayed; a pending one is still being tried
+    and a delivered one has reached its receiver."""
+
+    code = "risk-delivery-not-dead"
+    title = "Delivery is not dead"
+
+
+class InvalidReportDate(ValidationFailed):
+    """A report or chart date that is not a UTC calendar day ``YYYY-MM-DD``, or is in the future."""
+
+    code = "invalid-report-date"
+    title = "Invalid report date"
+
+
+# --- risk monitoring and early warning: events and triage ------------------------------------------
+
+
+class RiskEventNotFound(NotFound):
+    """No risk event with this id — or one the caller may not read (a backend client reads only the events
+    that name it)."""
+
+    code = "risk-event-not-found"
+    title = "Risk event not found"
+
+
+class RiskTriageOwnEvent(Forbidden):
+    """The event names the caller (under any of their identities) as one whose decisions are its
+    evidence, or the assignee is such a person: someone else triages it."""
+
+    code = "risk-triage-own-event"
+    title = "You cannot triage an event about yourself"
+
+
+class RiskEventClosed(Conflict):
+    """The event is closed: closed events stay closed (a new finding is a new event)."""
+
+    code = "risk-event-closed"
+    title = "Risk event is closed"

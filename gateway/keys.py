@@ -1,8 +1,18 @@
-"""Key records: what the gateway knows of each HSM key (id, label, algorithm, usages, public key).
+"""Key records: what the gateway knows of each HSM key (id, label, algorithm, usages, public key),
+and its lifecycle state (family, version, status).
 
 The private key lives only in the token, found by CKA_ID = the key id's bytes. The record here
 decides what a key may be used for; a request whose operation is not among the key's usages is
 refused (403) before the HSM is asked.
+
+Versions: a rotation makes a new key (new id, new CKA_ID, new COSE kid) in the same *family*. Every
+version keeps its row, so its kid keeps resolving and its signatures keep verifying; only an
+``active`` version signs (``retired``: superseded; ``disabled``: stopped by an administrator).
+For the usages the gateway picks a key for itself (``ecny``, ``voucher``, ``audit``) exactly one key
+is active per usage (table ``key_usage_active``): a new key of such a usage takes it over — a
+rotation, never an ambiguity. The key it took it from keeps its status, but no path signs that usage
+with it any more (unless a ``*.key_id`` setting pins its family): ``active_for`` says which usages a
+key signs now.
 """
 
 from __future__ import annotations
@@ -14,23 +24,26 @@ from typing import Any
 
 import structlog
 from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
 from eth_hash.auto import keccak
 
 from gateway import clock
 from gateway.errors import (
     AlreadyExists,
-    AmbiguousKey,
+    KeyDisabled,
     KeyNotFound,
+    KeyRetired,
     KeyUsageNotAllowed,
     RawKeyNotExclusive,
     RawUsageNotExclusive,
     ValidationFailed,
+    VerificationUnsupported,
 )
 from gateway.hsm.profile import HsmProfile
 from gateway.ledger.store import Tx
 from gateway.schemes import cose
 from gateway.schemes.evm.values import checksum
-from gateway.signing import Algorithm, Signer, cryptography_public_key
+from gateway.signing import Algorithm, Signer, cryptography_public_key, signing_input, verify
 
 
 class Usage(StrEnum):
@@ -39,17 +52,30 @@ class Usage(StrEnum):
     EVM = "evm"
     AUDIT = "audit"
     RAW = "raw"
+    REPORT = "report"  # signed daily risk reports for a regulator (gateway.monitor.report)
+    MESSAGE = "message"  # EIP-191 personal messages (personal_sign, eth_sign); secp256k1 only
 
+
+class KeyStatus(StrEnum):
+    ACTIVE = "active"  # signs (and verifies)
+    RETIRED = "retired"  # superseded by a newer version or key of its usage: verifies only
+    DISABLED = "disabled"  # stopped by an administrator: signs nothing; its signatures still verify
+
+
+#: Usages the gateway picks the key for itself (transfer envelopes, device certificates and vouchers,
+#: audit checkpoints): exactly one active key each. ``evm`` and ``raw`` keys are named by the request.
+SINGLE_ACTIVE_USAGES: frozenset[Usage] = frozenset({Usage.ECNY, Usage.VOUCHER, Usage.AUDIT, Usage.REPORT})
 
 #: Algorithms the gateway can generate and use (SM2 only on a GM HSM profile that lists it).
 GENERATABLE = (Algorithm.ECDSA_P256, Algorithm.ECDSA_SECP256K1, Algorithm.ED25519, Algorithm.SM2)
 
-#: Usages that make sense per algorithm: EVM needs secp256k1; COSE signing needs P-256, Ed25519 or SM2.
+#: Usages that make sense per algorithm: EVM and EIP-191 messages need secp256k1; COSE signing (envelopes,
+#: vouchers, checkpoints, risk reports) needs P-256, Ed25519 or SM2.
 _USAGES: dict[Algorithm, frozenset[Usage]] = {
-    Algorithm.ECDSA_P256: frozenset({Usage.ECNY, Usage.VOUCHER, Usage.AUDIT, Usage.RAW}),
-    Algorithm.ED25519: frozenset({Usage.ECNY, Usage.VOUCHER, Usage.AUDIT, Usage.RAW}),
-    Algorithm.SM2: frozenset({Usage.ECNY, Usage.VOUCHER, Usage.AUDIT, Usage.RAW}),
-    Algorithm.ECDSA_SECP256K1: frozenset({Usage.EVM, Usage.RAW}),
+    Algorithm.ECDSA_P256: frozenset({Usage.ECNY, Usage.VOUCHER, Usage.AUDIT, Usage.RAW, Usage.REPORT}),
+    Algorithm.ED25519: frozenset({Usage.ECNY, Usage.VOUCHER, Usage.AUDIT, Usage.RAW, Usage.REPORT}),
+    Algorithm.SM2: frozenset({Usage.ECNY, Usage.VOUCHER, Usage.AUDIT, Usage.RAW, Usage.REPORT}),
+    Algorithm.ECDSA_SECP256K1: frozenset({Usage.EVM, Usage.RAW, Usage.MESSAGE}),
 }
 
 
@@ -62,6 +88,27 @@ class KeyRecord:
     public_key: bytes
     created_at: str
     created_by: str
+    family_id: str = ""
+    """The key id of the family's first version ("" on a record not yet stored: its own id)."""
+    version: int = 1
+    status: KeyStatus = KeyStatus.ACTIVE
+    status_changed_at: str | None = None
+    origin: str = "generated"
+    """``generated`` inside the HSM by the gateway, or ``adopted`` (an existing HSM key, by URI)."""
+    active_for: frozenset[Usage] = frozenset()
+    """The single-active usages this key is the active key of when it was read (``key_usage_active``)."""
+
+    @property
+    def family(self) -> str:
+        return self.family_id or self.key_id
+
+    def require_signing(self) -> None:
+        """Raises KeyRetired or KeyDisabled unless this version may sign."""
+        if self.status is KeyStatus.RETIRED:
+            raise KeyRetired(f"key {self.key_id} (version {self.version} of {self.family}) was superseded; "
+                             "it only verifies: sign with the family's active version")
+        if self.status is KeyStatus.DISABLED:
+            raise KeyDisabled(f"key {self.key_id} was disabled at {self.status_changed_at}; it signs nothing")
 
     @property
     def raw_not_exclusive(self) -> bool:
@@ -92,6 +139,12 @@ class KeyRecord:
             "usage": sorted(u.value for u in self.usages),
             "public_key_pem": public_key_pem(self.algorithm, self.public_key),
             "created_at": self.created_at,
+            "family_id": self.family,
+            "version": self.version,
+            "status": self.status.value,
+            "status_changed_at": self.status_changed_at,
+            "origin": self.origin,
+            "active_for": sorted(u.value for u in self.active_for),
         }
         if self.algorithm is Algorithm.ECDSA_SECP256K1:
             doc["address"] = evm_address(self.public_key)
@@ -125,7 +178,7 @@ def check_usages(algorithm: Algorithm, usages: frozenset[Usage]) -> None:
         )
 
 
-def _record(row: Any) -> KeyRecord:
+def _record(row: Any, active_for: frozenset[Usage] = frozenset()) -> KeyRecord:
     return KeyRecord(
         key_id=row["key_id"],
         label=row["label"],
@@ -134,15 +187,30 @@ def _record(row: Any) -> KeyRecord:
         public_key=bytes(row["public_key"]),
         created_at=row["created_at"],
         created_by=row["created_by"],
+        family_id=row["family_id"] or row["key_id"],  # a row written around the gateway may have none
+        version=int(row["version"]),
+        status=KeyStatus(row["status"]),
+        status_changed_at=row["status_changed_at"],
+        origin=row["origin"],
+        active_for=active_for,
     )
 
 
-def insert_key(tx: Tx, record: KeyRecord) -> None:
+def insert_key(tx: Tx, record: KeyRecord) -> dict[str, str | None]:
+    """Store ``record`` and make it the active key of each of its single-active usages.
+
+    Returns:
+        usage → the key id it was taken over from (None where no key had it), for the audit entry.
+    Raises:
+        AlreadyExists: the label or the key id is taken.
+    """
+    if tx.fetchone("SELECT 1 FROM keys WHERE key_id = ?", (record.key_id,)):
+        raise AlreadyExists(f"key {record.key_id} is registered already")
     if tx.fetchone("SELECT 1 FROM keys WHERE label = ?", (record.label,)):
         raise AlreadyExists(f"a key labelled {record.label!r} exists")
     tx.execute(
-        "INSERT INTO keys (key_id, label, algorithm, usages, public_key, created_at, created_by) "
-        "VALUES (?, ?, ?, ?, ?, ?, ?)",
+        "INSERT INTO keys (key_id, label, algorithm, usages, public_key, created_at, created_by, family_id, version, "
+        "status, status_changed_at, origin) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
         (
             record.key_id,
             record.label,
@@ -151,8 +219,65 @@ def insert_key(tx: Tx, record: KeyRecord) -> None:
             record.public_key,
             record.created_at,
             record.created_by,
+            record.family,
+            record.version,
+            record.status.value,
+            record.status_changed_at,
+            record.origin,
         ),
     )
+    return _take_over_usages(tx, record)
+
+
+def _take_over_usages(tx: Tx, record: KeyRecord) -> dict[str, str | None]:
+    """Point each single-active usage of ``record`` at it. The key it was taken from keeps its status:
+    nothing signs that usage with it any more unless a setting pins it (retiring it would stop a
+    gateway whose ``*.key_id`` names it — the outage this rule exists to prevent)."""
+    taken: dict[str, str | None] = {}
+    for usage in sorted(record.usages & SINGLE_ACTIVE_USAGES):
+        tx.lock(f"key-usage:{usage.value}")
+        row = tx.fetchone("SELECT key_id FROM key_usage_active WHERE usage = ?", (usage.value,))
+        previous = None if row is None else str(row["key_id"])
+        tx.execute(
+            "INSERT INTO key_usage_active (usage, key_id, since) VALUES (?, ?, ?) "
+            "ON CONFLICT (usage) DO UPDATE SET key_id = excluded.key_id, since = excluded.since",
+            (usage.value, record.key_id, record.created_at),
+        )
+        taken[usage.value] = previous
+    return taken
+
+
+def set_status(tx: Tx, key_id: str, status: KeyStatus, only_from: KeyStatus | None = None) -> None:
+    """Change a version's status (``only_from``: only if it is in that status now)."""
+    if only_from is None:
+        tx.execute("UPDATE keys SET status = ?, status_changed_at = ? WHERE key_id = ?",
+                   (status.value, clock.now_iso(), key_id))
+    else:
+        tx.execute("UPDATE keys SET status = ?, status_changed_at = ? WHERE key_id = ? AND status = ?",
+                   (status.value, clock.now_iso(), key_id, only_from.value))
+
+
+def family_versions(tx: Tx, family_id: str) -> list[KeyRecord]:
+    """Every version of a key family, oldest first."""
+    return [_record(row) for row in tx.fetchall(
+        "SELECT * FROM keys WHERE family_id = ? OR key_id = ? ORDER BY version", (family_id, family_id))]
+
+
+def latest_version(tx: Tx, key_id: str) -> KeyRecord:
+    """The newest version of the family ``key_id`` (any of its versions) belongs to. Raises KeyNotFound."""
+    return family_versions(tx, get_key(tx, key_id).family)[-1]
+
+
+def active_key_id(tx: Tx, usage: Usage) -> str | None:
+    """The key that signs a single-active ``usage``, or None while there is none."""
+    row = tx.fetchone("SELECT key_id FROM key_usage_active WHERE usage = ?", (usage.value,))
+    return None if row is None else str(row["key_id"])
+
+
+def active_usages(tx: Tx, key_id: str) -> list[str]:
+    """The single-active usages ``key_id`` is the active key of."""
+    return sorted(str(row["usage"]) for row in
+                  tx.fetchall("SELECT usage FROM key_usage_active WHERE key_id = ?", (key_id,)))
 
 
 def label_taken(tx: Tx, label: str) -> bool:
@@ -163,11 +288,21 @@ def get_key(tx: Tx, key_id: str) -> KeyRecord:
     row = tx.fetchone("SELECT * FROM keys WHERE key_id = ?", (key_id,))
     if row is None:
         raise KeyNotFound(f"no key {key_id}")
-    return _record(row)
+    return _record(row, frozenset(Usage(u) for u in active_usages(tx, key_id)))
+
+
+def signing_keys_with_usage(tx: Tx, usage: Usage) -> list[KeyRecord]:
+    """The keys of ``usage`` that may sign now (status active), oldest first: retired and disabled
+    versions are never offered (``eth_accounts``) nor chosen by address."""
+    return [key for key in list_keys(tx) if usage in key.usages and key.status is KeyStatus.ACTIVE]
 
 
 def list_keys(tx: Tx) -> list[KeyRecord]:
-    return [_record(row) for row in tx.fetchall("SELECT * FROM keys ORDER BY created_at, key_id")]
+    active: dict[str, set[Usage]] = {}
+    for pointer in tx.fetchall("SELECT usage, key_id FROM key_usage_active"):
+        active.setdefault(str(pointer["key_id"]), set()).add(Usage(pointer["usage"]))
+    return [_record(row, frozenset(active.get(row["key_id"], ())))
+            for row in tx.fetchall("SELECT * FROM keys ORDER BY created_at, key_id")]
 
 
 def raw_not_exclusive_keys(tx: Tx) -> list[KeyRecord]:
@@ -187,35 +322,37 @@ def flag_raw_not_exclusive(record: KeyRecord) -> None:
     )
 
 
-def keys_with_usage(tx: Tx, usage: Usage) -> list[KeyRecord]:
-    return [key for key in list_keys(tx) if usage in key.usages]
-
-
 def key_for_usage(tx: Tx, usage: Usage, configured: str | None, setting: str) -> KeyRecord:
-    """The key that does ``usage`` for the institution: the configured key id, else the one key with
-    that usage — never "the first of several".
+    """The key that signs ``usage`` for the institution: the newest version of the configured key's
+    family, else the usage's one active key (a second key of a usage takes it over: never "the first
+    of several", never an ambiguity).
 
     Raises:
-        KeyNotFound: none configured and none with the usage (or the configured one is unknown).
-        AmbiguousKey: none configured and several have the usage; ``setting`` names the key to set.
+        KeyNotFound: none configured and no key has the usage yet (or the configured one is unknown).
         KeyUsageNotAllowed: the configured key does not have the usage.
+        KeyDisabled: the key that would sign was disabled (rotate it, or generate a key of the usage).
     """
     if configured:
-        key = get_key(tx, configured)
+        key = latest_version(tx, configured)
         key.require(usage)
-        return key
-    candidates = keys_with_usage(tx, usage)
-    if not candidates:
-        raise KeyNotFound(f"no key with usage {usage.value!r}; generate one")
-    if len(candidates) > 1:
-        raise AmbiguousKey(f"{len(candidates)} keys have usage {usage.value!r}; set {setting} to choose one")
-    return candidates[0]
+    else:
+        key_id = active_key_id(tx, usage)
+        if key_id is None:
+            raise KeyNotFound(f"no key with usage {usage.value!r}; generate one")
+        key = get_key(tx, key_id)
+    if key.status is KeyStatus.DISABLED:
+        raise KeyDisabled(f"the {usage.value} key {key.key_id} was disabled at {key.status_changed_at}: rotate it "
+                          f"or generate a new {usage.value} key ({setting} pins a key family)")
+    key.require_signing()
+    return key
 
 
 def make_record(
-    key_id: str, label: str, algorithm: Algorithm, usages: frozenset[Usage], public_key: bytes, actor: str
+    key_id: str, label: str, algorithm: Algorithm, usages: frozenset[Usage], public_key: bytes, actor: str,
+    family_id: str = "", version: int = 1, origin: str = "generated",
 ) -> KeyRecord:
-    return KeyRecord(key_id, label, algorithm, usages, public_key, clock.now_iso(), actor)
+    return KeyRecord(key_id, label, algorithm, usages, public_key, clock.now_iso(), actor,
+                     family_id=family_id or key_id, version=version, origin=origin)
 
 
 # --- public keys (verification is in gateway.signing, with `cryptography`, never the HSM) ------------
@@ -231,6 +368,49 @@ def public_key_pem(algorithm: Algorithm, public_key: bytes) -> str:
     return pem.decode()
 
 
+def verify_with_key(record: KeyRecord, data: bytes, is_message: bool, signature: bytes) -> bool:
+    """Check ``signature`` over ``data`` with the stored public key, in software (never the HSM), for
+    any version and status.
+
+    ``data`` is a digest (``is_message`` False) or a message the gateway hashes the way it signs
+    messages (SHA-256 for P-256, Keccak-256 for secp256k1; Ed25519 signs the message itself, so for it
+    both mean the signed bytes). An ECDSA signature is raw r‖s (64 bytes), r‖s‖v (65, EVM) or DER.
+
+    Raises:
+        VerificationUnsupported: SM2 (no software implementation here).
+        ValidationFailed: an ECDSA digest that is not 32 bytes.
+    """
+    if record.algorithm is Algorithm.SM2:
+        raise VerificationUnsupported("SM2 signatures cannot be verified in software here; verify them with "
+                                      "an SM2 implementation and the key's public point")
+    try:
+        cryptography_public_key(record.algorithm, record.public_key)
+    except ValueError:  # a key table row written around the gateway: nothing verifies against it
+        return False
+    if record.algorithm is Algorithm.ED25519:
+        return verify(record.algorithm, record.public_key, data, signature)
+    digest = signing_input(record.algorithm, data) if is_message else data
+    if len(digest) != 32:
+        raise ValidationFailed(f"an ECDSA digest is 32 bytes; got {len(digest)} (send the message as 'message')")
+    raw = _raw_ecdsa(signature)
+    return raw is not None and verify(record.algorithm, record.public_key, digest, raw)
+
+
+def _raw_ecdsa(signature: bytes) -> bytes | None:
+    """r‖s of a raw, r‖s‖v or DER ECDSA signature; None if it is none of them."""
+    if len(signature) == 64:
+        return signature
+    if len(signature) == 65:
+        return signature[:64]
+    try:
+        r, s = decode_dss_signature(signature)
+    except ValueError:
+        return None
+    if not (0 <= r < 2**256 and 0 <= s < 2**256):
+        return None
+    return r.to_bytes(32, "big") + s.to_bytes(32, "big")
+
+
 def evm_address(public_key: bytes) -> str:
     """EIP-55 address of an uncompressed secp256k1 point."""
     return checksum(keccak(public_key[1:])[-20:])
@@ -244,8 +424,9 @@ async def sign1_with_profile(signer: Signer, profile: HsmProfile, key: KeyRecord
 
 
 class KeyDirectory:
-    """Key records cached in memory. Records never change once written (no endpoint edits or deletes
-    them), so a record read once stays true; only misses reach the store."""
+    """Key records cached in memory, for what never changes once written: id, algorithm, usages and
+    public key — enough to resolve a kid and verify. The status changes (rotation, disable), and
+    another process may change it: :meth:`for_signing` reads it fresh from the store every time."""
 
     def __init__(self) -> None:
         self._records: dict[str, KeyRecord] = {}
@@ -258,5 +439,19 @@ class KeyDirectory:
             if record.raw_not_exclusive:
                 flag_raw_not_exclusive(record)
             self._records[key_id] = record
+        return record
+
+    async def for_signing(self, database: Any, key_id: str, usage: Usage) -> KeyRecord:
+        """The record of ``key_id`` read fresh, checked for ``usage`` and for signing.
+
+        Raises:
+            KeyNotFound, KeyUsageNotAllowed, RawKeyNotExclusive, KeyRetired, KeyDisabled.
+        """
+        record: KeyRecord = await database.read(lambda tx: get_key(tx, key_id))
+        if record.raw_not_exclusive and key_id not in self._records:
+            flag_raw_not_exclusive(record)
+        self._records[key_id] = record
+        record.require(usage)
+        record.require_signing()
         return record
 

@@ -55,6 +55,25 @@ class Metrics:
             registry=self.registry,
             multiprocess_mode="max",
         )
+        self.risk_webhook_attempts = Counter(
+            "ecny_risk_webhook_attempts_total",
+            "Attempts to deliver risk events to webhooks, by endpoint and outcome (delivered, retry, dead, "
+            "superseded: the claim had run out and another process owns the delivery)",
+            ["endpoint", "outcome"],
+            registry=self.registry,
+        )
+        self.risk_events = Counter(
+            "ecny_risk_events_total", "Risk events stored by the monitor, by rule and severity (docs/risk.md)",
+            ["rule", "severity"], registry=self.registry,
+        )
+        self.evm_nonce_drift = Gauge(
+            "ecny_evm_nonce_drift",
+            "The upstream node's pending transaction count of an address minus the gateway's next nonce, "
+            "read before eth_sendTransaction (above 0: the local nonce is behind the chain)",
+            ["chain_id", "address"],
+            registry=self.registry,
+            multiprocess_mode="mostrecent",
+        )
 
     def request_done(self, endpoint: str, status: int, seconds: float) -> None:
         """Count one answered request and its latency (the labelled children are looked up once)."""

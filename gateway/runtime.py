@@ -12,6 +12,7 @@ from gateway.audit.chain import AuditLog
 from gateway.audit.refusals import RefusalTally
 from gateway.auth.credentials import Authenticator
 from gateway.config import Settings
+from gateway.evm.rpc import EvmRpc
 from gateway.evm.transactions import EvmTransactions
 from gateway.evm.typed_data import EvmTypedData
 from gateway.hsm.profile import HsmProfile
@@ -19,6 +20,7 @@ from gateway.hsm.signer import CountedSigner
 from gateway.keys import KeyDirectory, Usage
 from gateway.ledger.store import Database
 from gateway.metrics import Metrics
+from gateway.monitor.worker import RiskMonitor
 from gateway.signing import Signer
 from gateway.wallets.accounts import Wallets
 
@@ -37,6 +39,8 @@ class Runtime:
     typed_data: EvmTypedData
     approvals: Approvals
     refusals: RefusalTally  # anonymous refusals, written as one audit entry per window and cause
+    monitor: RiskMonitor  # the risk rules, after commit (nudged after every write request)
+    evm_rpc: EvmRpc  # the Ethereum JSON-RPC signer (POST /v1/evm/rpc)
     keys: KeyDirectory = field(default_factory=KeyDirectory)
     started_at: float = field(default_factory=time.monotonic)
 

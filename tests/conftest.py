@@ -267,3 +267,7 @@ async def evm_gateway(
     assert response.status == 201, await response.text()
     yield started
     await started.client.close()
+
+
+# The Ethereum JSON-RPC signer's upstream node and gateway (fixtures ``eth_node`` and ``rpc_gateway``).
+pytest_plugins = ["tests.evm_node", "tests.evm_rpc_support"]

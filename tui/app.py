@@ -27,6 +27,7 @@ from tui.screens.dashboard import DashboardScreen
 from tui.screens.devices import DevicesScreen
 from tui.screens.login import LoginScreen
 from tui.screens.reconciliation import ReconciliationScreen
+from tui.screens.risk import RiskScreen
 from tui.screens.wallets import WalletsScreen
 
 SECTION_SCREENS: dict[str, Callable[[], Screen[Any]]] = {
@@ -36,6 +37,7 @@ SECTION_SCREENS: dict[str, Callable[[], Screen[Any]]] = {
     "reconciliation": ReconciliationScreen,
     "approvals": ApprovalsScreen,
     "audit": AuditScreen,
+    "risk": RiskScreen,
 }
 
 

@@ -34,6 +34,7 @@ SECTIONS: tuple[tuple[str, str, str], ...] = (
     ("reconciliation", "r", "Reconcile"),
     ("approvals", "a", "Approvals"),
     ("audit", "u", "Audit"),
+    ("risk", "k", "Risk"),
 )
 
 TITLES = {
@@ -191,12 +192,12 @@ class NavBar(Static):
     def on_mount(self) -> None:
         parts = []
         for mode, key, label in SECTIONS:
-            style = "reverse bold" if mode == self.current else ""
             text = f"[b]{key}[/b] {label}"
-            parts.append(f"[{style}] {text} [/]" if style else f" {text} ")
+            parts.append(f"[reverse bold]{text}[/]" if mode == self.current else text)
         user = teller(self).username
         who = f"[dim]{user}·{teller(self).role}[/]" if user else ""
-        self.update("".join(parts) + ("  " + who if who else ""))
+        # One space between sections: all seven fit in 80 columns.
+        self.update(" " + " ".join(parts) + ("  " + who if who else ""))
 
 
 @dataclass

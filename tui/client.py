@@ -35,6 +35,8 @@ from tui.models import (
     MetricsSample,
     Readiness,
     Registration,
+    RiskEvent,
+    RiskPage,
     Session,
     Transaction,
     TransactionPage,
@@ -199,6 +201,17 @@ def discrepancy_from(document: Mapping[str, Any]) -> Discrepancy:
         device_id=_str(document, "device_id"), wallet_id=_str(document, "wallet_id"), amount_fen=amount,
         evidence=_dict(evidence) if isinstance(evidence, Mapping) else ({"items": evidence} if evidence else {}),
         created_at=_str(document, "created_at"), document=dict(document),
+    )
+
+
+def risk_event_from(document: Mapping[str, Any]) -> RiskEvent:
+    assignee = document.get("assignee")
+    return RiskEvent(
+        seq=_int(document, "seq"), event_id=_str(document, "event_id"), ts=_str(document, "ts"),
+        rule=_str(document, "rule"), rule_version=_int(document, "rule_version"),
+        severity=_str(document, "severity"), score=_int(document, "score"), subject=_str(document, "subject"),
+        evidence=_dict(document.get("evidence")), status=_str(document, "status", "open"),
+        assignee=str(assignee) if assignee else None,
     )
 
 
@@ -480,6 +493,27 @@ class GatewayClient:
                                     json_body={"resolution": resolution, "note": note},
                                     idempotency_key=idempotency_key)
         return discrepancy_from(document)
+
+    # -- risk events --
+
+    async def risk_events(self, after: int = 0, limit: int = 200, timeout: float | None = None) -> RiskPage:
+        """Risk events with ``seq`` above ``after``, oldest first (``GET /v1/risk/events?after=``)."""
+        document = await self._json("GET", "/v1/risk/events", params={"after": str(after), "limit": str(limit)},
+                                    timeout=timeout)
+        events = tuple(risk_event_from(e) for e in document.get("events", []) if isinstance(e, dict))
+        next_after = _optional_int(document, "next_after")
+        if next_after is None and len(events) >= limit:  # a gateway that gives no cursor: page on by seq
+            next_after = events[-1].seq
+        return RiskPage(events, next_after)
+
+    async def acknowledge_risk_event(self, event_id: str, note: str = "",
+                                     idempotency_key: str | None = None) -> RiskEvent | None:
+        """Acknowledge an event (supervisors and auditors); the event as it now stands, when the gateway
+        answers with it."""
+        response = await self.request("POST", f"/v1/risk/events/{event_id}/acknowledge",
+                                      json_body={"note": note} if note else {}, idempotency_key=idempotency_key)
+        document = response.json()
+        return risk_event_from(document) if isinstance(document, dict) and document.get("event_id") else None
 
     # -- hard wallets --
 

@@ -187,3 +187,13 @@ def payload_summary(kind: str, payload: dict[str, Any]) -> str:
 
 def _as_int(value: Any) -> int | None:
     return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+#: Risk severities, calm to alarming, with the colour each is shown in (the gateway's chart uses the same).
+SEVERITY_STYLES = {"info": "dim", "low": "#4f83cc", "medium": "#e0b100", "high": "bold #ef6c00",
+                   "critical": "bold white on #c62828"}
+
+
+def severity_style(severity: str) -> str:
+    """The Rich style of a risk severity (an unknown one is shown plain, never hidden)."""
+    return SEVERITY_STYLES.get(severity, "")

@@ -183,3 +183,27 @@ class LoadVoucher:
     voucher: bytes
     load_seq: int
     document: dict[str, Any] = field(repr=False, compare=False)
+
+
+@dataclass(frozen=True)
+class RiskEvent:
+    """What a risk rule found (``GET /v1/risk/events``); ``evidence`` holds ids, amounts and the window."""
+
+    seq: int
+    event_id: str
+    ts: str
+    rule: str
+    rule_version: int
+    severity: str
+    score: int
+    subject: str
+    evidence: dict[str, Any]
+    status: str
+    assignee: str | None
+
+
+@dataclass(frozen=True)
+class RiskPage:
+    events: tuple[RiskEvent, ...]
+    next_after: int | None
+    """Pass as ``after`` for more; None when this page was the last one so far."""

@@ -12,7 +12,7 @@ from gateway.api.codecs import json_response
 from gateway.api.endpoints import Endpoint
 from gateway.api.models import AuditCheckpointPage, AuditPage, AuditVerifyResponse
 from gateway.audit.chain import pending_count
-from gateway.audit.verify import verify_chain
+from gateway.audit.verify import verify_store
 from gateway.audit.witness import WitnessRecord
 from gateway.auth.roles import Permission
 from gateway.errors import ValidationFailed
@@ -79,8 +79,8 @@ async def checkpoints_page(call: Call) -> web.Response:
 
 
 async def verify(call: Call) -> web.Response:
-    await call.runtime.audit.settle()
-    report = await call.runtime.database.read(verify_chain)
+    await call.runtime.audit.settle()  # PostgreSQL: chain what committed before this request
+    report = await verify_store(call.runtime.database, call.actor.scope)
     return json_response(report.document())
 
 

@@ -23,7 +23,15 @@ from gateway.api.codecs import decode_body, parse_model
 from gateway.api.middleware import REQUEST_ID
 from gateway.auth.credentials import Principal
 from gateway.auth.roles import Permission, allows
-from gateway.errors import Forbidden, GatewayError, IdempotencyKeyRequired, RateLimited, Unauthenticated
+from gateway.errors import (
+    Forbidden,
+    GatewayError,
+    IdempotencyKeyRequired,
+    PolicyRefused,
+    RateLimited,
+    Unauthenticated,
+)
+from gateway.risk.signals import Signal
 from gateway.runtime import RUNTIME, Runtime
 
 
@@ -46,6 +54,7 @@ class Endpoint:
     query: tuple[tuple[str, dict[str, Any], str], ...] = ()  # (name, JSON schema, description)
     responses: dict[int, str] = field(default_factory=dict)  # extra documented statuses
     accepted_model: type[BaseModel] | None = None  # the 202 body, when it is not response_model's (an approval)
+    response_media: str | None = None  # a success body that is not JSON: "text/html", "image/png", "application/cose"
 
     @property
     def name(self) -> str:
@@ -176,6 +185,8 @@ def guarded(endpoint: Endpoint) -> Callable[[web.Request], Awaitable[web.StreamR
             raise
         finally:
             runtime.metrics.request_done(endpoint.name, status, time.perf_counter() - started)
+            if endpoint.method != "GET":  # it may have committed a risk signal: evaluate it now, not at the poll
+                runtime.monitor.nudge()
 
     handle.__name__ = endpoint.handler.__name__
     return handle
@@ -192,6 +203,9 @@ async def _audit_refusal(call: Call, action: str, error: GatewayError) -> None:
         payload_hash=call.payload_hash() if call.raw_body else "",
         result={"status": error.http_status, "detail": error.detail[:500]},
     )
+    if call.principal is not None and isinstance(error, (Forbidden, PolicyRefused)):  # repeated_refusals
+        entry.signals = [Signal("request.refused", call.principal.scope, actor=call.principal.scope,
+                                detail={"code": error.code, "action": action, "request_id": call.request_id})]
     try:
         await call.runtime.audit.record(entry)
     except GatewayError as exc:  # the refusal stands even if its audit entry cannot be written

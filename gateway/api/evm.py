@@ -36,9 +36,7 @@ from gateway.schemes.evm.values import checksum, parse_address
 
 
 async def _evm_key(call: Call, key_id: str) -> KeyRecord:
-    record = await call.runtime.keys.get(call.runtime.database, key_id)
-    record.require(Usage.EVM)
-    return record
+    return await call.runtime.keys.for_signing(call.runtime.database, key_id, Usage.EVM)
 
 
 def transaction_fields(body: EvmTransactionRequest) -> TransactionFields:

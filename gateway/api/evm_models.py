@@ -151,3 +151,16 @@ class ChainDocument(_Body):
 
 class ChainList(RootModel[list[ChainDocument]]):
     pass
+
+
+class RpcResponseObject(BaseModel):
+    """A JSON-RPC 2.0 response object: ``result``, or ``error`` {code, message, data: the problem}."""
+
+    jsonrpc: Literal["2.0"]
+    id: str | int | None
+    result: Any = None
+    error: dict[str, Any] | None = None
+
+
+class RpcAnswer(RootModel[RpcResponseObject | list[RpcResponseObject]]):
+    """The answer of ``POST /v1/evm/rpc``: one response object, or an array of them for a batch."""

@@ -43,6 +43,14 @@ class KeyDocument(_Body):
     public_key_pem: str
     address: str | None = Field(default=None, description="EIP-55 address (secp256k1 keys only)")
     created_at: str
+    family_id: str = Field(description="Key id of the family's first version (rotations share it)")
+    version: int = Field(description="1 for a new key; +1 per rotation")
+    status: Literal["active", "retired", "disabled"] = Field(
+        description="active: signs; retired: superseded, verifies only; disabled: stopped, verifies only")
+    status_changed_at: str | None
+    origin: Literal["generated", "adopted"]
+    active_for: list[str] = Field(description="The usages among ecny, voucher and audit this key signs now (each "
+                                              "has exactly one such key)")
 
 
 class KeyList(_Body):
@@ -66,6 +74,32 @@ class BatchSignRequest(_Body):
 class BatchSignResponse(_Body):
     signatures: list[str]
 
+
+
+class KeyVerifyRequest(_Body):
+    digest: Hex | None = Field(default=None, description="Hex: the 32-byte digest that was signed (ECDSA); for "
+                                                         "Ed25519 the signed bytes")
+    message: Hex | None = Field(default=None, description="Hex: the message; the gateway hashes it as it signs "
+                                                          "messages (SHA-256 for P-256, Keccak-256 for secp256k1)")
+    signature: Hex = Field(description="Hex: raw r‖s, r‖s‖v or DER for ECDSA; 64 bytes for Ed25519")
+
+
+class KeyVerifyResponse(_Body):
+    valid: bool
+    key_id: str
+    family_id: str
+    version: int
+    status: str = Field(description="The version's status now: a disabled key's old signatures still verify")
+    algorithm: str
+
+
+class PublicKeyDocument(_Body):
+    key_id: str
+    format: Literal["jwk", "cose", "pem"]
+    jwk: dict[str, str] | None = Field(default=None, description="RFC 7517 JWK (EC P-256/secp256k1, OKP Ed25519)")
+    cose_key: str | None = Field(default=None, description="Hex of the CBOR COSE_Key (RFC 9052 §7); kid as in the "
+                                                           "key's COSE_Sign1 headers")
+    public_key_pem: str | None = None
 
 class AuditEntryDocument(_Body):
     seq: int

@@ -91,16 +91,18 @@ def _operation(endpoint: Endpoint, schemas: dict[str, Any]) -> dict[str, Any]:
             content["application/cbor"] = {"schema": reference}
         operation["requestBody"] = {"required": True, "content": content}
     elif endpoint.raw_body is not None:
-        operation["requestBody"] = {
-            "required": True,
-            "content": {endpoint.raw_body: {"schema": {"type": "string", "format": "binary"}}},
-        }
+        # A raw JSON body is any JSON the handler reads itself (the JSON-RPC envelope answers malformed
+        # input in its own protocol); any other raw body is bytes.
+        schema = {} if endpoint.raw_body == "application/json" else {"type": "string", "format": "binary"}
+        operation["requestBody"] = {"required": True, "content": {endpoint.raw_body: {"schema": schema}}}
     responses: dict[str, Any] = {}
     success: dict[str, Any] = {"description": "Success"}
     if endpoint.response_model is not None:
         success["content"] = {"application/json": {"schema": _schema_ref(endpoint.response_model, schemas)}}
-    elif endpoint.path == "/metrics":
-        success["content"] = {"text/plain": {"schema": {"type": "string"}}}
+    elif endpoint.response_media is not None:
+        text = endpoint.response_media.startswith("text/")
+        schema = {"type": "string"} if text else {"type": "string", "format": "binary"}
+        success["content"] = {endpoint.response_media: {"schema": schema}}
     else:
         success["content"] = {"application/json": {"schema": {"type": "object"}}}
     responses[str(endpoint.response_status)] = success

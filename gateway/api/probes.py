@@ -76,7 +76,7 @@ ENDPOINTS = [
     ),
     Endpoint(
         "GET", "/metrics", metrics, "Prometheus metrics (text exposition format)", Permission.SERVICE_READ,
-        "service",
+        "service", response_media="text/plain",
     ),
     Endpoint("GET", "/openapi.json", openapi, "This OpenAPI 3.1 document", Permission.SERVICE_READ, "service"),
 ]

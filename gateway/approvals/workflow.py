@@ -48,6 +48,7 @@ from gateway.errors import (
     ValidationFailed,
 )
 from gateway.ledger.store import Row, Tx
+from gateway.risk.signals import record_signal_in
 
 STATUSES = ("pending", "executed", "rejected", "expired", "failed")
 LIST_LIMIT = 200
@@ -133,6 +134,12 @@ def needs_approval(amount: int, single_threshold: int, moved_today: int, daily_t
     return None
 
 
+def _amount(payload: dict[str, Any]) -> int | None:
+    """The e-CNY amount an approval's payload names, if any (fen)."""
+    amount = payload.get("amount_fen")
+    return amount if type(amount) is int else None
+
+
 def sees_all(principal: Principal) -> bool:
     """Supervisors and auditors read every approval; anyone else only their owner's."""
     return allows(principal.role, Permission.APPROVALS_READ_ALL)
@@ -195,6 +202,8 @@ class Approvals:
             (approval_id, kind, text, sha256_hex(text), requested_by, requested_owner, subject,
              canonical_json(interested_owners), clock.now_iso(), clock.after(self.settings.ttl_seconds)),
         )
+        record_signal_in(tx, "approval.requested", requested_by, _amount(payload), actor=requested_by,
+                         approval_id=approval_id, approval_kind=kind)
         return approval_id
 
     def park_in(self, tx: Tx, kind: str, payload: dict[str, Any], entry: AuditEntry, subject: str = "",
@@ -282,6 +291,8 @@ class Approvals:
             failure = ApprovalExpired(f"approval {approval_id} expired at {approval['expires_at']}")
         elif not approve:
             handler.reject_in(tx, approval, payload)
+            record_signal_in(tx, "approval.rejected", approval["requested_by"], _amount(payload), actor=entry.actor,
+                             approval_id=approval_id, approval_kind=approval["kind"])
             self._close(tx, approval_id, "rejected", entry.actor, note, None)
             entry.decision = "rejected"
         else:

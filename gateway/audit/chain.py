@@ -49,8 +49,9 @@ import structlog
 from gateway import clock
 from gateway.audit import witness
 from gateway.errors import GatewayError
-from gateway.keys import KeyRecord, Usage, key_for_usage, keys_with_usage
+from gateway.keys import KeyRecord, Usage, active_key_id, key_for_usage
 from gateway.ledger.store import Database, Tx
+from gateway.risk.signals import Signal
 from gateway.signing import Signer, signing_input
 
 GENESIS = bytes(32)
@@ -70,6 +71,9 @@ class AuditEntry:
     key_id: str = ""
     result: dict[str, Any] = field(default_factory=dict)
     request_id: str = ""
+    signals: Sequence[Signal] = ()
+    """Risk signals of the audited decision, written with the entry (not part of it, nor of its hash): for
+    a decision audited on its own, such as a refusal, the entry's transaction is the decision's."""
 
 
 def _json(value: Any) -> str:
@@ -132,7 +136,12 @@ def append(tx: Tx, entries: Iterable[AuditEntry]) -> list[int]:
     — on PostgreSQL, where they are staged for the chainer (see the module's docstring), a 0 for each:
     their numbers are given when they are chained."""
     if tx.dialect == "postgresql":
-        return _stage(tx, [_fields(entry) for entry in entries])
+        entries = list(entries)
+        numbers = _stage(tx, [_fields(entry) for entry in entries])
+        for entry in entries:
+            for signal in entry.signals:
+                signal.record_in(tx)
+        return numbers
     tx.lock(CHAIN_LOCK)
     seq, prev = head(tx)
     numbers = []
@@ -147,6 +156,8 @@ def append(tx: Tx, entries: Iterable[AuditEntry]) -> list[int]:
         )
         prev = digest
         numbers.append(seq)
+        for signal in entry.signals:
+            signal.record_in(tx)
     return numbers
 
 
@@ -390,7 +401,7 @@ class AuditLog:
         """The audit key, or None while there is none yet (checkpoints start once it exists)."""
 
         def find(tx: Tx) -> KeyRecord | None:
-            if not self._key_id and not keys_with_usage(tx, Usage.AUDIT):
+            if not self._key_id and active_key_id(tx, Usage.AUDIT) is None:
                 return None
             return key_for_usage(tx, Usage.AUDIT, self._key_id, "audit.key_id")
 

@@ -25,7 +25,7 @@ and a database chain that ends before the last witnessed checkpoint fails.
 from __future__ import annotations
 
 import base64
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -38,7 +38,8 @@ from gateway.audit.chain import GENESIS, checkpoint_message, entry_hash, pending
 from gateway.audit.witness import WitnessRecord
 from gateway.errors import ValidationFailed
 from gateway.keys import Usage
-from gateway.ledger.store import Tx
+from gateway.ledger.store import Database, Tx
+from gateway.risk.signals import record_signal_in
 from gateway.signing import Algorithm, signing_input, verify
 
 PAGE = 5000
@@ -121,6 +122,10 @@ def _sm2_spki_point(pem: bytes) -> bytes | None:
     return der[len(_SM2_SPKI_PREFIX):]
 
 
+Progress = Callable[[int, int], None]
+"""Told (items done, items in all) as a long check goes; the CLI draws its progress bar from it."""
+
+
 @dataclass
 class VerifyReport:
     ok: bool = True
@@ -154,7 +159,7 @@ class VerifyReport:
         }
 
 
-def _walk_entries(tx: Tx, report: VerifyReport) -> dict[int, bytes]:
+def _walk_entries(tx: Tx, report: VerifyReport, progress: Progress | None = None, total: int = 0) -> dict[int, bytes]:
     """Check every entry follows the one before; returns seq → entry hash."""
     hashes: dict[int, bytes] = {}
     expected_seq, prev = 1, GENESIS
@@ -176,6 +181,8 @@ def _walk_entries(tx: Tx, report: VerifyReport) -> dict[int, bytes]:
             prev = bytes(row["entry_hash"])
             hashes[seq] = prev
             expected_seq = seq + 1
+        if progress is not None:
+            progress(report.entries, total)
     report.head_seq = last_seq
     return hashes
 
@@ -282,6 +289,7 @@ def _check_witness(
 def verify_chain(
     tx: Tx, pinned: Sequence[TrustedKey] | None = None,
     witnessed: Sequence[tuple[int, WitnessRecord]] | None = None,
+    progress: Progress | None = None,
 ) -> VerifyReport:
     """Walk the whole chain in order, then every checkpoint, then the witness.
 
@@ -290,22 +298,33 @@ def verify_chain(
         pinned: the whole trust set; None or empty trusts the key table's ``audit`` keys (not
             outsider-grade, and the report says so).
         witnessed: (line number, checkpoint) from a witness file, if one is given.
+        progress: told (entries and checkpoints done, their total) as the walk goes (the CLI's bar).
     Returns:
         The report; ``first_bad_seq`` names the first entry (or checkpoint) that does not verify.
     """
     report = VerifyReport()
-    hashes = _walk_entries(tx, report)
+    total = 0
+    if progress is not None:
+        counts = tx.fetchone("SELECT (SELECT COUNT(*) FROM audit_log) AS entries, "
+                             "(SELECT COUNT(*) FROM audit_checkpoints) AS checkpoints")
+        total = int(counts["entries"]) + int(counts["checkpoints"]) if counts is not None else 0
+        progress(0, total)
+    hashes = _walk_entries(tx, report, progress, total)
     trusted, refused = _trust_set(tx, pinned, report)
     checkpoints: dict[int, Any] = {}
     for cp in tx.fetchall("SELECT * FROM audit_checkpoints ORDER BY seq"):
         seq = int(cp["seq"])
         checkpoints[seq] = cp
         report.checkpoints += 1
+        if progress is not None and report.checkpoints % PAGE == 0:
+            progress(report.entries + report.checkpoints, total)
         problem = _check_checkpoint(cp, hashes, trusted, refused)
         if problem:
             report.fail(seq, problem)
         else:
             report.last_checkpoint_seq = seq
+    if progress is not None:
+        progress(report.entries + report.checkpoints, total)
     if witnessed is not None:
         _check_witness(witnessed, checkpoints, report)
         if not report.witnessed:
@@ -320,4 +339,18 @@ def verify_chain(
         report.warnings.append(
             f"entries {report.last_checkpoint_seq + 1}..{report.head_seq} follow the last signed checkpoint"
         )
+    return report
+
+
+async def verify_store(database: Database, actor: str, pinned: Sequence[TrustedKey] | None = None,
+                       witnessed: Sequence[tuple[int, WitnessRecord]] | None = None,
+                       progress: Progress | None = None) -> VerifyReport:
+    """:func:`verify_chain` over a snapshot of ``database``; a failure is also a risk signal
+    (``audit.verify_failed``, by ``actor``), written in a transaction of its own — a verification
+    is a read and has none to share."""
+    report = await database.read(lambda tx: verify_chain(tx, pinned, witnessed, progress))
+    if not report.ok:
+        await database.write(lambda tx: record_signal_in(
+            tx, "audit.verify_failed", "audit", actor=actor, first_bad_seq=report.first_bad_seq,
+            problem=report.problem[:500], trust=report.trust))
     return report

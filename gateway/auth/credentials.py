@@ -122,6 +122,22 @@ def revoke_client(tx: Tx, name: str) -> None:
         raise NotFound(f"no active client {name!r}")
 
 
+def rotate_client(tx: Tx, name: str) -> str:
+    """Give an active client a new key and revoke its old one in the same step: only the new key's
+    prefix and hash are stored from now on (a running gateway may accept the old key for up to
+    ``auth.credential_cache_seconds`` more, as after ``revoke``). Returns the new key — shown once.
+
+    Raises:
+        NotFound: no such client, or it is revoked.
+    """
+    key, prefix = new_api_key()
+    changed = tx.execute("UPDATE clients SET key_prefix = ?, key_hash = ? WHERE name = ? AND revoked_at IS NULL",
+                         (prefix, _sha256(key), name))
+    if not changed:
+        raise NotFound(f"no active client {name!r}")
+    return key
+
+
 # --- users and sessions -----------------------------------------------------------------------
 
 

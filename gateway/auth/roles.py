@@ -45,6 +45,12 @@ class Permission(StrEnum):
     EVM_SIGN = "evm.sign"
     EVM_NONCES = "evm.nonces"
     SESSIONS_END = "sessions.end"  # log out: every role a person can hold (backend is for API clients only)
+    RISK_REPORTS_READ = "risk_reports.read"  # the signed daily risk report and the risk chart (whole institution)
+    RISK_DELIVERIES_READ = "risk_deliveries.read"  # webhook deliveries of risk events, the dead letters
+    RISK_DELIVERIES_REPLAY = "risk_deliveries.replay"  # send a dead delivery again
+    RISK_READ = "risk.read"  # risk events: a backend client only those that name it
+    RISK_READ_ALL = "risk.read_all"  # every risk event
+    RISK_TRIAGE = "risk.triage"  # acknowledge, assign, close (never an event that names you)
 
 
 _READ_ALL = frozenset(p for p in Permission if p.value.endswith(".read"))
@@ -80,6 +86,7 @@ GRANTS: dict[Role, frozenset[Permission]] = {
             Permission.EVM_SIGN,
             Permission.WALLETS_READ,
             Permission.APPROVALS_READ,
+            Permission.RISK_READ,
         }
     ),
     Role.TELLER: _TELLER,
@@ -90,8 +97,13 @@ GRANTS: dict[Role, frozenset[Permission]] = {
         Permission.APPROVALS_READ_ALL,
         Permission.RECONCILIATION_RESOLVE,
         Permission.DEVICES_REVOKE,
+        Permission.RISK_REPORTS_READ,
+        Permission.RISK_READ,
+        Permission.RISK_READ_ALL,
+        Permission.RISK_TRIAGE,
     },
-    Role.AUDITOR: _READ_ALL | {Permission.APPROVALS_READ_ALL, Permission.SESSIONS_END},
+    Role.AUDITOR: _READ_ALL | {Permission.APPROVALS_READ_ALL, Permission.SESSIONS_END, Permission.RISK_READ_ALL,
+                               Permission.RISK_TRIAGE},
     Role.ADMIN: frozenset(
         {
             Permission.SERVICE_READ,
@@ -103,6 +115,8 @@ GRANTS: dict[Role, frozenset[Permission]] = {
             Permission.EVM_NONCES,
             Permission.AUDIT_READ,
             Permission.SESSIONS_END,
+            Permission.RISK_DELIVERIES_READ,
+            Permission.RISK_DELIVERIES_REPLAY,
         }
     ),
 }

@@ -29,6 +29,7 @@ from datetime import datetime, timedelta
 from gateway import clock
 from gateway.errors import LoginBusy, LoginThrottled
 from gateway.ledger.store import Tx
+from gateway.risk.signals import record_signal_in
 
 MAX_DOUBLINGS = 20  # 2**20 × any sane base exceeds every sane maximum; keeps the arithmetic small
 
@@ -64,6 +65,8 @@ class LoginThrottle:
                                  retry_after=max(1, wait))
         attempts = 1 if row is None else int(row["attempts"]) + 1
         lockout = self.lockout(attempts)
+        if lockout:
+            record_signal_in(tx, "login.locked", f"user:{username}", attempts=attempts, lockout_seconds=lockout)
         locked_until = clock.iso(now + timedelta(seconds=lockout)) if lockout else None
         tx.execute(
             "INSERT INTO login_throttle (username, attempts, last_attempt_at, locked_until) VALUES (?, ?, ?, ?) "

@@ -13,10 +13,15 @@ from __future__ import annotations
 import hashlib
 from typing import Any
 
+from argon2 import PasswordHasher
+
 from gateway import clock
 from gateway.auth.roles import Role
 from gateway.errors import UserNotFound, ValidationFailed
 from gateway.ledger.store import Row, Tx
+
+MIN_PASSWORD_LENGTH = 12
+"""Shortest password accepted (``users add`` and ``users passwd``)."""
 
 
 def _user(tx: Tx, username: str) -> Row:
@@ -95,3 +100,29 @@ def set_role(tx: Tx, username: str, role: Role) -> str:
     previous = str(_user(tx, username)["role"])
     tx.execute("UPDATE users SET role = ? WHERE username = ?", (role.value, username))
     return previous
+
+
+def list_users(tx: Tx) -> list[dict[str, Any]]:
+    """Every user as an administrator sees it (no password hash): username, role, owner, created_at,
+    disabled_at and the number of live sessions, by username."""
+    rows = tx.fetchall(
+        "SELECT u.username, u.role, u.owner, u.created_at, u.disabled_at, "
+        "(SELECT COUNT(*) FROM user_sessions s WHERE s.username = u.username AND s.expires_at > ?) AS live_sessions "
+        "FROM users u ORDER BY u.username", (clock.now_iso(),))
+    return [{**dict(row), "owner": row["owner"] or row["username"], "live_sessions": int(row["live_sessions"])}
+            for row in rows]
+
+
+def set_password(tx: Tx, hasher: PasswordHasher, username: str, password: str) -> int:
+    """Give a user a new password (argon2id) and end their sessions: whoever logged in with the old
+    password is out. Returns the number of sessions ended.
+
+    Raises:
+        UserNotFound: no such user.
+        ValidationFailed: fewer than 12 characters (as for a new user).
+    """
+    _user(tx, username)
+    if len(password) < MIN_PASSWORD_LENGTH:
+        raise ValidationFailed(f"password must have at least {MIN_PASSWORD_LENGTH} characters")
+    tx.execute("UPDATE users SET password_hash = ? WHERE username = ?", (hasher.hash(password), username))
+    return end_sessions(tx, username)

@@ -42,13 +42,14 @@ from gateway.errors import (
     PolicyRefused,
     UnknownToken,
 )
-from gateway.keys import KeyDirectory, KeyRecord, evm_address
+from gateway.keys import KeyDirectory, KeyRecord, Usage, evm_address
 from gateway.ledger.store import Database, Tx
 from gateway.operations.idempotency import Answer, IdempotentRequest
 from gateway.operations.signed import SignedOperation, ToSign
 from gateway.policy import evm as policy
 from gateway.policy.chains import EvmChainSettings
 from gateway.policy.evm import Intent
+from gateway.risk.signals import record_signal_in
 from gateway.schemes.evm.transactions import (
     MAX_NONCE,
     Fees,
@@ -163,7 +164,8 @@ class TransactionSigning:
         unsigned = UnsignedTransaction.from_json(json.loads(row["unsigned_tx"]))
         if unsigned.signing_hash().hex() != row["signing_hash"]:
             raise InvalidEvmTransaction(f"transaction {reference}: stored fields do not match the signing hash")
-        return ToSignTransaction(reference, unsigned, await transactions.keys.get(transactions.database, row["key_id"]))
+        return ToSignTransaction(reference, unsigned, await transactions.keys.for_signing(
+            transactions.database, row["key_id"], Usage.EVM))
 
     def answered(self, subject: ToSignTransaction) -> Answer | None:
         return None if subject.document is None else _transaction_answer(subject.document)
@@ -241,6 +243,15 @@ class EvmTransactions:
             self._store_next(tx, chain_id, address, nonce + 1, stored is not None)
         return nonce
 
+    def next_nonce_in(self, tx: Tx, chain_id: int, address: str) -> int:
+        """The nonce the next transaction of ``address`` would get now (the lowest freed one, else the
+        next): what a node's transaction count is compared with (read only)."""
+        row = tx.fetchone("SELECT MIN(nonce) AS nonce FROM evm_free_nonces WHERE chain_id = ? AND address = ?",
+                          (chain_id, address))
+        if row is not None and row["nonce"] is not None:
+            return int(row["nonce"])
+        return self._next_nonce(tx, chain_id, address) or 0
+
     @staticmethod
     def _free_nonce(tx: Tx, chain_id: int, address: str, nonce: int) -> None:
         tx.execute("INSERT INTO evm_free_nonces (chain_id, address, nonce) VALUES (?, ?, ?)",
@@ -294,6 +305,8 @@ class EvmTransactions:
                   "previous_next_nonce": previous or 0, "superseded": superseded}
         entry.result = dict(result)
         append(tx, [entry])
+        record_signal_in(tx, "evm.nonce_set", address, actor=entry.actor, chain_id=chain_id, next_nonce=next_nonce,
+                         previous_next_nonce=previous or 0, superseded=len(superseded))
         return result
 
     # --- recording -------------------------------------------------------------------------
@@ -386,6 +399,10 @@ class EvmTransactions:
         if approval_id is not None:
             entry.result["approval_id"] = approval_id
         append(tx, [entry])
+        record_signal_in(tx, "evm.transaction", address, actor=entry.actor, counterparty=draft.intent.recipient or "",
+                         transaction_id=transaction_id, chain_id=chain_id, asset=draft.intent.asset,
+                         symbol=draft.intent.symbol, decimals=draft.intent.decimals, amount=str(draft.intent.amount),
+                         status=status)
         return Recorded(transaction_id, status, nonce, approval_id, signing_hash, unsigned)
 
     # --- signing after commit ----------------------------------------------------------------

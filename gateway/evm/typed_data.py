@@ -29,7 +29,7 @@ from gateway.audit.chain import AuditEntry, append
 from gateway.config import Settings
 from gateway.errors import ApprovalPayloadMismatch, NotFound, PolicyRefused
 from gateway.evm.transactions import ALGORITHM, EvmTransactions, business_day, lock_name
-from gateway.keys import KeyDirectory, KeyRecord, evm_address
+from gateway.keys import KeyDirectory, KeyRecord, Usage, evm_address
 from gateway.ledger.store import Database, Tx
 from gateway.operations.idempotency import Answer, IdempotentRequest
 from gateway.operations.signed import SignedOperation, ToSign
@@ -78,7 +78,7 @@ class TypedDataSigning:
         if typed.digest.hex() != row["digest"]:
             raise ApprovalPayloadMismatch(f"request {row['request_id']}: the stored document does not hash to "
                                           "its digest")
-        key = await typed_data.keys.get(typed_data.database, row["key_id"])
+        key = await typed_data.keys.for_signing(typed_data.database, row["key_id"], Usage.EVM)
         raw = await typed_data.signer.sign(key.key_id, ALGORITHM, typed.digest)
         return "0x" + recover_signature(typed.digest, raw, key.public_key).rsv().hex()
 

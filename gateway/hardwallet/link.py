@@ -23,9 +23,12 @@ import time
 from collections.abc import Callable
 from typing import Any, Protocol
 
-import serial
+try:
+    import serial
+except ImportError:  # pyserial is the `serial` extra: without it, opening a port says what to install
+    serial = None
 
-from gateway.errors import DevicePortError, DeviceProtocolError, DeviceRefused, DeviceTimeout, FrameError
+from gateway.errors import ConfigError, DevicePortError, DeviceProtocolError, DeviceRefused, DeviceTimeout, FrameError
 from gateway.hardwallet.frames import DELIMITER, MAX_FRAME_BYTES, FrameDecoder, encode_frame
 from gateway.hardwallet.protocol import (
     MAX_REQUEST_ID,
@@ -34,6 +37,7 @@ from gateway.hardwallet.protocol import (
     timeout_for,
 )
 
+MISSING_PYSERIAL = "hard wallets need pyserial; install the 'serial' extra: pip install 'ecny-gateway[serial]'"
 DEFAULT_BAUDRATE = 115_200
 READ_SLICE_S = 0.05
 """How long one read waits; a timeout is noticed within this much of its deadline."""
@@ -58,7 +62,10 @@ def open_port(path: str, baudrate: int = DEFAULT_BAUDRATE) -> Port:
 
     Raises:
         DevicePortError: the port does not exist, is busy, or the URL is not understood.
+        ConfigError: pyserial (the ``serial`` extra) is not installed.
     """
+    if serial is None:
+        raise ConfigError(MISSING_PYSERIAL)
     try:
         port: Port = serial.serial_for_url(path, baudrate=baudrate, timeout=READ_SLICE_S, write_timeout=5.0)
     except (serial.SerialException, OSError, ValueError) as exc:

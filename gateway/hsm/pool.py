@@ -49,6 +49,8 @@ class PoolSettings:
     health_interval: float = 0.5
     start_timeout: float = 30.0
     respawn_interval: float = 1.0
+    token_attributes: dict[str, str] = field(default_factory=dict)
+    """What the token must match besides its label (the profile's ``token.uri``)."""
 
 
 def worker_config(profile: HsmProfile, settings: PoolSettings) -> WorkerConfig:
@@ -68,6 +70,7 @@ def worker_config(profile: HsmProfile, settings: PoolSettings) -> WorkerConfig:
         },
         private_template=dict(profile.key_templates.private),
         public_template=dict(profile.key_templates.public),
+        token_attributes=dict(settings.token_attributes),
     )
 
 
@@ -208,6 +211,12 @@ class SignerPool:
 
     async def key_attributes(self, key_id: str) -> dict[str, bool]:
         result: dict[str, bool] = await self._submit(("attributes", key_id))
+        return result
+
+    async def describe_key(self, id_hex: str | None, label: str | None) -> dict[str, Any]:
+        """What the token says of one existing private key (by CKA_ID and/or CKA_LABEL), for adoption:
+        see :meth:`gateway.hsm.worker.Worker.describe`. Raises KeyNotFound / AmbiguousKey."""
+        result: dict[str, Any] = await self._submit(("describe", id_hex, label))
         return result
 
     def worker_pids(self) -> list[int]:

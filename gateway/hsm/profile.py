@@ -1,4 +1,5 @@
-"""HSM family profiles (``hsm_profiles/*.toml``).
+"""HSM family profiles (``gateway/hsm/profiles/*.toml``, shipped in the wheel; ``hsm_profiles/`` in a
+checkout is a link to them).
 
 A profile says how to drive one family of HSM through PKCS#11: where the module is, how to find
 the token, which algorithms it signs and with which mechanism, how signatures come back, how
@@ -10,13 +11,16 @@ message naming the file and the key.
 from __future__ import annotations
 
 import tomllib
+from importlib import resources
+from importlib.resources.abc import Traversable
 from pathlib import Path
 from typing import Annotated, Literal
-from urllib.parse import unquote
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from gateway.errors import ConfigError
+from gateway.hsm.uri import Pkcs11Uri, Pkcs11UriError
+from gateway.hsm.uri import parse as parse_uri
 from gateway.signing import Algorithm
 
 #: Curve object identifiers each algorithm must use; a profile that names another is contradictory.
@@ -68,26 +72,58 @@ class TokenSection(_Strict):
     label: str | None = None
     """Token label to open (CKA_LABEL of the token)."""
     uri: str | None = None
-    """PKCS#11 URI (RFC 7512) naming the token, e.g. ``pkcs11:token=ecny``; used when no label."""
+    """PKCS#11 URI (RFC 7512) naming the token, e.g. ``pkcs11:token=ecny;serial=0123``; used when no
+    label. Every token attribute it gives (token, manufacturer, serial, model, slot-*, library-*)
+    must match; object attributes, ``pin-value`` and ``pin-source`` are refused."""
 
     @model_validator(mode="after")
     def _one_way(self) -> TokenSection:
         if not self.label and not self.uri:
             raise ValueError("give token.label or token.uri")
-        if self.uri is not None and not self.uri.startswith("pkcs11:"):
-            raise ValueError("token.uri must be a PKCS#11 URI starting with 'pkcs11:'")
+        if self.uri is not None:
+            parsed = self.parsed_uri()
+            if parsed is not None and not parsed.token_attributes():
+                raise ValueError("token.uri names no token: give at least token=, serial= or slot-id=")
         return self
 
+    def parsed_uri(self) -> Pkcs11Uri | None:
+        """``uri`` parsed and checked for a profile; None without one.
+
+        Raises:
+            ValueError: not a PKCS#11 URI, an object attribute, a PIN in it, an unknown path attribute.
+        """
+        if self.uri is None:
+            return None
+        try:
+            parsed = parse_uri(self.uri)
+            parsed.refuse_pin_value("token.uri")
+            parsed.refuse_unknown_path("token.uri")
+        except Pkcs11UriError as exc:
+            raise ValueError(str(exc)) from None
+        if parsed.names_an_object():
+            raise ValueError("token.uri names a token: object, type and id do not belong in it")
+        if parsed.pin_source is not None:
+            raise ValueError("token.uri: pin-source is not read from a profile; give the PIN as hsm.pin_file "
+                             "or ECNY_HSM__PIN")
+        return parsed
+
     def resolved_label(self) -> str:
-        """The token label, taken from ``label`` or the ``token=`` attribute of the URI."""
+        """The token label, taken from ``label`` or the ``token=`` attribute of the URI ("" when the URI
+        names the token by other attributes only, e.g. its serial)."""
         if self.label:
             return self.label
-        assert self.uri is not None
-        for part in self.uri.removeprefix("pkcs11:").split(";"):
-            name, _, value = part.partition("=")
-            if name == "token":
-                return unquote(value)
-        raise ValueError(f"PKCS#11 URI {self.uri!r} names no token")
+        parsed = self.parsed_uri()
+        assert parsed is not None
+        return parsed.token or ""
+
+    def match_attributes(self) -> dict[str, str]:
+        """The token attributes besides the label that the URI requires (serial, manufacturer, model,
+        slot-id, …); empty when the token is named by ``label``."""
+        if self.label:
+            return {}
+        parsed = self.parsed_uri()
+        assert parsed is not None
+        return {name: value for name, value in parsed.token_attributes().items() if name != "token"}
 
 
 class SessionsSection(_Strict):
@@ -211,11 +247,11 @@ def _format_location(error: dict[str, object]) -> str:
     return ".".join(str(part) for part in error["loc"])  # type: ignore[attr-defined]
 
 
-def load_profile(path: Path) -> HsmProfile:
+def load_profile(path: Traversable) -> HsmProfile:
     """Read and validate one profile.
 
     Args:
-        path: the TOML file.
+        path: the TOML file (a path, or a file inside the installed package).
     Returns:
         The validated profile.
     Raises:
@@ -233,21 +269,27 @@ def load_profile(path: Path) -> HsmProfile:
         raise ConfigError(f"{path}: {problems}") from exc
 
 
+def shipped_profiles() -> Traversable:
+    """The profiles shipped with the package (``gateway/hsm/profiles``), found through
+    :mod:`importlib.resources` so that an installed wheel finds them as a checkout does."""
+    return resources.files("gateway.hsm") / "profiles"
+
+
 def profiles_dir() -> Path:
-    """The repository's ``hsm_profiles/`` folder."""
-    return Path(__file__).resolve().parents[2] / "hsm_profiles"
+    """:func:`shipped_profiles` as a directory on disk (the package is installed as files, never zipped)."""
+    return Path(str(shipped_profiles()))
 
 
 def load_named_profile(name: str) -> HsmProfile:
-    """The profile ``hsm.profile`` names: a name in ``hsm_profiles/`` (``softhsm`` → ``softhsm.toml``)
+    """The profile ``hsm.profile`` names: a shipped profile's name (``softhsm`` → ``softhsm.toml``)
     or a path to a profile file.
 
     Raises:
         ConfigError: no such file, or the profile is invalid (:func:`load_profile`).
     """
-    candidate = Path(name)
-    if candidate.suffix != ".toml":
-        candidate = profiles_dir() / f"{name}.toml"
+    candidate: Traversable = Path(name)
+    if Path(name).suffix != ".toml":
+        candidate = shipped_profiles() / f"{name}.toml"
     if not candidate.is_file():
         raise ConfigError(f"hsm.profile: no profile file {candidate}")
     return load_profile(candidate)

@@ -15,6 +15,9 @@ answers with a list of results in the same order. A job is a tuple whose first i
 - ``("generate", key_id, label, algorithm)`` → public key bytes (EC point / Ed25519 key)
 - ``("public_key", key_id, algorithm)`` → public key bytes
 - ``("attributes", key_id)`` → dict of the private key's protection attributes
+- ``("describe", id_hex, label)`` → what adoption checks of one existing private key (found by
+  CKA_ID and/or CKA_LABEL): id, label, key type, curve, protection attributes, public key, the
+  token's mechanisms and identity (see :meth:`Worker.describe`)
 - ``("ping",)`` → ``True`` once the session works (recovering it if needed)
 
 A result is ``(True, value)`` or ``(False, kind, message)`` with ``kind`` one of
@@ -85,6 +88,9 @@ class WorkerConfig:
     public_template: dict[str, bool]
     min_recovery_interval: float = 0.25
     max_recovery_interval: float = 2.0
+    token_attributes: dict[str, str] = field(default_factory=dict)
+    """Besides the label, what the token must match (a profile's ``token.uri``: serial, manufacturer,
+    model, slot-id, slot-description, slot-manufacturer, library-*); empty: the label alone."""
 
 
 class _Failure(Exception):
@@ -122,7 +128,7 @@ class Worker:
                     self.lib = pkcs11.lib(self.config.module_path)
                 else:
                     self.lib.reinitialize()
-                token = self.lib.get_token(token_label=self.config.token_label)
+                token = self._find_token()
                 self.session = token.open(user_pin=self.config.pin, rw=True)
         except pkcs11.exceptions.PKCS11Error as exc:
             self.session = None
@@ -131,6 +137,20 @@ class Worker:
             raise _Failure("unavailable", f"cannot load PKCS#11 module: {exc}") from None
         self.keys.clear()
         self.recovery_interval = self.config.min_recovery_interval
+
+    def _find_token(self) -> Any:
+        """The one token with the configured label whose identity matches every configured attribute."""
+        label = self.config.token_label or None
+        if not self.config.token_attributes:
+            return self.lib.get_token(token_label=label)
+        matches = [token for token in self.lib.get_tokens(token_label=label)
+                   if _token_matches(self.lib, token, self.config.token_attributes)]
+        if not matches:
+            raise self._pkcs11.exceptions.NoSuchToken(f"no token matches {self.config.token_attributes}")
+        if len(matches) > 1:
+            raise _Failure("error", f"{len(matches)} tokens match {self.config.token_attributes}; add serial= "
+                                    "to the profile's token.uri")
+        return matches[0]
 
     def recover(self) -> None:
         """Drop the session and module state and open again, at a bounded rate."""
@@ -284,6 +304,48 @@ class Worker:
         result: dict[str, bool] = self._with_recovery(run, retry=True)
         return result
 
+    def describe(self, id_hex: str | None, label: str | None) -> dict[str, Any]:
+        """What adopting an existing key checks, as the token reports it: the one private key with CKA_ID
+        ``id_hex`` and/or CKA_LABEL ``label`` (``not_found`` for none, ``ambiguous`` for several).
+
+        Nothing is decided here (the gateway decides in ``gateway.key_lifecycle``); nothing is changed.
+        """
+        pkcs11 = self._pkcs11
+        Attribute = pkcs11.Attribute
+
+        def run() -> dict[str, Any]:
+            template: dict[Any, Any] = {Attribute.CLASS: pkcs11.ObjectClass.PRIVATE_KEY}
+            if id_hex is not None:
+                template[Attribute.ID] = bytes.fromhex(id_hex)
+            if label is not None:
+                template[Attribute.LABEL] = label
+            found = list(self.session.get_objects(template))
+            if not found:
+                raise _Failure("not_found", "the token has no private key matching the URI")
+            if len(found) > 1:
+                raise _Failure("ambiguous", f"{len(found)} private keys match the URI; add id= or object=")
+            key = found[0]
+            key_id = bytes(key[Attribute.ID])
+            facts: dict[str, Any] = {
+                "id": key_id.hex(), "label": str(key[Attribute.LABEL]), "key_type": int(key[Attribute.KEY_TYPE]),
+            }
+            for name in ("SENSITIVE", "EXTRACTABLE", "PRIVATE", "SIGN", "ALWAYS_SENSITIVE", "NEVER_EXTRACTABLE",
+                         "TOKEN"):
+                facts[name.lower()] = _bool_attribute(key, getattr(Attribute, name))
+            params = _attribute(key, Attribute.EC_PARAMS)
+            facts["curve_oid"] = _oid_text(bytes(params)) if params is not None else None
+            publics = list(self.session.get_objects({Attribute.CLASS: pkcs11.ObjectClass.PUBLIC_KEY,
+                                                     Attribute.ID: key_id}))
+            facts["public_key"] = (_unwrap_octet_string(bytes(publics[0][Attribute.EC_POINT]))
+                                   if len(publics) == 1 else None)
+            slot = self.session.token.slot
+            facts["mechanisms"] = sorted(int(m) for m in slot.get_mechanisms())
+            facts["token"] = _token_identity(self.lib, self.session.token)
+            return facts
+
+        result: dict[str, Any] = self._with_recovery(run, retry=True)
+        return result
+
     def ping(self) -> bool:
         """Prove the session works: touches the token, so a vanished token or device shows up."""
         pkcs11 = self._pkcs11
@@ -322,6 +384,8 @@ class Worker:
                     return (True, self.public_key(key_id))
                 case ("attributes", key_id):
                     return (True, self.attributes(key_id))
+                case ("describe", id_hex, label):
+                    return (True, self.describe(id_hex, label))
                 case ("ping",):
                     return (True, self.ping())
                 case _:
@@ -367,6 +431,64 @@ def _opening_alone(config: WorkerConfig) -> Iterator[None]:
         yield
     finally:
         os.close(descriptor)  # releases the lock if held
+
+
+def _token_identity(lib: Any, token: Any) -> dict[str, str]:
+    """A token's identity under the names of RFC 7512's path attributes."""
+    serial = token.serial.decode(errors="replace") if isinstance(token.serial, bytes) else str(token.serial)
+    version = lib.library_version
+    return {
+        "token": str(token.label).rstrip(), "manufacturer": str(token.manufacturer_id).rstrip(),
+        "serial": serial.rstrip(), "model": str(token.model).rstrip(), "slot-id": str(token.slot.slot_id),
+        "slot-description": str(token.slot.slot_description).rstrip(),
+        "slot-manufacturer": str(token.slot.manufacturer_id).rstrip(),
+        "library-manufacturer": str(lib.manufacturer_id).rstrip(),
+        "library-description": str(lib.library_description).rstrip(),
+        "library-version": f"{version[0]}.{version[1]}" if isinstance(version, tuple) else str(version),
+    }
+
+
+def _token_matches(lib: Any, token: Any, wanted: dict[str, str]) -> bool:
+    identity = _token_identity(lib, token)
+    for name, value in wanted.items():
+        have = identity.get(name)
+        if name == "library-version" and have is not None and "." not in value:
+            have = have.split(".")[0]  # "library-version=3" matches 3.x (RFC 7512 §2.3)
+        if have != value:
+            return False
+    return True
+
+
+def _attribute(key: Any, attribute: Any) -> Any:
+    """An attribute's value, or None where the token does not have it for this object."""
+    try:
+        return key[attribute]
+    except (KeyError, NotImplementedError):
+        return None
+    except Exception as exc:  # AttributeTypeInvalid, AttributeSensitive: absent for our purpose
+        if type(exc).__name__ in ("AttributeTypeInvalid", "AttributeSensitive"):
+            return None
+        raise
+
+
+def _bool_attribute(key: Any, attribute: Any) -> bool | None:
+    value = _attribute(key, attribute)
+    return None if value is None else bool(value)
+
+
+def _oid_text(der: bytes) -> str | None:
+    """The dotted OID of a DER OBJECT IDENTIFIER (CKA_EC_PARAMS of a named curve); None for anything else."""
+    if len(der) < 3 or der[0] != 0x06 or der[1] != len(der) - 2:
+        return None
+    body = der[2:]
+    arcs = [min(body[0] // 40, 2), body[0] - 40 * min(body[0] // 40, 2)]
+    value = 0
+    for byte in body[1:]:
+        value = (value << 7) | (byte & 0x7F)
+        if not byte & 0x80:
+            arcs.append(value)
+            value = 0
+    return ".".join(str(arc) for arc in arcs)
 
 
 def _template(pkcs11: Any, attributes: dict[str, bool]) -> dict[Any, bool]:

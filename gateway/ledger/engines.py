@@ -33,7 +33,8 @@ async def open_database(dsn: str, pool_size: int | None = None) -> Database:
                 PostgresDatabase,
             )
         except ImportError as exc:
-            raise ConfigError(f"PostgreSQL store not available: {exc}") from exc
+            raise ConfigError(f"PostgreSQL store not available ({exc}); a PostgreSQL store needs the 'postgres' "
+                              "extra: pip install 'ecny-gateway[postgres]'") from exc
         database: Database = await PostgresDatabase.open(dsn, size=POOL_SIZE if pool_size is None else pool_size)
         return database
     raise ConfigError(f"store.dsn {dsn!r}: use sqlite:///path or postgresql://...")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from importlib import resources
 from typing import Any
 
@@ -15,21 +16,28 @@ def migration_files(dialect: str) -> list[tuple[str, str]]:
     return [(item.name.removesuffix(".sql"), item.read_text(encoding="utf-8")) for item in files]
 
 
-def apply_migrations(tx: Any, dialect: str) -> list[str]:
+MigrationProgress = Callable[[int, int], None]
+"""Told (migrations applied so far, migrations to apply) as ``migrate`` goes; the CLI's progress bar."""
+
+
+def apply_migrations(tx: Any, dialect: str, progress: MigrationProgress | None = None) -> list[str]:
     """Apply, inside ``tx``, the migrations not recorded in ``schema_migrations``."""
     tx.lock("schema-migrations")
     tx.execute("CREATE TABLE IF NOT EXISTS schema_migrations (name TEXT PRIMARY KEY, applied_at TEXT NOT NULL)")
     done = {row["name"] for row in tx.fetchall("SELECT name FROM schema_migrations")}
-    applied = []
-    for name, sql in migration_files(dialect):
-        if name in done:
-            continue
+    applied: list[str] = []
+    pending = [(name, sql) for name, sql in migration_files(dialect) if name not in done]
+    for name, sql in pending:
+        if progress is not None:
+            progress(len(applied), len(pending))
         for statement in _statements(sql):
             tx.execute(statement)
         tx.execute(
             "INSERT INTO schema_migrations (name, applied_at) VALUES (?, ?)", (name, now_iso())
         )
         applied.append(name)
+    if progress is not None:
+        progress(len(applied), len(pending))
     return applied
 
 

@@ -40,7 +40,7 @@ from psycopg.rows import dict_row
 from psycopg_pool import ConnectionPool
 
 from gateway.errors import AlreadyExists, ConfigError, GatewayError, StoreUnavailable
-from gateway.ledger.migrate import apply_migrations
+from gateway.ledger.migrate import MigrationProgress, apply_migrations
 from gateway.ledger.store import Params, Row
 
 T = TypeVar("T")
@@ -415,8 +415,8 @@ class PostgresDatabase:
         except _UNAVAILABLE as exc:
             raise _unavailable(exc) from exc
 
-    async def migrate(self) -> list[str]:
-        return await self.write(lambda tx: apply_migrations(tx, "postgresql"))
+    async def migrate(self, progress: MigrationProgress | None = None) -> list[str]:
+        return await self.write(lambda tx: apply_migrations(tx, "postgresql", progress))
 
     async def ping(self) -> bool:
         try:

@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from gateway.errors import AlreadyExists, ConfigError, GatewayError, StoreUnavailable
-from gateway.ledger.migrate import apply_migrations
+from gateway.ledger.migrate import MigrationProgress, apply_migrations
 from gateway.ledger.store import Params, Row
 
 T = TypeVar("T")
@@ -317,8 +317,8 @@ class SqliteDatabase:
         except sqlite3.Error as exc:
             raise StoreUnavailable(f"SQLite: {exc}") from exc
 
-    async def migrate(self) -> list[str]:
-        return await self.write(lambda tx: apply_migrations(tx, "sqlite"))
+    async def migrate(self, progress: MigrationProgress | None = None) -> list[str]:
+        return await self.write(lambda tx: apply_migrations(tx, "sqlite", progress))
 
     async def ping(self) -> bool:
         try:

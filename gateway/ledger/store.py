@@ -82,8 +82,9 @@ class Database(Protocol):
         """Run ``fn`` in a read-only transaction (a consistent snapshot)."""
         ...
 
-    async def migrate(self) -> list[str]:
-        """Apply the migrations not yet applied. Returns the names applied now."""
+    async def migrate(self, progress: Callable[[int, int], None] | None = None) -> list[str]:
+        """Apply the migrations not yet applied, telling ``progress`` (applied, to apply) as they go.
+        Returns the names applied now."""
         ...
 
     async def ping(self) -> bool:

@@ -62,6 +62,7 @@ from gateway.offline.upload import apply_checks, hashes_to_check, plan_checks, r
 from gateway.offline.verify import InlineVerifier, Verifier
 from gateway.operations.idempotency import Answer, IdempotentRequest
 from gateway.operations.signed import SignedOperation, ToSign
+from gateway.risk.signals import record_signal_in
 from gateway.schemes import offline
 from gateway.schemes.canonical import map_around
 from gateway.signing import Signer
@@ -278,6 +279,8 @@ class Devices:
         )
         tx.execute("UPDATE devices SET load_seq = ?, issued_fen = issued_fen + ?, updated_at = ? WHERE device_id = ?",
                    (load_seq, amount, clock.now_iso(), device_id))
+        record_signal_in(tx, "device.loaded", device_id, amount, actor=entry.actor, entry_id=entry_id,
+                         wallet_id=wallet["wallet_id"])
         entry.result = {"device_id": device_id, "wallet_id": wallet["wallet_id"], "load_seq": load_seq,
                         "amount_fen": amount, "entry_id": entry_id}
         append(tx, [entry])
@@ -319,6 +322,8 @@ class Devices:
         if outcome == "park":
             return None
         load_seq = int(row["load_seq"])
+        record_signal_in(tx, "device.loaded", device_id, amount, actor=entry.actor, entry_id=entry_id,
+                         wallet_id=wallet_id)
         entry.result = {"device_id": device_id, "wallet_id": wallet_id, "load_seq": load_seq, "amount_fen": amount,
                         "entry_id": entry_id}
         append(tx, [entry])
@@ -440,6 +445,8 @@ class Devices:
             raise DeviceNotActive(f"device {device_id} is {device['status']} already", [f"device-{device['status']}"])
         tx.execute("UPDATE devices SET status = 'revoked', status_reason = ?, stopped_at_ms = ?, updated_at = ? "
                    "WHERE device_id = ?", (reason, journal.epoch_millis(), clock.now_iso(), device_id))
+        record_signal_in(tx, "device.revoked", device_id, actor=entry.actor, device_id=device_id, reason=reason,
+                         wallet_id=device["wallet_id"])
         entry.result = {"device_id": device_id, "from": device["status"], "reason": reason}
         append(tx, [entry])
         return device_row(tx, device_id)

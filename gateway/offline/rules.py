@@ -33,6 +33,7 @@ from gateway.offline.invariants import offline_entry_id, outstanding_problem
 from gateway.offline.report import Report, SideCounts
 from gateway.offline.settings import OfflineSettings
 from gateway.offline.upload import Record, Upload
+from gateway.risk.signals import record_signal_in
 from gateway.schemes.offline import Payment
 
 KINDS: dict[str, str] = {
@@ -108,6 +109,7 @@ class Reconciliation:
         self.auto_resolved: list[str] = []
         self.hold_kinds: dict[str, str] = {}
         self.load_updates: list[tuple[int, int, str, int]] = []
+        self.frozen: dict[str, str] = {}  # devices frozen by this batch, and why
         self.report: Report | None = None
         self.sync_id = ""
 
@@ -207,6 +209,7 @@ class Reconciliation:
         if device["status"] == "active":
             device.update(status="frozen", status_reason=reason, stopped_at_ms=self.now_ms)
             self.touched_devices.add(device_id)
+            self.frozen[device_id] = reason
 
     def _post(self, digest: bytes, payee_seen: bool = False) -> bool:
         """Post a matched payment now, or hold it if its payee's wallet cannot receive or the reserve is short.
@@ -595,6 +598,10 @@ class Reconciliation:
                                       amounts[key], memo))
         return transfers
 
+    def payees_of(self, device_id: str) -> list[str]:
+        """The payee devices of the payments of ``device_id`` this batch knows."""
+        return sorted({str(row["payee_device"]) for row in self.rows.values() if row["payer_device"] == device_id})
+
     def write(self) -> None:
         tx = self.tx
         transfers = self.entries()
@@ -617,6 +624,12 @@ class Reconciliation:
             if posting and changed != len(digests):
                 raise LedgerInvariantBroken("an offline payment being posted already has a journal entry")
         post_offline(tx, "offline", transfers, self.actor)
+        for discrepancy_id, _, kind, device_id, _, amount, *_ in self.discrepancies:
+            record_signal_in(tx, "discrepancy.raised", device_id or "", amount, actor=self.actor,
+                             discrepancy_id=discrepancy_id, discrepancy_kind=kind)
+        for device_id, reason in self.frozen.items():  # with the payee devices it paid (rule frozen_devices_payee)
+            record_signal_in(tx, "device.frozen", device_id, actor=self.actor, reason=reason,
+                             wallet_id=self.devices[device_id]["wallet_id"], payees=self.payees_of(device_id))
         if self.auto_resolved:
             update_in(tx, "UPDATE discrepancies SET status = 'resolved', resolution = 'matched', resolved_by = ?, "
                           "resolved_at = ?, note = ? WHERE status = 'open' AND discrepancy_id IN ({in})",

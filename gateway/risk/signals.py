@@ -4,23 +4,48 @@ Whatever the monitor (:mod:`gateway.monitor`) later makes of a signal, the signa
 rolls back with the decision that caused it — a crash can neither keep a decision and lose its signal
 nor leave a signal of a decision that never happened. Writing one is an INSERT, nothing more: the rules
 run after commit, off the request path.
+
+The kinds written, their subject, actor and counterparty are listed in docs/risk.md ("Signals").
 """
 
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass, field
 from typing import Any
 
 from gateway import clock
 from gateway.ledger.store import Tx
 
 
-def record_signal_in(tx: Tx, kind: str, subject: str, amount_fen: int | None = None, **detail: Any) -> None:
-    """Queue a signal of ``kind`` (e.g. ``transfer.signed``, ``policy.refused``) about ``subject`` (a wallet,
-    device, client or EVM address). ``detail`` holds ids and counterparties; token amounts as decimal text."""
+def record_signal_in(tx: Tx, kind: str, subject: str, amount_fen: int | None = None, *, actor: str = "",
+                     counterparty: str = "", **detail: Any) -> None:
+    """Queue a signal of ``kind`` (e.g. ``transfer.posted``, ``request.refused``) about ``subject`` (a wallet,
+    device, client or EVM address). ``actor``: the principal scope whose decision it is (``client:NAME``,
+    ``user:NAME``); ``counterparty``: whom it names besides the subject (a payee wallet, an EVM recipient).
+    ``detail`` holds ids and the rest; token amounts as decimal text."""
     if amount_fen is not None and type(amount_fen) is not int:
         raise TypeError("amount_fen is an integer number of fen")
-    tx.execute(
-        "INSERT INTO risk_signals (ts, kind, subject, amount_fen, detail) VALUES (?, ?, ?, ?, ?)",
-        (clock.now_iso(), kind, subject, amount_fen, json.dumps(detail, sort_keys=True, separators=(",", ":"))),
+    tx.queue(  # an insert under a fresh identity: it cannot collide (PostgreSQL pipelines it)
+        "INSERT INTO risk_signals (ts, kind, subject, amount_fen, detail, actor, counterparty) "
+        "VALUES (?, ?, ?, ?, ?, ?, ?)",
+        (clock.now_iso(), kind, subject, amount_fen, json.dumps(detail, sort_keys=True, separators=(",", ":")),
+         actor, counterparty),
     )
+
+
+@dataclass(frozen=True)
+class Signal:
+    """A signal to be written later in a transaction that is not the caller's own — the grouped audit
+    writer's, for a refusal audited through :class:`gateway.audit.chain.AuditLog` (see ``AuditEntry.signals``)."""
+
+    kind: str
+    subject: str
+    amount_fen: int | None = None
+    actor: str = ""
+    counterparty: str = ""
+    detail: dict[str, Any] = field(default_factory=dict)
+
+    def record_in(self, tx: Tx) -> None:
+        record_signal_in(tx, self.kind, self.subject, self.amount_fen, actor=self.actor,
+                         counterparty=self.counterparty, **self.detail)

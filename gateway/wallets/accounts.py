@@ -53,6 +53,7 @@ from gateway.ledger.store import Database, Row, Tx
 from gateway.operations.idempotency import Answer, IdempotentRequest
 from gateway.operations.signed import SignedOperation, ToSign
 from gateway.policy.limits import Decision, check_payment, check_receipt, check_status
+from gateway.risk.signals import record_signal_in
 from gateway.schemes.canonical import map_around
 from gateway.signing import Signer
 from gateway.wallets.ids import is_valid_wallet_id, new_wallet_id
@@ -149,7 +150,6 @@ class Wallets:
         self.signer = signer
         self.profile = profile
         self.settings = settings
-        self._ecny_key: KeyRecord | None = None
         self.approvals = approvals if approvals is not None else Approvals(settings.approvals)
         self.signed_transfers = SignedOperation(database, TransferSigning(self))
         handler = WalletApprovals(self)
@@ -265,6 +265,7 @@ class Wallets:
                 return pending
         entry_id = journal.post(tx, "cash_in", wallet_id, [(journal.wallet_account(wallet_id), amount),
                                                          (journal.ISSUANCE, -amount)], actor)
+        record_signal_in(tx, "cash.in", wallet_id, amount, actor=actor, entry_id=entry_id)
         return self._cash_result(tx, wallet_id, entry_id, amount, entry)
 
     def cash_out(self, tx: Tx, wallet_id: str, amount: int, actor: str, entry: AuditEntry,
@@ -289,6 +290,7 @@ class Wallets:
                 return pending
         entry_id = journal.post(tx, "cash_out", wallet_id, [(journal.wallet_account(wallet_id), -amount),
                                                           (journal.ISSUANCE, amount)], actor)
+        record_signal_in(tx, "cash.out", wallet_id, amount, actor=actor, entry_id=entry_id)
         return self._cash_result(tx, wallet_id, entry_id, amount, entry)
 
     def _cash_on_server(self, tx: Tx, kind: str, wallet_id: str, amount: int, actor: str, entry: AuditEntry,
@@ -322,6 +324,8 @@ class Wallets:
         if outcome["park"]:
             return None
         balance = int(outcome["balance"])
+        record_signal_in(tx, "cash.in" if kind == "cash_in" else "cash.out", wallet_id, amount, actor=actor,
+                         entry_id=entry_id)
         entry.result = {"wallet_id": wallet_id, "amount_fen": amount, "entry_id": entry_id, "balance_fen": balance}
         append(tx, [entry])
         return {"entry_id": entry_id, "wallet_id": wallet_id, "amount_fen": amount, "balance_fen": balance}
@@ -362,6 +366,8 @@ class Wallets:
             actor, intent.memo,
         )
         journal.add_spend(tx, intent.from_wallet, intent.amount, journal.business_day())
+        record_signal_in(tx, "transfer.posted", intent.from_wallet, intent.amount, actor=actor,
+                         counterparty=intent.to_wallet, transfer_id=transfer_id, entry_id=entry_id)
         seq = int(tx.fetchone(  # type: ignore[index]
             "UPDATE wallets SET out_seq = out_seq + 1 WHERE wallet_id = ? RETURNING out_seq", (intent.from_wallet,)
         )["out_seq"])
@@ -448,6 +454,8 @@ class Wallets:
         refuse([Decision(False, tuple(outcome["reasons"]))],
                f"transfer of {intent.amount} fen from {intent.from_wallet} to {intent.to_wallet} refused")
         seq = int(outcome["seq"])
+        record_signal_in(tx, "transfer.posted", intent.from_wallet, intent.amount, actor=entry.actor,
+                         counterparty=intent.to_wallet, transfer_id=transfer_id, entry_id=entry_id)
         entry.result = {"transfer_id": transfer_id, "from": intent.from_wallet, "to": intent.to_wallet,
                         "amount_fen": intent.amount, "entry_id": entry_id}
         append(tx, [entry])
@@ -457,11 +465,10 @@ class Wallets:
                 "approval_id": None, "requested_by": entry.actor, "created_at": now}
 
     async def ecny_key(self) -> KeyRecord:
-        if self._ecny_key is None:
-            configured = self.settings.ecny.key_id
-            self._ecny_key = await self.database.read(
-                lambda tx: key_for_usage(tx, Usage.ECNY, configured, "ecny.key_id"))
-        return self._ecny_key
+        """The key that signs envelopes now: read every time, since a rotation (in any process) moves it."""
+        configured = self.settings.ecny.key_id
+        key: KeyRecord = await self.database.read(lambda tx: key_for_usage(tx, Usage.ECNY, configured, "ecny.key_id"))
+        return key
 
     async def transfer(self, request: IdempotentRequest | None, intent: TransferIntent,
                        entry: AuditEntry) -> Answer:

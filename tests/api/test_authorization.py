@@ -16,6 +16,7 @@ import os
 import secrets
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from datetime import timedelta
 from typing import Any
 
 import pytest
@@ -27,6 +28,7 @@ from gateway.app import all_endpoints
 from gateway.auth.credentials import add_user, revoke_client
 from gateway.auth.roles import Role, allows
 from gateway.hardwallet.simulator import SimulatedDevice
+from gateway.risk.events import RiskEvent, insert_event_in
 from tests.api.support import approve_as_second_person, approve_opened_tier, assert_problem, new_client, runtime
 from tests.conftest import PASSWORDS, Gateway, login
 from tests.device.flows import discrepancies, ensure_voucher_key, pay, register
@@ -153,6 +155,14 @@ async def _evm_key(ctx: Context) -> dict[str, Any]:
         headers=gw.auth(Role.ADMIN)), 201)
 
 
+async def _fresh_raw_key(ctx: Context) -> dict[str, Any]:
+    """A raw key of its own, so that rotating or disabling it changes no key other tests use."""
+    gw = ctx.gateway
+    return await _ok(await gw.client.post("/v1/keys", json={
+        "label": f"authz-lifecycle-{secrets.token_hex(4)}", "algorithm": "ecdsa-p256", "usage": ["raw"]},
+        headers=gw.auth(Role.ADMIN)), 201)
+
+
 async def _evm_transaction(ctx: Context) -> Case:
     key = await _evm_key(ctx)
     return Case("/v1/evm/transactions", {
@@ -234,6 +244,37 @@ async def _new_user(ctx: Context) -> str:
     return username
 
 
+async def _dead_delivery(ctx: Context) -> Case:
+    """A risk event whose delivery to a webhook is dead (written as the delivery loop leaves it)."""
+    event = RiskEvent("structuring", 1, "high", 80, "8123456789012344", {"transfer_ids": ["t_authz"]})
+
+    def work(tx: Any) -> None:
+        insert_event_in(tx, event)
+        tx.execute("INSERT INTO risk_deliveries (event_id, endpoint, status, attempts, next_attempt_at, last_error) "
+                   "VALUES (?, 'authz-hook', 'dead', 3, ?, 'HTTP 500')", (event.event_id, clock.now_iso()))
+
+    await runtime(ctx.gateway).database.write(work)
+    return Case(f"/v1/risk/deliveries/{event.event_id}/authz-hook/replay")
+
+
+async def _report_case(ctx: Context) -> Case:
+    """Yesterday's risk report, with a `report` key made once for the session's gateway."""
+    gw = ctx.gateway
+    keys = await _ok(await gw.client.get("/v1/keys", headers=gw.auth(Role.ADMIN)))
+    if not any("report" in key["usage"] for key in keys["keys"]):
+        await _ok(await gw.client.post("/v1/keys", json={"label": "authz-risk-report", "algorithm": "ecdsa-p256",
+                                                         "usage": ["report"]}, headers=gw.auth(Role.ADMIN)), 201)
+    return Case(f"/v1/risk/reports/{(clock.now().date() - timedelta(days=1)).isoformat()}")
+
+
+async def _risk_event(ctx: Context) -> str:
+    """A fresh open risk event that names the backend test client (so that client may read it), nobody else."""
+    event = RiskEvent("notable", 1, "low", 25, "authz", {"first_seq": 0, "last_seq": 0},
+                      parties=("client:test-backend",))
+    await runtime(ctx.gateway).database.write(lambda tx: insert_event_in(tx, event))
+    return event.event_id
+
+
 # The users behind each role that people hold (tests/conftest.py provisions them).
 USER_OF_ROLE = {Role.TELLER: "teller1", Role.SUPERVISOR: "supervisor1", Role.AUDITOR: "auditor1",
                 Role.ADMIN: "admin1"}
@@ -253,6 +294,12 @@ SUPERVISOR = frozenset({Role.SUPERVISOR})
 DEVICE_READERS = frozenset({Role.TELLER, Role.SUPERVISOR, Role.AUDITOR})
 PEOPLE = frozenset({Role.TELLER, Role.SUPERVISOR, Role.AUDITOR, Role.ADMIN})  # roles a user can hold: log out
 ADMIN = frozenset({Role.ADMIN})
+# Risk: the institution-wide report and chart for supervisors and auditors; webhook deliveries for the admin
+# who runs them (and the auditor, who reads everything).
+RISK_REPORT_READERS = frozenset({Role.SUPERVISOR, Role.AUDITOR})
+DELIVERY_READERS = frozenset({Role.AUDITOR, Role.ADMIN})
+RISK_READERS = frozenset({Role.BACKEND, Role.SUPERVISOR, Role.AUDITOR})  # the backend: events naming it
+RISK_TRIAGERS = frozenset({Role.SUPERVISOR, Role.AUDITOR})
 
 Builder = Callable[[Context], Awaitable[Case]]
 
@@ -264,6 +311,8 @@ CASES: dict[str, tuple[frozenset[Role] | None, Builder]] = {
     "GET /readyz": (PUBLIC, _fixed(Case("/readyz"))),
     "GET /metrics": (EVERY_ROLE, _fixed(Case("/metrics"))),
     "GET /openapi.json": (EVERY_ROLE, _fixed(Case("/openapi.json"))),
+    "GET /docs": (PUBLIC, _fixed(Case("/docs"))),
+    "GET /docs/assets/{name}": (PUBLIC, _fixed(Case("/docs/assets/docs.js"))),
     "GET /v1/status": (EVERY_ROLE, _fixed(Case("/v1/status"))),
     "POST /v1/sessions": (PUBLIC, _fixed(Case("/v1/sessions", {"username": "auditor1",
                                                                "password": PASSWORDS["auditor1"]}))),
@@ -277,6 +326,14 @@ CASES: dict[str, tuple[frozenset[Role] | None, Builder]] = {
         "/v1/keys", {"label": f"authz-{secrets.token_hex(6)}", "algorithm": "ecdsa-p256", "usage": ["raw"]}))),
     "GET /v1/keys": (KEY_READERS, _fixed(Case("/v1/keys"))),
     "GET /v1/keys/{key_id}": (KEY_READERS, _sync(lambda ctx: Case(f"/v1/keys/{ctx.keys['p256']['key_id']}"))),
+    "POST /v1/keys/{key_id}/rotate": (frozenset({Role.ADMIN}), lambda ctx: _built(
+        ctx, "/v1/keys/{}/rotate", lambda ctx: _id(_fresh_raw_key(ctx), "key_id"))),
+    "POST /v1/keys/{key_id}/disable": (frozenset({Role.ADMIN}), lambda ctx: _built(
+        ctx, "/v1/keys/{}/disable", lambda ctx: _id(_fresh_raw_key(ctx), "key_id"))),
+    "POST /v1/keys/{key_id}/verify": (KEY_READERS, _sync(lambda ctx: Case(
+        f"/v1/keys/{ctx.keys['p256']['key_id']}/verify", {"digest": _digest(), "signature": _digest() * 2}))),
+    "GET /v1/keys/{key_id}/public": (KEY_READERS, _sync(lambda ctx: Case(
+        f"/v1/keys/{ctx.keys['p256']['key_id']}/public", params={"format": "jwk"}))),
     "POST /v1/keys/{key_id}/sign": (frozenset({Role.BACKEND}), _sync(lambda ctx: Case(
         f"/v1/keys/{ctx.keys['p256']['key_id']}/sign", {"digest": _digest()}))),
     "POST /v1/sign/batch": (frozenset({Role.BACKEND}), _sync(lambda ctx: Case(
@@ -324,8 +381,23 @@ CASES: dict[str, tuple[frozenset[Role] | None, Builder]] = {
     "GET /v1/evm/chains": (frozenset({Role.BACKEND, Role.AUDITOR, Role.ADMIN}), _fixed(Case("/v1/evm/chains"))),
     "POST /v1/evm/transactions": (frozenset({Role.BACKEND}), _evm_transaction),
     "POST /v1/evm/typed-data": (frozenset({Role.BACKEND}), _evm_typed_data),
+    "POST /v1/evm/rpc": (frozenset({Role.BACKEND, Role.AUDITOR, Role.ADMIN}), _fixed(Case(
+        "/v1/evm/rpc", {"jsonrpc": "2.0", "id": 1, "method": "eth_accounts", "params": []}))),
     "POST /v1/evm/nonces/{chain_id}/{address}": (frozenset({Role.ADMIN}), _sync(lambda ctx: Case(
         f"/v1/evm/nonces/{SEPOLIA}/0x{secrets.token_hex(20)}", {"next_nonce": 0}))),
+    "GET /v1/risk/deliveries": (DELIVERY_READERS, _fixed(Case("/v1/risk/deliveries", params={"status": "dead"}))),
+    "POST /v1/risk/deliveries/{event_id}/{endpoint}/replay": (ADMIN, _dead_delivery),
+    "GET /v1/risk/reports/{date}": (RISK_REPORT_READERS, _report_case),
+    "GET /v1/risk/chart.png": (RISK_REPORT_READERS, _fixed(Case("/v1/risk/chart.png"))),
+    "GET /v1/risk/events": (RISK_READERS, _fixed(Case("/v1/risk/events", params={"limit": "5"}))),
+    "GET /v1/risk/events/{event_id}": (RISK_READERS, lambda ctx: _built(ctx, "/v1/risk/events/{}", _risk_event)),
+    "GET /v1/risk/stream": (RISK_READERS, _fixed(Case("/v1/risk/stream"))),
+    "POST /v1/risk/events/{event_id}/acknowledge": (RISK_TRIAGERS, lambda ctx: _built(
+        ctx, "/v1/risk/events/{}/acknowledge", _risk_event, {"note": "seen"})),
+    "POST /v1/risk/events/{event_id}/assign": (RISK_TRIAGERS, lambda ctx: _built(
+        ctx, "/v1/risk/events/{}/assign", _risk_event, {"assignee": "auditor1"})),
+    "POST /v1/risk/events/{event_id}/close": (RISK_TRIAGERS, lambda ctx: _built(
+        ctx, "/v1/risk/events/{}/close", _risk_event, {"note": "checked"})),
 }
 
 ENDPOINTS = {endpoint.name: endpoint for endpoint in all_endpoints()}
@@ -377,7 +449,11 @@ async def test_endpoint_for_caller(
     response = await gateway.client.request(
         endpoint.method, case.path, json=case.json, data=case.data, params=case.params, headers=headers
     )
-    text = await response.text()
+    if response.content_type == "text/event-stream":  # a live stream never ends: its status says it all
+        text = ""
+        response.close()
+    else:
+        text = (await response.read()).decode("utf-8", "replace")  # some successes are binary (PNG, COSE)
     assert response.headers["X-Request-Id"] == request_id
 
     if endpoint.permission is None or (isinstance(caller, Role) and allows(caller, endpoint.permission)):

@@ -9,7 +9,7 @@ import pytest
 from aiohttp.test_utils import TestServer
 from pydantic import SecretStr
 
-from gateway.app import AUDIT_LOG, SIGNER_POOL, STORE, make_app
+from gateway.app import AUDIT_LOG, RISK_MONITOR, SIGNER_POOL, STORE, make_app
 from gateway.errors import GatewayError
 from gateway.runtime import RUNTIME
 from tests.conftest import Token, make_settings
@@ -43,5 +43,6 @@ async def test_every_resource_is_reachable_by_its_key_once_started(softhsm_token
         assert (await app[STORE].read(lambda tx: tx.fetchone("SELECT 1 AS one")))["one"] == 1  # type: ignore[index]
         assert app[SIGNER_POOL].health().ready
         assert app[AUDIT_LOG] is app[RUNTIME].audit
+        assert app[RISK_MONITOR] is app[RUNTIME].monitor
     finally:
         await server.close()

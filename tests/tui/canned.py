@@ -66,6 +66,25 @@ AUDIT: list[dict[str, Any]] = [
      "request_id": f"r{i}", "entry_hash": "cd" * 32}
     for i in range(1, 18)
 ]
+RISK_EVENTS: list[dict[str, Any]] = [
+    {"seq": 1, "event_id": "r_0001", "ts": "2025-01-03T09:12:00.000000Z", "rule": "structuring", "rule_version": 1,
+     "severity": "high", "score": 82, "subject": "8123456789012344",
+     "evidence": {"transfer_ids": ["t_a1", "t_a2", "t_a3", "t_a4", "t_a5", "t_a6"], "amount_fen_each": 4_999_900,
+                  "threshold_fen": 5_000_000, "window": "PT10M"},
+     "status": "open", "assignee": None, "updated_at": "2025-01-03T09:12:00.000000Z"},
+    {"seq": 2, "event_id": "r_0002", "ts": "2025-01-03T10:40:00.000000Z", "rule": "fan-out", "rule_version": 2,
+     "severity": "medium", "score": 55, "subject": "8987654321098763",
+     "evidence": {"new_payees": 9, "window": "PT1H", "transfer_ids": ["t_b1", "t_b2"]},
+     "status": "acknowledged", "assignee": "supervisor1", "updated_at": "2025-01-03T10:45:00.000000Z"},
+    {"seq": 3, "event_id": "r_0003", "ts": "2025-01-03T11:05:00.000000Z", "rule": "payee-of-frozen-devices",
+     "rule_version": 1, "severity": "critical", "score": 95, "subject": "8123456789012344",
+     "evidence": {"devices": ["d_sim01", "d_sim02", "d_sim03"], "amount_fen": 120_000},
+     "status": "open", "assignee": None, "updated_at": "2025-01-03T11:05:00.000000Z"},
+    {"seq": 4, "event_id": "r_0004", "ts": "2025-01-03T11:30:00.000000Z", "rule": "repeated-refusals",
+     "rule_version": 1, "severity": "low", "score": 20, "subject": "client:backend",
+     "evidence": {"refusals": 12, "window": "PT5M"}, "status": "open", "assignee": None,
+     "updated_at": "2025-01-03T11:30:00.000000Z"},
+]
 METRICS = """# HELP ecny_signatures_total Signatures
 # TYPE ecny_signatures_total counter
 ecny_signatures_total{algorithm="ecdsa-p256",usage="raw"} 1200.0
@@ -88,10 +107,13 @@ class CannedClient(GatewayClient):
         self.session = Session("supervisor1" if role == "supervisor" else role + "1", "token", role,
                                "2025-01-03T18:00:00Z")
         self.sent: list[tuple[str, str, bytes | None]] = []
+        self.queries: list[tuple[str, dict[str, str]]] = []
+        self.risk_feed = [dict(event) for event in RISK_EVENTS]  # a test may append new ones (a live feed)
 
     async def _send(self, method: str, path: str, *, params: Mapping[str, str] | None, headers: dict[str, str],
                     body: bytes | None, timeout: float) -> Response:
         self.sent.append((method, path, body))
+        self.queries.append((path, dict(params or {})))
         document: Any
         status = 200
         if path == "/v1/status":
@@ -116,6 +138,20 @@ class CannedClient(GatewayClient):
         elif path == "/v1/audit/verify":
             document = {"ok": True, "entries": 17, "checkpoints": 1, "last_checkpoint_seq": 10, "head_seq": 17,
                         "first_bad_seq": None, "problem": "", "warnings": []}
+        elif path == "/v1/risk/events":
+            after = int((params or {}).get("after", "0"))
+            document = {"events": [e for e in self.risk_feed if e["seq"] > after], "next_after": None}
+        elif path.startswith("/v1/risk/events/") and path.endswith("/acknowledge") and method == "POST":
+            event = next((e for e in self.risk_feed if path == f"/v1/risk/events/{e['event_id']}/acknowledge"), None)
+            if self.session is not None and self.session.role == "teller":
+                status, document = 403, {"type": "https://ecny-gateway.dev/problems/forbidden", "title": "Forbidden",
+                                         "status": 403, "detail": "role 'teller' may not risk.triage"}
+            elif event is None:
+                status, document = 404, {"type": "https://ecny-gateway.dev/problems/not-found", "title": "Not found",
+                                         "status": 404, "detail": "no such risk event"}
+            else:
+                event.update(status="acknowledged", assignee=self.session.username if self.session else None)
+                document = event
         elif path.startswith("/v1/devices/"):
             status, document = 404, {"type": "https://ecny-gateway.dev/problems/not-found", "title": "Not found",
                                      "status": 404, "detail": "no device d_sim01"}

@@ -144,12 +144,16 @@ async def new_wallet(gateway: Gateway, holder: str = "Wang Fang", tier: int = 4,
 
 
 class Proxy:
-    """An HTTP proxy in front of the gateway: ``delay`` slows every answer; ``stop()`` closes the port
+    """An HTTP proxy in front of the gateway: ``delay`` slows every answer; ``hold()`` keeps every
+    answer back until ``release()`` (``held`` counts the requests waiting); ``stop()`` closes the port
     (connections refused) and ``start()`` opens the same port again."""
 
     def __init__(self, upstream: str) -> None:
         self.upstream = upstream
         self.delay = 0.0
+        self.held = 0
+        self._gate = asyncio.Event()
+        self._gate.set()
         self.port = 0
         self._runner: web.AppRunner | None = None
         self._session: ClientSession | None = None
@@ -158,9 +162,21 @@ class Proxy:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
+    def hold(self) -> None:
+        self._gate.clear()
+
+    def release(self) -> None:
+        self._gate.set()
+
     async def _forward(self, request: web.Request) -> web.StreamResponse:
         if self.delay:
             await asyncio.sleep(self.delay)
+        if not self._gate.is_set():
+            self.held += 1
+            try:
+                await self._gate.wait()
+            finally:
+                self.held -= 1
         assert self._session is not None
         headers = {k: v for k, v in request.headers.items() if k.lower() not in ("host", "content-length")}
         async with self._session.request(request.method, self.upstream + request.path_qs, headers=headers,

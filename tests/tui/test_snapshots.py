@@ -6,6 +6,7 @@ look at the SVGs in ``__snapshots__/`` before committing them.
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
 from typing import Any
 
 import pytest
@@ -52,6 +53,10 @@ def test_login(snap_compare: Any) -> None:
 def test_dashboard(snap_compare: Any) -> None:
     async def seed(pilot: Pilot[Any]) -> None:
         screen: Any = pilot.app.screen
+        screen.now = lambda: datetime(2025, 1, 3, 18, 0, tzinfo=UTC)  # the canned risk events' day
+        screen.risk_cursor = 0
+        screen.refresh_now()
+        await settle(pilot, lambda: "critical" in str(screen.query_one("#risk-summary").render()), rounds=40)
         screen.rates = [0.0, 3.0, 12.5, 40.0, 38.0, 22.0, 9.0, 30.0, 41.0, 17.0, 6.0, 0.0]
         screen.query_one("#rate-sparkline", Sparkline).data = screen.rates
 
@@ -100,6 +105,13 @@ def test_audit(snap_compare: Any) -> None:
         await pilot.press("v")
 
     assert snap_compare(app_as("auditor"), run_before=go("audit", verify), terminal_size=(80, 24))
+
+
+def test_risk(snap_compare: Any) -> None:
+    async def evidence_of_the_critical_event(pilot: Pilot[Any]) -> None:
+        await pilot.press("down")
+
+    assert snap_compare(app_as(), run_before=go("risk", evidence_of_the_critical_event), terminal_size=(80, 24))
 
 
 def test_hard_wallets(snap_compare: Any, monkeypatch: pytest.MonkeyPatch) -> None:

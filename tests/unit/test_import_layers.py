@@ -33,6 +33,7 @@ DEFERRED_ON_PURPOSE: dict[tuple[str, str], str] = {
     ("gateway.cli", "gateway.supervisor"): "start-up cost: only `serve` with processes > 1",
     ("gateway.ledger.engines", "gateway.ledger.postgres"): "psycopg loads only for a PostgreSQL DSN",
     ("tui.device", "gateway.hardwallet.link"): "pyserial loads only when a teller opens a hard wallet",
+    ("tui.launcher", "tui.app"): "optional dependency: Textual (the `tui` extra) is checked for first",
     # Redundant (the module is imported at the top already) and no circle; left to the branch that
     # is editing these two files now.
     ("gateway.offline.devices", "gateway.offline.rules"): "redundant; removed with that file's next change",

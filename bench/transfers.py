@@ -186,8 +186,11 @@ def run_mode_wrk(gateway: Gateway, mode: str, *, duration: float, concurrency: i
 
 def ledger_check(gateway: Gateway) -> dict[str, Any]:
     checked = gateway.cli("ledger", "check")
+    audit = gateway.cli("audit", "verify")
     return {"ledger_check_rc": checked.returncode,
-            "ledger_check": (checked.stdout + checked.stderr).strip().splitlines()[-1:] or [""]}
+            "ledger_check": (checked.stdout + checked.stderr).strip().splitlines()[-1:] or [""],
+            "audit_verify_rc": audit.returncode, "audit_verify": audit.stdout.strip().splitlines()[-1:] or [""],
+            "audit_pending": [line for line in audit.stderr.splitlines() if "pending" in line]}
 
 
 def run_store(store: str, modes: list[str], *, duration: float, concurrency: int, payers: int, pin: bool,
@@ -237,7 +240,8 @@ def summary_line(result: dict[str, Any]) -> str:
     return (f"transfers {result['store']:10} {result['mode']:6} ×{result['processes']} {result['ok_rate']:8.0f}/s ok  "
             f"p50 {result['p50_ms']:6.1f} ms  p99 {result['p99_ms']:6.1f} ms  errors {errors or 0} "
             f"exc {result['exceptions'] or 0}  server CPU {result['server_cpu_ms_per_request']:.2f} ms/req  "
-            f"RSS {result['server_rss']['total_kib'] / 1024:.0f} MiB  money ok={result['money_consistent']}")
+            f"RSS {result['server_rss']['total_kib'] / 1024:.0f} MiB  money ok={result['money_consistent']}  "
+            f"ledger rc={result.get('ledger_check_rc')} audit verify rc={result.get('audit_verify_rc')}")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -26,7 +26,7 @@ from argon2 import PasswordHasher
 from gateway import __version__, logs
 from gateway.attest.alliance import AllianceSync
 from gateway.audit import witness
-from gateway.audit.chain import AuditEntry, append
+from gateway.audit.chain import AuditEntry, append, chain_now
 from gateway.audit.verify import TRUST_PINNED, pinned_key, verify_store
 from gateway.auth.credentials import add_client, add_user, list_clients, revoke_client, rotate_client
 from gateway.auth.roles import CLIENT_ONLY_ROLES, Role
@@ -87,7 +87,9 @@ async def _with_database(settings: Settings, work: Callable[[Database], Awaitabl
     database = await open_database(settings.store.dsn)
     try:
         await database.migrate()
-        return await work(database)
+        result = await work(database)
+        await chain_now(database)  # PostgreSQL: chain the audit entries the command staged
+        return result
     finally:
         await database.close()
 

@@ -11,10 +11,12 @@ from gateway.api.call import Call
 from gateway.api.codecs import json_response
 from gateway.api.endpoints import Endpoint
 from gateway.api.models import AuditCheckpointPage, AuditPage, AuditVerifyResponse
+from gateway.audit.chain import pending_count
 from gateway.audit.verify import verify_store
 from gateway.audit.witness import WitnessRecord
 from gateway.auth.roles import Permission
 from gateway.errors import ValidationFailed
+from gateway.ledger.store import Tx
 
 MAX_LIMIT = 1000
 
@@ -52,12 +54,16 @@ def _document(row: Any) -> dict[str, Any]:
 async def read_page(call: Call) -> web.Response:
     after = _int_query(call, "after_seq", 0, 0, 10**18)
     limit = _int_query(call, "limit", 100, 1, MAX_LIMIT)
-    rows = await call.runtime.database.read(
-        lambda tx: tx.fetchall("SELECT * FROM audit_log WHERE seq > ? ORDER BY seq LIMIT ?", (after, limit))
-    )
+    await call.runtime.audit.settle()  # PostgreSQL: chain what committed before this request
+
+    def page(tx: Tx) -> tuple[list[Any], int]:
+        rows = tx.fetchall("SELECT * FROM audit_log WHERE seq > ? ORDER BY seq LIMIT ?", (after, limit))
+        return rows, pending_count(tx)
+
+    rows, pending = await call.runtime.database.read(page)
     entries = [_document(row) for row in rows]
     next_after = entries[-1]["seq"] if len(entries) == limit else None
-    return json_response({"entries": entries, "next_after_seq": next_after})
+    return json_response({"entries": entries, "next_after_seq": next_after, "pending": pending})
 
 
 async def checkpoints_page(call: Call) -> web.Response:
@@ -73,6 +79,7 @@ async def checkpoints_page(call: Call) -> web.Response:
 
 
 async def verify(call: Call) -> web.Response:
+    await call.runtime.audit.settle()  # PostgreSQL: chain what committed before this request
     report = await verify_store(call.runtime.database, call.actor.scope)
     return json_response(report.document())
 

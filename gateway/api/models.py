@@ -119,6 +119,8 @@ class AuditEntryDocument(_Body):
 class AuditPage(_Body):
     entries: list[AuditEntryDocument]
     next_after_seq: int | None
+    pending: int = Field(description="Entries committed but not chained yet (PostgreSQL's audit staging; "
+                                     "always 0 on SQLite): they appear here once the chainer numbers them")
 
 
 class AuditVerifyResponse(_Body):
@@ -132,6 +134,8 @@ class AuditVerifyResponse(_Body):
     warnings: list[str]
     trust: str = Field(description="Whose keys were trusted: `key-table` (a self-check, not outsider-grade) "
                                    "or `pinned`")
+    pending: int = Field(description="Entries committed but not chained yet (PostgreSQL's audit staging), "
+                                     "which this verification does not cover")
 
 
 class AuditCheckpointDocument(_Body):

@@ -19,6 +19,17 @@ Entries are written either inside the transaction of the operation they describe
 :class:`AuditLog`, which groups the entries of concurrent requests into one commit and answers each
 request only once its entry is committed (:meth:`AuditLog.record_with` stores a write of the request's
 own, such as its Idempotency-Key answer, in that same commit).
+
+**PostgreSQL: chaining off the hot path.** Chaining needs the head, so on SQLite (one writer anyway)
+:func:`append` chains at once. On PostgreSQL that would make every write transaction, from every
+instance, wait on one lock; there :func:`append` *stages* the entries instead (``audit_staged``, in the
+operation's own transaction, no global lock) and one chainer per database (:func:`chain_staged`, run
+by :class:`AuditLog` in every instance; whoever holds the ``audit-chain`` advisory lock is the chainer
+for that batch) numbers and hash-chains them in the order it finds them committed, deleting them from
+the staging table in the same transaction: a chainer that dies half-way leaves them staged, whole, for
+the next one; ``audit_log.staged_id`` is unique, so none is ever chained twice. A staged entry is
+*pending* (:func:`pending_count`; audit listings and ``audit verify`` report it) until chained,
+normally a few milliseconds; the hash, the checkpoints and :mod:`gateway.audit.verify` are unchanged.
 """
 
 from __future__ import annotations
@@ -100,26 +111,46 @@ def head(tx: Tx) -> tuple[int, bytes]:
     return (0, GENESIS) if row is None else (int(row["seq"]), bytes(row["entry_hash"]))
 
 
+def _fields(entry: AuditEntry) -> dict[str, Any]:
+    """An entry's stored fields but its number: what the hash covers, beside ``seq``."""
+    return {
+        "ts": clock.now_iso(),
+        "actor": entry.actor,
+        "role": entry.role,
+        "action": entry.action,
+        "decision": entry.decision,
+        "reasons": _json(list(entry.reasons)),
+        "payload_hash": entry.payload_hash,
+        "key_id": entry.key_id,
+        "result": _json(entry.result),
+        "request_id": entry.request_id,
+    }
+
+
+FIELD_NAMES = ("ts", "actor", "role", "action", "decision", "reasons", "payload_hash", "key_id", "result",
+               "request_id")
+
+CHAIN_LOCK = "audit-chain"
+"""The advisory lock whose holder chains: on SQLite's path every appender, on PostgreSQL the chainer only."""
+
+
 def append(tx: Tx, entries: Iterable[AuditEntry]) -> list[int]:
-    """Append entries inside ``tx`` (which must be a write transaction). Returns their sequence numbers."""
-    tx.lock("audit-chain")
+    """Append entries inside ``tx`` (which must be a write transaction). Returns their sequence numbers
+    — on PostgreSQL, where they are staged for the chainer (see the module's docstring), a 0 for each:
+    their numbers are given when they are chained."""
+    if tx.dialect == "postgresql":
+        entries = list(entries)
+        numbers = _stage(tx, [_fields(entry) for entry in entries])
+        for entry in entries:
+            for signal in entry.signals:
+                signal.record_in(tx)
+        return numbers
+    tx.lock(CHAIN_LOCK)
     seq, prev = head(tx)
     numbers = []
     for entry in entries:
         seq += 1
-        row = {
-            "seq": seq,
-            "ts": clock.now_iso(),
-            "actor": entry.actor,
-            "role": entry.role,
-            "action": entry.action,
-            "decision": entry.decision,
-            "reasons": _json(list(entry.reasons)),
-            "payload_hash": entry.payload_hash,
-            "key_id": entry.key_id,
-            "result": _json(entry.result),
-            "request_id": entry.request_id,
-        }
+        row = {"seq": seq, **_fields(entry)}
         digest = entry_hash(prev, row)
         tx.queue(  # the audit-chain lock protects seq: this insert cannot collide
             "INSERT INTO audit_log (seq, ts, actor, role, action, decision, reasons, payload_hash, key_id, "
@@ -131,6 +162,68 @@ def append(tx: Tx, entries: Iterable[AuditEntry]) -> list[int]:
         for signal in entry.signals:
             signal.record_in(tx)
     return numbers
+
+
+def _stage(tx: Tx, rows: list[dict[str, Any]]) -> list[int]:
+    """Stage entries for the chainer: one multi-row insert, queued (a fresh serial id cannot collide)."""
+    if not rows:
+        return []
+    values = ", ".join(["(" + ", ".join("?" * len(FIELD_NAMES)) + ")"] * len(rows))
+    tx.queue(f"INSERT INTO audit_staged ({', '.join(FIELD_NAMES)}) VALUES {values}",
+             tuple(row[name] for row in rows for name in FIELD_NAMES))
+    return [0] * len(rows)
+
+
+def chain_staged(tx: Tx, limit: int) -> list[int] | None:
+    """Chain up to ``limit`` staged entries (PostgreSQL), in staging-id order among those committed, inside
+    ``tx`` (a write transaction): each gets the next number and its hash, and leaves ``audit_staged`` in
+    the same transaction. Returns the numbers given (empty: nothing was staged), or None when another
+    chainer holds the ``audit-chain`` lock (this one is not the leader for now).
+
+    A staged row still being committed by its own transaction is not seen: it is chained by a later call,
+    after the ones chained now — the chain's order is the order in which entries were found committed.
+    """
+    leader = tx.fetchone("SELECT pg_try_advisory_xact_lock(ecny_lock_key(?)) AS leader", (CHAIN_LOCK,))
+    if leader is None or not leader["leader"]:
+        return None
+    rows = tx.fetchall(
+        f"DELETE FROM audit_staged WHERE staged_id IN (SELECT staged_id FROM audit_staged ORDER BY staged_id "
+        f"LIMIT ?) RETURNING staged_id, {', '.join(FIELD_NAMES)}", (limit,))
+    if not rows:
+        return []
+    seq, prev = head(tx)
+    numbers: list[int] = []
+    values: list[Any] = []
+    for staged in sorted(rows, key=lambda row: int(row["staged_id"])):
+        seq += 1
+        row = {"seq": seq, **{name: staged[name] for name in FIELD_NAMES}}
+        digest = entry_hash(prev, row)
+        values.extend((*row.values(), prev, digest, int(staged["staged_id"])))
+        prev = digest
+        numbers.append(seq)
+    placeholders = ", ".join(["(" + ", ".join("?" * (len(FIELD_NAMES) + 4)) + ")"] * len(numbers))
+    tx.queue(  # the audit-chain lock protects seq; staged_id is unique: a second chaining would fail here
+        "INSERT INTO audit_log (seq, ts, actor, role, action, decision, reasons, payload_hash, key_id, result, "
+        f"request_id, prev_hash, entry_hash, staged_id) VALUES {placeholders}", tuple(values))
+    return numbers
+
+
+async def chain_now(database: Database) -> None:
+    """Chain what is staged now, if no other chainer holds the lock (PostgreSQL; nothing on SQLite): for
+    processes that audit but run no :class:`AuditLog` (the command line), so that their entries do not
+    wait for a gateway to start."""
+    if not await database.read(lambda tx: tx.dialect == "postgresql"):
+        return
+    while True:
+        numbers = await database.write(lambda tx: chain_staged(tx, CHAIN_BATCH))
+        if not numbers or len(numbers) < CHAIN_BATCH:
+            return
+
+
+def pending_count(tx: Tx) -> int:
+    """How many entries are staged, committed but not chained yet (always 0 on SQLite)."""
+    row = tx.fetchone("SELECT COUNT(*) AS pending FROM audit_staged")
+    return int(row["pending"]) if row is not None else 0
 
 
 def _nothing_else(tx: Tx) -> None:
@@ -152,8 +245,21 @@ def checkpoint_message(seq: int, head_hash: bytes) -> bytes:
     return cbor2.dumps([CHECKPOINT_CONTEXT, seq, bytes(head_hash)], canonical=True)
 
 
+CHAIN_BATCH = 1000
+"""Most staged entries one chaining transaction takes (PostgreSQL)."""
+CHAIN_IDLE_MIN_S = 0.005
+CHAIN_IDLE_MAX_S = 0.05
+"""The chainer's pause after a batch that did not fill up: halved (down to the minimum) after a batch
+of at least :data:`CHAIN_FEW` entries, doubled (up to the maximum) after a smaller one — so under load
+each poll takes what accumulated meanwhile (a few dozen polls a second, not one per entry: every poll
+is a transaction), and a pending entry waits at most about the maximum."""
+CHAIN_FEW = 16
+CHAIN_FOLLOWER_S = 0.5
+"""How often an instance that is not the chainer tries to become it: how soon a dead chainer is replaced."""
+
+
 class AuditLog:
-    """Grouped audit writes and periodic checkpoints for one gateway process."""
+    """Grouped audit writes, periodic checkpoints and (PostgreSQL) the chainer, for one gateway process."""
 
     def __init__(
         self, database: Database, signer: Signer, checkpoint_every: int, flush_max: int, key_id: str | None,
@@ -175,6 +281,7 @@ class AuditLog:
         self._checkpointing: asyncio.Task[None] | None = None
         self._checkpointed = 0
         self._checkpoint_lock = asyncio.Lock()
+        self._chainer: asyncio.Task[None] | None = None
         self._log = structlog.get_logger("gateway.audit")
 
     async def start(self) -> None:
@@ -190,6 +297,59 @@ class AuditLog:
         self._report_head((await self._database.read(head))[0])
         if self._checkpoint_seconds > 0:
             self._ticker = asyncio.create_task(self._tick())
+        if await self._database.read(lambda tx: tx.dialect == "postgresql"):
+            self._chainer = asyncio.create_task(self._chain_loop())
+
+    async def _chain_loop(self) -> None:
+        """PostgreSQL: chain staged entries for as long as the process runs — whenever this instance
+        holds the ``audit-chain`` lock; otherwise try again every :data:`CHAIN_FOLLOWER_S`."""
+        idle = CHAIN_IDLE_MIN_S
+        while True:
+            try:
+                numbers = await self.chain_batch()
+            except Exception as exc:  # never let the chainer die: the store may come back
+                self._log.warning("audit chaining failed", error=str(exc))
+                numbers = None
+            if numbers is None:
+                await asyncio.sleep(CHAIN_FOLLOWER_S)
+            elif len(numbers) < CHAIN_BATCH:
+                idle = max(idle / 2, CHAIN_IDLE_MIN_S) if len(numbers) >= CHAIN_FEW else min(idle * 2, CHAIN_IDLE_MAX_S)
+                await asyncio.sleep(idle)
+
+    async def chain_batch(self) -> list[int] | None:
+        """Chain one batch of staged entries (see :func:`chain_staged`) and checkpoint when due."""
+        numbers = await self._database.write(lambda tx: chain_staged(tx, CHAIN_BATCH))
+        if numbers:
+            self._report_head(numbers[-1])
+            self.after_append(numbers[-1])
+        return numbers
+
+    async def chain_pending(self) -> None:
+        """Chain every entry staged before this call (PostgreSQL; nothing to do on SQLite), waiting for
+        another instance's chainer if it holds the lock. For shutdown, and for readers that need them."""
+        if not await self._database.read(lambda tx: tx.dialect == "postgresql"):
+            return
+
+        def last_staged(tx: Tx) -> int:
+            row = tx.fetchone("SELECT MAX(staged_id) AS last FROM audit_staged")
+            return int(row["last"]) if row is not None and row["last"] is not None else 0
+
+        def still_staged(tx: Tx) -> bool:
+            return tx.fetchone("SELECT 1 AS staged FROM audit_staged WHERE staged_id <= ? LIMIT 1", (last,)) is not None
+
+        last = await self._database.read(last_staged)
+        while last and await self._database.read(still_staged):
+            if await self.chain_batch() is None:
+                await asyncio.sleep(CHAIN_IDLE_MAX_S)
+
+    async def settle(self, timeout: float = CHAIN_FOLLOWER_S * 4) -> None:
+        """Before a listing or a verification: chain what was committed before it (PostgreSQL), so
+        that an auditor reads their own and everyone's decisions — waiting at most ``timeout``; what
+        is still pending then is reported as pending. Never raises: the listing goes on either way."""
+        try:
+            await asyncio.wait_for(self.chain_pending(), timeout)
+        except (GatewayError, TimeoutError) as exc:
+            self._log.warning("audit entries still pending", error=str(exc) or "timed out")
 
     async def _tick(self) -> None:
         """Every ``checkpoint_seconds``: report the head (``on_head``: entries appended inside other
@@ -332,8 +492,14 @@ class AuditLog:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._ticker
             self._ticker = None
+        if self._chainer is not None:
+            self._chainer.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._chainer
+            self._chainer = None
         while self._flushing is not None and not self._flushing.done():
             await self._flushing
+        await self.settle()  # what is left stays staged for another instance's chainer
         if self._checkpointing is not None and not self._checkpointing.done():
             await self._checkpointing
         try:

@@ -34,7 +34,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 
 from gateway.audit import sm2
-from gateway.audit.chain import GENESIS, checkpoint_message, entry_hash
+from gateway.audit.chain import GENESIS, checkpoint_message, entry_hash, pending_count
 from gateway.audit.witness import WitnessRecord
 from gateway.errors import ValidationFailed
 from gateway.keys import Usage
@@ -138,6 +138,7 @@ class VerifyReport:
     warnings: list[str] = field(default_factory=list)
     trust: str = TRUST_KEY_TABLE
     witnessed: int = 0
+    pending: int = 0
 
     def fail(self, seq: int, problem: str) -> None:
         if self.ok:
@@ -154,6 +155,7 @@ class VerifyReport:
             "problem": self.problem,
             "warnings": self.warnings,
             "trust": self.trust,
+            "pending": self.pending,
         }
 
 
@@ -327,6 +329,12 @@ def verify_chain(
         _check_witness(witnessed, checkpoints, report)
         if not report.witnessed:
             report.warnings.append("the witness holds no checkpoint: it cannot show a cut tail")
+    report.pending = pending_count(tx)
+    if report.pending:
+        report.warnings.append(
+            f"{report.pending} entries are pending: committed and staged, not chained yet (the chainer numbers "
+            "them within milliseconds while it runs; they are not covered by this verification)"
+        )
     if report.ok and report.head_seq > report.last_checkpoint_seq:
         report.warnings.append(
             f"entries {report.last_checkpoint_seq + 1}..{report.head_seq} follow the last signed checkpoint"

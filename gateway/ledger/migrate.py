@@ -42,17 +42,19 @@ def apply_migrations(tx: Any, dialect: str, progress: MigrationProgress | None =
 
 
 def _statements(sql: str) -> list[str]:
-    """Split a migration into statements (``;`` at a line end; no procedural bodies are used)."""
+    """Split a migration into statements: at a ``;`` that ends a line, outside a ``$$``-quoted function
+    body (whose own statements end in ``;`` too). Whole-line ``--`` comments outside bodies are dropped."""
     parts, current = [], []
+    in_body = False
     for line in sql.splitlines():
-        if line.strip().startswith("--"):
+        if not in_body and line.strip().startswith("--"):
             continue
         current.append(line)
-        if line.rstrip().endswith(";"):
+        if line.count("$$") % 2:
+            in_body = not in_body
+        if not in_body and line.rstrip().endswith(";"):
             parts.append("\n".join(current).strip().rstrip(";"))
             current = []
     if "".join(current).strip():
         parts.append("\n".join(current).strip())
     return [p for p in parts if p]
-
-

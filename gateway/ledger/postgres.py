@@ -12,8 +12,12 @@ Unlike SQLite, PostgreSQL aborts the whole transaction when a statement fails: a
 catches :class:`~gateway.errors.AlreadyExists` must not run further statements in the same
 transaction; it can only raise (and so roll back) or return.
 
-Round trips: statements nobody reads the answer of (:meth:`PostgresTx.queue`, and the advisory
-locks) travel in pipeline mode with the next statement that is read, or with the ``COMMIT``.
+Round trips: a transaction runs in pipeline mode from ``BEGIN`` to ``COMMIT``; ``BEGIN`` and the
+statements nobody reads the answer of (:meth:`PostgresTx.queue`, and the advisory locks) travel with
+the next statement that is read, or with the ``COMMIT`` — one round trip per answer read, plus the
+``COMMIT``'s. The hot paths read one answer: a transfer, a cash-in or cash-out and a device load are
+checked and posted by one server-side function each (migration 0016), so their transaction costs two
+round trips (docs/scaling.md).
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ import hashlib
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Any, NoReturn, TypeVar
 
 import psycopg
@@ -82,39 +87,66 @@ def _unavailable(exc: Exception) -> StoreUnavailable:
 
 
 class PostgresTx:
-    """A transaction on one PostgreSQL connection (see :class:`gateway.ledger.store.Tx`).
+    """A transaction on one PostgreSQL connection (see :class:`gateway.ledger.store.Tx`), in psycopg's
+    pipeline mode from ``BEGIN`` to ``COMMIT``.
 
-    :meth:`queue` (and :meth:`lock`) switch the connection to psycopg's pipeline mode for the rest
-    of the transaction: a queued statement is sent at once but not waited for, and travels with the
-    next statement whose answer the caller reads (:meth:`execute`, :meth:`fetchone`,
-    :meth:`fetchall`) or with the ``COMMIT`` — one round trip instead of several. PostgreSQL runs
-    them in the order sent, so a queued advisory lock is held before the next statement takes its
-    snapshot. When an answer fails, the statements queued before it are checked first: a queued
-    statement's failure is reported as :class:`StoreUnavailable` naming it as queued, never as the
-    ``AlreadyExists`` of the statement the caller is waiting for (which it may be catching).
+    Nothing is waited for until an answer is read: ``BEGIN`` travels with the first statement, a
+    queued statement (:meth:`queue`, :meth:`lock`) is sent at once but not waited for, and travels with
+    the next statement whose answer the caller reads (:meth:`execute`, :meth:`fetchone`,
+    :meth:`fetchall`) or with the ``COMMIT`` — so a transaction costs one round trip per answer read,
+    plus the ``COMMIT``'s (:attr:`round_trips` counts them). PostgreSQL runs them in the order sent, so a
+    queued advisory lock is held before the next statement takes its snapshot. When an answer fails,
+    the statements queued before it are checked first: a queued statement's failure is reported as its
+    ``on_conflict`` error (a unique violation, when it has one) or as :class:`StoreUnavailable` naming it
+    as queued, never as the ``AlreadyExists`` of the statement the caller is waiting for (which it may
+    be catching).
     """
 
     dialect = "postgresql"
 
-    def __init__(self, connection: PgConnection) -> None:
+    def __init__(self, connection: PgConnection, begin: str) -> None:
         self._connection = connection
-        self._pipeline: contextlib.ExitStack | None = None
-        self._sync: Callable[[], None] | None = None
-        self._queued: list[psycopg.Cursor[dict[str, Any]]] = []
+        stack = contextlib.ExitStack()
+        self._sync: Callable[[], None] = stack.enter_context(connection.pipeline()).sync
+        self._pipeline: contextlib.ExitStack | None = stack
+        self._queued: list[_Queued] = []
         self._cursor: psycopg.Cursor[dict[str, Any]] | None = None  # for statements whose answer is read
+        self.round_trips = 0
+        """Answers waited for so far (the ``COMMIT``'s included)."""
+        self.answered = False
+        """Whether the server has answered anything yet (before that, nothing of this transaction ran)."""
+        self.ended = False
+        """Whether ``COMMIT`` (or ``ROLLBACK``) was sent."""
+        self.skipped = False
+        """Whether a failure made PostgreSQL skip statements sent behind it (see :meth:`_note_skipped`)."""
+        self.queue(begin)
 
     def _send(self, sql: str, params: Params, cursor: psycopg.Cursor[dict[str, Any]] | None = None
               ) -> psycopg.Cursor[dict[str, Any]]:
-        """Send a statement on ``cursor`` (a new one if None; outside pipeline mode: and wait for its
-        answer). In pipeline mode psycopg also reads whatever answers have arrived, so an error here
-        can be a queued one's."""
+        """Send a statement on ``cursor`` (a new one if None), without waiting. psycopg also reads
+        whatever answers have arrived, so an error here can be a queued one's."""
         try:
             # Always pass a sequence (even empty): psycopg only unescapes ``%%`` when given parameters.
             if cursor is None:
                 return self._connection.execute(_adapt(sql), tuple(params))
             return cursor.execute(_adapt(sql), tuple(params))
         except psycopg.Error as exc:
+            self._note_skipped(self._queued)
             _raise_attributed(exc, self._queued)
+
+    def _note_skipped(self, queued: list[_Queued]) -> None:
+        """After a failure: did PostgreSQL skip statements sent behind the failing one? psycopg (3.3)
+        then believes statements it prepared in that batch exist on the server ("prepared statement
+        _pg3_N does not exist" on the connection's next use), so the connection must not be reused."""
+        if any(item.cursor.pgresult is None for item in queued):
+            self.skipped = True
+
+    def _sync_checked(self, sync: Callable[[], None], queued: list[_Queued]) -> None:
+        try:
+            sync()
+        except psycopg.Error as exc:
+            self._note_skipped(queued)
+            _raise_attributed(exc, queued)
 
     def _run(self, sql: str, params: Params) -> psycopg.Cursor[dict[str, Any]]:
         """Send a statement and wait for its answer (and for everything queued before it). One
@@ -123,24 +155,20 @@ class PostgresTx:
         if self._cursor is None:
             self._cursor = self._connection.cursor()
         cursor = self._send(sql, params, self._cursor)
-        if self._sync is not None:
-            self._synchronise()
+        self._synchronise()
         return cursor
 
     def _synchronise(self) -> None:
-        assert self._sync is not None
         queued, self._queued = self._queued, []
-        _attributed(self._sync, queued)
+        self.round_trips += 1
+        self._sync_checked(self._sync, queued)
+        self.answered = True
 
     def execute(self, sql: str, params: Params = ()) -> int:
         return self._run(sql, params).rowcount
 
-    def queue(self, sql: str, params: Params = ()) -> None:
-        if self._pipeline is None:
-            stack = contextlib.ExitStack()
-            self._sync = stack.enter_context(self._connection.pipeline()).sync
-            self._pipeline = stack
-        self._queued.append(self._send(sql, params))
+    def queue(self, sql: str, params: Params = (), on_conflict: GatewayError | None = None) -> None:
+        self._queued.append(_Queued(self._send(sql, params), on_conflict))
 
     def fetchone(self, sql: str, params: Params = ()) -> Row | None:
         cursor = self._run(sql, params)
@@ -165,37 +193,46 @@ class PostgresTx:
         """
         self.queue("SELECT pg_advisory_xact_lock(?::bigint)", (lock_key(name),))
 
-    def commit(self) -> None:
-        """``COMMIT``. In pipeline mode it goes with whatever is still queued and the Sync that
-        leaves the mode: one round trip."""
+    def end(self, statement: str) -> None:
+        """``COMMIT`` (or ``ROLLBACK``), with whatever is still queued, and the Sync that leaves pipeline
+        mode: one round trip."""
         stack, queued = self._pipeline, self._queued
-        self._send("COMMIT", ())
+        self.ended = True
+        self._send(statement, ())
         if stack is not None:
-            self._pipeline, self._sync, self._queued = None, None, []
-            _attributed(stack.close, queued)
+            self._pipeline, self._queued = None, []
+            self.round_trips += 1
+            self._sync_checked(stack.close, queued)
+
+    def commit(self) -> None:
+        """``COMMIT`` (see :meth:`end`)."""
+        self.end("COMMIT")
 
     def leave_pipeline(self) -> None:
         """Back to normal mode after a failure (what was still queued is dropped with its errors;
         the caller rolls the transaction back)."""
-        stack, self._pipeline, self._sync, self._queued = self._pipeline, None, None, []
+        stack, self._pipeline, self._queued = self._pipeline, None, []
         if stack is not None:
             with contextlib.suppress(psycopg.Error):
                 stack.close()
 
 
-def _attributed(sync: Callable[[], None], queued: list[psycopg.Cursor[dict[str, Any]]]) -> None:
-    """Run ``sync`` (a pipeline Sync), translating a failure with :func:`_raise_attributed`."""
-    try:
-        sync()
-    except psycopg.Error as exc:
-        _raise_attributed(exc, queued)
+@dataclass(frozen=True)
+class _Queued:
+    """A statement sent but not waited for, and the error its unique violation means (if it has one)."""
+
+    cursor: psycopg.Cursor[dict[str, Any]]
+    on_conflict: GatewayError | None = None
 
 
-def _raise_attributed(exc: psycopg.Error, queued: list[psycopg.Cursor[dict[str, Any]]]) -> NoReturn:
+def _raise_attributed(exc: psycopg.Error, queued: list[_Queued]) -> NoReturn:
     """Raise ``exc`` as the store's error, saying whose failure it is: a statement still queued
-    (its cursor has no answer: the failing one, and everything PostgreSQL skipped after it), or
-    the statement the caller is waiting for."""
-    if any(cursor.pgresult is None for cursor in queued):
+    (its cursor has no answer: the failing one is the first such, and PostgreSQL skipped everything
+    after it), or the statement the caller is waiting for."""
+    failed = next((item for item in queued if item.cursor.pgresult is None), None)
+    if failed is not None:
+        if failed.on_conflict is not None and isinstance(exc, pg_errors.UniqueViolation):
+            raise failed.on_conflict from exc
         raise StoreUnavailable(f"PostgreSQL: a queued statement failed: {_error_text(exc)}") from exc
     if isinstance(exc, psycopg.IntegrityError):
         raise AlreadyExists(_integrity_detail(exc)) from exc
@@ -302,12 +339,15 @@ class PostgresDatabase:
             self._pool.close()
             raise StoreUnavailable(f"cannot open a connection pool to PostgreSQL at {where}") from exc
 
-    def _begin(self, writable: bool, timeout: float) -> PgConnection:
-        """A pooled connection with a transaction begun on it.
+    def _run(self, writable: bool, fn: Callable[[PostgresTx], T], timeout: float) -> T:
+        """Run ``fn`` in a transaction on a pooled connection, and commit (or, for a read, roll back).
 
-        A connection the server dropped while it sat in the pool (a restart, a failover, an idle
-        timeout) fails at ``BEGIN``, before anything ran: it is discarded and the next one tried,
-        so that one transaction does not fail for each dead connection left in the pool.
+        ``BEGIN`` only travels with the first statement, so a connection the server dropped while it
+        sat in the pool (a restart, a failover, an idle timeout) fails there, before anything of the
+        transaction ran: it is discarded and ``fn`` run again on the next one, so that one transaction
+        does not fail for each dead connection left in the pool. ``fn`` must therefore be safe to run
+        again from the start (it is: it only computes and talks to the store until its first answer).
+        Never after its ``COMMIT`` was sent: whether that committed is then unknown.
         """
         deadline = time.monotonic() + timeout
         failure: Exception | None = None
@@ -320,43 +360,35 @@ class PostgresDatabase:
             except psycopg.Error as exc:
                 failure = exc
                 break
+            tx: PostgresTx | None = None
             try:
-                connection.execute(_BEGIN_WRITE if writable else _BEGIN_READ)
-            except _UNAVAILABLE as exc:
-                broken = connection.broken or connection.closed
-                self._pool.putconn(connection)  # discards it if broken
-                if not broken:
-                    raise _unavailable(exc) from exc
-                failure = exc
-                continue
-            except BaseException:
+                tx = PostgresTx(connection, _BEGIN_WRITE if writable else _BEGIN_READ)
+                return self._transaction(tx, connection, writable, fn)
+            except Exception as exc:
+                if not (connection.broken or connection.closed) or (tx is not None and (tx.answered or tx.ended)):
+                    raise
+                failure = exc  # a dead connection: nothing ran; try the next one
+            finally:
+                if tx is not None and tx.skipped:
+                    connection.close()
+                # A broken (or closed) connection is discarded here, and the pool makes a new one.
                 self._pool.putconn(connection)
-                raise
-            return connection
         reason = " ".join(str(failure).split()) if failure is not None else "timed out"
         raise StoreUnavailable(f"no working PostgreSQL connection within {timeout:g} s: {reason}") from failure
 
-    def _run(self, writable: bool, fn: Callable[[PostgresTx], T], timeout: float) -> T:
-        connection = self._begin(writable, timeout)
-        tx = PostgresTx(connection)
+    def _transaction(self, tx: PostgresTx, connection: PgConnection, writable: bool, fn: Callable[[PostgresTx], T]
+                     ) -> T:
         try:
-            try:
-                result = fn(tx)
-                if writable:
-                    tx.commit()  # a deferred constraint fails here as AlreadyExists
-                else:
-                    connection.execute("ROLLBACK")
-                return result
-            except psycopg.IntegrityError as exc:
-                raise AlreadyExists(_integrity_detail(exc)) from exc
-            except _UNAVAILABLE as exc:
-                raise _unavailable(exc) from exc
-            finally:
-                tx.leave_pipeline()
-                self._rollback_if_open(connection)
+            result = fn(tx)
+            tx.end("COMMIT" if writable else "ROLLBACK")  # a deferred constraint fails here as AlreadyExists
+            return result
+        except psycopg.IntegrityError as exc:
+            raise AlreadyExists(_integrity_detail(exc)) from exc
+        except _UNAVAILABLE as exc:
+            raise _unavailable(exc) from exc
         finally:
-            # A broken connection is discarded here, and the pool makes a new one.
-            self._pool.putconn(connection)
+            tx.leave_pipeline()
+            self._rollback_if_open(connection)
 
     @staticmethod
     def _rollback_if_open(connection: PgConnection) -> None:

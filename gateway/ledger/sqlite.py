@@ -58,9 +58,14 @@ class SqliteTx:
         except sqlite3.OperationalError as exc:
             raise StoreUnavailable(f"SQLite: {exc}") from exc
 
-    def queue(self, sql: str, params: Params = ()) -> None:
+    def queue(self, sql: str, params: Params = (), on_conflict: GatewayError | None = None) -> None:
         """Runs at once: nothing to gain by waiting in an embedded database."""
-        self.execute(sql, params)
+        try:
+            self.execute(sql, params)
+        except AlreadyExists as exc:
+            if on_conflict is None:
+                raise
+            raise on_conflict from exc
 
     def fetchone(self, sql: str, params: Params = ()) -> Row | None:
         try:

@@ -13,6 +13,8 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Protocol, TypeVar
 
+from gateway.errors import GatewayError
+
 T = TypeVar("T")
 
 Row = Mapping[str, Any]
@@ -34,13 +36,14 @@ class Tx(Protocol):
         """
         ...
 
-    def queue(self, sql: str, params: Params = ()) -> None:
+    def queue(self, sql: str, params: Params = (), on_conflict: GatewayError | None = None) -> None:
         """Run a statement whose outcome the caller does not read, and that cannot fail but for the
         store itself (an insert under a fresh random id, an upsert, an insert whose key a lock
-        protects). PostgreSQL sends it with the next statement instead of waiting for it (pipeline
-        mode): one round trip fewer. If it does fail, the next statement or the commit raises
-        StoreUnavailable saying so — never the AlreadyExists of another statement. SQLite runs it
-        at once.
+        protects) — or, with ``on_conflict``, but for a unique constraint. PostgreSQL sends it with the
+        next statement instead of waiting for it (pipeline mode): one round trip fewer. If it does
+        fail, the next statement or the commit raises ``on_conflict`` (a unique violation, when given)
+        or StoreUnavailable saying so — never the AlreadyExists of another statement. SQLite runs it
+        at once (and raises ``on_conflict`` for a unique violation, when given).
         """
         ...
 

@@ -20,8 +20,11 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import secrets
 from dataclasses import dataclass
 from typing import Any
+
+import cbor2
 
 from gateway import clock
 from gateway.approvals.workflow import Approvals, execution_entry, needs_approval
@@ -62,6 +65,7 @@ from gateway.operations.idempotency import Answer, IdempotentRequest
 from gateway.operations.signed import SignedOperation, ToSign
 from gateway.risk.signals import record_signal_in
 from gateway.schemes import offline
+from gateway.schemes.canonical import map_around
 from gateway.signing import Signer
 from gateway.wallets.accounts import load_wallet
 
@@ -253,6 +257,10 @@ class Devices:
         """Move ``amount`` from the wallet to its offline reserve and fix the voucher's payload — or,
         above ``approvals.device_load_threshold_fen``, request an approval and return its document
         (``approved``: carried out by that approval)."""
+        if tx.dialect == "postgresql":
+            done = self._load_on_server(tx, device_id, amount, entry, approved)
+            if done is not None:
+                return done
         tx.lock(f"device:{device_id}")
         device = device_row(tx, device_id)
         tx.lock(f"wallet:{device['wallet_id']}")
@@ -300,6 +308,49 @@ class Devices:
                         "amount_fen": amount, "entry_id": entry_id}
         append(tx, [entry])
         return LoadResult(device_id, load_seq, amount, entry_id, voucher.payload())
+
+    def _load_on_server(self, tx: Tx, device_id: str, amount: int, entry: AuditEntry, approved: bool
+                        ) -> LoadResult | None:
+        """PostgreSQL: :meth:`load_in`'s checks and posting as one server-side function,
+        ``ecny_post_device_load`` (migration 0016), with the same locks, checks (in the same order),
+        problem types and messages; the audit entry travels with the ``COMMIT``. Returns None when the
+        load must be parked for a second person (nothing written: the Python path parks it).
+        """
+        now = journal.epoch_millis()
+        exp = now + self.offline.voucher_minutes * 60_000
+        head, tail = map_around(offline.Voucher(device_id, 0, amount, now, exp).claims(), "load_seq")
+        settings = self.approvals.settings
+        entry_id = secrets.token_hex(12)
+        row = tx.fetchone(
+            "SELECT * FROM ecny_post_device_load(?, ?::bigint, ?, ?, ?, ?, ?::bigint, ?::bigint, ?, ?, ?::bigint, "
+            "?::bigint)",
+            (device_id, amount, entry_id, entry.actor, journal.business_day(), clock.now_iso(), now, exp, head, tail,
+             None if approved else settings.device_load_threshold_fen,
+             None if approved else settings.device_load_daily_threshold_fen))
+        assert row is not None  # a function call always answers one row
+        outcome, wallet_id = row["outcome"], row["wallet_id"]
+        if outcome == "no-device":
+            raise DeviceNotFound(f"no device {device_id[:64]!r}")
+        if outcome == "device-status":
+            raise DeviceNotActive(f"device {device_id} is {row['status']}", [f"device-{row['status']}"])
+        if outcome == "certificate-expired":
+            raise DeviceNotActive(f"device {device_id}'s certificate has expired", ["certificate-expired"])
+        if outcome == "wallet-status":
+            raise WalletNotActive(f"wallet {wallet_id} is {row['status']}", [f"wallet-{row['status']}"])
+        if outcome == "insufficient-funds":
+            raise InsufficientFunds(f"wallet {wallet_id} holds {row['balance']} fen", ["insufficient-funds"])
+        if outcome == "device-cap":
+            raise LimitExceeded(f"the device may hold at most {row['cap']} fen offline "
+                                f"({row['on_device']} loaded and unspent)", ["offline-balance-cap-exceeded"])
+        if outcome == "park":
+            return None
+        load_seq = int(row["load_seq"])
+        record_signal_in(tx, "device.loaded", device_id, amount, actor=entry.actor, entry_id=entry_id,
+                         wallet_id=wallet_id)
+        entry.result = {"device_id": device_id, "wallet_id": wallet_id, "load_seq": load_seq, "amount_fen": amount,
+                        "entry_id": entry_id}
+        append(tx, [entry])
+        return LoadResult(device_id, load_seq, amount, entry_id, head + cbor2.dumps(load_seq) + tail)
 
     async def load(self, request: IdempotentRequest | None, device_id: str, amount: int,
                    entry: AuditEntry) -> Answer:

@@ -30,7 +30,7 @@ from typing import Any
 import orjson
 
 from gateway import clock
-from gateway.errors import AlreadyExists, IdempotencyConflict, IdempotencyRaced
+from gateway.errors import IdempotencyConflict, IdempotencyRaced
 from gateway.ledger.store import Database, Tx
 
 JSON = "application/json"
@@ -98,14 +98,18 @@ def record_in(tx: Tx, request: IdempotentRequest | None, status: int, content_ty
     """Record an answer inside the operation's own transaction (no-op without an Idempotency-Key).
 
     Raises:
-        IdempotencyRaced: another request with this key committed first (the transaction rolls back).
+        IdempotencyRaced: another request with this key committed first (the transaction rolls back) —
+            on PostgreSQL at commit.
     """
     if request is None:
         return
-    try:
-        _insert(tx, request, status, content_type, body)
-    except AlreadyExists as exc:
-        raise IdempotencyRaced(f"Idempotency-Key {request.key!r} is already being used") from exc
+    # Queued: on PostgreSQL it travels with the COMMIT (a round trip fewer); a duplicate key raises there.
+    tx.queue(
+        "INSERT INTO idempotency (principal, idem_key, request_hash, status, content_type, body, created_at) "
+        "VALUES (?, ?, ?, ?, ?, ?, ?)",
+        (request.scope, request.key, request.request_hash, status, content_type, body, clock.now_iso()),
+        on_conflict=IdempotencyRaced(f"Idempotency-Key {request.key!r} is already being used"),
+    )
     request.recorded_in_transaction = True
 
 

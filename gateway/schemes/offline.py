@@ -273,9 +273,12 @@ class Voucher:
     iat: int
     exp: int
 
+    def claims(self) -> dict[str, Any]:
+        return {"v": FORMAT_VERSION, "type": "voucher", "device_id": self.device_id, "load_seq": self.load_seq,
+                "amount": self.amount, "iat": self.iat, "exp": self.exp}
+
     def payload(self) -> bytes:
-        return encode({"v": FORMAT_VERSION, "type": "voucher", "device_id": self.device_id, "load_seq": self.load_seq,
-                       "amount": self.amount, "iat": self.iat, "exp": self.exp})
+        return encode(self.claims())
 
 
 def parse_voucher(payload: bytes) -> Voucher:

@@ -4,6 +4,9 @@ Each operation that moves money does its policy check and its postings in one wr
 with the wallets it touches locked (SQLite: the ``BEGIN IMMEDIATE`` write lock; PostgreSQL:
 advisory locks taken in wallet-id order), so concurrent requests never overdraw a wallet or pass
 a limit twice. The audit entry and the idempotency record are written in the same transaction.
+On PostgreSQL the check and post of a transfer, a cash-in and a cash-out (below their approval
+thresholds) run as one server-side function each (``ecny_post_transfer``, ``ecny_post_cash``,
+migration 0016): the same locks, figures, reasons and rows, in one round trip (docs/scaling.md).
 
 A transfer's COSE_Sign1 envelope is signed *after* the posting commits (the HSM round trip does
 not hold the ledger lock); the payload is fixed at posting time, and a transfer whose envelope is
@@ -29,6 +32,7 @@ from gateway.approvals.workflow import Approvals, execution_entry, needs_approva
 from gateway.audit.chain import AuditEntry, append
 from gateway.config import Settings
 from gateway.errors import (
+    ConfigError,
     Conflict,
     Forbidden,
     InsufficientFunds,
@@ -50,6 +54,7 @@ from gateway.operations.idempotency import Answer, IdempotentRequest
 from gateway.operations.signed import SignedOperation, ToSign
 from gateway.policy.limits import Decision, check_payment, check_receipt, check_status
 from gateway.risk.signals import record_signal_in
+from gateway.schemes.canonical import map_around
 from gateway.signing import Signer
 from gateway.wallets.ids import is_valid_wallet_id, new_wallet_id
 
@@ -112,6 +117,20 @@ def refuse(decisions: list[Decision], detail: str) -> None:
     if any(r.endswith("-exceeded") for r in reasons):
         raise LimitExceeded(detail, reasons)
     raise PolicyRefused(detail, reasons)
+
+
+def transfer_payload(transfer_id: str, from_wallet: str, to_wallet: str, amount: int, ts: int, seq: int) -> bytes:
+    """A transfer's envelope payload: canonical CBOR of its fields, fixed at posting."""
+    return cbor2.dumps({"v": 1, "id": transfer_id, "from": from_wallet, "to": to_wallet, "amount": amount,
+                        "ccy": "CNY", "ts": ts, "seq": seq}, canonical=True)
+
+
+def transfer_payload_parts(transfer_id: str, from_wallet: str, to_wallet: str, amount: int, ts: int
+                           ) -> tuple[bytes, bytes]:
+    """:func:`transfer_payload` around its ``seq``, which only the server knows when it posts:
+    ``head + CBOR(seq) + tail`` is the payload (:func:`gateway.schemes.canonical.map_around`)."""
+    return map_around({"v": 1, "id": transfer_id, "from": from_wallet, "to": to_wallet, "amount": amount,
+                       "ccy": "CNY", "ts": ts, "seq": 0}, "seq")
 
 
 @dataclass
@@ -229,6 +248,10 @@ class Wallets:
                 approved: bool = False) -> dict[str, Any]:
         """Credit a wallet against issuance — or, above ``cash_in_threshold_fen``, request an approval
         (``approved``: carried out by that approval). Returns the result, or the pending approval."""
+        if tx.dialect == "postgresql":
+            done = self._cash_on_server(tx, "cash_in", wallet_id, amount, actor, entry, approved)
+            if done is not None:
+                return done
         tx.lock(f"wallet:{wallet_id}")
         wallet = load_wallet(tx, wallet_id)
         limits = self.settings.wallets.limits(int(wallet["tier"]))
@@ -249,6 +272,10 @@ class Wallets:
                  approved: bool = False) -> dict[str, Any]:
         """Debit a wallet against issuance — or, above ``cash_out_threshold_fen``, request an approval
         (``approved``: carried out by that approval). Returns the result, or the pending approval."""
+        if tx.dialect == "postgresql":
+            done = self._cash_on_server(tx, "cash_out", wallet_id, amount, actor, entry, approved)
+            if done is not None:
+                return done
         tx.lock(f"wallet:{wallet_id}")
         wallet = load_wallet(tx, wallet_id)
         decisions = [check_status(wallet["status"], "payer")]
@@ -265,6 +292,43 @@ class Wallets:
                                                           (journal.ISSUANCE, amount)], actor)
         record_signal_in(tx, "cash.out", wallet_id, amount, actor=actor, entry_id=entry_id)
         return self._cash_result(tx, wallet_id, entry_id, amount, entry)
+
+    def _cash_on_server(self, tx: Tx, kind: str, wallet_id: str, amount: int, actor: str, entry: AuditEntry,
+                        approved: bool) -> dict[str, Any] | None:
+        """PostgreSQL: a cash-in or cash-out's check and post as one server-side function,
+        ``ecny_post_cash`` (migration 0016), the audit entry travelling with the ``COMMIT``. Returns the
+        result, or None when the Python path must decide: an unconfigured tier, or an amount a second
+        person must approve (that path parks it; nothing was written).
+
+        Raises:
+            WalletNotFound, and the refusals of :func:`refuse` with the Python path's reasons.
+        """
+        arrays = self._tier_arrays()
+        if arrays is None:
+            return None
+        settings = self.settings.approvals
+        single, daily = ((settings.cash_in_threshold_fen, settings.cash_in_daily_threshold_fen) if kind == "cash_in"
+                         else (settings.cash_out_threshold_fen, settings.cash_out_daily_threshold_fen))
+        entry_id = secrets.token_hex(12)
+        outcome = tx.fetchone(
+            "SELECT reasons, missing, park, balance FROM ecny_post_cash(?, ?, ?::bigint, ?, ?, ?, ?, ?::bigint[], "
+            "?::bigint, ?::bigint)",
+            (kind, wallet_id, amount, entry_id, actor, journal.business_day(), clock.now_iso(), arrays[0],
+             None if approved else single, None if approved else daily))
+        assert outcome is not None  # a function call always answers one row
+        if outcome["missing"]:
+            raise WalletNotFound(f"no wallet {wallet_id}")
+        detail = (f"cash-in of {amount} fen to {wallet_id} refused" if kind == "cash_in"
+                  else f"cash-out of {amount} fen from {wallet_id} refused")
+        refuse([Decision(False, tuple(outcome["reasons"]))], detail)
+        if outcome["park"]:
+            return None
+        balance = int(outcome["balance"])
+        record_signal_in(tx, "cash.in" if kind == "cash_in" else "cash.out", wallet_id, amount, actor=actor,
+                         entry_id=entry_id)
+        entry.result = {"wallet_id": wallet_id, "amount_fen": amount, "entry_id": entry_id, "balance_fen": balance}
+        append(tx, [entry])
+        return {"entry_id": entry_id, "wallet_id": wallet_id, "amount_fen": amount, "balance_fen": balance}
 
     def _cash_result(self, tx: Tx, wallet_id: str, entry_id: str, amount: int, entry: AuditEntry) -> dict[str, Any]:
         balance = journal.balance(tx, journal.wallet_account(wallet_id))
@@ -308,11 +372,7 @@ class Wallets:
             "UPDATE wallets SET out_seq = out_seq + 1 WHERE wallet_id = ? RETURNING out_seq", (intent.from_wallet,)
         )["out_seq"])
         ts = journal.epoch_millis()
-        payload = cbor2.dumps(
-            {"v": 1, "id": transfer_id, "from": intent.from_wallet, "to": intent.to_wallet, "amount": intent.amount,
-             "ccy": "CNY", "ts": ts, "seq": seq},
-            canonical=True,
-        )
+        payload = transfer_payload(transfer_id, intent.from_wallet, intent.to_wallet, intent.amount, ts, seq)
         return {"entry_id": entry_id, "seq": seq, "ts": ts, "payload": payload}
 
     def transfer_in(self, tx: Tx, intent: TransferIntent, entry: AuditEntry) -> dict[str, Any]:
@@ -325,6 +385,10 @@ class Wallets:
         """
         if intent.from_wallet == intent.to_wallet:
             raise SameWallet("payer and payee are the same wallet")
+        if tx.dialect == "postgresql" and intent.amount <= self.settings.approvals.transfer_threshold_fen:
+            posted = self._transfer_on_server(tx, intent, entry)
+            if posted is not None:
+                return posted
         self._check_transfer(tx, intent)
         transfer_id = "t_" + secrets.token_hex(12)
         now = clock.now_iso()
@@ -354,6 +418,51 @@ class Wallets:
         entry.result["entry_id"] = posted["entry_id"]
         append(tx, [entry])
         return row  # what the table now holds, without reading it back
+
+    def _tier_arrays(self) -> list[list[int | None]] | None:
+        """The tier limits as the server-side check takes them — balance caps, single, daily, annual,
+        each indexed by tier 1..4 — or None when a tier is not configured (the Python check then
+        raises the ConfigError it always has)."""
+        try:
+            limits = [self.settings.wallets.limits(tier) for tier in (1, 2, 3, 4)]
+        except ConfigError:
+            return None
+        return [[limit.balance_cap for limit in limits], [limit.single for limit in limits],
+                [limit.daily for limit in limits], [limit.annual for limit in limits]]
+
+    def _transfer_on_server(self, tx: Tx, intent: TransferIntent, entry: AuditEntry) -> dict[str, Any] | None:
+        """PostgreSQL: the check and post of :meth:`transfer_in` (below the approval threshold) as one
+        server-side function, ``ecny_post_transfer`` (migration 0016): the same wallet locks, figures,
+        limits, reasons and postings in one round trip instead of one per statement; the audit entry
+        and the rest travel with the ``COMMIT``. Returns the transfer's row (as :meth:`transfer_in`),
+        or None when the limits cannot be passed (an unconfigured tier: the Python path decides)."""
+        arrays = self._tier_arrays()
+        if arrays is None:
+            return None
+        transfer_id = "t_" + secrets.token_hex(12)
+        entry_id = secrets.token_hex(12)
+        now, ts, day = clock.now_iso(), journal.epoch_millis(), journal.business_day()
+        head, tail = transfer_payload_parts(transfer_id, intent.from_wallet, intent.to_wallet, intent.amount, ts)
+        outcome = tx.fetchone(
+            "SELECT reasons, missing, seq FROM ecny_post_transfer(?, ?, ?, ?, ?::bigint, ?, ?, ?, ?, ?::bigint, "
+            "?::bigint[], ?::bigint[], ?::bigint[], ?::bigint[], ?, ?)",
+            (transfer_id, entry_id, intent.from_wallet, intent.to_wallet, intent.amount, intent.memo, entry.actor,
+             day, now, ts, *arrays, head, tail))
+        assert outcome is not None  # a function call always answers one row
+        if outcome["missing"]:
+            raise WalletNotFound(f"no wallet {outcome['missing']}")
+        refuse([Decision(False, tuple(outcome["reasons"]))],
+               f"transfer of {intent.amount} fen from {intent.from_wallet} to {intent.to_wallet} refused")
+        seq = int(outcome["seq"])
+        record_signal_in(tx, "transfer.posted", intent.from_wallet, intent.amount, actor=entry.actor,
+                         counterparty=intent.to_wallet, transfer_id=transfer_id, entry_id=entry_id)
+        entry.result = {"transfer_id": transfer_id, "from": intent.from_wallet, "to": intent.to_wallet,
+                        "amount_fen": intent.amount, "entry_id": entry_id}
+        append(tx, [entry])
+        return {"transfer_id": transfer_id, "from_wallet": intent.from_wallet, "to_wallet": intent.to_wallet,
+                "amount": intent.amount, "memo": intent.memo, "status": "posted", "entry_id": entry_id,
+                "seq": seq, "ts": ts, "payload": head + cbor2.dumps(seq) + tail, "envelope": None, "kid": None,
+                "approval_id": None, "requested_by": entry.actor, "created_at": now}
 
     async def ecny_key(self) -> KeyRecord:
         """The key that signs envelopes now: read every time, since a rotation (in any process) moves it."""

@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from gateway.audit.chain import AuditEntry, append
+from gateway.audit.chain import AuditEntry, append, chain_staged, pending_count
 from gateway.audit.verify import verify_chain
 from gateway.config import load_settings
 from gateway.errors import AlreadyExists, ConfigError, StoreUnavailable
@@ -179,13 +179,22 @@ def entry(n: int) -> AuditEntry:
     )
 
 
+async def appended(database: Database, entries: list[AuditEntry]) -> list[int]:
+    """Append in one transaction; on PostgreSQL, where append stages them, chain them too: their numbers."""
+    numbers = await database.write(lambda tx: append(tx, entries))
+    if await database.read(lambda tx: tx.dialect) == "postgresql":
+        assert numbers == [0] * len(entries)  # staged, numbered by the chainer
+        numbers = await database.write(lambda tx: chain_staged(tx, 1000))
+    return numbers
+
+
 async def test_audit_chain_verifies(migrated: Database) -> None:
-    assert await migrated.write(lambda tx: append(tx, [entry(1), entry(2)])) == [1, 2]
+    assert await appended(migrated, [entry(1), entry(2)]) == [1, 2]
     for n in range(3, 6):
-        assert await migrated.write(lambda tx, n=n: append(tx, [entry(n)])) == [n]
+        assert await appended(migrated, [entry(n)]) == [n]
     report = await migrated.read(verify_chain)
     assert report.ok, report.problem
-    assert (report.entries, report.head_seq, report.first_bad_seq) == (5, 5, None)
+    assert (report.entries, report.head_seq, report.first_bad_seq, report.pending) == (5, 5, None, 0)
 
     # Tampering is seen (so a passing verification above means something).
     await migrated.write(lambda tx: tx.execute("UPDATE audit_log SET actor = ? WHERE seq = ?", ("mallory", 3)))
@@ -195,10 +204,14 @@ async def test_audit_chain_verifies(migrated: Database) -> None:
 
 async def test_concurrent_audit_appends_have_no_gaps(migrated: Database) -> None:
     results = await asyncio.gather(*(migrated.write(lambda tx, n=n: append(tx, [entry(n)])) for n in range(20)))
-    assert sorted(seq for numbers in results for seq in numbers) == list(range(1, 21))
+    numbers = [seq for batch in results for seq in batch]
+    if await migrated.read(lambda tx: tx.dialect) == "postgresql":
+        assert await migrated.read(pending_count) == 20
+        numbers = await migrated.write(lambda tx: chain_staged(tx, 1000))
+    assert sorted(numbers) == list(range(1, 21))
     report = await migrated.read(verify_chain)
     assert report.ok, report.problem
-    assert report.entries == 20 and report.head_seq == 20
+    assert report.entries == 20 and report.head_seq == 20 and report.pending == 0
 
 
 def queue_user(tx: Tx, username: str) -> None:

@@ -1,0 +1,387 @@
+"""Scale-out on PostgreSQL (issue 19, docs/scaling.md): audit chaining off the hot path, two round trips
+for a transfer, and locks no wider than a wallet — without losing what they protect.
+
+Real parts only: a throw-away PostgreSQL server (``postgres_server``), the real store, the real chainer
+in real processes killed with SIGKILL, and bench/delay_proxy.py counting the network round trips a
+client waits for (a delay of 2.5 ms each way: whatever psycopg pipelines travels together).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any, cast
+
+import cbor2
+import psycopg
+import pytest
+
+from bench.delay_proxy import DelayProxy
+from gateway.audit.chain import CHAIN_LOCK, AuditEntry, append, chain_staged, pending_count
+from gateway.audit.verify import verify_chain
+from gateway.config import load_settings
+from gateway.errors import IdempotencyRaced, InsufficientFunds, LimitExceeded, WalletNotActive, WalletNotFound
+from gateway.ledger import journal
+from gateway.ledger.postgres import PostgresDatabase, lock_key
+from gateway.ledger.store import Tx
+from gateway.offline.devices import Devices, LoadResult
+from gateway.operations import idempotency
+from gateway.operations.idempotency import IdempotentRequest
+from gateway.schemes.offline import Voucher
+from gateway.wallets.accounts import TransferIntent, Wallets, transfer_payload, transfer_payload_parts
+from tests.pg import PostgresServer
+
+pytestmark = pytest.mark.postgres
+
+ROOT = Path(__file__).resolve().parents[2]
+DELAY_S = 0.0025
+
+
+def entry(n: int, action: str = "test.event") -> AuditEntry:
+    return AuditEntry("tester", "admin", action, "allowed", result={"n": n}, request_id=f"r{n}")
+
+
+def wallets_on(database: PostgresDatabase, **wallet_settings: Any) -> Wallets:
+    settings = load_settings(None, environ={})
+    settings.store.dsn = database.dsn
+    for key, value in wallet_settings.items():
+        setattr(settings.wallets, key, value)
+    # Transfers neither sign nor read the HSM profile inside their transaction.
+    return Wallets(database, cast(Any, None), cast(Any, None), settings)
+
+
+def open_wallet(wallets: Wallets, tx: Tx, tier: int = 1) -> str:
+    document = wallets.open_in(tx, {"holder_name": "Test Holder", "phone": "13800000000", "tier": tier,
+                                    "kind": "personal"}, entry(0, "wallets.open"))
+    return str(document["wallet_id"])
+
+
+@pytest.fixture
+async def database(postgres_server: PostgresServer) -> AsyncIterator[PostgresDatabase]:
+    database = await PostgresDatabase.open(postgres_server.create_database(), size=4)
+    await database.migrate()
+    try:
+        yield database
+    finally:
+        await database.close()
+
+
+async def funded_pair(database: PostgresDatabase, wallets: Wallets, fen: int = 1_000_000,
+                      tiers: tuple[int, int] = (3, 3)) -> tuple[str, str]:
+    def setup(tx: Tx) -> tuple[str, str]:
+        payer, payee = open_wallet(wallets, tx, tiers[0]), open_wallet(wallets, tx, tiers[1])
+        journal.post(tx, "cash_in", payer, [(journal.wallet_account(payer), fen), (journal.ISSUANCE, -fen)], "t")
+        return payer, payee
+
+    return await database.write(setup)
+
+
+# --- the server-built payload is the payload ---------------------------------------------------------------
+
+
+async def test_the_server_built_envelope_payload_is_the_canonical_cbor(database: PostgresDatabase) -> None:
+    """A transfer envelope whose payload the database assembled differs from the canonical CBOR a verifier
+    rebuilds (a wrong seq encoding would make every envelope unverifiable, or two transfers alike)."""
+    for seq in (0, 1, 23, 24, 255, 256, 65535, 65536, 2**32 - 1, 2**32, 2**63 - 1):
+        head, tail = transfer_payload_parts("t_" + "ab" * 12, "1234567812345670", "8765432187654321", 12345,
+                                            1_700_000_000_000)
+        server = await database.read(lambda tx, seq=seq: tx.fetchone("SELECT ecny_cbor_uint(?::bigint) AS c",
+                                                                     (seq,)))
+        assert server is not None and bytes(server["c"]) == cbor2.dumps(seq)
+        expected = transfer_payload("t_" + "ab" * 12, "1234567812345670", "8765432187654321", 12345,
+                                    1_700_000_000_000, seq)
+        assert head + bytes(server["c"]) + tail == expected
+        assert cbor2.loads(expected)["seq"] == seq
+    # The function's advisory locks are the very ones the Python code takes.
+    for name in ("wallet:1234567812345670", "audit-chain", "wallet:"):
+        row = await database.read(lambda tx, name=name: tx.fetchone("SELECT ecny_lock_key(?) AS k", (name,)))
+        assert row is not None and row["k"] == lock_key(name)
+
+
+async def test_a_transfer_posted_by_the_server_keeps_every_invariant(database: PostgresDatabase) -> None:
+    """A server-side check that drifts from the Python policy: an overdraft, a limit passed, a frozen
+    wallet paid, or an unknown wallet must be refused with the same problem types — and a sound one
+    posted with balanced entries and the envelope payload of the Python path."""
+    wallets = wallets_on(database)
+    payer, payee = await funded_pair(database, wallets, fen=150_000, tiers=(4, 4))
+
+    async def transfer(amount: int, source: str = payer, target: str = payee) -> dict[str, Any]:
+        return await database.write(lambda tx: wallets.transfer_in(
+            tx, TransferIntent(source, target, amount, "m"), entry(1, "transfers.create")))
+
+    row = await transfer(1000)
+    assert row["status"] == "posted" and row["seq"] == 1
+    assert bytes(row["payload"]) == transfer_payload(row["transfer_id"], payer, payee, 1000, row["ts"], 1)
+    stored = await database.read(lambda tx: tx.fetchone("SELECT payload, entry_id FROM transfers WHERE "
+                                                        "transfer_id = ?", (row["transfer_id"],)))
+    assert stored is not None and bytes(stored["payload"]) == bytes(row["payload"])
+    assert (await transfer(2000))["seq"] == 2
+    with pytest.raises(LimitExceeded) as single:  # tier 4: 200,000 fen a payment
+        await transfer(200_001)
+    assert single.value.reasons == ["insufficient-funds", "single-limit-exceeded"]  # the Python path's order
+    with pytest.raises(InsufficientFunds):
+        await transfer(150_000 - 3000 + 1)
+    with pytest.raises(WalletNotFound):
+        await transfer(1, target="1234567812345670")
+    await database.write(lambda tx: tx.execute("UPDATE wallets SET status = 'frozen' WHERE wallet_id = ?", (payee,)))
+    with pytest.raises(WalletNotActive) as frozen:
+        await transfer(1)
+    assert frozen.value.reasons == ["payee-wallet-frozen"]
+    assert await database.read(journal.check_invariants) == []
+    balances = await database.read(lambda tx: (journal.balance(tx, journal.wallet_account(payer)),
+                                               journal.balance(tx, journal.wallet_account(payee))))
+    assert balances == (150_000 - 3000, 3000)  # the refused ones moved nothing
+
+
+async def test_the_daily_limit_counts_what_the_server_posted(database: PostgresDatabase) -> None:
+    """Splitting a payment to pass the daily limit: the server-side check must count the day's spend
+    it recorded itself."""
+    wallets = wallets_on(database)
+    payer, payee = await funded_pair(database, wallets, fen=2_000_000, tiers=(4, 3))
+    for _ in range(2):  # tier 4: 500,000 fen a day, 200,000 a payment
+        await database.write(lambda tx: wallets.transfer_in(tx, TransferIntent(payer, payee, 200_000, ""),
+                                                            entry(2)))
+    with pytest.raises(LimitExceeded) as daily:
+        await database.write(lambda tx: wallets.transfer_in(tx, TransferIntent(payer, payee, 100_001, ""),
+                                                            entry(3)))
+    assert daily.value.reasons == ["daily-limit-exceeded"]
+
+
+# --- round trips ---------------------------------------------------------------------------------------------
+
+
+async def test_a_transfer_costs_two_round_trips(postgres_server: PostgresServer) -> None:
+    """A database a network hop away multiplies every round trip inside the wallet lock: the check and
+    post of a transfer, with its audit entry and Idempotency-Key record, is at most 2 round trips (counted
+    on the wire by the delay proxy); a replayed key still answers IdempotencyRaced."""
+    dsn = postgres_server.create_database()
+    proxy = DelayProxy("127.0.0.1", postgres_server.port, DELAY_S)
+    port = await proxy.start()
+    database = await PostgresDatabase.open(dsn.replace(f":{postgres_server.port}/", f":{port}/"), size=1)
+    try:
+        await database.migrate()
+        wallets = wallets_on(database)
+        payer, payee = await funded_pair(database, wallets)
+        request = IdempotentRequest("client:test", "key-1", b"h" * 32)
+
+        def check_and_record(tx: Tx) -> dict[str, Any]:  # what SignedOperation.run does in step 1
+            row = wallets.transfer_in(tx, TransferIntent(payer, payee, 100, ""), entry(5, "transfers.create"))
+            idempotency.refer_in(tx, request, row["transfer_id"])
+            return row
+
+        pending_before = await database.read(pending_count)
+        before = proxy.turns
+        started = time.monotonic()
+        row = await database.write(check_and_record)
+        elapsed = time.monotonic() - started
+        turns = proxy.turns - before
+        assert row["status"] == "posted"
+        assert turns <= 2, f"{turns} round trips"
+        assert elapsed < 2 * 2 * DELAY_S + 0.5 * 2 * DELAY_S + 0.05  # and the clock agrees: no hidden waits
+        # The same key again: the duplicate insert travels with the COMMIT and still means "raced".
+        with pytest.raises(IdempotencyRaced):
+            await database.write(check_and_record)
+        assert await database.read(pending_count) == pending_before + 1  # the second one's entry rolled back
+        # Races again and again on one connection: a statement psycopg prepares in a batch the race
+        # aborted must not break the next transaction ("prepared statement does not exist", a 500).
+        for n in range(12):
+            request = IdempotentRequest("client:test", f"key-loop-{n}", b"h" * 32)
+            assert (await database.write(check_and_record))["status"] == "posted"
+            with pytest.raises(IdempotencyRaced):
+                await database.write(check_and_record)
+    finally:
+        await database.close()
+        await proxy.close()
+
+
+def add_device(tx: Tx, device_id: str, wallet_id: str, cap_balance: int, exp_ms: int) -> None:
+    """A registered device, as registration leaves it (its certificate is not read by a load)."""
+    tx.execute(
+        "INSERT INTO devices (device_id, wallet_id, model, public_key, tier, cap_per_payment, cap_balance, "
+        "cap_payments_per_sync, cert_iat, cert_exp, certificate, kid, status, chain_hash, created_at, created_by, "
+        "updated_at) VALUES (?, ?, 'test', ?, 3, 1000, ?, 10, 0, ?, ?, 'kid', 'active', ?, 'now', 'registrar', 'now')",
+        (device_id, wallet_id, os.urandom(65), cap_balance, exp_ms, b"cert", b""),
+    )
+
+
+async def test_cash_and_a_load_cost_two_round_trips(postgres_server: PostgresServer) -> None:
+    """The same multiplication for cash-in, cash-out and a device load: at most 2 round trips each on the
+    wire, with their checks intact (a load above the device's offline cap is refused, nothing written)."""
+    dsn = postgres_server.create_database()
+    proxy = DelayProxy("127.0.0.1", postgres_server.port, DELAY_S)
+    port = await proxy.start()
+    database = await PostgresDatabase.open(dsn.replace(f":{postgres_server.port}/", f":{port}/"), size=1)
+    try:
+        await database.migrate()
+        settings = load_settings(None, environ={})
+        wallets = wallets_on(database)
+        devices = Devices(database, cast(Any, None), cast(Any, None), settings)
+        wallet_id = await database.write(lambda tx: open_wallet(wallets, tx, 3))
+        await database.write(lambda tx: add_device(tx, "dev-1", wallet_id, 50_000, journal.epoch_millis() + 86_400_000))
+        turns: dict[str, int] = {}
+
+        async def counted(name: str, fn: Any) -> Any:
+            before = proxy.turns
+            result = await database.write(fn)
+            turns[name] = proxy.turns - before
+            return result
+
+        cashed = await counted("cash_in", lambda tx: wallets.cash_in(tx, wallet_id, 100_000, "teller",
+                                                                     entry(1, "wallets.cash_in")))
+        assert cashed["balance_fen"] == 100_000
+        out = await counted("cash_out", lambda tx: wallets.cash_out(tx, wallet_id, 10_000, "teller",
+                                                                    entry(2, "wallets.cash_out")))
+        assert out["balance_fen"] == 90_000
+        loaded = await counted("load", lambda tx: devices.load_in(tx, "dev-1", 30_000, entry(3, "devices.load")))
+        assert isinstance(loaded, LoadResult) and loaded.load_seq == 1
+        assert max(turns.values()) <= 2, turns
+        stored = await database.read(lambda tx: tx.fetchone("SELECT * FROM device_loads WHERE device_id = 'dev-1'"))
+        assert stored is not None and bytes(stored["payload"]) == loaded.payload
+        assert loaded.payload == Voucher("dev-1", 1, 30_000, int(stored["iat"]), int(stored["exp"])).payload()
+        with pytest.raises(LimitExceeded) as cap:  # 30,000 loaded of a 50,000 cap
+            await database.write(lambda tx: devices.load_in(tx, "dev-1", 20_001, entry(4, "devices.load")))
+        assert cap.value.reasons == ["offline-balance-cap-exceeded"]
+        with pytest.raises(InsufficientFunds):
+            await database.write(lambda tx: wallets.cash_out(tx, wallet_id, 60_001, "teller", entry(5)))
+        assert await database.read(journal.check_invariants) == []
+        reserve = await database.read(lambda tx: journal.balance(tx, journal.reserve_account(wallet_id)))
+        assert reserve == 30_000
+    finally:
+        await database.close()
+        await proxy.close()
+
+
+# --- locks no wider than a wallet ----------------------------------------------------------------------------
+
+
+async def test_a_stalled_chainer_cannot_stall_decisions(database: PostgresDatabase) -> None:
+    """One global lock on the write path: a chainer (or anyone) holding the audit-chain lock must not
+    hold up transfers, which now stage their entries without it; and a lock on one wallet does not hold
+    up a transfer between two others."""
+    wallets = wallets_on(database)
+    payer, payee = await funded_pair(database, wallets)
+    other_payer, other_payee = await funded_pair(database, wallets)
+    with psycopg.connect(database.dsn, autocommit=False) as holder:
+        holder.execute("SELECT pg_advisory_xact_lock(%s)", (lock_key(CHAIN_LOCK),))
+        holder.execute("SELECT pg_advisory_xact_lock(%s)", (lock_key(f"wallet:{other_payer}"),))
+        started = time.monotonic()
+        row = await database.write(lambda tx: wallets.transfer_in(tx, TransferIntent(payer, payee, 5, ""),
+                                                                  entry(7)))
+        assert row["status"] == "posted" and time.monotonic() - started < 1.0
+        # The chainer that is not the lock's holder stands aside instead of waiting.
+        assert await database.write(lambda tx: chain_staged(tx, 100)) is None
+        # The wallet lock does hold up a transfer from that wallet (the control).
+        blocked = asyncio.ensure_future(database.write(lambda tx: wallets.transfer_in(
+            tx, TransferIntent(other_payer, other_payee, 5, ""), entry(8))))
+        await asyncio.sleep(0.3)
+        assert not blocked.done()
+        holder.rollback()
+    assert (await blocked)["status"] == "posted"
+    assert await database.write(lambda tx: chain_staged(tx, 100))
+    assert (await database.read(verify_chain)).ok
+
+
+# --- pending entries ---------------------------------------------------------------------------------------
+
+
+async def test_pending_entries_are_reported_not_hidden(database: PostgresDatabase) -> None:
+    """An auditor misled by a chain that looks complete while decisions are still staged: verification
+    reports them as pending (and does not call them verified), until the chainer numbers them."""
+    await database.write(lambda tx: append(tx, [entry(1), entry(2), entry(3)]))
+    report = await database.read(verify_chain)
+    assert report.ok and report.pending == 3 and report.entries == 0
+    assert any("3 entries are pending" in warning for warning in report.warnings)
+    assert report.document()["pending"] == 3
+    assert await database.write(lambda tx: chain_staged(tx, 100)) == [1, 2, 3]
+    report = await database.read(verify_chain)
+    assert (report.ok, report.pending, report.entries) == (True, 0, 3)
+
+
+# --- the chainer dies --------------------------------------------------------------------------------------
+
+CHAINER = """
+import asyncio, sys
+from gateway.audit.chain import chain_staged
+from gateway.ledger.postgres import PostgresDatabase
+
+async def main(dsn):
+    database = await PostgresDatabase.open(dsn, size=1)
+    def batch(tx):
+        numbers = chain_staged(tx, 40)
+        if numbers:
+            tx.execute("SELECT pg_sleep(0.03)")  # keep the transaction open: a kill lands inside it
+        return numbers
+    while True:
+        if await database.write(batch) is None:
+            await asyncio.sleep(0.05)  # a follower: try to take over soon
+
+asyncio.run(main(sys.argv[1]))
+"""
+
+
+def start_chainer(dsn: str) -> subprocess.Popen[bytes]:
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    return subprocess.Popen([sys.executable, "-c", CHAINER, dsn], env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE)
+
+
+async def test_a_chainer_killed_midway_loses_and_repeats_nothing(database: PostgresDatabase) -> None:
+    """A chainer killed with SIGKILL in the middle of a chaining transaction (a crash, an OOM kill): no
+    staged entry may be lost, none chained twice, and another instance's chainer takes over."""
+    total = 2000
+    for start in range(0, total, 200):
+        await database.write(lambda tx, start=start: append(tx, [entry(n) for n in range(start, start + 200)]))
+    staged = await database.read(lambda tx: tx.fetchall("SELECT staged_id FROM audit_staged"))
+    staged_ids = {int(row["staged_id"]) for row in staged}
+    assert len(staged_ids) == total
+
+    async def chained() -> int:
+        row = await database.read(lambda tx: tx.fetchone("SELECT COUNT(*) AS n FROM audit_log"))
+        return int(row["n"]) if row else 0
+
+    leader = start_chainer(database.dsn)
+    follower = None
+    try:
+        deadline = time.monotonic() + 60
+        while await chained() < 300 and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+        follower = start_chainer(database.dsn)  # waits as a follower: the leader holds the lock
+        await asyncio.sleep(0.2)
+        leader.send_signal(signal.SIGKILL)
+        leader.wait(10)
+        at_kill = await chained()
+        assert 300 <= at_kill < total, at_kill  # midway
+        while await database.read(pending_count) and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+    finally:
+        for process in (leader, follower):
+            if process is not None and process.poll() is None:
+                process.send_signal(signal.SIGKILL)
+                process.wait(10)
+    assert await database.read(pending_count) == 0, "the follower did not take over"
+    rows = await database.read(lambda tx: tx.fetchall("SELECT seq, staged_id, request_id FROM audit_log ORDER BY seq"))
+    assert [int(row["seq"]) for row in rows] == list(range(1, total + 1))  # no gap, no repeat
+    assert sorted(int(row["staged_id"]) for row in rows) == sorted(staged_ids)  # each staged entry exactly once
+    assert sorted(row["request_id"] for row in rows) == sorted(f"r{n}" for n in range(total))
+    report = await database.read(verify_chain)
+    assert report.ok and report.entries == total and report.pending == 0, report.problem
+
+
+async def test_a_command_line_change_is_chained_without_a_running_gateway(database: PostgresDatabase) -> None:
+    """An administrative change made from the command line while no gateway runs stays pending (out of
+    the verified chain) until some gateway starts: the command chains what it staged itself."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "ECNY_STORE__DSN": database.dsn}
+    added = subprocess.run([sys.executable, "-m", "gateway.cli", "users", "add", "--username", "carol",
+                            "--role", "teller", "--password-stdin"], input="a long enough password 1",
+                           env=env, capture_output=True, text=True, timeout=120)
+    assert added.returncode == 0, added.stderr
+    assert await database.read(pending_count) == 0
+    rows = await database.read(lambda tx: tx.fetchall("SELECT action, result FROM audit_log"))
+    assert any(row["action"] == "users.add" and "carol" in row["result"] for row in rows), rows
+    assert (await database.read(verify_chain)).ok

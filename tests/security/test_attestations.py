@@ -158,7 +158,10 @@ def pycose_verifies(envelope_b64: str, public_key_pem: str) -> dict[str, Any]:
 
 
 async def rows(bank: Bank, sql: str, params: tuple[Any, ...] = ()) -> list[dict[str, Any]]:
-    found = await runtime(bank.gateway).database.read(lambda tx: tx.fetchall(sql, params))
+    """Rows as committed; on PostgreSQL the audit entries staged so far are chained first."""
+    database = runtime(bank.gateway).database
+    await runtime(bank.gateway).audit.chain_pending()
+    found = await database.read(lambda tx: tx.fetchall(sql, params))
     return [dict(row) for row in found]
 
 

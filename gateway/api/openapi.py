@@ -101,7 +101,9 @@ def _operation(endpoint: Endpoint, schemas: dict[str, Any]) -> dict[str, Any]:
         success["content"] = {"application/json": {"schema": _schema_ref(endpoint.response_model, schemas)}}
     elif endpoint.response_media is not None:
         text = endpoint.response_media.startswith("text/")
-        schema = {"type": "string"} if text else {"type": "string", "format": "binary"}
+        schema: dict[str, Any] = {"type": "string"} if text else {"type": "string", "format": "binary"}
+        if endpoint.response_media == "text/event-stream":
+            schema = {}  # a stream of events, each `data` a JSON document (docs/spec.md), not one string
         success["content"] = {endpoint.response_media: {"schema": schema}}
     else:
         success["content"] = {"application/json": {"schema": {"type": "object"}}}

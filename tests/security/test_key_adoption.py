@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import secrets
 import subprocess
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import pytest
 from cryptography.hazmat.primitives import hashes, serialization
@@ -33,7 +34,6 @@ from tests.procs import GatewayProcess
 pytestmark = [pytest.mark.softhsm, pytest.mark.slow]
 
 CEREMONY_TOKEN = "ecny-ceremony"
-P256 = "1.2.840.10045.3.1.7"
 
 
 @dataclass(frozen=True)
@@ -57,46 +57,30 @@ class Ceremony:
     short_id: CeremonyKey
 
 
-def _make_key(session: Any, pkcs11: Any, label: str, key_id: bytes, **private: bool) -> CeremonyKey:
-    from pkcs11.util.ec import encode_named_curve_parameters
-
-    attribute = pkcs11.Attribute
-    params = session.create_domain_parameters(
-        pkcs11.KeyType.EC, {attribute.EC_PARAMS: encode_named_curve_parameters(P256)}, local=True)
-    template = {attribute.TOKEN: True, attribute.SIGN: True, attribute.SENSITIVE: True,
-                attribute.EXTRACTABLE: False, attribute.PRIVATE: True}
-    template.update({getattr(attribute, name.upper()): value for name, value in private.items()})
-    public, _ = params.generate_keypair(store=True, label=label, id=key_id,
-                                        public_template={attribute.TOKEN: True, attribute.VERIFY: True},
-                                        private_template=template)
-    point = bytes(public[attribute.EC_POINT])
-    return CeremonyKey(label, key_id, point[2:] if point[0] == 0x04 and point[1] == 65 else point)
-
-
 @pytest.fixture(scope="module")
 def ceremony(softhsm_token: Token) -> Iterator[Ceremony]:
-    """A token of its own (same SoftHSM directory) and the keys a ceremony made in it."""
+    """A token of its own (same SoftHSM directory) and the keys a ceremony made in it, with python-pkcs11
+    in a process of its own (``tests/ceremony.py``)."""
     subprocess.run([str(ROOT / "softhsm" / "init-token.sh"), str(softhsm_token.directory), CEREMONY_TOKEN],
                    check=True, capture_output=True)
     pin_file = softhsm_token.directory / f"{CEREMONY_TOKEN}.user-pin"
-    import pkcs11  # the ceremony's own PKCS#11 client, in the test process
-
-    lib = pkcs11.lib(load_named_profile("softhsm").module.path)
-    token = lib.get_token(token_label=CEREMONY_TOKEN)
     stem = secrets.token_hex(3)
-    with token.open(user_pin=pin_file.read_text().strip(), rw=True) as session:
-        made = Ceremony(
-            pin_file,
-            good=_make_key(session, pkcs11, f"ceremony-good-{stem}", secrets.token_bytes(16)),
-            extractable=_make_key(session, pkcs11, f"ceremony-extractable-{stem}", secrets.token_bytes(16),
-                                  extractable=True),
-            not_sensitive=_make_key(session, pkcs11, f"ceremony-plain-{stem}", secrets.token_bytes(16),
-                                    sensitive=False),
-            not_private=_make_key(session, pkcs11, f"ceremony-public-{stem}", secrets.token_bytes(16),
-                                  private=False),
-            short_id=_make_key(session, pkcs11, f"ceremony-short-{stem}", secrets.token_bytes(2)),
-        )
-    yield made
+    spec = [
+        {"label": f"ceremony-good-{stem}", "key_id": secrets.token_hex(16)},
+        {"label": f"ceremony-extractable-{stem}", "key_id": secrets.token_hex(16), "private": {"extractable": True}},
+        {"label": f"ceremony-plain-{stem}", "key_id": secrets.token_hex(16), "private": {"sensitive": False}},
+        {"label": f"ceremony-public-{stem}", "key_id": secrets.token_hex(16), "private": {"private": False}},
+        {"label": f"ceremony-short-{stem}", "key_id": secrets.token_hex(2)},
+    ]
+    done = subprocess.run(
+        [sys.executable, "-m", "tests.ceremony", load_named_profile("softhsm").module.path, CEREMONY_TOKEN,
+         str(pin_file), json.dumps(spec)],
+        cwd=ROOT, env={**os.environ, "SOFTHSM2_CONF": str(softhsm_token.conf)}, capture_output=True, text=True,
+        check=False)
+    assert done.returncode == 0, done.stderr
+    keys = [CeremonyKey(item["label"], bytes.fromhex(item["key_id"]), bytes.fromhex(item["point"]))
+            for item in json.loads(done.stdout)]
+    yield Ceremony(pin_file, *keys)
 
 
 @pytest.fixture

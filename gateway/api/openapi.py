@@ -50,6 +50,13 @@ PROBLEM_SCHEMA = {
 }
 
 
+def _media_schema(media: str) -> dict[str, Any]:
+    """The schema of a success body that is no JSON model."""
+    if media == "text/event-stream":
+        return {}  # a stream of events, each `data` a JSON document (docs/spec.md), not one string
+    return {"type": "string"} if media.startswith("text/") else {"type": "string", "format": "binary"}
+
+
 def _schema_ref(model: type[BaseModel], schemas: dict[str, Any]) -> dict[str, str]:
     schema = model.model_json_schema(ref_template="#/components/schemas/{model}", mode="serialization")
     for name, definition in schema.pop("$defs", {}).items():
@@ -100,11 +107,7 @@ def _operation(endpoint: Endpoint, schemas: dict[str, Any]) -> dict[str, Any]:
     if endpoint.response_model is not None:
         success["content"] = {"application/json": {"schema": _schema_ref(endpoint.response_model, schemas)}}
     elif endpoint.response_media is not None:
-        text = endpoint.response_media.startswith("text/")
-        schema: dict[str, Any] = {"type": "string"} if text else {"type": "string", "format": "binary"}
-        if endpoint.response_media == "text/event-stream":
-            schema = {}  # a stream of events, each `data` a JSON document (docs/spec.md), not one string
-        success["content"] = {endpoint.response_media: {"schema": schema}}
+        success["content"] = {endpoint.response_media: {"schema": _media_schema(endpoint.response_media)}}
     else:
         success["content"] = {"application/json": {"schema": {"type": "object"}}}
     responses[str(endpoint.response_status)] = success

@@ -12,6 +12,7 @@ that parser with hypothesis)."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -36,6 +37,9 @@ CHECKS = ",".join([
     "negative_data_rejection",
 ])
 EXAMPLES = 5
+# CI runs the example and fuzzing phases (about 20 s a role); `make proof` adds the coverage phase (about
+# 70 s a role: every boundary and negative value of every parameter) with ECNY_FUZZ_PHASES.
+PHASES = os.environ.get("ECNY_FUZZ_PHASES", "examples,fuzzing")
 
 
 def _login(url: str, username: str, password: str) -> str:
@@ -76,6 +80,7 @@ def test_schemathesis_finds_nothing(fuzz_gateway: tuple[GatewayProcess, dict[str
     result = subprocess.run(
         [st, "run", gateway.url + "/openapi.json", "-H", f"Authorization: Bearer {tokens[role]}",
          "--checks", CHECKS, "--max-examples", str(EXAMPLES), "--workers", "1", "--seed", "20261122",
+         "--phases", PHASES,
          # The device log is raw CBOR, which schemathesis cannot generate; hypothesis fuzzes that
          # parser directly (tests/device/test_log_parser.py).
          "--exclude-path-regex", "/sync$",

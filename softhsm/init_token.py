@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import os
 import pty
+import select
+import signal
 import sys
 import time
 
@@ -24,8 +26,16 @@ def main() -> int:
     if pid == 0:
         os.execvp("softhsm2-util", ["softhsm2-util", "--init-token", "--free", "--label", label])
     seen = b""
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
+    deadline = time.monotonic() + 60
+    while True:
+        # Never block past the deadline: a prompt that never comes (or an answer lost) ends the child.
+        left = deadline - time.monotonic()
+        if left <= 0 or not select.select([fd], [], [], left)[0]:
+            os.kill(pid, signal.SIGKILL)
+            shown = seen[-200:].decode(errors="replace").replace(user_pin, "***").replace(so_pin, "***")
+            print(f"softhsm2-util did not finish within 60 s: {shown}", file=sys.stderr)
+            os.waitpid(pid, 0)
+            return 1
         try:
             chunk = os.read(fd, 1024)
         except OSError:

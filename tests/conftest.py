@@ -46,7 +46,7 @@ def softhsm_token(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Token]:
     directory = tmp_path_factory.mktemp("softhsm")
     conf = subprocess.run(
         [str(ROOT / "softhsm" / "init-token.sh"), str(directory), TOKEN_LABEL],
-        check=True, capture_output=True, text=True,
+        check=True, capture_output=True, text=True, timeout=120,
     ).stdout.strip()
     previous = os.environ.get("SOFTHSM2_CONF")
     os.environ["SOFTHSM2_CONF"] = conf

@@ -62,7 +62,7 @@ def ceremony(softhsm_token: Token) -> Iterator[Ceremony]:
     """A token of its own (same SoftHSM directory) and the keys a ceremony made in it, with python-pkcs11
     in a process of its own (``tests/ceremony.py``)."""
     subprocess.run([str(ROOT / "softhsm" / "init-token.sh"), str(softhsm_token.directory), CEREMONY_TOKEN],
-                   check=True, capture_output=True)
+                   check=True, capture_output=True, timeout=120)
     pin_file = softhsm_token.directory / f"{CEREMONY_TOKEN}.user-pin"
     stem = secrets.token_hex(3)
     spec = [
@@ -76,7 +76,7 @@ def ceremony(softhsm_token: Token) -> Iterator[Ceremony]:
         [sys.executable, "-m", "tests.ceremony", load_named_profile("softhsm").module.path, CEREMONY_TOKEN,
          str(pin_file), json.dumps(spec)],
         cwd=ROOT, env={**os.environ, "SOFTHSM2_CONF": str(softhsm_token.conf)}, capture_output=True, text=True,
-        check=False)
+        check=False, timeout=120)
     assert done.returncode == 0, done.stderr
     keys = [CeremonyKey(item["label"], bytes.fromhex(item["key_id"]), bytes.fromhex(item["point"]))
             for item in json.loads(done.stdout)]

@@ -11,6 +11,7 @@ from typing import Any
 
 from gateway.auth.roles import Role
 from gateway.config import EvmSettings, FanRule, RefusalsRule, RiskSettings, StructuringRule, VelocityRule
+from gateway.risk.signals import pending_signals_in
 from gateway.runtime import RUNTIME
 from tests.conftest import Gateway, Token, evm_test_chain, make_settings, start_gateway
 
@@ -64,10 +65,10 @@ async def settled(gw: Gateway, timeout: float = 15.0) -> None:
     database = gw.client.server.app[RUNTIME].database
     deadline = time.monotonic() + timeout
     while True:
-        row = await database.read(lambda tx: tx.fetchone("SELECT COUNT(*) AS n FROM risk_signals WHERE evaluated = 0"))
-        if row is not None and int(row["n"]) == 0:
+        pending = await database.read(pending_signals_in)
+        if pending == 0:
             return
-        assert time.monotonic() < deadline, f"{row['n'] if row else '?'} signals still unevaluated"
+        assert time.monotonic() < deadline, f"{pending} signals still unevaluated"
         await asyncio.sleep(0.05)
 
 

@@ -4,8 +4,11 @@ One task per HTTP process (:class:`RiskMonitor`, started by ``gateway.app.monito
 
 1. it holds the evaluator's **lease** (``risk_monitor_lease``) — one evaluator at a time across every
    process and instance; a dead holder's lease expires after ``[risk] lease_seconds``;
-2. it reads the oldest unevaluated signals (in seq order) and evaluates the rules over their windows
-   in a read transaction (no write lock held while the rules read);
+2. it moves a batch of signals from the outbox (``risk_outbox``, where decisions write them) into
+   ``risk_signals``, the rules' indexed history, in one write transaction that also renews the lease —
+   moved and deleted together, or neither; then it reads the oldest unevaluated signals (in seq order)
+   and evaluates the rules over their windows in a read transaction (no write lock held while the
+   rules read);
 3. in ONE write transaction it checks it still holds the lease, marks exactly those signals evaluated
    (all of them still unevaluated, or nothing is written), stores the events they gave rise to and
    renews the lease. A crash before that commit leaves the signals unevaluated: the next evaluator
@@ -30,7 +33,6 @@ import socket
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from datetime import timedelta
 from typing import Any
 
 import structlog
@@ -246,6 +248,23 @@ def take_lease_in(tx: Tx, holder: str, seconds: float) -> bool:
     return True
 
 
+def move_outbox_in(tx: Tx, holder: str, lease_seconds: float, batch_max: int) -> int | None:
+    """Take or renew the lease, then move the oldest ``batch_max`` signals of the outbox into
+    ``risk_signals`` (in outbox order) and delete exactly those. Returns how many were moved, or None when
+    another evaluator holds the lease (nothing is written)."""
+    if not take_lease_in(tx, holder, lease_seconds):
+        return None
+    seqs = [int(row["seq"]) for row in tx.fetchall("SELECT seq FROM risk_outbox ORDER BY seq LIMIT ?", (batch_max,))]
+    for start in range(0, len(seqs), MARK_CHUNK):
+        chunk = seqs[start:start + MARK_CHUNK]
+        among = f"seq IN ({', '.join('?' * len(chunk))})"
+        tx.execute("INSERT INTO risk_signals (ts, kind, subject, amount_fen, detail, actor, counterparty) "
+                   f"SELECT ts, kind, subject, amount_fen, detail, actor, counterparty FROM risk_outbox WHERE {among} "
+                   "ORDER BY seq", chunk)
+        tx.execute(f"DELETE FROM risk_outbox WHERE {among}", chunk)
+    return len(seqs)
+
+
 def store_evaluation_in(tx: Tx, evaluation: Evaluation, holder: str, lease_seconds: float) -> list[RiskEvent]:
     """Mark the batch evaluated and store its events — only while ``holder`` holds the lease and every signal
     of the batch is still unevaluated. Returns the events stored (not those stored before under their ids).
@@ -278,7 +297,6 @@ class RiskMonitor:
         self._wake = asyncio.Event()
         self._stored = asyncio.Condition()
         self._task: asyncio.Task[None] | None = None
-        self._lease_until = ""  # when this process's lease ends, as far as it knows
         self._hsm_ready: bool | None = None
         self._memo = WindowMemo()
         self.closing = False
@@ -347,10 +365,10 @@ class RiskMonitor:
         """Evaluate one batch of pending signals if this process holds (or can take) the lease. Returns how
         many signals it evaluated."""
         risk = self.settings.risk
-        if self._lease_until <= clock.now_iso():
-            if not await self.database.write(lambda tx: take_lease_in(tx, self.holder, risk.lease_seconds)):
-                return 0
-            self._lease_until = clock.iso(clock.now() + timedelta(seconds=risk.lease_seconds / 2))
+        moved = await self.database.write(
+            lambda tx: move_outbox_in(tx, self.holder, risk.lease_seconds, risk.batch_max))
+        if moved is None:
+            return 0
         rules, memo = self.rules, self._memo
         evaluation = await self.database.read(lambda tx: evaluate_batch_in(tx, rules, risk.batch_max, memo))
         if not evaluation.seqs:
@@ -358,13 +376,10 @@ class RiskMonitor:
         try:
             stored = await self.database.write(
                 lambda tx: store_evaluation_in(tx, evaluation, self.holder, risk.lease_seconds))
-        except BaseException as exc:
+        except BaseException:
             self._memo = WindowMemo()  # what the batch taught is not so: forget everything
-            if isinstance(exc, LeaseLost):
-                self._lease_until = ""
             raise
         self._memo.update(evaluation.learned)
-        self._lease_until = clock.iso(clock.now() + timedelta(seconds=risk.lease_seconds / 2))
         for event in stored:
             self.metrics.risk_events.labels(event.rule, event.severity).inc()
         if stored:

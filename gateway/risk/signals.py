@@ -2,8 +2,9 @@
 
 Whatever the monitor (:mod:`gateway.monitor`) later makes of a signal, the signal itself commits or
 rolls back with the decision that caused it — a crash can neither keep a decision and lose its signal
-nor leave a signal of a decision that never happened. Writing one is an INSERT, nothing more: the rules
-run after commit, off the request path.
+nor leave a signal of a decision that never happened. Writing one is an INSERT into ``risk_outbox``, a
+table with no secondary index, nothing more: the monitor moves signals into ``risk_signals`` (the rules'
+indexed history) in batches and runs the rules after commit, off the request path.
 
 The kinds written, their subject, actor and counterparty are listed in docs/risk.md ("Signals").
 """
@@ -27,11 +28,18 @@ def record_signal_in(tx: Tx, kind: str, subject: str, amount_fen: int | None = N
     if amount_fen is not None and type(amount_fen) is not int:
         raise TypeError("amount_fen is an integer number of fen")
     tx.queue(  # an insert under a fresh identity: it cannot collide (PostgreSQL pipelines it)
-        "INSERT INTO risk_signals (ts, kind, subject, amount_fen, detail, actor, counterparty) "
+        "INSERT INTO risk_outbox (ts, kind, subject, amount_fen, detail, actor, counterparty) "
         "VALUES (?, ?, ?, ?, ?, ?, ?)",
         (clock.now_iso(), kind, subject, amount_fen, json.dumps(detail, sort_keys=True, separators=(",", ":")),
          actor, counterparty),
     )
+
+
+def pending_signals_in(tx: Tx) -> int:
+    """Signals the rules have not evaluated yet: those in the outbox and those moved but not evaluated."""
+    row = tx.fetchone("SELECT (SELECT COUNT(*) FROM risk_outbox) + "
+                      "(SELECT COUNT(*) FROM risk_signals WHERE evaluated = 0) AS n")
+    return 0 if row is None else int(row["n"])
 
 
 @dataclass(frozen=True)

@@ -464,11 +464,14 @@ class Wallets:
                 "seq": seq, "ts": ts, "payload": head + cbor2.dumps(seq) + tail, "envelope": None, "kid": None,
                 "approval_id": None, "requested_by": entry.actor, "created_at": now}
 
-    async def ecny_key(self) -> KeyRecord:
-        """The key that signs envelopes now: read every time, since a rotation (in any process) moves it."""
-        configured = self.settings.ecny.key_id
-        key: KeyRecord = await self.database.read(lambda tx: key_for_usage(tx, Usage.ECNY, configured, "ecny.key_id"))
-        return key
+    def ecny_key_in(self, tx: Tx) -> KeyRecord:
+        """The key that signs envelopes now, read in the transaction that decides: a rotation or a disable
+        in any process is seen at once, at the cost of an indexed read (no transaction of its own).
+
+        Raises:
+            KeyNotFound, KeyDisabled, KeyUsageNotAllowed: see :func:`gateway.keys.key_for_usage`.
+        """
+        return key_for_usage(tx, Usage.ECNY, self.settings.ecny.key_id, "ecny.key_id")
 
     async def transfer(self, request: IdempotentRequest | None, intent: TransferIntent,
                        entry: AuditEntry) -> Answer:
@@ -479,7 +482,9 @@ class Wallets:
             row = self.transfer_in(tx, intent, entry)
             if row["status"] != "posted":
                 return Answer(transfer_status(row["status"]), transfer_document(row))
-            return ToSign(row["transfer_id"], row)
+            # The key is part of the decision: a disabled e-CNY key refuses the transfer before anything is
+            # written, rather than posting it with no envelope.
+            return ToSign(row["transfer_id"], ToSeal(row, self.ecny_key_in(tx)))
 
         return await self.signed_transfers.run(request, record)
 
@@ -489,9 +494,8 @@ class Wallets:
         document: dict[str, Any] = answer.document
         return document
 
-    async def seal(self, transfer_id: str, payload: bytes) -> tuple[bytes, str]:
+    async def seal(self, key: KeyRecord, payload: bytes) -> tuple[bytes, str]:
         """Step 3 of a transfer: the COSE_Sign1 envelope over its payload, with the e-CNY key, and the key's id."""
-        key = await self.ecny_key()
         return await sign1(self.signer, self.profile, key, payload), key.key_id
 
     @staticmethod
@@ -501,30 +505,49 @@ class Wallets:
             raise NotFound(f"no transfer {transfer_id[:40]}")
         return row
 
+def _awaits_envelope(row: Any) -> bool:
+    return bool(row["status"] == "posted" and row["envelope"] is None)
+
+
 def transfer_status(status: str) -> int:
     """The HTTP-like status of a transfer's answer: 201 once posted, 202 while it waits for a supervisor."""
     return 201 if status == "posted" else 202
 
 
+@dataclass(frozen=True)
+class ToSeal:
+    """A transfer as its signing step needs it: the row as recorded, and the e-CNY key chosen in the same
+    transaction (None when the row needs no envelope)."""
+
+    row: Any
+    key: KeyRecord | None
+
+
 class TransferSigning:
     """The :class:`~gateway.operations.signed.SigningStep` of transfers: a COSE_Sign1 envelope over the
-    payload fixed at posting, with the e-CNY key. The subject is the transfer's row."""
+    payload fixed at posting, with the e-CNY key. The subject is the transfer's row and that key."""
 
     def __init__(self, wallets: Wallets) -> None:
         self.wallets = wallets
 
-    async def load(self, reference: str) -> Any:
-        return await self.wallets.database.read(lambda tx: Wallets._transfer_row(tx, reference))
+    async def load(self, reference: str) -> ToSeal:
+        def read(tx: Tx) -> ToSeal:
+            row = Wallets._transfer_row(tx, reference)
+            return ToSeal(row, self.wallets.ecny_key_in(tx) if _awaits_envelope(row) else None)
 
-    def answered(self, row: Any) -> Answer | None:
-        if row["status"] == "posted" and row["envelope"] is None:
+        return await self.wallets.database.read(read)
+
+    def answered(self, subject: ToSeal) -> Answer | None:
+        if _awaits_envelope(subject.row):
             return None
-        return Answer(transfer_status(row["status"]), transfer_document(row))
+        return Answer(transfer_status(subject.row["status"]), transfer_document(subject.row))
 
-    async def sign(self, row: Any) -> tuple[bytes, str]:
-        return await self.wallets.seal(row["transfer_id"], bytes(row["payload"]))
+    async def sign(self, subject: ToSeal) -> tuple[bytes, str]:
+        assert subject.key is not None  # chosen with the row whenever it awaits its envelope
+        return await self.wallets.seal(subject.key, bytes(subject.row["payload"]))
 
-    def store_in(self, tx: Tx, row: Any, signature: tuple[bytes, str]) -> Answer:
+    def store_in(self, tx: Tx, subject: ToSeal, signature: tuple[bytes, str]) -> Answer:
+        row = subject.row
         envelope, kid = signature
         transfer_id = row["transfer_id"]
         changed = tx.execute("UPDATE transfers SET envelope = ?, kid = ? WHERE transfer_id = ? AND envelope IS NULL",

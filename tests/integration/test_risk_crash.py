@@ -52,7 +52,8 @@ async def _refusals(url: str, backend: dict[str, str], payer: str, payee: str, c
 
 def _pending(db: Path) -> int:
     with sqlite3.connect(db) as connection:
-        return int(connection.execute("SELECT COUNT(*) FROM risk_signals WHERE evaluated = 0").fetchone()[0])
+        return int(connection.execute("SELECT (SELECT COUNT(*) FROM risk_outbox) + "
+                                      "(SELECT COUNT(*) FROM risk_signals WHERE evaluated = 0)").fetchone()[0])
 
 
 def _drained(db: Path, timeout: float = 30) -> None:

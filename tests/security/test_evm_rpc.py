@@ -298,8 +298,10 @@ async def test_local_nonce_behind_the_chain_is_refused_and_signalled(rpc_gateway
     assert runtime(gw).metrics.registry.get_sample_value("ecny_evm_nonce_drift", labels) == 2
     metrics = await (await gw.client.get("/metrics", headers=gw.auth(Role.ADMIN))).text()
     assert f'ecny_evm_nonce_drift{{address="{key["address"]}",chain_id="{EVM_TEST_CHAIN_ID}"}} 2.0' in metrics
-    signal = await runtime(gw).database.read(lambda tx: tx.fetchone(
-        "SELECT kind, detail FROM risk_signals WHERE subject = ? ORDER BY seq DESC", (key["address"],)))
+    signal = await runtime(gw).database.read(lambda tx: tx.fetchone(  # in the outbox, or moved on by the monitor
+        "SELECT kind, detail FROM (SELECT 1 AS newer, seq, kind, detail FROM risk_outbox WHERE subject = ? "
+        "UNION ALL SELECT 0, seq, kind, detail FROM risk_signals WHERE subject = ?) AS t ORDER BY newer DESC, seq DESC",
+        (key["address"], key["address"])))
     assert signal is not None and signal["kind"] == "evm.nonce_behind_chain"
     # The admin sets the next nonce to the chain's: sending works again, with nonce 2.
     response = await gw.client.post(f"/v1/evm/nonces/{EVM_TEST_CHAIN_ID}/{key['address']}", json={"next_nonce": 2},

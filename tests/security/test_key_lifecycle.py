@@ -172,6 +172,27 @@ async def test_rotation_moves_the_ecny_key_and_old_envelopes_still_verify(gw: Ga
     assert (await transfer(gw, payer, payee, 300))["kid"] == third["key_id"]
 
 
+async def test_a_disabled_ecny_key_refuses_the_transfer_before_anything_is_posted(gw: Gateway) -> None:
+    """Threat: with the e-CNY key disabled (a suspected compromise), transfers are still posted, moving
+    money with no envelope, or signed by some other key."""
+    payer, payee = await open_wallet(gw, 1, 100_000), await open_wallet(gw, 1)
+    signed = await transfer(gw, payer, payee, 100)  # positive control
+    balances = [(await (await gw.client.get(f"/v1/wallets/{w}", headers=gw.auth(Role.BACKEND))).json())["balance_fen"]
+                for w in (payer, payee)]
+    response = await gw.client.post(f"/v1/keys/{signed['kid']}/disable", headers=gw.auth(Role.ADMIN))
+    assert response.status == 200, await response.text()
+    refused = await gw.client.post("/v1/transfers", json={"from_wallet": payer, "to_wallet": payee, "amount_fen": 7},
+                                   headers={**gw.auth(Role.BACKEND), **idem()})
+    problem = await assert_problem(refused, 409, "key-disabled")
+    assert signed["kid"] in problem["detail"]
+    after = [(await (await gw.client.get(f"/v1/wallets/{w}", headers=gw.auth(Role.BACKEND))).json())["balance_fen"]
+             for w in (payer, payee)]
+    assert after == balances  # nothing was posted
+    # Positive control: the rotation signs again (and later tests of this module have an e-CNY key).
+    new = await rotate(gw, signed["kid"])
+    assert (await transfer(gw, payer, payee, 7))["kid"] == new["key_id"]
+
+
 async def test_a_pinned_ecny_key_keeps_signing_when_a_new_key_takes_the_usage(gw: Gateway) -> None:
     """Threat: with `ecny.key_id` set, an admin's new `ecny` key stops every transfer."""
     payer, payee = await open_wallet(gw, 1, 100_000), await open_wallet(gw, 1)

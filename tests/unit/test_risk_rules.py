@@ -173,7 +173,7 @@ def test_an_hsm_outage_is_written_once_per_transition(tmp_path: Path) -> None:
             await monitor._watch_signer()  # still down: nothing new
             signer.ready = True
             await monitor._watch_signer()
-            return await database.read(lambda tx: tx.fetchall("SELECT kind, subject FROM risk_signals ORDER BY seq"))
+            return await database.read(lambda tx: tx.fetchall("SELECT kind, subject FROM risk_outbox ORDER BY seq"))
         finally:
             await database.close()
 

@@ -36,11 +36,13 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import (
+    GATEWAY,
     Gateway,
     LoadSpec,
     Postgres,
     WaitSampler,
     affinity_plan,
+    cpu_seconds,
     exit_on_sigterm,
     machine_busy_seconds,
     open_wallets,
@@ -195,7 +197,8 @@ def ledger_check(gateway: Gateway) -> dict[str, Any]:
 
 def run_store(store: str, modes: list[str], *, duration: float, concurrency: int, payers: int, pin: bool,
               postgres: Postgres | None = None, profile_dir: Path | None = None,
-              processes: int = 1, client: str = "python") -> list[dict[str, Any]]:
+              processes: int = 1, client: str = "python", extra_toml: str = "",
+              risk_monitor: str = "inline") -> list[dict[str, Any]]:
     server_cpus, client_cpus = affinity_plan(pin)
     own_pg = None
     dsn = None
@@ -205,7 +208,15 @@ def run_store(store: str, modes: list[str], *, duration: float, concurrency: int
             postgres = own_pg = Postgres()
         dsn = postgres.new_database()
         extra_cpu = postgres.backend_cpu_seconds
-    gateway = start_gateway(store, dsn, cpus=server_cpus, processes=processes)
+    if risk_monitor == "process":
+        extra_toml += "\n[risk]\nmonitor = false\n"
+    gateway = start_gateway(store, dsn, cpus=server_cpus, processes=processes, extra_toml=extra_toml)
+    evaluator = None
+    if risk_monitor == "process":  # `ecny-gateway risk monitor`: its CPU counts as the server's
+        evaluator = subprocess.Popen([str(GATEWAY), "risk", "monitor", "--config", str(gateway.base / "gateway.toml")],
+                                     env=gateway.env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        database_cpu = extra_cpu
+        extra_cpu = lambda: cpu_seconds(evaluator.pid) + (database_cpu() if database_cpu else 0.0)  # noqa: E731
     results = []
     try:
         rss_idle = gateway.rss()
@@ -229,6 +240,9 @@ def run_store(store: str, modes: list[str], *, duration: float, concurrency: int
             result["server_log_problems"] = len(problems)
             result["server_log_examples"] = problems[:5]
     finally:
+        if evaluator is not None:
+            evaluator.terminate()
+            evaluator.wait(timeout=30)
         gateway.cleanup()
         if own_pg is not None:
             own_pg.stop()
@@ -257,6 +271,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", type=Path, help="write the results here")
     parser.add_argument("--profile", type=Path, metavar="DIR",
                         help="py-spy the server during the first mode of each store; raw stacks go to DIR")
+    parser.add_argument("--toml", default="", metavar="TEXT",
+                        help='appended to the gateway\'s configuration, e.g. $\'[risk]\\nmonitor = false\\n\'')
+    parser.add_argument("--risk-monitor", choices=["inline", "process"], default="inline",
+                        help="the risk evaluator in the HTTP process (the default) or in `ecny-gateway risk monitor`")
     args = parser.parse_args(argv)
     exit_on_sigterm()
     stores = ["sqlite", "postgresql"] if args.store == "both" else [args.store]
@@ -267,7 +285,8 @@ def main(argv: list[str] | None = None) -> int:
             args.profile.mkdir(parents=True, exist_ok=True)
         for result in run_store(store, modes, duration=args.duration, concurrency=args.concurrency,
                                 payers=args.payers, pin=args.pin, profile_dir=args.profile,
-                                processes=args.processes, client=args.client):
+                                processes=args.processes, client=args.client, extra_toml=args.toml,
+                                risk_monitor=args.risk_monitor):
             print(summary_line(result), flush=True)
             results.append(result)
     if args.json:

@@ -16,6 +16,7 @@ import json
 import logging
 import os
 import secrets
+import signal
 import sys
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
@@ -50,6 +51,7 @@ from gateway.keys import Usage, get_key, list_keys
 from gateway.ledger.engines import open_database
 from gateway.ledger.journal import check_invariants
 from gateway.ledger.store import Database, Tx
+from gateway.metrics import Metrics
 from gateway.offline.invariants import check_offline_entries
 from gateway.signing import Algorithm
 
@@ -549,6 +551,33 @@ def cmd_ledger_check(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_risk_monitor(args: argparse.Namespace) -> int:
+    """The risk evaluator as a process of its own, beside HTTP processes configured with ``[risk] monitor =
+    false``: their GIL then serves requests only. One evaluator at a time still holds the lease; with no
+    in-process nudge it finds new signals every ``[risk] poll_seconds``. Runs until SIGTERM or SIGINT."""
+    from gateway.monitor.worker import RiskMonitor  # start-up cost: only this command evaluates
+
+    settings = _settings(args)
+    logs.configure(settings.logging.level)
+    settings = settings.model_copy(update={"risk": settings.risk.model_copy(update={"monitor": True})})
+
+    async def evaluate(database: Database) -> None:
+        monitor = RiskMonitor(database, settings, Metrics())
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, stop.set)
+        monitor.start()
+        print("ecny-gateway risk monitor: evaluating", flush=True)
+        try:
+            await stop.wait()
+        finally:
+            await monitor.close()
+
+    asyncio.run(_with_database(settings, evaluate))
+    return 0
+
+
 MIN_ALLIANCE_KEY_BYTES = 32
 
 
@@ -756,6 +785,12 @@ def build_parser() -> argparse.ArgumentParser:
                         help="no PIN: skip the login and the key attribute checks")
     doctor.set_defaults(run=cmd_hsm_doctor)
 
+
+    risk = commands.add_parser("risk", help="risk monitoring").add_subparsers(dest="risk_command", required=True)
+    risk_monitor = risk.add_parser(
+        "monitor", parents=[common],
+        help="evaluate the risk rules in a process of its own (beside HTTP processes with [risk] monitor = false)")
+    risk_monitor.set_defaults(run=cmd_risk_monitor)
 
     alliance = commands.add_parser("alliance", help="trade-finance alliance").add_subparsers(
         dest="alliance_command", required=True)

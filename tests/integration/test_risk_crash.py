@@ -14,8 +14,10 @@ Afterwards: no signal left unevaluated, no event id twice, and every refusal cit
 from __future__ import annotations
 
 import asyncio
+import signal
 import sqlite3
 import subprocess
+import sys
 import time
 import uuid
 from pathlib import Path
@@ -120,3 +122,62 @@ def test_kill_nine_between_commit_and_evaluation_loses_and_doubles_no_event(soft
     assert len(signals) == 25
     uncited = [seq for seq in signals if seq not in set(cited)]
     assert uncited == signals[len(signals) - len(uncited):] and len(uncited) < MIN_COUNT, (cited, signals)
+
+
+def test_the_evaluator_runs_in_a_process_of_its_own(softhsm_token: Token, tmp_path: Path) -> None:
+    """`ecny-gateway risk monitor` beside an HTTP process with `[risk] monitor = false`: the HTTP process
+    leaves its signals alone (the negative control), the evaluator process finds them by polling and
+    stores the event, and it ends cleanly on SIGTERM."""
+    label = LABEL + "-apart"
+    subprocess.run([str(ROOT / "softhsm" / "init-token.sh"), str(softhsm_token.directory), label], check=True,
+                   capture_output=True, timeout=120)
+    db = tmp_path / "gw.db"
+    gateway = GatewayProcess(tmp_path / "var", softhsm_token.conf, label,
+                             softhsm_token.directory / f"{label}.user-pin", f"sqlite:///{db}")
+    credentials = gateway.provision()
+    backend = {"Authorization": f"Bearer {credentials['backend_api_key']}"}
+    gateway.env["ECNY_RISK__MONITOR"] = "false"
+    gateway.start()
+    evaluator: subprocess.Popen[bytes] | None = None
+    try:
+        async def parties() -> tuple[str, str, dict[str, str]]:
+            async with aiohttp.ClientSession() as session:
+                login = await _json(session, "POST", gateway.url + "/v1/sessions", {},
+                                    {"username": "teller1", "password": credentials["users"]["teller1"]})
+                teller = {"Authorization": f"Bearer {login['token']}"}
+                opened = [(await _json(session, "POST", gateway.url + "/v1/wallets", teller,
+                                       {"holder_name": f"A{i}", "phone": "13800000000", "tier": 2,
+                                        "kind": "personal"}))["wallet_id"] for i in range(2)]
+                login = await _json(session, "POST", gateway.url + "/v1/sessions", {},
+                                    {"username": "auditor1", "password": credentials["users"]["auditor1"]})
+                return opened[0], opened[1], {"Authorization": f"Bearer {login['token']}"}
+
+        payer, payee, auditor = asyncio.run(parties())
+        asyncio.run(_refusals(gateway.url, backend, payer, payee, MIN_COUNT + 1))
+        time.sleep(1.5)  # longer than [risk] poll_seconds: an in-process evaluator would have run
+        assert _pending(db) >= MIN_COUNT + 1
+
+        env = {**gateway.env, "ECNY_RISK__POLL_SECONDS": "0.2"}
+        env.pop("ECNY_RISK__MONITOR")
+        evaluator = subprocess.Popen([sys.executable, "-m", "gateway.cli", "risk", "monitor", "--config",
+                                      str(gateway.var / "gateway.toml")], env=env,
+                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        _drained(db)
+
+        async def refusal_events() -> list[dict[str, Any]]:
+            async with aiohttp.ClientSession() as session:
+                page = await _json(session, "GET", gateway.url + "/v1/risk/events?limit=1000", auditor)
+                return [e for e in page["events"]
+                        if e["rule"] == "repeated_refusals" and e["subject"] == "client:dev-backend"]
+
+        found = asyncio.run(refusal_events())
+        assert len(found) == 1 and len(found[0]["evidence"]["refusals"]) == MIN_COUNT + 1, found
+        evaluator.send_signal(signal.SIGTERM)
+        out, err = evaluator.communicate(timeout=30)
+        assert evaluator.returncode == 0 and b"Traceback" not in err, err
+        assert b"evaluating" in out
+    finally:
+        if evaluator is not None and evaluator.poll() is None:
+            evaluator.kill()
+            evaluator.wait()
+        gateway.stop()

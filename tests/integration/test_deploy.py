@@ -21,6 +21,7 @@ from gateway.hsm.profile import load_named_profile
 from tests.conftest import ROOT
 
 UNIT = ROOT / "deploy" / "ecny-gateway.service"
+UNITS = [UNIT, ROOT / "deploy" / "ecny-gateway-risk-monitor.service"]  # the server, the risk evaluator beside it
 SAMPLE = ROOT / "deploy" / "gateway.toml"
 INSTALLED_BIN = "/opt/ecny-gateway/bin/"
 MAX_EXPOSURE = 2.0  # systemd-analyze security: 0 (locked down) .. 10 (exposed), --threshold in tenths; unit: 1.3
@@ -33,13 +34,13 @@ def _systemd_analyze() -> str:
     return found
 
 
-def _unit_here(tmp_path: Path, text: str | None = None) -> Path:
+def _unit_here(tmp_path: Path, text: str | None = None, source: Path = UNIT) -> Path:
     """The unit with its ExecStart pointing at this environment's console script (verify checks the
     binary exists; production installs it under /opt/ecny-gateway)."""
     here = Path(sys.executable).parent
     assert (here / "ecny-gateway").is_file(), "the package's console script is not installed next to python"
-    unit = tmp_path / "ecny-gateway.service"
-    unit.write_text((text or UNIT.read_text()).replace(INSTALLED_BIN, f"{here}/"))
+    unit = tmp_path / source.name
+    unit.write_text((text or source.read_text()).replace(INSTALLED_BIN, f"{here}/"))
     return unit
 
 
@@ -48,25 +49,29 @@ def _verify(unit: Path) -> subprocess.CompletedProcess[str]:
                           cwd=unit.parent)
 
 
-def test_systemd_unit_verifies_without_a_warning(tmp_path: Path) -> None:
+@pytest.mark.parametrize("source", UNITS, ids=lambda unit: unit.stem)
+def test_systemd_unit_verifies_without_a_warning(tmp_path: Path, source: Path) -> None:
     """A unit whose hardening line is mistyped is silently ignored by systemd: verify must print nothing."""
-    result = _verify(_unit_here(tmp_path))
+    result = _verify(_unit_here(tmp_path, source=source))
     assert result.returncode == 0 and result.stderr == "" and result.stdout == "", result.stderr
     # The check sees a mistyped key (systemd would ignore it and run unhardened, with exit status 0).
-    broken = _verify(_unit_here(tmp_path, UNIT.read_text().replace("NoNewPrivileges=yes", "NoNewPrivilege=yes")))
+    broken = _verify(_unit_here(tmp_path, source.read_text().replace("NoNewPrivileges=yes", "NoNewPrivilege=yes"),
+                                source))
     assert "Unknown key 'NoNewPrivilege'" in broken.stderr
 
 
-def test_systemd_unit_is_hardened(tmp_path: Path) -> None:
+@pytest.mark.parametrize("source", UNITS, ids=lambda unit: unit.stem)
+def test_systemd_unit_is_hardened(tmp_path: Path, source: Path) -> None:
     """A signing service with the run of the host (writable system, new privileges, devices, /tmp shared):
     the unit's offline security exposure stays at or below 2.0 and names each hardening directive."""
-    text = UNIT.read_text()
+    text = source.read_text()
     for directive in ("NoNewPrivileges=yes", "ProtectSystem=strict", "PrivateTmp=yes", "ProtectHome=yes",
                       "ReadWritePaths=/var/lib/ecny-gateway", "CapabilityBoundingSet=\n", "UMask=0077",
                       "SystemCallFilter=@system-service", "RestrictAddressFamilies=AF_UNIX AF_INET AF_INET6"):
         assert directive in text, directive
     result = subprocess.run([_systemd_analyze(), "security", "--offline=yes", f"--threshold={int(MAX_EXPOSURE * 10)}",
-                             str(_unit_here(tmp_path))], capture_output=True, text=True, timeout=60, cwd=tmp_path)
+                             str(_unit_here(tmp_path, source=source))], capture_output=True, text=True, timeout=60,
+                            cwd=tmp_path)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr
     exposure = re.search(r"Overall exposure level for \S+: ([0-9.]+)", result.stdout)
     assert exposure is not None and float(exposure.group(1)) <= MAX_EXPOSURE

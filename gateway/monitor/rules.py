@@ -14,7 +14,6 @@ last is evaluated, since its window holds the others. The other rules are evalua
 
 from __future__ import annotations
 
-import functools
 import json
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, replace
@@ -271,8 +270,10 @@ class Velocity:
     def severity(self) -> Severity:
         return self.settings.velocity.severity
 
-    @functools.cached_property
+    @property
     def _shape(self) -> tuple[tuple[str, ...], Column, int]:
+        """The kinds counted, the column that keys the window, and the maximum (read from the settings at
+        each evaluation, as every rule's thresholds are)."""
         velocity = self.settings.velocity
         shapes: dict[str, tuple[tuple[str, ...], Column, int]] = {
             "wallet": ((TRANSFER, CASH_OUT), "subject", velocity.wallet_max),

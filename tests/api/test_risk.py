@@ -18,10 +18,11 @@ import pytest
 import pytest_asyncio
 
 from gateway.auth.roles import Role
+from gateway.config import VelocityRule
 from gateway.hardwallet.simulator import SimulatedDevice
 from gateway.runtime import RUNTIME
 from tests.api.support import assert_problem, audit_entries, new_client
-from tests.api.test_evm import erc20, sign
+from tests.api.test_evm import EVM_TEST_CHAIN_ID, erc20, sign
 from tests.api.test_wallets import cash_in, open_wallet, transfer
 from tests.conftest import Gateway, Token, login, new_evm_key
 from tests.device.flows import ensure_voucher_key, load, pay, register, sync
@@ -90,6 +91,64 @@ async def test_a_burst_from_one_wallet_gives_a_velocity_event(gw: Gateway) -> No
     assert len(found) == 1, found
     assert found[0]["evidence"]["dimension"] == "wallet" and found[0]["evidence"]["count"] == 8
     assert found[0]["evidence"]["ids"] == ids and found[0]["evidence"]["threshold"] == 8
+
+
+async def test_a_burst_from_one_api_client_across_wallets_gives_a_client_velocity_event(gw: Gateway) -> None:
+    """Velocity per API client: a backend credential used to drain many wallets at once (a stolen key);
+    each wallet alone stays under its own limit."""
+    name, headers = await new_client(gw, Role.BACKEND, "burst")
+    payee = await open_wallet(gw)
+    payers = [await funded(gw, 10_000) for _ in range(4)]
+    gw.settings.risk.velocity.client_max = 4  # the rules read their thresholds when they evaluate
+    try:
+        ids = []
+        for payer in payers:
+            response = await transfer(gw, payer, payee, 100, headers=headers)
+            assert response.status == 201, await response.text()
+            ids.append((await response.json())["transfer_id"])
+        found = await events_where(gw, lambda e: e["rule"] == "velocity" and e["subject"] == f"client:{name}")
+    finally:
+        gw.settings.risk.velocity.client_max = VelocityRule().client_max
+    assert len(found) == 1, found
+    assert found[0]["evidence"]["dimension"] == "client" and found[0]["evidence"]["ids"] == ids
+    assert found[0]["event_id"] in {e["event_id"] for e in await all_events(gw, headers)}  # the event names it
+    # The positive control: no wallet of the four reached the per-wallet limit.
+    assert await events_where(gw, lambda e: e["rule"] == "velocity" and e["subject"] in payers) == []
+
+
+async def test_a_burst_of_loads_onto_one_device_gives_a_device_velocity_event(gw: Gateway) -> None:
+    """Velocity per hard wallet: value pushed onto one device in quick succession (cash-out by device)."""
+    await ensure_voucher_key(gw)
+    device = SimulatedDevice.create()
+    await register(gw, device, await funded(gw, 100_000))
+    gw.settings.risk.velocity.device_max = 3
+    try:
+        loads = [await load(gw, device, 1_000) for _ in range(3)]
+        subject = device.state.device_id
+        found = await events_where(gw, lambda e: e["rule"] == "velocity" and e["subject"] == subject)
+    finally:
+        gw.settings.risk.velocity.device_max = VelocityRule().device_max
+    assert len(found) == 1, found
+    assert found[0]["evidence"]["dimension"] == "device" and found[0]["evidence"]["count"] == 3
+    assert len(found[0]["evidence"]["ids"]) == len(loads) == 3
+
+
+async def test_a_burst_from_one_evm_address_gives_an_address_velocity_event(gw: Gateway) -> None:
+    """Velocity per EVM address: a hot wallet signing transaction after transaction (a drained treasury)."""
+    key = await new_evm_key(gw, f"evm-burst-{secrets.token_hex(3)}")
+    gw.settings.risk.velocity.evm_address_max = 3
+    try:
+        ids = []
+        for _ in range(3):
+            response = await sign(gw, erc20(key, amount=10**6))
+            assert response.status == 200, await response.text()
+            ids.append((await response.json())["transaction_id"])
+        found = await events_where(gw, lambda e: e["rule"] == "velocity" and e["subject"].endswith(key["address"]))
+    finally:
+        gw.settings.risk.velocity.evm_address_max = VelocityRule().evm_address_max
+    assert len(found) == 1, found
+    assert found[0]["subject"] == f"{EVM_TEST_CHAIN_ID}:{key['address']}"
+    assert found[0]["evidence"]["dimension"] == "evm_address" and found[0]["evidence"]["ids"] == ids
 
 
 async def test_fan_out_and_fan_in(gw: Gateway) -> None:
@@ -191,6 +250,36 @@ async def test_one_payee_receiving_from_several_frozen_devices(gw: Gateway) -> N
     raised = await events_where(gw, lambda e: e["rule"] == "notable" and e["evidence"]["kind"] == "discrepancy.raised"
                                 and e["subject"] in payers)
     assert raised and all(e["evidence"]["detail"]["discrepancy_kind"] for e in raised)
+
+
+async def test_approval_requests_and_device_revocations_reach_the_feed(gw: Gateway) -> None:
+    """An approval request is a signal (an event once a bank lists it as notable); a revoked device is a
+    notable event by default, naming the supervisor who revoked it."""
+    gw.settings.risk.notable["approval.requested"] = "info"
+    try:
+        wallet_id = await open_wallet(gw, tier=1)
+        response = await gw.client.post(f"/v1/wallets/{wallet_id}/cash-in", json={"amount_fen": 6_000_000},
+                                        headers={**gw.auth(Role.TELLER), **idem()})
+        assert response.status == 202, await response.text()
+        approval_id = (await response.json())["approval_id"]
+        requested = await events_where(gw, lambda e: e["rule"] == "notable"
+                                       and e["evidence"]["kind"] == "approval.requested"
+                                       and e["evidence"]["id"] == approval_id)
+    finally:
+        del gw.settings.risk.notable["approval.requested"]
+    assert len(requested) == 1 and requested[0]["severity"] == "info", requested
+    assert requested[0]["evidence"]["amount_fen"] == 6_000_000 and requested[0]["subject"] == "user:teller1"
+
+    await ensure_voucher_key(gw)
+    device = SimulatedDevice.create()
+    await register(gw, device, await funded(gw, 10_000))
+    response = await gw.client.post(f"/v1/devices/{device.state.device_id}/revoke", json={"reason": "reported lost"},
+                                    headers=gw.auth(Role.SUPERVISOR))
+    assert response.status == 200, await response.text()
+    revoked = await events_where(gw, lambda e: e["rule"] == "notable" and e["evidence"]["kind"] == "device.revoked"
+                                 and e["subject"] == device.state.device_id)
+    assert len(revoked) == 1 and revoked[0]["severity"] == "low", revoked
+    assert revoked[0]["evidence"]["actor"].startswith("user:")
 
 
 # --- pages, filters, one event ----------------------------------------------------------------------

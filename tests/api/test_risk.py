@@ -9,8 +9,12 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import secrets
-from collections.abc import AsyncIterator
+import signal
+import time
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -21,7 +25,7 @@ from gateway.auth.roles import Role
 from gateway.config import VelocityRule
 from gateway.hardwallet.simulator import SimulatedDevice
 from gateway.runtime import RUNTIME
-from tests.api.support import assert_problem, audit_entries, new_client
+from tests.api.support import assert_problem, audit_entries, new_client, runtime
 from tests.api.test_evm import EVM_TEST_CHAIN_ID, erc20, sign
 from tests.api.test_wallets import cash_in, open_wallet, transfer
 from tests.conftest import Gateway, Token, login, new_evm_key
@@ -280,6 +284,53 @@ async def test_approval_requests_and_device_revocations_reach_the_feed(gw: Gatew
                                  and e["subject"] == device.state.device_id)
     assert len(revoked) == 1 and revoked[0]["severity"] == "low", revoked
     assert revoked[0]["evidence"]["actor"].startswith("user:")
+
+
+async def test_an_hsm_outage_and_its_recovery_reach_the_feed(softhsm_token: Token, tmp_path: Path) -> None:
+    """An HSM outage (no store decision of its own) is a high notable event, once, and the recovery is a
+    signal: the signer workers are killed while the token cannot be found, so that their replacements
+    stay down until it is back."""
+    gateway = await start_risk_gateway(softhsm_token, f"sqlite:///{tmp_path / 'outage.db'}")
+    pool: Any = runtime(gateway).signer
+    conf = os.environ["SOFTHSM2_CONF"]
+    try:
+        os.environ["SOFTHSM2_CONF"] = str(tmp_path / "no-such-softhsm2.conf")  # what respawned workers read
+        for pid in pool.worker_pids():
+            os.kill(pid, signal.SIGKILL)
+        outage = await _eventually(gateway, lambda e: e["rule"] == "notable" and e["evidence"]["kind"] == "hsm.outage")
+        assert len(outage) == 1 and outage[0]["severity"] == "high" and outage[0]["subject"] == "hsm", outage
+        assert outage[0]["evidence"]["detail"]["workers_up"] == 0
+        response = await gateway.client.get("/readyz")
+        assert response.status == 503
+        os.environ["SOFTHSM2_CONF"] = conf
+        for pid in pool.worker_pids():  # the replacements started without the token: replace them again
+            os.kill(pid, signal.SIGKILL)
+        deadline = time.monotonic() + 30
+        while not pool.health().ready:
+            assert time.monotonic() < deadline, pool.health()
+            await asyncio.sleep(0.1)
+        restored = ("SELECT 1 FROM risk_signals WHERE kind = 'hsm.restored' "
+                    "UNION ALL SELECT 1 FROM risk_outbox WHERE kind = 'hsm.restored'")
+        await _eventually(gateway, lambda e: e["rule"] == "notable" and e["evidence"]["kind"] == "hsm.outage",
+                          also=lambda tx: tx.fetchone(restored))
+        # Still one outage event: a recovery is no second outage.
+        assert len(await events_where(gateway, lambda e: e["evidence"].get("kind") == "hsm.outage")) == 1
+    finally:
+        os.environ["SOFTHSM2_CONF"] = conf
+        await gateway.client.close()
+
+
+async def _eventually(gw: Gateway, predicate: Callable[[dict[str, Any]], bool],
+                      also: Callable[[Any], Any] | None = None, seconds: float = 30) -> list[dict[str, Any]]:
+    """The events matching ``predicate`` once there are any (and ``also`` finds a row): signals the monitor
+    writes itself (an HSM outage) are not yet committed when a request returns."""
+    deadline = time.monotonic() + seconds
+    while True:
+        found = await events_where(gw, predicate)
+        if found and (also is None or await runtime(gw).database.read(also) is not None):
+            return found
+        assert time.monotonic() < deadline, "the monitor wrote no such signal"
+        await asyncio.sleep(0.2)
 
 
 # --- pages, filters, one event ----------------------------------------------------------------------

@@ -50,6 +50,9 @@ class Endpoint:
     cbor: bool = False
     raw_body: str | None = None  # a body that is not a model, e.g. "application/cbor" for a device log
     resume: Callable[[Call, str], Awaitable[web.StreamResponse]] | None = None  # replay of a reference record
+    # The handler is one signed operation that looks its Idempotency-Key up in its own transaction
+    # (operations.idempotency.guard_in): no read of the key before it (one store transaction fewer).
+    key_read_in_transaction: bool = False
     audited_action: str | None = None  # refusals of this endpoint are audited under this name
     query: tuple[tuple[str, dict[str, Any], str], ...] = ()  # (name, JSON schema, description)
     responses: dict[int, str] = field(default_factory=dict)  # extra documented statuses
@@ -169,7 +172,8 @@ def guarded(endpoint: Endpoint) -> Callable[[web.Request], Awaitable[web.StreamR
             if endpoint.idempotency == "required" and not call.idempotency_key:
                 raise IdempotencyKeyRequired("this operation needs an Idempotency-Key header")
             if call.idempotency_key and endpoint.idempotency != "none" and call.principal is not None:
-                response = await idempotency.run(request.app[IDEMPOTENCY], call, endpoint.handler, endpoint.resume)
+                response = await idempotency.run(request.app[IDEMPOTENCY], call, endpoint.handler, endpoint.resume,
+                                                 read_in_transaction=endpoint.key_read_in_transaction)
             else:
                 response = await endpoint.handler(call)
             status = response.status

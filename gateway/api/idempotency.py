@@ -77,11 +77,16 @@ async def run(
     call: Call,
     handler: Callable[[Call], Awaitable[web.StreamResponse]],
     resume: Callable[[Call, str], Awaitable[web.StreamResponse]] | None = None,
+    *,
+    read_in_transaction: bool = False,
 ) -> web.StreamResponse:
     """Run ``handler`` once for the request's key: or replay the recorded answer, or (a reference record,
-    and the endpoint has ``resume``) finish the recorded work as the first request would have."""
+    and the endpoint has ``resume``) finish the recorded work as the first request would have.
+    ``read_in_transaction``: the handler's operation reads the key first in its own transaction, so it is
+    not read here beforehand (a replay is then found through IdempotencyRaced)."""
     assert call.principal is not None and call.idempotency_key is not None
-    request = IdempotentRequest(call.principal.scope, call.idempotency_key, request_hash(call))
+    request = IdempotentRequest(call.principal.scope, call.idempotency_key, request_hash(call),
+                                looked_up=not read_in_transaction)
     call.idempotent = request
     database = call.runtime.database
 
@@ -91,9 +96,10 @@ async def run(
         return _replayed(recorded)
 
     async with records.claimed(inflight, request):
-        found = await records.find(database, request)
-        if found is not None:
-            return await answer(found)
+        if request.looked_up:
+            found = await records.find(database, request)
+            if found is not None:
+                return await answer(found)
         try:
             response = await handler(call)
         except IdempotencyRaced:

@@ -39,7 +39,8 @@ ENDPOINTS = [
              "Transfer between wallets; posted and signed, or pending a supervisor's approval",
              Permission.TRANSFERS_CREATE, "transfers", request_model=TransferRequest, response_model=TransferDocument,
              response_status=201, idempotency="required", cbor=True, audited_action="transfers.create",
-             resume=resume_transfer, responses={202: "Pending approval", 422: "Refused by policy"}),
+             resume=resume_transfer, key_read_in_transaction=True,
+             responses={202: "Pending approval", 422: "Refused by policy"}),
     Endpoint("GET", "/v1/transfers/{transfer_id}", show_transfer, "Show a transfer with its envelope",
              Permission.TRANSFERS_READ, "transfers", response_model=TransferDocument, audited_action="transfers.show"),
 ]

@@ -45,6 +45,7 @@ class IdempotentRequest:
     key: str
     request_hash: bytes
     recorded_in_transaction: bool = False  # the operation recorded its answer itself (nothing left to record)
+    looked_up: bool = True  # False: nothing read the key before the operation ran; it does, first (guard_in)
 
 
 @dataclass(frozen=True)
@@ -84,6 +85,20 @@ def lookup_in(tx: Tx, request: IdempotentRequest) -> Any:
         "SELECT request_hash, status, content_type, body FROM idempotency WHERE principal = ? AND idem_key = ?",
         (request.scope, request.key),
     )
+
+
+def guard_in(tx: Tx, request: IdempotentRequest | None) -> None:
+    """The first step of an operation's transaction when nothing read its key before it ran: a key with a
+    record (a replay, or another request that committed first) stops the operation before any check runs,
+    so that a replay is never judged again against today's balances.
+
+    Raises:
+        IdempotencyRaced: the key has a record; nothing is written and the caller answers as recorded.
+    """
+    if request is None or request.looked_up:
+        return
+    if lookup_in(tx, request) is not None:
+        raise IdempotencyRaced(f"Idempotency-Key {request.key!r} has an answer already")
 
 
 def _insert(tx: Tx, request: IdempotentRequest, status: int, content_type: str, body: bytes) -> None:

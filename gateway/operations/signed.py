@@ -75,11 +75,12 @@ class SignedOperation(Generic[Subject, Signature]):
         and returns the final answer (nothing to sign) or what to sign.
 
         Raises:
-            whatever ``record`` raises (nothing is written); IdempotencyRaced (another request with
-            this key committed first: nothing of this one is written).
+            whatever ``record`` raises (nothing is written); IdempotencyRaced (the key has a record, or
+            another request with it committed first: nothing of this one is written).
         """
 
         def check_and_record(tx: Tx) -> Answer | ToSign[Subject]:
+            idempotency.guard_in(tx, request)
             outcome = record(tx)
             if isinstance(outcome, ToSign):
                 idempotency.refer_in(tx, request, outcome.reference)

@@ -136,6 +136,34 @@ async def test_transfer_replay_returns_the_same_response_and_posts_once(ledger_g
     assert other.status == 409
 
 
+async def test_a_transfer_replay_is_answered_as_recorded_not_judged_again(ledger_gateway: Gateway) -> None:
+    """Threat: the key of a transfer is read in the transfer's own transaction (no read before it): a replay
+    must still be answered as recorded, never re-checked against today's balance (a 422 for a transfer
+    that was made) nor posted again; ten at once with one key post once."""
+    gw = ledger_gateway
+    payer, payee = await open_wallet(gw), await open_wallet(gw)
+    await cash_in(gw, payer, 1_000)
+    headers = {**gw.auth(Role.BACKEND), "Idempotency-Key": uuid.uuid4().hex}
+    body = {"from_wallet": payer, "to_wallet": payee, "amount_fen": 1_000}  # all of it
+    first = await gw.client.post("/v1/transfers", json=body, headers=headers)
+    assert first.status == 201, await first.text()
+    again = await gw.client.post("/v1/transfers", json=body, headers=headers)
+    assert again.status == 201 and again.headers.get("Idempotent-Replayed") == "true"
+    assert await again.read() == await first.read()
+    assert (await wallet(gw, payer))["balance_fen"] == 0
+    # Positive control: a new key with the same body is judged, and refused (nothing left to pay).
+    refused = await gw.client.post("/v1/transfers", json=body, headers={**gw.auth(Role.BACKEND), **idem()})
+    assert refused.status == 422
+    # Concurrent requests with one fresh key: one posts, the others answer as it did.
+    await cash_in(gw, payer, 500)
+    headers = {**gw.auth(Role.BACKEND), "Idempotency-Key": uuid.uuid4().hex}
+    body = {**body, "amount_fen": 100}
+    responses = await asyncio.gather(*(gw.client.post("/v1/transfers", json=body, headers=headers) for _ in range(10)))
+    assert {r.status for r in responses} == {201}
+    assert len({await r.read() for r in responses}) == 1
+    assert (await wallet(gw, payer))["balance_fen"] == 400
+
+
 async def test_money_moving_requests_need_an_idempotency_key(ledger_gateway: Gateway) -> None:
     gw = ledger_gateway
     payer, payee = await open_wallet(gw), await open_wallet(gw)

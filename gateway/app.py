@@ -55,6 +55,7 @@ from gateway.keys import KeyDirectory, Usage, flag_raw_not_exclusive, raw_not_ex
 from gateway.ledger.engines import open_database
 from gateway.ledger.store import Database
 from gateway.metrics import Metrics
+from gateway.monitor.process import EvaluatorProcess
 from gateway.monitor.webhooks import WebhookDelivery, WebhookEndpoint
 from gateway.monitor.worker import RiskMonitor
 from gateway.offline.devices import Devices, register_offline_approvals
@@ -120,6 +121,7 @@ METRICS = web.AppKey("metrics", Metrics)
 WEBHOOK_DELIVERY = web.AppKey("webhook_delivery", WebhookDelivery)
 """This process's loop delivering risk events to ``[[risk_webhooks]]`` (``webhook_delivery_context``)."""
 RISK_MONITOR = web.AppKey("risk_monitor", RiskMonitor)
+RISK_EVALUATOR = web.AppKey("risk_evaluator", EvaluatorProcess)  # only where it was started
 """The risk rules' evaluator of this process (``monitor_context``)."""
 
 Context = Callable[[web.Application], AsyncIterator[None]]
@@ -195,17 +197,28 @@ def refusal_context(settings: Settings) -> Context:
     return context
 
 
-def monitor_context(settings: Settings) -> Context:
-    """The risk monitor: evaluates committed signals off the request path (docs/risk.md); stopped before
-    the signer pool and the store close."""
+def monitor_context(settings: Settings, process_index: int) -> Context:
+    """The risk monitor: evaluates committed signals off the request path (docs/risk.md) — in a task of
+    this process, or (``[risk] evaluator = "process"``) in the evaluator process the first HTTP process
+    starts, this process's monitor then only watching the signer; stopped before the signer pool and the
+    store close."""
 
     async def context(app: web.Application) -> AsyncIterator[None]:
-        monitor = RiskMonitor(app[STORE], settings, app[METRICS], app[SIGNER_POOL])
+        elsewhere = settings.risk.monitor and settings.risk.evaluator == "process"
+        here = settings.model_copy(update={"risk": settings.risk.model_copy(update={"monitor": False})}) \
+            if elsewhere else settings
+        monitor = RiskMonitor(app[STORE], here, app[METRICS], app[SIGNER_POOL])
         monitor.start()
+        evaluator = EvaluatorProcess(settings, monitor) if elsewhere and process_index == 0 else None
         try:
+            if evaluator is not None:
+                evaluator.start()
+                app[RISK_EVALUATOR] = evaluator
             app[RISK_MONITOR] = monitor
             yield
         finally:
+            if evaluator is not None:
+                await evaluator.close()
             await monitor.close()
 
     return context
@@ -325,7 +338,7 @@ def make_app(settings: Settings, process_index: int = 0) -> web.Application:
         signer_context(settings, process_index),
         audit_context(settings),
         refusal_context(settings),
-        monitor_context(settings),
+        monitor_context(settings, process_index),
         runtime_context(settings),
         alliance_context(settings, process_index),
     ])

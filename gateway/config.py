@@ -482,8 +482,12 @@ class RiskSettings(_Section):
     """Risk monitoring and early warning (``[risk]``, docs/risk.md): the monitor and its rules."""
 
     monitor: bool = True
-    """Run the rules in this process (off the request path, one evaluator at a time across processes and
+    """Run the rules from this process (off the request path, one evaluator at a time across processes and
     instances); signals are written with their decisions either way."""
+    evaluator: Literal["process", "inline"] = "process"
+    """Where this process runs the rules: ``process``, a spawned process of their own (started by the first
+    HTTP process and restarted if it dies), so that the rules never share the requests' interpreter lock
+    (BENCHMARKS.md, "Session 8"); ``inline``, a task of the HTTP process itself."""
     poll_seconds: Annotated[float, Field(gt=0, le=60)] = 1.0
     """How often the monitor looks for signals committed by other processes or instances (its own
     process's commits wake it at once)."""

@@ -66,6 +66,9 @@ def make_settings(token: Token, dsn: str, **sections: dict[str, Any]) -> Setting
     settings.audit.checkpoint_every = 10
     settings.audit.checkpoint_seconds = 0.0  # by count only: tests decide when the tail is signed
     settings.auth.credential_cache_seconds = 0.0
+    # In-process test gateways run the risk rules inline: tests change rule thresholds at run time and read
+    # the metric here. The evaluator process (the default) has tests of its own (tests/api/test_risk.py).
+    settings.risk.evaluator = "inline"
     if not dsn.startswith("sqlite:///"):  # the default witness would be ./var/, shared by every run
         settings.audit.witness_file = Path(tempfile.mkdtemp(prefix="ecny-witness-")) / "audit-witness.jsonl"
     for section, values in sections.items():

@@ -7,7 +7,7 @@ import asyncio
 import time
 import uuid
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Literal
 
 from gateway.auth.roles import Role
 from gateway.config import EvmSettings, FanRule, RefusalsRule, RiskSettings, StructuringRule, VelocityRule
@@ -19,9 +19,11 @@ STRUCTURING_COUNT = 6  # the issue's example: six transfers of ¥49,999 within t
 JUST_UNDER = 4_999_900  # ¥49,999: the approval threshold is ¥50,000 ([approvals] transfer_threshold_fen)
 
 
-def risk_settings() -> RiskSettings:
-    """Thresholds small enough for a test; the documented defaults are in gateway/config.py and docs/risk.md."""
+def risk_settings(evaluator: Literal["process", "inline"] = "inline") -> RiskSettings:
+    """Thresholds small enough for a test; the documented defaults are in gateway/config.py and docs/risk.md.
+    ``inline`` by default: tests change thresholds at run time, which an evaluator process would not see."""
     return RiskSettings(
+        evaluator=evaluator,
         poll_seconds=0.2,
         structuring=StructuringRule(min_count=STRUCTURING_COUNT, window_seconds=600),
         velocity=VelocityRule(wallet_max=8),
@@ -30,9 +32,9 @@ def risk_settings() -> RiskSettings:
     )
 
 
-async def start_risk_gateway(token: Token, dsn: str) -> Gateway:
+async def start_risk_gateway(token: Token, dsn: str, evaluator: Literal["process", "inline"] = "inline") -> Gateway:
     settings = make_settings(token, dsn, evm={"chains": [*EvmSettings().chains, evm_test_chain()]})
-    settings.risk = risk_settings()
+    settings.risk = risk_settings(evaluator)
     gateway = await start_gateway(settings)
     for label, usage in (("ecny-risk", "ecny"), ("audit-risk", "audit")):
         response = await gateway.client.post("/v1/keys", json={"label": label, "algorithm": "ecdsa-p256",

@@ -23,10 +23,9 @@ import os
 import pickle
 import socket
 import struct
-import sys
 import time
 from collections import deque
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, cast
 
@@ -34,6 +33,7 @@ from gateway.errors import AmbiguousKey, GatewayError, HsmError, HsmLoginFailed,
 from gateway.hsm.profile import HsmProfile
 from gateway.hsm.worker import AlgorithmSpec, WorkerConfig, worker_main
 from gateway.signing import SignerHealth
+from gateway.spawn import without_main_module
 
 
 @dataclass
@@ -212,7 +212,7 @@ class SignerPool:
         process = self._context.Process(
             target=worker_main, args=(child, self._config), name=f"ecny-signer-{index}", daemon=True
         )
-        with _without_main_module():
+        with without_main_module():
             process.start()
         child.close()
         # The worker speaks multiprocessing's framing over a socketpair with blocking calls; the
@@ -442,31 +442,6 @@ class SignerPool:
             return
         self._workers[self._workers.index(dead)] = handle
         self._pump()
-
-
-@contextlib.contextmanager
-def _without_main_module() -> Iterator[None]:
-    """Start a spawned worker without re-running the parent's ``__main__``.
-
-    spawn re-imports the parent's main module in the child (as ``__mp_main__``), by path or, under
-    ``python -m``, by name. For the ``ecny-gateway`` console script that means importing the whole
-    gateway (aiohttp, pydantic, the EVM libraries…) into every signer process: seconds of start-up
-    and ~40 MB each, for nothing — the worker's target is importable by name. Hiding ``__file__``
-    and ``__spec__`` for the duration of ``Process.start()`` (synchronous, on this thread) makes
-    spawn skip that step.
-    """
-    main = sys.modules.get("__main__")
-    if main is None:
-        yield
-        return
-    saved: dict[str, Any] = {name: main.__dict__[name] for name in ("__file__", "__spec__") if name in main.__dict__}
-    main.__dict__.pop("__file__", None)
-    main.__dict__["__spec__"] = None  # `python -m gateway.cli` would be re-imported by name otherwise
-    try:
-        yield
-    finally:
-        main.__dict__.pop("__spec__", None)
-        main.__dict__.update(saved)
 
 
 def _frame(message: Any) -> bytes:

@@ -31,7 +31,7 @@ import json
 import os
 import socket
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -287,13 +287,20 @@ def store_evaluation_in(tx: Tx, evaluation: Evaluation, holder: str, lease_secon
 class RiskMonitor:
     """The risk monitor of one HTTP process (see the module's docstring)."""
 
-    def __init__(self, database: Database, settings: Settings, metrics: Metrics, signer: Signer | None = None) -> None:
+    def __init__(self, database: Database, settings: Settings, metrics: Metrics, signer: Signer | None = None,
+                 on_stored: Callable[[RiskEvent], None] | None = None, holder: str | None = None) -> None:
         self.database = database
+        self.on_stored = on_stored
+        """Told of every event this monitor stores (the evaluator process reports them to its HTTP process)."""
+        self.forward: Callable[[], None] | None = None
+        """Where nudges go besides this monitor (the evaluator process, when the rules run there)."""
         self.settings = settings
         self.metrics = metrics
         self.signer = signer
         self.rules = configured_rules(settings.risk, settings.approvals)
-        self.holder = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        self.holder = holder or f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        """Who holds the evaluator's lease: an evaluator process restarted by its HTTP process (which saw the
+        last one end) takes its predecessor's name, and so its lease, at once."""
         self._wake = asyncio.Event()
         self._stored = asyncio.Condition()
         self._task: asyncio.Task[None] | None = None
@@ -324,6 +331,8 @@ class RiskMonitor:
     def nudge(self) -> None:
         """Something may have committed a signal in this process: evaluate soon (cheap; any task may call it)."""
         self._wake.set()
+        if self.forward is not None:
+            self.forward()
 
     async def wait_for_events(self, timeout: float) -> None:
         """Return when this process has stored events, or after ``timeout`` (events of other processes and
@@ -382,10 +391,20 @@ class RiskMonitor:
         self._memo.update(evaluation.learned)
         for event in stored:
             self.metrics.risk_events.labels(event.rule, event.severity).inc()
+            if self.on_stored is not None:
+                self.on_stored(event)
         if stored:
             async with self._stored:
                 self._stored.notify_all()
         return len(evaluation.seqs)
+
+    async def stored_elsewhere(self, counts: Sequence[tuple[str, str]]) -> None:
+        """Events the evaluator process stored, by (rule, severity): counted here, and live streams woken."""
+        for rule, severity in counts:
+            self.metrics.risk_events.labels(rule, severity).inc()
+        if counts:
+            async with self._stored:
+                self._stored.notify_all()
 
     async def _watch_signer(self) -> None:
         """Write ``hsm.outage`` / ``hsm.restored`` when the signer's readiness changes (its own transaction:

@@ -21,6 +21,7 @@ import aiohttp
 import pytest
 import pytest_asyncio
 
+from gateway.app import RISK_EVALUATOR
 from gateway.auth.roles import Role
 from gateway.config import VelocityRule
 from gateway.hardwallet.simulator import SimulatedDevice
@@ -318,6 +319,50 @@ async def test_an_hsm_outage_and_its_recovery_reach_the_feed(softhsm_token: Toke
     finally:
         os.environ["SOFTHSM2_CONF"] = conf
         await gateway.client.close()
+
+
+async def test_the_evaluator_process_evaluates_reports_and_is_restarted(softhsm_token: Token, tmp_path: Path) -> None:
+    """`[risk] evaluator = "process"` (the default): the rules run in a process of their own, the HTTP
+    process counts what it stored, a killed evaluator is replaced, and it ends with the gateway."""
+    gateway = await start_risk_gateway(softhsm_token, f"sqlite:///{tmp_path / 'apart.db'}", evaluator="process")
+    evaluator = gateway.client.server.app[RISK_EVALUATOR]
+    try:
+        first = await _evaluator_pid(evaluator)
+        assert first != os.getpid()
+        name, headers = await new_client(gateway, Role.BACKEND, "apart")
+        payer, payee = await funded(gateway, 1_000), await open_wallet(gateway)
+
+        async def refusals() -> list[dict[str, Any]]:
+            for _ in range(5):
+                await assert_problem(await transfer(gateway, payer, payee, 1_000_000, headers=headers), 422,
+                                     "insufficient-funds")
+            return await _eventually(gateway, lambda e: e["rule"] == "repeated_refusals"
+                                     and e["subject"] == f"client:{name}")
+
+        assert len(await refusals()) == 1
+        metrics = await (await gateway.client.get("/metrics", headers=gateway.auth(Role.AUDITOR))).text()
+        assert 'ecny_risk_events_total{rule="repeated_refusals",severity="medium"} 1.0' in metrics  # counted here
+        os.kill(first, signal.SIGKILL)
+        second = await _evaluator_pid(evaluator, not_pid=first)
+        assert len(await refusals()) == 2  # the replacement evaluates the next five
+    finally:
+        await gateway.client.close()
+    assert evaluator.pid() is None and not _alive(second)
+
+
+async def _evaluator_pid(evaluator: Any, not_pid: int = 0, seconds: float = 30) -> int:
+    deadline = time.monotonic() + seconds
+    while (pid := evaluator.pid()) is None or pid == not_pid:
+        assert time.monotonic() < deadline, "no evaluator process"
+        await asyncio.sleep(0.1)
+    return int(pid)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
 
 
 async def _eventually(gw: Gateway, predicate: Callable[[dict[str, Any]], bool],

@@ -13,6 +13,7 @@ import asyncio
 import os
 import re
 import signal
+import sqlite3
 import subprocess
 import time
 import urllib.request
@@ -84,6 +85,28 @@ def _ready(url: str) -> bool:
         return False
 
 
+def _risk_events_once_drained(db: Path) -> dict[str, float]:
+    def drained() -> dict[str, float] | None:
+        with sqlite3.connect(db) as connection:
+            pending = connection.execute("SELECT (SELECT COUNT(*) FROM risk_outbox) + "
+                                         "(SELECT COUNT(*) FROM risk_signals WHERE evaluated = 0)").fetchone()[0]
+            rows = connection.execute("SELECT rule, COUNT(*) FROM risk_events GROUP BY rule").fetchall()
+        return None if pending else {rule: float(n) for rule, n in rows}
+
+    found: dict[str, float] = _wait_for(drained)
+    return found
+
+
+def _risk_counts(url: str, headers: dict[str, str]) -> dict[str, float]:
+    request = urllib.request.Request(f"{url}/metrics", headers=headers)
+    with urllib.request.urlopen(request, timeout=10) as response:
+        text = response.read().decode()
+    counts: dict[str, float] = {}
+    for rule, value in re.findall(r'ecny_risk_events_total\{rule="([a-z_]+)",severity="[a-z]+"\} ([0-9.e+]+)', text):
+        counts[rule] = counts.get(rule, 0.0) + float(value)
+    return counts
+
+
 def test_two_http_processes_on_one_sqlite_file(softhsm_token: Token, tmp_path: Path) -> None:
     subprocess.run([str(ROOT / "softhsm" / "init-token.sh"), str(softhsm_token.directory), LABEL], check=True,
                    capture_output=True)
@@ -140,6 +163,13 @@ def test_two_http_processes_on_one_sqlite_file(softhsm_token: Token, tmp_path: P
                 r'ecny_http_requests_total\{endpoint="POST /v1/transfers",status="(\d+)"\} ([0-9.e+]+)', metrics)
         }
         assert transfers == {"201": 20.0, "422": 40.0}, transfers
+        # The 40 refusals are risk signals, evaluated in the evaluator process of the first child: once the
+        # outbox is drained, /metrics counts each stored event once (the evaluator writes no counts of its own
+        # into the shared directory; its HTTP process counts what it reports).
+        stored = _risk_events_once_drained(tmp_path / "g.db")
+        assert stored.get("repeated_refusals"), stored
+        counted = _wait_for(lambda: (found := _risk_counts(gateway.url, backend)) == stored and found)
+        assert counted == stored
 
         # A child killed with SIGKILL is replaced, and the port answers as before.
         os.kill(children[0], signal.SIGKILL)

@@ -198,7 +198,7 @@ def ledger_check(gateway: Gateway) -> dict[str, Any]:
 def run_store(store: str, modes: list[str], *, duration: float, concurrency: int, payers: int, pin: bool,
               postgres: Postgres | None = None, profile_dir: Path | None = None,
               processes: int = 1, client: str = "python", extra_toml: str = "",
-              risk_monitor: str = "inline") -> list[dict[str, Any]]:
+              risk_evaluator: str = "process") -> list[dict[str, Any]]:
     server_cpus, client_cpus = affinity_plan(pin)
     own_pg = None
     dsn = None
@@ -208,11 +208,13 @@ def run_store(store: str, modes: list[str], *, duration: float, concurrency: int
             postgres = own_pg = Postgres()
         dsn = postgres.new_database()
         extra_cpu = postgres.backend_cpu_seconds
-    if risk_monitor == "process":
+    if risk_evaluator == "inline":
+        extra_toml += '\n[risk]\nevaluator = "inline"\n'
+    elif risk_evaluator == "command":
         extra_toml += "\n[risk]\nmonitor = false\n"
     gateway = start_gateway(store, dsn, cpus=server_cpus, processes=processes, extra_toml=extra_toml)
     evaluator = None
-    if risk_monitor == "process":  # `ecny-gateway risk monitor`: its CPU counts as the server's
+    if risk_evaluator == "command":  # `ecny-gateway risk monitor`: its CPU counts as the server's
         evaluator = subprocess.Popen([str(GATEWAY), "risk", "monitor", "--config", str(gateway.base / "gateway.toml")],
                                      env=gateway.env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         database_cpu = extra_cpu
@@ -273,8 +275,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="py-spy the server during the first mode of each store; raw stacks go to DIR")
     parser.add_argument("--toml", default="", metavar="TEXT",
                         help='appended to the gateway\'s configuration, e.g. $\'[risk]\\nmonitor = false\\n\'')
-    parser.add_argument("--risk-monitor", choices=["inline", "process"], default="inline",
-                        help="the risk evaluator in the HTTP process (the default) or in `ecny-gateway risk monitor`")
+    parser.add_argument("--risk-evaluator", choices=["process", "inline", "command"], default="process",
+                        help="the risk rules in the evaluator process the server spawns (the default), in the HTTP "
+                             "process, or in `ecny-gateway risk monitor` beside a server with [risk] monitor = false")
     args = parser.parse_args(argv)
     exit_on_sigterm()
     stores = ["sqlite", "postgresql"] if args.store == "both" else [args.store]
@@ -286,7 +289,7 @@ def main(argv: list[str] | None = None) -> int:
         for result in run_store(store, modes, duration=args.duration, concurrency=args.concurrency,
                                 payers=args.payers, pin=args.pin, profile_dir=args.profile,
                                 processes=args.processes, client=args.client, extra_toml=args.toml,
-                                risk_monitor=args.risk_monitor):
+                                risk_evaluator=args.risk_evaluator):
             print(summary_line(result), flush=True)
             results.append(result)
     if args.json:

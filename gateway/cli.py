@@ -52,6 +52,7 @@ from gateway.ledger.engines import open_database
 from gateway.ledger.journal import check_invariants
 from gateway.ledger.store import Database, Tx
 from gateway.metrics import Metrics
+from gateway.monitor.worker import RiskMonitor
 from gateway.offline.invariants import check_offline_entries
 from gateway.signing import Algorithm
 
@@ -555,8 +556,6 @@ def cmd_risk_monitor(args: argparse.Namespace) -> int:
     """The risk evaluator as a process of its own, beside HTTP processes configured with ``[risk] monitor =
     false``: their GIL then serves requests only. One evaluator at a time still holds the lease; with no
     in-process nudge it finds new signals every ``[risk] poll_seconds``. Runs until SIGTERM or SIGINT."""
-    from gateway.monitor.worker import RiskMonitor  # start-up cost: only this command evaluates
-
     settings = _settings(args)
     logs.configure(settings.logging.level)
     settings = settings.model_copy(update={"risk": settings.risk.model_copy(update={"monitor": True})})

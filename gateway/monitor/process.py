@@ -98,11 +98,12 @@ class EvaluatorProcess:
         return process.pid if process is not None and process.is_alive() else None
 
     def nudge(self) -> None:
-        """Tell the evaluator a signal may have committed (one line per turn of the event loop at most)."""
+        """Tell the evaluator a signal may have committed: one line per ``[risk] settle_seconds`` at most, at
+        the end of that time (the evaluator would wait as long before reading the burst anyway)."""
         if self._writer is None or self._nudged:
             return
         self._nudged = True
-        asyncio.get_running_loop().call_soon(self._send_nudge)
+        asyncio.get_running_loop().call_later(self.settings.risk.settle_seconds, self._send_nudge)
 
     def _send_nudge(self) -> None:
         self._nudged = False

@@ -97,8 +97,11 @@ def guard_in(tx: Tx, request: IdempotentRequest | None) -> None:
     """
     if request is None or request.looked_up:
         return
-    if lookup_in(tx, request) is not None:
-        raise IdempotencyRaced(f"Idempotency-Key {request.key!r} has an answer already")
+    raced = IdempotencyRaced(f"Idempotency-Key {request.key!r} has an answer already")
+    if tx.dialect == "postgresql":  # queued before the operation's first statement: no round trip of its own
+        tx.queue("SELECT ecny_idempotency_unused(?, ?)", (request.scope, request.key), on_conflict=raced)
+    elif lookup_in(tx, request) is not None:
+        raise raced
 
 
 def _insert(tx: Tx, request: IdempotentRequest, status: int, content_type: str, body: bytes) -> None:

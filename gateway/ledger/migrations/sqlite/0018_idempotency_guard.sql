@@ -1,0 +1,2 @@
+-- PostgreSQL's ecny_idempotency_unused (the idempotency guard queued without a round trip). SQLite reads
+-- the key in the transaction instead, at no cost worth saving: nothing to create here.

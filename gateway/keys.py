@@ -282,16 +282,34 @@ def active_key_id(tx: Tx, usage: Usage) -> str | None:
     return None if row is None else str(row["key_id"])
 
 
-def active_key_in(tx: Tx, usage: Usage) -> KeyRecord | None:
-    """The active key of a single-active ``usage`` with the usages it is active for, in one statement (one
-    round trip inside a PostgreSQL transaction, where :func:`active_key_id` and :func:`get_key` take three)."""
-    together = "string_agg(usage, ',')" if tx.dialect == "postgresql" else "group_concat(usage, ',')"
-    row = tx.fetchone(
-        f"SELECT k.*, (SELECT {together} FROM key_usage_active o WHERE o.key_id = k.key_id) AS active_for "
-        "FROM key_usage_active a JOIN keys k ON k.key_id = a.key_id WHERE a.usage = ?", (usage.value,))
-    if row is None:
+KEY_COLUMNS = ("key_id", "label", "algorithm", "usages", "public_key", "created_at", "created_by", "family_id",
+               "version", "status", "status_changed_at", "origin")
+
+
+def active_key_query(dialect: str) -> str:
+    """One SELECT of the active key of a single-active usage (its one parameter), with ``active_for``: the
+    usages it is active for. A statement of its own (:func:`active_key_in`), or a CTE that rides along
+    with another statement (PostgreSQL's transfer: :meth:`gateway.wallets.accounts.Wallets.transfer_in`)."""
+    together = "string_agg(o.usage, ',')" if dialect == "postgresql" else "group_concat(o.usage, ',')"
+    return (f"SELECT {', '.join('k.' + column for column in KEY_COLUMNS)}, "
+            f"(SELECT {together} FROM key_usage_active o WHERE o.key_id = k.key_id) AS active_for "
+            "FROM key_usage_active a JOIN keys k ON k.key_id = a.key_id WHERE a.usage = ?")
+
+
+def active_key_of(row: Any, prefix: str = "") -> KeyRecord | None:
+    """The record of a row of :func:`active_key_query` (its columns named ``prefix`` + column), or None when
+    the usage has no active key."""
+    if row[prefix + "key_id"] is None:
         return None
-    return _record(row, frozenset(Usage(u) for u in (row["active_for"] or "").split(",") if u))
+    columns = {column: row[prefix + column] for column in (*KEY_COLUMNS, "active_for")}
+    return _record(columns, frozenset(Usage(u) for u in (columns["active_for"] or "").split(",") if u))
+
+
+def active_key_in(tx: Tx, usage: Usage) -> KeyRecord | None:
+    """The active key of a single-active ``usage``, in one statement (one round trip inside a PostgreSQL
+    transaction, where :func:`active_key_id` and :func:`get_key` take three)."""
+    row = tx.fetchone(active_key_query(tx.dialect), (usage.value,))
+    return None if row is None else active_key_of(row)
 
 
 def active_usages(tx: Tx, key_id: str) -> list[str]:
@@ -360,6 +378,16 @@ def key_for_usage(tx: Tx, usage: Usage, configured: str | None, setting: str) ->
         if active is None:
             raise KeyNotFound(f"no key with usage {usage.value!r}; generate one")
         key = active
+    return may_sign_for(key, usage, setting)
+
+
+def may_sign_for(key: KeyRecord, usage: Usage, setting: str) -> KeyRecord:
+    """``key``, when it may sign for ``usage`` now.
+
+    Raises:
+        KeyDisabled: it was disabled (rotate it, or generate a key of the usage); KeyRetired and the rest
+            of :meth:`KeyRecord.require_signing`.
+    """
     if key.status is KeyStatus.DISABLED:
         raise KeyDisabled(f"the {usage.value} key {key.key_id} was disabled at {key.status_changed_at}: rotate it "
                           f"or generate a new {usage.value} key ({setting} pins a key family)")

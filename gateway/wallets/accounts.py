@@ -46,7 +46,15 @@ from gateway.errors import (
     WalletNotFound,
 )
 from gateway.hsm.profile import HsmProfile
-from gateway.keys import KeyRecord, Usage, key_for_usage
+from gateway.keys import (
+    KEY_COLUMNS,
+    KeyRecord,
+    Usage,
+    active_key_of,
+    active_key_query,
+    key_for_usage,
+    may_sign_for,
+)
 from gateway.keys import sign1_with_profile as sign1
 from gateway.ledger import journal
 from gateway.ledger.store import Database, Row, Tx
@@ -443,11 +451,14 @@ class Wallets:
         entry_id = secrets.token_hex(12)
         now, ts, day = clock.now_iso(), journal.epoch_millis(), journal.business_day()
         head, tail = transfer_payload_parts(transfer_id, intent.from_wallet, intent.to_wallet, intent.amount, ts)
+        # The e-CNY key rides along (the signing step needs it): one round trip for both.
         outcome = tx.fetchone(
-            "SELECT reasons, missing, seq FROM ecny_post_transfer(?, ?, ?, ?, ?::bigint, ?, ?, ?, ?, ?::bigint, "
-            "?::bigint[], ?::bigint[], ?::bigint[], ?::bigint[], ?, ?)",
-            (transfer_id, entry_id, intent.from_wallet, intent.to_wallet, intent.amount, intent.memo, entry.actor,
-             day, now, ts, *arrays, head, tail))
+            f"WITH ecny_key AS ({active_key_query(tx.dialect)}) "
+            f"SELECT t.reasons, t.missing, t.seq, {', '.join(f'ecny_key.{c} AS k_{c}' for c in ACTIVE_KEY_COLUMNS)} "
+            "FROM ecny_post_transfer(?, ?, ?, ?, ?::bigint, ?, ?, ?, ?, ?::bigint, "
+            "?::bigint[], ?::bigint[], ?::bigint[], ?::bigint[], ?, ?) AS t LEFT JOIN ecny_key ON true",
+            (Usage.ECNY.value, transfer_id, entry_id, intent.from_wallet, intent.to_wallet, intent.amount,
+             intent.memo, entry.actor, day, now, ts, *arrays, head, tail))
         assert outcome is not None  # a function call always answers one row
         if outcome["missing"]:
             raise WalletNotFound(f"no wallet {outcome['missing']}")
@@ -462,7 +473,8 @@ class Wallets:
         return {"transfer_id": transfer_id, "from_wallet": intent.from_wallet, "to_wallet": intent.to_wallet,
                 "amount": intent.amount, "memo": intent.memo, "status": "posted", "entry_id": entry_id,
                 "seq": seq, "ts": ts, "payload": head + cbor2.dumps(seq) + tail, "envelope": None, "kid": None,
-                "approval_id": None, "requested_by": entry.actor, "created_at": now}
+                "approval_id": None, "requested_by": entry.actor, "created_at": now,
+                ACTIVE_ECNY_KEY: active_key_of(outcome, "k_")}
 
     def ecny_key_in(self, tx: Tx) -> KeyRecord:
         """The key that signs envelopes now, read in the transaction that decides: a rotation or a disable
@@ -478,15 +490,21 @@ class Wallets:
         """A transfer as one signed operation: checked, posted and recorded (or parked for a supervisor:
         202), committed, its envelope signed and stored with the answer (201)."""
 
-        def record(tx: Tx) -> Answer | ToSign[Any]:
-            row = self.transfer_in(tx, intent, entry)
-            if row["status"] != "posted":
-                return Answer(transfer_status(row["status"]), transfer_document(row))
-            # The key is part of the decision: a disabled e-CNY key refuses the transfer before anything is
-            # written, rather than posting it with no envelope.
-            return ToSign(row["transfer_id"], ToSeal(row, self.ecny_key_in(tx)))
+        return await self.signed_transfers.run(request, lambda tx: self.record_transfer_in(tx, intent, entry))
 
-        return await self.signed_transfers.run(request, record)
+    def record_transfer_in(self, tx: Tx, intent: TransferIntent, entry: AuditEntry) -> Answer | ToSign[ToSeal]:
+        """Step 1 of a transfer: checked and recorded (:meth:`transfer_in`), with the e-CNY key that will sign
+        its envelope — part of the decision: a disabled key refuses the transfer before anything is written,
+        rather than posting it with no envelope."""
+        row = self.transfer_in(tx, intent, entry)
+        if row["status"] != "posted":
+            return Answer(transfer_status(row["status"]), transfer_document(row))
+        active: KeyRecord | None = row.pop(ACTIVE_ECNY_KEY, None)
+        if active is not None and not self.settings.ecny.key_id:  # read with the server-side transfer
+            key = may_sign_for(active, Usage.ECNY, "ecny.key_id")
+        else:
+            key = self.ecny_key_in(tx)
+        return ToSign(row["transfer_id"], ToSeal(row, key))
 
     async def signed_transfer(self, transfer_id: str) -> dict[str, Any]:
         """The transfer's document, its envelope signed first if it has none yet (a read, an approval)."""
@@ -504,6 +522,11 @@ class Wallets:
         if row is None:
             raise NotFound(f"no transfer {transfer_id[:40]}")
         return row
+
+ACTIVE_ECNY_KEY = "active_ecny_key"
+"""A row of PostgreSQL's server-side transfer carries the active e-CNY key read with it (the signing step's)."""
+ACTIVE_KEY_COLUMNS = (*KEY_COLUMNS, "active_for")
+
 
 def _awaits_envelope(row: Any) -> bool:
     return bool(row["status"] == "posted" and row["envelope"] is None)

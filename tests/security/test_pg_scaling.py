@@ -33,6 +33,7 @@ from gateway.ledger.store import Tx
 from gateway.offline.devices import Devices, LoadResult
 from gateway.operations import idempotency
 from gateway.operations.idempotency import IdempotentRequest
+from gateway.operations.signed import ToSign
 from gateway.schemes.offline import Voucher
 from gateway.wallets.accounts import TransferIntent, Wallets, transfer_payload, transfer_payload_parts
 from tests.pg import PostgresServer
@@ -70,6 +71,15 @@ async def database(postgres_server: PostgresServer) -> AsyncIterator[PostgresDat
         yield database
     finally:
         await database.close()
+
+
+def ecny_key(tx: Tx) -> None:
+    """An e-CNY key record, as `POST /v1/keys` leaves it (transfers read it; they do not sign here)."""
+    key_id = os.urandom(16).hex()
+    tx.execute("INSERT INTO keys (key_id, label, algorithm, usages, public_key, created_at, created_by, family_id) "
+               "VALUES (?, ?, 'ecdsa-p256', 'ecny', ?, 'now', 'admin', ?)", (key_id, f"ecny-{key_id[:8]}",
+                                                                            b"\x04" + os.urandom(64), key_id))
+    tx.execute("INSERT INTO key_usage_active (usage, key_id, since) VALUES ('ecny', ?, 'now')", (key_id,))
 
 
 async def funded_pair(database: PostgresDatabase, wallets: Wallets, fen: int = 1_000_000,
@@ -168,11 +178,17 @@ async def test_a_transfer_costs_two_round_trips(postgres_server: PostgresServer)
         await database.migrate()
         wallets = wallets_on(database)
         payer, payee = await funded_pair(database, wallets)
-        request = IdempotentRequest("client:test", "key-1", b"h" * 32)
+        await database.write(ecny_key)
+        # As POST /v1/transfers sends it: nothing read the key before the operation (the guard is queued).
+        request = IdempotentRequest("client:test", "key-1", b"h" * 32, looked_up=False)
 
         def check_and_record(tx: Tx) -> dict[str, Any]:  # what SignedOperation.run does in step 1
-            row = wallets.transfer_in(tx, TransferIntent(payer, payee, 100, ""), entry(5, "transfers.create"))
-            idempotency.refer_in(tx, request, row["transfer_id"])
+            idempotency.guard_in(tx, request)
+            intent = TransferIntent(payer, payee, 100, "")
+            outcome = wallets.record_transfer_in(tx, intent, entry(5, "transfers.create"))
+            assert isinstance(outcome, ToSign) and outcome.subject.key is not None  # the e-CNY key rode along
+            idempotency.refer_in(tx, request, outcome.reference)
+            row: dict[str, Any] = outcome.subject.row
             return row
 
         pending_before = await database.read(pending_count)
@@ -191,7 +207,7 @@ async def test_a_transfer_costs_two_round_trips(postgres_server: PostgresServer)
         # Races again and again on one connection: a statement psycopg prepares in a batch the race
         # aborted must not break the next transaction ("prepared statement does not exist", a 500).
         for n in range(12):
-            request = IdempotentRequest("client:test", f"key-loop-{n}", b"h" * 32)
+            request = IdempotentRequest("client:test", f"key-loop-{n}", b"h" * 32, looked_up=False)
             assert (await database.write(check_and_record))["status"] == "posted"
             with pytest.raises(IdempotencyRaced):
                 await database.write(check_and_record)

@@ -52,6 +52,35 @@ async def _refusals(url: str, backend: dict[str, str], payer: str, payee: str, c
                 assert response.status == 422, await response.text()
 
 
+def _without_monitor(token: Token, tmp_path: Path, label: str) -> tuple[GatewayProcess, Path, dict[str, Any],
+                                                                      dict[str, str]]:
+    """A real gateway on a token of its own, started with its risk monitor off (``ECNY_RISK__MONITOR=false``):
+    signals commit and wait. Returns it, its database, its credentials and the backend's headers."""
+    subprocess.run([str(ROOT / "softhsm" / "init-token.sh"), str(token.directory), label], check=True,
+                   capture_output=True, timeout=120)
+    db = tmp_path / "gw.db"
+    gateway = GatewayProcess(tmp_path / "var", token.conf, label, token.directory / f"{label}.user-pin",
+                             f"sqlite:///{db}")
+    credentials = gateway.provision()
+    gateway.env["ECNY_RISK__MONITOR"] = "false"
+    gateway.start()
+    return gateway, db, credentials, {"Authorization": f"Bearer {credentials['backend_api_key']}"}
+
+
+async def _parties(url: str, credentials: dict[str, Any]) -> tuple[str, str, dict[str, str]]:
+    """Two wallets opened by teller1 (a payer with nothing to pay, a payee) and auditor1's headers."""
+    async with aiohttp.ClientSession() as session:
+        login = await _json(session, "POST", url + "/v1/sessions", {},
+                            {"username": "teller1", "password": credentials["users"]["teller1"]})
+        teller = {"Authorization": f"Bearer {login['token']}"}
+        opened = [(await _json(session, "POST", url + "/v1/wallets", teller,
+                               {"holder_name": f"W{i}", "phone": "13800000000", "tier": 2,
+                                "kind": "personal"}))["wallet_id"] for i in range(2)]
+        login = await _json(session, "POST", url + "/v1/sessions", {},
+                            {"username": "auditor1", "password": credentials["users"]["auditor1"]})
+        return opened[0], opened[1], {"Authorization": f"Bearer {login['token']}"}
+
+
 def _pending(db: Path) -> int:
     with sqlite3.connect(db) as connection:
         return int(connection.execute("SELECT (SELECT COUNT(*) FROM risk_outbox) + "
@@ -67,29 +96,8 @@ def _drained(db: Path, timeout: float = 30) -> None:
 
 def test_kill_nine_between_commit_and_evaluation_loses_and_doubles_no_event(softhsm_token: Token,
                                                                             tmp_path: Path) -> None:
-    subprocess.run([str(ROOT / "softhsm" / "init-token.sh"), str(softhsm_token.directory), LABEL], check=True,
-                   capture_output=True)
-    db = tmp_path / "gw.db"
-    gateway = GatewayProcess(tmp_path / "var", softhsm_token.conf, LABEL,
-                             softhsm_token.directory / f"{LABEL}.user-pin", f"sqlite:///{db}")
-    credentials = gateway.provision()
-    backend = {"Authorization": f"Bearer {credentials['backend_api_key']}"}
-    gateway.env["ECNY_RISK__MONITOR"] = "false"
-    gateway.start()
-
-    async def wallets() -> tuple[str, str, dict[str, str]]:
-        async with aiohttp.ClientSession() as session:
-            login = await _json(session, "POST", gateway.url + "/v1/sessions", {},
-                                {"username": "teller1", "password": credentials["users"]["teller1"]})
-            teller = {"Authorization": f"Bearer {login['token']}"}
-            opened = [(await _json(session, "POST", gateway.url + "/v1/wallets", teller,
-                                   {"holder_name": f"W{i}", "phone": "13800000000", "tier": 2,
-                                    "kind": "personal"}))["wallet_id"] for i in range(2)]
-            login = await _json(session, "POST", gateway.url + "/v1/sessions", {},
-                                {"username": "auditor1", "password": credentials["users"]["auditor1"]})
-            return opened[0], opened[1], {"Authorization": f"Bearer {login['token']}"}
-
-    payer, payee, auditor = asyncio.run(wallets())
+    gateway, db, credentials, backend = _without_monitor(softhsm_token, tmp_path, LABEL)
+    payer, payee, auditor = asyncio.run(_parties(gateway.url, credentials))
     asyncio.run(_refusals(gateway.url, backend, payer, payee, 12))
     assert _pending(db) >= 12  # committed with their refusals, not evaluated
     gateway.kill()
@@ -128,31 +136,10 @@ def test_the_evaluator_runs_in_a_process_of_its_own(softhsm_token: Token, tmp_pa
     """`ecny-gateway risk monitor` beside an HTTP process with `[risk] monitor = false`: the HTTP process
     leaves its signals alone (the negative control), the evaluator process finds them by polling and
     stores the event, and it ends cleanly on SIGTERM."""
-    label = LABEL + "-apart"
-    subprocess.run([str(ROOT / "softhsm" / "init-token.sh"), str(softhsm_token.directory), label], check=True,
-                   capture_output=True, timeout=120)
-    db = tmp_path / "gw.db"
-    gateway = GatewayProcess(tmp_path / "var", softhsm_token.conf, label,
-                             softhsm_token.directory / f"{label}.user-pin", f"sqlite:///{db}")
-    credentials = gateway.provision()
-    backend = {"Authorization": f"Bearer {credentials['backend_api_key']}"}
-    gateway.env["ECNY_RISK__MONITOR"] = "false"
-    gateway.start()
+    gateway, db, credentials, backend = _without_monitor(softhsm_token, tmp_path, LABEL + "-apart")
     evaluator: subprocess.Popen[bytes] | None = None
     try:
-        async def parties() -> tuple[str, str, dict[str, str]]:
-            async with aiohttp.ClientSession() as session:
-                login = await _json(session, "POST", gateway.url + "/v1/sessions", {},
-                                    {"username": "teller1", "password": credentials["users"]["teller1"]})
-                teller = {"Authorization": f"Bearer {login['token']}"}
-                opened = [(await _json(session, "POST", gateway.url + "/v1/wallets", teller,
-                                       {"holder_name": f"A{i}", "phone": "13800000000", "tier": 2,
-                                        "kind": "personal"}))["wallet_id"] for i in range(2)]
-                login = await _json(session, "POST", gateway.url + "/v1/sessions", {},
-                                    {"username": "auditor1", "password": credentials["users"]["auditor1"]})
-                return opened[0], opened[1], {"Authorization": f"Bearer {login['token']}"}
-
-        payer, payee, auditor = asyncio.run(parties())
+        payer, payee, auditor = asyncio.run(_parties(gateway.url, credentials))
         asyncio.run(_refusals(gateway.url, backend, payer, payee, MIN_COUNT + 1))
         time.sleep(1.5)  # longer than [risk] poll_seconds: an in-process evaluator would have run
         assert _pending(db) >= MIN_COUNT + 1

@@ -475,7 +475,8 @@ class FrozenPayeeRule(_RiskRule):
 def _default_notable() -> dict[str, Severity]:
     return {"hsm.outage": "high", "audit.verify_failed": "critical", "evm.nonce_set": "medium",
             "discrepancy.raised": "medium", "device.frozen": "medium", "device.revoked": "low",
-            "login.locked": "low", "approval.rejected": "low"}
+            "login.locked": "low", "approval.rejected": "low", "attestation.already_financed": "high",
+            "attestation.double_financed": "critical"}
 
 
 class RiskSettings(_Section):
@@ -518,7 +519,8 @@ class RiskSettings(_Section):
     notable: dict[str, Severity] = Field(default_factory=_default_notable)
     """Signal kinds that are an event by themselves (rule ``notable``), with their severity: an HSM outage,
     an audit verify failure, an admin nonce change, a discrepancy, a freeze or revocation, a login lockout,
-    a rejected approval. Remove a kind to silence it."""
+    a rejected approval, a refused second financing of a document, and a double financing found after the
+    fact in a peer's batch. Remove a kind to silence it."""
 
 
 class EvmRpcSettings(_Section):

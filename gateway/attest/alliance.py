@@ -23,10 +23,12 @@ from gateway import clock
 from gateway.attest import records
 from gateway.attest.attestations import iso_from_ms, ms
 from gateway.attest.batches import Batch, member_key, verify_batch
+from gateway.audit.chain import AuditEntry, append
 from gateway.config import AlliancePeer, AllianceSettings, read_private_file
 from gateway.errors import AllianceBatchRefused, AlliancePeerUnavailable, GatewayError
 from gateway.ledger.store import Database, Tx
 from gateway.metrics import Metrics
+from gateway.risk.signals import record_signal_in
 
 BATCH_MEDIA_TYPE = "application/cose; cose-type=\"cose-sign1\""
 MAX_BATCH_BYTES = 16 * 1024 * 1024
@@ -108,6 +110,7 @@ class AllianceSync:
             entries = [(entry.seq, entry.fingerprint.hex(), iso_from_ms(entry.financed_at_ms))
                        for entry in batch.entries]
             records.store_peer_entries(tx, peer.member_id, entries, batch.head, iso_from_ms(batch.issued_at_ms))
+            report_double_financings_in(tx, peer.member_id, entries)
 
         await self.database.write(store)
         return batch, cursor
@@ -167,3 +170,23 @@ class AllianceSync:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
+
+
+SIGNAL_DOUBLE_FINANCED = "attestation.double_financed"
+
+
+def report_double_financings_in(tx: Tx, member_id: str, entries: list[tuple[int, str, str]]) -> None:
+    """A peer's batch names a document this bank financed too: a double financing that slipped through the
+    sync window (both banks financed before either had the other's fingerprint). Nothing can refuse it any
+    more; it is audited, and a ``attestation.double_financed`` risk signal (critical by default) raises it
+    for people to act on — with the peer, the two financing times and this bank's attestation."""
+    theirs = {fingerprint: financed_at for _, fingerprint, financed_at in entries}
+    for ours in records.financed_here(tx, list(theirs)):
+        detail = {"member_id": member_id, "financed_there_at": theirs[ours["fingerprint"]],
+                  "attestation_id": ours["attestation_id"], "financed_here_at": ours["created_at"],
+                  "document_type": ours["document_type"], "document_number": ours["document_number"]}
+        append(tx, [AuditEntry(actor=f"alliance:{member_id}", role="peer", action="alliance.double_financing",
+                               decision="failed", reasons=("double-financed",),
+                               result={"fingerprint": ours["fingerprint"], **detail})])
+        record_signal_in(tx, SIGNAL_DOUBLE_FINANCED, ours["issuer_tax_id"], None, actor=f"alliance:{member_id}",
+                         fingerprint=ours["fingerprint"], **detail)

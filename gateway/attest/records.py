@@ -157,6 +157,15 @@ def store_peer_entries(tx: Tx, member_id: str, entries: list[tuple[int, str, str
                (cursor, head, issued_at, received, member_id))
 
 
+def financed_here(tx: Tx, fingerprints: list[str]) -> list[Row]:
+    """This bank's finance attestations whose fingerprint is among ``fingerprints`` (hex)."""
+    if not fingerprints:
+        return []
+    return tx.fetchall("SELECT attestation_id, fingerprint, document_type, document_number, issuer_tax_id, "
+                       f"created_at FROM attestations WHERE fingerprint IN ({', '.join('?' * len(fingerprints))})",
+                       fingerprints)
+
+
 def note_peer_error(tx: Tx, member_id: str, error: str) -> None:
     ensure_peer(tx, member_id)
     tx.execute("UPDATE alliance_peers SET last_error = ?, last_error_at = ? WHERE member_id = ?",

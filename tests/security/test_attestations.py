@@ -36,6 +36,7 @@ from gateway.config import AlliancePeer, AllianceSettings
 from tests.api.support import assert_problem, runtime
 from tests.conftest import ROOT, Gateway, Token, make_settings, start_gateway
 from tests.pg import PostgresServer
+from tests.risk_support import events_where
 
 pytestmark = pytest.mark.softhsm
 
@@ -212,6 +213,43 @@ async def test_second_bank_cannot_finance_an_invoice_the_first_financed(banks: t
     assert len(signals) == 1 and json.loads(signals[0]["detail"])["financed_by"] == "BANK-A"
     listed = await bank_b.gateway.client.get("/v1/attestations/hits", headers=bank_b.gateway.auth(Role.AUDITOR))
     assert [h["financed_by"] for h in (await listed.json())["hits"]] == ["BANK-A"]
+
+
+async def test_a_double_financing_that_slipped_through_the_window_is_raised_at_both_banks(
+        banks: tuple[Bank, Bank]) -> None:
+    """Threat: both banks finance one invoice before either has synced (the window docs/trade-finance.md
+    describes). Nothing can refuse it any more, but it must not pass unnoticed: each bank finds the other's
+    fingerprint in the next batch, audits it and raises a critical risk event naming the other bank; the
+    refused second financing of the first test is a (high) event too."""
+    bank_a, bank_b = banks
+    await sync(bank_b)  # each is current with the other's feed: what follows is new
+    await sync(bank_a, [peer_of(bank_b)])
+    invoice = document()
+    status_a, at_a = await attest(bank_a, invoice)
+    status_b, at_b = await attest(bank_b, invoice)
+    assert (status_a, status_b) == (201, 201)  # inside the window both are accepted
+    assert at_a["fingerprint"] == at_b["fingerprint"]
+    await sync(bank_b)
+    await sync(bank_a, [peer_of(bank_b)])  # A pulls B's feed too (in the other test it has no peers)
+    for here, there, ours in ((bank_b, "BANK-A", at_b), (bank_a, "BANK-B", at_a)):
+        audit = await rows(here, "SELECT decision, reasons, result FROM audit_log WHERE action = "
+                                 "'alliance.double_financing' UNION ALL SELECT decision, reasons, result FROM "
+                                 "audit_staged WHERE action = 'alliance.double_financing'")
+        assert len(audit) == 1 and audit[0]["decision"] == "failed", audit
+        result = json.loads(audit[0]["result"])
+        assert (result["member_id"], result["attestation_id"]) == (there, ours["attestation_id"])
+        found = await events_where(here.gateway, lambda e: e["rule"] == "notable"
+                                   and e["evidence"]["kind"] == "attestation.double_financed")
+        assert len(found) == 1 and found[0]["severity"] == "critical", found
+        assert found[0]["evidence"]["detail"]["member_id"] == there
+    # Positive control: syncing again finds nothing new and raises nothing more.
+    await sync(bank_b)
+    assert len(await events_where(bank_b.gateway, lambda e: e["evidence"].get("kind")
+                                  == "attestation.double_financed")) == 1
+    # A refused second financing (the first test's hit) is an event as well.
+    refused = await events_where(bank_b.gateway, lambda e: e["evidence"].get("kind")
+                                 == "attestation.already_financed")
+    assert refused and all(e["severity"] == "high" for e in refused)
 
 
 async def test_a_finance_twice_at_the_same_bank_is_refused(banks: tuple[Bank, Bank]) -> None:

@@ -49,6 +49,7 @@ from gateway.errors import (
     InvalidRpcParams,
     InvalidRpcRequest,
     NoDefaultChain,
+    NonceConflict,
     RpcMethodNotFound,
 )
 from gateway.evm.drafts import TransactionFields, draft_of
@@ -407,6 +408,20 @@ class EvmRpc:
             return Answer(found.status, orjson.loads(found.body))
 
     @staticmethod
+    async def _decided(parked: Answer, reference: Callable[[str], Awaitable[Answer]], id_field: str) -> Answer:
+        """A call parked for a supervisor, replayed: its answer now — signed once approved (signing it
+        there and then if the approval left it unsigned), still parked, or refused (rejected, expired,
+        failed: NonceConflict, as ``POST /v1/evm/transactions`` answers such a transaction)."""
+        current = await reference(parked.document[id_field])
+        status = current.document["status"]
+        if status == "pending_approval":
+            return parked
+        if status != "signed":
+            raise NonceConflict(f"the call's {id_field} {parked.document[id_field]} is {status} and will not be "
+                                "signed", **{id_field: parked.document[id_field], "status": status})
+        return Answer(200, current.document)
+
+    @staticmethod
     def _signed(answer: Answer, field: str, what: str) -> Any:
         """The signed value of an answer; a parked one is EvmApprovalPending (JSON-RPC has no 202)."""
         document = answer.document
@@ -444,6 +459,8 @@ class EvmRpc:
         entry = caller.entry(self.methods[call.method].action or call.method, call)
         answer = await self._once(caller, call, lambda request: self.transactions.transact(request, draft, entry),
                                   self.transactions.resume)
+        if answer.status == 202:  # parked: a supervisor may have decided since the first call
+            answer = await self._decided(answer, self.transactions.signed.reference, "transaction_id")
         self._signed(answer, "raw_transaction", "transaction")
         document: dict[str, Any] = answer.document
         return document
@@ -516,6 +533,8 @@ class EvmRpc:
         entry = caller.entry(self.methods[call.method].action or call.method, call)
         answer = await self._once(caller, call, lambda request: self.typed_data.request(request, draft, entry),
                                   self.typed_data.signed.resume)
+        if answer.status == 202:
+            answer = await self._decided(answer, self.typed_data.signed.reference, "request_id")
         signature: str = self._signed(answer, "signature", "typed data")
         return signature
 

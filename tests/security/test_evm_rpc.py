@@ -31,7 +31,7 @@ from gateway.evm.upstream import UpstreamNode
 from gateway.schemes.evm.transactions import UnsignedTransaction
 from tests.api.support import assert_problem, audit_entries, runtime
 from tests.api.test_evm import decode
-from tests.conftest import EVM_DENIED, EVM_TEST_CHAIN_ID, Gateway
+from tests.conftest import EVM_DENIED, EVM_TEST_CHAIN_ID, Gateway, login
 from tests.evm_node import EthTesterNode
 from tests.evm_rpc_support import (
     eip1559,
@@ -149,6 +149,28 @@ async def test_json_rpc_approval_is_not_bypassed(rpc_gateway: Gateway) -> None:
     again = error_of(await rpc(gw, "eth_signTransaction", [big], call_id="big"), -32010, "evm-approval-pending")
     assert again["data"]["approval_id"] == approval_id  # the retry is the same parked transaction
     assert [(row["nonce"], row["status"]) for row in await _transactions(gw, key)] == [(0, "pending_approval")]
+    # A supervisor approves: the same call now answers the signed transaction (as a client retrying would
+    # expect), the one the approval signed — nonce 0, recovered to the key — never a second one.
+    payload_hash = (await response.json())["payload_hash"]
+    decided = await gw.client.post(f"/v1/approvals/{approval_id}/approve",
+                                   json={"payload_hash": payload_hash, "note": "checked"},
+                                   headers=await login(gw, "supervisor1"))
+    assert decided.status == 200, await decided.text()
+    signed = await rpc(gw, "eth_signTransaction", [big], call_id="big")
+    assert "result" in signed, signed
+    assert decode(signed["result"])["nonce"] == 0 and Account.recover_transaction(signed["result"]) == key["address"]
+    assert [(row["nonce"], row["status"]) for row in await _transactions(gw, key)] == [(0, "signed")]
+    # A rejected one answers an error, not a signature.
+    other = eip1559(key["address"], value=151 * 10**18)
+    parked = error_of(await rpc(gw, "eth_signTransaction", [other], call_id="other"), -32010, "evm-approval-pending")
+    shown = await (await gw.client.get(f"/v1/approvals/{parked['data']['approval_id']}",
+                                       headers=gw.auth(Role.SUPERVISOR))).json()
+    rejected = await gw.client.post(f"/v1/approvals/{shown['approval_id']}/reject",
+                                    json={"payload_hash": shown["payload_hash"], "note": "no"},
+                                    headers=await login(gw, "supervisor1"))
+    assert rejected.status == 200, await rejected.text()
+    refused = error_of(await rpc(gw, "eth_signTransaction", [other], call_id="other"), -32009, "nonce-conflict")
+    assert refused["data"]["status"] == "rejected"
 
 
 async def test_transaction_objects_are_read_strictly(rpc_gateway: Gateway) -> None:

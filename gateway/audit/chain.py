@@ -347,7 +347,8 @@ class AuditLog:
         that an auditor reads their own and everyone's decisions — waiting at most ``timeout``; what
         is still pending then is reported as pending. Never raises: the listing goes on either way."""
         try:
-            await asyncio.wait_for(self.chain_pending(), timeout)
+            async with asyncio.timeout(timeout):  # not wait_for: on 3.11 it can swallow a cancellation
+                await self.chain_pending()
         except (GatewayError, TimeoutError) as exc:
             self._log.warning("audit entries still pending", error=str(exc) or "timed out")
 

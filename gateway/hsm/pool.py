@@ -222,7 +222,8 @@ class SignerPool:
         parent.close()
         _, pipe = await asyncio.get_running_loop().create_unix_connection(_WorkerPipe, sock=sock)
         try:
-            status, kind, detail = await asyncio.wait_for(pipe.ready, self.settings.start_timeout)
+            async with asyncio.timeout(self.settings.start_timeout):  # not wait_for: see gateway.monitor.worker
+                status, kind, detail = await pipe.ready
         except (TimeoutError, ConnectionError, OSError) as exc:
             pipe.close()
             process.kill()

@@ -304,6 +304,7 @@ class RiskMonitor:
         self._wake = asyncio.Event()
         self._stored = asyncio.Condition()
         self._task: asyncio.Task[None] | None = None
+        self._stopping = False
         self._hsm_ready: bool | None = None
         self._memo = WindowMemo()
         self.closing = False
@@ -316,6 +317,8 @@ class RiskMonitor:
         self._task = asyncio.create_task(self._run())
 
     async def close(self) -> None:
+        self._stopping = True  # the loop ends at its next turn even if a cancellation were lost
+        self._wake.set()
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -339,7 +342,8 @@ class RiskMonitor:
         instances are found by reading again)."""
         async with self._stored:
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._stored.wait(), timeout)
+                async with asyncio.timeout(timeout):  # not wait_for: on 3.11 it can swallow a cancellation
+                    await self._stored.wait()
 
     async def head(self) -> int:
         """The cursor of the newest stored event."""
@@ -349,12 +353,18 @@ class RiskMonitor:
 
     async def _run(self) -> None:
         risk = self.settings.risk
-        while True:
+        while not self._stopping:
             if risk.monitor:
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._wake.wait(), risk.poll_seconds)
+                    # Not asyncio.wait_for: on Python 3.11 it returns instead of raising when the event is set
+                    # as the task is cancelled, and the cancellation is lost — a close() that waits for ever
+                    # (seen in CI: a test gateway's teardown hung). asyncio.timeout counts cancellations right.
+                    async with asyncio.timeout(risk.poll_seconds):
+                        await self._wake.wait()
             else:  # nothing to evaluate here: only the signer is watched
                 await asyncio.sleep(risk.poll_seconds)
+            if self._stopping:
+                return
             self._wake.clear()
             try:
                 await self._watch_signer()

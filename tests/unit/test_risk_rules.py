@@ -179,3 +179,30 @@ def test_an_hsm_outage_is_written_once_per_transition(tmp_path: Path) -> None:
 
     rows = asyncio.run(scenario())
     assert [(row["kind"], row["subject"]) for row in rows] == [("hsm.outage", "hsm"), ("hsm.restored", "hsm")]
+
+
+def test_close_ends_the_monitor_when_a_nudge_meets_the_cancellation(tmp_path: Path) -> None:
+    """Threat (seen in CI, a test gateway's teardown waiting for ever): a write request's nudge wakes the
+    monitor in the very turn its gateway shuts down. On Python 3.11, ``asyncio.wait_for`` then returns
+    instead of raising, the cancellation is lost, and ``close()`` never returns. It must, every time."""
+
+    async def scenario() -> int:
+        database = await open_database(f"sqlite:///{tmp_path / 'store.db'}")
+        await database.migrate()
+        closed = 0
+        try:
+            for _ in range(10):
+                monitor = RiskMonitor(database, load_settings(None, environ={}), Metrics())
+                monitor.start()
+                await asyncio.sleep(0.05)  # the loop waits for a nudge
+                monitor.nudge()  # the event is set ...
+                deadline = asyncio.timeout(10)  # ... and the task cancelled in the same turn (a hang detector)
+                async with deadline:
+                    await monitor.close()
+                assert not deadline.expired(), "close() returned only when its waiter was cancelled"
+                closed += 1
+        finally:
+            await database.close()
+        return closed
+
+    assert asyncio.run(scenario()) == 10

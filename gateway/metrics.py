@@ -66,6 +66,12 @@ class Metrics:
             "ecny_risk_events_total", "Risk events stored by the monitor, by rule and severity (docs/risk.md)",
             ["rule", "severity"], registry=self.registry,
         )
+        self.risk_signals_pending = Gauge(
+            "ecny_risk_signals_pending",
+            "Risk signals committed and not evaluated yet, read from the store by each process's monitor every "
+            "[risk] poll_seconds: a backlog that keeps growing means no evaluator keeps up (docs/risk.md)",
+            registry=self.registry, multiprocess_mode="mostrecent",
+        )
         self.evm_nonce_drift = Gauge(
             "ecny_evm_nonce_drift",
             "The upstream node's pending transaction count of an address minus the gateway's next nonce, "

@@ -53,7 +53,7 @@ from gateway.monitor.rules import (
     triggers,
 )
 from gateway.risk.events import RiskEvent, deterministic_event_id, head_seq_in, insert_event_in
-from gateway.risk.signals import record_signal_in
+from gateway.risk.signals import pending_signals_in, record_signal_in
 from gateway.signing import Signer
 
 LEASE = "evaluator"
@@ -373,6 +373,7 @@ class RiskMonitor:
                         await asyncio.sleep(risk.settle_seconds)
                     while await self.evaluate_pending() >= risk.batch_max:
                         pass
+                self.metrics.risk_signals_pending.set(await self.database.read(pending_signals_in))
             except LeaseLost as exc:  # another process evaluates: it will have done these
                 self._log.info("risk evaluation left to another process", reason=str(exc))
             except GatewayError as exc:  # the store is away: the signals wait in the outbox

@@ -14,11 +14,13 @@ Afterwards: no signal left unevaluated, no event id twice, and every refusal cit
 from __future__ import annotations
 
 import asyncio
+import re
 import signal
 import sqlite3
 import subprocess
 import sys
 import time
+import urllib.request
 import uuid
 from pathlib import Path
 from typing import Any
@@ -79,6 +81,21 @@ async def _parties(url: str, credentials: dict[str, Any]) -> tuple[str, str, dic
         login = await _json(session, "POST", url + "/v1/sessions", {},
                             {"username": "auditor1", "password": credentials["users"]["auditor1"]})
         return opened[0], opened[1], {"Authorization": f"Bearer {login['token']}"}
+
+
+def _gauge_becomes(url: str, headers: dict[str, str], wanted: Any, seconds: float = 30) -> bool:
+    """Whether ``ecny_risk_signals_pending`` on /metrics satisfies ``wanted`` within ``seconds`` (the gauge
+    follows the store every poll)."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        request = urllib.request.Request(url + "/metrics", headers=headers)
+        with urllib.request.urlopen(request, timeout=10) as response:
+            text = response.read().decode()
+        found = re.search(r"^ecny_risk_signals_pending ([0-9.e+]+)$", text, re.MULTILINE)
+        if found is not None and wanted(float(found.group(1))):
+            return True
+        time.sleep(0.2)
+    return False
 
 
 def _pending(db: Path) -> int:
@@ -143,6 +160,8 @@ def test_the_evaluator_runs_in_a_process_of_its_own(softhsm_token: Token, tmp_pa
         asyncio.run(_refusals(gateway.url, backend, payer, payee, MIN_COUNT + 1))
         time.sleep(1.5)  # longer than [risk] poll_seconds: an in-process evaluator would have run
         assert _pending(db) >= MIN_COUNT + 1
+        # Operators see the backlog: the HTTP process's monitor reads it into ecny_risk_signals_pending.
+        assert _gauge_becomes(gateway.url, auditor, lambda value: value >= MIN_COUNT + 1)
 
         env = {**gateway.env, "ECNY_RISK__POLL_SECONDS": "0.2"}
         env.pop("ECNY_RISK__MONITOR")
@@ -150,6 +169,7 @@ def test_the_evaluator_runs_in_a_process_of_its_own(softhsm_token: Token, tmp_pa
                                       str(gateway.var / "gateway.toml")], env=env,
                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         _drained(db)
+        assert _gauge_becomes(gateway.url, auditor, lambda value: value == 0)  # and its end
 
         async def refusal_events() -> list[dict[str, Any]]:
             async with aiohttp.ClientSession() as session:

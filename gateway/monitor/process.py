@@ -124,7 +124,7 @@ class EvaluatorProcess:
                 reader = await self._spawn()
                 while line := await reader.readline():
                     rule, _, severity = line.decode().rstrip("\n").partition("\t")
-                    await self.monitor.stored_elsewhere([(rule, severity)])
+                    await self.monitor.stored_elsewhere(rule, severity)
                 self._log.warning("the risk evaluator process ended; starting another")
             except OSError as exc:
                 self._log.warning("the risk evaluator process could not start", error=str(exc))

@@ -409,13 +409,11 @@ class RiskMonitor:
                 self._stored.notify_all()
         return len(evaluation.seqs)
 
-    async def stored_elsewhere(self, counts: Sequence[tuple[str, str]]) -> None:
-        """Events the evaluator process stored, by (rule, severity): counted here, and live streams woken."""
-        for rule, severity in counts:
-            self.metrics.risk_events.labels(rule, severity).inc()
-        if counts:
-            async with self._stored:
-                self._stored.notify_all()
+    async def stored_elsewhere(self, rule: str, severity: str) -> None:
+        """An event the evaluator process stored: counted here, and live streams woken."""
+        self.metrics.risk_events.labels(rule, severity).inc()
+        async with self._stored:
+            self._stored.notify_all()
 
     async def _watch_signer(self) -> None:
         """Write ``hsm.outage`` / ``hsm.restored`` when the signer's readiness changes (its own transaction:

@@ -451,14 +451,17 @@ class Wallets:
         entry_id = secrets.token_hex(12)
         now, ts, day = clock.now_iso(), journal.epoch_millis(), journal.business_day()
         head, tail = transfer_payload_parts(transfer_id, intent.from_wallet, intent.to_wallet, intent.amount, ts)
-        # The e-CNY key rides along (the signing step needs it): one round trip for both.
-        outcome = tx.fetchone(
-            f"WITH ecny_key AS ({active_key_query(tx.dialect)}) "
-            f"SELECT t.reasons, t.missing, t.seq, {', '.join(f'ecny_key.{c} AS k_{c}' for c in ACTIVE_KEY_COLUMNS)} "
-            "FROM ecny_post_transfer(?, ?, ?, ?, ?::bigint, ?, ?, ?, ?, ?::bigint, "
-            "?::bigint[], ?::bigint[], ?::bigint[], ?::bigint[], ?, ?) AS t LEFT JOIN ecny_key ON true",
-            (Usage.ECNY.value, transfer_id, entry_id, intent.from_wallet, intent.to_wallet, intent.amount,
-             intent.memo, entry.actor, day, now, ts, *arrays, head, tail))
+        call = ("ecny_post_transfer(?, ?, ?, ?, ?::bigint, ?, ?, ?, ?, ?::bigint, "
+                "?::bigint[], ?::bigint[], ?::bigint[], ?::bigint[], ?, ?) AS t")
+        params = (transfer_id, entry_id, intent.from_wallet, intent.to_wallet, intent.amount, intent.memo,
+                  entry.actor, day, now, ts, *arrays, head, tail)
+        if self.settings.ecny.key_id:  # a pinned key family: record_transfer_in reads its newest version
+            outcome = tx.fetchone(f"SELECT t.reasons, t.missing, t.seq FROM {call}", params)
+        else:  # the active e-CNY key rides along (the signing step needs it): one round trip for both
+            outcome = tx.fetchone(
+                f"WITH ecny_key AS ({active_key_query(tx.dialect)}) SELECT t.reasons, t.missing, t.seq, "
+                f"{', '.join(f'ecny_key.{c} AS k_{c}' for c in ACTIVE_KEY_COLUMNS)} FROM {call} "
+                "LEFT JOIN ecny_key ON true", (Usage.ECNY.value, *params))
         assert outcome is not None  # a function call always answers one row
         if outcome["missing"]:
             raise WalletNotFound(f"no wallet {outcome['missing']}")
@@ -474,7 +477,7 @@ class Wallets:
                 "amount": intent.amount, "memo": intent.memo, "status": "posted", "entry_id": entry_id,
                 "seq": seq, "ts": ts, "payload": head + cbor2.dumps(seq) + tail, "envelope": None, "kid": None,
                 "approval_id": None, "requested_by": entry.actor, "created_at": now,
-                ACTIVE_ECNY_KEY: active_key_of(outcome, "k_")}
+                ACTIVE_ECNY_KEY: None if self.settings.ecny.key_id else active_key_of(outcome, "k_")}
 
     def ecny_key_in(self, tx: Tx) -> KeyRecord:
         """The key that signs envelopes now, read in the transaction that decides: a rotation or a disable
@@ -499,11 +502,8 @@ class Wallets:
         row = self.transfer_in(tx, intent, entry)
         if row["status"] != "posted":
             return Answer(transfer_status(row["status"]), transfer_document(row))
-        active: KeyRecord | None = row.pop(ACTIVE_ECNY_KEY, None)
-        if active is not None and not self.settings.ecny.key_id:  # read with the server-side transfer
-            key = may_sign_for(active, Usage.ECNY, "ecny.key_id")
-        else:
-            key = self.ecny_key_in(tx)
+        active: KeyRecord | None = row.pop(ACTIVE_ECNY_KEY, None)  # read with PostgreSQL's server-side transfer
+        key = may_sign_for(active, Usage.ECNY, "ecny.key_id") if active is not None else self.ecny_key_in(tx)
         return ToSign(row["transfer_id"], ToSeal(row, key))
 
     async def signed_transfer(self, transfer_id: str) -> dict[str, Any]:

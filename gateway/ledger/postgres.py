@@ -12,7 +12,8 @@ Unlike SQLite, PostgreSQL aborts the whole transaction when a statement fails: a
 catches :class:`~gateway.errors.AlreadyExists` must not run further statements in the same
 transaction; it can only raise (and so roll back) or return.
 
-Round trips: a transaction runs in pipeline mode from ``BEGIN`` to ``COMMIT``; ``BEGIN`` and the
+Round trips: a transaction runs in libpq's pipeline mode from ``BEGIN`` to ``COMMIT`` (sent through
+psycopg's libpq binding and C adapters, not its cursors: :class:`PostgresTx`); ``BEGIN`` and the
 statements nobody reads the answer of (:meth:`PostgresTx.queue`, and the advisory locks) travel with
 the next statement that is read, or with the ``COMMIT`` — one round trip per answer read, plus the
 ``COMMIT``'s. The hot paths read one answer: a transfer, a cash-in or cash-out and a device load are
@@ -26,6 +27,7 @@ import asyncio
 import contextlib
 import functools
 import hashlib
+import select
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -34,8 +36,10 @@ from typing import Any, NoReturn, TypeVar
 
 import psycopg
 from psycopg import errors as pg_errors
+from psycopg import pq
+from psycopg.adapt import PyFormat, Transformer
 from psycopg.conninfo import conninfo_to_dict
-from psycopg.pq import TransactionStatus
+from psycopg.pq import ExecStatus, TransactionStatus
 from psycopg.rows import dict_row
 from psycopg_pool import ConnectionPool
 
@@ -52,6 +56,12 @@ ACQUIRE_TIMEOUT_S = 10.0
 LOCK_TIMEOUT_MS = 10_000
 """How long a statement waits for a lock (``lock_timeout``), like SQLite's busy timeout."""
 PING_TIMEOUT_S = 2.0
+PREPARE_THRESHOLD = 2
+"""A statement is prepared on a connection the second time it is sent there (psycopg's default is 5)."""
+MAX_PREPARED = 256
+"""Statements prepared per connection at most; the rest are sent unnamed."""
+MAX_PREPARED_LENGTH = 4096
+MAX_PREPARED_PARAMS = 50
 
 _BEGIN_WRITE = "BEGIN ISOLATION LEVEL READ COMMITTED READ WRITE"
 _BEGIN_READ = "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY"
@@ -59,13 +69,14 @@ _BEGIN_READ = "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY"
 _UNAVAILABLE = (psycopg.OperationalError, psycopg.InterfaceError)
 """Connection lost or refused, pool timeout, lock timeout, serialisation failure, server shutdown."""
 
-PgConnection = psycopg.Connection[dict[str, Any]]
 
 
 @functools.lru_cache(maxsize=1024)
-def _adapt(sql: str) -> str:
-    """The shared SQL with psycopg's placeholders: ``?`` becomes ``%s``, a literal ``%`` becomes ``%%``."""
-    return sql.replace("%", "%%").replace("?", "%s")
+def _adapt(sql: str) -> tuple[bytes, int]:
+    """The shared SQL with PostgreSQL's placeholders (the n-th ``?`` becomes ``$n``), and their number."""
+    parts = sql.split("?")
+    text = parts[0] + "".join(f"${n}{part}" for n, part in enumerate(parts[1:], start=1))
+    return text.encode("utf-8"), len(parts) - 1
 
 
 def lock_key(name: str) -> int:
@@ -86,8 +97,68 @@ def _unavailable(exc: Exception) -> StoreUnavailable:
     return StoreUnavailable(f"PostgreSQL: {_error_text(exc)}")
 
 
+class StoreConnection(psycopg.Connection[dict[str, Any]]):
+    """A pooled connection, with the statements :class:`PostgresTx` prepared on it."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.statements = PreparedStatements()
+
+
+StatementKey = tuple[bytes, tuple[int, ...]]
+"""A statement as the server parses it: its text and its parameters' type OIDs."""
+
+
+class PreparedStatements:
+    """The statements prepared on one connection.
+
+    A statement is prepared (parsed and planned once, then run by name) the second time it is sent, as
+    psycopg does at its own threshold; at most :data:`MAX_PREPARED` per connection, and never a long or
+    many-parameter one (a multi-row insert of varying length would fill the cache with one-offs).
+    """
+
+    def __init__(self) -> None:
+        self.names: dict[StatementKey, bytes] = {}
+        self.seen: dict[StatementKey, int] = {}
+        self.made = 0
+
+    def name_for(self, key: StatementKey) -> tuple[bytes | None, bool]:
+        """The statement's name (None: send it unnamed) and whether it must be prepared first."""
+        name = self.names.get(key)
+        if name is not None:
+            return name, False
+        if len(key[0]) > MAX_PREPARED_LENGTH or len(key[1]) > MAX_PREPARED_PARAMS or len(self.names) >= MAX_PREPARED:
+            return None, False
+        seen = self.seen.get(key, 0) + 1
+        if seen < PREPARE_THRESHOLD:
+            if len(self.seen) >= 4 * MAX_PREPARED:
+                self.seen.clear()
+            self.seen[key] = seen
+            return None, False
+        self.seen.pop(key, None)
+        self.made += 1
+        name = f"_ecny_{self.made}".encode()
+        self.names[key] = name  # taken back by forget() if the server did not prepare it
+        return name, True
+
+    def forget(self, key: StatementKey) -> None:
+        """The server did not prepare it (its batch failed first): send it unnamed until it is prepared."""
+        self.names.pop(key, None)
+
+
+@dataclass(frozen=True)
+class _Sent:
+    """A message sent in the current batch, whose answer is read at the next sync (in the order sent)."""
+
+    read: bool
+    """The caller waits for this statement's answer (:meth:`PostgresTx.fetchone` and the like)."""
+    on_conflict: GatewayError | None = None
+    prepares: StatementKey | None = None
+    """This message prepares that statement: it is not one of the caller's."""
+
+
 class PostgresTx:
-    """A transaction on one PostgreSQL connection (see :class:`gateway.ledger.store.Tx`), in psycopg's
+    """A transaction on one PostgreSQL connection (see :class:`gateway.ledger.store.Tx`), in libpq's
     pipeline mode from ``BEGIN`` to ``COMMIT``.
 
     Nothing is waited for until an answer is read: ``BEGIN`` travels with the first statement, a
@@ -100,90 +171,65 @@ class PostgresTx:
     ``on_conflict`` error (a unique violation, when it has one) or as :class:`StoreUnavailable` naming it
     as queued, never as the ``AlreadyExists`` of the statement the caller is waiting for (which it may
     be catching).
+
+    The messages are sent and read with psycopg's libpq binding (``psycopg.pq``) and its C adapters
+    (``Transformer``), not through cursors: psycopg's pipeline runs each message through Python
+    generators, which cost about 3.5× the CPU of the same batch sent this way (``bench/pg_pipeline.py``;
+    the results are the same: ``tests/integration/test_store.py`` runs one transaction each way).
     """
 
     dialect = "postgresql"
 
-    def __init__(self, connection: PgConnection, begin: str) -> None:
-        self._connection = connection
-        stack = contextlib.ExitStack()
-        self._sync: Callable[[], None] = stack.enter_context(connection.pipeline()).sync
-        self._pipeline: contextlib.ExitStack | None = stack
-        self._queued: list[_Queued] = []
-        self._cursor: psycopg.Cursor[dict[str, Any]] | None = None  # for statements whose answer is read
+    def __init__(self, connection: StoreConnection, begin: str) -> None:
+        self._pgconn = connection.pgconn
+        self._transformer = Transformer(connection)
+        self._statements = connection.statements
+        self._sent: list[_Sent] = []
+        self._poll = select.poll()
+        self._pipeline = False
         self.round_trips = 0
         """Answers waited for so far (the ``COMMIT``'s included)."""
         self.answered = False
         """Whether the server has answered anything yet (before that, nothing of this transaction ran)."""
         self.ended = False
         """Whether ``COMMIT`` (or ``ROLLBACK``) was sent."""
-        self.skipped = False
-        """Whether a failure made PostgreSQL skip statements sent behind it (see :meth:`_note_skipped`)."""
+        try:
+            self._poll.register(self._pgconn.socket, select.POLLIN)
+            self._pgconn.enter_pipeline_mode()
+        except psycopg.Error as exc:
+            raise _unavailable(exc) from exc
+        self._pipeline = True
         self.queue(begin)
 
-    def _send(self, sql: str, params: Params, cursor: psycopg.Cursor[dict[str, Any]] | None = None
-              ) -> psycopg.Cursor[dict[str, Any]]:
-        """Send a statement on ``cursor`` (a new one if None), without waiting. psycopg also reads
-        whatever answers have arrived, so an error here can be a queued one's."""
+    # --- sending -------------------------------------------------------------------------------------------
+
+    def _send(self, sql: str, params: Params, sent: _Sent) -> None:
+        """Send a statement (prepared first if its time has come), without waiting for its answer."""
+        query, count = _adapt(sql)
+        if len(params) != count:
+            raise ValueError(f"the statement has {count} placeholders but {len(params)} parameters")
+        pgconn = self._pgconn
         try:
-            # Always pass a sequence (even empty): psycopg only unescapes ``%%`` when given parameters.
-            if cursor is None:
-                return self._connection.execute(_adapt(sql), tuple(params))
-            return cursor.execute(_adapt(sql), tuple(params))
+            if params:
+                values = self._transformer.dump_sequence(params, _auto(len(params)))
+                types, formats = tuple(self._transformer.types or ()), self._transformer.formats
+            else:
+                values, types, formats = None, (), None
+            key = (query, types)
+            name, prepare = self._statements.name_for(key)
+            if name is None:
+                pgconn.send_query_params(query, values, types or None, formats)
+            else:
+                if prepare:
+                    pgconn.send_prepare(name, query, types or None)
+                    self._sent.append(_Sent(False, prepares=key))
+                pgconn.send_query_prepared(name, values, formats)
         except psycopg.Error as exc:
-            self._note_skipped(self._queued)
-            _raise_attributed(exc, self._queued)
-
-    def _note_skipped(self, queued: list[_Queued]) -> None:
-        """After a failure: did PostgreSQL skip statements sent behind the failing one? psycopg (3.3)
-        then believes statements it prepared in that batch exist on the server ("prepared statement
-        _pg3_N does not exist" on the connection's next use), so the connection must not be reused."""
-        if any(item.cursor.pgresult is None for item in queued):
-            self.skipped = True
-
-    def _sync_checked(self, sync: Callable[[], None], queued: list[_Queued]) -> None:
-        try:
-            sync()
-        except psycopg.Error as exc:
-            self._note_skipped(queued)
-            _raise_attributed(exc, queued)
-
-    def _run(self, sql: str, params: Params) -> psycopg.Cursor[dict[str, Any]]:
-        """Send a statement and wait for its answer (and for everything queued before it). One
-        cursor serves all of them: its answer is read before the next is sent (a queued statement
-        needs a cursor of its own, its answer arrives later)."""
-        if self._cursor is None:
-            self._cursor = self._connection.cursor()
-        cursor = self._send(sql, params, self._cursor)
-        self._synchronise()
-        return cursor
-
-    def _synchronise(self) -> None:
-        queued, self._queued = self._queued, []
-        self.round_trips += 1
-        self._sync_checked(self._sync, queued)
-        self.answered = True
-
-    def execute(self, sql: str, params: Params = ()) -> int:
-        return self._run(sql, params).rowcount
+            raise _unavailable(exc) from exc
+        self._sent.append(sent)
 
     def queue(self, sql: str, params: Params = (), on_conflict: GatewayError | None = None) -> None:
-        self._queued.append(_Queued(self._send(sql, params), on_conflict))
-
-    def fetchone(self, sql: str, params: Params = ()) -> Row | None:
-        cursor = self._run(sql, params)
-        try:
-            return cursor.fetchone()
-        except _UNAVAILABLE as exc:
-            raise _unavailable(exc) from exc
-
-    def fetchall(self, sql: str, params: Params = ()) -> list[Row]:
-        cursor = self._run(sql, params)
-        try:
-            rows: list[Any] = cursor.fetchall()
-        except _UNAVAILABLE as exc:
-            raise _unavailable(exc) from exc
-        return rows
+        self._send(sql, params, _Sent(False, on_conflict))
 
     def lock(self, name: str) -> None:
         """Take the transaction-scoped advisory lock :func:`lock_key` derives from ``name``.
@@ -193,44 +239,137 @@ class PostgresTx:
         """
         self.queue("SELECT pg_advisory_xact_lock(?::bigint)", (lock_key(name),))
 
+    # --- reading -------------------------------------------------------------------------------------------
+
+    def _run(self, sql: str, params: Params) -> pq.abc.PGresult:
+        """Send a statement and wait for its answer (and for everything queued before it)."""
+        self._send(sql, params, _Sent(True))
+        answer = self._synchronise()
+        assert answer is not None
+        return answer
+
+    def _synchronise(self) -> pq.abc.PGresult | None:
+        """Sync, and read every answer of the batch: the last read statement's result (None if none).
+
+        Raises the first failure of the batch as the store's error, attributed (see the class's docstring).
+        """
+        sent, self._sent = self._sent, []
+        self.round_trips += 1
+        pgconn = self._pgconn
+        try:
+            pgconn.pipeline_sync()
+            self._flush()
+            answers = self._read_until_sync()
+        except psycopg.Error as exc:
+            raise _unavailable(exc) from exc
+        self.answered = True
+        answer: pq.abc.PGresult | None = None
+        failure: tuple[_Sent, pq.abc.PGresult] | None = None
+        for item, results in zip(sent, answers, strict=True):
+            result = results[-1] if results else None
+            ok = result is not None and result.status in _SUCCEEDED
+            if item.prepares is not None and not ok:
+                self._statements.forget(item.prepares)
+            if failure is None and result is not None and result.status == ExecStatus.FATAL_ERROR:
+                failure = (item, result)
+            if item.read and ok:
+                answer = result
+        if failure is not None:
+            item, result = failure
+            _raise_attributed(psycopg.errors.error_from_result(result, self._transformer.encoding), item)
+        return answer
+
+    def _flush(self) -> None:
+        """Send what libpq holds; while the socket is full, read what the server answers meanwhile."""
+        pgconn = self._pgconn
+        while pgconn.flush():
+            self._poll.modify(pgconn.socket, select.POLLIN | select.POLLOUT)
+            events = self._poll.poll()
+            if any(event & select.POLLIN for _, event in events):
+                pgconn.consume_input()
+        self._poll.modify(pgconn.socket, select.POLLIN)
+
+    def _read_until_sync(self) -> list[list[pq.abc.PGresult]]:
+        """The results of each statement of the batch, in order, up to the sync's."""
+        pgconn = self._pgconn
+        answers: list[list[pq.abc.PGresult]] = []
+        current: list[pq.abc.PGresult] = []
+        while True:
+            while pgconn.is_busy():
+                self._poll.poll()
+                pgconn.consume_input()
+            result = pgconn.get_result()
+            if result is None:  # the end of one statement's results
+                answers.append(current)
+                current = []
+            elif result.status == ExecStatus.PIPELINE_SYNC:
+                return answers
+            else:
+                current.append(result)
+
+    def _rows(self, result: pq.abc.PGresult, first: int, last: int) -> list[Row]:
+        transformer = self._transformer
+        transformer.set_pgresult(result)
+        encoding = transformer.encoding
+        names = [(result.fname(i) or b"").decode(encoding) for i in range(result.nfields)]
+        return transformer.load_rows(first, last, lambda values: dict(zip(names, values, strict=False)))
+
+    def execute(self, sql: str, params: Params = ()) -> int:
+        changed = self._run(sql, params).command_tuples
+        return -1 if changed is None else changed
+
+    def fetchone(self, sql: str, params: Params = ()) -> Row | None:
+        result = self._run(sql, params)
+        return self._rows(result, 0, 1)[0] if result.ntuples else None
+
+    def fetchall(self, sql: str, params: Params = ()) -> list[Row]:
+        result = self._run(sql, params)
+        return self._rows(result, 0, result.ntuples)
+
+    # --- ending --------------------------------------------------------------------------------------------
+
     def end(self, statement: str) -> None:
-        """``COMMIT`` (or ``ROLLBACK``), with whatever is still queued, and the Sync that leaves pipeline
-        mode: one round trip."""
-        stack, queued = self._pipeline, self._queued
+        """``COMMIT`` (or ``ROLLBACK``), with whatever is still queued: one round trip."""
         self.ended = True
-        self._send(statement, ())
-        if stack is not None:
-            self._pipeline, self._queued = None, []
-            self.round_trips += 1
-            self._sync_checked(stack.close, queued)
+        self.queue(statement)
+        self._synchronise()
 
     def commit(self) -> None:
         """``COMMIT`` (see :meth:`end`)."""
         self.end("COMMIT")
 
     def leave_pipeline(self) -> None:
-        """Back to normal mode after a failure (what was still queued is dropped with its errors;
-        the caller rolls the transaction back)."""
-        stack, self._pipeline, self._queued = self._pipeline, None, []
-        if stack is not None:
-            with contextlib.suppress(psycopg.Error):
-                stack.close()
+        """Back to normal mode. After a failure (nothing was ended), with a ``ROLLBACK`` sent behind
+        whatever was still queued, in one round trip: their answers are read and dropped."""
+        if not self._pipeline:
+            return
+        self._pipeline = False
+        pgconn = self._pgconn
+        with contextlib.suppress(psycopg.Error):
+            if not self.ended:  # (not marked ended: a transaction that failed unanswered may be run again)
+                pgconn.send_query_params(b"ROLLBACK", None)
+                self._sent.append(_Sent(False))
+            if self._sent:
+                self._sent = []
+                pgconn.pipeline_sync()
+                self._flush()
+                self._read_until_sync()
+            pgconn.exit_pipeline_mode()
 
 
-@dataclass(frozen=True)
-class _Queued:
-    """A statement sent but not waited for, and the error its unique violation means (if it has one)."""
-
-    cursor: psycopg.Cursor[dict[str, Any]]
-    on_conflict: GatewayError | None = None
+_SUCCEEDED = frozenset((ExecStatus.COMMAND_OK, ExecStatus.TUPLES_OK, ExecStatus.EMPTY_QUERY))
 
 
-def _raise_attributed(exc: psycopg.Error, queued: list[_Queued]) -> NoReturn:
-    """Raise ``exc`` as the store's error, saying whose failure it is: a statement still queued
-    (its cursor has no answer: the failing one is the first such, and PostgreSQL skipped everything
-    after it), or the statement the caller is waiting for."""
-    failed = next((item for item in queued if item.cursor.pgresult is None), None)
-    if failed is not None:
+@functools.lru_cache(maxsize=256)
+def _auto(count: int) -> list[PyFormat]:
+    """psycopg's ``%s`` for ``count`` parameters: each dumped in the format its adapter prefers."""
+    return [PyFormat.AUTO] * count
+
+
+def _raise_attributed(exc: psycopg.Error, failed: _Sent) -> NoReturn:
+    """Raise ``exc`` as the store's error, saying whose failure it is: a statement the caller queued (its
+    ``on_conflict`` for a unique violation), or the statement the caller is waiting for."""
+    if not failed.read and failed.prepares is None:
         if failed.on_conflict is not None and isinstance(exc, pg_errors.UniqueViolation):
             raise failed.on_conflict from exc
         raise StoreUnavailable(f"PostgreSQL: a queued statement failed: {_error_text(exc)}") from exc
@@ -265,7 +404,7 @@ def describe(dsn: str) -> str:
     return f"{user}{host}{port}/{params.get('dbname', '')}"
 
 
-def _configure(connection: PgConnection) -> None:
+def _configure(connection: StoreConnection) -> None:
     connection.execute(f"SET lock_timeout = {LOCK_TIMEOUT_MS}")
 
 
@@ -281,9 +420,9 @@ class PostgresDatabase:
         if "connect_timeout" not in params:
             kwargs["connect_timeout"] = CONNECT_TIMEOUT_S
         self._connect_kwargs = kwargs
-        self._pool: ConnectionPool[PgConnection] = ConnectionPool(
+        self._pool: ConnectionPool[StoreConnection] = ConnectionPool(
             dsn,
-            connection_class=psycopg.Connection[dict[str, Any]],
+            connection_class=StoreConnection,
             kwargs=kwargs,
             min_size=1,
             max_size=size,
@@ -369,14 +508,12 @@ class PostgresDatabase:
                     raise
                 failure = exc  # a dead connection: nothing ran; try the next one
             finally:
-                if tx is not None and tx.skipped:
-                    connection.close()
                 # A broken (or closed) connection is discarded here, and the pool makes a new one.
                 self._pool.putconn(connection)
         reason = " ".join(str(failure).split()) if failure is not None else "timed out"
         raise StoreUnavailable(f"no working PostgreSQL connection within {timeout:g} s: {reason}") from failure
 
-    def _transaction(self, tx: PostgresTx, connection: PgConnection, writable: bool, fn: Callable[[PostgresTx], T]
+    def _transaction(self, tx: PostgresTx, connection: StoreConnection, writable: bool, fn: Callable[[PostgresTx], T]
                      ) -> T:
         try:
             result = fn(tx)
@@ -391,7 +528,7 @@ class PostgresDatabase:
             self._rollback_if_open(connection)
 
     @staticmethod
-    def _rollback_if_open(connection: PgConnection) -> None:
+    def _rollback_if_open(connection: StoreConnection) -> None:
         if connection.info.transaction_status in (TransactionStatus.INTRANS, TransactionStatus.INERROR):
             try:
                 connection.execute("ROLLBACK")

@@ -468,3 +468,118 @@ async def test_the_gateway_opens_its_store_with_the_configured_pool_size(
         assert isinstance(database, PostgresDatabase) and database.size == 2
     finally:
         await gateway.client.close()
+
+
+# --- the transaction layer over libpq, against psycopg's cursors ---------------------------------------------
+
+ORACLE_QUERIES: list[tuple[str, tuple[Any, ...]]] = [
+    ("SELECT ?::text AS t, ?::bigint AS b, ?::integer AS i, ? AS n", ("零钱 ✓", 2**62, -7, None)),
+    ("SELECT ?::bytea AS raw, length(?::bytea) AS len", (b"\x00\xff\x80" * 50, b"\x00" * 3)),
+    ("SELECT ?::bigint[] AS a, ?::text[] AS s", ([1, -2, 2**40], ["x", "", "y'z"])),
+    ("SELECT ?::boolean AS yes, ?::numeric AS dec, ?::double precision AS f", (True, 10**30, 0.25)),
+    ("SELECT ?::jsonb AS doc, '{\"a\": 1}'::jsonb AS lit, '100%' AS pct", ('{"k": [1, 2]}',)),
+    ("SELECT g AS n, g * 2 AS twice FROM generate_series(1, ?) g", (5,)),
+    ("SELECT 1 AS one WHERE false", ()),
+    ("SELECT now() - now() AS zero, 'a'::text || ? AS joined", ("b",)),
+]
+
+
+@pytest.mark.postgres
+async def test_the_libpq_transaction_answers_as_psycopg_cursors_do(postgres_server: PostgresServer) -> None:
+    """PostgresTx sends through psycopg's libpq binding, not its cursors: the same statements answer the
+    same rows, value for value and type for type (psycopg's cursors are the oracle), whether the statement
+    is sent unnamed or, from its second use on one connection, prepared."""
+    import psycopg
+    from psycopg.rows import dict_row
+
+    dsn = postgres_server.create_database()
+    with psycopg.connect(dsn, autocommit=True, row_factory=dict_row) as oracle:
+        expected = [oracle.execute(sql.replace("%", "%%").replace("?", "%s"), params).fetchall()
+                    for sql, params in ORACLE_QUERIES]
+    database = await PostgresDatabase.open(dsn, size=1)
+    try:
+        for _ in range(3):  # unnamed, then prepared, then run by name
+            answers = await database.read(lambda tx: [tx.fetchall(sql, params) for sql, params in ORACLE_QUERIES])
+            assert answers == expected
+            assert [[{k: type(v) for k, v in row.items()} for row in rows] for rows in answers] == \
+                   [[{k: type(v) for k, v in row.items()} for row in rows] for rows in expected]
+    finally:
+        await database.close()
+
+
+@pytest.mark.postgres
+async def test_a_statement_whose_prepare_was_skipped_is_prepared_again(postgres_server: PostgresServer) -> None:
+    """A batch that fails makes PostgreSQL skip what was sent behind the failure — a statement's prepare
+    included. The connection must not believe it prepared: the next use of that statement works."""
+    database = await PostgresDatabase.open(postgres_server.create_database(), size=1)
+    try:
+        await database.migrate()
+        await database.write(lambda tx: add_user(tx, "ada"))
+        probe = "SELECT COUNT(*) AS n FROM users WHERE username <> ?"
+        await database.read(lambda tx: tx.fetchone(probe, ("x",)))  # seen once: prepared at its next use
+
+        def fail_before_the_prepare(tx: Tx) -> None:
+            queue_user(tx, "ada")  # fails: the prepare and the statement behind it are skipped
+            tx.fetchone(probe, ("x",))
+
+        with pytest.raises(StoreUnavailable, match="queued statement failed"):
+            await database.write(fail_before_the_prepare)
+        for _ in range(3):
+            row = await database.read(lambda tx: tx.fetchone(probe, ("x",)))
+            assert row is not None and row["n"] == 1
+        prepared = await database.read(lambda tx: tx.fetchall(
+            "SELECT statement FROM pg_prepared_statements WHERE name LIKE '\\_ecny\\_%'"))
+        assert any("username <> $1" in row["statement"] for row in prepared)
+    finally:
+        await database.close()
+
+
+@pytest.mark.postgres
+async def test_a_batch_larger_than_the_socket_buffers_is_sent_whole(postgres_server: PostgresServer) -> None:
+    """Queued statements are sent without waiting; a batch of many megabytes whose statements answer
+    megabytes too must not deadlock: the server blocks writing answers nobody reads, stops reading, and
+    the client blocks writing (libpq's pipeline deadlock) — unless the client reads while it writes."""
+    database = await PostgresDatabase.open(postgres_server.create_database(), size=1)
+    try:
+        await database.write(lambda tx: tx.execute("CREATE TABLE blobs (n INTEGER PRIMARY KEY, data BYTEA NOT NULL)"))
+        blob = bytes(range(256)) * 1024  # 256 KiB, sent as 512 KiB of hex
+
+        def many(tx: Tx) -> int:
+            for n in range(64):  # 32 MiB on the wire each way: every statement echoes its blob
+                tx.queue("INSERT INTO blobs (n, data) VALUES (?, ?) RETURNING data", (n, blob))
+            row = tx.fetchone("SELECT COUNT(*) AS n, SUM(length(data)) AS size FROM blobs")
+            assert row is not None
+            return int(row["size"])
+
+        assert await database.write(many) == 64 * len(blob)
+    finally:
+        await database.close()
+
+
+@pytest.mark.postgres
+async def test_a_refused_transaction_rolls_back_in_the_round_trip_of_its_last_queued_statements(
+        postgres_server: PostgresServer) -> None:
+    """A function that queues and then refuses (raises) leaves nothing, and its ROLLBACK travels with the
+    answers still due: one round trip, counted on the wire by the delay proxy."""
+    from bench.delay_proxy import DelayProxy
+
+    proxy = DelayProxy("127.0.0.1", postgres_server.port, 0.01)
+    port = await proxy.start()
+    dsn = postgres_server.create_database()
+    database = await PostgresDatabase.open(dsn.replace(f":{postgres_server.port}/", f":{port}/"), size=1)
+    try:
+        await database.migrate()
+        await database.read(count_users)  # the pool's connection is open
+
+        def refuse(tx: Tx) -> None:
+            queue_user(tx, "bob")
+            raise Boom("refused")
+
+        before = proxy.turns
+        with pytest.raises(Boom):
+            await database.write(refuse)
+        assert proxy.turns - before == 1
+        assert await database.read(count_users) == 0
+    finally:
+        await database.close()
+        await proxy.close()

@@ -25,11 +25,11 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import psycopg  # noqa: E402
-from psycopg.rows import dict_row  # noqa: E402
+import psycopg
+from psycopg.rows import dict_row
 
-from gateway.ledger.postgres import PostgresTx, StoreConnection  # noqa: E402
-from tests.pg import PostgresServer  # noqa: E402
+from gateway.ledger.postgres import PostgresTx, StoreConnection
+from tests.pg import PostgresServer
 
 SCHEMA = ("CREATE TABLE posted (id BIGSERIAL PRIMARY KEY, wallet TEXT NOT NULL, amount BIGINT NOT NULL)",
           "CREATE TABLE staged (id BIGSERIAL PRIMARY KEY, body TEXT NOT NULL, digest BYTEA NOT NULL)")

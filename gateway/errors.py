@@ -312,6 +312,22 @@ class StoreUnavailable(ServiceUnavailable):
     title = "Store unavailable"
 
 
+class ServerRefused(GatewayError):
+    """A check that runs inside the database (a PostgreSQL function) refused, and so aborted the transaction.
+
+    Raised by the store with the SQLSTATE the function chose (``EC...``) as ``state`` and its DETAIL as
+    ``detail``; the code that sent the statement knows what they mean and raises the refusal the user sees
+    (a policy refusal, an unknown wallet, a disabled key). Never an answer of its own.
+    """
+
+    code = "internal-error"
+    title = "Refused by a check in the database"
+
+    def __init__(self, state: str, detail: str) -> None:
+        super().__init__(detail)
+        self.state = state
+
+
 class HsmError(GatewayError):
     """The HSM refused an operation for a reason that retrying will not fix (bad mechanism, bad PIN)."""
 

@@ -30,6 +30,7 @@ from eth_hash.auto import keccak
 from gateway import clock
 from gateway.errors import (
     AlreadyExists,
+    GatewayError,
     KeyDisabled,
     KeyNotFound,
     KeyRetired,
@@ -376,7 +377,7 @@ def key_for_usage(tx: Tx, usage: Usage, configured: str | None, setting: str) ->
     else:
         active = active_key_in(tx, usage)
         if active is None:
-            raise KeyNotFound(f"no key with usage {usage.value!r}; generate one")
+            raise no_key_for(usage)
         key = active
     return may_sign_for(key, usage, setting)
 
@@ -388,11 +389,28 @@ def may_sign_for(key: KeyRecord, usage: Usage, setting: str) -> KeyRecord:
         KeyDisabled: it was disabled (rotate it, or generate a key of the usage); KeyRetired and the rest
             of :meth:`KeyRecord.require_signing`.
     """
-    if key.status is KeyStatus.DISABLED:
-        raise KeyDisabled(f"the {usage.value} key {key.key_id} was disabled at {key.status_changed_at}: rotate it "
-                          f"or generate a new {usage.value} key ({setting} pins a key family)")
-    key.require_signing()
+    refusal = signing_refusal(usage, setting, key.key_id, key.status, key.status_changed_at, key.version, key.family)
+    if refusal is not None:
+        raise refusal
     return key
+
+
+def signing_refusal(usage: Usage, setting: str, key_id: str, status: KeyStatus, status_changed_at: str | None,
+                    version: int, family: str) -> GatewayError | None:
+    """Why a key in this state may not sign for ``usage`` (:func:`may_sign_for`), or None when it may; from
+    its fields alone, for a check that ran in the database (PostgreSQL's transfer)."""
+    if status is KeyStatus.DISABLED:
+        return KeyDisabled(f"the {usage.value} key {key_id} was disabled at {status_changed_at}: rotate it "
+                           f"or generate a new {usage.value} key ({setting} pins a key family)")
+    if status is KeyStatus.RETIRED:
+        return KeyRetired(f"key {key_id} (version {version} of {family}) was superseded; "
+                          "it only verifies: sign with the family's active version")
+    return None
+
+
+def no_key_for(usage: Usage) -> KeyNotFound:
+    """No key has ``usage`` (and none is configured)."""
+    return KeyNotFound(f"no key with usage {usage.value!r}; generate one")
 
 
 def make_record(

@@ -43,7 +43,7 @@ from psycopg.pq import ExecStatus, TransactionStatus
 from psycopg.rows import dict_row
 from psycopg_pool import ConnectionPool
 
-from gateway.errors import AlreadyExists, ConfigError, GatewayError, StoreUnavailable
+from gateway.errors import AlreadyExists, ConfigError, GatewayError, ServerRefused, StoreUnavailable
 from gateway.ledger.migrate import MigrationProgress, apply_migrations
 from gateway.ledger.store import Params, Row
 
@@ -60,6 +60,8 @@ PREPARE_THRESHOLD = 2
 """A statement is prepared on a connection the second time it is sent there (psycopg's default is 5)."""
 MAX_PREPARED = 256
 """Statements prepared per connection at most; the rest are sent unnamed."""
+SERVER_REFUSAL_CLASS = "EC"
+"""The SQLSTATE class of the refusals our PostgreSQL functions raise (:class:`~gateway.errors.ServerRefused`)."""
 MAX_PREPARED_LENGTH = 4096
 MAX_PREPARED_PARAMS = 50
 
@@ -205,6 +207,8 @@ class PostgresTx:
 
     def _send(self, sql: str, params: Params, sent: _Sent) -> None:
         """Send a statement (prepared first if its time has come), without waiting for its answer."""
+        if self.ended:
+            raise RuntimeError("a statement after the transaction's COMMIT was sent (fetchone then_commit)")
         query, count = _adapt(sql)
         if len(params) != count:
             raise ValueError(f"the statement has {count} placeholders but {len(params)} parameters")
@@ -241,9 +245,13 @@ class PostgresTx:
 
     # --- reading -------------------------------------------------------------------------------------------
 
-    def _run(self, sql: str, params: Params) -> pq.abc.PGresult:
-        """Send a statement and wait for its answer (and for everything queued before it)."""
+    def _run(self, sql: str, params: Params, then_commit: bool = False) -> pq.abc.PGresult:
+        """Send a statement and wait for its answer (and for everything queued before it; with
+        ``then_commit``, for the ``COMMIT`` sent behind it too)."""
         self._send(sql, params, _Sent(True))
+        if then_commit:
+            self._send("COMMIT", (), _Sent(False))
+            self.ended = True
         answer = self._synchronise()
         assert answer is not None
         return answer
@@ -318,8 +326,8 @@ class PostgresTx:
         changed = self._run(sql, params).command_tuples
         return -1 if changed is None else changed
 
-    def fetchone(self, sql: str, params: Params = ()) -> Row | None:
-        result = self._run(sql, params)
+    def fetchone(self, sql: str, params: Params = (), *, then_commit: bool = False) -> Row | None:
+        result = self._run(sql, params, then_commit)
         return self._rows(result, 0, 1)[0] if result.ntuples else None
 
     def fetchall(self, sql: str, params: Params = ()) -> list[Row]:
@@ -329,9 +337,12 @@ class PostgresTx:
     # --- ending --------------------------------------------------------------------------------------------
 
     def end(self, statement: str) -> None:
-        """``COMMIT`` (or ``ROLLBACK``), with whatever is still queued: one round trip."""
-        self.ended = True
+        """``COMMIT`` (or ``ROLLBACK``), with whatever is still queued: one round trip (none when a
+        statement sent with ``then_commit`` ended the transaction already)."""
+        if self.ended:
+            return
         self.queue(statement)
+        self.ended = True
         self._synchronise()
 
     def commit(self) -> None:
@@ -369,6 +380,9 @@ def _auto(count: int) -> list[PyFormat]:
 def _raise_attributed(exc: psycopg.Error, failed: _Sent) -> NoReturn:
     """Raise ``exc`` as the store's error, saying whose failure it is: a statement the caller queued (its
     ``on_conflict`` for a unique violation), or the statement the caller is waiting for."""
+    state = exc.diag.sqlstate or ""
+    if state.startswith(SERVER_REFUSAL_CLASS):
+        raise ServerRefused(state, exc.diag.message_detail or "") from exc
     if not failed.read and failed.prepares is None:
         if failed.on_conflict is not None and isinstance(exc, pg_errors.UniqueViolation):
             raise failed.on_conflict from exc

@@ -67,7 +67,7 @@ class SqliteTx:
                 raise
             raise on_conflict from exc
 
-    def fetchone(self, sql: str, params: Params = ()) -> Row | None:
+    def fetchone(self, sql: str, params: Params = (), *, then_commit: bool = False) -> Row | None:
         try:
             row: sqlite3.Row | None = self._connection.execute(sql, params).fetchone()
         except sqlite3.OperationalError as exc:

@@ -47,8 +47,15 @@ class Tx(Protocol):
         """
         ...
 
-    def fetchone(self, sql: str, params: Params = ()) -> Row | None:
-        """Run a query and return its first row, or None."""
+    def fetchone(self, sql: str, params: Params = (), *, then_commit: bool = False) -> Row | None:
+        """Run a query and return its first row, or None.
+
+        ``then_commit``: the transaction ends with this statement, and nothing may follow it. PostgreSQL
+        sends ``COMMIT`` right behind it, so that the statement's answer and the commit's come back in one
+        round trip and the locks it takes are released without waiting for the gateway to read the answer
+        (a check that refuses must then abort the transaction itself: :class:`~gateway.errors.ServerRefused`).
+        SQLite commits when the function returns, as always.
+        """
         ...
 
     def fetchall(self, sql: str, params: Params = ()) -> list[Row]:

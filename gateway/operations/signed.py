@@ -72,7 +72,9 @@ class SignedOperation(Generic[Subject, Signature]):
     async def run(self, request: IdempotentRequest | None,
                   record: Callable[[Tx], Answer | ToSign[Subject]]) -> Answer:
         """Steps 1–4 for a new request. ``record`` checks and records (in the transaction it is given)
-        and returns the final answer (nothing to sign) or what to sign.
+        and returns the final answer (nothing to sign) or what to sign. A ``record`` that ends the
+        transaction itself (PostgreSQL's one-round-trip transfer) records the Idempotency-Key's reference
+        before its last statement (:func:`idempotency.refer_in`); nothing more is recorded here then.
 
         Raises:
             whatever ``record`` raises (nothing is written); IdempotencyRaced (the key has a record, or
@@ -80,15 +82,24 @@ class SignedOperation(Generic[Subject, Signature]):
         """
 
         def check_and_record(tx: Tx) -> Answer | ToSign[Subject]:
+            if request is not None:
+                request.recorded_in_transaction = False  # (a transaction run again starts afresh)
             idempotency.guard_in(tx, request)
             outcome = record(tx)
+            if request is not None and request.recorded_in_transaction:
+                return outcome  # ``record`` recorded the reference itself, before its last statement
             if isinstance(outcome, ToSign):
                 idempotency.refer_in(tx, request, outcome.reference)
             else:
                 idempotency.answer_in(tx, request, outcome)
             return outcome
 
-        outcome = await self.database.write(check_and_record)  # steps 1 and 2
+        try:
+            outcome = await self.database.write(check_and_record)  # steps 1 and 2
+        except BaseException:
+            if request is not None:
+                request.recorded_in_transaction = False  # rolled back: nothing of it was recorded
+            raise
         if isinstance(outcome, ToSign):
             return await self.finish(outcome.subject, request)
         return outcome

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import cbor2
+import orjson
 
 from gateway import clock
 from gateway.approvals.workflow import Approvals, execution_entry, needs_approval
@@ -35,6 +36,7 @@ from gateway.errors import (
     ConfigError,
     Conflict,
     Forbidden,
+    GatewayError,
     InsufficientFunds,
     InvalidAmount,
     InvalidWalletId,
@@ -42,6 +44,7 @@ from gateway.errors import (
     NotFound,
     PolicyRefused,
     SameWallet,
+    ServerRefused,
     WalletNotActive,
     WalletNotFound,
 )
@@ -49,15 +52,19 @@ from gateway.hsm.profile import HsmProfile
 from gateway.keys import (
     KEY_COLUMNS,
     KeyRecord,
+    KeyStatus,
     Usage,
     active_key_of,
     active_key_query,
     key_for_usage,
     may_sign_for,
+    no_key_for,
+    signing_refusal,
 )
 from gateway.keys import sign1_with_profile as sign1
 from gateway.ledger import journal
 from gateway.ledger.store import Database, Row, Tx
+from gateway.operations import idempotency
 from gateway.operations.idempotency import Answer, IdempotentRequest
 from gateway.operations.signed import SignedOperation, ToSign
 from gateway.policy.limits import Decision, check_payment, check_receipt, check_status
@@ -116,15 +123,19 @@ def load_wallet(tx: Tx, wallet_id: str) -> Any:
 def refuse(decisions: list[Decision], detail: str) -> None:
     """Raise the most specific refusal for the failed decisions, carrying every reason."""
     reasons = [reason for decision in decisions for reason in decision.reasons]
-    if not reasons:
-        return
+    if reasons:
+        raise refusal_of(reasons, detail)
+
+
+def refusal_of(reasons: list[str], detail: str) -> PolicyRefused:
+    """The most specific refusal for these reasons (at least one), carrying every reason."""
     if any(r.endswith(("-frozen", "-closed")) for r in reasons):
-        raise WalletNotActive(detail, reasons)
+        return WalletNotActive(detail, reasons)
     if reasons == ["insufficient-funds"]:
-        raise InsufficientFunds(detail, reasons)
+        return InsufficientFunds(detail, reasons)
     if any(r.endswith("-exceeded") for r in reasons):
-        raise LimitExceeded(detail, reasons)
-    raise PolicyRefused(detail, reasons)
+        return LimitExceeded(detail, reasons)
+    return PolicyRefused(detail, reasons)
 
 
 def transfer_payload(transfer_id: str, from_wallet: str, to_wallet: str, amount: int, ts: int, seq: int) -> bytes:
@@ -383,8 +394,13 @@ class Wallets:
         payload = transfer_payload(transfer_id, intent.from_wallet, intent.to_wallet, intent.amount, ts, seq)
         return {"entry_id": entry_id, "seq": seq, "ts": ts, "payload": payload}
 
-    def transfer_in(self, tx: Tx, intent: TransferIntent, entry: AuditEntry) -> dict[str, Any]:
+    def transfer_in(self, tx: Tx, intent: TransferIntent, entry: AuditEntry,
+                    ends: Ending | None = None) -> dict[str, Any]:
         """Check and post a transfer — or, above the approval threshold, park it for a supervisor.
+
+        ``ends``: the transaction ends with the transfer (step 1 of the signed operation, which records the
+        Idempotency-Key's reference here): on PostgreSQL the check, its refusal and the ``COMMIT`` then
+        take one round trip (:meth:`_transfer_on_server`).
 
         Returns:
             The transfer's row, with status ``posted`` (envelope still to sign) or ``pending_approval``.
@@ -394,7 +410,7 @@ class Wallets:
         if intent.from_wallet == intent.to_wallet:
             raise SameWallet("payer and payee are the same wallet")
         if tx.dialect == "postgresql" and intent.amount <= self.settings.approvals.transfer_threshold_fen:
-            posted = self._transfer_on_server(tx, intent, entry)
+            posted = self._transfer_on_server(tx, intent, entry, ends)
             if posted is not None:
                 return posted
         self._check_transfer(tx, intent)
@@ -438,12 +454,18 @@ class Wallets:
         return [[limit.balance_cap for limit in limits], [limit.single for limit in limits],
                 [limit.daily for limit in limits], [limit.annual for limit in limits]]
 
-    def _transfer_on_server(self, tx: Tx, intent: TransferIntent, entry: AuditEntry) -> dict[str, Any] | None:
+    def _transfer_on_server(self, tx: Tx, intent: TransferIntent, entry: AuditEntry,
+                            ends: Ending | None = None) -> dict[str, Any] | None:
         """PostgreSQL: the check and post of :meth:`transfer_in` (below the approval threshold) as one
         server-side function, ``ecny_post_transfer`` (migration 0016): the same wallet locks, figures,
         limits, reasons and postings in one round trip instead of one per statement; the audit entry
         and the rest travel with the ``COMMIT``. Returns the transfer's row (as :meth:`transfer_in`),
-        or None when the limits cannot be passed (an unconfigured tier: the Python path decides)."""
+        or None when the limits cannot be passed (an unconfigured tier: the Python path decides).
+
+        When the transaction ends with the transfer (``ends``) and the active e-CNY key signs (none is
+        pinned), the audit entry, the risk signal and the Idempotency-Key reference are sent *before* the
+        check, and the ``COMMIT`` right behind it (:meth:`_transfer_decided`): one round trip in all, and
+        the payer's lock is released as soon as the server has posted."""
         arrays = self._tier_arrays()
         if arrays is None:
             return None
@@ -455,6 +477,9 @@ class Wallets:
                 "?::bigint[], ?::bigint[], ?::bigint[], ?::bigint[], ?, ?) AS t")
         params = (transfer_id, entry_id, intent.from_wallet, intent.to_wallet, intent.amount, intent.memo,
                   entry.actor, day, now, ts, *arrays, head, tail)
+        if ends is not None and not self.settings.ecny.key_id:
+            return self._transfer_decided(tx, intent, entry, ends, call, params,
+                                          (transfer_id, entry_id, now, ts, head, tail))
         if self.settings.ecny.key_id:  # a pinned key family: record_transfer_in reads its newest version
             outcome = tx.fetchone(f"SELECT t.reasons, t.missing, t.seq FROM {call}", params)
         else:  # the active e-CNY key rides along (the signing step needs it): one round trip for both
@@ -479,6 +504,36 @@ class Wallets:
                 "approval_id": None, "requested_by": entry.actor, "created_at": now,
                 ACTIVE_ECNY_KEY: None if self.settings.ecny.key_id else active_key_of(outcome, "k_")}
 
+    def _transfer_decided(self, tx: Tx, intent: TransferIntent, entry: AuditEntry, ends: Ending, call: str,
+                          params: tuple[Any, ...], made: tuple[str, str, str, int, bytes, bytes]) -> dict[str, Any]:
+        """The one-round-trip transfer of :meth:`_transfer_on_server`: what commits with the transfer is sent
+        first; ``ecny_decided`` (migration 0019) raises when the check refused, a wallet is unknown or the
+        e-CNY key may not sign, which rolls all of it back; the ``COMMIT`` follows the check."""
+        transfer_id, entry_id, now, ts, head, tail = made
+        record_signal_in(tx, "transfer.posted", intent.from_wallet, intent.amount, actor=entry.actor,
+                         counterparty=intent.to_wallet, transfer_id=transfer_id, entry_id=entry_id)
+        entry.result = {"transfer_id": transfer_id, "from": intent.from_wallet, "to": intent.to_wallet,
+                        "amount_fen": intent.amount, "entry_id": entry_id}
+        append(tx, [entry])
+        ends.refer_in(tx, transfer_id)
+        key_json = ("json_build_object('key_id', ecny_key.key_id, 'status', ecny_key.status, 'status_changed_at', "
+                    "ecny_key.status_changed_at, 'version', ecny_key.version, 'family_id', ecny_key.family_id)")
+        try:
+            outcome = tx.fetchone(
+                f"WITH ecny_key AS ({active_key_query(tx.dialect)}) SELECT t.seq, "
+                f"{', '.join(f'ecny_key.{c} AS k_{c}' for c in ACTIVE_KEY_COLUMNS)}, "
+                f"ecny_decided(t.reasons, t.missing, ecny_key.status, {key_json}) AS decided "
+                f"FROM {call} LEFT JOIN ecny_key ON true", (Usage.ECNY.value, *params), then_commit=True)
+        except ServerRefused as refused:
+            raise transfer_refusal(refused, intent) from None
+        assert outcome is not None  # a function call always answers one row
+        seq = int(outcome["seq"])
+        return {"transfer_id": transfer_id, "from_wallet": intent.from_wallet, "to_wallet": intent.to_wallet,
+                "amount": intent.amount, "memo": intent.memo, "status": "posted", "entry_id": entry_id,
+                "seq": seq, "ts": ts, "payload": head + cbor2.dumps(seq) + tail, "envelope": None, "kid": None,
+                "approval_id": None, "requested_by": entry.actor, "created_at": now,
+                ACTIVE_ECNY_KEY: active_key_of(outcome, "k_")}
+
     def ecny_key_in(self, tx: Tx) -> KeyRecord:
         """The key that signs envelopes now, read in the transaction that decides: a rotation or a disable
         in any process is seen at once, at the cost of an indexed read (no transaction of its own).
@@ -493,13 +548,15 @@ class Wallets:
         """A transfer as one signed operation: checked, posted and recorded (or parked for a supervisor:
         202), committed, its envelope signed and stored with the answer (201)."""
 
-        return await self.signed_transfers.run(request, lambda tx: self.record_transfer_in(tx, intent, entry))
+        return await self.signed_transfers.run(
+            request, lambda tx: self.record_transfer_in(tx, intent, entry, Ending(request)))
 
-    def record_transfer_in(self, tx: Tx, intent: TransferIntent, entry: AuditEntry) -> Answer | ToSign[ToSeal]:
+    def record_transfer_in(self, tx: Tx, intent: TransferIntent, entry: AuditEntry,
+                           ends: Ending | None = None) -> Answer | ToSign[ToSeal]:
         """Step 1 of a transfer: checked and recorded (:meth:`transfer_in`), with the e-CNY key that will sign
         its envelope — part of the decision: a disabled key refuses the transfer before anything is written,
-        rather than posting it with no envelope."""
-        row = self.transfer_in(tx, intent, entry)
+        rather than posting it with no envelope. ``ends``: as :meth:`transfer_in`'s."""
+        row = self.transfer_in(tx, intent, entry, ends)
         if row["status"] != "posted":
             return Answer(transfer_status(row["status"]), transfer_document(row))
         active: KeyRecord | None = row.pop(ACTIVE_ECNY_KEY, None)  # read with PostgreSQL's server-side transfer
@@ -522,6 +579,36 @@ class Wallets:
         if row is None:
             raise NotFound(f"no transfer {transfer_id[:40]}")
         return row
+
+@dataclass(frozen=True)
+class Ending:
+    """Step 1 of a signed transfer ends its transaction: the Idempotency-Key's reference (if the request has a
+    key) is recorded by the transfer, before the statement the ``COMMIT`` follows
+    (:meth:`Wallets._transfer_decided`); the signed operation then records nothing more."""
+
+    request: IdempotentRequest | None
+
+    def refer_in(self, tx: Tx, reference: str) -> None:
+        idempotency.refer_in(tx, self.request, reference)
+
+
+def transfer_refusal(refused: ServerRefused, intent: TransferIntent) -> GatewayError:
+    """The refusal a transfer's check in the database raised (``ecny_decided``), as the Python path raises it."""
+    if refused.state == "EC404":
+        return WalletNotFound(f"no wallet {refused.detail}")
+    if refused.state == "EC409" and refused.detail:
+        return refusal_of(refused.detail.split(","),
+                          f"transfer of {intent.amount} fen from {intent.from_wallet} to {intent.to_wallet} refused")
+    if refused.state == "EC410":
+        if not refused.detail:
+            return no_key_for(Usage.ECNY)
+        key = orjson.loads(refused.detail)
+        refusal = signing_refusal(Usage.ECNY, "ecny.key_id", key["key_id"], KeyStatus(key["status"]),
+                                  key["status_changed_at"], int(key["version"]), key["family_id"] or key["key_id"])
+        if refusal is not None:
+            return refusal
+    return refused  # a refusal this code does not know: an internal error, never an answer of its own
+
 
 ACTIVE_ECNY_KEY = "active_ecny_key"
 """A row of PostgreSQL's server-side transfer carries the active e-CNY key read with it (the signing step's)."""

@@ -26,16 +26,23 @@ from bench.delay_proxy import DelayProxy
 from gateway.audit.chain import CHAIN_LOCK, AuditEntry, append, chain_staged, pending_count
 from gateway.audit.verify import verify_chain
 from gateway.config import load_settings
-from gateway.errors import IdempotencyRaced, InsufficientFunds, LimitExceeded, WalletNotActive, WalletNotFound
+from gateway.errors import (
+    IdempotencyRaced,
+    InsufficientFunds,
+    KeyDisabled,
+    LimitExceeded,
+    WalletNotActive,
+    WalletNotFound,
+)
 from gateway.ledger import journal
 from gateway.ledger.postgres import PostgresDatabase, lock_key
 from gateway.ledger.store import Tx
 from gateway.offline.devices import Devices, LoadResult
 from gateway.operations import idempotency
 from gateway.operations.idempotency import IdempotentRequest
-from gateway.operations.signed import ToSign
+from gateway.operations.signed import SignedOperation, ToSign
 from gateway.schemes.offline import Voucher
-from gateway.wallets.accounts import TransferIntent, Wallets, transfer_payload, transfer_payload_parts
+from gateway.wallets.accounts import Ending, TransferIntent, Wallets, transfer_payload, transfer_payload_parts
 from tests.pg import PostgresServer
 
 pytestmark = pytest.mark.postgres
@@ -114,24 +121,36 @@ async def test_the_server_built_envelope_payload_is_the_canonical_cbor(database:
         assert row is not None and row["k"] == lock_key(name)
 
 
-async def test_a_transfer_posted_by_the_server_keeps_every_invariant(database: PostgresDatabase) -> None:
+@pytest.mark.parametrize("one_round_trip", [False, True], ids=["check-then-commit", "commit-with-the-check"])
+async def test_a_transfer_posted_by_the_server_keeps_every_invariant(database: PostgresDatabase,
+                                                                      one_round_trip: bool) -> None:
     """A server-side check that drifts from the Python policy: an overdraft, a limit passed, a frozen
     wallet paid, or an unknown wallet must be refused with the same problem types — and a sound one
-    posted with balanced entries and the envelope payload of the Python path."""
+    posted with balanced entries and the envelope payload of the Python path. Both ways: the check read
+    before the COMMIT is sent, and the check that refuses by raising, with the COMMIT behind it (a
+    refusal then rolls back the audit entry and the risk signal sent before it)."""
     wallets = wallets_on(database)
     payer, payee = await funded_pair(database, wallets, fen=150_000, tiers=(4, 4))
+    await database.write(ecny_key)
+    ends = Ending(None) if one_round_trip else None
 
     async def transfer(amount: int, source: str = payer, target: str = payee) -> dict[str, Any]:
         return await database.write(lambda tx: wallets.transfer_in(
-            tx, TransferIntent(source, target, amount, "m"), entry(1, "transfers.create")))
+            tx, TransferIntent(source, target, amount, "m"), entry(1, "transfers.create"), ends))
+
+    async def written() -> tuple[int, int]:
+        return await database.read(lambda tx: (pending_count(tx), int(tx.fetchone(
+            "SELECT COUNT(*) AS n FROM risk_outbox")["n"])))  # type: ignore[index]
 
     row = await transfer(1000)
     assert row["status"] == "posted" and row["seq"] == 1
+    assert row["active_ecny_key"] is not None  # the key that will sign rode along (and was checked)
     assert bytes(row["payload"]) == transfer_payload(row["transfer_id"], payer, payee, 1000, row["ts"], 1)
     stored = await database.read(lambda tx: tx.fetchone("SELECT payload, entry_id FROM transfers WHERE "
                                                         "transfer_id = ?", (row["transfer_id"],)))
     assert stored is not None and bytes(stored["payload"]) == bytes(row["payload"])
     assert (await transfer(2000))["seq"] == 2
+    after_posting = await written()
     with pytest.raises(LimitExceeded) as single:  # tier 4: 200,000 fen a payment
         await transfer(200_001)
     assert single.value.reasons == ["insufficient-funds", "single-limit-exceeded"]  # the Python path's order
@@ -143,6 +162,7 @@ async def test_a_transfer_posted_by_the_server_keeps_every_invariant(database: P
     with pytest.raises(WalletNotActive) as frozen:
         await transfer(1)
     assert frozen.value.reasons == ["payee-wallet-frozen"]
+    assert await written() == after_posting  # no audit entry, no risk signal of a refused transfer
     assert await database.read(journal.check_invariants) == []
     balances = await database.read(lambda tx: (journal.balance(tx, journal.wallet_account(payer)),
                                                journal.balance(tx, journal.wallet_account(payee))))
@@ -214,6 +234,85 @@ async def test_a_transfer_costs_two_round_trips(postgres_server: PostgresServer)
     finally:
         await database.close()
         await proxy.close()
+
+
+async def test_a_signed_transfers_decision_costs_one_round_trip_with_its_commit(
+        postgres_server: PostgresServer) -> None:
+    """Step 1 of POST /v1/transfers as the signed operation runs it: the Idempotency-Key guard, the audit
+    entry, the risk signal and the reference sent before the check, the COMMIT right behind it — one round
+    trip on the wire in all. A replayed key is still IdempotencyRaced and writes nothing; a disabled e-CNY
+    key refuses the transfer (KeyDisabled) and rolls back what was sent with it."""
+    dsn = postgres_server.create_database()
+    proxy = DelayProxy("127.0.0.1", postgres_server.port, DELAY_S)
+    port = await proxy.start()
+    database = await PostgresDatabase.open(dsn.replace(f":{postgres_server.port}/", f":{port}/"), size=1)
+    try:
+        await database.migrate()
+        wallets = wallets_on(database)
+        payer, payee = await funded_pair(database, wallets)
+        await database.write(ecny_key)
+        step = StopBeforeSigning()
+        operation = SignedOperation(database, step)
+
+        async def step_one(request: IdempotentRequest) -> Any:  # SignedOperation.run, up to the HSM
+            intent = TransferIntent(payer, payee, 100, "")
+            with pytest.raises(StopBeforeSigning.Stopped):
+                await operation.run(request, lambda tx: wallets.record_transfer_in(
+                    tx, intent, entry(5, "transfers.create"), Ending(request)))
+            return step.subject
+
+        request = IdempotentRequest("client:test", "key-1", b"h" * 32, looked_up=False)
+        pending_before = await database.read(pending_count)
+        before = proxy.turns
+        subject = await step_one(request)
+        assert subject.key is not None  # the e-CNY key rode along, checked by the database
+        assert proxy.turns - before == 1
+        assert request.recorded_in_transaction
+        stored = await database.read(lambda tx: idempotency.lookup_in(tx, request))
+        assert stored is not None and bytes(stored["body"]) == subject.row["transfer_id"].encode()  # committed
+        # The same key again: nothing of the second one stays.
+        with pytest.raises(IdempotencyRaced):
+            await operation.run(IdempotentRequest("client:test", "key-1", b"h" * 32, looked_up=False),
+                                lambda tx: wallets.record_transfer_in(tx, TransferIntent(payer, payee, 100, ""),
+                                                                      entry(6), Ending(None)))
+        assert await database.read(pending_count) == pending_before + 1
+        # A disabled key: refused, and the transfer, its audit entry and its reference rolled back.
+        await database.write(lambda tx: tx.execute("UPDATE keys SET status = 'disabled', status_changed_at = 'now' "
+                                                   "WHERE key_id IN (SELECT key_id FROM key_usage_active)"))
+        fresh = IdempotentRequest("client:test", "key-2", b"h" * 32, looked_up=False)
+        with pytest.raises(KeyDisabled):
+            await operation.run(fresh, lambda tx: wallets.record_transfer_in(
+                tx, TransferIntent(payer, payee, 100, ""), entry(7), Ending(fresh)))
+        assert not fresh.recorded_in_transaction
+        assert await database.read(lambda tx: idempotency.lookup_in(tx, fresh)) is None
+        assert await database.read(pending_count) == pending_before + 1
+        balance = await database.read(lambda tx: journal.balance(tx, journal.wallet_account(payee)))
+        assert balance == 100
+    finally:
+        await database.close()
+        await proxy.close()
+
+
+class StopBeforeSigning:
+    """A signing step that keeps what step 1 recorded and stops where the HSM would be asked."""
+
+    class Stopped(Exception):
+        pass
+
+    subject: Any = None
+
+    async def load(self, reference: str) -> Any:
+        raise AssertionError("not a replay")
+
+    def answered(self, subject: Any) -> None:
+        return None
+
+    async def sign(self, subject: Any) -> Any:
+        self.subject = subject
+        raise self.Stopped
+
+    def store_in(self, tx: Tx, subject: Any, signature: Any) -> Any:
+        raise AssertionError("never signed")
 
 
 def add_device(tx: Tx, device_id: str, wallet_id: str, cap_balance: int, exp_ms: int) -> None:

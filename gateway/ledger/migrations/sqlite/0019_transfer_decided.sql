@@ -1,0 +1,2 @@
+-- PostgreSQL's ecny_decided (a transfer's decision, its refusal and its COMMIT in one round trip). SQLite
+-- decides in Python inside its own transaction and commits with its group: nothing to create here.

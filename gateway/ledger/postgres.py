@@ -157,6 +157,8 @@ class _Sent:
     on_conflict: GatewayError | None = None
     prepares: StatementKey | None = None
     """This message prepares that statement: it is not one of the caller's."""
+    ends: bool = False
+    """The ``COMMIT`` or ``ROLLBACK``: its failure (a deferred constraint) is the transaction's, not a queued one's."""
 
 
 class PostgresTx:
@@ -250,7 +252,7 @@ class PostgresTx:
         ``then_commit``, for the ``COMMIT`` sent behind it too)."""
         self._send(sql, params, _Sent(True))
         if then_commit:
-            self._send("COMMIT", (), _Sent(False))
+            self._send("COMMIT", (), _Sent(False, ends=True))
             self.ended = True
         answer = self._synchronise()
         assert answer is not None
@@ -341,7 +343,7 @@ class PostgresTx:
         statement sent with ``then_commit`` ended the transaction already)."""
         if self.ended:
             return
-        self.queue(statement)
+        self._send(statement, (), _Sent(False, ends=True))
         self.ended = True
         self._synchronise()
 
@@ -383,7 +385,7 @@ def _raise_attributed(exc: psycopg.Error, failed: _Sent) -> NoReturn:
     state = exc.diag.sqlstate or ""
     if state.startswith(SERVER_REFUSAL_CLASS):
         raise ServerRefused(state, exc.diag.message_detail or "") from exc
-    if not failed.read and failed.prepares is None:
+    if not failed.read and not failed.ends and failed.prepares is None:
         if failed.on_conflict is not None and isinstance(exc, pg_errors.UniqueViolation):
             raise failed.on_conflict from exc
         raise StoreUnavailable(f"PostgreSQL: a queued statement failed: {_error_text(exc)}") from exc

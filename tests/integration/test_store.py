@@ -583,3 +583,32 @@ async def test_a_refused_transaction_rolls_back_in_the_round_trip_of_its_last_qu
     finally:
         await database.close()
         await proxy.close()
+
+
+@pytest.mark.postgres
+async def test_a_constraint_checked_at_commit_is_already_exists(postgres_server: PostgresServer) -> None:
+    """A deferred constraint fails at the COMMIT — sent by the store, or right behind the statement that
+    ends the transaction (``then_commit``): AlreadyExists, the transaction's own failure, not a queued
+    statement's StoreUnavailable; nothing stays."""
+    database = await PostgresDatabase.open(postgres_server.create_database(), size=1)
+    try:
+        await database.write(lambda tx: tx.execute(
+            "CREATE TABLE pairs (n INTEGER, CONSTRAINT pairs_n UNIQUE (n) DEFERRABLE INITIALLY DEFERRED)"))
+
+        def twice(tx: Tx) -> None:
+            tx.queue("INSERT INTO pairs (n) VALUES (1)")
+            tx.queue("INSERT INTO pairs (n) VALUES (1)")  # allowed until the COMMIT checks it
+
+        def twice_then_commit(tx: Tx) -> None:
+            tx.queue("INSERT INTO pairs (n) VALUES (2)")
+            tx.fetchone("INSERT INTO pairs (n) VALUES (2) RETURNING n", then_commit=True)
+
+        for work in (twice, twice_then_commit):
+            with pytest.raises(AlreadyExists, match="pairs_n"):
+                await database.write(work)
+        rows = await database.read(lambda tx: tx.fetchall("SELECT n FROM pairs"))
+        assert rows == []
+        assert (await database.write(lambda tx: tx.fetchone("INSERT INTO pairs (n) VALUES (3) RETURNING n",
+                                                            then_commit=True))) == {"n": 3}
+    finally:
+        await database.close()

@@ -120,6 +120,11 @@ def load_wallet(tx: Tx, wallet_id: str) -> Any:
     return row
 
 
+def bigint_array(values: list[int | None]) -> str:
+    """A PostgreSQL ``bigint[]`` literal of integers (None: NULL), for a ``?::bigint[]`` parameter."""
+    return "{" + ",".join("NULL" if value is None else str(int(value)) for value in values) + "}"
+
+
 def refuse(decisions: list[Decision], detail: str) -> None:
     """Raise the most specific refusal for the failed decisions, carrying every reason."""
     reasons = [reason for decision in decisions for reason in decision.reasons]
@@ -443,16 +448,17 @@ class Wallets:
         append(tx, [entry])
         return row  # what the table now holds, without reading it back
 
-    def _tier_arrays(self) -> list[list[int | None]] | None:
+    def _tier_arrays(self) -> list[str] | None:
         """The tier limits as the server-side check takes them — balance caps, single, daily, annual,
-        each indexed by tier 1..4 — or None when a tier is not configured (the Python check then
-        raises the ConfigError it always has)."""
+        each indexed by tier 1..4, as PostgreSQL array literals (``{500000,NULL,...}``: a string is
+        sent by psycopg's C dumper, a list by its Python one) — or None when a tier is not configured
+        (the Python check then raises the ConfigError it always has)."""
         try:
             limits = [self.settings.wallets.limits(tier) for tier in (1, 2, 3, 4)]
         except ConfigError:
             return None
-        return [[limit.balance_cap for limit in limits], [limit.single for limit in limits],
-                [limit.daily for limit in limits], [limit.annual for limit in limits]]
+        return [bigint_array([limit.balance_cap for limit in limits]), bigint_array([limit.single for limit in limits]),
+                bigint_array([limit.daily for limit in limits]), bigint_array([limit.annual for limit in limits])]
 
     def _transfer_on_server(self, tx: Tx, intent: TransferIntent, entry: AuditEntry,
                             ends: Ending | None = None) -> dict[str, Any] | None:

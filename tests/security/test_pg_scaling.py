@@ -42,7 +42,14 @@ from gateway.operations import idempotency
 from gateway.operations.idempotency import IdempotentRequest
 from gateway.operations.signed import SignedOperation, ToSign
 from gateway.schemes.offline import Voucher
-from gateway.wallets.accounts import Ending, TransferIntent, Wallets, transfer_payload, transfer_payload_parts
+from gateway.wallets.accounts import (
+    Ending,
+    TransferIntent,
+    Wallets,
+    bigint_array,
+    transfer_payload,
+    transfer_payload_parts,
+)
 from tests.pg import PostgresServer
 
 pytestmark = pytest.mark.postgres
@@ -119,6 +126,15 @@ async def test_the_server_built_envelope_payload_is_the_canonical_cbor(database:
     for name in ("wallet:1234567812345670", "audit-chain", "wallet:"):
         row = await database.read(lambda tx, name=name: tx.fetchone("SELECT ecny_lock_key(?) AS k", (name,)))
         assert row is not None and row["k"] == lock_key(name)
+
+
+async def test_the_tier_limits_sent_as_array_literals_are_the_limits(database: PostgresDatabase) -> None:
+    """The server-side checks take the tier limits as ``bigint[]`` literals written by the gateway: each must
+    be, element for element (unlimited = NULL), the array psycopg's own list adapter sends."""
+    for values in ([500_000, None, 2**62, 0], [None, None, None, None], [1, -1, 10**15, 7]):
+        row = await database.read(lambda tx, values=values: tx.fetchone(
+            "SELECT ?::bigint[] AS literal, ?::bigint[] AS adapted", (bigint_array(values), values)))
+        assert row is not None and row["literal"] == row["adapted"] == values
 
 
 @pytest.mark.parametrize("one_round_trip", [False, True], ids=["check-then-commit", "commit-with-the-check"])

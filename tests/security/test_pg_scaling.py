@@ -9,6 +9,7 @@ client waits for (a delay of 2.5 ms each way: whatever psycopg pipelines travels
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import subprocess
@@ -156,7 +157,7 @@ async def test_a_transfer_posted_by_the_server_keeps_every_invariant(database: P
 
     async def written() -> tuple[int, int]:
         return await database.read(lambda tx: (pending_count(tx), int(tx.fetchone(
-            "SELECT COUNT(*) AS n FROM risk_outbox")["n"])))  # type: ignore[index]
+            "SELECT COUNT(*) AS n FROM risk_outbox")["n"])))
 
     row = await transfer(1000)
     assert row["status"] == "posted" and row["seq"] == 1
@@ -202,16 +203,27 @@ async def test_the_daily_limit_counts_what_the_server_posted(database: PostgresD
 # --- round trips ---------------------------------------------------------------------------------------------
 
 
-async def test_a_transfer_costs_two_round_trips(postgres_server: PostgresServer) -> None:
-    """A database a network hop away multiplies every round trip inside the wallet lock: the check and
-    post of a transfer, with its audit entry and Idempotency-Key record, is at most 2 round trips (counted
-    on the wire by the delay proxy); a replayed key still answers IdempotencyRaced."""
+@contextlib.asynccontextmanager
+async def behind_proxy(postgres_server: PostgresServer) -> AsyncIterator[tuple[PostgresDatabase, DelayProxy]]:
+    """A migrated store with one connection, reached through the delay proxy (which counts the turns)."""
     dsn = postgres_server.create_database()
     proxy = DelayProxy("127.0.0.1", postgres_server.port, DELAY_S)
     port = await proxy.start()
     database = await PostgresDatabase.open(dsn.replace(f":{postgres_server.port}/", f":{port}/"), size=1)
     try:
         await database.migrate()
+        yield database, proxy
+    finally:
+        await database.close()
+        await proxy.close()
+
+
+async def test_a_transfer_costs_two_round_trips(postgres_server: PostgresServer) -> None:
+    """A database a network hop away multiplies every round trip inside the wallet lock: the check and
+    post of a transfer, with its audit entry and Idempotency-Key record, is at most 2 round trips (counted
+    on the wire by the delay proxy) where the transfer does not end its transaction itself (outside the
+    signed operation, or with a pinned key family); a replayed key still answers IdempotencyRaced."""
+    async with behind_proxy(postgres_server) as (database, proxy):
         wallets = wallets_on(database)
         payer, payee = await funded_pair(database, wallets)
         await database.write(ecny_key)
@@ -247,9 +259,6 @@ async def test_a_transfer_costs_two_round_trips(postgres_server: PostgresServer)
             assert (await database.write(check_and_record))["status"] == "posted"
             with pytest.raises(IdempotencyRaced):
                 await database.write(check_and_record)
-    finally:
-        await database.close()
-        await proxy.close()
 
 
 async def test_a_signed_transfers_decision_costs_one_round_trip_with_its_commit(
@@ -258,12 +267,7 @@ async def test_a_signed_transfers_decision_costs_one_round_trip_with_its_commit(
     entry, the risk signal and the reference sent before the check, the COMMIT right behind it — one round
     trip on the wire in all. A replayed key is still IdempotencyRaced and writes nothing; a disabled e-CNY
     key refuses the transfer (KeyDisabled) and rolls back what was sent with it."""
-    dsn = postgres_server.create_database()
-    proxy = DelayProxy("127.0.0.1", postgres_server.port, DELAY_S)
-    port = await proxy.start()
-    database = await PostgresDatabase.open(dsn.replace(f":{postgres_server.port}/", f":{port}/"), size=1)
-    try:
-        await database.migrate()
+    async with behind_proxy(postgres_server) as (database, proxy):
         wallets = wallets_on(database)
         payer, payee = await funded_pair(database, wallets)
         await database.write(ecny_key)
@@ -304,9 +308,6 @@ async def test_a_signed_transfers_decision_costs_one_round_trip_with_its_commit(
         assert await database.read(pending_count) == pending_before + 1
         balance = await database.read(lambda tx: journal.balance(tx, journal.wallet_account(payee)))
         assert balance == 100
-    finally:
-        await database.close()
-        await proxy.close()
 
 
 class StopBeforeSigning:
@@ -344,12 +345,7 @@ def add_device(tx: Tx, device_id: str, wallet_id: str, cap_balance: int, exp_ms:
 async def test_cash_and_a_load_cost_two_round_trips(postgres_server: PostgresServer) -> None:
     """The same multiplication for cash-in, cash-out and a device load: at most 2 round trips each on the
     wire, with their checks intact (a load above the device's offline cap is refused, nothing written)."""
-    dsn = postgres_server.create_database()
-    proxy = DelayProxy("127.0.0.1", postgres_server.port, DELAY_S)
-    port = await proxy.start()
-    database = await PostgresDatabase.open(dsn.replace(f":{postgres_server.port}/", f":{port}/"), size=1)
-    try:
-        await database.migrate()
+    async with behind_proxy(postgres_server) as (database, proxy):
         settings = load_settings(None, environ={})
         wallets = wallets_on(database)
         devices = Devices(database, cast(Any, None), cast(Any, None), settings)
@@ -383,9 +379,6 @@ async def test_cash_and_a_load_cost_two_round_trips(postgres_server: PostgresSer
         assert await database.read(journal.check_invariants) == []
         reserve = await database.read(lambda tx: journal.balance(tx, journal.reserve_account(wallet_id)))
         assert reserve == 30_000
-    finally:
-        await database.close()
-        await proxy.close()
 
 
 # --- locks no wider than a wallet ----------------------------------------------------------------------------

@@ -499,28 +499,17 @@ class Wallets:
         refuse([Decision(False, tuple(outcome["reasons"]))],
                f"transfer of {intent.amount} fen from {intent.from_wallet} to {intent.to_wallet} refused")
         seq = int(outcome["seq"])
-        record_signal_in(tx, "transfer.posted", intent.from_wallet, intent.amount, actor=entry.actor,
-                         counterparty=intent.to_wallet, transfer_id=transfer_id, entry_id=entry_id)
-        entry.result = {"transfer_id": transfer_id, "from": intent.from_wallet, "to": intent.to_wallet,
-                        "amount_fen": intent.amount, "entry_id": entry_id}
-        append(tx, [entry])
-        return {"transfer_id": transfer_id, "from_wallet": intent.from_wallet, "to_wallet": intent.to_wallet,
-                "amount": intent.amount, "memo": intent.memo, "status": "posted", "entry_id": entry_id,
-                "seq": seq, "ts": ts, "payload": head + cbor2.dumps(seq) + tail, "envelope": None, "kid": None,
-                "approval_id": None, "requested_by": entry.actor, "created_at": now,
-                ACTIVE_ECNY_KEY: None if self.settings.ecny.key_id else active_key_of(outcome, "k_")}
+        record_posted_in(tx, intent, entry, transfer_id, entry_id)
+        key = None if self.settings.ecny.key_id else active_key_of(outcome, "k_")
+        return posted_row(intent, entry.actor, (transfer_id, entry_id, now, ts, head, tail), seq, key)
 
     def _transfer_decided(self, tx: Tx, intent: TransferIntent, entry: AuditEntry, ends: Ending, call: str,
                           params: tuple[Any, ...], made: tuple[str, str, str, int, bytes, bytes]) -> dict[str, Any]:
         """The one-round-trip transfer of :meth:`_transfer_on_server`: what commits with the transfer is sent
         first; ``ecny_decided`` (migration 0019) raises when the check refused, a wallet is unknown or the
         e-CNY key may not sign, which rolls all of it back; the ``COMMIT`` follows the check."""
-        transfer_id, entry_id, now, ts, head, tail = made
-        record_signal_in(tx, "transfer.posted", intent.from_wallet, intent.amount, actor=entry.actor,
-                         counterparty=intent.to_wallet, transfer_id=transfer_id, entry_id=entry_id)
-        entry.result = {"transfer_id": transfer_id, "from": intent.from_wallet, "to": intent.to_wallet,
-                        "amount_fen": intent.amount, "entry_id": entry_id}
-        append(tx, [entry])
+        transfer_id, entry_id = made[0], made[1]
+        record_posted_in(tx, intent, entry, transfer_id, entry_id)
         ends.refer_in(tx, transfer_id)
         key_json = ("json_build_object('key_id', ecny_key.key_id, 'status', ecny_key.status, 'status_changed_at', "
                     "ecny_key.status_changed_at, 'version', ecny_key.version, 'family_id', ecny_key.family_id)")
@@ -533,12 +522,7 @@ class Wallets:
         except ServerRefused as refused:
             raise transfer_refusal(refused, intent) from None
         assert outcome is not None  # a function call always answers one row
-        seq = int(outcome["seq"])
-        return {"transfer_id": transfer_id, "from_wallet": intent.from_wallet, "to_wallet": intent.to_wallet,
-                "amount": intent.amount, "memo": intent.memo, "status": "posted", "entry_id": entry_id,
-                "seq": seq, "ts": ts, "payload": head + cbor2.dumps(seq) + tail, "envelope": None, "kid": None,
-                "approval_id": None, "requested_by": entry.actor, "created_at": now,
-                ACTIVE_ECNY_KEY: active_key_of(outcome, "k_")}
+        return posted_row(intent, entry.actor, made, int(outcome["seq"]), active_key_of(outcome, "k_"))
 
     def ecny_key_in(self, tx: Tx) -> KeyRecord:
         """The key that signs envelopes now, read in the transaction that decides: a rotation or a disable
@@ -614,6 +598,27 @@ def transfer_refusal(refused: ServerRefused, intent: TransferIntent) -> GatewayE
         if refusal is not None:
             return refusal
     return refused  # a refusal this code does not know: an internal error, never an answer of its own
+
+
+def record_posted_in(tx: Tx, intent: TransferIntent, entry: AuditEntry, transfer_id: str, entry_id: str) -> None:
+    """What commits with a transfer the server posts: its risk signal and its audit entry (queued)."""
+    record_signal_in(tx, "transfer.posted", intent.from_wallet, intent.amount, actor=entry.actor,
+                     counterparty=intent.to_wallet, transfer_id=transfer_id, entry_id=entry_id)
+    entry.result = {"transfer_id": transfer_id, "from": intent.from_wallet, "to": intent.to_wallet,
+                    "amount_fen": intent.amount, "entry_id": entry_id}
+    append(tx, [entry])
+
+
+def posted_row(intent: TransferIntent, actor: str, made: tuple[str, str, str, int, bytes, bytes], seq: int,
+               key: KeyRecord | None) -> dict[str, Any]:
+    """The row of a transfer the server posted (as :meth:`Wallets.transfer_in` returns it, not read back):
+    ``made`` is what the gateway made for it (transfer id, entry id, time, epoch ms, the payload around
+    ``seq``); ``key``, the active e-CNY key read with it (None when a key family is pinned)."""
+    transfer_id, entry_id, now, ts, head, tail = made
+    return {"transfer_id": transfer_id, "from_wallet": intent.from_wallet, "to_wallet": intent.to_wallet,
+            "amount": intent.amount, "memo": intent.memo, "status": "posted", "entry_id": entry_id,
+            "seq": seq, "ts": ts, "payload": head + cbor2.dumps(seq) + tail, "envelope": None, "kid": None,
+            "approval_id": None, "requested_by": actor, "created_at": now, ACTIVE_ECNY_KEY: key}
 
 
 ACTIVE_ECNY_KEY = "active_ecny_key"

@@ -114,8 +114,7 @@ class KeyRecord:
     def require_signing(self) -> None:
         """Raises KeyRetired or KeyDisabled unless this version may sign."""
         if self.status is KeyStatus.RETIRED:
-            raise KeyRetired(f"key {self.key_id} (version {self.version} of {self.family}) was superseded; "
-                             "it only verifies: sign with the family's active version")
+            raise superseded(self.key_id, self.version, self.family)
         if self.status is KeyStatus.DISABLED:
             raise KeyDisabled(f"key {self.key_id} was disabled at {self.status_changed_at}; it signs nothing")
 
@@ -403,9 +402,14 @@ def signing_refusal(usage: Usage, setting: str, key_id: str, status: KeyStatus, 
         return KeyDisabled(f"the {usage.value} key {key_id} was disabled at {status_changed_at}: rotate it "
                            f"or generate a new {usage.value} key ({setting} pins a key family)")
     if status is KeyStatus.RETIRED:
-        return KeyRetired(f"key {key_id} (version {version} of {family}) was superseded; "
-                          "it only verifies: sign with the family's active version")
+        return superseded(key_id, version, family)
     return None
+
+
+def superseded(key_id: str, version: int, family: str) -> KeyRetired:
+    """A retired version was asked to sign."""
+    return KeyRetired(f"key {key_id} (version {version} of {family}) was superseded; "
+                      "it only verifies: sign with the family's active version")
 
 
 def no_key_for(usage: Usage) -> KeyNotFound:

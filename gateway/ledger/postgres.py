@@ -292,8 +292,10 @@ class PostgresTx:
     def _flush(self) -> None:
         """Send what libpq holds; while the socket is full, read what the server answers meanwhile."""
         pgconn = self._pgconn
+        if not pgconn.flush():
+            return  # all sent (the usual case: a batch fits the socket's buffer)
+        self._poll.modify(pgconn.socket, select.POLLIN | select.POLLOUT)
         while pgconn.flush():
-            self._poll.modify(pgconn.socket, select.POLLIN | select.POLLOUT)
             events = self._poll.poll()
             if any(event & select.POLLIN for _, event in events):
                 pgconn.consume_input()

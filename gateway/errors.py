@@ -25,7 +25,9 @@ class GatewayError(Exception):
     code: ClassVar[str] = "internal-error"
     http_status: ClassVar[int] = 500
     title: ClassVar[str] = "Internal error"
-    audited_in_transaction: ClassVar[bool] = False  # its audit entry committed with the refusal: no second one
+    audited_in_transaction: bool = False
+    """Its audit entry committed with the refusal: no second one (a class's default, or set on an instance
+    by whoever committed it)."""
 
     def __init__(self, detail: str = "", **extra: Any) -> None:
         super().__init__(detail or self.title)

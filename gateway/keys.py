@@ -329,6 +329,24 @@ def get_key(tx: Tx, key_id: str) -> KeyRecord:
     return _record(row, frozenset(Usage(u) for u in active_usages(tx, key_id)))
 
 
+def confirm_signing_in(tx: Tx, key_id: str, usage: Usage) -> None:
+    """Check ``key_id`` for ``usage`` and for signing as it stands in ``tx``: the write transaction that
+    releases what the key signed. A disable or rotation is then either committed before this check
+    (and refuses) or after the release: none can slip between them. On PostgreSQL the row is locked
+    (``FOR SHARE``) until ``tx`` ends, so a status change waits for it; SQLite serializes writers.
+
+    Raises:
+        KeyNotFound, KeyUsageNotAllowed, RawKeyNotExclusive, KeyRetired, KeyDisabled.
+    """
+    share = " FOR SHARE" if tx.dialect == "postgresql" else ""
+    row = tx.fetchone("SELECT * FROM keys WHERE key_id = ?" + share, (key_id,))
+    if row is None:
+        raise KeyNotFound(f"no key {key_id}")
+    record = _record(row, frozenset())
+    record.require(usage)
+    record.require_signing()
+
+
 def signing_keys_with_usage(tx: Tx, usage: Usage) -> list[KeyRecord]:
     """The keys of ``usage`` that may sign now (status active), oldest first: retired and disabled
     versions are never offered (``eth_accounts``) nor chosen by address."""
@@ -496,7 +514,8 @@ async def sign1_with_profile(signer: Signer, profile: HsmProfile, key: KeyRecord
 class KeyDirectory:
     """Key records cached in memory, for what never changes once written: id, algorithm, usages and
     public key — enough to resolve a kid and verify. The status changes (rotation, disable), and
-    another process may change it: :meth:`for_signing` reads it fresh from the store every time."""
+    another process may change it: :meth:`for_signing` reads it fresh from the store every time;
+    :meth:`to_sign` trusts the cache and leaves the check to the releasing transaction."""
 
     def __init__(self) -> None:
         self._records: dict[str, KeyRecord] = {}
@@ -510,6 +529,24 @@ class KeyDirectory:
                 flag_raw_not_exclusive(record)
             self._records[key_id] = record
         return record
+
+    async def to_sign(self, database: Any, key_id: str, usage: Usage) -> KeyRecord:
+        """The record of ``key_id`` as cached (read on a miss), checked for ``usage`` and for signing
+        *as cached*: a status changed since is caught by :func:`confirm_signing_in`, which the caller
+        must run in the transaction that releases the signature. For a signature whose release is a
+        write anyway (a raw signature's audit entry), this saves a read before the HSM is asked.
+
+        Raises:
+            KeyNotFound, KeyUsageNotAllowed, RawKeyNotExclusive, KeyRetired, KeyDisabled.
+        """
+        record = await self.get(database, key_id)
+        record.require(usage)
+        record.require_signing()
+        return record
+
+    def forget(self, key_id: str) -> None:
+        """Drop ``key_id``'s cached record: the next look-up reads it (its status changed)."""
+        self._records.pop(key_id, None)
 
     async def for_signing(self, database: Any, key_id: str, usage: Usage) -> KeyRecord:
         """The record of ``key_id`` read fresh, checked for ``usage`` and for signing.

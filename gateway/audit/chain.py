@@ -78,6 +78,14 @@ class AuditEntry:
     """Risk signals of the audited decision, written with the entry (not part of it, nor of its hash): for
     a decision audited on its own, such as a refusal, the entry's transaction is the decision's."""
 
+    def refuse(self, error: GatewayError) -> None:
+        """Make this entry the refusal of ``error``, keeping what it said it did under ``result.withheld``
+        (e.g. the hash of a signature the HSM made and the gateway did not release)."""
+        withheld = self.result
+        self.decision = "refused"
+        self.reasons = [error.code]
+        self.result = {"status": error.http_status, "detail": error.detail[:500], "withheld": withheld}
+
 
 def _json(value: Any) -> str:
     """Canonical JSON of a field (sorted keys, no spaces, UTF-8). The stored text is what the hash
@@ -230,12 +238,38 @@ def _nothing_else(tx: Tx) -> None:
     """The write that goes with an entry recorded on its own (:meth:`AuditLog.record`)."""
 
 
-def _appender(group: list[tuple[AuditEntry, Callable[[Tx], Any]]]) -> Callable[[Tx], tuple[list[int], list[Any]]]:
-    """Append the group's entries, then run what goes with each of them, in one transaction."""
+@dataclass(frozen=True)
+class _Refused:
+    """What a group's write returns for an entry whose check refused it (written as that refusal)."""
+
+    error: GatewayError
+
+
+def _checked(tx: Tx, entry: AuditEntry, check: Callable[[Tx], object] | None) -> _Refused | None:
+    """Run ``check`` in ``tx``; on a refusal (a 4xx error), turn ``entry`` into it (:meth:`AuditEntry.refuse`).
+    Any other error fails the whole group, as a failing store would."""
+    if check is None:
+        return None
+    try:
+        check(tx)
+    except GatewayError as error:
+        if error.http_status >= 500:
+            raise
+        entry.refuse(error)
+        error.audited_in_transaction = True
+        return _Refused(error)
+    return None
+
+
+def _appender(group: list[tuple[AuditEntry, Callable[[Tx], object] | None, Callable[[Tx], Any]]],
+              ) -> Callable[[Tx], tuple[list[int], list[Any]]]:
+    """Check each of the group's entries, append them all (as refusals where their check refused), then
+    run what goes with each one allowed, in one transaction."""
 
     def write(tx: Tx) -> tuple[list[int], list[Any]]:
-        numbers = append(tx, [entry for entry, _ in group])
-        return numbers, [also(tx) for _, also in group]
+        refusals = [_checked(tx, entry, check) for entry, check, _ in group]
+        numbers = append(tx, [entry for entry, _, _ in group])
+        return numbers, [refused or also(tx) for (_, _, also), refused in zip(group, refusals, strict=True)]
 
     return write
 
@@ -276,7 +310,8 @@ class AuditLog:
         self._ticker: asyncio.Task[None] | None = None
         self._flush_max = flush_max
         self._key_id = key_id
-        self._pending: list[tuple[AuditEntry, Callable[[Tx], Any], asyncio.Future[tuple[int, Any]]]] = []
+        self._pending: list[tuple[AuditEntry, Callable[[Tx], object] | None, Callable[[Tx], Any],
+                                  asyncio.Future[tuple[int, Any]]]] = []
         self._flushing: asyncio.Task[None] | None = None
         self._checkpointing: asyncio.Task[None] | None = None
         self._checkpointed = 0
@@ -379,11 +414,18 @@ class AuditLog:
         seq, _ = await self.record_with(entry, _nothing_else)
         return seq
 
-    async def record_with(self, entry: AuditEntry, also: Callable[[Tx], T]) -> tuple[int, T]:
+    async def record_with(self, entry: AuditEntry, also: Callable[[Tx], T],
+                          check: Callable[[Tx], object] | None = None) -> tuple[int, T]:
         """Append one entry and run ``also`` in the same transaction (after the group's entries), grouped
         with other entries into one commit. Returns the entry's sequence number and what ``also``
         returned, once committed: what ``also`` writes (an Idempotency-Key answer) is stored exactly
         when the entry is.
+
+        ``check`` (reads only) runs first in that transaction: the place to confirm what may have
+        changed since the caller last looked (a key disabled meanwhile), serialized with every write.
+        If it raises a 4xx :class:`~gateway.errors.GatewayError`, the entry is written as that refusal
+        (:meth:`AuditEntry.refuse`), ``also`` does not run, and the error is raised here once committed,
+        marked ``audited_in_transaction``; the group's other entries are unaffected.
 
         ``also`` shares its transaction with the group's other entries, so it must not fail but for the
         store itself (an insert that cannot collide, or an ``ON CONFLICT DO NOTHING``): if it raises,
@@ -391,25 +433,29 @@ class AuditLog:
 
         Raises:
             StoreUnavailable: the entry could not be written (the caller must not report success).
+            the error ``check`` raised, its refusal committed.
         """
         future: asyncio.Future[tuple[int, Any]] = asyncio.get_running_loop().create_future()
-        self._pending.append((entry, also, future))
+        self._pending.append((entry, check, also, future))
         if self._flushing is None or self._flushing.done():
             self._flushing = asyncio.create_task(self._flush_loop())
         seq, result = await future
+        if isinstance(result, _Refused):
+            raise result.error
         return seq, result
 
     async def _flush_loop(self) -> None:
         while self._pending:
             batch, self._pending = self._pending[: self._flush_max], self._pending[self._flush_max :]
             try:
-                numbers, results = await self._database.write(_appender([(entry, also) for entry, also, _ in batch]))
+                numbers, results = await self._database.write(
+                    _appender([(entry, check, also) for entry, check, also, _ in batch]))
             except Exception as exc:
-                for _, _, future in batch:
+                for *_, future in batch:
                     if not future.done():
                         future.set_exception(exc)
                 continue
-            for (_, _, future), seq, result in zip(batch, numbers, results, strict=True):
+            for (*_, future), seq, result in zip(batch, numbers, results, strict=True):
                 if not future.done():
                     future.set_result((seq, result))
             self._report_head(numbers[-1])

@@ -5,13 +5,18 @@ record *before* the HSM is asked — the two-phase :class:`~gateway.operations.s
 would add a write transaction (and its fsync) to the hottest path and protect nothing. Its shape is
 the one-phase *signed record*:
 
-1. **check**: the key exists, has usage ``raw`` and may sign (read fresh: not retired or disabled);
-   each input fits the key's algorithm (a 32-byte digest for ECDSA, at most 64 KiB for Ed25519); at
-   most :data:`MAX_BATCH` inputs;
+1. **check**: the key exists, has usage ``raw`` and may sign, *as this process last saw it* (a cached
+   record: no store read before the HSM); each input fits the key's algorithm (a 32-byte digest for
+   ECDSA, at most 64 KiB for Ed25519); at most :data:`MAX_BATCH` inputs;
 2. **sign** through the HSM (a batch is shared between the signer workers);
-3. **one store write**: the audit entry (what was signed, the hash of the signatures) and the
-   Idempotency-Key answer, in the audit log's group commit (:meth:`AuditLog.record_with`);
-4. **answer**, only once that write has committed: no signature leaves without its audit entry.
+3. **one store write**, in the audit log's group commit (:meth:`AuditLog.record_with`): the key's status
+   checked again (:func:`~gateway.keys.confirm_signing_in`), then the audit entry (what was signed, the
+   hash of the signatures) and the Idempotency-Key answer. A key disabled, retired or gone since step 1
+   — by this process or any other — turns the entry into that refusal, with the hash of the signature
+   the HSM made under ``result.withheld``;
+4. **answer**, only once that write has committed: no signature leaves without its audit entry, and
+   none leaves after its key's disable or rotation committed. Reading the status before signing could
+   not promise that: a disable committed between that read and the release would not stop it.
 
 A retry with the same Idempotency-Key is answered from the recorded answer before any of this runs
 (``gateway/api/idempotency.run``), so the HSM is not asked twice. If another process or instance
@@ -27,8 +32,16 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from gateway.audit.chain import AuditEntry, AuditLog
-from gateway.errors import IdempotencyRaced, PayloadTooLarge, ValidationFailed
-from gateway.keys import KeyDirectory, KeyRecord, Usage
+from gateway.errors import (
+    IdempotencyRaced,
+    KeyDisabled,
+    KeyNotFound,
+    KeyRetired,
+    KeyUsageNotAllowed,
+    PayloadTooLarge,
+    ValidationFailed,
+)
+from gateway.keys import KeyDirectory, KeyRecord, Usage, confirm_signing_in
 from gateway.ledger.store import Database, Tx
 from gateway.operations import idempotency
 from gateway.operations.idempotency import Answer, IdempotentRequest
@@ -96,7 +109,7 @@ class RawSigning:
         """
         if raw.batch and len(raw.inputs) > MAX_BATCH:
             raise PayloadTooLarge(f"at most {MAX_BATCH} digests per batch; got {len(raw.inputs)}")
-        record = await self.keys.for_signing(self.database, raw.key_id, Usage.RAW)
+        record = await self.keys.to_sign(self.database, raw.key_id, Usage.RAW)
         items = [signing_input(record, text) for text in raw.inputs]
         if raw.batch:
             signatures = await self.signer.sign_many(record.key_id, record.algorithm.value, items)
@@ -115,7 +128,14 @@ class RawSigning:
         def answer_in(tx: Tx) -> bool:
             return idempotency.answer_unless_present_in(tx, request, answer)
 
-        _, recorded = await self.audit.record_with(entry, answer_in)
+        def confirm_key(tx: Tx) -> None:
+            confirm_signing_in(tx, record.key_id, Usage.RAW)
+
+        try:
+            _, recorded = await self.audit.record_with(entry, answer_in, check=confirm_key)
+        except (KeyNotFound, KeyUsageNotAllowed, KeyRetired, KeyDisabled):
+            self.keys.forget(record.key_id)  # its status changed: the next request reads it before signing
+            raise
         if not recorded:
             assert request is not None
             raise IdempotencyRaced(f"Idempotency-Key {request.key!r} was answered by another request first")

@@ -6,17 +6,20 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
 import sqlite3
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from gateway.audit.chain import GENESIS, entry_hash
+from gateway.audit.chain import GENESIS, AuditEntry, entry_hash
 from gateway.auth.roles import Role
+from gateway.errors import KeyDisabled
 from gateway.runtime import RUNTIME
 from tests.conftest import Gateway, make_settings, start_gateway
 
@@ -191,3 +194,43 @@ async def test_the_head_is_checkpointed_and_reported_by_time(softhsm_token: Any,
         await gateway.client.close()
     result = _verify(tmp_path / "gateway.db")
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+async def test_a_refused_check_turns_only_its_own_entry_into_a_refusal(gateway: Gateway) -> None:
+    """Threat: one request's late refusal (its key stopped while it signed) either voids the commit of every
+    request grouped with it, or leaves nothing in the chain. Three entries go to one group commit; the
+    middle one's check refuses: it is written as that refusal and its own write does not run, while the
+    other two are written as allowed with their writes."""
+    runtime = gateway.client.server.app[RUNTIME]
+    audit, database = runtime.audit, runtime.database
+    ran: list[str] = []
+
+    def also(name: str) -> Callable[[Any], str]:
+        def write(tx: Any) -> str:
+            ran.append(name)
+            return name
+        return write
+
+    def refuse(tx: Any) -> None:
+        assert tx.fetchone("SELECT 1 AS one")["one"] == 1  # it runs inside the group's transaction
+        raise KeyDisabled("key k was disabled at t; it signs nothing")
+
+    entries = [AuditEntry("test", "backend", "keys.sign", "allowed", key_id=name,
+                          result={"signature_sha256": name * 8}) for name in ("a", "b", "c")]
+    outcomes = await asyncio.gather(audit.record_with(entries[0], also("a")),
+                                    audit.record_with(entries[1], also("b"), check=refuse),
+                                    audit.record_with(entries[2], also("c"), check=lambda tx: None),
+                                    return_exceptions=True)
+    assert [o[1] for o in outcomes if isinstance(o, tuple)] == ["a", "c"] and ran == ["a", "c"]
+    refused = outcomes[1]
+    assert isinstance(refused, KeyDisabled) and refused.audited_in_transaction
+    rows = await database.read(lambda tx: tx.fetchall(
+        "SELECT seq, key_id, decision, reasons, result FROM audit_log ORDER BY seq DESC LIMIT 3"))
+    by_key = {row["key_id"]: row for row in rows}
+    assert [by_key[k]["decision"] for k in "abc"] == ["allowed", "refused", "allowed"]
+    assert {row["seq"] for row in rows} == {o[0] for o in outcomes if isinstance(o, tuple)} | {by_key["b"]["seq"]}
+    assert json.loads(by_key["b"]["reasons"]) == ["key-disabled"]
+    assert json.loads(by_key["b"]["result"])["withheld"] == {"signature_sha256": "b" * 8}
+    # The chain stays whole.
+    verified = await gateway.client.get("/v1/audit/verify", headers=gateway.auth(Role.AUDITOR))
+    assert verified.status == 200 and (await verified.json())["ok"] is True

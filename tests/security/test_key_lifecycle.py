@@ -26,6 +26,8 @@ from pycose.messages import Sign1Message
 
 from gateway.auth.roles import Role
 from gateway.hardwallet.simulator import SimulatedDevice
+from gateway.runtime import RUNTIME
+from gateway.signing import Signer
 from tests.api.support import assert_problem, audit_entries, audit_head
 from tests.conftest import Gateway
 from tests.device.flows import idem, issue_load, open_wallet, register, verify_with_pycose
@@ -246,6 +248,60 @@ async def test_a_disabled_key_signs_nothing_but_what_it_signed_still_verifies(gw
     entries = [e for e in await audit_entries(gw, head) if e["action"] == "keys.disable"]
     assert len(entries) == 1 and entries[0]["key_id"] == key["key_id"]
     assert entries[0]["result"]["previous_status"] == "active"
+
+
+class StatusChangeWhileSigning:
+    """The runtime's signer, wrapped: while the HSM signs with ``key_id``, an administrator disables or
+    rotates that key over the API (a second request, served meanwhile) — the race of an insider who
+    sent a signature request just before the key was stopped."""
+
+    def __init__(self, gw: Gateway, signer: Signer, key_id: str, action: str) -> None:
+        self.gw, self.signer, self.key_id, self.action = gw, signer, key_id, action
+        self.made: list[bytes] = []
+
+    async def sign(self, key_id: str, algorithm: str, data: bytes) -> bytes:
+        signature = await self.signer.sign(key_id, algorithm, data)
+        if key_id == self.key_id:
+            self.made.append(signature)
+            response = await self.gw.client.post(f"/v1/keys/{key_id}/{self.action}", headers=self.gw.auth(Role.ADMIN))
+            assert response.status in (200, 201), await response.text()
+        return signature
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.signer, name)
+
+
+@pytest.mark.parametrize(("action", "code"), [("disable", "key-disabled"), ("rotate", "key-retired")])
+async def test_a_key_stopped_while_its_signature_is_made_releases_nothing(
+        gw: Gateway, monkeypatch: pytest.MonkeyPatch, action: str, code: str) -> None:
+    """Threat: a raw signature requested just before an administrator disables (or rotates away) the key
+    still leaves — the status was read before the HSM signed and the stop committed before the answer.
+    The status is checked again in the transaction that releases the signature: the HSM's signature is
+    withheld, and the one audit entry says so (with its hash), once."""
+    key = await make_key(gw, ["raw"])
+    digest = hashlib.sha256(f"stopped mid-flight by {action}".encode()).digest()
+    runtime = gw.client.app[RUNTIME]
+    # Positive control: the same key, unwrapped, signs (and this process caches its record as active).
+    assert (await sign_raw(gw, key["key_id"], digest)).status == 200
+    head = await audit_head(gw)
+    racing = StatusChangeWhileSigning(gw, runtime.signer, key["key_id"], action)
+    monkeypatch.setattr(runtime, "signer", racing)
+    response = await sign_raw(gw, key["key_id"], digest)
+    monkeypatch.undo()
+    assert len(racing.made) == 1  # the HSM did sign: what matters is that it does not leave
+    problem = await assert_problem(response, 409, code)
+    assert "signature" not in problem and racing.made[0].hex() not in await response.text()
+    entries = [e for e in await audit_entries(gw, head) if e["action"] == "keys.sign"]
+    assert len(entries) == 1, entries  # the refusal is written once, in the releasing transaction
+    (entry,) = entries
+    assert entry["decision"] == "refused" and entry["reasons"] == [code] and entry["key_id"] == key["key_id"]
+    assert entry["payload_hash"] == hashlib.sha256(digest).hexdigest()
+    assert entry["result"]["withheld"] == {"signature_sha256": hashlib.sha256(racing.made[0]).hexdigest()}
+    # And from now on the key is refused before the HSM is asked.
+    again = StatusChangeWhileSigning(gw, runtime.signer, key["key_id"], action)
+    monkeypatch.setattr(runtime, "signer", again)
+    await assert_problem(await sign_raw(gw, key["key_id"], digest), 409, code)
+    assert again.made == []
 
 
 async def test_disabling_the_active_voucher_key_stops_the_usage_until_it_is_rotated(gw: Gateway) -> None:

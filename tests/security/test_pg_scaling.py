@@ -124,7 +124,9 @@ async def test_the_server_built_envelope_payload_is_the_canonical_cbor(database:
         assert head + bytes(server["c"]) + tail == expected
         assert cbor2.loads(expected)["seq"] == seq
     # The function's advisory locks are the very ones the Python code takes.
-    for name in ("wallet:1234567812345670", "audit-chain", "wallet:"):
+    names = ["wallet:1234567812345670", "audit-chain", "wallet:", "device:设备-7", *(f"n{i}" for i in range(12))]
+    assert {lock_key(name) < 0 for name in names} == {True, False}  # both signs of the 64-bit key
+    for name in names:
         row = await database.read(lambda tx, name=name: tx.fetchone("SELECT ecny_lock_key(?) AS k", (name,)))
         assert row is not None and row["k"] == lock_key(name)
 

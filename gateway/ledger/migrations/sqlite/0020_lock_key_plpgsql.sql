@@ -1,0 +1,2 @@
+-- PostgreSQL's ecny_lock_key as PL/pgSQL (its advisory-lock keys, computed by the server). SQLite takes no
+-- advisory locks: nothing to change here.

@@ -34,7 +34,7 @@ from common import machine, start_gateway, versions  # noqa: E402
 from openbao import GATEWAY_LUA, run_wrk  # noqa: E402
 
 SIGN_CALL = "signature = await self.signer.sign(record.key_id, record.algorithm.value, item)"
-AUDIT_CALL = "_, recorded = await self.audit.record_with(entry, answer_in, check=confirm_key)"
+AUDIT_CALL = "_, recorded = await self.audit.record_with(entry, answer_in, signed_by=(record.key_id, Usage.RAW))"
 SKIPPED = {SIGN_CALL: ("sign", "signature = bytes(64)"), AUDIT_CALL: ("audit", "recorded = True")}
 VARIANTS = {"full": "", "no-hsm": "sign", "no-audit": "audit", "neither": "sign,audit"}
 

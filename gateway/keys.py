@@ -18,6 +18,7 @@ key signs now.
 from __future__ import annotations
 
 import secrets
+from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import TYPE_CHECKING, Any
@@ -329,22 +330,32 @@ def get_key(tx: Tx, key_id: str) -> KeyRecord:
     return _record(row, frozenset(Usage(u) for u in active_usages(tx, key_id)))
 
 
-def confirm_signing_in(tx: Tx, key_id: str, usage: Usage) -> None:
-    """Check ``key_id`` for ``usage`` and for signing as it stands in ``tx``: the write transaction that
-    releases what the key signed. A disable or rotation is then either committed before this check
-    (and refuses) or after the release: none can slip between them. On PostgreSQL the row is locked
-    (``FOR SHARE``) until ``tx`` ends, so a status change waits for it; SQLite serializes writers.
-
-    Raises:
-        KeyNotFound, KeyUsageNotAllowed, RawKeyNotExclusive, KeyRetired, KeyDisabled.
-    """
+def signing_refusals_in(tx: Tx, wanted: Sequence[tuple[str, Usage]]) -> list[GatewayError | None]:
+    """For each (key id, usage) of ``wanted``: None if that key may sign for that usage as it stands in
+    ``tx`` — the write transaction that releases what it signed — else the refusal (KeyNotFound,
+    KeyUsageNotAllowed, RawKeyNotExclusive, KeyRetired, KeyDisabled). A disable or rotation is then either
+    committed before this read (and refuses) or after the release: none slips between them. One read
+    for all of them (a group commit's entries share it); on PostgreSQL their rows are locked (``FOR
+    SHARE``) until ``tx`` ends, so a status change waits for the release; SQLite serializes writers."""
+    ids = sorted({key_id for key_id, _ in wanted})
+    if not ids:
+        return []
     share = " FOR SHARE" if tx.dialect == "postgresql" else ""
-    row = tx.fetchone("SELECT * FROM keys WHERE key_id = ?" + share, (key_id,))
-    if row is None:
-        raise KeyNotFound(f"no key {key_id}")
-    record = _record(row, frozenset())
-    record.require(usage)
-    record.require_signing()
+    rows = tx.fetchall(f"SELECT * FROM keys WHERE key_id IN ({', '.join('?' * len(ids))}){share}", tuple(ids))
+    records = {str(row["key_id"]): _record(row, frozenset()) for row in rows}
+    refusals: list[GatewayError | None] = []
+    for key_id, usage in wanted:
+        record = records.get(key_id)
+        try:
+            if record is None:
+                raise KeyNotFound(f"no key {key_id}")
+            record.require(usage)
+            record.require_signing()
+        except (KeyNotFound, KeyUsageNotAllowed, KeyRetired, KeyDisabled) as refusal:
+            refusals.append(refusal)
+        else:
+            refusals.append(None)
+    return refusals
 
 
 def signing_keys_with_usage(tx: Tx, usage: Usage) -> list[KeyRecord]:
@@ -532,7 +543,7 @@ class KeyDirectory:
 
     async def to_sign(self, database: Any, key_id: str, usage: Usage) -> KeyRecord:
         """The record of ``key_id`` as cached (read on a miss), checked for ``usage`` and for signing
-        *as cached*: a status changed since is caught by :func:`confirm_signing_in`, which the caller
+        *as cached*: a status changed since is caught by :func:`signing_refusals_in`, which the caller
         must run in the transaction that releases the signature. For a signature whose release is a
         write anyway (a raw signature's audit entry), this saves a read before the HSM is asked.
 

@@ -50,7 +50,7 @@ import structlog
 from gateway import clock
 from gateway.audit import witness
 from gateway.errors import GatewayError
-from gateway.keys import KeyRecord, Usage, active_key_id, key_for_usage
+from gateway.keys import KeyRecord, Usage, active_key_id, key_for_usage, signing_refusals_in
 from gateway.ledger.store import Database, Tx
 from gateway.risk.signals import Signal
 from gateway.signing import Signer, signing_input
@@ -240,36 +240,32 @@ def _nothing_else(tx: Tx) -> None:
 
 @dataclass(frozen=True)
 class _Refused:
-    """What a group's write returns for an entry whose check refused it (written as that refusal)."""
+    """What a group's write answers for an entry whose key may no longer sign (written as that refusal)."""
 
     error: GatewayError
 
 
-def _checked(tx: Tx, entry: AuditEntry, check: Callable[[Tx], object] | None) -> _Refused | None:
-    """Run ``check`` in ``tx``; on a refusal (a 4xx error), turn ``entry`` into it (:meth:`AuditEntry.refuse`).
-    Any other error fails the whole group, as a failing store would."""
-    if check is None:
-        return None
-    try:
-        check(tx)
-    except GatewayError as error:
-        if error.http_status >= 500:
-            raise
-        entry.refuse(error)
-        error.audited_in_transaction = True
-        return _Refused(error)
-    return None
+SignedBy = tuple[str, Usage]
+"""The key (id) and the usage under which it signed what an entry records."""
 
 
-def _appender(group: list[tuple[AuditEntry, Callable[[Tx], object] | None, Callable[[Tx], Any]]],
+def _appender(group: list[tuple[AuditEntry, SignedBy | None, Callable[[Tx], Any]]],
               ) -> Callable[[Tx], tuple[list[int], list[Any]]]:
-    """Check each of the group's entries, append them all (as refusals where their check refused), then
-    run what goes with each one allowed, in one transaction."""
+    """In one transaction: confirm the keys that signed what the group's entries record (one read for all),
+    append every entry — as its refusal where its key may no longer sign — then run what goes with each
+    one allowed."""
 
     def write(tx: Tx) -> tuple[list[int], list[Any]]:
-        refusals = [_checked(tx, entry, check) for entry, check, _ in group]
+        signed = [(index, by) for index, (_, by, _) in enumerate(group) if by is not None]
+        refusals: list[GatewayError | None] = [None] * len(group)
+        for (index, _), refusal in zip(signed, signing_refusals_in(tx, [by for _, by in signed]), strict=True):
+            if refusal is not None:
+                group[index][0].refuse(refusal)
+                refusal.audited_in_transaction = True
+                refusals[index] = refusal
         numbers = append(tx, [entry for entry, _, _ in group])
-        return numbers, [refused or also(tx) for (_, _, also), refused in zip(group, refusals, strict=True)]
+        return numbers, [_Refused(refusal) if refusal is not None else also(tx)
+                         for (_, _, also), refusal in zip(group, refusals, strict=True)]
 
     return write
 
@@ -310,7 +306,7 @@ class AuditLog:
         self._ticker: asyncio.Task[None] | None = None
         self._flush_max = flush_max
         self._key_id = key_id
-        self._pending: list[tuple[AuditEntry, Callable[[Tx], object] | None, Callable[[Tx], Any],
+        self._pending: list[tuple[AuditEntry, SignedBy | None, Callable[[Tx], Any],
                                   asyncio.Future[tuple[int, Any]]]] = []
         self._flushing: asyncio.Task[None] | None = None
         self._checkpointing: asyncio.Task[None] | None = None
@@ -415,16 +411,17 @@ class AuditLog:
         return seq
 
     async def record_with(self, entry: AuditEntry, also: Callable[[Tx], T],
-                          check: Callable[[Tx], object] | None = None) -> tuple[int, T]:
+                          signed_by: SignedBy | None = None) -> tuple[int, T]:
         """Append one entry and run ``also`` in the same transaction (after the group's entries), grouped
         with other entries into one commit. Returns the entry's sequence number and what ``also``
         returned, once committed: what ``also`` writes (an Idempotency-Key answer) is stored exactly
         when the entry is.
 
-        ``check`` (reads only) runs first in that transaction: the place to confirm what may have
-        changed since the caller last looked (a key disabled meanwhile), serialized with every write.
-        If it raises a 4xx :class:`~gateway.errors.GatewayError`, the entry is written as that refusal
-        (:meth:`AuditEntry.refuse`), ``also`` does not run, and the error is raised here once committed,
+        ``signed_by`` names the key (and usage) that signed what the entry records, for a signature that
+        leaves only once this commits: the key is confirmed in that transaction
+        (:func:`~gateway.keys.signing_refusals_in`, one read for the whole group). If it may no longer
+        sign — disabled, retired or gone since the caller looked — the entry is written as that refusal
+        (:meth:`AuditEntry.refuse`), ``also`` does not run, and the refusal is raised here once committed,
         marked ``audited_in_transaction``; the group's other entries are unaffected.
 
         ``also`` shares its transaction with the group's other entries, so it must not fail but for the
@@ -433,10 +430,11 @@ class AuditLog:
 
         Raises:
             StoreUnavailable: the entry could not be written (the caller must not report success).
-            the error ``check`` raised, its refusal committed.
+            KeyNotFound, KeyUsageNotAllowed, KeyRetired, KeyDisabled: ``signed_by`` may no longer sign; the
+                refusal is committed.
         """
         future: asyncio.Future[tuple[int, Any]] = asyncio.get_running_loop().create_future()
-        self._pending.append((entry, check, also, future))
+        self._pending.append((entry, signed_by, also, future))
         if self._flushing is None or self._flushing.done():
             self._flushing = asyncio.create_task(self._flush_loop())
         seq, result = await future
@@ -449,7 +447,7 @@ class AuditLog:
             batch, self._pending = self._pending[: self._flush_max], self._pending[self._flush_max :]
             try:
                 numbers, results = await self._database.write(
-                    _appender([(entry, check, also) for entry, check, also, _ in batch]))
+                    _appender([(entry, by, also) for entry, by, also, _ in batch]))
             except Exception as exc:
                 for *_, future in batch:
                     if not future.done():

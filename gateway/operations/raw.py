@@ -9,11 +9,11 @@ the one-phase *signed record*:
    record: no store read before the HSM); each input fits the key's algorithm (a 32-byte digest for
    ECDSA, at most 64 KiB for Ed25519); at most :data:`MAX_BATCH` inputs;
 2. **sign** through the HSM (a batch is shared between the signer workers);
-3. **one store write**, in the audit log's group commit (:meth:`AuditLog.record_with`): the key's status
-   checked again (:func:`~gateway.keys.confirm_signing_in`), then the audit entry (what was signed, the
-   hash of the signatures) and the Idempotency-Key answer. A key disabled, retired or gone since step 1
-   — by this process or any other — turns the entry into that refusal, with the hash of the signature
-   the HSM made under ``result.withheld``;
+3. **one store write**, in the audit log's group commit (:meth:`AuditLog.record_with`): the key's
+   status checked again (:func:`~gateway.keys.signing_refusals_in`, one read for the group), then the
+   audit entry (what was signed, the hash of the signatures) and the Idempotency-Key answer. A key
+   disabled, retired or gone since step 1 — by this process or any other — turns the entry into that
+   refusal, with the hash of the signature the HSM made under ``result.withheld``;
 4. **answer**, only once that write has committed: no signature leaves without its audit entry, and
    none leaves after its key's disable or rotation committed. Reading the status before signing could
    not promise that: a disable committed between that read and the release would not stop it.
@@ -41,7 +41,7 @@ from gateway.errors import (
     PayloadTooLarge,
     ValidationFailed,
 )
-from gateway.keys import KeyDirectory, KeyRecord, Usage, confirm_signing_in
+from gateway.keys import KeyDirectory, KeyRecord, Usage
 from gateway.ledger.store import Database, Tx
 from gateway.operations import idempotency
 from gateway.operations.idempotency import Answer, IdempotentRequest
@@ -128,11 +128,8 @@ class RawSigning:
         def answer_in(tx: Tx) -> bool:
             return idempotency.answer_unless_present_in(tx, request, answer)
 
-        def confirm_key(tx: Tx) -> None:
-            confirm_signing_in(tx, record.key_id, Usage.RAW)
-
         try:
-            _, recorded = await self.audit.record_with(entry, answer_in, check=confirm_key)
+            _, recorded = await self.audit.record_with(entry, answer_in, signed_by=(record.key_id, Usage.RAW))
         except (KeyNotFound, KeyUsageNotAllowed, KeyRetired, KeyDisabled):
             self.keys.forget(record.key_id)  # its status changed: the next request reads it before signing
             raise

@@ -19,7 +19,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from gateway.audit.chain import GENESIS, AuditEntry, entry_hash
 from gateway.auth.roles import Role
-from gateway.errors import KeyDisabled
+from gateway.errors import KeyDisabled, KeyUsageNotAllowed
+from gateway.keys import Usage
 from gateway.runtime import RUNTIME
 from tests.conftest import Gateway, make_settings, start_gateway
 
@@ -196,13 +197,20 @@ async def test_the_head_is_checkpointed_and_reported_by_time(softhsm_token: Any,
     assert result.returncode == 0, result.stdout + result.stderr
 
 
-async def test_a_refused_check_turns_only_its_own_entry_into_a_refusal(gateway: Gateway) -> None:
+async def test_a_stopped_key_turns_only_its_own_entry_into_a_refusal(gateway: Gateway,
+                                                                     raw_keys: dict[str, Any]) -> None:
     """Threat: one request's late refusal (its key stopped while it signed) either voids the commit of every
     request grouped with it, or leaves nothing in the chain. Three entries go to one group commit; the
-    middle one's check refuses: it is written as that refusal and its own write does not run, while the
+    middle one's key was disabled: it is written as that refusal and its own write does not run, while the
     other two are written as allowed with their writes."""
     runtime = gateway.client.server.app[RUNTIME]
     audit, database = runtime.audit, runtime.database
+    created = await gateway.client.post("/v1/keys", json={"label": "grouped-then-disabled", "algorithm": "ecdsa-p256",
+                                                          "usage": ["raw"]}, headers=gateway.auth(Role.ADMIN))
+    stopped = (await created.json())["key_id"]
+    disabled = await gateway.client.post(f"/v1/keys/{stopped}/disable", headers=gateway.auth(Role.ADMIN))
+    assert disabled.status == 200, await disabled.text()
+    active = raw_keys["p256"]["key_id"]
     ran: list[str] = []
 
     def also(name: str) -> Callable[[Any], str]:
@@ -211,15 +219,11 @@ async def test_a_refused_check_turns_only_its_own_entry_into_a_refusal(gateway: 
             return name
         return write
 
-    def refuse(tx: Any) -> None:
-        assert tx.fetchone("SELECT 1 AS one")["one"] == 1  # it runs inside the group's transaction
-        raise KeyDisabled("key k was disabled at t; it signs nothing")
-
-    entries = [AuditEntry("test", "backend", "keys.sign", "allowed", key_id=name,
-                          result={"signature_sha256": name * 8}) for name in ("a", "b", "c")]
-    outcomes = await asyncio.gather(audit.record_with(entries[0], also("a")),
-                                    audit.record_with(entries[1], also("b"), check=refuse),
-                                    audit.record_with(entries[2], also("c"), check=lambda tx: None),
+    entries = {name: AuditEntry("test", "backend", "keys.sign", "allowed", key_id=name,
+                                result={"signature_sha256": name * 8}) for name in "abc"}
+    outcomes = await asyncio.gather(audit.record_with(entries["a"], also("a"), signed_by=(active, Usage.RAW)),
+                                    audit.record_with(entries["b"], also("b"), signed_by=(stopped, Usage.RAW)),
+                                    audit.record_with(entries["c"], also("c"), signed_by=(active, Usage.RAW)),
                                     return_exceptions=True)
     assert [o[1] for o in outcomes if isinstance(o, tuple)] == ["a", "c"] and ran == ["a", "c"]
     refused = outcomes[1]
@@ -231,6 +235,10 @@ async def test_a_refused_check_turns_only_its_own_entry_into_a_refusal(gateway: 
     assert {row["seq"] for row in rows} == {o[0] for o in outcomes if isinstance(o, tuple)} | {by_key["b"]["seq"]}
     assert json.loads(by_key["b"]["reasons"]) == ["key-disabled"]
     assert json.loads(by_key["b"]["result"])["withheld"] == {"signature_sha256": "b" * 8}
+    # The same key for another usage is refused too: a raw key confirmed as an ``ecny`` signer is not one.
+    with pytest.raises(KeyUsageNotAllowed):
+        await audit.record_with(AuditEntry("test", "backend", "keys.sign", "allowed"), also("d"),
+                                signed_by=(active, Usage.ECNY))
     # The chain stays whole.
     verified = await gateway.client.get("/v1/audit/verify", headers=gateway.auth(Role.AUDITOR))
     assert verified.status == 200 and (await verified.json())["ok"] is True

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import signal
 import subprocess
@@ -24,7 +25,7 @@ import psycopg
 import pytest
 
 from bench.delay_proxy import DelayProxy
-from gateway.audit.chain import CHAIN_LOCK, AuditEntry, append, chain_staged, pending_count
+from gateway.audit.chain import CHAIN_LOCK, AuditEntry, AuditLog, append, chain_staged, pending_count
 from gateway.audit.verify import verify_chain
 from gateway.config import load_settings
 from gateway.errors import (
@@ -35,6 +36,7 @@ from gateway.errors import (
     WalletNotActive,
     WalletNotFound,
 )
+from gateway.keys import KeyStatus, Usage, set_status
 from gateway.ledger import journal
 from gateway.ledger.postgres import PostgresDatabase, lock_key
 from gateway.ledger.store import Tx
@@ -381,6 +383,50 @@ async def test_cash_and_a_load_cost_two_round_trips(postgres_server: PostgresSer
         assert await database.read(journal.check_invariants) == []
         reserve = await database.read(lambda tx: journal.balance(tx, journal.reserve_account(wallet_id)))
         assert reserve == 30_000
+
+
+def raw_key(tx: Tx) -> str:
+    """A raw key record, as `POST /v1/keys` leaves it (nothing signs with it here: the audit log confirms it)."""
+    key_id = os.urandom(16).hex()
+    tx.execute("INSERT INTO keys (key_id, label, algorithm, usages, public_key, created_at, created_by, family_id) "
+               "VALUES (?, ?, 'ecdsa-p256', 'raw', ?, 'now', 'admin', ?)", (key_id, f"raw-{key_id[:8]}",
+                                                                           b"\x04" + os.urandom(64), key_id))
+    return key_id
+
+
+async def test_a_group_of_signatures_confirms_its_keys_in_one_read(postgres_server: PostgresServer) -> None:
+    """A database a network hop away: raw signatures confirm their keys in the group commit that releases
+    them. One read per signature would make a group of 30 wait 30 round trips inside its transaction; the
+    group reads every key at once, so it costs what one signature costs. A key disabled beforehand refuses
+    only its own entries, each written as its refusal."""
+    async with behind_proxy(postgres_server) as (database, proxy):
+        keys = [await database.write(raw_key) for _ in range(3)]
+        await database.write(lambda tx: set_status(tx, keys[2], KeyStatus.DISABLED))
+        audit = AuditLog(database, cast(Any, None), 10**9, 1000, None)  # no checkpoint: its signer is never asked
+
+        def record(n: int) -> Any:
+            return audit.record_with(entry(n, "keys.sign"), lambda tx: n, signed_by=(keys[n % 2], Usage.RAW))
+
+        before = proxy.turns
+        assert (await record(0))[1] == 0
+        alone = proxy.turns - before
+        before = proxy.turns
+        outcomes = await asyncio.gather(*(record(n) for n in range(1, 31)),
+                                        audit.record_with(entry(31, "keys.sign"), lambda tx: 31,
+                                                          signed_by=(keys[2], Usage.RAW)),
+                                        return_exceptions=True)
+        grouped = proxy.turns - before
+        assert alone <= 2 and grouped == alone, (alone, grouped)
+        assert [o[1] for o in outcomes[:30] if isinstance(o, tuple)] == list(range(1, 31))
+        refused = outcomes[30]
+        assert isinstance(refused, KeyDisabled) and refused.audited_in_transaction
+        await audit.chain_pending()
+        rows = await database.read(lambda tx: tx.fetchall(
+            "SELECT decision, reasons FROM audit_log WHERE action = 'keys.sign' ORDER BY seq"))
+        assert [row["decision"] for row in rows] == ["allowed"] * 31 + ["refused"]
+        assert json.loads(rows[-1]["reasons"]) == ["key-disabled"]
+        report = await database.read(verify_chain)
+        assert report.ok and report.pending == 0 and report.entries == 32
 
 
 # --- locks no wider than a wallet ----------------------------------------------------------------------------

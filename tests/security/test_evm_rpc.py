@@ -173,6 +173,35 @@ async def test_json_rpc_approval_is_not_bypassed(rpc_gateway: Gateway) -> None:
     assert refused["data"]["status"] == "rejected"
 
 
+async def test_a_parked_send_is_broadcast_once_when_retried_after_the_approval(rpc_gateway: Gateway,
+                                                                            eth_node: EthTesterNode) -> None:
+    """Threat: eth_sendTransaction above the approval threshold broadcast before a supervisor decides, or —
+    once approved — the client's retry signing and broadcasting a second transaction (another nonce, twice
+    the value). Before the approval nothing reaches the node; the retry after it broadcasts the transaction
+    the approval signed (nonce 0, from the key's address), which the chain mines; one transaction row."""
+    gw = rpc_gateway
+    key = await new_key(gw, f"rpc-send-approval-{secrets.token_hex(3)}", "evm")
+    eth_node.reset({key["address"]: 200 * 10**18})
+    big = legacy(key["address"], value=150 * 10**18)
+    error = error_of(await rpc(gw, "eth_sendTransaction", [big], call_id="send-big"), -32010, "evm-approval-pending")
+    approval_id = error["data"]["approval_id"]
+    again = error_of(await rpc(gw, "eth_sendTransaction", [big], call_id="send-big"), -32010, "evm-approval-pending")
+    assert again["data"]["approval_id"] == approval_id  # the retry is the same parked transaction
+    assert "eth_sendRawTransaction" not in eth_node.calls
+    shown = await (await gw.client.get(f"/v1/approvals/{approval_id}", headers=gw.auth(Role.SUPERVISOR))).json()
+    decided = await gw.client.post(f"/v1/approvals/{approval_id}/approve",
+                                   json={"payload_hash": shown["payload_hash"], "note": "checked"},
+                                   headers=await login(gw, "supervisor1"))
+    assert decided.status == 200, await decided.text()
+    sent = await rpc(gw, "eth_sendTransaction", [big], call_id="send-big")
+    assert "result" in sent, sent
+    mined = eth_node.chain.get_transaction_by_hash(sent["result"])
+    assert (mined["nonce"], mined["value"], mined["from"].lower()) == (0, 150 * 10**18, key["address"].lower())
+    assert eth_node.chain.get_transaction_receipt(sent["result"])["status"] == 1
+    assert eth_node.calls.count("eth_sendRawTransaction") == 1
+    assert [(row["nonce"], row["status"]) for row in await _transactions(gw, key)] == [(0, "signed")]
+
+
 async def test_transaction_objects_are_read_strictly(rpc_gateway: Gateway) -> None:
     """A transaction object with fields the gateway would not sign (an access list, an EIP-7702
     authorisation, blob hashes), an ambiguous quantity ("21000" decimal, a JSON number), another

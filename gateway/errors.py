@@ -729,6 +729,15 @@ class DeviceNotFound(NotFound):
     title = "Device not found"
 
 
+class IssuerNotEndorsed(Conflict):
+    """A device's new certificate would come from a voucher key that no endorsement chain reaches from the
+    key the device pins (that key was disabled, or the new one adopted): the device would refuse it.
+    Provision the device again (a new registration)."""
+
+    code = "issuer-not-endorsed"
+    title = "No endorsement leads from the device's issuer to the voucher key"
+
+
 class DeviceNotActive(PolicyRefused):
     """The device is frozen, revoked or unloaded, or its certificate has expired."""
 

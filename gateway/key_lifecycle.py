@@ -3,6 +3,13 @@
 Each change is recorded with its audit entry in one store transaction. A key of a single-active usage
 (``ecny``, ``voucher``, ``audit``) takes that usage over when it is stored, whichever way it came
 (generated, rotated or adopted): the usage always has exactly one active key (``gateway.keys``).
+
+A generated or rotated key that takes the ``voucher`` usage over from an active key is *endorsed* by
+it: the outgoing key signs the hand-over (:class:`gateway.schemes.offline.Endorsement`) while it may
+still sign, and the endorsement is stored with the new key. Hard wallets pin the key that certified
+them and move to another only along such endorsements. A disabled key endorses nothing (it may be
+compromised), nor does an adopted key get an endorsement: devices certified under the key it replaces
+are provisioned again.
 """
 
 from __future__ import annotations
@@ -12,6 +19,7 @@ from typing import Any, Protocol
 
 from cryptography.hazmat.primitives import serialization
 
+from gateway import clock
 from gateway.audit.chain import AuditEntry, append
 from gateway.errors import AlreadyExists, Conflict, KeyNotAdoptable, ValidationFailed
 from gateway.hsm.profile import HsmProfile
@@ -21,6 +29,7 @@ from gateway.keys import (
     KeyRecord,
     KeyStatus,
     Usage,
+    active_key_id,
     check_usages,
     family_versions,
     get_key,
@@ -29,8 +38,10 @@ from gateway.keys import (
     make_record,
     new_key_id,
     set_status,
+    sign1_with_profile,
 )
 from gateway.ledger.store import Database, Tx
+from gateway.schemes import offline
 from gateway.signing import Algorithm, Signer, cryptography_public_key
 
 #: Bytes of a gateway key id, which is also the key's CKA_ID in the token.
@@ -72,16 +83,42 @@ async def generate_key(
     record = make_record(key_id, label, algorithm, usages, public_key, entry.actor)
     entry.key_id = key_id
     entry.result = {"key_id": key_id, "label": label, "algorithm": algorithm.value, "usage": sorted(usages)}
+    endorsement = await _endorsement_of(database, signer, profile, record)
 
-    await database.write(lambda tx: _store_new(tx, record, entry))
+    await database.write(lambda tx: _store_new(tx, record, entry, endorsement))
     return _signing_now(record, entry)
 
 
-def _store_new(tx: Tx, record: KeyRecord, entry: AuditEntry) -> None:
-    """Insert a new key and its audit entry; ``takes_over`` in the entry names the usages it took over."""
+async def _endorsement_of(database: Database, signer: Signer, profile: HsmProfile,
+                          record: KeyRecord) -> tuple[str, bytes] | None:
+    """When ``record`` (made, not stored yet) takes the ``voucher`` usage over: the outgoing key's id and its
+    endorsement of ``record`` (a COSE_Sign1 from the HSM), signed now, while it may still sign. None when
+    there is no outgoing key that may sign (the first voucher key; a disabled or retired one)."""
+    if Usage.VOUCHER not in record.usages or record.algorithm is not Algorithm.ECDSA_P256:
+        return None
+
+    def outgoing(tx: Tx) -> KeyRecord | None:
+        key_id = active_key_id(tx, Usage.VOUCHER)
+        return None if key_id is None else get_key(tx, key_id)
+
+    old = await database.read(outgoing)
+    if old is None or old.status is not KeyStatus.ACTIVE or old.algorithm is not Algorithm.ECDSA_P256:
+        return None
+    payload = offline.Endorsement(old.public_key, record.public_key, int(clock.now().timestamp() * 1000)).payload()
+    return old.key_id, await sign1_with_profile(signer, profile, old, payload)
+
+
+def _store_new(tx: Tx, record: KeyRecord, entry: AuditEntry, endorsement: tuple[str, bytes] | None = None) -> None:
+    """Insert a new key and its audit entry; ``takes_over`` in the entry names the usages it took over. The
+    endorsement is stored only if its signer is the key the ``voucher`` usage was taken over from here (not
+    when another change of the usage committed meanwhile)."""
     taken = insert_key(tx, record)
     if taken:
         entry.result["takes_over"] = taken
+    if endorsement is not None and taken.get(Usage.VOUCHER.value) == endorsement[0]:
+        tx.execute("INSERT INTO issuer_endorsements (new_key_id, old_key_id, endorsement, created_at) "
+                   "VALUES (?, ?, ?, ?)", (record.key_id, endorsement[0], endorsement[1], clock.now_iso()))
+        entry.result["endorsed_by"] = endorsement[0]
     append(tx, [entry])
 
 
@@ -126,6 +163,7 @@ async def rotate_key(database: Database, signer: Signer, profile: HsmProfile, ke
     entry.key_id = new_id
     entry.result = {"key_id": new_id, "family_id": latest.family, "version": version,
                     "previous_key_id": latest.key_id, "label": label, "usage": sorted(latest.usages)}
+    endorsement = await _endorsement_of(database, signer, profile, record)
 
     def store(tx: Tx) -> None:
         tx.lock(f"key-family:{latest.family}")
@@ -139,7 +177,7 @@ async def rotate_key(database: Database, signer: Signer, profile: HsmProfile, ke
                 set_status(tx, older.key_id, KeyStatus.RETIRED, only_from=KeyStatus.ACTIVE)
                 retired.append(older.key_id)
         entry.result["retired"] = retired
-        _store_new(tx, record, entry)
+        _store_new(tx, record, entry, endorsement)
 
     await database.write(store)
     return _signing_now(record, entry)

@@ -562,6 +562,13 @@ class GatewayClient:
             idempotency_key=idempotency_key)
         return Registration(_b64(document.get("certificate")), _str(document, "issuer_public_key_pem"), document)
 
+    async def recertify_device(self, device_id: str) -> Registration:
+        """A new certificate under the voucher key that signs now, with the endorsements the device needs."""
+        document = await self._json("POST", f"/v1/devices/{device_id}/certificate")
+        endorsements = document.get("endorsements")
+        return Registration(_b64(document.get("certificate")), _str(document, "issuer_public_key_pem"), document,
+                            tuple(_b64(item) for item in endorsements) if isinstance(endorsements, list) else ())
+
     async def load_device(self, device_id: str, amount_fen: int, idempotency_key: str) -> LoadVoucher | Approval:
         """The signed voucher — or, above the load thresholds, the approval the load now waits for
         (nothing moved yet; the voucher comes with the approval's result once a second person approves)."""

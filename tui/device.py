@@ -59,7 +59,8 @@ class Link(Protocol):
 
     def info(self) -> dict[str, Any]: ...
 
-    def certify(self, certificate: bytes, issuer_key_pem: str) -> dict[str, Any]: ...
+    def certify(self, certificate: bytes, issuer_key_pem: str, endorsements: list[bytes] | None = None,
+                ) -> dict[str, Any]: ...
 
     def load(self, voucher: bytes) -> dict[str, Any]: ...
 
@@ -120,8 +121,9 @@ class DeviceSession:
             certified=bool(answer.get("certified")), raw=answer,
         )
 
-    async def install_certificate(self, certificate: bytes, issuer_key_pem: str) -> None:
-        await self._run("certify", self._link.certify, certificate, issuer_key_pem)
+    async def install_certificate(self, certificate: bytes, issuer_key_pem: str,
+                                  endorsements: tuple[bytes, ...] = ()) -> None:
+        await self._run("certify", self._link.certify, certificate, issuer_key_pem, list(endorsements))
 
     async def load(self, voucher: bytes) -> dict[str, Any]:
         return await self._run("load", self._link.load, voucher)

@@ -176,6 +176,8 @@ class Registration:
     certificate: bytes
     issuer_key_pem: str
     document: dict[str, Any] = field(repr=False, compare=False)
+    endorsements: tuple[bytes, ...] = ()
+    """A re-certification's: the endorsements from the key the device pins to the certificate's issuer."""
 
 
 @dataclass(frozen=True)

@@ -57,6 +57,13 @@ class DeviceDocument(_Body):
     updated_at: str
 
 
+class RecertifiedDevice(DeviceDocument):
+    endorsements: list[str] = Field(
+        description="Base64 tagged COSE_Sign1 endorsements, oldest first, from the voucher key the device pins "
+                    "to the certificate's issuer (empty when it is the same key): give them to the device with "
+                    "the certificate (`certify`)")
+
+
 class LoadRequest(_Body):
     amount_fen: Fen
 

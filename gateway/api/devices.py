@@ -19,6 +19,7 @@ from gateway.api.device_models import (
     DiscrepancyList,
     LoadDocument,
     LoadRequest,
+    RecertifiedDevice,
     ResolveRequest,
     RevokeRequest,
     SyncReport,
@@ -100,6 +101,11 @@ async def unload(call: Call) -> web.Response:
         return idempotency.respond_in(tx, call, devices.unload_in(tx, device_id, statement, entry))
 
     return idempotency.json_body(await call.runtime.database.write(work))
+
+
+async def recertify(call: Call) -> web.Response:
+    entry = call.audit_entry("devices.recertify", decision="allowed")
+    return json_response(await Devices.of(call.runtime).recertify(_device_id(call), entry))
 
 
 async def revoke(call: Call) -> web.Response:
@@ -194,6 +200,12 @@ ENDPOINTS = [
              Permission.DEVICES_OPERATE, "devices", request_model=UnloadRequest, response_model=UnloadResult,
              idempotency="optional", audited_action="devices.unload",
              responses={422: "Statement signature invalid or device not active"}),
+    Endpoint("POST", DEVICE + "/certificate", recertify,
+             "Certify a hard wallet again under the voucher key that signs now (after a rotation), with the "
+             "endorsements that lead the device from the key it pins", Permission.DEVICES_OPERATE, "devices",
+             response_model=RecertifiedDevice, audited_action="devices.recertify",
+             responses={404: "No such device", 409: "No endorsement leads from the device's issuer to the voucher key",
+                        422: "Device or wallet not active"}),
     Endpoint("POST", DEVICE + "/revoke", revoke, "Revoke a hard wallet (supervisor)", Permission.DEVICES_REVOKE,
              "devices", request_model=RevokeRequest, response_model=DeviceDocument, idempotency="optional",
              audited_action="devices.revoke", responses={422: "Already revoked or unloaded"}),

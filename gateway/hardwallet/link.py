@@ -143,8 +143,11 @@ class DeviceLink:
     def info(self) -> dict[str, Any]:
         return self.call("info")
 
-    def certify(self, certificate: bytes, issuer_key_pem: str) -> dict[str, Any]:
-        return self.call("certify", certificate=certificate, issuer_key=issuer_key_pem)
+    def certify(self, certificate: bytes, issuer_key_pem: str, endorsements: list[bytes] | None = None,
+                ) -> dict[str, Any]:
+        """Install a certificate; ``endorsements`` (oldest first) when its issuer is not the pinned one."""
+        return self.call("certify", certificate=certificate, issuer_key=issuer_key_pem,
+                         endorsements=list(endorsements or ()))
 
     def load(self, voucher: bytes, **simulator_options: Any) -> dict[str, Any]:
         return self.call("load", voucher=voucher, **simulator_options)

@@ -24,7 +24,7 @@ RESERVED = frozenset({"v", "id", "op", "ok", "error"})
 
 OPERATIONS: dict[str, str] = {
     "info": "identity, certificate state, balance, counters",
-    "certify": "install the gateway's certificate and pin the issuer key",
+    "certify": "install the gateway's certificate and pin the issuer key (another issuer: with endorsements)",
     "load": "load a voucher (offline value)",
     "export_log": "the device-signed log export, in chunks from an offset",
     "ack_log": "forget payments and receipts the gateway acknowledged (HSM-signed ack)",

@@ -173,7 +173,8 @@ class SimulatedDevice:
         if request.op == "info":
             return self.info()
         if request.op == "certify":
-            return self.certify(_bytes(arguments, "certificate"), _text(arguments, "issuer_key"))
+            return self.certify(_bytes(arguments, "certificate"), _text(arguments, "issuer_key"),
+                                _byte_list(arguments, "endorsements"))
         if request.op == "load":
             return self.load(_bytes(arguments, "voucher"), misbehave=_mode(arguments))
         if request.op == "export_log":
@@ -213,7 +214,13 @@ class SimulatedDevice:
             "protocol": PROTOCOL_VERSION, "simulator": True,
         }
 
-    def certify(self, certificate: bytes, issuer_key_pem: str) -> dict[str, Any]:
+    def certify(self, certificate: bytes, issuer_key_pem: str, endorsements: list[bytes] | None = None,
+                ) -> dict[str, Any]:
+        """Install a certificate and pin its issuer key. The first certificate is taken on trust (the
+        device is provisioned in the bank); from then on another issuer's certificate is taken only with
+        ``endorsements`` leading from the pinned key to it (:func:`gateway.schemes.offline.endorsed`): a
+        certificate of the pinned issuer renews, and whoever holds the serial link cannot re-pin the
+        device to a key of their own."""
         issuer = offline.point_from_pem(issuer_key_pem)
         message = offline.open_envelope(certificate)
         if not offline.verify_es256(message, issuer):
@@ -222,6 +229,10 @@ class SimulatedDevice:
         parsed = offline.parse_certificate(message.payload)
         if parsed.device_id != self.state.device_id or parsed.pub != self.point:
             raise DeviceRefused("the certificate is for another device or key", device_code="bad-certificate")
+        if self._issuer is not None and issuer != self._issuer and not offline.endorsed(
+                self._issuer, issuer, list(endorsements or ())):
+            raise DeviceRefused("the certificate's issuer is not the key this device pins, and no endorsement "
+                                "by that key leads to it", device_code="issuer-not-endorsed")
         self.state.certificate, self.state.issuer_key_pem = certificate.hex(), issuer_key_pem
         self._certificate, self._issuer = parsed, issuer
         self.save()
@@ -390,6 +401,14 @@ def _bytes(arguments: dict[str, Any], name: str) -> bytes:
     if not isinstance(value, bytes):
         raise OfflineFormatError(f"{name} must be a byte string")
     return value
+
+
+def _byte_list(arguments: dict[str, Any], name: str) -> list[bytes]:
+    """An optional array of byte strings (at most 16: a chain of hand-overs, not a payload)."""
+    value = arguments.get(name, [])
+    if not isinstance(value, list | tuple) or len(value) > 16 or not all(isinstance(item, bytes) for item in value):
+        raise OfflineFormatError(f"{name} must be an array of at most 16 byte strings")
+    return list(value)
 
 
 def _text(arguments: dict[str, Any], name: str) -> str:

@@ -32,6 +32,7 @@ from gateway.audit.chain import AuditEntry, append
 from gateway.config import ApprovalSettings
 from gateway.errors import (
     AlreadyExists,
+    Conflict,
     DeviceNotActive,
     DeviceNotFound,
     DeviceSyncRequired,
@@ -40,6 +41,7 @@ from gateway.errors import (
     HonourAboveCap,
     InsufficientFunds,
     InvalidDeviceSignature,
+    IssuerNotEndorsed,
     KeyNotFound,
     LimitExceeded,
     NotFound,
@@ -89,6 +91,29 @@ def device_row(tx: Tx, device_id: str) -> Any:
     if row is None:
         raise DeviceNotFound(f"no device {device_id[:64]!r}")
     return row
+
+
+def endorsement_chain(tx: Tx, pinned_kid: str, issuer_kid: str) -> list[bytes]:
+    """The endorsements (oldest first) from the voucher key ``pinned_kid`` to ``issuer_kid`` (none when they
+    are the same key). Each key endorsed at most one successor, so the chain is a walk, at most as long as
+    the keys are many.
+
+    Raises:
+        IssuerNotEndorsed: the walk does not reach ``issuer_kid``.
+    """
+    chain: list[bytes] = []
+    reached, seen = pinned_kid, {pinned_kid}
+    while reached != issuer_kid:
+        row = tx.fetchone("SELECT new_key_id, endorsement FROM issuer_endorsements WHERE old_key_id = ?", (reached,))
+        if row is None or row["new_key_id"] in seen:
+            raise IssuerNotEndorsed(
+                f"the device pins voucher key {pinned_kid}; no endorsement leads from it to the voucher key "
+                f"{issuer_kid} (a disabled key endorses nothing; an adopted key has no endorsement): provision "
+                "the device again")
+        chain.append(bytes(row["endorsement"]))
+        reached = str(row["new_key_id"])
+        seen.add(reached)
+    return chain
 
 
 def device_document(row: Any, issuer_pem: str | None = None) -> dict[str, Any]:
@@ -249,6 +274,56 @@ class Devices:
                         "tier": certificate.tier, "certificate_exp_ms": certificate.exp}
         append(tx, [entry])
         return device_row(tx, certificate.device_id)
+
+    # --- re-certification --------------------------------------------------------------------------
+
+    async def recertify(self, device_id: str, entry: AuditEntry) -> dict[str, Any]:
+        """A new certificate for a registered, active device under the voucher key that signs now — after a
+        rotation, or to renew one — with the endorsements (oldest first) that lead a device pinning its
+        present issuer to that key (:func:`gateway.schemes.offline.endorsed`; none for the same key). The
+        shape of :meth:`register`: checked (the chain first: a device that would refuse the certificate
+        gets none) and signed, then one write — the device's certificate, its audit entry — rechecked
+        under the device and wallet locks. Nothing changes on the device until it is given the answer.
+
+        Raises:
+            DeviceNotFound; DeviceNotActive (frozen, revoked or unloaded); WalletNotActive;
+            IssuerNotEndorsed (no chain from the device's issuer to the voucher key); KeyDisabled (the
+            voucher key may not sign).
+        """
+        device = await self.database.read(lambda tx: device_row(tx, device_id))
+        if device["status"] != "active":
+            raise DeviceNotActive(f"device {device_id} is {device['status']}", [f"device-{device['status']}"])
+        key = await self.voucher_key()
+        chain = await self.database.read(lambda tx: endorsement_chain(tx, str(device["kid"]), key.key_id))
+        certificate, envelope, kid = await self.certificate_for(
+            device_id, str(device["wallet_id"]), offline.pem_from_point(bytes(device["public_key"])))
+        if kid != key.key_id:  # the chain leads to the key read above; a rotation came in between
+            raise Conflict(f"the voucher key changed while device {device_id} was certified; retry")
+        issuer = await self.issuer_pem(kid)
+
+        def record(tx: Tx) -> dict[str, Any]:
+            tx.lock(f"device:{device_id}")
+            tx.lock(f"wallet:{certificate.wallet_id}")
+            current = device_row(tx, device_id)
+            if current["status"] != "active":
+                raise DeviceNotActive(f"device {device_id} is {current['status']}", [f"device-{current['status']}"])
+            if current["kid"] != device["kid"] or current["wallet_id"] != certificate.wallet_id:
+                raise Conflict(f"device {device_id} was certified again meanwhile; retry")
+            if int(load_wallet(tx, certificate.wallet_id)["tier"]) != certificate.tier:
+                raise ValidationFailed("the wallet's tier changed while the certificate was signed; retry")
+            caps = certificate.caps
+            tx.execute("UPDATE devices SET tier = ?, cap_per_payment = ?, cap_balance = ?, cap_payments_per_sync = ?, "
+                       "cert_iat = ?, cert_exp = ?, certificate = ?, kid = ?, updated_at = ? WHERE device_id = ?",
+                       (certificate.tier, caps.per_payment, caps.balance, caps.payments_per_sync, certificate.iat,
+                        certificate.exp, envelope, kid, clock.now_iso(), device_id))
+            entry.key_id = kid
+            entry.result = {"device_id": device_id, "previous_kid": current["kid"], "kid": kid,
+                            "endorsements": len(chain), "certificate_exp_ms": certificate.exp}
+            append(tx, [entry])
+            return {**device_document(device_row(tx, device_id), issuer),
+                    "endorsements": [base64.b64encode(item).decode() for item in chain]}
+
+        return await self.database.write(record)
 
     # --- loads ------------------------------------------------------------------------------
 

@@ -12,6 +12,9 @@ version ``v`` and a ``type``, so that a signature over one kind of record can ne
 - ``export`` (device key): the device's log since its last acknowledgement
 - ``unload`` (device key): the device's final statement
 - ``ack`` (HSM, ``voucher`` key): the gateway has recorded the device's log up to a counter
+- ``endorsement`` (HSM, the outgoing ``voucher`` key): {old: COSE_Key, new: COSE_Key, iat} — the voucher
+  key a device pins names its successor; a certified device takes a certificate from another issuer
+  only through a chain of these from the one it pins (:func:`endorsed`)
 
 Times are milliseconds since the Unix epoch; amounts are integers in fen. The hash of a payment —
 its identity, and what the next payment's ``prev`` names — is SHA-256 of the payment's payload
@@ -285,6 +288,42 @@ def parse_voucher(payload: bytes) -> Voucher:
     claims = claims_of(payload, "voucher")
     return Voucher(text(claims, "device_id"), uint(claims, "load_seq", 1), uint(claims, "amount", 1),
                    uint(claims, "iat"), uint(claims, "exp"))
+
+
+@dataclass(frozen=True)
+class Endorsement:
+    """The voucher key's hand-over, signed by the outgoing key ``old``: ``new`` issues from now on."""
+
+    old: bytes  # uncompressed P-256 points
+    new: bytes
+    iat: int
+
+    def payload(self) -> bytes:
+        return encode({"v": FORMAT_VERSION, "type": "endorsement", "old": cose_key(self.old),
+                       "new": cose_key(self.new), "iat": self.iat})
+
+
+def parse_endorsement(payload: bytes) -> Endorsement:
+    claims = claims_of(payload, "endorsement")
+    return Endorsement(point_from_cose_key(claims.get("old")), point_from_cose_key(claims.get("new")),
+                       uint(claims, "iat"))
+
+
+def endorsed(pinned: bytes, issuer: bytes, endorsements: list[bytes]) -> bool:
+    """Whether ``endorsements`` (COSE_Sign1 envelopes, oldest first) lead from the ``pinned`` issuer key to
+    ``issuer``: each signed by the key reached so far and naming it as ``old``. No endorsement leads from
+    a key to itself; anything malformed leads nowhere."""
+    reached = pinned
+    for envelope in endorsements:
+        try:
+            message = open_envelope(envelope)
+            endorsement = parse_endorsement(message.payload)
+        except OfflineFormatError:
+            return False
+        if endorsement.old != reached or not verify_es256(message, reached):
+            return False
+        reached = endorsement.new
+    return reached == issuer
 
 
 class Payment(NamedTuple):

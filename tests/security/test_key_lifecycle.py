@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import secrets
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -25,12 +26,14 @@ from pycose.keys import CoseKey
 from pycose.messages import Sign1Message
 
 from gateway.auth.roles import Role
+from gateway.errors import DeviceRefused
 from gateway.hardwallet.simulator import SimulatedDevice
 from gateway.runtime import RUNTIME
+from gateway.schemes import offline
 from gateway.signing import Signer
 from tests.api.support import assert_problem, audit_entries, audit_head
 from tests.conftest import Gateway
-from tests.device.flows import idem, issue_load, open_wallet, register, verify_with_pycose
+from tests.device.flows import idem, issue_load, load, open_wallet, register, verify_with_pycose
 
 pytestmark = pytest.mark.softhsm
 
@@ -321,6 +324,106 @@ async def test_disabling_the_active_voucher_key_stops_the_usage_until_it_is_rota
     document = await register(gw, SimulatedDevice.create(), wallet_id)
     assert document["kid"] == new["key_id"]
     assert (await key_doc(gw, key["key_id"]))["status"] == "disabled"  # a rotation does not revive it
+
+
+async def voucher_holder(gw: Gateway) -> dict[str, Any]:
+    """The key that signs vouchers and certificates now (made if there is none)."""
+    keys = (await (await gw.client.get("/v1/keys", headers=gw.auth(Role.ADMIN))).json())["keys"]
+    holders = [key for key in keys if "voucher" in key["active_for"]]
+    return holders[0] if holders else await make_key(gw, ["voucher"])
+
+
+async def recertify(gw: Gateway, device_id: str) -> Any:
+    return await gw.client.post(f"/v1/devices/{device_id}/certificate", headers=gw.auth(Role.TELLER))
+
+
+def rogue_issuer() -> tuple[ec.EllipticCurvePrivateKey, bytes, str]:
+    """An insider's own P-256 key, posing as a voucher key: (private key, point, PEM)."""
+    private = ec.generate_private_key(ec.SECP256R1())
+    point = private.public_key().public_bytes(serialization.Encoding.X962, serialization.PublicFormat.UncompressedPoint)
+    return private, point, offline.pem_from_point(point)
+
+
+async def test_a_device_follows_a_voucher_key_rotation_only_along_the_old_keys_endorsement(gw: Gateway) -> None:
+    """Threat: after a voucher-key rotation the devices are stranded (they refuse every new voucher), or
+    whoever holds a device's serial link re-pins it to a key of their own and loads vouchers they signed.
+    The outgoing key endorses its successor at the rotation; re-certification hands the device the new
+    certificate with that endorsement, and the device takes no other issuer."""
+    first = await voucher_holder(gw)
+    wallet_id = await open_wallet(gw, 1, 100_000)
+    device = SimulatedDevice.create()
+    await register(gw, device, wallet_id)
+    await load(gw, device, 1_000)
+    head = await audit_head(gw)
+    middle = await rotate(gw, first["key_id"])  # two rotations before the device comes back
+    new = await rotate(gw, middle["key_id"])
+    rotations = [e for e in await audit_entries(gw, head) if e["action"] == "keys.rotate"]
+    assert [e["result"]["endorsed_by"] for e in rotations] == [first["key_id"], middle["key_id"]]
+    answer = await recertify(gw, device.state.device_id)
+    assert answer.status == 200, await answer.text()
+    document = await answer.json()
+    assert document["kid"] == new["key_id"] and document["issuer_public_key_pem"] == new["public_key_pem"]
+    certificate = base64.b64decode(document["certificate"])
+    chain = [base64.b64decode(item) for item in document["endorsements"]]
+    assert len(chain) == 2
+    # An independent reading of the endorsements: pycose verifies each with its outgoing key alone, and
+    # each names the next key as the successor.
+    for endorsement, old, successor in zip(chain, (first, middle), (middle, new), strict=True):
+        claims = verify_with_pycose(endorsement, old["public_key_pem"])
+        assert claims["type"] == "endorsement"
+        assert offline.point_from_cose_key(claims["old"]) == offline.point_from_pem(old["public_key_pem"])
+        assert offline.point_from_cose_key(claims["new"]) == offline.point_from_pem(successor["public_key_pem"])
+    # The attacks, each refused by the device: the new key's certificate without the endorsements, with
+    # half of them or with them out of order; an insider's own issuer with no endorsement, with one it
+    # signed itself, with one posing as the old key's, and with the genuine chain (which leads to the new
+    # key, not to theirs), even followed by their own.
+    private, point, pem = rogue_issuer()
+    now = int(time.time() * 1000)
+    caps = offline.Caps(1_000_000, 1_000_000, 100)
+    rogue_certificate = offline.device_sign1(private, b"rogue", offline.Certificate(
+        device.state.device_id, wallet_id, device.point, 1, caps, now, now + 86_400_000).payload())
+    self_endorsed = offline.device_sign1(private, b"rogue", offline.Endorsement(point, point, now).payload())
+    posing = offline.device_sign1(private, b"rogue", offline.Endorsement(
+        offline.point_from_pem(first["public_key_pem"]), point, now).payload())
+    for attempt, issuer, endorsements in ((certificate, new["public_key_pem"], []),
+                                          (certificate, new["public_key_pem"], chain[:1]),
+                                          (certificate, new["public_key_pem"], chain[::-1]),
+                                          (rogue_certificate, pem, []), (rogue_certificate, pem, [self_endorsed]),
+                                          (rogue_certificate, pem, [posing]), (rogue_certificate, pem, chain),
+                                          (rogue_certificate, pem, [*chain, self_endorsed])):
+        with pytest.raises(DeviceRefused) as refused:
+            device.certify(attempt, issuer, endorsements)
+        assert refused.value.extra["device_code"] == "issuer-not-endorsed"
+    # Positive control: the genuine certificate with the genuine chain; a voucher from the new key loads.
+    device.certify(certificate, document["issuer_public_key_pem"], chain)
+    await load(gw, device, 500)
+    assert device.balance == 1_500
+    recorded = [e for e in await audit_entries(gw, head) if e["action"] == "devices.recertify"]
+    assert [(e["result"]["previous_kid"], e["result"]["kid"], e["result"]["endorsements"]) for e in recorded] == [
+        (first["key_id"], new["key_id"], 2)]
+    # A renewal under the same key needs no endorsement.
+    again = await (await recertify(gw, device.state.device_id)).json()
+    assert again["kid"] == new["key_id"] and again["endorsements"] == []
+    device.certify(base64.b64decode(again["certificate"]), again["issuer_public_key_pem"])
+
+
+async def test_a_disabled_voucher_key_endorses_nothing(gw: Gateway) -> None:
+    """Threat: a voucher key disabled as compromised still hands its devices over (whoever stole it could
+    then endorse a key of their own). Its successor comes with no endorsement: re-certifying a device it
+    certified is refused (409), and such a device is provisioned again."""
+    key = await voucher_holder(gw)
+    wallet_id = await open_wallet(gw, 1)
+    device = SimulatedDevice.create()
+    await register(gw, device, wallet_id)
+    assert (await gw.client.post(f"/v1/keys/{key['key_id']}/disable", headers=gw.auth(Role.ADMIN))).status == 200
+    head = await audit_head(gw)
+    successor = await rotate(gw, key["key_id"])
+    rotation = [e for e in await audit_entries(gw, head) if e["action"] == "keys.rotate"][-1]
+    assert "endorsed_by" not in rotation["result"]
+    problem = await assert_problem(await recertify(gw, device.state.device_id), 409, "issuer-not-endorsed")
+    assert key["key_id"] in problem["detail"] and successor["key_id"] in problem["detail"]
+    # Unknown and stopped devices are refused as such.
+    await assert_problem(await recertify(gw, "no-such-device"), 404, "device-not-found")
 
 
 async def test_rotate_and_disable_need_the_key_admin(gw: Gateway) -> None:

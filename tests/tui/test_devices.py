@@ -184,3 +184,48 @@ async def test_a_load_over_the_daily_aggregate_shows_pending_approval(tui_gatewa
     finally:
         stop.set()
         thread.join(timeout=5)
+
+
+async def test_a_teller_certifies_a_hard_wallet_again_after_a_voucher_key_rotation(tui_gateway: Gateway) -> None:
+    """After the voucher key is rotated, the device refuses every new voucher until it is certified again:
+    the teller does it from the palette's "Certify again" (key e), the device takes the new certificate with
+    the outgoing key's endorsement over its serial link, and a load under the new key lands on it."""
+    from tests.device.flows import register
+
+    wallet_id = await new_wallet(tui_gateway, "Rotated Issuer", tier=2, cash=50_000)
+    device = SimulatedDevice.create(device_id="sim-tui-recertify")
+    await register(tui_gateway, device, wallet_id)
+    pinned = device.state.issuer_key_pem
+    keys = (await api(tui_gateway, "GET", "/v1/keys", role=Role.ADMIN))["keys"]
+    (voucher,) = [key for key in keys if "voucher" in key["active_for"]]
+    rotated = await api(tui_gateway, "POST", f"/v1/keys/{voucher['key_id']}/rotate", role=Role.ADMIN)
+    path, stop, thread = start_in_thread(device)
+    try:
+        app = teller_app(tui_gateway)
+        async with app.run_test(size=(80, 24)) as pilot:
+            await login(pilot, "teller1")
+            await pilot.press("h")
+            await wait_for(pilot, lambda: isinstance(app.screen, DevicesScreen))
+            app.screen.query_one("#port-path").focus()
+            await type_text(pilot, path)
+            await pilot.press("enter")
+            await wait_for(pilot, lambda: "sim-tui-recertify" in screen_text(app), what="device info")
+            app.screen.query_one("#ports-table").focus()
+            await pilot.press("e")
+            await wait_for(pilot, lambda: "Certify this hard wallet again?" in screen_text(app))
+            await pilot.press("y")
+            await wait_for(pilot, lambda: has_notification(app, "Certified sim-tui-recertify again"),
+                           what="re-certification")
+            await pilot.press("l")
+            await wait_for(pilot, lambda: app.screen.query("#field-amount"))
+            await type_text(pilot, "100")
+            await pilot.press("enter")
+            await wait_for(pilot, lambda: "Load ¥100.00?" in screen_text(app))
+            await pilot.press("y")
+            await wait_for(pilot, lambda: "Offline  ¥100.00" in screen_text(app), what="device balance")
+    finally:
+        stop.set()
+        thread.join(timeout=5)
+    assert device.state.issuer_key_pem == rotated["public_key_pem"] != pinned
+    record = await api(tui_gateway, "GET", f"/v1/devices/{device.state.device_id}")
+    assert record["kid"] == rotated["key_id"]

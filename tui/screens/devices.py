@@ -40,6 +40,7 @@ class DevicesScreen(TellerScreen):
     BINDINGS: ClassVar[list[BindingType]] = [
         Binding("c", "connect", "Connect"),
         Binding("g", "register", "Register"),
+        Binding("e", "recertify", "Certify again", show=False),  # a rare act: in the palette, not the footer
         Binding("l", "load", "Load"),
         Binding("s", "sync", "Sync"),
         Binding("x", "unload", "Unload"),
@@ -48,6 +49,8 @@ class DevicesScreen(TellerScreen):
     COMMANDS_HERE: ClassVar[tuple[tuple[str, str, str], ...]] = (
         ("Connect to the hard wallet", "Open the port and read the device", "connect"),
         ("Register the hard wallet", "Bind it to a wallet with an HSM-signed certificate", "register"),
+        ("Certify the hard wallet again", "A new certificate under today's voucher key (after a rotation)",
+         "recertify"),
         ("Load the hard wallet", "Move value from the wallet to the device", "load"),
         ("Sync the hard wallet", "Upload its offline payment log for reconciliation", "sync"),
         ("Unload the hard wallet", "Final statement: its value goes back to the wallet", "unload"),
@@ -248,6 +251,30 @@ class DevicesScreen(TellerScreen):
         await device.install_certificate(registration.certificate, registration.issuer_key_pem)
         await self._refresh_device()
         self.post_message(self.Done(f"Registered {info.device_id} to wallet {grouped(wallet_id)}."))
+
+    # -- certify again --
+
+    def action_recertify(self) -> None:
+        if self._need_device() is None or self.info is None:
+            return
+        summary = [("Device", self.info.device_id),
+                   ("Effect", "the HSM signs a new certificate under the voucher key that signs now; the device "
+                              "takes it only with the endorsements from the key it pins")]
+        self.app.push_screen(ActionModal("Certify this hard wallet again?", summary, confirm_label="Certify"),
+                             lambda answer: self._then(answer, self.recertify))
+
+    @work(exclusive=True, exit_on_error=False, group="device", name="Certify again")
+    async def recertify(self) -> None:
+        device, info = self.device, self.info
+        assert device is not None and info is not None
+        self._stage("Asking the gateway for a new certificate…", 30)
+        registration = await self.client.recertify_device(info.device_id)
+        self._stage("Writing the certificate to the device…", 70)
+        await device.install_certificate(registration.certificate, registration.issuer_key_pem,
+                                         registration.endorsements)
+        await self._refresh_device()
+        self.post_message(self.Done(f"Certified {info.device_id} again under key {registration.document.get('kid')} "
+                                    f"({len(registration.endorsements)} endorsements)."))
 
     async def _refresh_device(self) -> None:
         device = self.device

@@ -418,6 +418,7 @@ CASES: dict[str, tuple[frozenset[Role] | None, Builder]] = {
     "GET /v1/devices/{device_id}": (DEVICE_READERS, lambda ctx: _device_case(ctx, "")),
     "POST /v1/devices/{device_id}/loads": (BRANCH, lambda ctx: _device_case(
         ctx, "/loads", json={"amount_fen": 100}, headers=_idempotency())),
+    "POST /v1/devices/{device_id}/certificate": (BRANCH, lambda ctx: _device_case(ctx, "/certificate")),
     "POST /v1/devices/{device_id}/sync": (BRANCH, _sync_case),
     "POST /v1/devices/{device_id}/unload": (BRANCH, _unload_case),
     "POST /v1/devices/{device_id}/revoke": (SUPERVISOR, lambda ctx: _device_case(

@@ -40,37 +40,52 @@ def simulator() -> Iterator[tuple[str, SimulatedDevice]]:
     thread.join(timeout=5)
 
 
+async def connect(pilot: Any, app: Any, path: str, device_id: str) -> None:
+    """Open the hard-wallet screen and connect to the device served on ``path`` (a pty) by typing it."""
+    await login(pilot, "teller1")
+    await pilot.press("h")
+    await wait_for(pilot, lambda: isinstance(app.screen, DevicesScreen))
+    app.screen.query_one("#port-path").focus()
+    await type_text(pilot, path)
+    await pilot.press("enter")
+    await wait_for(pilot, lambda: device_id in screen_text(app), what="device info")
+    app.screen.query_one("#ports-table").focus()
+
+
+async def register_through_the_ui(pilot: Any, app: Any, wallet_id: str, device_id: str) -> None:
+    """Register the connected device to ``wallet_id`` with the screen's form and confirmation."""
+    await pilot.press("g")
+    await wait_for(pilot, lambda: app.screen.query("#field-wallet_id"))
+    await type_text(pilot, grouped(wallet_id))
+    await pilot.press("enter", "enter")
+    await wait_for(pilot, lambda: "Register this hard wallet?" in screen_text(app))
+    await pilot.press("y")
+    await wait_for(pilot, lambda: has_notification(app, f"Registered {device_id}"), what="registration")
+
+
+async def load_through_the_ui(pilot: Any, app: Any, yuan: str) -> None:
+    """Load ``yuan`` on the connected device with the screen's own form and confirmation."""
+    await pilot.press("l")
+    await wait_for(pilot, lambda: app.screen.query("#field-amount"))
+    await type_text(pilot, yuan)
+    await pilot.press("enter")
+    await wait_for(pilot, lambda: f"Load ¥{yuan}.00?" in screen_text(app))
+    await pilot.press("y")
+
+
 async def test_register_load_sync_and_unload_a_hard_wallet(tui_gateway: Gateway,
                                                            simulator: tuple[str, SimulatedDevice]) -> None:
     path, _ = simulator
     wallet_id = await new_wallet(tui_gateway, "Device Owner", tier=2, cash=50_000)
     app = teller_app(tui_gateway)
     async with app.run_test(size=(80, 24)) as pilot:
-        await login(pilot, "teller1")
-        await pilot.press("h")
-        await wait_for(pilot, lambda: isinstance(app.screen, DevicesScreen))
-        app.screen.query_one("#port-path").focus()
-        await type_text(pilot, path)
-        await pilot.press("enter")
-        await wait_for(pilot, lambda: "sim-tui-1" in screen_text(app) and "not registered" in screen_text(app),
-                       what="device info")
-        app.screen.query_one("#ports-table").focus()
+        await connect(pilot, app, path, "sim-tui-1")
+        await wait_for(pilot, lambda: "not registered" in screen_text(app), what="device info")
 
-        await pilot.press("g")
-        await wait_for(pilot, lambda: app.screen.query("#field-wallet_id"))
-        await type_text(pilot, grouped(wallet_id))
-        await pilot.press("enter", "enter")
-        await wait_for(pilot, lambda: "Register this hard wallet?" in screen_text(app))
-        await pilot.press("y")
-        await wait_for(pilot, lambda: has_notification(app, "Registered sim-tui-1"), what="registration")
+        await register_through_the_ui(pilot, app, wallet_id, "sim-tui-1")
         await wait_for(pilot, lambda: "Cert     yes" in screen_text(app) and "active" in screen_text(app))
 
-        await pilot.press("l")
-        await wait_for(pilot, lambda: app.screen.query("#field-amount"))
-        await type_text(pilot, "100")
-        await pilot.press("enter")
-        await wait_for(pilot, lambda: "Load ¥100.00?" in screen_text(app))
-        await pilot.press("y")
+        await load_through_the_ui(pilot, app, "100")
         await wait_for(pilot, lambda: "Offline  ¥100.00" in screen_text(app), what="device balance")
         wallet = await api(tui_gateway, "GET", f"/v1/wallets/{wallet_id}")
         assert wallet["balance_fen"] == 40_000 and wallet["offline_reserve_fen"] == 10_000
@@ -154,28 +169,10 @@ async def test_a_load_over_the_daily_aggregate_shows_pending_approval(tui_gatewa
     try:
         app = teller_app(tui_gateway)
         async with app.run_test(size=(80, 24)) as pilot:
-            await login(pilot, "teller1")
-            await pilot.press("h")
-            await wait_for(pilot, lambda: isinstance(app.screen, DevicesScreen))
-            app.screen.query_one("#port-path").focus()
-            await type_text(pilot, path)
-            await pilot.press("enter")
-            await wait_for(pilot, lambda: "sim-tui-pending" in screen_text(app), what="device info")
-            app.screen.query_one("#ports-table").focus()
-            await pilot.press("g")
-            await wait_for(pilot, lambda: app.screen.query("#field-wallet_id"))
-            await type_text(pilot, grouped(wallet_id))
-            await pilot.press("enter", "enter")
-            await wait_for(pilot, lambda: "Register this hard wallet?" in screen_text(app))
-            await pilot.press("y")
-            await wait_for(pilot, lambda: has_notification(app, "Registered sim-tui-pending"), what="registration")
+            await connect(pilot, app, path, "sim-tui-pending")
+            await register_through_the_ui(pilot, app, wallet_id, "sim-tui-pending")
 
-            await pilot.press("l")
-            await wait_for(pilot, lambda: app.screen.query("#field-amount"))
-            await type_text(pilot, "100")
-            await pilot.press("enter")
-            await wait_for(pilot, lambda: "Load ¥100.00?" in screen_text(app))
-            await pilot.press("y")
+            await load_through_the_ui(pilot, app, "100")
             await wait_for(pilot, lambda: has_notification(app, "pending approval a_"), what="pending approval")
             assert not has_notification(app, "Loaded ¥100.00")
             assert device.balance == 0  # no voucher was written
@@ -203,25 +200,13 @@ async def test_a_teller_certifies_a_hard_wallet_again_after_a_voucher_key_rotati
     try:
         app = teller_app(tui_gateway)
         async with app.run_test(size=(80, 24)) as pilot:
-            await login(pilot, "teller1")
-            await pilot.press("h")
-            await wait_for(pilot, lambda: isinstance(app.screen, DevicesScreen))
-            app.screen.query_one("#port-path").focus()
-            await type_text(pilot, path)
-            await pilot.press("enter")
-            await wait_for(pilot, lambda: "sim-tui-recertify" in screen_text(app), what="device info")
-            app.screen.query_one("#ports-table").focus()
+            await connect(pilot, app, path, "sim-tui-recertify")
             await pilot.press("e")
             await wait_for(pilot, lambda: "Certify this hard wallet again?" in screen_text(app))
             await pilot.press("y")
             await wait_for(pilot, lambda: has_notification(app, "Certified sim-tui-recertify again"),
                            what="re-certification")
-            await pilot.press("l")
-            await wait_for(pilot, lambda: app.screen.query("#field-amount"))
-            await type_text(pilot, "100")
-            await pilot.press("enter")
-            await wait_for(pilot, lambda: "Load ¥100.00?" in screen_text(app))
-            await pilot.press("y")
+            await load_through_the_ui(pilot, app, "100")
             await wait_for(pilot, lambda: "Offline  ¥100.00" in screen_text(app), what="device balance")
     finally:
         stop.set()

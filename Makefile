@@ -87,7 +87,7 @@ bench: venv
 # SoftHSM2; the 10-minute soak (results in docs/reliability.md and docs/soak-last.json).
 proof: venv wheelhouse
 	$(BIN)/pytest -q -p no:cacheprovider -m package
-	ECNY_FUZZ_PHASES=examples,coverage,fuzzing $(BIN)/pytest -q -p no:cacheprovider tests/integration/test_fuzz_api.py
+	ECNY_FUZZ_EXAMPLES=5 ECNY_FUZZ_PHASES=examples,coverage,fuzzing $(BIN)/pytest -q -p no:cacheprovider tests/integration/test_fuzz_api.py
 	$(BIN)/python proof/soak.py --minutes 10 --report docs/soak-last.json
 
 clean:

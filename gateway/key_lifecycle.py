@@ -40,6 +40,7 @@ from gateway.keys import (
     set_status,
     sign1_with_profile,
 )
+from gateway.ledger.journal import epoch_millis
 from gateway.ledger.store import Database, Tx
 from gateway.schemes import offline
 from gateway.signing import Algorithm, Signer, cryptography_public_key
@@ -104,7 +105,7 @@ async def _endorsement_of(database: Database, signer: Signer, profile: HsmProfil
     old = await database.read(outgoing)
     if old is None or old.status is not KeyStatus.ACTIVE or old.algorithm is not Algorithm.ECDSA_P256:
         return None
-    payload = offline.Endorsement(old.public_key, record.public_key, int(clock.now().timestamp() * 1000)).payload()
+    payload = offline.Endorsement(old.public_key, record.public_key, epoch_millis()).payload()
     return old.key_id, await sign1_with_profile(signer, profile, old, payload)
 
 

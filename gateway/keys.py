@@ -330,6 +330,10 @@ def get_key(tx: Tx, key_id: str) -> KeyRecord:
     return _record(row, frozenset(Usage(u) for u in active_usages(tx, key_id)))
 
 
+SIGNING_REFUSALS = (KeyNotFound, KeyUsageNotAllowed, KeyRetired, KeyDisabled)
+"""What a key that may not sign (any more) is refused with: gone, another usage, retired, disabled."""
+
+
 def signing_refusals_in(tx: Tx, wanted: Sequence[tuple[str, Usage]]) -> list[GatewayError | None]:
     """For each (key id, usage) of ``wanted``: None if that key may sign for that usage as it stands in
     ``tx`` — the write transaction that releases what it signed — else the refusal (KeyNotFound,
@@ -351,7 +355,7 @@ def signing_refusals_in(tx: Tx, wanted: Sequence[tuple[str, Usage]]) -> list[Gat
                 raise KeyNotFound(f"no key {key_id}")
             record.require(usage)
             record.require_signing()
-        except (KeyNotFound, KeyUsageNotAllowed, KeyRetired, KeyDisabled) as refusal:
+        except SIGNING_REFUSALS as refusal:
             refusals.append(refusal)
         else:
             refusals.append(None)

@@ -93,6 +93,25 @@ def device_row(tx: Tx, device_id: str) -> Any:
     return row
 
 
+def _locked_as_certified(tx: Tx, certificate: offline.Certificate) -> None:
+    """Lock the certificate's device and wallet, and check that the wallet is still what the certificate
+    was signed for: active, at the certificate's tier (a certificate signed outside the transaction)."""
+    tx.lock(f"device:{certificate.device_id}")
+    tx.lock(f"wallet:{certificate.wallet_id}")
+    wallet = load_wallet(tx, certificate.wallet_id)
+    if wallet["status"] != "active":
+        raise WalletNotActive(f"wallet {certificate.wallet_id} is {wallet['status']}", [f"wallet-{wallet['status']}"])
+    if int(wallet["tier"]) != certificate.tier:
+        raise ValidationFailed("the wallet's tier changed while the certificate was signed; retry")
+
+
+def _active(device: Any) -> Any:
+    """``device`` (a row) if it is active. Raises DeviceNotActive."""
+    if device["status"] != "active":
+        raise DeviceNotActive(f"device {device['device_id']} is {device['status']}", [f"device-{device['status']}"])
+    return device
+
+
 def endorsement_chain(tx: Tx, pinned_kid: str, issuer_kid: str) -> list[bytes]:
     """The endorsements (oldest first) from the voucher key ``pinned_kid`` to ``issuer_kid`` (none when they
     are the same key). Each key endorsed at most one successor, so the chain is a walk, at most as long as
@@ -247,14 +266,7 @@ class Devices:
 
     def register_in(self, tx: Tx, certificate: offline.Certificate, envelope: bytes, kid: str, model: str,
                     entry: AuditEntry) -> Any:
-        tx.lock(f"device:{certificate.device_id}")
-        tx.lock(f"wallet:{certificate.wallet_id}")
-        wallet = load_wallet(tx, certificate.wallet_id)
-        if wallet["status"] != "active":
-            raise WalletNotActive(f"wallet {certificate.wallet_id} is {wallet['status']}",
-                                  [f"wallet-{wallet['status']}"])
-        if int(wallet["tier"]) != certificate.tier:
-            raise ValidationFailed("the wallet's tier changed while the certificate was signed; retry")
+        _locked_as_certified(tx, certificate)
         if tx.fetchone("SELECT 1 FROM devices WHERE device_id = ?", (certificate.device_id,)):
             raise AlreadyExists(f"device {certificate.device_id} is registered already")
         if tx.fetchone("SELECT 1 FROM devices WHERE public_key = ?", (certificate.pub,)):
@@ -290,9 +302,7 @@ class Devices:
             IssuerNotEndorsed (no chain from the device's issuer to the voucher key); KeyDisabled (the
             voucher key may not sign).
         """
-        device = await self.database.read(lambda tx: device_row(tx, device_id))
-        if device["status"] != "active":
-            raise DeviceNotActive(f"device {device_id} is {device['status']}", [f"device-{device['status']}"])
+        device = _active(await self.database.read(lambda tx: device_row(tx, device_id)))
         key = await self.voucher_key()
         chain = await self.database.read(lambda tx: endorsement_chain(tx, str(device["kid"]), key.key_id))
         certificate, envelope, kid = await self.certificate_for(
@@ -302,15 +312,10 @@ class Devices:
         issuer = await self.issuer_pem(kid)
 
         def record(tx: Tx) -> dict[str, Any]:
-            tx.lock(f"device:{device_id}")
-            tx.lock(f"wallet:{certificate.wallet_id}")
-            current = device_row(tx, device_id)
-            if current["status"] != "active":
-                raise DeviceNotActive(f"device {device_id} is {current['status']}", [f"device-{current['status']}"])
+            _locked_as_certified(tx, certificate)
+            current = _active(device_row(tx, device_id))
             if current["kid"] != device["kid"] or current["wallet_id"] != certificate.wallet_id:
                 raise Conflict(f"device {device_id} was certified again meanwhile; retry")
-            if int(load_wallet(tx, certificate.wallet_id)["tier"]) != certificate.tier:
-                raise ValidationFailed("the wallet's tier changed while the certificate was signed; retry")
             caps = certificate.caps
             tx.execute("UPDATE devices SET tier = ?, cap_per_payment = ?, cap_balance = ?, cap_payments_per_sync = ?, "
                        "cert_iat = ?, cert_exp = ?, certificate = ?, kid = ?, updated_at = ? WHERE device_id = ?",
@@ -340,8 +345,7 @@ class Devices:
         device = device_row(tx, device_id)
         tx.lock(f"wallet:{device['wallet_id']}")
         now = journal.epoch_millis()
-        if device["status"] != "active":
-            raise DeviceNotActive(f"device {device_id} is {device['status']}", [f"device-{device['status']}"])
+        _active(device)
         if now > int(device["cert_exp"]):
             raise DeviceNotActive(f"device {device_id}'s certificate has expired", ["certificate-expired"])
         wallet = load_wallet(tx, device["wallet_id"])

@@ -32,16 +32,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from gateway.audit.chain import AuditEntry, AuditLog
-from gateway.errors import (
-    IdempotencyRaced,
-    KeyDisabled,
-    KeyNotFound,
-    KeyRetired,
-    KeyUsageNotAllowed,
-    PayloadTooLarge,
-    ValidationFailed,
-)
-from gateway.keys import KeyDirectory, KeyRecord, Usage
+from gateway.errors import IdempotencyRaced, PayloadTooLarge, ValidationFailed
+from gateway.keys import SIGNING_REFUSALS, KeyDirectory, KeyRecord, Usage
 from gateway.ledger.store import Database, Tx
 from gateway.operations import idempotency
 from gateway.operations.idempotency import Answer, IdempotentRequest
@@ -130,7 +122,7 @@ class RawSigning:
 
         try:
             _, recorded = await self.audit.record_with(entry, answer_in, signed_by=(record.key_id, Usage.RAW))
-        except (KeyNotFound, KeyUsageNotAllowed, KeyRetired, KeyDisabled):
+        except SIGNING_REFUSALS:
             self.keys.forget(record.key_id)  # its status changed: the next request reads it before signing
             raise
         if not recorded:

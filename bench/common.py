@@ -478,7 +478,8 @@ def postgres_version_offline() -> str:
 
 @dataclass
 class LoadSpec:
-    """What the load process does. ``kind``: "transfers", "sign" or "batch"."""
+    """What the load process does. ``kind``: "transfers", "cash" (cash-ins of ``amount_fen`` to the first
+    wallet of each pair, as the teller: pass ``gateway.teller()`` in ``headers``), "sign" or "batch"."""
 
     url: str
     kind: str
@@ -530,6 +531,10 @@ async def _drive(spec: LoadSpec, started: Callable[[], None]) -> dict[str, Any]:
             pairs = spec.pairs[client]
             payer, payee = pairs[n % len(pairs)]
             return "/v1/transfers", {"from_wallet": payer, "to_wallet": payee, "amount_fen": spec.amount_fen}, {
+                "Idempotency-Key": os.urandom(16).hex()}
+        if spec.kind == "cash":
+            wallet = spec.pairs[client][n % len(spec.pairs[client])][0]
+            return f"/v1/wallets/{wallet}/cash-in", {"amount_fen": spec.amount_fen}, {
                 "Idempotency-Key": os.urandom(16).hex()}
         if spec.kind == "sign":
             return f"/v1/keys/{spec.key_id}/sign", {"digest": os.urandom(32).hex()}, {}

@@ -8,7 +8,9 @@ For each one-way delay (ms; 0 = straight to the server) and each instance count,
 chainer candidate and event loop; they share the port and the HSM signer workers) is started on a
 fresh database, reached through bench/delay_proxy.py (a subprocess) when the delay is not 0. 128
 tier-1 payers pay 128 payees, spread: client i of C pays from payers i, i+C, ... so no two clients
-share a wallet. Each point runs ``--duration`` seconds after a short warm-up.
+share a wallet. Each point runs ``--duration`` seconds after a short warm-up. ``--kind cash``: the
+clients cash in one fen to the payees instead (as the teller), client i to payees i, i+C, ...: every
+cash movement posts against the bank's issuance account, so this shows whether cash serialises on it.
 
 After each gateway's points: ``ledger check`` and ``audit verify`` (exit codes recorded), and the money
 check (every 2xx moved exactly one fen). The proxy's CPU is reported: it shares the two cores.
@@ -64,8 +66,8 @@ def checks(gateway: Gateway) -> dict[str, Any]:
             "audit_warnings": [line for line in audit.stderr.splitlines() if "pending" in line]}
 
 
-def run_config(postgres: Postgres, delay_ms: float, instances: int, clients: list[int], duration: float
-               ) -> list[dict[str, Any]]:
+def run_config(postgres: Postgres, delay_ms: float, instances: int, clients: list[int], duration: float,
+               kind: str = "transfers") -> list[dict[str, Any]]:
     dsn = direct_dsn = postgres.new_database()
     proxy = None
     if delay_ms > 0:
@@ -74,19 +76,20 @@ def run_config(postgres: Postgres, delay_ms: float, instances: int, clients: lis
     gateway = start_gateway("postgresql", dsn, processes=instances)
     results = []
     try:
-        payers = open_wallets(gateway, PAYERS, tier=1, cash_in_fen=10**12)
         payees = open_wallets(gateway, PAYERS, tier=1, funded=0)
+        payers = payees if kind == "cash" else open_wallets(gateway, PAYERS, tier=1, cash_in_fen=10**12)
         for count in clients:
             pairs = [[(payers[j], payees[j]) for j in range(i, PAYERS, count)] for i in range(count)]
             before = _payee_total(gateway, payees)
-            spec = LoadSpec(url=gateway.url, kind="transfers", concurrency=count, duration=duration, warmup=0.5,
-                            headers=gateway.backend(), pairs=pairs, amount_fen=1)
+            spec = LoadSpec(url=gateway.url, kind=kind, concurrency=count, duration=duration, warmup=0.5,
+                            headers=gateway.teller() if kind == "cash" else gateway.backend(), pairs=pairs,
+                            amount_fen=1)
             proxy_cpu = cpu_seconds(proxy.pid) if proxy else 0.0
             with WaitSampler(direct_dsn) as sampler:  # what the backends wait for (not through the proxy)
                 result = run_load(spec, gateway, extra_cpu=postgres.backend_cpu_seconds)
             result["pg_waits"] = sampler.summary()
             received = _payee_total(gateway, payees) - before
-            result.update({"delay_ms_each_way": delay_ms, "instances": instances, "clients": count,
+            result.update({"kind": kind, "delay_ms_each_way": delay_ms, "instances": instances, "clients": count,
                            "money_consistent": received == result["ok"] + result["warmup_ok"],
                            "proxy_cpu_s": (cpu_seconds(proxy.pid) - proxy_cpu) if proxy else 0.0})
             print(f"delay {delay_ms:3} ms ×{instances} clients {count:3}: {result['ok_rate']:7.0f}/s  "
@@ -140,6 +143,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--instances", default="1,2,4")
     parser.add_argument("--clients", default="1,2,4,8,16,32,64,128")
     parser.add_argument("--duration", type=float, default=3.0)
+    parser.add_argument("--kind", choices=["transfers", "cash"], default="transfers",
+                        help="what the clients do: transfers between their wallets, or cash-ins to them")
     parser.add_argument("--json", type=Path)
     parser.add_argument("--png", type=Path)
     parser.add_argument("--replot", type=Path, help="only draw --png from this JSON")
@@ -155,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         for delay in [float(d) for d in args.delays.split(",")]:
             for instances in [int(i) for i in args.instances.split(",")]:
-                results.extend(run_config(postgres, delay, instances, clients, args.duration))
+                results.extend(run_config(postgres, delay, instances, clients, args.duration, args.kind))
                 if args.json:
                     args.json.write_text(json.dumps(results, indent=2))
     finally:

@@ -53,6 +53,7 @@ from gateway.hsm.profile import HsmProfile, load_named_profile
 from gateway.hsm.signer import CountedSigner
 from gateway.keys import KeyDirectory, Usage, flag_raw_not_exclusive, raw_not_exclusive_keys
 from gateway.ledger.engines import open_database
+from gateway.ledger.house import HouseFolder
 from gateway.ledger.store import Database
 from gateway.metrics import Metrics
 from gateway.monitor.process import EvaluatorProcess
@@ -140,6 +141,20 @@ def store_context(settings: Settings) -> Context:
             yield
         finally:
             await database.close()
+
+    return context
+
+
+def house_context(settings: Settings) -> Context:
+    """PostgreSQL: fold the bank accounts' pending amounts on a schedule, and once more at shutdown."""
+
+    async def context(app: web.Application) -> AsyncIterator[None]:
+        folder = HouseFolder(app[STORE], settings.store.house_fold_seconds)
+        await folder.start()
+        try:
+            yield
+        finally:
+            await folder.close()
 
     return context
 
@@ -334,6 +349,7 @@ def make_app(settings: Settings, process_index: int = 0) -> web.Application:
     app.on_shutdown.append(_end_risk_streams)
     app.cleanup_ctx.extend([
         store_context(settings),
+        house_context(settings),
         webhook_delivery_context(settings),  # needs the store only; a bad secret stops the start before the HSM
         signer_context(settings, process_index),
         audit_context(settings),

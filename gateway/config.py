@@ -134,6 +134,11 @@ class StoreSettings(_Section):
     """PostgreSQL: connections per HTTP process, each with the thread that runs its transactions
     (so the server needs ``instances × [server] processes × pool_size`` connections, plus the
     CLI's). SQLite ignores it: one writer and one reader connection."""
+    house_fold_seconds: Annotated[float, Field(gt=0, le=3600)] = 1.0
+    """PostgreSQL: how often the amounts posted to the bank's own accounts (``bank:issuance``,
+    ``bank:suspense``) are folded into their balance rows. They are posted as pending rows so that cash
+    movements never wait for one another; a balance read sums what is still pending, so this only bounds
+    how many there are to sum. SQLite ignores it (it updates the rows at once)."""
 
 
 class AuditSettings(_Section):

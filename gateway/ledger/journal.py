@@ -4,6 +4,15 @@ Every movement of money is one journal entry whose postings sum to zero. Wallet 
 accounts never go negative (checked before writing, and by a CHECK constraint as a backstop);
 the bank's issuance account is the counterpart of cash-in and cash-out and runs negative by the
 amount of e-CNY in circulation.
+
+**The bank's own accounts** (:data:`HOUSE_ACCOUNTS`) are on one side of every cash movement and every
+honour from suspense. A balance row that each of those updates would be a lock wider than a wallet:
+on PostgreSQL every cash movement of every instance would wait for the one before it to commit. There
+a posting to a bank account adds its amount to ``house_pending`` instead (an insert: no lock), and
+:func:`fold_house` moves what has committed into ``accounts.balance`` every ``[store]
+house_fold_seconds``; a bank account's balance is its row plus what is pending (:func:`balance`), and
+:func:`check_invariants` compares that sum with its postings. SQLite has one writer: it updates the
+row at once and ``house_pending`` stays empty.
 """
 
 from __future__ import annotations
@@ -19,6 +28,8 @@ from gateway.ledger.store import Tx
 
 ISSUANCE = "bank:issuance"
 SUSPENSE = "bank:suspense"
+HOUSE_ACCOUNTS = frozenset((ISSUANCE, SUSPENSE))
+"""The bank's own accounts, whose postings on PostgreSQL are pending until folded (see the module's docstring)."""
 CHINA_STANDARD_TIME = timezone(timedelta(hours=8), "CST")
 
 
@@ -54,8 +65,29 @@ def open_accounts(tx: Tx, wallet_id: str) -> None:
 
 
 def balance(tx: Tx, account_id: str) -> int:
-    row = tx.fetchone("SELECT balance FROM accounts WHERE account_id = ?", (account_id,))
+    """An account's balance (a bank account's: its row plus what is pending, see the module's docstring)."""
+    if account_id in HOUSE_ACCOUNTS:
+        row = tx.fetchone("SELECT a.balance + COALESCE((SELECT SUM(h.amount) FROM house_pending h "
+                          "WHERE h.account_id = a.account_id), 0) AS balance FROM accounts a WHERE a.account_id = ?",
+                          (account_id,))
+    else:
+        row = tx.fetchone("SELECT balance FROM accounts WHERE account_id = ?", (account_id,))
     return 0 if row is None else int(row["balance"])
+
+
+def fold_house(tx: Tx) -> int:
+    """Move the committed pending amounts of the bank's accounts into their balance rows, in one statement;
+    returns how many were folded. Folds running at once in several processes never count one twice: each
+    pending row is deleted by one of them (the others skip it), in the transaction that adds it."""
+    if tx.dialect != "postgresql":
+        return 0  # SQLite updates the rows at once: nothing is ever pending
+    row = tx.fetchone(
+        "WITH folded AS (DELETE FROM house_pending RETURNING account_id, amount), "
+        "sums AS (SELECT account_id, SUM(amount) AS amount, COUNT(*) AS n FROM folded GROUP BY account_id), "
+        "moved AS (UPDATE accounts SET balance = accounts.balance + sums.amount FROM sums "
+        "WHERE accounts.account_id = sums.account_id RETURNING sums.n) "
+        "SELECT COALESCE(SUM(n), 0) AS n FROM moved")
+    return 0 if row is None else int(row["n"])
 
 
 def post(tx: Tx, kind: str, reference: str, legs: Sequence[tuple[str, int]], actor: str, memo: str = "") -> str:
@@ -74,6 +106,11 @@ def post(tx: Tx, kind: str, reference: str, legs: Sequence[tuple[str, int]], act
         (entry_id, kind, reference, memo, actor, business_day(), clock.now_iso()),
     )
     for account_id, amount in legs:
+        if account_id in HOUSE_ACCOUNTS and tx.dialect == "postgresql":  # pending: no row lock (module docstring)
+            tx.queue("INSERT INTO house_pending (account_id, amount) VALUES (?, ?)", (account_id, amount))
+            tx.queue("INSERT INTO postings (entry_id, account_id, amount) VALUES (?, ?, ?)",
+                     (entry_id, account_id, amount))
+            continue
         changed = tx.execute(
             "UPDATE accounts SET balance = balance + ? WHERE account_id = ? "
             "AND (kind NOT IN ('wallet', 'reserve') OR balance + ? >= 0)",
@@ -118,7 +155,8 @@ def moved_today(tx: Tx, wallet_id: str, kind: str, day: str) -> int:
 
 
 def check_invariants(tx: Tx) -> list[str]:
-    """Every entry balances; every balance equals the sum of its postings; no wallet or reserve is negative.
+    """Every entry balances; every balance (a bank account's: its row plus what is pending) equals the sum of
+    its postings; no wallet or reserve is negative; every pending amount belongs to a bank account.
 
     Returns:
         Human-readable problems; empty when the ledger is sound.
@@ -129,8 +167,11 @@ def check_invariants(tx: Tx) -> list[str]:
     ):
         problems.append(f"entry {row['entry_id']} does not balance (sum {row['total']})")
     rows = tx.fetchall(
-        "SELECT a.account_id, a.balance, COALESCE(SUM(p.amount), 0) AS posted FROM accounts a "
-        "LEFT JOIN postings p ON p.account_id = a.account_id GROUP BY a.account_id, a.balance"
+        "SELECT a.account_id, a.balance + COALESCE(h.pending, 0) AS balance, COALESCE(SUM(p.amount), 0) AS posted "
+        "FROM accounts a "
+        "LEFT JOIN (SELECT account_id, SUM(amount) AS pending FROM house_pending GROUP BY account_id) h "
+        "ON h.account_id = a.account_id LEFT JOIN postings p ON p.account_id = a.account_id "
+        "GROUP BY a.account_id, a.balance, h.pending"
     )
     for row in rows:
         if int(row["balance"]) != int(row["posted"]):
@@ -139,7 +180,11 @@ def check_invariants(tx: Tx) -> list[str]:
         "SELECT account_id, balance FROM accounts WHERE kind IN ('wallet', 'reserve') AND balance < 0"
     ):
         problems.append(f"account {row['account_id']} is negative ({row['balance']})")
-    total = tx.fetchone("SELECT COALESCE(SUM(balance), 0) AS total FROM accounts")
+    for row in tx.fetchall("SELECT DISTINCT account_id FROM house_pending"):
+        if row["account_id"] not in HOUSE_ACCOUNTS:
+            problems.append(f"pending amounts for {row['account_id']}, which is not a bank account")
+    total = tx.fetchone("SELECT (SELECT COALESCE(SUM(balance), 0) FROM accounts) + "
+                        "(SELECT COALESCE(SUM(amount), 0) FROM house_pending) AS total")
     if total is not None and int(total["total"]) != 0:
         problems.append(f"balances do not sum to zero ({total['total']})")
     return problems

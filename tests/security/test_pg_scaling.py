@@ -459,6 +459,116 @@ async def test_a_stalled_chainer_cannot_stall_decisions(database: PostgresDataba
     assert (await database.read(verify_chain)).ok
 
 
+def hold_a_cash_in(holder: psycopg.Connection[Any], wallet_id: str, amount: int) -> None:
+    """What a cash-in's transaction holds until its COMMIT, on a connection the test keeps open: the
+    server-side check and post (``ecny_post_cash``), the wallet's lock and the issuance leg."""
+    holder.execute("SELECT * FROM ecny_post_cash('cash_in', %s, %s, %s, 'teller', %s, 'now', "
+                   "'{NULL,NULL,NULL,NULL}'::bigint[], NULL, NULL)",
+                   (wallet_id, amount, os.urandom(12).hex(), journal.business_day()))
+
+
+async def test_cash_movements_of_two_wallets_never_wait_on_the_issuance_account(database: PostgresDatabase) -> None:
+    """A lock wider than a wallet: every cash-in and cash-out posts against bank:issuance, and while that
+    posting updated the account's row, each one held the row until its COMMIT — every cash movement of the
+    database waited for the one before it (bench/pg_scaling.py --kind cash). A cash-in left open on one
+    wallet must not hold up a cash-out of another; it must hold up one of its own wallet (the control)."""
+    wallets = wallets_on(database)
+    held, other = await database.write(lambda tx: (open_wallet(wallets, tx, 3), open_wallet(wallets, tx, 3)))
+    await database.write(lambda tx: wallets.cash_in(tx, other, 50_000, "teller", entry(1, "wallets.cash_in")))
+    with psycopg.connect(database.dsn, autocommit=False) as holder:
+        hold_a_cash_in(holder, held, 70_000)
+        async with asyncio.timeout(20):  # waiting for the held cash-in to commit would be the failure
+            out = await database.write(lambda tx: wallets.cash_out(tx, other, 20_000, "teller",
+                                                                   entry(2, "wallets.cash_out")))
+        assert out["balance_fen"] == 30_000
+        blocked = asyncio.ensure_future(database.write(lambda tx: wallets.cash_in(
+            tx, held, 5, "teller", entry(3, "wallets.cash_in"))))
+        await asyncio.sleep(0.3)
+        assert not blocked.done()  # the same wallet waits: its lock is the wallet's
+        holder.commit()
+    assert (await blocked)["balance_fen"] == 70_005
+    assert await database.read(lambda tx: journal.balance(tx, journal.ISSUANCE)) == -(50_000 - 20_000 + 70_005)
+    assert await database.read(journal.check_invariants) == []
+
+
+async def test_the_fold_moves_what_committed_once_and_nothing_else(database: PostgresDatabase) -> None:
+    """The pending amounts of the bank's accounts folded into their rows: an amount folded twice (two
+    processes folding at once), one folded before its transaction committed (and so folded again, or lost
+    if it rolled back), or one lost by a fold that failed half-way would each change the money in
+    circulation. The balance a reader sees never moves because of a fold."""
+    wallets = wallets_on(database)
+    wallet_ids = await database.write(lambda tx: [open_wallet(wallets, tx, 3) for _ in range(4)])
+    for n, wallet_id in enumerate(wallet_ids):
+        await database.write(lambda tx, w=wallet_id, n=n: wallets.cash_in(tx, w, 1_000 * (n + 1), "teller",
+                                                                           entry(n, "wallets.cash_in")))
+
+    def issuance(tx: Tx) -> tuple[int, int, int]:
+        row = tx.fetchone("SELECT balance FROM accounts WHERE account_id = ?", (journal.ISSUANCE,))
+        pending = tx.fetchone("SELECT COUNT(*) AS n FROM house_pending")
+        assert row is not None and pending is not None
+        return journal.balance(tx, journal.ISSUANCE), int(row["balance"]), int(pending["n"])
+
+    assert await database.read(issuance) == (-10_000, 0, 4)  # pending: the row was not touched
+    with psycopg.connect(database.dsn, autocommit=False) as holder:
+        hold_a_cash_in(holder, wallet_ids[0], 500)  # not committed while the fold runs
+
+        def fold_then_fail(tx: Tx) -> None:
+            assert journal.fold_house(tx) == 4
+            raise RuntimeError("the fold's process dies before its COMMIT")
+
+        with pytest.raises(RuntimeError):
+            await database.write(fold_then_fail)
+        assert await database.read(issuance) == (-10_000, 0, 4)  # rolled back: nothing lost
+        assert await database.write(journal.fold_house) == 4  # the open cash-in's amount is not among them
+        assert await database.read(issuance) == (-10_000, -10_000, 0)
+        holder.commit()
+    assert await database.read(issuance) == (-10_500, -10_000, 1)
+    for n, wallet_id in enumerate(wallet_ids):  # more, then two folds at once
+        await database.write(lambda tx, w=wallet_id, n=n: wallets.cash_out(tx, w, 100, "teller",
+                                                                            entry(10 + n, "wallets.cash_out")))
+    folded = await asyncio.gather(database.write(journal.fold_house), database.write(journal.fold_house))
+    assert sum(folded) == 5
+    assert await database.read(issuance) == (-10_100, -10_100, 0)
+    assert await database.read(journal.check_invariants) == []
+
+
+async def test_a_rewritten_pending_amount_or_bank_balance_fails_the_ledger_check(database: PostgresDatabase) -> None:
+    """An insider with the database's password hides money in circulation: deletes a pending issuance
+    amount, rewrites the folded row, or parks an amount for a wallet among the bank's pending ones. Each
+    leaves the postings disagreeing with the balances, which `ledger check` reports."""
+    wallets = wallets_on(database)
+    wallet_id = await database.write(lambda tx: open_wallet(wallets, tx, 3))
+    for n in range(3):
+        await database.write(lambda tx, n=n: wallets.cash_in(tx, wallet_id, 1_000, "teller", entry(n)))
+    await database.write(journal.fold_house)
+    await database.write(lambda tx: wallets.cash_in(tx, wallet_id, 2_000, "teller", entry(3)))
+    assert await database.read(journal.check_invariants) == []
+
+    async def tampered(statement: str, params: tuple[Any, ...]) -> list[str]:
+        with psycopg.connect(database.dsn, autocommit=False) as insider:
+            insider.execute(statement, params)
+            problems: list[str] = await database.read(journal.check_invariants)
+            assert problems == []  # not committed yet: nothing to see
+            insider.commit()
+        problems = await database.read(journal.check_invariants)
+        return problems
+
+    problems = await tampered("DELETE FROM house_pending WHERE amount = -2000", ())
+    assert any("bank:issuance balance -3000 != postings -5000" in p for p in problems), problems
+    assert any("do not sum to zero" in p for p in problems), problems
+    await database.write(lambda tx: tx.execute("INSERT INTO house_pending (account_id, amount) VALUES (?, ?)",
+                                               (journal.ISSUANCE, -2_000)))  # put back
+    assert await database.read(journal.check_invariants) == []
+    problems = await tampered("UPDATE accounts SET balance = balance + 1000 WHERE account_id = %s",
+                              (journal.ISSUANCE,))
+    assert any("bank:issuance balance -4000 != postings -5000" in p for p in problems), problems
+    await database.write(lambda tx: tx.execute("UPDATE accounts SET balance = balance - 1000 WHERE account_id = ?",
+                                               (journal.ISSUANCE,)))
+    problems = await tampered("INSERT INTO house_pending (account_id, amount) VALUES (%s, 700)",
+                              (journal.wallet_account(wallet_id),))
+    assert any("not a bank account" in p for p in problems), problems
+
+
 # --- pending entries ---------------------------------------------------------------------------------------
 
 

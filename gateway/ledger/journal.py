@@ -29,6 +29,8 @@ from gateway.ledger.store import Tx
 ISSUANCE = "bank:issuance"
 SUSPENSE = "bank:suspense"
 HOUSE_ACCOUNTS = frozenset((ISSUANCE, SUSPENSE))
+COUNTED_MOVES = frozenset(("cash_in", "cash_out", "device_load"))
+"""Entry kinds whose daily total per wallet the approval thresholds read (``wallet_moves``, :func:`moved_today`)."""
 """The bank's own accounts, whose postings on PostgreSQL are pending until folded (see the module's docstring)."""
 CHINA_STANDARD_TIME = timezone(timedelta(hours=8), "CST")
 
@@ -100,12 +102,17 @@ def post(tx: Tx, kind: str, reference: str, legs: Sequence[tuple[str, int]], act
     if sum(amount for _, amount in legs) != 0 or any(amount == 0 for _, amount in legs) or len(legs) < 2:
         raise LedgerInvariantBroken(f"unbalanced entry for {reference}: {list(legs)}")
     entry_id = secrets.token_hex(12)
+    day = business_day()
     tx.queue(
         "INSERT INTO journal (entry_id, kind, reference, memo, actor, business_day, created_at) "
         "VALUES (?, ?, ?, ?, ?, ?, ?)",
-        (entry_id, kind, reference, memo, actor, business_day(), clock.now_iso()),
+        (entry_id, kind, reference, memo, actor, day, clock.now_iso()),
     )
     for account_id, amount in legs:
+        if kind in COUNTED_MOVES and account_id.startswith("w:"):
+            tx.queue("INSERT INTO wallet_moves (wallet_id, business_day, kind, amount) VALUES (?, ?, ?, ?) "
+                     "ON CONFLICT (wallet_id, business_day, kind) DO UPDATE SET amount = wallet_moves.amount + "
+                     "excluded.amount", (account_id[2:], day, kind, amount))
         if account_id in HOUSE_ACCOUNTS and tx.dialect == "postgresql":  # pending: no row lock (module docstring)
             tx.queue("INSERT INTO house_pending (account_id, amount) VALUES (?, ?)", (account_id, amount))
             tx.queue("INSERT INTO postings (entry_id, account_id, amount) VALUES (?, ?, ?)",
@@ -145,13 +152,11 @@ def spent(tx: Tx, wallet_id: str, day: str) -> tuple[int, int]:
 
 def moved_today(tx: Tx, wallet_id: str, kind: str, day: str) -> int:
     """What entries of ``kind`` (``cash_in``, ``cash_out``, ``device_load``) moved on or off
-    ``wallet_id``'s wallet account on business ``day``, in fen (a positive sum either way)."""
-    row = tx.fetchone(
-        "SELECT COALESCE(SUM(p.amount), 0) AS moved FROM postings p JOIN journal j ON j.entry_id = p.entry_id "
-        "WHERE p.account_id = ? AND j.kind = ? AND j.business_day = ?",
-        (wallet_account(wallet_id), kind, day),
-    )
-    return abs(int(row["moved"])) if row else 0
+    ``wallet_id``'s wallet account on business ``day``, in fen (a positive sum either way): one row of
+    ``wallet_moves``, which :func:`post` adds to (and :func:`check_invariants` compares with the postings)."""
+    row = tx.fetchone("SELECT amount FROM wallet_moves WHERE wallet_id = ? AND business_day = ? AND kind = ?",
+                      (wallet_id, day, kind))
+    return abs(int(row["amount"])) if row else 0
 
 
 def check_invariants(tx: Tx) -> list[str]:
@@ -180,6 +185,19 @@ def check_invariants(tx: Tx) -> list[str]:
         "SELECT account_id, balance FROM accounts WHERE kind IN ('wallet', 'reserve') AND balance < 0"
     ):
         problems.append(f"account {row['account_id']} is negative ({row['balance']})")
+    kinds = ", ".join(f"'{kind}'" for kind in sorted(COUNTED_MOVES))
+    for row in tx.fetchall(
+        "SELECT COALESCE(m.wallet_id, x.wallet_id) AS wallet_id, COALESCE(m.business_day, x.business_day) AS day, "
+        "COALESCE(m.kind, x.kind) AS kind, m.amount AS counted, x.amount AS posted FROM wallet_moves m "
+        "FULL OUTER JOIN (SELECT substr(p.account_id, 3) AS wallet_id, j.business_day, j.kind, SUM(p.amount) AS amount "
+        "FROM postings p JOIN journal j ON j.entry_id = p.entry_id "
+        f"WHERE j.kind IN ({kinds}) AND p.account_id LIKE 'w:%' "
+        "GROUP BY substr(p.account_id, 3), j.business_day, j.kind) x "
+        "ON x.wallet_id = m.wallet_id AND x.business_day = m.business_day AND x.kind = m.kind "
+        "WHERE m.amount IS NULL OR x.amount IS NULL OR m.amount <> x.amount"
+    ):
+        problems.append(f"wallet {row['wallet_id']} {row['kind']} on {row['day']}: counted {row['counted']} "
+                        f"!= postings {row['posted']}")
     for row in tx.fetchall("SELECT DISTINCT account_id FROM house_pending"):
         if row["account_id"] not in HOUSE_ACCOUNTS:
             problems.append(f"pending amounts for {row['account_id']}, which is not a bank account")

@@ -569,6 +569,40 @@ async def test_a_rewritten_pending_amount_or_bank_balance_fails_the_ledger_check
     assert any("not a bank account" in p for p in problems), problems
 
 
+async def test_the_days_cash_total_is_counted_as_posted_and_a_lowered_count_is_caught(
+        database: PostgresDatabase) -> None:
+    """The daily approval thresholds read a per-wallet running total (wallet_moves) instead of summing the
+    wallet's postings of the day on every cash movement. An insider who lowers it (to slip the next
+    cash-in under the daily threshold without a second person) leaves it disagreeing with the postings:
+    `ledger check` names the wallet, the kind and the day. The count itself is the postings' (an oracle:
+    the old sum over postings joined with the journal)."""
+    wallets = wallets_on(database)
+    settings = wallets.settings.approvals
+    settings.cash_in_threshold_fen, settings.cash_in_daily_threshold_fen = 50_000, 100_000
+    wallet_id = await database.write(lambda tx: open_wallet(wallets, tx, 1))
+    for n in range(2):
+        done = await database.write(lambda tx, n=n: wallets.cash_in(tx, wallet_id, 40_000, "teller", entry(n)))
+        assert done["balance_fen"] == 40_000 * (n + 1)
+    await database.write(lambda tx: wallets.cash_out(tx, wallet_id, 5_000, "teller", entry(5)))
+
+    def counted_and_posted(tx: Tx) -> tuple[int, int]:
+        posted = tx.fetchone("SELECT COALESCE(SUM(p.amount), 0) AS moved FROM postings p JOIN journal j "
+                             "ON j.entry_id = p.entry_id WHERE p.account_id = ? AND j.kind = 'cash_in' "
+                             "AND j.business_day = ?", (journal.wallet_account(wallet_id), journal.business_day()))
+        assert posted is not None
+        return journal.moved_today(tx, wallet_id, "cash_in", journal.business_day()), int(posted["moved"])
+
+    assert await database.read(counted_and_posted) == (80_000, 80_000)
+    parked = await database.write(lambda tx: wallets.cash_in(tx, wallet_id, 30_000, "teller", entry(2)))
+    assert parked["status"] == "pending" and parked["payload"]["day_total_fen"] == 110_000  # (the control)
+    with psycopg.connect(database.dsn, autocommit=True) as insider:
+        insider.execute("UPDATE wallet_moves SET amount = 0 WHERE wallet_id = %s AND kind = 'cash_in'", (wallet_id,))
+    slipped = await database.write(lambda tx: wallets.cash_in(tx, wallet_id, 30_000, "teller", entry(3)))
+    assert slipped["balance_fen"] == 105_000  # the tampered count let it through on one person's word...
+    problems = await database.read(journal.check_invariants)
+    assert problems == [f"wallet {wallet_id} cash_in on {journal.business_day()}: counted 30000 != postings 110000"]
+
+
 # --- pending entries ---------------------------------------------------------------------------------------
 
 

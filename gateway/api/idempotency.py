@@ -60,6 +60,13 @@ def respond_in(tx: Tx, call: Call, document: Any, status: int = 200) -> bytes:
     return answer.body
 
 
+def guard_in(tx: Tx, call: Call) -> None:
+    """First in the transaction of an endpoint whose key is read there (``key_read_in_transaction``): a
+    key with a record stops the operation before any check runs (IdempotencyRaced, then answered as
+    recorded by :func:`run`); on PostgreSQL it travels with the operation's first statement."""
+    records.guard_in(tx, call.idempotent)
+
+
 def json_body(body: bytes, status: int = 200) -> web.Response:
     return web.Response(body=body, status=status, content_type=records.JSON)
 

@@ -118,6 +118,7 @@ def _cash(direction: str) -> Any:
         operation = wallets.cash_in if direction == "cash_in" else wallets.cash_out
 
         def work(tx: Tx) -> tuple[bytes, int]:
+            idempotency.guard_in(tx, call)  # the key is read here, not in a transaction of its own
             return _respond_in(tx, call, operation(tx, wallet_id, amount, call.actor.scope, entry))
 
         return idempotency.json_body(*await call.runtime.database.write(work))
@@ -179,11 +180,11 @@ ENDPOINTS = [
              responses={202: PENDING, 422: "Balance above the new tier's cap"}),
     Endpoint("POST", WALLET + "/cash-in", _cash("cash_in"), "Cash in: credit the wallet", Permission.WALLETS_CASH,
              "wallets", request_model=AmountRequest, response_model=CashResult, idempotency="required",
-             audited_action="wallets.cash_in", accepted_model=ApprovalDocument,
+             audited_action="wallets.cash_in", accepted_model=ApprovalDocument, key_read_in_transaction=True,
              responses={202: PENDING, 422: "Refused by policy"}),
     Endpoint("POST", WALLET + "/cash-out", _cash("cash_out"), "Cash out: debit the wallet", Permission.WALLETS_CASH,
              "wallets", request_model=AmountRequest, response_model=CashResult, idempotency="required",
-             audited_action="wallets.cash_out", accepted_model=ApprovalDocument,
+             audited_action="wallets.cash_out", accepted_model=ApprovalDocument, key_read_in_transaction=True,
              responses={202: PENDING, 422: "Refused by policy"}),
     Endpoint("GET", WALLET + "/transactions", transactions, "A wallet's postings, newest first, 50 a page",
              Permission.WALLETS_READ, "wallets", response_model=TransactionPage, audited_action="wallets.transactions",

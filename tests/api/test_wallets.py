@@ -164,6 +164,37 @@ async def test_a_transfer_replay_is_answered_as_recorded_not_judged_again(ledger
     assert (await wallet(gw, payer))["balance_fen"] == 400
 
 
+async def test_a_cash_out_replay_is_answered_as_recorded_not_judged_again(ledger_gateway: Gateway) -> None:
+    """Threat: a cash movement's key is read in its own transaction (no read before it, a round trip less):
+    a replay must still be answered as recorded — not refused against today's balance, not paid twice —
+    a reused key with another body is a conflict, and ten at once with one key pay once."""
+    gw = ledger_gateway
+    wallet_id = await open_wallet(gw)
+    await cash_in(gw, wallet_id, 1_000)
+    teller = gw.auth(Role.TELLER)
+    key = {"Idempotency-Key": uuid.uuid4().hex}
+    path = f"/v1/wallets/{wallet_id}/cash-out"
+    first = await gw.client.post(path, json={"amount_fen": 1_000}, headers={**teller, **key})  # all of it
+    assert first.status == 200, await first.text()
+    again = await gw.client.post(path, json={"amount_fen": 1_000}, headers={**teller, **key})
+    assert again.status == 200 and again.headers.get("Idempotent-Replayed") == "true"
+    assert await again.read() == await first.read()
+    assert (await wallet(gw, wallet_id))["balance_fen"] == 0
+    other = await gw.client.post(path, json={"amount_fen": 999}, headers={**teller, **key})
+    assert other.status == 409
+    # Positive control: a new key with the same body is judged, and refused (nothing left).
+    refused = await gw.client.post(path, json={"amount_fen": 1_000}, headers={**teller, **idem()})
+    assert refused.status == 422
+    await cash_in(gw, wallet_id, 500)
+    key = {"Idempotency-Key": uuid.uuid4().hex}
+    responses = await asyncio.gather(*(gw.client.post(path, json={"amount_fen": 100}, headers={**teller, **key})
+                                       for _ in range(10)))
+    assert {r.status for r in responses} == {200}
+    assert len({await r.read() for r in responses}) == 1
+    assert (await wallet(gw, wallet_id))["balance_fen"] == 400
+    assert await ledger_problems(gw) == []
+
+
 async def test_money_moving_requests_need_an_idempotency_key(ledger_gateway: Gateway) -> None:
     gw = ledger_gateway
     payer, payee = await open_wallet(gw), await open_wallet(gw)

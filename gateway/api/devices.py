@@ -186,7 +186,7 @@ ENDPOINTS = [
     Endpoint("POST", DEVICE + "/loads", load, "Load value: wallet → offline reserve, and an HSM-signed voucher",
              Permission.DEVICES_OPERATE, "devices", request_model=LoadRequest, response_model=LoadDocument,
              response_status=201, idempotency="required", resume=resume_load, audited_action="devices.load",
-             accepted_model=ApprovalDocument,
+             accepted_model=ApprovalDocument, key_read_in_transaction=True,
              responses={202: "Above the load approval threshold: the pending approval, nothing moved yet",
                         422: "Refused by policy (device or wallet not active, funds, offline balance cap)"}),
     Endpoint("POST", DEVICE + "/sync", sync,

@@ -50,8 +50,9 @@ class Endpoint:
     cbor: bool = False
     raw_body: str | None = None  # a body that is not a model, e.g. "application/cbor" for a device log
     resume: Callable[[Call, str], Awaitable[web.StreamResponse]] | None = None  # replay of a reference record
-    # The handler is one signed operation that looks its Idempotency-Key up in its own transaction
-    # (operations.idempotency.guard_in): no read of the key before it (one store transaction fewer).
+    # The handler is one transaction (a signed operation's first, or a cash movement's) that looks its
+    # Idempotency-Key up first (operations.idempotency.guard_in), every check after it: no read of the key
+    # before it (one store transaction fewer). Only for handlers that check nothing in the store before it.
     key_read_in_transaction: bool = False
     audited_action: str | None = None  # refusals of this endpoint are audited under this name
     query: tuple[tuple[str, dict[str, Any], str], ...] = ()  # (name, JSON schema, description)

@@ -221,7 +221,7 @@ class Authenticator:
     @staticmethod
     def _client_principal(tx: Tx, prefix: str, digest: bytes) -> Principal:
         row = tx.fetchone("SELECT name, role, owner, key_hash, revoked_at FROM clients WHERE key_prefix = ?",
-                          (prefix,))
+                          (prefix,), then_commit=True)  # the read's only statement: one round trip
         if row is None or not hmac.compare_digest(bytes(row["key_hash"]), digest) or row["revoked_at"]:
             raise Unauthenticated("unknown or revoked API key")
         return Principal(row["name"], Role(row["role"]), "client", row["owner"])
@@ -231,7 +231,7 @@ class Authenticator:
         row = tx.fetchone(
             "SELECT s.username, u.role, s.expires_at, u.disabled_at, u.owner FROM user_sessions s "
             "JOIN users u ON u.username = s.username WHERE s.token_hash = ?",
-            (digest,),
+            (digest,), then_commit=True,  # the read's only statement: its transaction ends in the same round trip
         )
         if row is None or row["disabled_at"] or row["expires_at"] <= clock.now_iso():
             raise Unauthenticated("unknown or expired session")

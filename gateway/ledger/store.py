@@ -54,7 +54,8 @@ class Tx(Protocol):
         sends ``COMMIT`` right behind it, so that the statement's answer and the commit's come back in one
         round trip and the locks it takes are released without waiting for the gateway to read the answer
         (a check that refuses must then abort the transaction itself: :class:`~gateway.errors.ServerRefused`).
-        SQLite commits when the function returns, as always.
+        In a read transaction it ends the read the same way: a one-statement read costs one round trip.
+        SQLite commits (or, for a read, rolls back) when the function returns, as always.
         """
         ...
 

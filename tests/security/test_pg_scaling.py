@@ -27,12 +27,16 @@ import pytest
 from bench.delay_proxy import DelayProxy
 from gateway.audit.chain import CHAIN_LOCK, AuditEntry, AuditLog, append, chain_staged, pending_count
 from gateway.audit.verify import verify_chain
+from gateway.auth.credentials import Authenticator, add_user
+from gateway.auth.roles import Role
 from gateway.config import load_settings
 from gateway.errors import (
+    IdempotencyConflict,
     IdempotencyRaced,
     InsufficientFunds,
     KeyDisabled,
     LimitExceeded,
+    Unauthenticated,
     WalletNotActive,
     WalletNotFound,
 )
@@ -383,6 +387,37 @@ async def test_cash_and_a_load_cost_two_round_trips(postgres_server: PostgresSer
         assert await database.read(journal.check_invariants) == []
         reserve = await database.read(lambda tx: journal.balance(tx, journal.reserve_account(wallet_id)))
         assert reserve == 30_000
+
+
+async def test_a_session_and_a_recorded_answer_are_read_in_one_round_trip_each(
+        postgres_server: PostgresServer) -> None:
+    """Every teller request reads its session, and a request whose key is looked up first reads the key's
+    record: each a read transaction of one statement, which cost two round trips (the statement, then
+    the ROLLBACK waited for). Counted on the wire: one each. What they answer is unchanged — an expired
+    session, an unknown token and a key used with another body are still refused (the controls)."""
+    async with behind_proxy(postgres_server) as (database, proxy):
+        authenticator = Authenticator(database, session_ttl=3600, cache_seconds=0)
+        await database.write(lambda tx: add_user(tx, authenticator.hasher, "teller9", Role.TELLER,
+                                                    "a long enough password"))
+        token, principal, _ = await authenticator.login("teller9", "a long enough password")
+        before = proxy.turns
+        assert await authenticator.authenticate(token) == principal
+        assert proxy.turns - before == 1
+        with pytest.raises(Unauthenticated):
+            await authenticator.authenticate(token + "x")
+        await database.write(lambda tx: tx.execute("UPDATE user_sessions SET expires_at = '2000-01-01T00:00:00Z'"))
+        with pytest.raises(Unauthenticated):
+            await authenticator.authenticate(token)
+        request = IdempotentRequest("user:teller9", "k-1", b"h" * 32)
+        before = proxy.turns
+        assert await idempotency.find(database, request) is None
+        assert proxy.turns - before == 1
+        await database.write(lambda tx: idempotency.answer_in(tx, request, idempotency.Answer(200, {"ok": 1})))
+        before = proxy.turns
+        found = await idempotency.find(database, request)
+        assert proxy.turns - before == 1 and found is not None and found.status == 200
+        with pytest.raises(IdempotencyConflict):
+            await idempotency.find(database, IdempotentRequest("user:teller9", "k-1", b"other body hash!" * 2))
 
 
 def raw_key(tx: Tx) -> str:

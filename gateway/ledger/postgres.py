@@ -1,7 +1,7 @@
 """PostgreSQL store (``postgresql://user@host:port/dbname``), for more than one gateway process.
 
-A pool of psycopg 3 connections and a thread pool of the same size: each transaction function runs
-in one worker thread on one connection, as with SQLite, so the shared transaction functions stay
+A pool of psycopg 3 connections and as many threads (:class:`~gateway.ledger.threads.TransactionThreads`):
+each transaction function runs in one thread on one connection, as with SQLite, so the shared transaction functions stay
 synchronous. Write transactions are ``READ COMMITTED`` (each statement sees what committed before
 it, so a function that takes :meth:`PostgresTx.lock` first then reads the latest state); reads are
 ``REPEATABLE READ READ ONLY`` so that a multi-query read such as the audit verifier sees one
@@ -23,14 +23,12 @@ round trips (docs/scaling.md).
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import functools
 import hashlib
 import select
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, NoReturn, TypeVar
 
@@ -46,6 +44,7 @@ from psycopg_pool import ConnectionPool
 from gateway.errors import AlreadyExists, ConfigError, GatewayError, ServerRefused, StoreUnavailable
 from gateway.ledger.migrate import MigrationProgress, apply_migrations
 from gateway.ledger.store import Params, Row
+from gateway.ledger.threads import TransactionThreads
 
 T = TypeVar("T")
 
@@ -449,7 +448,7 @@ class PostgresDatabase:
             timeout=acquire_timeout,
             name="gateway-store",
         )
-        self._threads = ThreadPoolExecutor(size, thread_name_prefix="postgres")
+        self._threads = TransactionThreads(size, "postgres")
         self._closed = False
 
     def __repr__(self) -> str:
@@ -471,11 +470,10 @@ class PostgresDatabase:
             StoreUnavailable: the server cannot be reached or refuses the connection.
         """
         database = cls(dsn, size, acquire_timeout)
-        loop = asyncio.get_running_loop()
         try:
-            await loop.run_in_executor(database._threads, database._open_pool)
+            await database._threads.run(database._open_pool)
         except BaseException:
-            database._threads.shutdown(wait=False)
+            database._threads.shutdown()
             raise
         return database
 
@@ -562,9 +560,8 @@ class PostgresDatabase:
     async def _call(self, writable: bool, fn: Callable[[Any], T], timeout: float) -> T:
         if self._closed:
             raise StoreUnavailable("the PostgreSQL store is closed")
-        loop = asyncio.get_running_loop()
         try:
-            return await loop.run_in_executor(self._threads, self._run, writable, fn, timeout)
+            return await self._threads.run(self._run, writable, fn, timeout)
         except GatewayError:
             raise
         except _UNAVAILABLE as exc:
@@ -584,6 +581,5 @@ class PostgresDatabase:
         if self._closed:
             return
         self._closed = True
-        loop = asyncio.get_running_loop()
-        await loop.run_in_executor(self._threads, self._pool.close)
-        self._threads.shutdown(wait=True)
+        await self._threads.run(self._pool.close)
+        self._threads.shutdown()

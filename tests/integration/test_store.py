@@ -12,7 +12,7 @@ import asyncio
 import threading
 import time
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import Any, cast
 
 import pytest
 
@@ -20,11 +20,13 @@ from gateway.audit.chain import AuditEntry, append, chain_staged, pending_count
 from gateway.audit.verify import verify_chain
 from gateway.config import load_settings
 from gateway.errors import AlreadyExists, ConfigError, StoreUnavailable
+from gateway.ledger import journal
 from gateway.ledger.engines import open_database
 from gateway.ledger.migrate import migration_files
 from gateway.ledger.postgres import PostgresDatabase, lock_key
 from gateway.ledger.store import Database, Tx
 from gateway.runtime import RUNTIME
+from gateway.wallets.accounts import Wallets
 from tests.conftest import Token, make_settings, start_gateway
 from tests.pg import PostgresServer, free_port
 
@@ -84,6 +86,42 @@ async def test_migrate_is_idempotent(database: Database, store_dsn: str) -> None
         assert await again.migrate() == []
     finally:
         await again.close()
+
+
+async def test_the_daily_totals_migration_counts_what_was_posted_before_it(migrated: Database,
+                                                                             store_dsn: str) -> None:
+    """Migration 0023 starts ``wallet_moves`` from the postings already there: a store upgraded with cash
+    movements and loads on its books must count them, or its first cash-ins after the upgrade would pass
+    the daily threshold on one person's word. The migration is undone and run again over such a ledger."""
+    settings = load_settings(None, environ={})
+    wallets = Wallets(migrated, cast(Any, None), cast(Any, None), settings)
+    audit = AuditEntry("teller", "teller", "wallets.cash_in", "allowed")
+
+    def book(tx: Tx) -> tuple[str, str]:
+        first, second = (str(wallets.open_in(tx, {"holder_name": "Test Holder", "phone": "13800000000",
+                                                  "tier": 2, "kind": "personal"}, audit)["wallet_id"])
+                         for _ in range(2))
+        wallets.cash_in(tx, first, 40_000, "teller", audit)
+        wallets.cash_in(tx, first, 2_500, "teller", audit)
+        wallets.cash_out(tx, first, 1_000, "teller", audit)
+        wallets.cash_in(tx, second, 700, "teller", audit)
+        return first, second
+
+    first, second = await migrated.write(book)
+    moves = "SELECT wallet_id, kind, amount FROM wallet_moves ORDER BY wallet_id, kind"
+    counted = await migrated.read(lambda tx: tx.fetchall(moves))
+
+    def undo(tx: Tx) -> None:
+        tx.execute("DROP TABLE wallet_moves")
+        tx.execute("DELETE FROM schema_migrations WHERE name = '0023_wallet_moves'")
+
+    await migrated.write(undo)
+    assert await migrated.migrate() == ["0023_wallet_moves"]
+    backfilled = await migrated.read(lambda tx: tx.fetchall(moves))
+    assert [dict(row) for row in backfilled] == [dict(row) for row in counted]
+    assert {(row["wallet_id"], row["kind"]): int(row["amount"]) for row in backfilled} == {
+        (first, "cash_in"): 42_500, (first, "cash_out"): -1_000, (second, "cash_in"): 700}
+    assert await migrated.read(journal.check_invariants) == []
 
 
 async def test_dialect_and_placeholders(migrated: Database, store_dsn: str) -> None:

@@ -183,8 +183,11 @@ class DeviceLink:
     def pay(self, payee: str, amount: int, **simulator_options: Any) -> dict[str, Any]:
         return self.call("pay", payee=payee, amount=amount, **simulator_options)
 
-    def receive(self, payment: bytes, certificate: bytes, **simulator_options: Any) -> dict[str, Any]:
-        return self.call("receive", payment=payment, certificate=certificate, **simulator_options)
+    def receive(self, payment: bytes, certificate: bytes, endorsements: list[bytes] | None = None,
+                **simulator_options: Any) -> dict[str, Any]:
+        """Hand another device's payment over (``pay``'s ``payment``, ``certificate`` and ``endorsements``)."""
+        return self.call("receive", payment=payment, certificate=certificate, endorsements=list(endorsements or ()),
+                         **simulator_options)
 
     def __enter__(self) -> DeviceLink:
         return self

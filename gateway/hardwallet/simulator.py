@@ -50,6 +50,9 @@ from gateway.hardwallet.protocol import (
 )
 from gateway.schemes import offline
 
+MAX_CHAIN = 16
+"""Most endorsements a device takes in one argument, and keeps (the newest): a chain of hand-overs."""
+
 MISBEHAVIOURS: dict[str, str] = {
     "reuse-counter": "pay: sign a second, different payment with the last counter (a double spend)",
     "skip-counter": "pay: jump the counter by two (a gap)",
@@ -90,6 +93,8 @@ class DeviceState:
     acked_rx: int = 0
     statement: str = ""  # the signed final statement, once unloaded
     clock_offset_ms: int = 0
+    endorsements: list[str] = field(default_factory=list)  # the chain from the first pinned key to the pinned one
+    former_issuers: list[str] = field(default_factory=list)  # PEMs of the keys pinned before, oldest first
 
     @property
     def loaded(self) -> int:
@@ -115,6 +120,7 @@ class SimulatedDevice:
             envelope = offline.open_envelope(bytes.fromhex(state.certificate))
             self._certificate = offline.parse_certificate(envelope.payload)
             self._issuer = offline.point_from_pem(state.issuer_key_pem)
+        self._former = [offline.point_from_pem(pem) for pem in state.former_issuers]
         self._export: bytes | None = None
 
     @classmethod
@@ -189,7 +195,7 @@ class SimulatedDevice:
                             ts=ts if isinstance(ts, int) and not isinstance(ts, bool) else None)
         if request.op == "receive":
             return self.receive(_bytes(arguments, "payment"), _bytes(arguments, "certificate"),
-                                misbehave=_mode(arguments))
+                                misbehave=_mode(arguments), endorsements=_byte_list(arguments, "endorsements"))
         return self.set_clock(_int(arguments, "offset_ms", None, signed=True))
 
     # --- operations ------------------------------------------------------------------------------
@@ -229,11 +235,17 @@ class SimulatedDevice:
         parsed = offline.parse_certificate(message.payload)
         if parsed.device_id != self.state.device_id or parsed.pub != self.point:
             raise DeviceRefused("the certificate is for another device or key", device_code="bad-certificate")
-        if self._issuer is not None and issuer != self._issuer and not offline.endorsed(
-                self._issuer, issuer, list(endorsements or ())):
-            raise DeviceRefused("the certificate's issuer is not the key this device pins, and no endorsement "
-                                "by that key leads to it", device_code="issuer-not-endorsed")
-        self.state.certificate, self.state.issuer_key_pem = certificate.hex(), issuer_key_pem
+        state = self.state
+        if self._issuer is not None and issuer != self._issuer:
+            if not offline.endorsed(self._issuer, issuer, list(endorsements or ())):
+                raise DeviceRefused("the certificate's issuer is not the key this device pins, and no endorsement "
+                                    "by that key leads to it", device_code="issuer-not-endorsed")
+            # The pin moves along the endorsements; the chain is kept to show payees still pinned on an
+            # older key (pay), and the key it moves from stays an issuer of payers' certificates (receive).
+            state.endorsements = (state.endorsements + [e.hex() for e in endorsements or ()])[-MAX_CHAIN:]
+            state.former_issuers.append(state.issuer_key_pem)
+            self._former.append(self._issuer)
+        state.certificate, state.issuer_key_pem = certificate.hex(), issuer_key_pem
         self._certificate, self._issuer = parsed, issuer
         self.save()
         return {"device_id": parsed.device_id, "wallet_id": parsed.wallet_id, "exp": parsed.exp}
@@ -265,7 +277,8 @@ class SimulatedDevice:
         return {"load_seq": parsed.load_seq, "balance": self.balance}
 
     def pay(self, payee: str, amount: int, misbehave: str | None = None, ts: int | None = None) -> dict[str, Any]:
-        """Make and log a payment; returns ``payment`` (COSE_Sign1) and ``certificate`` for the payee."""
+        """Make and log a payment; returns ``payment`` (COSE_Sign1), and ``certificate`` and ``endorsements``
+        (the chain from this device's first pinned key to its certificate's issuer) for the payee."""
         certificate, _ = self._certified()
         state = self.state
         ts = self.clock() if ts is None else ts
@@ -297,14 +310,17 @@ class SimulatedDevice:
         state.spent += amount
         state.payments.append({"counter": counter, "envelope": envelope.hex()})
         self.save()
-        return {"payment": envelope, "certificate": bytes.fromhex(state.certificate), "counter": counter,
+        return {"payment": envelope, "certificate": bytes.fromhex(state.certificate),
+                "endorsements": [bytes.fromhex(e) for e in state.endorsements], "counter": counter,
                 "hash": offline.record_hash(payload), "balance": self.balance}
 
     def receive(self, payment: bytes, certificate: bytes, misbehave: str | None = None,
-                check: bool = True) -> dict[str, Any]:
+                check: bool = True, endorsements: list[bytes] | None = None) -> dict[str, Any]:
         """Accept a payment made to this device, checking it as a payee device would.
 
-        ``check=False`` (in-process only) skips the signature checks: benchmark generators use it.
+        ``endorsements``: the payer's (:meth:`pay`), for a payer certified under a key this device's pinned
+        key endorsed since. ``check=False`` (in-process only) skips the signature checks: benchmark
+        generators use it.
         """
         if self._issuer is None:
             raise DeviceRefused("the device has no certificate", device_code="not-certified")
@@ -317,17 +333,17 @@ class SimulatedDevice:
             if digest in self.state.seen:
                 raise DeviceRefused("payment already received", device_code="replayed")
             if check:
-                self._check_payer(message, parsed, certificate)
+                self._check_payer(message, parsed, certificate, list(endorsements or ()))
         self.state.rx += 1
         self.state.receipts.append({"rx": self.state.rx, "envelope": payment.hex()})
         self.state.seen.append(digest)
         self.save()
         return {"rx": self.state.rx, "hash": bytes.fromhex(digest)}
 
-    def _check_payer(self, message: Any, parsed: offline.Payment, certificate: bytes) -> None:
-        assert self._issuer is not None
+    def _check_payer(self, message: Any, parsed: offline.Payment, certificate: bytes,
+                     endorsements: list[bytes]) -> None:
         envelope = offline.open_envelope(certificate)
-        if not offline.verify_es256(envelope, self._issuer):
+        if not any(offline.verify_es256(envelope, issuer) for issuer in self._payer_issuers(endorsements)):
             raise DeviceRefused("the payer's certificate does not verify", device_code="bad-certificate")
         payer = offline.parse_certificate(envelope.payload)
         if payer.device_id != parsed.payer or parsed.ts > payer.exp or self.clock() > payer.exp:
@@ -336,6 +352,26 @@ class SimulatedDevice:
             raise DeviceRefused("amount above the payer's per-payment cap", device_code="cap")
         if not offline.verify_es256(message, payer.pub):
             raise DeviceRefused("the payment's signature does not verify", device_code="bad-signature")
+
+    def _payer_issuers(self, endorsements: list[bytes]) -> list[bytes]:
+        """The keys a payer's certificate may be signed by: the pinned one; the ones pinned before it (a payer
+        not yet certified again after a rotation: this device trusted them before, and was shown no reason
+        to stop); and the key the payer's ``endorsements`` lead to from the pinned one, wherever the pinned
+        key is in the payer's chain (a payer certified again first)."""
+        assert self._issuer is not None
+        issuers = [self._issuer, *self._former]
+        handovers = []
+        for envelope in endorsements:
+            try:
+                handovers.append(offline.parse_endorsement(offline.open_envelope(envelope).payload))
+            except OfflineFormatError:
+                return issuers  # a malformed chain leads nowhere
+        for start, handover in enumerate(handovers):
+            if handover.old == self._issuer:
+                if offline.endorsed(self._issuer, handovers[-1].new, endorsements[start:]):
+                    issuers.append(handovers[-1].new)
+                break
+        return issuers
 
     def export(self) -> bytes:
         """The device-signed export of everything not yet acknowledged (cached until the state changes)."""
@@ -404,10 +440,11 @@ def _bytes(arguments: dict[str, Any], name: str) -> bytes:
 
 
 def _byte_list(arguments: dict[str, Any], name: str) -> list[bytes]:
-    """An optional array of byte strings (at most 16: a chain of hand-overs, not a payload)."""
+    """An optional array of byte strings (at most :data:`MAX_CHAIN`: a chain of hand-overs, not a payload)."""
     value = arguments.get(name, [])
-    if not isinstance(value, list | tuple) or len(value) > 16 or not all(isinstance(item, bytes) for item in value):
-        raise OfflineFormatError(f"{name} must be an array of at most 16 byte strings")
+    if (not isinstance(value, list | tuple) or len(value) > MAX_CHAIN
+            or not all(isinstance(item, bytes) for item in value)):
+        raise OfflineFormatError(f"{name} must be an array of at most {MAX_CHAIN} byte strings")
     return list(value)
 
 

@@ -407,6 +407,61 @@ async def test_a_device_follows_a_voucher_key_rotation_only_along_the_old_keys_e
     device.certify(base64.b64decode(again["certificate"]), again["issuer_public_key_pem"])
 
 
+async def test_devices_pay_each_other_across_a_rotation_and_take_no_other_issuer(gw: Gateway) -> None:
+    """Threat, both ways: after a voucher-key rotation, devices certified again refuse payments from devices
+    not yet certified again (and the other way round), so a rotation strands offline payments; or a payee
+    takes a payer certificate from any key the payer names — an insider's own issuer, with an endorsement
+    chain of their own making. A payer shows its chain; the payee follows it from its own pinned key only,
+    and trusts the keys it was pinned to before."""
+    first = await voucher_holder(gw)
+    wallet_id = await open_wallet(gw, 1, 100_000)
+    early, late = SimulatedDevice.create(), SimulatedDevice.create()
+    for device in (early, late):
+        await register(gw, device, wallet_id)
+        await load(gw, device, 3_000)
+    middle = await rotate(gw, first["key_id"])
+    new = await rotate(gw, middle["key_id"])
+    document = await (await recertify(gw, early.state.device_id)).json()  # `late` is not seen again yet
+    early.certify(base64.b64decode(document["certificate"]), document["issuer_public_key_pem"],
+                  [base64.b64decode(item) for item in document["endorsements"]])
+    assert document["kid"] == new["key_id"]
+    # The payee pinned on the old key follows the payer's chain to the new key...
+    paid = early.pay(late.state.device_id, 200)
+    assert len(paid["endorsements"]) == 2
+    with pytest.raises(DeviceRefused) as refused:  # (without its chain, the payer is a stranger)
+        late.receive(paid["payment"], paid["certificate"])
+    assert refused.value.extra["device_code"] == "bad-certificate"
+    late.receive(paid["payment"], paid["certificate"], endorsements=paid["endorsements"])
+    # ...and the payee certified again takes the payer still on the key it was pinned to before.
+    back = late.pay(early.state.device_id, 300)
+    early.receive(back["payment"], back["certificate"], endorsements=back["endorsements"])
+    # The attacks: an insider's own issuer certifies a device they hold (its key is theirs too), with no
+    # chain, with one they signed themselves, with one posing as the old key's, with the genuine chain
+    # followed by their own hand-over, and a chain that starts at a key the payee never pinned.
+    private, point, _ = rogue_issuer()
+    now = int(time.time() * 1000)
+    stranger = SimulatedDevice.create()
+    stranger.state.loads.append({"load_seq": 1, "amount": 5_000, "exp": now + 86_400_000, "at": now})
+    stranger.certify(offline.device_sign1(private, b"rogue", offline.Certificate(
+        stranger.state.device_id, wallet_id, stranger.point, 1, offline.Caps(1_000_000, 1_000_000, 100), now,
+        now + 86_400_000).payload()), offline.pem_from_point(point))
+    chain = paid["endorsements"]
+    own = offline.device_sign1(private, b"rogue", offline.Endorsement(point, point, now).payload())
+    posing = offline.device_sign1(private, b"rogue", offline.Endorsement(
+        offline.point_from_pem(first["public_key_pem"]), point, now).payload())
+    onto_theirs = offline.device_sign1(private, b"rogue", offline.Endorsement(
+        offline.point_from_pem(new["public_key_pem"]), point, now).payload())
+    elsewhere = offline.device_sign1(private, b"rogue", offline.Endorsement(
+        offline.point_from_pem(middle["public_key_pem"]), point, now).payload())
+    for payee in (early, late):
+        for endorsements in ([], [own], [posing], [*chain, onto_theirs], [elsewhere], chain):
+            forged = stranger.pay(payee.state.device_id, 100)
+            with pytest.raises(DeviceRefused) as refused:
+                payee.receive(forged["payment"], forged["certificate"], endorsements=endorsements)
+            assert refused.value.extra["device_code"] == "bad-certificate", endorsements
+    assert (late.state.rx, early.state.rx) == (1, 1)  # only the genuine payments were taken
+
+
 async def test_a_disabled_voucher_key_endorses_nothing(gw: Gateway) -> None:
     """Threat: a voucher key disabled as compromised still hands its devices over (whoever stole it could
     then endorse a key of their own). Its successor comes with no endorsement: re-certifying a device it

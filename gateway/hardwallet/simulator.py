@@ -243,8 +243,11 @@ class SimulatedDevice:
             # The pin moves along the endorsements; the chain is kept to show payees still pinned on an
             # older key (pay), and the key it moves from stays an issuer of payers' certificates (receive).
             state.endorsements = (state.endorsements + [e.hex() for e in endorsements or ()])[-MAX_CHAIN:]
-            state.former_issuers.append(state.issuer_key_pem)
-            self._former.append(self._issuer)
+            for envelope in endorsements or ():  # every key handed over from on the way (all verified above)
+                handed_over = offline.parse_endorsement(offline.open_envelope(envelope).payload).old
+                if handed_over not in self._former:
+                    state.former_issuers.append(offline.pem_from_point(handed_over))
+                    self._former.append(handed_over)
         state.certificate, state.issuer_key_pem = certificate.hex(), issuer_key_pem
         self._certificate, self._issuer = parsed, issuer
         self.save()
@@ -354,9 +357,9 @@ class SimulatedDevice:
             raise DeviceRefused("the payment's signature does not verify", device_code="bad-signature")
 
     def _payer_issuers(self, endorsements: list[bytes]) -> list[bytes]:
-        """The keys a payer's certificate may be signed by: the pinned one; the ones pinned before it (a payer
-        not yet certified again after a rotation: this device trusted them before, and was shown no reason
-        to stop); and the key the payer's ``endorsements`` lead to from the pinned one, wherever the pinned
+        """The keys a payer's certificate may be signed by: the pinned one; the ones this device was pinned to
+        or handed over through before (a payer not yet certified again after a rotation, or certified between
+        two: keys this device trusted or saw endorse their successor, and was shown no reason to stop); and the key the payer's ``endorsements`` lead to from the pinned one, wherever the pinned
         key is in the payer's chain (a payer certified again first)."""
         assert self._issuer is not None
         issuers = [self._issuer, *self._former]

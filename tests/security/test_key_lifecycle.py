@@ -420,6 +420,9 @@ async def test_devices_pay_each_other_across_a_rotation_and_take_no_other_issuer
         await register(gw, device, wallet_id)
         await load(gw, device, 3_000)
     middle = await rotate(gw, first["key_id"])
+    between = SimulatedDevice.create()  # certified by the key in the middle
+    await register(gw, between, wallet_id)
+    await load(gw, between, 3_000)
     new = await rotate(gw, middle["key_id"])
     document = await (await recertify(gw, early.state.device_id)).json()  # `late` is not seen again yet
     early.certify(base64.b64decode(document["certificate"]), document["issuer_public_key_pem"],
@@ -432,9 +435,14 @@ async def test_devices_pay_each_other_across_a_rotation_and_take_no_other_issuer
         late.receive(paid["payment"], paid["certificate"])
     assert refused.value.extra["device_code"] == "bad-certificate"
     late.receive(paid["payment"], paid["certificate"], endorsements=paid["endorsements"])
-    # ...and the payee certified again takes the payer still on the key it was pinned to before.
+    # ...and the payee certified again takes the payer still on the key it was pinned to before, or on one
+    # it was handed over through (a device certified between the two rotations).
     back = late.pay(early.state.device_id, 300)
     early.receive(back["payment"], back["certificate"], endorsements=back["endorsements"])
+    across = between.pay(early.state.device_id, 400)
+    early.receive(across["payment"], across["certificate"], endorsements=across["endorsements"])
+    assert [offline.point_from_pem(pem) for pem in early.state.former_issuers] == [
+        offline.point_from_pem(first["public_key_pem"]), offline.point_from_pem(middle["public_key_pem"])]
     # The attacks: an insider's own issuer certifies a device they hold (its key is theirs too), with no
     # chain, with one they signed themselves, with one posing as the old key's, with the genuine chain
     # followed by their own hand-over, and a chain that starts at a key the payee never pinned.
@@ -459,7 +467,7 @@ async def test_devices_pay_each_other_across_a_rotation_and_take_no_other_issuer
             with pytest.raises(DeviceRefused) as refused:
                 payee.receive(forged["payment"], forged["certificate"], endorsements=endorsements)
             assert refused.value.extra["device_code"] == "bad-certificate", endorsements
-    assert (late.state.rx, early.state.rx) == (1, 1)  # only the genuine payments were taken
+    assert (late.state.rx, early.state.rx) == (1, 2)  # only the genuine payments were taken
 
 
 async def test_a_disabled_voucher_key_endorses_nothing(gw: Gateway) -> None:

@@ -359,8 +359,9 @@ class SimulatedDevice:
     def _payer_issuers(self, endorsements: list[bytes]) -> list[bytes]:
         """The keys a payer's certificate may be signed by: the pinned one; the ones this device was pinned to
         or handed over through before (a payer not yet certified again after a rotation, or certified between
-        two: keys this device trusted or saw endorse their successor, and was shown no reason to stop); and the key the payer's ``endorsements`` lead to from the pinned one, wherever the pinned
-        key is in the payer's chain (a payer certified again first)."""
+        two: keys this device trusted or saw endorse their successor, and was shown no reason to stop); and
+        the key the payer's ``endorsements`` lead to from the pinned one, wherever the pinned key is in the
+        payer's chain (a payer certified again first)."""
         assert self._issuer is not None
         issuers = [self._issuer, *self._former]
         handovers = []

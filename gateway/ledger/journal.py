@@ -29,9 +29,9 @@ from gateway.ledger.store import Tx
 ISSUANCE = "bank:issuance"
 SUSPENSE = "bank:suspense"
 HOUSE_ACCOUNTS = frozenset((ISSUANCE, SUSPENSE))
+"""The bank's own accounts, whose postings on PostgreSQL are pending until folded (see the module's docstring)."""
 COUNTED_MOVES = frozenset(("cash_in", "cash_out", "device_load"))
 """Entry kinds whose daily total per wallet the approval thresholds read (``wallet_moves``, :func:`moved_today`)."""
-"""The bank's own accounts, whose postings on PostgreSQL are pending until folded (see the module's docstring)."""
 CHINA_STANDARD_TIME = timezone(timedelta(hours=8), "CST")
 
 

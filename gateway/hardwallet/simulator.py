@@ -237,14 +237,14 @@ class SimulatedDevice:
             raise DeviceRefused("the certificate is for another device or key", device_code="bad-certificate")
         state = self.state
         if self._issuer is not None and issuer != self._issuer:
-            if not offline.endorsed(self._issuer, issuer, list(endorsements or ())):
+            path = offline.endorsement_path(self._issuer, list(endorsements or ()))
+            if path is None or path[-1] != issuer:
                 raise DeviceRefused("the certificate's issuer is not the key this device pins, and no endorsement "
                                     "by that key leads to it", device_code="issuer-not-endorsed")
             # The pin moves along the endorsements; the chain is kept to show payees still pinned on an
-            # older key (pay), and the key it moves from stays an issuer of payers' certificates (receive).
+            # older key (pay), and the keys it moves through stay issuers of payers' certificates (receive).
             state.endorsements = (state.endorsements + [e.hex() for e in endorsements or ()])[-MAX_CHAIN:]
-            for envelope in endorsements or ():  # every key handed over from on the way (all verified above)
-                handed_over = offline.parse_endorsement(offline.open_envelope(envelope).payload).old
+            for handed_over in path[:-1]:
                 if handed_over not in self._former:
                     state.former_issuers.append(offline.pem_from_point(handed_over))
                     self._former.append(handed_over)
@@ -364,16 +364,10 @@ class SimulatedDevice:
         payer's chain (a payer certified again first)."""
         assert self._issuer is not None
         issuers = [self._issuer, *self._former]
-        handovers = []
-        for envelope in endorsements:
-            try:
-                handovers.append(offline.parse_endorsement(offline.open_envelope(envelope).payload))
-            except OfflineFormatError:
-                return issuers  # a malformed chain leads nowhere
-        for start, handover in enumerate(handovers):
-            if handover.old == self._issuer:
-                if offline.endorsed(self._issuer, handovers[-1].new, endorsements[start:]):
-                    issuers.append(handovers[-1].new)
+        for start in range(len(endorsements)):  # the payer's chain, from where the pinned key is in it
+            path = offline.endorsement_path(self._issuer, endorsements[start:])
+            if path is not None:
+                issuers.append(path[-1])
                 break
         return issuers
 

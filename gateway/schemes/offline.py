@@ -309,21 +309,27 @@ def parse_endorsement(payload: bytes) -> Endorsement:
                        uint(claims, "iat"))
 
 
-def endorsed(pinned: bytes, issuer: bytes, endorsements: list[bytes]) -> bool:
-    """Whether ``endorsements`` (COSE_Sign1 envelopes, oldest first) lead from the ``pinned`` issuer key to
-    ``issuer``: each signed by the key reached so far and naming it as ``old``. No endorsement leads from
-    a key to itself; anything malformed leads nowhere."""
-    reached = pinned
+def endorsement_path(pinned: bytes, endorsements: list[bytes]) -> list[bytes] | None:
+    """The keys ``endorsements`` (COSE_Sign1 envelopes, oldest first) lead through from the ``pinned`` issuer
+    key, ``pinned`` first and the key reached last; each endorsement must be signed by the key reached so
+    far and name it as ``old``. None when one is not, or is malformed: such a chain leads nowhere."""
+    path = [pinned]
     for envelope in endorsements:
         try:
             message = open_envelope(envelope)
             endorsement = parse_endorsement(message.payload)
         except OfflineFormatError:
-            return False
-        if endorsement.old != reached or not verify_es256(message, reached):
-            return False
-        reached = endorsement.new
-    return reached == issuer
+            return None
+        if endorsement.old != path[-1] or not verify_es256(message, path[-1]):
+            return None
+        path.append(endorsement.new)
+    return path
+
+
+def endorsed(pinned: bytes, issuer: bytes, endorsements: list[bytes]) -> bool:
+    """Whether ``endorsements`` lead from the ``pinned`` issuer key to ``issuer`` (:func:`endorsement_path`)."""
+    path = endorsement_path(pinned, endorsements)
+    return path is not None and path[-1] == issuer
 
 
 class Payment(NamedTuple):

@@ -17,7 +17,8 @@ INSERT INTO wallet_moves (wallet_id, business_day, kind, amount)
     WHERE j.kind IN ('cash_in', 'cash_out', 'device_load') AND p.account_id LIKE 'w:%'
     GROUP BY substr(p.account_id, 3), j.business_day, j.kind;
 
--- The two server-side posts (migrations 0016 and 0022) read the day's total from wallet_moves and add to it.
+-- The two server-side posts of migration 0016 read the day's total from wallet_moves and add to it;
+-- ecny_post_cash also adds its issuance leg to house_pending (migration 0022), taking no row lock.
 CREATE OR REPLACE FUNCTION ecny_post_cash(
     p_kind TEXT, p_wallet TEXT, p_amount BIGINT, p_entry_id TEXT, p_actor TEXT, p_day TEXT, p_now TEXT,
     p_cap BIGINT[], p_single_threshold BIGINT, p_daily_threshold BIGINT,

@@ -49,7 +49,7 @@ from gateway.keys import KeyDirectory, KeyRecord, Usage, key_for_usage, public_k
 from gateway.ledger.store import Database, Row, Tx
 from gateway.operations import idempotency
 from gateway.operations.idempotency import Answer, IdempotentRequest
-from gateway.operations.signed import SignedOperation, ToSign
+from gateway.operations.signed import SignedOperation, Stored, ToSign
 from gateway.risk.signals import record_signal_in
 from gateway.schemes import cose
 from gateway.signing import Signer
@@ -130,9 +130,9 @@ class AttestationSigning:
     async def sign(self, subject: Recorded) -> bytes:
         return await sign1_with_profile(self.signer, self.profile, subject.key, bytes(subject.row["claims"]))
 
-    def store_in(self, tx: Tx, subject: Recorded, signature: bytes) -> Answer:
-        envelope = records.store_envelope(tx, subject.attestation_id, signature)
-        return Answer(201, attestation_document(subject.row, envelope))
+    def store_in(self, tx: Tx, subject: Recorded, signature: bytes) -> Stored:
+        return Stored(Answer(201, attestation_document(subject.row, signature)),
+                      *records.store_envelope(tx, subject.attestation_id, signature))
 
 
 class Attestations:
@@ -220,7 +220,7 @@ class Attestations:
         outcome = await self.database.write(check_and_record)  # steps 1 and 2
         if isinstance(outcome, GatewayError):
             raise outcome
-        return await self.signed.finish(outcome.subject, request)
+        return await self.signed.finish(outcome.reference, outcome.subject, request)
 
     def _refuse_in(self, tx: Tx, wanted: AttestationRequest, fingerprint: str, first: records.Financing,
                    entry: AuditEntry) -> AlreadyFinanced:

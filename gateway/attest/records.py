@@ -12,7 +12,7 @@ from typing import Any
 
 from gateway import clock
 from gateway.errors import AttestationNotFound
-from gateway.ledger.store import Row, Tx
+from gateway.ledger.store import Params, Row, Tx
 
 FEED_LOCK = "alliance-feed"
 """Serialises every finance attestation of this bank: publication_seq is MAX + 1 under it, so the feed
@@ -85,12 +85,12 @@ def get_attestation(tx: Tx, attestation_id: str) -> Row:
     return row
 
 
-def store_envelope(tx: Tx, attestation_id: str, envelope: bytes) -> bytes:
-    """Store the signature unless another finisher stored one first; the envelope that stands."""
-    tx.execute("UPDATE attestations SET envelope = ? WHERE attestation_id = ? AND envelope IS NULL",
-               (envelope, attestation_id))
-    row = get_attestation(tx, attestation_id)
-    return bytes(row["envelope"])
+def store_envelope(tx: Tx, attestation_id: str, envelope: bytes) -> tuple[str, Params]:
+    """Queue the signature's write unless another finisher stored one first; the query (and its
+    parameters) with a row only when the stored envelope is this one."""
+    tx.queue("UPDATE attestations SET envelope = ? WHERE attestation_id = ? AND envelope IS NULL",
+             (envelope, attestation_id))
+    return "SELECT 1 FROM attestations WHERE attestation_id = ? AND envelope = ?", (attestation_id, envelope)
 
 
 def search(tx: Tx, number: str | None, issuer_tax_id: str | None, limit: int) -> list[Row]:

@@ -28,7 +28,7 @@ from gateway.evm.transactions import ALGORITHM
 from gateway.keys import KeyDirectory, KeyRecord, Usage, evm_address
 from gateway.ledger.store import Database, Tx
 from gateway.operations.idempotency import Answer, IdempotentRequest
-from gateway.operations.signed import SignedOperation, ToSign
+from gateway.operations.signed import SignedOperation, Stored, ToSign
 from gateway.schemes.evm.signatures import recover_signature
 from gateway.signing import Signer
 
@@ -84,11 +84,11 @@ class MessageSigning:
         raw = await self.messages.signer.sign(key.key_id, ALGORITHM, digest)
         return "0x" + recover_signature(digest, raw, key.public_key).rsv().hex()
 
-    def store_in(self, tx: Tx, row: Any, rsv: str) -> Answer:
-        # A concurrent finisher may have stored its signature first: answer with the stored one.
-        tx.execute("UPDATE evm_messages SET status = 'signed', signature = ?, signed_at = ? "
-                   "WHERE message_id = ? AND status = 'unsigned'", (rsv, clock.now_iso(), row["message_id"]))
-        return Answer(200, message_document(EvmMessages.row_in(tx, row["message_id"])))
+    def store_in(self, tx: Tx, row: Any, rsv: str) -> Stored:
+        tx.queue("UPDATE evm_messages SET status = 'signed', signature = ?, signed_at = ? "
+                 "WHERE message_id = ? AND status = 'unsigned'", (rsv, clock.now_iso(), row["message_id"]))
+        return Stored(Answer(200, message_document({**row, "status": "signed", "signature": rsv})),
+                      "SELECT 1 FROM evm_messages WHERE message_id = ? AND signature = ?", (row["message_id"], rsv))
 
 
 class EvmMessages:

@@ -45,7 +45,7 @@ from gateway.errors import (
 from gateway.keys import KeyDirectory, KeyRecord, Usage, evm_address
 from gateway.ledger.store import Database, Tx
 from gateway.operations.idempotency import Answer, IdempotentRequest
-from gateway.operations.signed import SignedOperation, ToSign
+from gateway.operations.signed import SignedOperation, Stored, ToSign
 from gateway.policy import evm as policy
 from gateway.policy.chains import EvmChainSettings
 from gateway.policy.evm import Intent
@@ -89,6 +89,8 @@ class Recorded:
     approval_id: str | None
     signing_hash: str
     unsigned: UnsignedTransaction
+    row: dict[str, Any]
+    """The row as inserted (not read back), for its answer."""
 
 
 def business_day() -> str:
@@ -131,6 +133,8 @@ class ToSignTransaction:
     transaction_id: str
     unsigned: UnsignedTransaction | None
     key: KeyRecord | None
+    row: Any = None
+    """The row as recorded, while it waits for its signature."""
     document: dict[str, Any] | None = None
 
 
@@ -160,12 +164,12 @@ class TransactionSigning:
         transactions = self.transactions
         row = await transactions.database.read(lambda tx: transactions.row_in(tx, reference))
         if row["status"] != "unsigned":
-            return ToSignTransaction(reference, None, None, transaction_document(row))
+            return ToSignTransaction(reference, None, None, document=transaction_document(row))
         unsigned = UnsignedTransaction.from_json(json.loads(row["unsigned_tx"]))
         if unsigned.signing_hash().hex() != row["signing_hash"]:
             raise InvalidEvmTransaction(f"transaction {reference}: stored fields do not match the signing hash")
         return ToSignTransaction(reference, unsigned, await transactions.keys.for_signing(
-            transactions.database, row["key_id"], Usage.EVM))
+            transactions.database, row["key_id"], Usage.EVM), row)
 
     def answered(self, subject: ToSignTransaction) -> Answer | None:
         return None if subject.document is None else _transaction_answer(subject.document)
@@ -174,12 +178,16 @@ class TransactionSigning:
         assert subject.unsigned is not None and subject.key is not None
         return await self.transactions.sign_recorded(subject.transaction_id, subject.unsigned, subject.key)
 
-    def store_in(self, tx: Tx, subject: ToSignTransaction, signed: SignedTransaction) -> Answer:
-        tx.execute("UPDATE evm_transactions SET status = 'signed', raw_transaction = ?, tx_hash = ?, signed_at = ? "
-                   "WHERE transaction_id = ? AND status = 'unsigned'",
-                   (signed.raw, "0x" + signed.tx_hash.hex(), clock.now_iso(), subject.transaction_id))
-        # A concurrent finisher may have stored its signature first: answer with the stored one.
-        return _transaction_answer(transaction_document(self.transactions.row_in(tx, subject.transaction_id)))
+    def store_in(self, tx: Tx, subject: ToSignTransaction, signed: SignedTransaction) -> Stored:
+        tx_hash = "0x" + signed.tx_hash.hex()
+        tx.queue("UPDATE evm_transactions SET status = 'signed', raw_transaction = ?, tx_hash = ?, signed_at = ? "
+                 "WHERE transaction_id = ? AND status = 'unsigned'",
+                 (signed.raw, tx_hash, clock.now_iso(), subject.transaction_id))
+        document = transaction_document({**subject.row, "status": "signed", "raw_transaction": signed.raw,
+                                         "tx_hash": tx_hash})
+        return Stored(_transaction_answer(document),
+                      "SELECT 1 FROM evm_transactions WHERE transaction_id = ? AND raw_transaction = ?",
+                      (subject.transaction_id, signed.raw))
 
 
 class EvmTransactions:
@@ -383,15 +391,15 @@ class EvmTransactions:
         else:
             self.add_spend_in(tx, chain_id, address, amounts, day)
         status = "pending_approval" if pending else "unsigned"
-        tx.execute(
-            "INSERT INTO evm_transactions (transaction_id, chain_id, key_id, from_address, nonce, tx_type, "
-            "unsigned_tx, signing_hash, intent, asset, amount, business_day, status, approval_id, requested_by, "
-            "created_at) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            (transaction_id, chain_id, draft.key.key_id, address, nonce, unsigned.tx_type,
-             canonical_json(unsigned_document), signing_hash, canonical_json(intent_document),
-             draft.intent.asset, str(draft.intent.amount), day, status, approval_id, entry.actor, now),
-        )
+        row: dict[str, Any] = {
+            "transaction_id": transaction_id, "chain_id": chain_id, "key_id": draft.key.key_id,
+            "from_address": address, "nonce": nonce, "tx_type": unsigned.tx_type,
+            "unsigned_tx": canonical_json(unsigned_document), "signing_hash": signing_hash,
+            "intent": canonical_json(intent_document), "asset": draft.intent.asset, "amount": str(draft.intent.amount),
+            "business_day": day, "status": status, "approval_id": approval_id, "requested_by": entry.actor,
+            "created_at": now}
+        tx.execute(f"INSERT INTO evm_transactions ({', '.join(row)}) VALUES ({', '.join('?' * len(row))})",
+                   tuple(row.values()))
         entry.key_id = draft.key.key_id
         entry.decision = "pending_approval" if pending else "allowed"
         entry.result = {"transaction_id": transaction_id, "chain_id": chain_id, "from": address, "nonce": nonce,
@@ -403,7 +411,8 @@ class EvmTransactions:
                          transaction_id=transaction_id, chain_id=chain_id, asset=draft.intent.asset,
                          symbol=draft.intent.symbol, decimals=draft.intent.decimals, amount=str(draft.intent.amount),
                          status=status)
-        return Recorded(transaction_id, status, nonce, approval_id, signing_hash, unsigned)
+        return Recorded(transaction_id, status, nonce, approval_id, signing_hash, unsigned,
+                        {**row, "raw_transaction": None, "tx_hash": None, "signed_at": None})
 
     # --- signing after commit ----------------------------------------------------------------
 
@@ -427,9 +436,9 @@ class EvmTransactions:
         def record(tx: Tx) -> Answer | ToSign[ToSignTransaction]:
             recorded = self.record_in(tx, draft, entry)
             if recorded.status == "pending_approval":
-                return Answer(202, transaction_document(self.row_in(tx, recorded.transaction_id)))
+                return Answer(202, transaction_document(recorded.row))
             return ToSign(recorded.transaction_id,
-                          ToSignTransaction(recorded.transaction_id, recorded.unsigned, draft.key))
+                          ToSignTransaction(recorded.transaction_id, recorded.unsigned, draft.key, recorded.row))
 
         return _require_signed(await self.signed.run(request, record))
 

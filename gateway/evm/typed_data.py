@@ -32,7 +32,7 @@ from gateway.evm.transactions import ALGORITHM, EvmTransactions, business_day, l
 from gateway.keys import KeyDirectory, KeyRecord, Usage, evm_address
 from gateway.ledger.store import Database, Tx
 from gateway.operations.idempotency import Answer, IdempotentRequest
-from gateway.operations.signed import SignedOperation, ToSign
+from gateway.operations.signed import SignedOperation, Stored, ToSign
 from gateway.policy import evm as policy
 from gateway.policy.chains import EvmChainSettings
 from gateway.schemes.evm.eip712 import TypedData, parse_typed_data
@@ -82,11 +82,11 @@ class TypedDataSigning:
         raw = await typed_data.signer.sign(key.key_id, ALGORITHM, typed.digest)
         return "0x" + recover_signature(typed.digest, raw, key.public_key).rsv().hex()
 
-    def store_in(self, tx: Tx, row: Any, rsv: str) -> Answer:
-        # A concurrent finisher may have stored its signature first: answer with the stored one.
-        tx.execute("UPDATE evm_typed_data SET status = 'signed', signature = ?, signed_at = ? "
-                   "WHERE request_id = ? AND status = 'unsigned'", (rsv, clock.now_iso(), row["request_id"]))
-        return Answer(200, typed_data_document(EvmTypedData.row_in(tx, row["request_id"])))
+    def store_in(self, tx: Tx, row: Any, rsv: str) -> Stored:
+        tx.queue("UPDATE evm_typed_data SET status = 'signed', signature = ?, signed_at = ? "
+                 "WHERE request_id = ? AND status = 'unsigned'", (rsv, clock.now_iso(), row["request_id"]))
+        return Stored(Answer(200, typed_data_document({**row, "status": "signed", "signature": rsv})),
+                      "SELECT 1 FROM evm_typed_data WHERE request_id = ? AND signature = ?", (row["request_id"], rsv))
 
 
 def typed_data_document(row: Any) -> dict[str, Any]:

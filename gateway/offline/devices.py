@@ -64,7 +64,7 @@ from gateway.offline.upload import apply_checks, hashes_to_check, plan_checks, r
 from gateway.offline.verify import InlineVerifier, Verifier
 from gateway.operations import idempotency
 from gateway.operations.idempotency import Answer, IdempotentRequest
-from gateway.operations.signed import SignedOperation, ToSign
+from gateway.operations.signed import SignedOperation, Stored, ToSign
 from gateway.risk.signals import record_signal_in
 from gateway.schemes import offline
 from gateway.schemes.canonical import map_around
@@ -175,6 +175,8 @@ class LoadResult:
     load_seq: int
     amount: int
     entry_id: str
+    exp: int
+    """When the voucher expires (epoch ms)."""
     payload: bytes = b""  # the voucher's payload, to sign
 
     @property
@@ -386,7 +388,7 @@ class Devices:
         entry.result = {"device_id": device_id, "wallet_id": wallet["wallet_id"], "load_seq": load_seq,
                         "amount_fen": amount, "entry_id": entry_id}
         append(tx, [entry])
-        return LoadResult(device_id, load_seq, amount, entry_id, voucher.payload())
+        return LoadResult(device_id, load_seq, amount, entry_id, voucher.exp, voucher.payload())
 
     def _load_on_server(self, tx: Tx, device_id: str, amount: int, entry: AuditEntry, approved: bool
                         ) -> LoadResult | None:
@@ -429,7 +431,7 @@ class Devices:
         entry.result = {"device_id": device_id, "wallet_id": wallet_id, "load_seq": load_seq, "amount_fen": amount,
                         "entry_id": entry_id}
         append(tx, [entry])
-        return LoadResult(device_id, load_seq, amount, entry_id, head + cbor2.dumps(load_seq) + tail)
+        return LoadResult(device_id, load_seq, amount, entry_id, exp, head + cbor2.dumps(load_seq) + tail)
 
     async def load(self, request: IdempotentRequest | None, device_id: str, amount: int,
                    entry: AuditEntry) -> Answer:
@@ -441,6 +443,7 @@ class Devices:
             if not isinstance(result, LoadResult):  # above the threshold: the pending approval, answered now
                 return Answer(202, result)
             return ToSign(result.reference, {"device_id": result.device_id, "load_seq": result.load_seq,
+                                             "amount": result.amount, "exp": result.exp, "entry_id": result.entry_id,
                                              "payload": result.payload, "voucher": None})
 
         return await self.signed_loads.run(request, record)
@@ -776,13 +779,14 @@ class VoucherSigning:
     async def sign(self, row: Any) -> tuple[bytes, str]:
         return await self.devices.sign(bytes(row["payload"]))
 
-    def store_in(self, tx: Tx, row: Any, signature: tuple[bytes, str]) -> Answer:
+    def store_in(self, tx: Tx, row: Any, signature: tuple[bytes, str]) -> Stored:
         envelope, kid = signature
         device_id, load_seq = row["device_id"], int(row["load_seq"])
-        tx.execute("UPDATE device_loads SET voucher = ?, kid = ? WHERE device_id = ? AND load_seq = ? "
-                   "AND voucher IS NULL", (envelope, kid, device_id, load_seq))
-        # Read back: another finisher may have stored its voucher first; the answer carries the stored one.
-        return Answer(201, load_document(Devices._load_row(tx, device_id, load_seq)))
+        tx.queue("UPDATE device_loads SET voucher = ?, kid = ? WHERE device_id = ? AND load_seq = ? "
+                 "AND voucher IS NULL", (envelope, kid, device_id, load_seq))
+        return Stored(Answer(201, load_document({**row, "voucher": envelope, "kid": kid})),
+                      "SELECT 1 FROM device_loads WHERE device_id = ? AND load_seq = ? AND voucher = ?",
+                      (device_id, load_seq, envelope))
 
 
 def register_offline_approvals(approvals: Approvals, devices: Devices) -> None:

@@ -31,7 +31,7 @@ import orjson
 
 from gateway import clock
 from gateway.errors import IdempotencyConflict, IdempotencyRaced
-from gateway.ledger.store import Database, Tx
+from gateway.ledger.store import Database, Params, Tx
 
 JSON = "application/json"
 REFERENCE = "application/x-ecny-reference"
@@ -141,15 +141,23 @@ def refer_in(tx: Tx, request: IdempotentRequest | None, reference: str) -> None:
     record_in(tx, request, 0, REFERENCE, reference.encode())
 
 
-def complete_in(tx: Tx, request: IdempotentRequest | None, answer: Answer) -> None:
-    """Replace a reference record with the final answer, inside the caller's transaction."""
+def complete_in(tx: Tx, request: IdempotentRequest | None, answer: Answer,
+                kept: tuple[str, Params] | None = None) -> None:
+    """Replace a reference record with the final answer, inside the caller's transaction (queued).
+
+    ``kept``: a query and its parameters; the record is completed only if it has a row (the signature
+    this answer carries is the one stored), so that a finisher whose signature lost a race never records
+    an answer other than the stored one.
+    """
     if request is None:
         return
-    tx.queue(
-        "UPDATE idempotency SET status = ?, content_type = ?, body = ? WHERE principal = ? AND idem_key = ? "
-        "AND status = 0",
-        (answer.status, answer.content_type, answer.body, request.scope, request.key),
-    )
+    sql = ("UPDATE idempotency SET status = ?, content_type = ?, body = ? WHERE principal = ? AND idem_key = ? "
+           "AND status = 0")
+    params: tuple[Any, ...] = (answer.status, answer.content_type, answer.body, request.scope, request.key)
+    if kept is not None:
+        sql += f" AND EXISTS ({kept[0]})"
+        params += tuple(kept[1])
+    tx.queue(sql, params)
 
 
 def answer_unless_present_in(tx: Tx, request: IdempotentRequest | None, answer: Answer) -> bool:

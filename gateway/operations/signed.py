@@ -5,12 +5,16 @@
    else a *reference* to what was recorded;
 2. **commit**;
 3. **sign** through the HSM (never holding a ledger lock);
-4. **store** the signature and the final answer (completing the idempotency record) in one transaction.
+4. **store** the signature and the final answer (completing the idempotency record) in one transaction,
+   sent as one batch: the signature is written only where none is stored, the idempotency record is
+   completed only if the stored signature is this one, and a last query says whether it is — one round
+   trip on PostgreSQL, the ``COMMIT`` included.
 
 A crash between 2 and 4 leaves recorded work without its signature: the next replay of the same
 Idempotency-Key (:meth:`SignedOperation.resume`), a read of the resource or the approval that carries
-it out (:meth:`SignedOperation.finish`) signs exactly what was recorded, once — the store step only
-writes a signature where none is stored, so two finishers racing answer with the same one.
+it out (:meth:`SignedOperation.finish`) signs exactly what was recorded, once. Two finishers racing
+answer with the same signature: the one whose signature was not kept reads the recorded work again and
+answers (and completes its idempotency record) with the stored one.
 
 What differs per kind (a transfer's COSE envelope, a voucher, an EVM transaction, an EIP-712 digest)
 is a :class:`SigningStep`; the order of the steps, the idempotency record and the transactions are
@@ -23,7 +27,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Generic, Protocol, TypeVar
 
-from gateway.ledger.store import Database, Tx
+from gateway.errors import StoreUnavailable
+from gateway.ledger.store import Database, Params, Tx
 from gateway.operations import idempotency
 from gateway.operations.idempotency import Answer, IdempotentRequest
 
@@ -39,6 +44,18 @@ class ToSign(Generic[SubjectT]):
 
     reference: str
     subject: SubjectT
+
+
+@dataclass(frozen=True)
+class Stored:
+    """A signature a step queued for storing (:meth:`SigningStep.store_in`): the answer it makes, and how
+    to tell that it is the signature kept — it is not when another finisher stored the same work's first."""
+
+    answer: Answer
+    """The final answer when this signature is the one stored."""
+    kept: str
+    """A query (``SELECT 1 FROM … WHERE …``) with a row only when the stored signature is this one."""
+    kept_params: Params
 
 
 class SigningStep(Protocol[Subject, Signature]):
@@ -57,8 +74,9 @@ class SigningStep(Protocol[Subject, Signature]):
         """Step 3: the HSM's signature over the recorded payload (no store write)."""
         ...
 
-    def store_in(self, tx: Tx, subject: Subject, signature: Signature) -> Answer:
-        """Step 4: store the signature unless another finisher stored one first; the final answer."""
+    def store_in(self, tx: Tx, subject: Subject, signature: Signature) -> Stored:
+        """Step 4: queue (:meth:`~gateway.ledger.store.Tx.queue`) the write of the signature where none is
+        stored, and say what it answers and how to tell it was kept. Nothing is read here."""
         ...
 
 
@@ -101,31 +119,44 @@ class SignedOperation(Generic[Subject, Signature]):
                 request.recorded_in_transaction = False  # rolled back: nothing of it was recorded
             raise
         if isinstance(outcome, ToSign):
-            return await self.finish(outcome.subject, request)
+            return await self.finish(outcome.reference, outcome.subject, request)
         return outcome
 
     async def resume(self, reference: str, request: IdempotentRequest | None = None) -> Answer:
         """A replay meeting a reference record: finish the recorded work as the first request would have."""
-        return await self.finish(await self.step.load(reference), request)
+        return await self.finish(reference, await self.step.load(reference), request)
 
     async def reference(self, reference: str) -> Answer:
         """The answer for recorded work, signing it first if it waits for its signature (a read, an approval)."""
-        return await self.finish(await self.step.load(reference))
+        return await self.finish(reference, await self.step.load(reference))
 
-    async def finish(self, subject: Subject, request: IdempotentRequest | None = None) -> Answer:
-        """Steps 3 and 4 for recorded, committed work; the idempotency record (if any) is completed in
-        the transaction that stores the signature — or, when the work was signed already, on its own."""
+    async def finish(self, reference: str, subject: Subject, request: IdempotentRequest | None = None) -> Answer:
+        """Steps 3 and 4 for recorded, committed work (``subject``, as ``reference`` names it); the
+        idempotency record (if any) is completed in the transaction that stores the signature — or, when
+        the work was signed already, on its own."""
         answer = self.step.answered(subject)
         if answer is not None:
-            if request is not None and answer.final:
-                await self.database.write(lambda tx: idempotency.complete_in(tx, request, answer))
-            return answer
+            return await self._answer_signed(answer, request)
         signature = await self.step.sign(subject)  # step 3
 
-        def store(tx: Tx) -> Answer:  # step 4
-            final = self.step.store_in(tx, subject, signature)
-            if final.final:
-                idempotency.complete_in(tx, request, final)
-            return final
+        def store(tx: Tx) -> Answer | None:  # step 4: one batch, read once
+            stored = self.step.store_in(tx, subject, signature)
+            if stored.answer.final:
+                idempotency.complete_in(tx, request, stored.answer, kept=(stored.kept, stored.kept_params))
+            row = tx.fetchone(f"SELECT EXISTS ({stored.kept}) AS kept", stored.kept_params, then_commit=True)
+            return stored.answer if row is not None and row["kept"] else None
 
-        return await self.database.write(store)
+        answer = await self.database.write(store)
+        if answer is not None:
+            return answer
+        # Another finisher's signature was stored first (or the work was settled otherwise): answer with it.
+        answer = self.step.answered(await self.step.load(reference))
+        if answer is None:
+            raise StoreUnavailable(f"the signature stored for {reference[:40]} could not be read back")
+        return await self._answer_signed(answer, request)
+
+    async def _answer_signed(self, answer: Answer, request: IdempotentRequest | None) -> Answer:
+        """The answer of work signed already, completing the idempotency record with it when it is final."""
+        if request is not None and answer.final:
+            await self.database.write(lambda tx: idempotency.complete_in(tx, request, answer))
+        return answer

@@ -66,7 +66,7 @@ from gateway.ledger import journal
 from gateway.ledger.store import Database, Row, Tx
 from gateway.operations import idempotency
 from gateway.operations.idempotency import Answer, IdempotentRequest
-from gateway.operations.signed import SignedOperation, ToSign
+from gateway.operations.signed import SignedOperation, Stored, ToSign
 from gateway.policy.limits import Decision, check_payment, check_receipt, check_status
 from gateway.risk.signals import record_signal_in
 from gateway.schemes.canonical import map_around
@@ -667,17 +667,15 @@ class TransferSigning:
         assert subject.key is not None  # chosen with the row whenever it awaits its envelope
         return await self.wallets.seal(subject.key, bytes(subject.row["payload"]))
 
-    def store_in(self, tx: Tx, subject: ToSeal, signature: tuple[bytes, str]) -> Answer:
+    def store_in(self, tx: Tx, subject: ToSeal, signature: tuple[bytes, str]) -> Stored:
         row = subject.row
         envelope, kid = signature
         transfer_id = row["transfer_id"]
-        changed = tx.execute("UPDATE transfers SET envelope = ?, kid = ? WHERE transfer_id = ? AND envelope IS NULL",
-                             (envelope, kid, transfer_id))
-        if changed:
-            document = {**transfer_document(row), "envelope": base64.b64encode(envelope).decode(), "kid": kid}
-        else:  # another finisher stored its envelope first: answer with that one
-            document = transfer_document(Wallets._transfer_row(tx, transfer_id))
-        return Answer(transfer_status(document["status"]), document)
+        tx.queue("UPDATE transfers SET envelope = ?, kid = ? WHERE transfer_id = ? AND envelope IS NULL",
+                 (envelope, kid, transfer_id))
+        document = {**transfer_document(row), "envelope": base64.b64encode(envelope).decode(), "kid": kid}
+        return Stored(Answer(transfer_status(document["status"]), document),
+                      "SELECT 1 FROM transfers WHERE transfer_id = ? AND envelope = ?", (transfer_id, envelope))
 
 
 def transfer_document(row: Any) -> dict[str, Any]:

@@ -9,6 +9,7 @@ client waits for (a delay of 2.5 ms each way: whatever psycopg pipelines travels
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import json
 import os
@@ -52,6 +53,7 @@ from gateway.schemes.offline import Voucher
 from gateway.wallets.accounts import (
     Ending,
     TransferIntent,
+    TransferSigning,
     Wallets,
     bigint_array,
     transfer_payload,
@@ -338,6 +340,63 @@ class StopBeforeSigning:
 
     def store_in(self, tx: Tx, subject: Any, signature: Any) -> Any:
         raise AssertionError("never signed")
+
+
+class StandInSignature(TransferSigning):
+    """The transfers' signing step with the HSM left out: ``sign`` answers fixed bytes (these tests are
+    about what the store keeps and answers, not the signature: the HSM tests verify real envelopes)."""
+
+    def __init__(self, wallets: Wallets, envelope: bytes) -> None:
+        super().__init__(wallets)
+        self.envelope = envelope
+
+    async def sign(self, subject: Any) -> tuple[bytes, str]:
+        return self.envelope, "stand-in-kid"
+
+
+async def test_a_signature_is_stored_with_its_answer_in_one_round_trip_and_a_lost_race_answers_the_kept_one(
+        postgres_server: PostgresServer) -> None:
+    """Step 4 of a signed operation (store the signature, complete the Idempotency-Key record, COMMIT) is
+    one round trip on the wire, so a signed transfer costs two in all. Two finishers racing over one
+    recorded transfer — a read that signs it (no key) and the key's replay, which loaded the transfer
+    before the read stored its envelope: the replay's signature is not kept, and it answers, and completes
+    its key's record, with the envelope that was kept — never with its own."""
+    async with behind_proxy(postgres_server) as (database, proxy):
+        wallets = wallets_on(database)
+        payer, payee = await funded_pair(database, wallets)
+        await database.write(ecny_key)
+
+        def record(request: IdempotentRequest) -> Any:
+            return lambda tx: wallets.record_transfer_in(tx, TransferIntent(payer, payee, 100, ""),
+                                                         entry(5, "transfers.create"), Ending(request))
+
+        first = IdempotentRequest("client:test", "key-1", b"h" * 32, looked_up=False)
+        before = proxy.turns
+        answer = await SignedOperation(database, StandInSignature(wallets, b"envelope-A")).run(first, record(first))
+        assert proxy.turns - before == 2  # step 1 with its COMMIT, then step 4 with its COMMIT
+        assert answer.status == 201 and base64.b64decode(answer.document["envelope"]) == b"envelope-A"
+        stored = await database.read(lambda tx: idempotency.lookup_in(tx, first))
+        assert stored is not None and bytes(stored["body"]) == answer.body
+
+        # The race: step 1 of a second transfer, then the two finishers.
+        second = IdempotentRequest("client:test", "key-2", b"h" * 32, looked_up=False)
+        stop = StopBeforeSigning()
+        with pytest.raises(StopBeforeSigning.Stopped):
+            await SignedOperation(database, stop).run(second, record(second))
+        transfer_id = stop.subject.row["transfer_id"]
+        replay = StandInSignature(wallets, b"envelope-C")
+        loaded_early = await replay.load(transfer_id)  # awaits its envelope when the replay loads it
+        assert replay.answered(loaded_early) is None
+        read = await SignedOperation(database, StandInSignature(wallets, b"envelope-B")).reference(transfer_id)
+        assert base64.b64decode(read.document["envelope"]) == b"envelope-B"
+        late = await SignedOperation(database, replay).finish(transfer_id, loaded_early, second)
+        assert late.document == read.document  # the kept envelope, not the replay's own
+        row = await database.read(lambda tx: tx.fetchone("SELECT envelope FROM transfers WHERE transfer_id = ?",
+                                                         (transfer_id,)))
+        assert row is not None and bytes(row["envelope"]) == b"envelope-B"
+        record_of_key = await database.read(lambda tx: idempotency.lookup_in(tx, second))
+        assert record_of_key is not None and record_of_key["status"] == 201
+        assert json.loads(bytes(record_of_key["body"])) == read.document  # a replay of key-2 answers envelope B
 
 
 def add_device(tx: Tx, device_id: str, wallet_id: str, cap_balance: int, exp_ms: int) -> None:

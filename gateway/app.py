@@ -56,7 +56,7 @@ from gateway.ledger.engines import open_database
 from gateway.ledger.house import HouseFolder
 from gateway.ledger.store import Database
 from gateway.metrics import Metrics
-from gateway.monitor.process import EvaluatorProcess
+from gateway.monitor.process import NUDGE_ADDRESS_ENV, EvaluatorProcess, NudgeSender
 from gateway.monitor.webhooks import WebhookDelivery, WebhookEndpoint
 from gateway.monitor.worker import RiskMonitor
 from gateway.offline.devices import Devices, register_offline_approvals
@@ -224,16 +224,25 @@ def monitor_context(settings: Settings, process_index: int) -> Context:
             if elsewhere else settings
         monitor = RiskMonitor(app[STORE], here, app[METRICS], app[SIGNER_POOL])
         monitor.start()
-        evaluator = EvaluatorProcess(settings, monitor) if elsewhere and process_index == 0 else None
+        # Several HTTP processes: the supervisor named the socket where every process nudges the evaluator.
+        nudge_address = os.environ.get(NUDGE_ADDRESS_ENV) if elsewhere else None
+        evaluator = EvaluatorProcess(settings, monitor, nudge_address) if elsewhere and process_index == 0 else None
+        sender = NudgeSender(nudge_address, settings.risk.settle_seconds) \
+            if nudge_address and process_index > 0 else None
         try:
             if evaluator is not None:
                 evaluator.start()
                 app[RISK_EVALUATOR] = evaluator
+            if sender is not None:
+                monitor.forward = sender.nudge
             app[RISK_MONITOR] = monitor
             yield
         finally:
             if evaluator is not None:
                 await evaluator.close()
+            if sender is not None:
+                monitor.forward = None
+                sender.close()
             await monitor.close()
 
     return context

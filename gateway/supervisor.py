@@ -34,6 +34,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import uuid
 from dataclasses import dataclass, field
 from types import FrameType
 
@@ -41,6 +42,7 @@ import structlog
 from prometheus_client import multiprocess
 
 from gateway.metrics import METRICS_DIR_ENV
+from gateway.monitor.process import NUDGE_ADDRESS_ENV
 
 RESPAWN_INTERVAL = 1.0
 STOP_TIMEOUT = 20.0
@@ -80,6 +82,7 @@ class Supervisor:
         metrics_dir = tempfile.mkdtemp(prefix="ecny-metrics-")
         env = dict(os.environ)
         env[METRICS_DIR_ENV] = metrics_dir
+        env[NUDGE_ADDRESS_ENV] = f"ecny-gateway-risk-{uuid.uuid4().hex}"  # every child nudges the one evaluator
         env["ECNY_SERVER__PORT"] = str(self.sock.getsockname()[1])
         previous = {sig: signal.signal(sig, self._stop) for sig in (signal.SIGTERM, signal.SIGINT)}
         try:

@@ -10,6 +10,10 @@ one evaluator process, as it spawns its signer workers, and keeps it running:
 - the evaluator is a complete :class:`~gateway.monitor.worker.RiskMonitor` on a store connection of its
   own: one evaluator at a time across processes and instances still holds the lease, and a crash loses
   nothing (the outbox keeps what was not evaluated);
+- with ``[server] processes > 1`` the other HTTP processes nudge it too: each nudge is one datagram to an
+  abstract Unix socket the evaluator binds (its name, chosen by the supervisor, is in
+  :data:`NUDGE_ADDRESS_ENV`), so a signal committed by any process is evaluated at once rather than at
+  the evaluator's next poll — even while the first process is stalled;
 - the evaluator ends when its socket closes (its HTTP process stopped, or was killed); the HTTP process
   starts a new one when it ends, at most once per ``RESPAWN_INTERVAL``, under the same lease holder's
   name (the last one is dead by then: the next need not wait for its lease to expire).
@@ -25,6 +29,7 @@ import multiprocessing
 import os
 import socket
 import uuid
+from collections.abc import Callable
 from multiprocessing.process import BaseProcess
 
 import structlog
@@ -38,6 +43,9 @@ from gateway.spawn import without_environment, without_main_module
 
 RESPAWN_INTERVAL = 1.0
 NUDGE = b"n\n"
+NUDGE_ADDRESS_ENV = "ECNY_RISK_NUDGE_ADDRESS"
+"""Set by the supervisor of several HTTP processes: the name of the abstract Unix datagram socket where the
+evaluator takes nudges from every HTTP process."""
 
 
 def evaluator_settings(settings: Settings) -> Settings:
@@ -48,13 +56,41 @@ def evaluator_settings(settings: Settings) -> Settings:
     })
 
 
-def evaluator_main(settings: Settings, sock: socket.socket, holder: str) -> None:
+def evaluator_main(settings: Settings, sock: socket.socket, holder: str, nudge_address: str | None = None) -> None:
     """The evaluator process's entry point (spawned)."""
     with contextlib.suppress(KeyboardInterrupt):
-        asyncio.run(_evaluate(settings, sock, holder))
+        asyncio.run(_evaluate(settings, sock, holder, nudge_address))
 
 
-async def _evaluate(settings: Settings, sock: socket.socket, holder: str) -> None:
+def _abstract(name: str) -> bytes:
+    """A Linux abstract socket address: no file, gone with the last socket bound to it."""
+    return b"\0" + name.encode()
+
+
+def _nudged_by_datagrams(name: str, nudge: Callable[[], None]) -> socket.socket | None:
+    """Bind the datagram socket other HTTP processes nudge (None, logged, if the name is taken)."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    try:
+        sock.bind(_abstract(name))
+    except OSError as exc:
+        sock.close()
+        structlog.get_logger("gateway.monitor").warning(
+            "nudges from the other HTTP processes cannot reach the risk evaluator; it finds their signals at "
+            "its poll", error=str(exc))
+        return None
+    sock.setblocking(False)
+
+    def drain() -> None:
+        with contextlib.suppress(BlockingIOError, InterruptedError):
+            while sock.recv(16):
+                pass
+        nudge()
+
+    asyncio.get_running_loop().add_reader(sock.fileno(), drain)
+    return sock
+
+
+async def _evaluate(settings: Settings, sock: socket.socket, holder: str, nudge_address: str | None) -> None:
     reader, writer = await asyncio.open_unix_connection(sock=sock)
 
     def report(event: RiskEvent) -> None:
@@ -63,10 +99,14 @@ async def _evaluate(settings: Settings, sock: socket.socket, holder: str) -> Non
     database = await open_database(settings.store.dsn)
     monitor = RiskMonitor(database, settings, Metrics(), on_stored=report, holder=holder)
     monitor.start()
+    datagrams = _nudged_by_datagrams(nudge_address, monitor.nudge) if nudge_address else None
     try:
         while await reader.readline():  # a nudge; b"" once the HTTP process is gone
             monitor.nudge()
     finally:
+        if datagrams is not None:
+            asyncio.get_running_loop().remove_reader(datagrams.fileno())
+            datagrams.close()
         await monitor.close()
         await database.close()
         writer.close()
@@ -75,9 +115,11 @@ async def _evaluate(settings: Settings, sock: socket.socket, holder: str) -> Non
 class EvaluatorProcess:
     """The HTTP process's side: spawns the evaluator, forwards nudges, reads what it stored, restarts it."""
 
-    def __init__(self, settings: Settings, monitor: RiskMonitor) -> None:
+    def __init__(self, settings: Settings, monitor: RiskMonitor, nudge_address: str | None = None) -> None:
         self.settings = evaluator_settings(settings)
         self.monitor = monitor
+        self.nudge_address = nudge_address
+        """Where the other HTTP processes' nudges go (:data:`NUDGE_ADDRESS_ENV`); the evaluator binds it."""
         self._context = multiprocessing.get_context("spawn")
         self._process: BaseProcess | None = None
         self._writer: asyncio.StreamWriter | None = None
@@ -133,7 +175,8 @@ class EvaluatorProcess:
 
     async def _spawn(self) -> asyncio.StreamReader:
         parent, child = socket.socketpair()
-        process = self._context.Process(target=evaluator_main, args=(self.settings, child, self.holder),
+        process = self._context.Process(target=evaluator_main,
+                                        args=(self.settings, child, self.holder, self.nudge_address),
                                         name="ecny-risk-evaluator", daemon=True)
         # The evaluator's own counts are reported here, never written to the processes' metrics directory.
         with without_main_module(), without_environment(METRICS_DIR_ENV):
@@ -154,3 +197,30 @@ class EvaluatorProcess:
             if process.is_alive():
                 process.kill()
                 await asyncio.to_thread(process.join, 5)
+
+
+class NudgeSender:
+    """How an HTTP process other than the first nudges the evaluator: one datagram to its socket
+    (:data:`NUDGE_ADDRESS_ENV`) at most once per ``[risk] settle_seconds``. A nudge the evaluator cannot
+    take (it is restarting, or its socket's queue is full) is dropped: it finds the signal at its poll."""
+
+    def __init__(self, name: str, settle_seconds: float) -> None:
+        self._address = _abstract(name)
+        self._settle = settle_seconds
+        self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self._sock.setblocking(False)
+        self._nudged = False
+
+    def nudge(self) -> None:
+        if self._nudged:
+            return
+        self._nudged = True
+        asyncio.get_running_loop().call_later(self._settle, self._send)
+
+    def _send(self) -> None:
+        self._nudged = False
+        with contextlib.suppress(OSError):
+            self._sock.sendto(b"n", self._address)
+
+    def close(self) -> None:
+        self._sock.close()

@@ -10,6 +10,7 @@ replaced and service goes on; SIGTERM stops everything cleanly; the ledger and t
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import re
 import signal
@@ -193,3 +194,78 @@ def test_two_http_processes_on_one_sqlite_file(softhsm_token: Token, tmp_path: P
     assert check.returncode == 0, check.stdout + check.stderr
     audit = gateway.cli("audit", "verify", "--witness", str(gateway.witness))
     assert audit.returncode == 0, audit.stdout + audit.stderr
+
+
+def _signals_pending(db: Path) -> int:
+    """Signals committed and not evaluated yet (in the outbox, or read from it and not evaluated)."""
+    with sqlite3.connect(db) as connection:
+        pending: int = connection.execute("SELECT (SELECT COUNT(*) FROM risk_outbox) + "
+                                          "(SELECT COUNT(*) FROM risk_signals WHERE evaluated = 0)").fetchone()[0]
+    return pending
+
+
+def _signals_committed(db: Path) -> int:
+    with sqlite3.connect(db) as connection:
+        count: int = connection.execute("SELECT (SELECT COUNT(*) FROM risk_outbox) + "
+                                        "(SELECT COUNT(*) FROM risk_signals)").fetchone()[0]
+    return count
+
+
+def test_every_http_process_nudges_the_risk_evaluator(softhsm_token: Token, tmp_path: Path) -> None:
+    """Signals committed by an HTTP process other than the first reached the risk evaluator only at its poll:
+    the evaluator was nudged by the process that spawned it alone. With that first process stalled (SIGSTOP)
+    and a 60 s poll, a cash-in answered by the second process is evaluated within seconds: its nudge goes
+    straight to the evaluator's socket."""
+    subprocess.run([str(ROOT / "softhsm" / "init-token.sh"), str(softhsm_token.directory), LABEL], check=True,
+                   capture_output=True)
+    pin = softhsm_token.directory / f"{LABEL}.user-pin"
+    db = tmp_path / "g.db"
+    gateway = GatewayProcess(tmp_path / "g", softhsm_token.conf, LABEL, pin, f"sqlite:///{db}", processes=2)
+    gateway.env["ECNY_RISK__POLL_SECONDS"] = "60"
+    credentials = gateway.provision()
+    gateway.start()
+    assert gateway.process is not None
+    supervisor = gateway.process.pid
+    children = _wait_for(lambda: (found := _children(supervisor)) and len(found) == 2 and found)
+    _wait_for(lambda: all(_listening(pid, gateway.port) for pid in children))
+    stopped = False
+    try:
+        session = _post(gateway.url + "/v1/sessions", {}, {"username": "teller1",
+                                                         "password": credentials["users"]["teller1"]})
+        teller = {"Authorization": f"Bearer {session['token']}"}
+        wallet_id = _post(gateway.url + "/v1/wallets", teller, {"holder_name": "Nudged", "phone": "13800000000",
+                                                                "tier": 2, "kind": "personal"})["wallet_id"]
+        _wait_for(lambda: _signals_pending(db) == 0, timeout=20)  # what the first process committed and nudged
+        # Quiet: a nudge the first process sent during that evaluation runs one more (after settle_seconds,
+        # 0.2 s); after it the evaluator waits for a nudge or its 60 s poll.
+        time.sleep(2)
+        committed = _signals_committed(db)
+        os.kill(children[0], signal.SIGSTOP)
+        stopped = True
+        # New connections until one reaches the second process (the first keeps them unanswered); one
+        # Idempotency-Key, so the attempts the first process reads once it runs again change nothing.
+        headers = {**teller, "Idempotency-Key": "nudge-1"}
+        _wait_for(lambda: _post(gateway.url + f"/v1/wallets/{wallet_id}/cash-in", headers, {"amount_fen": 100},
+                                timeout=1.5, quiet=True), timeout=30)
+        assert _signals_committed(db) == committed + 1  # the cash-in's signal, committed by the second process
+        _wait_for(lambda: _signals_pending(db) == 0, timeout=10)  # far below the 60 s poll
+    finally:
+        if stopped:
+            os.kill(children[0], signal.SIGCONT)
+        gateway.stop()
+    check = gateway.cli("ledger", "check")
+    assert check.returncode == 0, check.stdout + check.stderr
+
+
+def _post(url: str, headers: dict[str, str], body: dict[str, Any], timeout: float = 10,
+          quiet: bool = False) -> Any:
+    """POST JSON; with ``quiet``, None instead of an error when no answer comes in ``timeout``."""
+    request = urllib.request.Request(url, data=json.dumps(body).encode(), method="POST",
+                                     headers={**headers, "Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            return json.loads(response.read())
+    except OSError:
+        if quiet:
+            return None
+        raise

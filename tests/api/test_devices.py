@@ -19,8 +19,9 @@ import pytest_asyncio
 from gateway.auth.roles import Role
 from gateway.errors import DeviceRefused
 from gateway.hardwallet.simulator import SimulatedDevice
+from gateway.offline.devices import Devices, load_document
 from gateway.schemes import offline
-from tests.api.support import approve_as_second_person, assert_problem, audit_entries
+from tests.api.support import approve_as_second_person, assert_problem, audit_entries, runtime
 from tests.conftest import Gateway
 from tests.device.flows import (
     device_doc,
@@ -412,6 +413,11 @@ async def test_load_checks(gw: Gateway) -> None:
     again = await gw.client.post(url, json={"amount_fen": 60_000}, headers=headers)
     assert first.status == again.status == 201 and await first.read() == await again.read()
     assert (await wallet(gw, payer_wallet))["balance_fen"] == 90_000  # loaded once
+    # The answer is built from the load as recorded and the voucher as signed: it is what the stored row gives.
+    document = await first.json()
+    row = await runtime(gw).database.read(lambda tx: Devices._load_row(tx, payer.state.device_id,
+                                                                       document["load_seq"]))
+    assert load_document(row) == document
     response = await gw.client.post(url, json={"amount_fen": 90_001},
                                     headers={**gw.auth(Role.TELLER), "Idempotency-Key": f"funds-{payer_wallet}"})
     await assert_problem(response, 422)

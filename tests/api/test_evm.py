@@ -22,7 +22,7 @@ from hexbytes import HexBytes
 
 from gateway.auth.roles import Role
 from gateway.errors import HsmUnavailable
-from gateway.evm.transactions import EvmTransactions
+from gateway.evm.transactions import EvmTransactions, transaction_document
 from tests.api.support import assert_problem, audit_entries, runtime
 from tests.conftest import (
     EVM_CAPPED_TOKEN,
@@ -317,6 +317,12 @@ async def test_daily_cap_counts_todays_signatures(evm_gateway: Gateway) -> None:
     assert (await signed(gw, erc20(key, amount=10**6)))["nonce"] == 2  # another token: its own cap
 
 
+async def stored_document(gw: Gateway, transaction_id: str) -> dict[str, Any]:
+    """The document the stored row of a transaction gives (as a replay or an approval reads it)."""
+    row = await runtime(gw).database.read(lambda tx: EvmTransactions.row_in(tx, transaction_id))
+    return transaction_document(row)
+
+
 async def test_approval_above_threshold_binds_the_signing_hash(evm_gateway: Gateway) -> None:
     gw = evm_gateway
     key = await new_evm_key(gw, f"evm-approval-{secrets.token_hex(3)}")
@@ -325,8 +331,11 @@ async def test_approval_above_threshold_binds_the_signing_hash(evm_gateway: Gate
     assert response.status == 202, await response.text()
     pending = await response.json()
     assert pending["status"] == "pending_approval" and pending["nonce"] == 0 and "raw_transaction" not in pending
+    # The answers are built from the row as inserted, not read back: they are what the stored rows give.
+    assert await stored_document(gw, pending["transaction_id"]) == pending
     # Later requests go on with later nonces while the supervisor looks.
-    assert (await signed(gw, erc20(key, amount=1)))["nonce"] == 1
+    later = await signed(gw, erc20(key, amount=1))
+    assert later["nonce"] == 1 and await stored_document(gw, later["transaction_id"]) == later
     approval = await (await gw.client.get(f"/v1/approvals/{pending['approval_id']}",
                                           headers=gw.auth(Role.SUPERVISOR))).json()
     assert approval["kind"] == "evm_transaction" and approval["status"] == "pending"

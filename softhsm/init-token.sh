@@ -15,7 +15,10 @@ umask 077
 conf="$dir/softhsm2.conf"
 sed "s|@TOKENDIR@|$dir/tokens|" "$here/softhsm2.conf.template" > "$conf"
 export SOFTHSM2_CONF="$conf"
-if ! softhsm2-util --show-slots 2>/dev/null | grep -q "Label:[[:space:]]*$label[[:space:]]*$"; then
+# Read the slots whole before searching them: with pipefail, `softhsm2-util … | grep -q` fails when grep
+# stops reading first (a long slot list: SIGPIPE), and a second token with the same label was made.
+slots=$(softhsm2-util --show-slots 2>/dev/null || true)
+if ! grep -q "Label:[[:space:]]*$label[[:space:]]*$" <<<"$slots"; then
   # Fresh random PINs, kept in files (mode 0600) and typed to softhsm2-util on a pseudo-terminal,
   # so that they never appear on a command line.
   head -c 18 /dev/urandom | base64 | tr -d '/+=\n' | head -c 20 > "$dir/$label.user-pin"

@@ -57,8 +57,9 @@ class GatewayProcess:
 
     def provision(self) -> dict[str, Any]:
         """Keys, API clients and users via `ecny-gateway dev-init`; returns the credentials file."""
-        subprocess.run([sys.executable, "-m", "gateway.cli", "dev-init", "--var", str(self.var)], env=self.env,
-                       check=True, capture_output=True, timeout=120)
+        done = subprocess.run([sys.executable, "-m", "gateway.cli", "dev-init", "--var", str(self.var)],
+                              env=self.env, capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0, f"dev-init exited with {done.returncode}: {done.stdout}{done.stderr}"
         credentials: dict[str, Any] = json.loads((self.var / "dev-credentials.json").read_text())
         return credentials
 

@@ -67,7 +67,7 @@ def _abstract(name: str) -> bytes:
     return b"\0" + name.encode()
 
 
-def _nudged_by_datagrams(name: str, nudge: Callable[[], None]) -> socket.socket | None:
+def bind_nudge_socket(name: str, nudge: Callable[[], None]) -> socket.socket | None:
     """Bind the datagram socket other HTTP processes nudge (None, logged, if the name is taken)."""
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     try:
@@ -99,7 +99,7 @@ async def _evaluate(settings: Settings, sock: socket.socket, holder: str, nudge_
     database = await open_database(settings.store.dsn)
     monitor = RiskMonitor(database, settings, Metrics(), on_stored=report, holder=holder)
     monitor.start()
-    datagrams = _nudged_by_datagrams(nudge_address, monitor.nudge) if nudge_address else None
+    datagrams = bind_nudge_socket(nudge_address, monitor.nudge) if nudge_address else None
     try:
         while await reader.readline():  # a nudge; b"" once the HTTP process is gone
             monitor.nudge()

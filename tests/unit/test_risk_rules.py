@@ -4,6 +4,10 @@ and the HSM outage watch, which has no request transaction to share."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import os
+import socket
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -11,6 +15,7 @@ from typing import Any
 from gateway.config import ApprovalSettings, FrozenPayeeRule, RiskSettings, StructuringRule, load_settings
 from gateway.ledger.engines import open_database
 from gateway.metrics import Metrics
+from gateway.monitor.process import bind_nudge_socket
 from gateway.monitor.rules import (
     DEVICE_FROZEN,
     TRANSFER,
@@ -206,3 +211,53 @@ def test_close_ends_the_monitor_when_a_nudge_meets_the_cancellation(tmp_path: Pa
         return closed
 
     assert asyncio.run(scenario()) == 10
+
+
+def test_a_flood_on_the_evaluators_nudge_socket_costs_at_most_one_evaluation_per_settle(tmp_path: Path) -> None:
+    """Threat: the evaluator's nudge socket (``[server] processes > 1``) is an abstract Unix socket, which any
+    local process can find in /proc/net/unix and write to. A datagram is never read as anything — any bytes
+    only wake the monitor — and a flood of them costs at most one evaluation per ``settle_seconds``
+    (slowness can only lower the count), never one per datagram."""
+    name = f"ecny-test-nudge-{uuid.uuid4().hex}"
+    settle, flood_seconds = 0.2, 1.0
+
+    async def scenario() -> tuple[int, int]:
+        database = await open_database(f"sqlite:///{tmp_path / 'store.db'}")
+        await database.migrate()
+        settings = load_settings(None, environ={})
+        settings.risk.settle_seconds = settle
+        monitor = RiskMonitor(database, settings, Metrics())
+        evaluations = 0
+        evaluate = monitor.evaluate_pending
+
+        async def counted() -> int:
+            nonlocal evaluations
+            evaluations += 1
+            return await evaluate()
+
+        monitor.evaluate_pending = counted  # type: ignore[method-assign]
+        monitor.start()
+        bound = bind_nudge_socket(name, monitor.nudge)
+        assert bound is not None
+        sender = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        sent = 0
+        try:
+            deadline = asyncio.get_running_loop().time() + flood_seconds
+            while asyncio.get_running_loop().time() < deadline:
+                for payload in (b"n", b"\x00" * 200, b"DROP TABLE risk_signals; --", os.urandom(64)):
+                    with contextlib.suppress(BlockingIOError):
+                        sender.sendto(payload, b"\0" + name.encode())
+                        sent += 1
+                await asyncio.sleep(0)
+            await asyncio.sleep(2 * settle)
+        finally:
+            sender.close()
+            asyncio.get_running_loop().remove_reader(bound.fileno())
+            bound.close()
+            await monitor.close()
+            await database.close()
+        return sent, evaluations
+
+    sent, evaluations = asyncio.run(scenario())
+    assert sent >= 1_000  # a flood
+    assert 1 <= evaluations <= (flood_seconds + 2 * settle) / settle + 1

@@ -43,6 +43,8 @@ from gateway.spawn import without_environment, without_main_module
 
 RESPAWN_INTERVAL = 1.0
 NUDGE = b"n\n"
+DRAIN_MAX = 256
+"""Nudge datagrams read per turn of the evaluator's loop at most (what is left wakes it again)."""
 NUDGE_ADDRESS_ENV = "ECNY_RISK_NUDGE_ADDRESS"
 """Set by the supervisor of several HTTP processes: the name of the abstract Unix datagram socket where the
 evaluator takes nudges from every HTTP process."""
@@ -80,10 +82,10 @@ def bind_nudge_socket(name: str, nudge: Callable[[], None]) -> socket.socket | N
         return None
     sock.setblocking(False)
 
-    def drain() -> None:
+    def drain() -> None:  # a bounded number per turn: a flood never holds the evaluator's loop
         with contextlib.suppress(BlockingIOError, InterruptedError):
-            while sock.recv(16):
-                pass
+            for _ in range(DRAIN_MAX):
+                sock.recv(16)
         nudge()
 
     asyncio.get_running_loop().add_reader(sock.fileno(), drain)

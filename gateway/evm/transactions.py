@@ -83,14 +83,24 @@ class Draft:
 
 @dataclass(frozen=True)
 class Recorded:
-    transaction_id: str
-    status: str  # unsigned | pending_approval
-    nonce: int
-    approval_id: str | None
-    signing_hash: str
+    """A transaction as :meth:`EvmTransactions.record_in` recorded it."""
+
     unsigned: UnsignedTransaction
     row: dict[str, Any]
     """The row as inserted (not read back), for its answer."""
+
+    @property
+    def transaction_id(self) -> str:
+        return str(self.row["transaction_id"])
+
+    @property
+    def status(self) -> str:
+        """``unsigned`` or ``pending_approval``."""
+        return str(self.row["status"])
+
+    @property
+    def nonce(self) -> int:
+        return int(self.row["nonce"])
 
 
 def business_day() -> str:
@@ -411,8 +421,7 @@ class EvmTransactions:
                          transaction_id=transaction_id, chain_id=chain_id, asset=draft.intent.asset,
                          symbol=draft.intent.symbol, decimals=draft.intent.decimals, amount=str(draft.intent.amount),
                          status=status)
-        return Recorded(transaction_id, status, nonce, approval_id, signing_hash, unsigned,
-                        {**row, "raw_transaction": None, "tx_hash": None, "signed_at": None})
+        return Recorded(unsigned, {**row, "raw_transaction": None, "tx_hash": None, "signed_at": None})
 
     # --- signing after commit ----------------------------------------------------------------
 

@@ -673,7 +673,7 @@ class TransferSigning:
         transfer_id = row["transfer_id"]
         tx.queue("UPDATE transfers SET envelope = ?, kid = ? WHERE transfer_id = ? AND envelope IS NULL",
                  (envelope, kid, transfer_id))
-        document = {**transfer_document(row), "envelope": base64.b64encode(envelope).decode(), "kid": kid}
+        document = transfer_document({**row, "envelope": envelope, "kid": kid})
         return Stored(Answer(transfer_status(document["status"]), document),
                       "SELECT 1 FROM transfers WHERE transfer_id = ? AND envelope = ?", (transfer_id, envelope))
 

@@ -355,6 +355,15 @@ async def test_deliveries_list_pages_and_refuses_bad_queries(risk_gw: Gateway) -
         await assert_problem(await risk_gw.client.get("/v1/risk/deliveries", params=params, headers=admin), 400)
     for _ in range(3):
         await add_event(risk_gw, "repeated-refusals", "low", subject="client:backend")
+
+    async def every_event_enqueued_for_both() -> bool:
+        # The delivery loop enqueues each endpoint's rows on its own turn: a row enqueued between the two
+        # reads below would shift the paged list against the full one.
+        return await runtime(risk_gw).database.read(lambda tx: tx.fetchone(
+            "SELECT 1 FROM risk_events e WHERE (SELECT COUNT(*) FROM risk_deliveries d "
+            "WHERE d.event_id = e.event_id) < 2 LIMIT 1")) is None
+
+    await eventually(every_event_enqueued_for_both, what="deliveries enqueued for both endpoints")
     everything = (await (await risk_gw.client.get("/v1/risk/deliveries", params={"limit": "1000"},
                                                   headers=admin)).json())["deliveries"]
     paged: list[dict[str, Any]] = []

@@ -59,17 +59,11 @@ async def show(call: Call) -> web.Response:
     return json_response(answer.document)
 
 
-def _int_query(call: Call, name: str, default: int, maximum: int) -> int:
-    text = call.request.query.get(name, str(default))
-    if not text.isdigit() or int(text) > maximum:
-        raise ValidationFailed(f"{name} must be an integer in 0..{maximum}")
-    return int(text)
-
 
 async def search(call: Call) -> web.Response:
     number = call.request.query.get("number", "").strip()
     issuer = call.request.query.get("issuer_tax_id", "").strip()
-    limit = _int_query(call, "limit", PAGE, 1000)
+    limit = call.query_int("limit", PAGE, 0, 1000)
     found = await call.runtime.attestations.search(identifier(number) or None, identifier(issuer) or None, limit)
     return json_response({"attestations": found})
 
@@ -84,13 +78,13 @@ async def verify(call: Call) -> web.Response:
 
 
 async def hits(call: Call) -> web.Response:
-    limit = _int_query(call, "limit", PAGE, 1000)
+    limit = call.query_int("limit", PAGE, 0, 1000)
     return json_response({"hits": await call.runtime.attestations.hits(limit)})
 
 
 async def fingerprints(call: Call) -> web.Response:
-    after = _int_query(call, "after", 0, 10**18)
-    limit = _int_query(call, "limit", 1000, 10_000)
+    after = call.query_int("after", 0, 0, 10**18)
+    limit = call.query_int("limit", 1000, 0, 10_000)
     nonce_text = call.request.query.get("nonce", "")
     try:
         nonce = bytes.fromhex(nonce_text)

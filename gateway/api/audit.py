@@ -15,23 +15,10 @@ from gateway.audit.chain import pending_count
 from gateway.audit.verify import verify_store
 from gateway.audit.witness import WitnessRecord
 from gateway.auth.roles import Permission
-from gateway.errors import ValidationFailed
 from gateway.ledger.store import Tx
 
 MAX_LIMIT = 1000
 
-
-def _int_query(call: Call, name: str, default: int, low: int, high: int) -> int:
-    text = call.request.query.get(name)
-    if text is None or text == "":
-        return default
-    # ASCII digits only: str.isdigit() also passes "²" (int() then raises) and int() refuses over 4300 digits.
-    if not (text.isascii() and text.isdigit()) or len(text) > 20:
-        raise ValidationFailed(f"query parameter {name} must be a non-negative integer")
-    value = int(text)
-    if not low <= value <= high:
-        raise ValidationFailed(f"query parameter {name} must be between {low} and {high}")
-    return value
 
 
 def _document(row: Any) -> dict[str, Any]:
@@ -52,8 +39,8 @@ def _document(row: Any) -> dict[str, Any]:
 
 
 async def read_page(call: Call) -> web.Response:
-    after = _int_query(call, "after_seq", 0, 0, 10**18)
-    limit = _int_query(call, "limit", 100, 1, MAX_LIMIT)
+    after = call.query_int("after_seq", 0, 0, 10**18)
+    limit = call.query_int("limit", 100, 1, MAX_LIMIT)
     await call.runtime.audit.settle()  # PostgreSQL: chain what committed before this request
 
     def page(tx: Tx) -> tuple[list[Any], int]:
@@ -68,8 +55,8 @@ async def read_page(call: Call) -> web.Response:
 
 async def checkpoints_page(call: Call) -> web.Response:
     """Signed checkpoints after ``after`` in witness form, for collectors that keep a copy off this host."""
-    after = _int_query(call, "after", 0, 0, 10**18)
-    limit = _int_query(call, "limit", 100, 1, MAX_LIMIT)
+    after = call.query_int("after", 0, 0, 10**18)
+    limit = call.query_int("limit", 100, 1, MAX_LIMIT)
     rows = await call.runtime.database.read(
         lambda tx: tx.fetchall("SELECT * FROM audit_checkpoints WHERE seq > ? ORDER BY seq LIMIT ?", (after, limit))
     )

@@ -14,6 +14,7 @@ from aiohttp import web
 
 from gateway.audit.chain import AuditEntry
 from gateway.auth.credentials import Principal
+from gateway.errors import ValidationFailed
 from gateway.operations.idempotency import IdempotentRequest
 from gateway.runtime import Runtime
 
@@ -37,6 +38,25 @@ class Call:
     def actor(self) -> Principal:
         assert self.principal is not None, "public endpoints have no actor"
         return self.principal
+
+    def query_int(self, name: str, default: int, low: int, high: int) -> int:
+        """The query parameter ``name`` as an integer in ``low..high`` (``default`` when absent or empty).
+
+        ASCII digits only, at most 20: ``str.isdigit()`` also passes "²", and ``int()`` refuses more than
+        4,300 digits, both of which would otherwise leave as a 500.
+
+        Raises:
+            ValidationFailed: not a non-negative integer, or out of range.
+        """
+        text = self.request.query.get(name, "")
+        if text == "":
+            return default
+        if not (text.isascii() and text.isdigit()) or len(text) > 20:
+            raise ValidationFailed(f"query parameter {name} must be a non-negative integer")
+        value = int(text)
+        if not low <= value <= high:
+            raise ValidationFailed(f"query parameter {name} must be between {low} and {high}")
+        return value
 
     def payload_hash(self) -> str:
         return hashlib.sha256(self.raw_body).hexdigest()

@@ -9,7 +9,6 @@ from functools import partial
 
 from aiohttp import web
 
-from gateway.api.audit import _int_query as int_query
 from gateway.api.call import Call
 from gateway.api.codecs import json_response
 from gateway.api.endpoints import Endpoint
@@ -33,8 +32,8 @@ def _filters(call: Call) -> tuple[str | None, str | None]:
 
 
 async def list_events(call: Call) -> web.Response:
-    after = int_query(call, "after", 0, 0, CURSOR_MAX)
-    limit = int_query(call, "limit", PAGE_DEFAULT, 1, triage.PAGE_MAX)
+    after = call.query_int("after", 0, 0, CURSOR_MAX)
+    limit = call.query_int("limit", PAGE_DEFAULT, 1, triage.PAGE_MAX)
     severity, rule = _filters(call)
     reader = call.actor
     page = await call.runtime.database.read(lambda tx: triage.page_in(tx, reader, after, severity, rule, limit))
@@ -51,7 +50,7 @@ def _last_event_id(call: Call) -> int | None:
     """The cursor to resume after: ``Last-Event-ID`` (a reconnecting EventSource), else ``after``, else None."""
     text = call.request.headers.get("Last-Event-ID")
     if text is None:
-        return int_query(call, "after", 0, 0, CURSOR_MAX) if call.request.query.get("after") else None
+        return call.query_int("after", 0, 0, CURSOR_MAX) if call.request.query.get("after") else None
     if not (text.isascii() and text.isdigit()) or len(text) > 18:
         raise ValidationFailed("Last-Event-ID must be the id (seq) of an event received")
     return int(text)

@@ -52,17 +52,6 @@ class RiskDeliveryPage(_Model):
     next_after_endpoint: str | None
 
 
-def _int_query(call: Call, name: str, default: int, low: int, high: int) -> int:
-    text = call.request.query.get(name, "")
-    if text == "":
-        return default
-    if not (text.isascii() and text.isdigit()) or len(text) > 20:
-        raise ValidationFailed(f"query parameter {name} must be a non-negative integer")
-    value = int(text)
-    if not low <= value <= high:
-        raise ValidationFailed(f"query parameter {name} must be between {low} and {high}")
-    return value
-
 
 def _configured(call: Call) -> list[str]:
     return [webhook.name for webhook in call.runtime.settings.risk_webhooks]
@@ -72,11 +61,11 @@ async def list_deliveries(call: Call) -> web.Response:
     status = call.request.query.get("status", "all")
     if status not in _STATUSES:
         raise ValidationFailed(f"status must be one of {', '.join(_STATUSES)}")
-    after = _int_query(call, "after", 0, 0, 10**18)
+    after = call.query_int("after", 0, 0, 10**18)
     after_endpoint = call.request.query.get("after_endpoint", "")
     if len(after_endpoint) > 64:
         raise ValidationFailed("after_endpoint is at most 64 characters")
-    limit = _int_query(call, "limit", 100, 1, MAX_LIMIT)
+    limit = call.query_int("limit", 100, 1, MAX_LIMIT)
     configured = _configured(call)
     rows = await call.runtime.database.read(lambda tx: webhooks.deliveries_in(
         tx, configured, None if status == "all" else status, after, after_endpoint, limit))

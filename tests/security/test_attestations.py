@@ -688,3 +688,38 @@ async def test_rotated_attest_key_old_attestations_verify_and_peers_must_be_told
                                             public_key_pem=rotated["public_key_pem"],
                                             api_key_file=bank_a.peer_key_file)])
     assert told[0].ok, told
+
+
+@pytest.mark.parametrize("limit", ["²", "9" * 5000, "-1", "1001", "1.5", "0x10", " 5"],
+                         ids=["superscript", "5000-digits", "negative", "over", "decimal", "hex", "space"])
+async def test_a_malformed_count_in_a_query_is_validation_failed_never_a_500(banks: tuple[Bank, Bank],
+                                                                             limit: str) -> None:
+    """A superscript digit passes str.isdigit() and a 5,000-digit number passes it too, but int() refuses
+    both: the search, the hits and a peer's fingerprint feed answer 400 with the stable type, never the 500
+    of an unhandled ValueError."""
+    bank_a, _ = banks
+    nonce = secrets.token_hex(16)
+    for path, params, role in (
+        ("/v1/attestations", {"number": "LOOKUP-00042", "limit": limit}, Role.AUDITOR),
+        ("/v1/attestations/hits", {"limit": limit}, Role.AUDITOR),
+        ("/v1/alliance/fingerprints", {"after": limit if limit != "1001" else str(10**18 + 1), "nonce": nonce},
+         Role.PEER),
+        ("/v1/alliance/fingerprints", {"after": "0", "limit": limit if limit != "1001" else "10001", "nonce": nonce},
+         Role.PEER),
+    ):
+        response = await bank_a.gateway.client.get(path, params=params, headers=bank_a.gateway.auth(role))
+        await assert_problem(response, 400, "validation-failed")
+
+
+async def test_the_search_limit_caps_the_answer(banks: tuple[Bank, Bank]) -> None:
+    """Positive control for the limit: two attestations of one number, ``limit=1`` answers one of them."""
+    bank_a, _ = banks
+    for purpose in ("finance", "notice"):
+        status, _ = await attest(bank_a, document(number="LIMITED-00007", purpose=purpose))
+        assert status == 201
+    auditor = bank_a.gateway.auth(Role.AUDITOR)
+    for limit, expected in (("1", 1), ("1000", 2)):
+        response = await bank_a.gateway.client.get("/v1/attestations", params={"number": "LIMITED-00007",
+                                                                               "limit": limit}, headers=auditor)
+        assert response.status == 200, await response.text()
+        assert len((await response.json())["attestations"]) == expected

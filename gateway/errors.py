@@ -77,6 +77,13 @@ class ValidationFailed(BadRequest):
     title = "Request validation failed"
 
 
+class TextNotStorable(ValidationFailed):
+    """A text value holds a character the store cannot keep: a NUL (U+0000), which PostgreSQL refuses. The
+    API refuses it at the boundary (``gateway.api.codecs.refuse_nul``); this is the store's own refusal, for
+    text that came another way (a device's log, a peer's feed), so that bad data is never reported as the
+    store being down."""
+
+
 class IdempotencyKeyRequired(BadRequest):
     """An operation that moves money or consumes a nonce was sent without an Idempotency-Key."""
 

@@ -2,6 +2,10 @@
 
 Bodies are parsed strictly: JSON floats never become integers (``"amount": 1.0`` is a 400), and
 every body is validated by a pydantic model in strict mode before a handler sees it.
+
+No text a request carries — its path, its query, a string of its body — may hold a NUL character
+(U+0000): PostgreSQL cannot store one, so it would otherwise fail in the store as if the store were down
+(a 503, on one store and not the other). :func:`refuse_nul` refuses it as bad input on both.
 """
 
 from __future__ import annotations
@@ -41,16 +45,40 @@ def decode_body(raw: bytes, content_type: str, allow_cbor: bool = False) -> Any:
     """
     if content_type in ("", JSON) or content_type.endswith("+json"):
         try:
-            return orjson.loads(raw) if raw else None
+            data = orjson.loads(raw) if raw else None
         except orjson.JSONDecodeError as exc:
             raise InvalidJson(f"malformed JSON: {exc}") from exc
+        if b"\\u0000" in raw:  # JSON holds a NUL only escaped (orjson refuses a raw control character)
+            refuse_nul(data, "body")
+        return data
     if allow_cbor and content_type == CBOR:
         try:
-            return cbor2.loads(raw)
+            data = cbor2.loads(raw)
         except (cbor2.CBORDecodeError, ValueError, TypeError, OverflowError, RecursionError) as exc:
             raise InvalidJson(f"malformed CBOR: {exc}") from exc
+        refuse_nul(data, "body")
+        return data
     accepted = f"{JSON} or {CBOR}" if allow_cbor else JSON
     raise UnsupportedMediaType(f"send {accepted}, not {content_type or 'no Content-Type'}")
+
+
+def refuse_nul(data: Any, where: str) -> None:
+    """Refuse a NUL character in any text of ``data`` (strings and mapping keys, at any depth).
+
+    Raises:
+        ValidationFailed: naming ``where``, never the text.
+    """
+    pending = [data]
+    while pending:
+        item = pending.pop()
+        if isinstance(item, str):
+            if "\x00" in item:
+                raise ValidationFailed(f"the {where} holds a NUL character (U+0000), which no text field may hold")
+        elif isinstance(item, dict):
+            pending.extend(item.keys())
+            pending.extend(item.values())
+        elif isinstance(item, (list, tuple)):
+            pending.extend(item)
 
 
 def parse_model(model: type[M], data: Any) -> M:

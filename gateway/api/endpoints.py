@@ -19,7 +19,7 @@ from pydantic import BaseModel
 
 from gateway.api import idempotency
 from gateway.api.call import Call, Handler
-from gateway.api.codecs import decode_body, parse_model
+from gateway.api.codecs import decode_body, parse_model, refuse_nul
 from gateway.api.middleware import REQUEST_ID
 from gateway.auth.credentials import Principal
 from gateway.auth.roles import Permission, allows
@@ -162,6 +162,8 @@ def guarded(endpoint: Endpoint) -> Callable[[web.Request], Awaitable[web.StreamR
                         f"role {call.principal.role.value!r} may not {endpoint.permission.value}"
                     )
                 request.app[RATE_LIMITER].check(call.principal.scope)
+            refuse_nul([*request.match_info.values(), *request.query.keys(), *request.query.values()],
+                       "request's path or query")
             if endpoint.request_model is not None or endpoint.method in ("POST", "PUT", "PATCH"):
                 call.raw_body = await request.read()
             if endpoint.request_model is not None:

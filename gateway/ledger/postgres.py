@@ -41,7 +41,14 @@ from psycopg.pq import ExecStatus, TransactionStatus
 from psycopg.rows import dict_row
 from psycopg_pool import ConnectionPool
 
-from gateway.errors import AlreadyExists, ConfigError, GatewayError, ServerRefused, StoreUnavailable
+from gateway.errors import (
+    AlreadyExists,
+    ConfigError,
+    GatewayError,
+    ServerRefused,
+    StoreUnavailable,
+    TextNotStorable,
+)
 from gateway.ledger.migrate import MigrationProgress, apply_migrations
 from gateway.ledger.store import Params, Row
 from gateway.ledger.threads import TransactionThreads
@@ -216,7 +223,10 @@ class PostgresTx:
         pgconn = self._pgconn
         try:
             if params:
-                values = self._transformer.dump_sequence(params, _auto(len(params)))
+                try:
+                    values = self._transformer.dump_sequence(params, _auto(len(params)))
+                except psycopg.DataError as exc:  # a NUL in a text: bad data, not a store that is down
+                    raise TextNotStorable(f"PostgreSQL cannot store this value: {exc}") from None
                 types, formats = tuple(self._transformer.types or ()), self._transformer.formats
             else:
                 values, types, formats = None, (), None

@@ -377,6 +377,23 @@ async def test_send_transaction_only_to_the_nodes_chain(rpc_gateway: Gateway, et
     assert await _transactions(gw, key) == []
 
 
+async def test_a_nul_anywhere_in_a_json_rpc_request_is_a_json_rpc_validation_error(rpc_gateway: Gateway) -> None:
+    """A NUL (U+0000) in the method, the id or a param, as in every other body (tests/api/test_hostile_input.py):
+    a JSON-RPC error whose data names ``validation-failed``. Positive control: the same call without it."""
+    gw = rpc_gateway
+    key = await new_key(gw, f"rpc-nul-{secrets.token_hex(3)}", "message")
+    message = "0x" + b"hello".hex()
+    for method, params, call_id in (("personal_sign\x00", [message, key["address"]], 1),
+                                    ("personal_sign", [message, key["address"]], "id\x00"),
+                                    ("personal_sign", [message, key["address"] + "\x00"], 2)):
+        response = await gw.client.post("/v1/evm/rpc", json={"jsonrpc": "2.0", "id": call_id, "method": method,
+                                                              "params": params}, headers=gw.auth(Role.BACKEND))
+        assert response.status == 200, await response.text()
+        error_of(await response.json(), -32602, "validation-failed")
+    answer = await rpc(gw, "personal_sign", [message, key["address"]])
+    assert answer["result"].startswith("0x") and len(answer["result"]) == 132
+
+
 _JSON = st.recursive(st.none() | st.booleans() | st.integers(-2**300, 2**300) | st.text(max_size=80)
                      | st.sampled_from(["0x", "0x0", "0x00", "0x2", "0x5208", "0x" + "11" * 20, "0xzz", "-0x1"]),
                      lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=12), inner,

@@ -59,7 +59,6 @@ async def show(call: Call) -> web.Response:
     return json_response(answer.document)
 
 
-
 async def search(call: Call) -> web.Response:
     number = call.request.query.get("number", "").strip()
     issuer = call.request.query.get("issuer_tax_id", "").strip()

@@ -20,7 +20,6 @@ from gateway.ledger.store import Tx
 MAX_LIMIT = 1000
 
 
-
 def _document(row: Any) -> dict[str, Any]:
     return {
         "seq": int(row["seq"]),

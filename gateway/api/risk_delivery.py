@@ -52,7 +52,6 @@ class RiskDeliveryPage(_Model):
     next_after_endpoint: str | None
 
 
-
 def _configured(call: Call) -> list[str]:
     return [webhook.name for webhook in call.runtime.settings.risk_webhooks]
 

@@ -65,9 +65,10 @@ async def search(call: Call) -> web.Response:
     def find(tx: Tx) -> list[Any]:
         if not query:
             return tx.fetchall(WALLET_SELECT + "ORDER BY w.created_at DESC LIMIT ?", (PAGE_SIZE,))
-        pattern = "%" + query.replace("\\", "").replace("%", "").replace("_", "") + "%"
+        # Lower case on both sides: SQLite's LIKE ignores ASCII case, PostgreSQL's does not.
+        pattern = "%" + query.replace("\\", "").replace("%", "").replace("_", "").lower() + "%"
         return tx.fetchall(
-            WALLET_SELECT + "WHERE w.wallet_id LIKE ? OR w.holder_name LIKE ? OR w.phone LIKE ? "
+            WALLET_SELECT + "WHERE w.wallet_id LIKE ? OR LOWER(w.holder_name) LIKE ? OR w.phone LIKE ? "
             "ORDER BY w.created_at DESC LIMIT ?",
             (digits + "%", pattern, digits + "%" if digits.isdigit() else pattern, PAGE_SIZE),
         )

@@ -393,6 +393,9 @@ async def test_search_and_cash_out(ledger_gateway: Gateway) -> None:
     found = await (await gw.client.get("/v1/wallets?q=Meimei", headers=gw.auth(Role.TELLER))).json()
     assert [w["wallet_id"] for w in found["wallets"]] == [wallet_id]
     assert found["wallets"][0]["id_number"] == "1101**********1234"
+    for typed in ("meimei", "HAN MEI", "han meimei"):  # as a teller types it, the same on both stores
+        found = await (await gw.client.get("/v1/wallets", params={"q": typed}, headers=gw.auth(Role.TELLER))).json()
+        assert [w["wallet_id"] for w in found["wallets"]] == [wallet_id], typed
     await cash_in(gw, wallet_id, 500)
     response = await gw.client.post(
         f"/v1/wallets/{wallet_id}/cash-out", json={"amount_fen": 501}, headers={**gw.auth(Role.TELLER), **idem()}

@@ -48,8 +48,7 @@ def decode_body(raw: bytes, content_type: str, allow_cbor: bool = False) -> Any:
             data = orjson.loads(raw) if raw else None
         except orjson.JSONDecodeError as exc:
             raise InvalidJson(f"malformed JSON: {exc}") from exc
-        if b"\\u0000" in raw:  # JSON holds a NUL only escaped (orjson refuses a raw control character)
-            refuse_nul(data, "body")
+        refuse_nul_in_json(raw, data, "body")
         return data
     if allow_cbor and content_type == CBOR:
         try:
@@ -79,6 +78,13 @@ def refuse_nul(data: Any, where: str) -> None:
             pending.extend(item.values())
         elif isinstance(item, (list, tuple)):
             pending.extend(item)
+
+
+def refuse_nul_in_json(raw: bytes, data: Any, where: str) -> None:
+    """:func:`refuse_nul` for a JSON document parsed from ``raw``: walked only when ``raw`` holds ``\\u0000``,
+    the one way JSON carries a NUL (orjson refuses a raw control character)."""
+    if b"\\u0000" in raw:
+        refuse_nul(data, where)
 
 
 def parse_model(model: type[M], data: Any) -> M:

@@ -22,7 +22,7 @@ from aiohttp import web
 
 from gateway.api import idempotency
 from gateway.api.call import Call
-from gateway.api.codecs import JSON, json_response, refuse_nul
+from gateway.api.codecs import JSON, json_response, refuse_nul_in_json
 from gateway.api.endpoints import IDEMPOTENCY, RATE_LIMITER, Endpoint
 from gateway.api.evm_models import RpcAnswer
 from gateway.auth.roles import Permission
@@ -115,8 +115,7 @@ async def rpc(call: Call) -> web.Response:
         return json_response(_error(InvalidJson(f"malformed JSON: {exc}"), call))
     key = call.request.headers.get("Idempotency-Key")
     try:
-        if b"\\u0000" in call.raw_body:  # as every other body (gateway.api.codecs)
-            refuse_nul(document, "request")
+        refuse_nul_in_json(call.raw_body, document, "request")  # as every other body
         if key is not None:
             idempotency.check_key(key)
         if isinstance(document, list):
